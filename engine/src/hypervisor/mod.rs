@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! CPU backends behind one trait, after cloud-hypervisor's `hypervisor` crate:
+//! one [`Vcpu`] trait, one [`VmExit`] enum, a module per backend. Nothing
+//! backend-specific leaks out of its module.
+//!
+//! Port I/O and MMIO are not exits here: a backend forwards each access to the
+//! [`IoBus`] it was given for the run, synchronously, the way the access
+//! happens in the guest (inside a unicorn hook, or between two `KVM_RUN`s).
+//! Exits report only what the run loop itself has to act on.
+
+use thiserror::Error;
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest executed HLT and waits for an interrupt.
+    Hlt,
+    /// The instruction budget given to `run` is used up.
+    BudgetExhausted,
+    /// The guest can take an external interrupt now (IF=1, no interrupt
+    /// shadow); returned only after [`Vcpu::request_interrupt_window`].
+    InterruptWindow,
+    /// Single-step completed, or a breakpoint was hit, at `rip`.
+    Debug { rip: u64 },
+    /// The I/O bus asked the vCPU to stop after the current access (power
+    /// off, reset, a recording trigger).
+    IoStop,
+    /// Triple fault or another condition that resets the machine.
+    Shutdown,
+}
+
+/// Width of a port or MMIO access, in bytes (1, 2, 4 or 8).
+pub type AccessSize = u8;
+
+/// What the guest's port and MMIO accesses reach. Implemented by the machine
+/// model; a backend calls it while the guest executes.
+pub trait IoBus {
+    fn pio_read(&mut self, vcpu: usize, port: u16, data: &mut [u8]);
+    fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]);
+    fn mmio_read(&mut self, vcpu: usize, addr: u64, data: &mut [u8]);
+    fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]);
+    /// Asked by the backend after each access: stop the vCPU with
+    /// [`VmExit::IoStop`] now?
+    fn stop_requested(&self) -> bool {
+        false
+    }
+    /// CPUID, answered by the engine so that every backend shows the guest
+    /// the same CPU (a recording made on one backend replays on another).
+    fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// RDTSC/RDTSCP value; the engine's virtual clock.
+    fn rdtsc(&mut self, vcpu: usize) -> u64;
+}
+
+/// A segment register with its hidden descriptor cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    /// Access rights in VMX/KVM layout: type(4) s(1) dpl(2) p(1) avl(1) l(1) db(1) g(1).
+    pub type_: u8,
+    pub present: bool,
+    pub dpl: u8,
+    pub db: bool,
+    pub s: bool,
+    pub l: bool,
+    pub g: bool,
+    pub avl: bool,
+    pub unusable: bool,
+}
+
+/// Descriptor table register (GDTR, IDTR).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// General-purpose registers, RIP and RFLAGS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// Segment, control and descriptor-table registers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sregs {
+    pub cs: Segment,
+    pub ds: Segment,
+    pub es: Segment,
+    pub fs: Segment,
+    pub gs: Segment,
+    pub ss: Segment,
+    pub tr: Segment,
+    pub ldt: Segment,
+    pub gdt: DescriptorTable,
+    pub idt: DescriptorTable,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+}
+
+/// x87/SSE state in FXSAVE layout (512 bytes) plus any XSAVE extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FpuState {
+    pub xsave: Vec<u8>,
+}
+
+/// Debug registers DR0-DR3, DR6, DR7.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugRegs {
+    pub db: [u64; 4],
+    pub dr6: u64,
+    pub dr7: u64,
+}
+
+/// An event to inject into the guest before it executes its next instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injection {
+    /// External (hardware) interrupt with this vector.
+    Interrupt(u8),
+    /// Non-maskable interrupt.
+    Nmi,
+    /// Exception with optional error code (and CR2 for page faults).
+    Exception {
+        vector: u8,
+        error_code: Option<u32>,
+        cr2: Option<u64>,
+    },
+}
+
+#[derive(Debug, Error)]
+pub enum HypervisorError {
+    #[error("backend {backend} is not available on this host: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    #[error("{backend}: {op} failed: {reason}")]
+    Backend {
+        backend: &'static str,
+        op: &'static str,
+        reason: String,
+    },
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// One virtual CPU. A backend implements this for its vCPU type.
+pub trait Vcpu {
+    /// Runs the guest until an exit, or until `budget` instructions have
+    /// executed where the backend counts instructions exactly (`None`: no
+    /// budget). Port and MMIO accesses go to `bus` while it runs.
+    fn run(&mut self, bus: &mut dyn IoBus, budget: Option<u64>) -> Result<VmExit>;
+
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    fn sregs(&self) -> Result<Sregs>;
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()>;
+    fn fpu(&self) -> Result<FpuState>;
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;
+    fn msr(&self, index: u32) -> Result<u64>;
+    fn set_msr(&mut self, index: u32, value: u64) -> Result<()>;
+    fn debug_regs(&self) -> Result<DebugRegs>;
+    fn set_debug_regs(&mut self, regs: &DebugRegs) -> Result<()>;
+
+    /// Queues an event for delivery through the guest IDT before the next
+    /// instruction.
+    fn inject(&mut self, event: Injection) -> Result<()>;
+    /// Whether an external interrupt could be delivered right now.
+    fn interrupt_window_open(&self) -> Result<bool>;
+    /// Makes the next `run` return [`VmExit::InterruptWindow`] as soon as an
+    /// external interrupt can be delivered.
+    fn request_interrupt_window(&mut self, enable: bool) -> Result<()>;
+
+    /// Single-step mode: each `run` executes one instruction and returns
+    /// [`VmExit::Debug`].
+    fn set_single_step(&mut self, enable: bool) -> Result<()>;
+    /// Sets the guest-virtual addresses at which `run` stops with
+    /// [`VmExit::Debug`] (replaces the previous set).
+    fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<()>;
+
+    /// Exact number of guest instructions retired so far, where the backend
+    /// knows it (the software CPU does; KVM without a PMU does not).
+    fn instructions_retired(&self) -> Option<u64>;
+}

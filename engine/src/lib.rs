@@ -1,0 +1,9 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! The kernel record-replay engine.
+//!
+//! A machine model (guest memory, boot, devices, interrupt controllers and a
+//! virtual clock) is driven by interchangeable CPU backends behind one
+//! [`hypervisor::Vcpu`] trait: the software CPU (unicorn, exact instruction
+//! counts) and KVM (hardware speed).
+
+pub mod hypervisor;

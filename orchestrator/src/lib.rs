@@ -1,0 +1,8 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! The evaluation harness: typed YAML manifests and their validation
+//! ([`manifest`]), the content-addressed artifact store ([`store`]), and guest
+//! image recipes ([`images`]).
+
+pub mod images;
+pub mod manifest;
+pub mod store;
