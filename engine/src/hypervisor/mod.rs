@@ -169,6 +169,17 @@ pub enum HypervisorError {
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// A virtual machine of one backend: guest memory is registered with it, and
+/// vCPUs are created from it. Backends are constructed in their own module
+/// (e.g. `unicorn::UnicornVm::new(..)`, `kvm::KvmVm::new(..)`) from the
+/// machine model's guest memory.
+pub trait Vm {
+    /// The backend's name as the CLI spells it (`tcg`, `kvm`).
+    fn backend_name(&self) -> &'static str;
+    /// Creates vCPU `id` (0 is the bootstrap processor).
+    fn create_vcpu(&mut self, id: usize) -> Result<Box<dyn Vcpu>>;
+}
+
 /// One virtual CPU. A backend implements this for its vCPU type.
 pub trait Vcpu {
     /// Runs the guest until an exit, or until `budget` instructions have
