@@ -6,4 +6,6 @@
 //! [`hypervisor::Vcpu`] trait: the software CPU (unicorn, exact instruction
 //! counts) and KVM (hardware speed).
 
+pub mod devices;
 pub mod hypervisor;
+pub mod machine;

@@ -218,3 +218,7 @@ pub trait Vcpu {
     /// knows it (the software CPU does; KVM without a PMU does not).
     fn instructions_retired(&self) -> Option<u64>;
 }
+
+#[cfg(target_os = "linux")]
+pub mod kvm;
+pub mod unicorn;
