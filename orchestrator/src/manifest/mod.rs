@@ -1,1 +1,190 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
+//! Typed YAML manifests and their validation.
+//!
+//! A manifest file is a mapping with any of the keys `images`, `workloads`,
+//! `bugs` and `suites`, each a list (see [`Manifests`]). [`load_dir`] reads
+//! every `*.yaml`/`*.yml` under a directory, [`load_files`] reads chosen
+//! files. Both validate everything before anything runs and report every
+//! problem at once, each with its file, line and column: YAML syntax,
+//! unknown fields, missing or duplicate names, dangling references, malformed
+//! SHA-256 digests, invalid regexes, impossible values, and referenced files
+//! (patches, config fragments, guest programs; relative to the repository
+//! root) that do not exist.
+
+mod check;
+mod load;
+mod model;
+mod positions;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use model::{
+    Backend, Better, BugCase, BugKind, BuildRecipe, BuildSpec, DebianPackage, Expect, Fetch,
+    FileSource, FileSpec, Image, ImageKind, ImageSource, ImageSpec, InitramfsRecipe, KernelRecipe,
+    Manifests, Metric, RecipeName, RootfsRecipe, Scheme, Suite, SuiteKind, Timeouts, Trigger,
+    Unpack, Workload,
+};
+
+/// One problem in a manifest file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Every problem found, sorted by file and position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, diagnostic) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// Every `*.yaml`/`*.yml` file under `dir`, recursively, in a stable order.
+/// Hidden files and directories are skipped (editor and VCS droppings).
+fn manifest_files(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            manifest_files(&path, files)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, Diagnostics> {
+    let mut files = Vec::new();
+    manifest_files(dir, &mut files).map_err(|error| {
+        Diagnostics(vec![Diagnostic {
+            file: dir.to_owned(),
+            line: 1,
+            column: 1,
+            message: format!("cannot read manifest directory: {error}"),
+        }])
+    })?;
+    Ok(files)
+}
+
+/// Loads `files` (reported) and `context` (only there so references
+/// resolve), then validates.
+fn load(root: &Path, files: &[PathBuf], context: &[PathBuf]) -> Result<Manifests, Diagnostics> {
+    let mut collector = load::Collector::default();
+    let mut loaded = load::Loaded::default();
+    for file in files {
+        load::load_file(&mut collector, &mut loaded, file, true);
+    }
+    // Validated files come first so a duplicate name is reported in them
+    // rather than in the context that is not reported on.
+    let first_context_file = collector.files.len();
+    for file in context {
+        load::load_file(&mut collector, &mut loaded, file, false);
+    }
+    let mut manifests = check::check(root, &mut collector, &loaded);
+    let mut diagnostics = collector.diagnostics;
+    if !diagnostics.is_empty() {
+        diagnostics.sort();
+        diagnostics.dedup();
+        return Err(Diagnostics(diagnostics));
+    }
+    if first_context_file < collector.files.len() {
+        // Only what the given files declare is returned.
+        fn given<T>(entries: &[load::Entry<T>], first_context_file: usize, name: &str) -> bool {
+            entries.iter().any(|entry| {
+                entry.file < first_context_file && entry.raw_name.as_deref() == Some(name)
+            })
+        }
+        manifests
+            .images
+            .retain(|image| given(&loaded.images, first_context_file, &image.name));
+        manifests
+            .workloads
+            .retain(|workload| given(&loaded.workloads, first_context_file, &workload.name));
+        manifests
+            .bugs
+            .retain(|bug| given(&loaded.bugs, first_context_file, &bug.id));
+        manifests
+            .suites
+            .retain(|suite| given(&loaded.suites, first_context_file, &suite.name));
+    }
+    Ok(manifests)
+}
+
+/// Loads and validates every manifest under `dir`. Paths inside manifests
+/// (patches, fragments, programs) are resolved against `root`, the
+/// repository root.
+pub fn load_dir(root: &Path, dir: &Path) -> Result<Manifests, Diagnostics> {
+    let files = list_dir(dir)?;
+    load(root, &files, &[])
+}
+
+/// Loads and validates `files`. References may resolve against the
+/// manifests under `context_dir` (a given file found there too is read only
+/// once); problems are reported only for `files`, and only their items are
+/// returned.
+pub fn load_files(
+    root: &Path,
+    files: &[PathBuf],
+    context_dir: Option<&Path>,
+) -> Result<Manifests, Diagnostics> {
+    let context = match context_dir {
+        Some(dir) => {
+            let given: Vec<PathBuf> = files
+                .iter()
+                .filter_map(|file| file.canonicalize().ok())
+                .collect();
+            list_dir(dir)?
+                .into_iter()
+                .filter(|file| {
+                    file.canonicalize()
+                        .map_or(true, |file| !given.contains(&file))
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    load(root, files, &context)
+}
+
+/// The JSON schema of one manifest file, for editors.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(Manifests);
+    serde_json::to_value(schema).expect("a JSON schema serializes to JSON")
+}
