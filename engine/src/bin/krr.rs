@@ -1,6 +1,151 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! `krr`: run, record and replay a guest kernel.
 
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use krr_engine::devices::serial::ConsoleSink;
+use krr_engine::machine::{Backend, Machine, MachineConfig, RunReport};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "krr", version, about = "Kernel record-replay engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum BackendArg {
+    /// Software CPU (unicorn/TCG): deterministic, exact instruction counts.
+    Tcg,
+    /// Hardware virtualization (/dev/kvm).
+    Kvm,
+    /// KVM when the host offers usable hardware virtualization, else tcg.
+    Auto,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel and run it to its end; exits with the guest's status.
+    Run(RunArgs),
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// bzImage to boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Disk image for the virtio-mmio block device (never modified).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(
+        long,
+        default_value = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init"
+    )]
+    append: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Guest memory, e.g. 512M or 1G.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    mem: u64,
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// Stop after this many instructions (the no-progress budget).
+    #[arg(long, default_value_t = 50_000_000_000)]
+    max_instructions: u64,
+    /// Print one JSON object on stdout; the console goes to stderr.
+    #[arg(long)]
+    json: bool,
+    /// Do not stream the console to the terminal.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512M, 1G or a byte count)"))
+}
+
+fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
+    match arg {
+        BackendArg::Tcg => Ok(Backend::Tcg),
+        BackendArg::Kvm => Ok(Backend::Kvm),
+        // The machine model drives only the software CPU so far; KVM
+        // detection lives with the KVM backend.
+        BackendArg::Auto => Ok(Backend::Tcg),
+    }
+}
+
+fn print_summary(r: &RunReport) {
+    eprintln!();
+    eprintln!(
+        "krr: run ended: {:?} (exit status {})",
+        r.end, r.exit_status
+    );
+    eprintln!(
+        "krr: {} instructions, virtual time {:.3} s, wall {:.3} s, {:.1} MIPS",
+        r.instructions,
+        r.virtual_ns as f64 / 1e9,
+        r.wall_seconds,
+        r.mips
+    );
+    if let (Some(i), Some(w)) = (r.instructions_to_init, r.wall_seconds_to_init) {
+        eprintln!("krr: /init started after {i} instructions, {w:.3} s wall");
+    }
+    let e = &r.exits;
+    eprintln!(
+        "krr: exits: hlt {} budget {} io-stop {} irq-injected {} pio {} mmio {} exceptions {} syscalls {} cpuid {} rdtsc {}",
+        e.hlt, e.budget, e.io_stop, e.interrupts_injected, e.pio, e.mmio, e.exceptions, e.syscalls, e.cpuid, e.rdtsc
+    );
+}
+
+fn run(a: RunArgs) -> anyhow::Result<i32> {
+    let backend = pick_backend(a.backend)?;
+    let mut cfg = MachineConfig::new(a.kernel.clone(), a.initrd.clone(), a.append.clone());
+    cfg.mem_bytes = a.mem;
+    cfg.vcpus = a.vcpus;
+    cfg.disk = a.disk.clone();
+    cfg.max_instructions = a.max_instructions;
+    cfg.console = match (a.quiet, a.json) {
+        (true, _) => ConsoleSink::None,
+        (false, true) => ConsoleSink::Stderr,
+        (false, false) => ConsoleSink::Stdout,
+    };
+    let mut machine = Machine::new(cfg, backend)
+        .with_context(|| format!("cannot start the machine for kernel {}", a.kernel.display()))?;
+    let report = machine.run();
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_summary(&report);
+    }
+    Ok(report.exit_status)
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("krr: no subcommand is implemented yet")
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => {
+            if a.vcpus == 0 {
+                bail!("--vcpus must be at least 1");
+            }
+            let code = run(a)?;
+            std::process::exit(code);
+        }
+    }
 }

@@ -49,6 +49,10 @@ pub trait IoBus {
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4];
     /// RDTSC/RDTSCP value; the engine's virtual clock.
     fn rdtsc(&mut self, vcpu: usize) -> u64;
+    /// Called by backends that count instructions, before each access above
+    /// (port, MMIO, CPUID, RDTSC), with the number of instructions vCPU
+    /// `vcpu` has retired so far: the input of the virtual clock.
+    fn instructions_retired(&mut self, _vcpu: usize, _count: u64) {}
 }
 
 /// A segment register with its hidden descriptor cache.
@@ -173,11 +177,30 @@ pub type Result<T> = std::result::Result<T, HypervisorError>;
 /// vCPUs are created from it. Backends are constructed in their own module
 /// (e.g. `unicorn::UnicornVm::new(..)`, `kvm::KvmVm::new(..)`) from the
 /// machine model's guest memory.
+///
+/// Guest memory is `vm_memory::GuestMemoryMmap<()>` (host-mmap'd regions at
+/// their guest-physical addresses, created by `machine::memory`); it is
+/// owned by the machine and must outlive the VM. The software CPU maps the
+/// same host pages into unicorn (`uc_mem_map_ptr`); KVM registers them as
+/// memory slots. `unicorn::UnicornVm::new(&GuestMemoryMmap)` is the software
+/// backend's constructor.
 pub trait Vm {
     /// The backend's name as the CLI spells it (`tcg`, `kvm`).
     fn backend_name(&self) -> &'static str;
     /// Creates vCPU `id` (0 is the bootstrap processor).
     fn create_vcpu(&mut self, id: usize) -> Result<Box<dyn Vcpu>>;
+    /// Declares a guest-physical range with no RAM behind it whose accesses
+    /// go to [`IoBus::mmio_read`]/[`IoBus::mmio_write`]. KVM needs nothing
+    /// (unbacked memory exits by itself); the software CPU must map it.
+    fn add_mmio_region(&mut self, _base: u64, _size: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Tells the backend that the host wrote guest memory in
+    /// `[gpa, gpa + len)` (device DMA, a loader): translated code of that
+    /// range must be dropped. KVM needs nothing.
+    fn invalidate_code(&mut self, _gpa: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One virtual CPU. A backend implements this for its vCPU type.

@@ -1,4 +1,449 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! The machine model: guest memory, boot, device wiring and the run loop.
+//!
+//! Virtual time: each vCPU's clock is the number of instructions it retired
+//! plus the time it spent halted, at 1 ns per instruction (the guest is told
+//! its TSC runs at 1 GHz). RDTSC, the PIT and the RTC all read it, and HLT
+//! skips ahead to the next timer deadline, so the same run is identical every
+//! time, whatever the host's speed.
 
+pub mod boot;
+pub mod cpuid;
 pub mod mptable;
+pub mod platform;
+
+use crate::devices::serial::ConsoleSink;
+use crate::hypervisor::{self, HypervisorError, Injection, Vcpu, Vm, VmExit};
+use platform::{Platform, PowerEvent};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Which CPU backend runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The software CPU (unicorn/TCG): deterministic, exact counts.
+    Tcg,
+    /// Hardware virtualization.
+    Kvm,
+}
+
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    pub vcpus: usize,
+    pub disk: Option<PathBuf>,
+    pub console: ConsoleSink,
+    /// Stop the run after this many instructions (all vCPUs together): the
+    /// no-progress budget.
+    pub max_instructions: u64,
+    /// Instructions a vCPU runs before the next one gets its turn (SMP).
+    pub quantum: u64,
+}
+
+impl MachineConfig {
+    pub fn new(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String) -> MachineConfig {
+        MachineConfig {
+            kernel,
+            initrd,
+            cmdline,
+            mem_bytes: 512 << 20,
+            vcpus: 1,
+            disk: None,
+            console: ConsoleSink::None,
+            max_instructions: 50_000_000_000,
+            quantum: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("invalid machine configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("guest memory of {bytes} bytes could not be created: {reason}")]
+    Memory { bytes: u64, reason: String },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RunEnd {
+    /// The guest printed `KRR-END status=N` and then stopped.
+    EndMarker { status: i32 },
+    /// The guest powered off or halted for good without an end marker.
+    PowerOff,
+    /// The guest asked for a reset (keyboard controller, port 0xcf9).
+    Reset,
+    /// The kernel panicked; the panic line.
+    Panic { line: String },
+    /// Triple fault.
+    TripleFault { reason: String },
+    /// The instruction budget ran out first.
+    BudgetExhausted { instructions: u64 },
+    /// The backend failed.
+    BackendError { reason: String },
+}
+
+impl RunEnd {
+    /// Process exit status for `krr run`: the guest's own status for an end
+    /// marker, otherwise a distinct non-zero value per kind.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunEnd::EndMarker { status } => *status,
+            RunEnd::PowerOff => 0,
+            RunEnd::Reset => 3,
+            RunEnd::Panic { .. } => 4,
+            RunEnd::TripleFault { .. } => 5,
+            RunEnd::BudgetExhausted { .. } => 6,
+            RunEnd::BackendError { .. } => 7,
+        }
+    }
+}
+
+/// Counts of run-loop and backend events, for the summary.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ExitStats {
+    pub hlt: u64,
+    pub budget: u64,
+    pub io_stop: u64,
+    pub interrupts_injected: u64,
+    pub pio: u64,
+    pub mmio: u64,
+    pub exceptions: u64,
+    pub syscalls: u64,
+    pub cpuid: u64,
+    pub rdtsc: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub end: RunEnd,
+    pub exit_status: i32,
+    pub instructions: u64,
+    pub instructions_per_vcpu: Vec<u64>,
+    pub virtual_ns: u64,
+    pub wall_seconds: f64,
+    pub mips: f64,
+    pub exits: ExitStats,
+    /// Instructions retired when `/init` was started (the kernel's
+    /// "Run /init as init process" line), if seen.
+    pub instructions_to_init: Option<u64>,
+    pub wall_seconds_to_init: Option<f64>,
+    pub console_bytes: usize,
+    #[serde(skip)]
+    pub console: Vec<u8>,
+    pub last_console_lines: Vec<String>,
+}
+
+/// Creates guest RAM: one region from 0 (at most 3 GiB, below the 32-bit
+/// MMIO hole).
+pub fn create_memory(bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
+    if !(64 << 20..=3 << 30).contains(&bytes) {
+        return Err(MachineError::Config(format!(
+            "memory size {bytes} bytes: expected 64 MiB to 3 GiB"
+        )));
+    }
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), bytes as usize)]).map_err(|e| {
+        MachineError::Memory {
+            bytes,
+            reason: e.to_string(),
+        }
+    })
+}
+
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
+const END_MARKER: &str = "KRR-END status=";
+const INIT_MARKER: &str = "Run /init as init process";
+
+/// A machine ready to run: memory loaded, vCPUs created.
+pub struct Machine {
+    cfg: MachineConfig,
+    // Field order matters for drop: vCPUs and VM before the memory they map.
+    vcpus: Vec<Box<dyn Vcpu>>,
+    vm: Box<dyn Vm>,
+    unicorn: Option<*const hypervisor::unicorn::UnicornVm>,
+    platform: Platform,
+    _mem: GuestMemoryMmap,
+}
+
+impl Machine {
+    pub fn new(cfg: MachineConfig, backend: Backend) -> Result<Machine, MachineError> {
+        if cfg.vcpus == 0 {
+            return Err(MachineError::Config("--vcpus must be at least 1".into()));
+        }
+        if cfg.vcpus > 1 {
+            return Err(MachineError::Config(format!(
+                "--vcpus {}: SMP is not wired into the machine yet (local APIC/IO-APIC \
+                 integration pending); use --vcpus 1",
+                cfg.vcpus
+            )));
+        }
+        if cfg.disk.is_some() {
+            return Err(MachineError::Config(
+                "--disk: the virtio-blk device is not wired into the machine yet".into(),
+            ));
+        }
+        let mem = create_memory(cfg.mem_bytes)?;
+        let info = boot::load_linux(
+            &mem,
+            cfg.mem_bytes,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            &cfg.cmdline,
+        )?;
+        let (vm, unicorn): (Box<dyn Vm>, Option<*const hypervisor::unicorn::UnicornVm>) =
+            match backend {
+                Backend::Tcg => {
+                    let vm = Box::new(hypervisor::unicorn::UnicornVm::new(&mem)?);
+                    let p = &*vm as *const hypervisor::unicorn::UnicornVm;
+                    (vm, Some(p))
+                }
+                Backend::Kvm => {
+                    return Err(MachineError::Hypervisor(HypervisorError::Unavailable {
+                        backend: "kvm",
+                        reason: "the machine model does not drive the KVM backend yet".into(),
+                    }))
+                }
+            };
+        let mut vm = vm;
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            vcpus.push(vm.create_vcpu(id)?);
+        }
+        vcpus[0].set_sregs(&info.sregs)?;
+        vcpus[0].set_regs(&info.regs)?;
+        let platform = Platform::new(&cfg);
+        Ok(Machine {
+            cfg,
+            vcpus,
+            vm,
+            unicorn,
+            platform,
+            _mem: mem,
+        })
+    }
+
+    fn now(&self, vcpu: usize) -> u64 {
+        self.vcpus[vcpu].instructions_retired().unwrap_or(0) + self.platform.idle_ns[vcpu]
+    }
+
+    /// Runs the guest to its end (see [`RunEnd`]).
+    pub fn run(&mut self) -> RunReport {
+        let start = Instant::now();
+        let mut stats = ExitStats::default();
+        let mut to_init: Option<(u64, Duration)> = None;
+        let mut scanned = 0usize;
+        let mut end_status: Option<i32> = None;
+        let end = loop {
+            let id = 0;
+            let now = self.now(id);
+            self.platform.advance(now);
+            // Hand the PIC's interrupt to the CPU when it can take it.
+            let mut pending_masked = false;
+            if self.platform.pic.has_interrupt() {
+                match self.vcpus[id].interrupt_window_open() {
+                    Ok(true) => {
+                        if let Some(v) = self.platform.pic.acknowledge() {
+                            if let Err(e) = self.vcpus[id].inject(Injection::Interrupt(v)) {
+                                break RunEnd::BackendError {
+                                    reason: e.to_string(),
+                                };
+                            }
+                            stats.interrupts_injected += 1;
+                        }
+                    }
+                    Ok(false) => pending_masked = true,
+                    Err(e) => {
+                        break RunEnd::BackendError {
+                            reason: e.to_string(),
+                        }
+                    }
+                }
+            }
+            let total: u64 = self.total_instructions();
+            if total >= self.cfg.max_instructions {
+                break RunEnd::BudgetExhausted {
+                    instructions: total,
+                };
+            }
+            // Run to the next timer deadline, polling sooner while an
+            // interrupt waits for the guest to enable interrupts.
+            let mut budget = self.cfg.quantum * 10;
+            if let Some(d) = self.platform.next_deadline() {
+                budget = budget.min(d.saturating_sub(now).max(1));
+            }
+            if pending_masked {
+                budget = budget.min(10_000);
+            }
+            budget = budget.min(self.cfg.max_instructions - total);
+            self.platform.irq_raised = false;
+            let exit = self.vcpus[id].run(&mut self.platform, Some(budget));
+            // Console checks: /init start, end marker, panic.
+            let out = self.platform.serial.output();
+            if out.len() > scanned {
+                let from = scanned.saturating_sub(200);
+                let text = String::from_utf8_lossy(&out[from..]).into_owned();
+                scanned = out.len();
+                if to_init.is_none() && text.contains(INIT_MARKER) {
+                    to_init = Some((self.total_instructions(), start.elapsed()));
+                }
+                if end_status.is_none() {
+                    if let Some(s) = parse_marker(&text, END_MARKER) {
+                        end_status = s.trim().parse().ok();
+                    }
+                }
+                if let Some(line) = parse_marker(&text, PANIC_MARKER) {
+                    break RunEnd::Panic {
+                        line: format!("{PANIC_MARKER}{line}"),
+                    };
+                }
+            }
+            match exit {
+                Ok(VmExit::Hlt) => {
+                    stats.hlt += 1;
+                    let open = self.vcpus[id].interrupt_window_open().unwrap_or(false);
+                    if !open {
+                        // HLT with interrupts off: halted for good.
+                        break match end_status {
+                            Some(status) => RunEnd::EndMarker { status },
+                            None => RunEnd::PowerOff,
+                        };
+                    }
+                    if !self.platform.pic.has_interrupt() {
+                        let now = self.now(id);
+                        match self.platform.next_deadline() {
+                            Some(d) if d > now => self.platform.idle_ns[id] += d - now,
+                            Some(_) => {}
+                            None => {
+                                break match end_status {
+                                    Some(status) => RunEnd::EndMarker { status },
+                                    None => RunEnd::PowerOff,
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(VmExit::BudgetExhausted) => stats.budget += 1,
+                Ok(VmExit::IoStop) => {
+                    stats.io_stop += 1;
+                    match self.platform.power.take() {
+                        Some(PowerEvent::Reset) => {
+                            break match end_status {
+                                Some(status) => RunEnd::EndMarker { status },
+                                None => RunEnd::Reset,
+                            }
+                        }
+                        Some(PowerEvent::PowerOff) => {
+                            break match end_status {
+                                Some(status) => RunEnd::EndMarker { status },
+                                None => RunEnd::PowerOff,
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Ok(VmExit::Shutdown) => {
+                    break RunEnd::TripleFault {
+                        reason: "the CPU could not deliver a double fault".into(),
+                    }
+                }
+                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                Err(e) => {
+                    break RunEnd::BackendError {
+                        reason: e.to_string(),
+                    }
+                }
+            }
+        };
+        let wall = start.elapsed();
+        if let Some(u) = self.unicorn {
+            // SAFETY: points into `self.vm`, alive for `self`'s lifetime.
+            let c = unsafe { &*u }.exit_counters();
+            stats.pio = c.pio;
+            stats.mmio = c.mmio;
+            stats.exceptions = c.exceptions;
+            stats.syscalls = c.syscalls;
+            stats.cpuid = c.cpuid;
+            stats.rdtsc = c.rdtsc;
+        }
+        let _ = &self.vm;
+        let per_vcpu: Vec<u64> = self
+            .vcpus
+            .iter()
+            .map(|v| v.instructions_retired().unwrap_or(0))
+            .collect();
+        let instructions: u64 = per_vcpu.iter().sum();
+        let console = self.platform.serial.output().to_vec();
+        let text = String::from_utf8_lossy(&console);
+        let lines: Vec<&str> = text.lines().collect();
+        let last = lines[lines.len().saturating_sub(10)..]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        RunReport {
+            exit_status: end.exit_code(),
+            end,
+            instructions,
+            instructions_per_vcpu: per_vcpu,
+            virtual_ns: (0..self.vcpus.len())
+                .map(|i| self.now(i))
+                .max()
+                .unwrap_or(0),
+            wall_seconds: wall.as_secs_f64(),
+            mips: instructions as f64 / wall.as_secs_f64().max(1e-9) / 1e6,
+            exits: stats,
+            instructions_to_init: to_init.map(|t| t.0),
+            wall_seconds_to_init: to_init.map(|t| t.1.as_secs_f64()),
+            console_bytes: console.len(),
+            console,
+            last_console_lines: last,
+        }
+    }
+
+    fn total_instructions(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|v| v.instructions_retired().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// The rest of the first complete line containing `marker`, after it.
+fn parse_marker(text: &str, marker: &str) -> Option<String> {
+    let i = text.find(marker)?;
+    let rest = &text[i + marker.len()..];
+    let end = rest.find('\n')?;
+    Some(rest[..end].trim_end_matches('\r').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_need_a_complete_line() {
+        assert_eq!(
+            parse_marker("x KRR-END status=3\r\n", END_MARKER),
+            Some("3".into())
+        );
+        assert_eq!(parse_marker("x KRR-END status=3", END_MARKER), None);
+        assert_eq!(
+            parse_marker("[ 1.0] Kernel panic - not syncing: VFS\n", PANIC_MARKER),
+            Some(": VFS".into())
+        );
+    }
+
+    #[test]
+    fn memory_size_is_checked() {
+        assert!(create_memory(1 << 20).is_err());
+        assert!(create_memory(64 << 20).is_ok());
+    }
+}

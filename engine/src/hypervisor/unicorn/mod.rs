@@ -1,1 +1,1137 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
+//! The software CPU backend (`tcg`): QEMU's TCG as packaged by unicorn 2.1.5.
+//!
+//! One unicorn instance per VM runs every vCPU: a vCPU's registers are a
+//! saved unicorn context, switched in when that vCPU runs, so all vCPUs share
+//! one translation cache and code one vCPU patches is seen by all.
+//!
+//! Instruction counting: a block hook adds each translation block's
+//! instruction count (asked once per block from unicorn and cached) before
+//! the block runs, and stops the CPU before a block once the budget is
+//! reached. Counts and stop points are therefore deterministic; a block cut
+//! short by a fault is counted whole, and a budget ends at the first block
+//! boundary at or after it (a block is at most a few dozen instructions).
+
+mod delivery;
+pub mod internals;
+
+use super::{
+    DebugRegs, DescriptorTable, FpuState, HypervisorError, Injection, IoBus, Regs, Result, Segment,
+    Sregs, Vcpu, VmExit,
+};
+use delivery::{deliver, has_error_code, EventKind};
+use internals::{
+    EnvLayout, SegmentCache, DESC_A_MASK, DESC_B_MASK, DESC_CS_MASK, DESC_DPL_SHIFT, DESC_G_MASK,
+    DESC_L_MASK, DESC_P_MASK, DESC_R_MASK, DESC_S_MASK, DESC_W_MASK, R_CS, R_DS, R_ES, R_FS, R_GS,
+    R_SS,
+};
+use std::cell::{RefCell, UnsafeCell};
+use std::ffi::c_void;
+use std::rc::Rc;
+use unicorn_engine::unicorn_const::{
+    uc_close, uc_context, uc_context_alloc, uc_context_free, uc_context_restore, uc_context_save,
+    uc_ctl, uc_emu_start, uc_emu_stop, uc_engine, uc_error, uc_hook, uc_hook_add, uc_mem_map_ptr,
+    uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr, uc_x86_msr, Arch,
+    ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+const BACKEND: &str = "tcg";
+
+fn backend_err(op: &'static str, e: uc_error) -> HypervisorError {
+    HypervisorError::Backend {
+        backend: BACKEND,
+        op,
+        reason: format!("{e:?}"),
+    }
+}
+
+fn check(op: &'static str, e: uc_error) -> Result<()> {
+    if e == uc_error::OK {
+        Ok(())
+    } else {
+        Err(backend_err(op, e))
+    }
+}
+
+/// Why the hooks stopped the CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    Budget,
+    Io,
+    Shutdown(String),
+}
+
+/// State shared with the C hooks through a stable pointer.
+struct HookState {
+    uc: *mut uc_engine,
+    env: EnvLayout,
+    /// The bus of the run in progress; only valid during `run`.
+    bus: Option<*mut dyn IoBus>,
+    vcpu: usize,
+    /// Instructions executed by the active vCPU.
+    executed: u64,
+    stop_at: u64,
+    stop: Option<Stop>,
+    /// Direct-mapped cache: (block pc, block size) -> instruction count.
+    icounts: Vec<(u64, u32, u32)>,
+    exits_by_kind: ExitCounters,
+}
+
+/// Exits taken inside the backend, by kind (reported in run summaries).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExitCounters {
+    pub pio: u64,
+    pub mmio: u64,
+    pub exceptions: u64,
+    pub interrupts: u64,
+    pub syscalls: u64,
+    pub cpuid: u64,
+    pub rdtsc: u64,
+}
+
+const ICOUNT_CACHE: usize = 1 << 16;
+
+impl HookState {
+    fn bus(&mut self) -> &mut dyn IoBus {
+        // SAFETY: hooks only run inside `run`, which set the pointer from a
+        // live `&mut dyn IoBus` for its duration.
+        let bus = unsafe { &mut *self.bus.expect("I/O hook outside a run") };
+        bus.instructions_retired(self.vcpu, self.executed);
+        bus
+    }
+
+    fn icount(&mut self, pc: u64, size: u32) -> u64 {
+        let slot = ((pc ^ (pc >> 13) ^ ((size as u64) << 7)) as usize) & (ICOUNT_CACHE - 1);
+        let e = self.icounts[slot];
+        if e.0 == pc && e.1 == size {
+            return e.2 as u64;
+        }
+        let mut tb = TranslationBlock {
+            pc: 0,
+            icount: 0,
+            size: 0,
+        };
+        let ctl = ControlType(
+            ControlType::TB_REQUEST_CACHE.0 | ControlType::IO_READ.0 | ControlType::IO_WRITE.0,
+        );
+        let err = unsafe { uc_ctl(self.uc, ctl, pc, &mut tb as *mut TranslationBlock) };
+        let n = if err == uc_error::OK && tb.pc == pc && tb.size as u32 == size {
+            tb.icount as u32
+        } else {
+            // Should not happen (the block is being executed); count by size
+            // so that counting stays deterministic.
+            size.max(1)
+        };
+        self.icounts[slot] = (pc, size, n);
+        n as u64
+    }
+
+    fn stop(&mut self, why: Stop) {
+        if self.stop.is_none() {
+            self.stop = Some(why);
+        }
+        unsafe { uc_emu_stop(self.uc) };
+    }
+}
+
+unsafe fn state<'a>(ud: *mut c_void) -> &'a mut HookState {
+    &mut *(ud as *mut HookState)
+}
+
+extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void) {
+    let st = unsafe { state(ud) };
+    if st.executed >= st.stop_at {
+        st.stop(Stop::Budget);
+        return;
+    }
+    st.executed += st.icount(pc, size);
+}
+
+extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.exceptions += 1;
+    let vector = intno as u8;
+    let kind = if st.env.exception_is_int() {
+        EventKind::Software
+    } else {
+        EventKind::Exception {
+            error_code: has_error_code(vector).then(|| st.env.error_code()),
+        }
+    };
+    if let Err(e) = deliver(uc, &st.env, vector, kind) {
+        st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
+    }
+    st.env.reset_old_exception();
+}
+
+extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.exceptions += 1;
+    if let Err(e) = deliver(uc, &st.env, 6, EventKind::Exception { error_code: None }) {
+        st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
+    }
+    st.env.reset_old_exception();
+    true
+}
+
+extern "C" fn on_in(_uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32 {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.pio += 1;
+    let mut data = [0u8; 4];
+    let n = (size as usize).clamp(1, 4);
+    let vcpu = st.vcpu;
+    st.bus().pio_read(vcpu, port as u16, &mut data[..n]);
+    if st.bus().stop_requested() {
+        st.stop(Stop::Io);
+    }
+    u32::from_le_bytes(data)
+}
+
+extern "C" fn on_out(_uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *mut c_void) {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.pio += 1;
+    let n = (size as usize).clamp(1, 4);
+    let vcpu = st.vcpu;
+    st.bus()
+        .pio_write(vcpu, port as u16, &value.to_le_bytes()[..n]);
+    if st.bus().stop_requested() {
+        st.stop(Stop::Io);
+    }
+}
+
+fn write_reg(uc: *mut uc_engine, reg: RegisterX86, v: u64) {
+    unsafe { uc_reg_write(uc, reg as i32, &v as *const u64 as *const c_void) };
+}
+
+fn read_reg(uc: *mut uc_engine, reg: RegisterX86) -> u64 {
+    let mut v = 0u64;
+    unsafe { uc_reg_read(uc, reg as i32, &mut v as *mut u64 as *mut c_void) };
+    v
+}
+
+fn read_msr(uc: *mut uc_engine, index: u32) -> u64 {
+    let mut m = uc_x86_msr {
+        rid: index,
+        value: 0,
+    };
+    unsafe { uc_reg_read(uc, RegisterX86::MSR as i32, &mut m as *mut _ as *mut c_void) };
+    m.value
+}
+
+extern "C" fn on_cpuid(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.cpuid += 1;
+    let leaf = read_reg(uc, RegisterX86::RAX) as u32;
+    let subleaf = read_reg(uc, RegisterX86::RCX) as u32;
+    let vcpu = st.vcpu;
+    let r = st.bus().cpuid(vcpu, leaf, subleaf);
+    write_reg(uc, RegisterX86::RAX, r[0] as u64);
+    write_reg(uc, RegisterX86::RBX, r[1] as u64);
+    write_reg(uc, RegisterX86::RCX, r[2] as u64);
+    write_reg(uc, RegisterX86::RDX, r[3] as u64);
+    1
+}
+
+extern "C" fn on_rdtsc(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.rdtsc += 1;
+    let vcpu = st.vcpu;
+    let t = st.bus().rdtsc(vcpu);
+    write_reg(uc, RegisterX86::RAX, t & 0xffff_ffff);
+    write_reg(uc, RegisterX86::RDX, t >> 32);
+    1
+}
+
+extern "C" fn on_rdtscp(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
+    on_rdtsc(uc, ud);
+    // IA32_TSC_AUX: Linux stores the CPU number there.
+    write_reg(
+        uc,
+        RegisterX86::RCX,
+        read_msr(uc, 0xc000_0103) & 0xffff_ffff,
+    );
+    1
+}
+
+/// SYSCALL: unicorn only calls the hook; perform the instruction here.
+/// Unicorn adds the instruction length to RIP after the hook returns.
+extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
+    let st = unsafe { state(ud) };
+    st.exits_by_kind.syscalls += 1;
+    let env = st.env;
+    let rip = env.eip();
+    let rflags = read_reg(uc, RegisterX86::RFLAGS);
+    let star = read_msr(uc, 0xc000_0081);
+    let lstar = read_msr(uc, 0xc000_0082);
+    let fmask = read_msr(uc, 0xc000_0084);
+    env.set_reg(1, rip + 2);
+    env.set_reg(11, rflags & !(1 << 16));
+    write_reg(uc, RegisterX86::RFLAGS, rflags & !(fmask | (1 << 16)));
+    let selector = ((star >> 32) & 0xffff) as u16;
+    env.load_segment(
+        R_CS,
+        SegmentCache {
+            selector: selector & 0xfffc,
+            base: 0,
+            limit: 0xffff_ffff,
+            flags: DESC_G_MASK
+                | DESC_P_MASK
+                | DESC_S_MASK
+                | DESC_CS_MASK
+                | DESC_R_MASK
+                | DESC_A_MASK
+                | DESC_L_MASK,
+        },
+    );
+    env.load_segment(
+        R_SS,
+        SegmentCache {
+            selector: selector.wrapping_add(8) & 0xfffc,
+            base: 0,
+            limit: 0xffff_ffff,
+            flags: DESC_G_MASK
+                | DESC_B_MASK
+                | DESC_P_MASK
+                | DESC_S_MASK
+                | DESC_W_MASK
+                | DESC_A_MASK,
+        },
+    );
+    env.set_eip(lstar.wrapping_sub(2));
+}
+
+extern "C" fn on_mmio_read(_uc: *mut uc_engine, offset: u64, size: u32, ud: *mut c_void) -> u64 {
+    let region = unsafe { &*(ud as *const MmioRegion) };
+    let st = unsafe { &mut *region.state };
+    st.exits_by_kind.mmio += 1;
+    let mut data = [0u8; 8];
+    let n = (size as usize).clamp(1, 8);
+    let vcpu = st.vcpu;
+    st.bus()
+        .mmio_read(vcpu, region.base + offset, &mut data[..n]);
+    if st.bus().stop_requested() {
+        st.stop(Stop::Io);
+    }
+    u64::from_le_bytes(data)
+}
+
+extern "C" fn on_mmio_write(
+    _uc: *mut uc_engine,
+    offset: u64,
+    size: u32,
+    value: u64,
+    ud: *mut c_void,
+) {
+    let region = unsafe { &*(ud as *const MmioRegion) };
+    let st = unsafe { &mut *region.state };
+    st.exits_by_kind.mmio += 1;
+    let n = (size as usize).clamp(1, 8);
+    let vcpu = st.vcpu;
+    st.bus()
+        .mmio_write(vcpu, region.base + offset, &value.to_le_bytes()[..n]);
+    if st.bus().stop_requested() {
+        st.stop(Stop::Io);
+    }
+}
+
+struct MmioRegion {
+    base: u64,
+    state: *mut HookState,
+}
+
+/// Per-vCPU state kept while another vCPU owns the engine.
+struct VcpuSlot {
+    context: *mut uc_context,
+    executed: u64,
+    pending: Vec<Injection>,
+    window_requested: bool,
+    single_step: bool,
+    breakpoints: Vec<u64>,
+}
+
+struct Engine {
+    uc: *mut uc_engine,
+    state: Box<UnsafeCell<HookState>>,
+    slots: Vec<VcpuSlot>,
+    active: Option<usize>,
+    mmio: Vec<Box<MmioRegion>>,
+    /// Everything a fresh vCPU starts from (a reset x86-64 CPU).
+    reset_context: *mut uc_context,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        unsafe {
+            for s in &self.slots {
+                uc_context_free(s.context);
+            }
+            uc_context_free(self.reset_context);
+            uc_close(self.uc);
+        }
+    }
+}
+
+impl Engine {
+    fn st(&self) -> &mut HookState {
+        // SAFETY: single-threaded; hooks and the engine never hold a
+        // reference across a call into the other.
+        unsafe { &mut *self.state.get() }
+    }
+
+    /// Makes `id` the vCPU whose registers are in the CPU.
+    fn activate(&mut self, id: usize) -> Result<()> {
+        if self.active == Some(id) {
+            return Ok(());
+        }
+        if let Some(prev) = self.active {
+            check("context_save", unsafe {
+                uc_context_save(self.uc, self.slots[prev].context)
+            })?;
+            self.slots[prev].executed = self.st().executed;
+        }
+        check("context_restore", unsafe {
+            uc_context_restore(self.uc, self.slots[id].context)
+        })?;
+        let st = self.st();
+        st.executed = self.slots[id].executed;
+        st.vcpu = id;
+        self.active = Some(id);
+        // Translations are shared; cached address translations are not.
+        let ctl = ControlType(ControlType::TLB_FLUSH.0 | ControlType::IO_WRITE.0);
+        check("tlb_flush", unsafe { uc_ctl(self.uc, ctl) })?;
+        Ok(())
+    }
+}
+
+/// The software-CPU VM. Guest memory stays owned by the caller's
+/// [`GuestMemoryMmap`], which must outlive the VM; unicorn maps the same host
+/// pages (`uc_mem_map_ptr`), so device DMA through `vm-memory` is seen by the
+/// guest without copies.
+pub struct UnicornVm {
+    engine: Rc<RefCell<Engine>>,
+}
+
+impl UnicornVm {
+    /// Opens a 64-bit x86 engine, runs the internals self-test and maps all
+    /// regions of `mem` at their guest-physical addresses.
+    pub fn new(mem: &GuestMemoryMmap) -> Result<UnicornVm> {
+        let mut uc: *mut uc_engine = std::ptr::null_mut();
+        check("uc_open", unsafe {
+            uc_open(Arch::X86, Mode::MODE_64, &mut uc)
+        })?;
+        let env = match EnvLayout::locate(uc) {
+            Ok(env) => env,
+            Err(e) => {
+                unsafe { uc_close(uc) };
+                return Err(HypervisorError::Unavailable {
+                    backend: BACKEND,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let state = Box::new(UnsafeCell::new(HookState {
+            uc,
+            env,
+            bus: None,
+            vcpu: 0,
+            executed: 0,
+            stop_at: u64::MAX,
+            stop: None,
+            icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
+            exits_by_kind: ExitCounters::default(),
+        }));
+        let mut reset_context = std::ptr::null_mut();
+        check("context_alloc", unsafe {
+            uc_context_alloc(uc, &mut reset_context)
+        })?;
+        let engine = Engine {
+            uc,
+            state,
+            slots: Vec::new(),
+            active: None,
+            mmio: Vec::new(),
+            reset_context,
+        };
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| HypervisorError::Backend {
+                    backend: BACKEND,
+                    op: "guest memory",
+                    reason: e.to_string(),
+                })?;
+            check("mem_map_ptr", unsafe {
+                uc_mem_map_ptr(
+                    uc,
+                    region.start_addr().0,
+                    region.len(),
+                    Prot::ALL.0,
+                    host as *mut c_void,
+                )
+            })?;
+        }
+        // Exits mechanism on (with no exits): avoids the phantom translation
+        // of the `until` address after every run.
+        let ctl = ControlType(ControlType::UC_USE_EXITS.0 | ControlType::IO_WRITE.0);
+        check("use_exits", unsafe { uc_ctl(uc, ctl, 1i32) })?;
+        let ud = engine.state.get() as *mut c_void;
+        let add = |ty: HookType, cb: *mut c_void, insn: Option<X86Insn>| -> Result<()> {
+            let mut h: uc_hook = 0;
+            let err = unsafe {
+                match insn {
+                    Some(i) => uc_hook_add(uc, &mut h, ty.0 as i32, cb, ud, 1, 0, i as i32),
+                    None => uc_hook_add(uc, &mut h, ty.0 as i32, cb, ud, 1, 0),
+                }
+            };
+            check("hook_add", err)
+        };
+        add(HookType::BLOCK, on_block as *mut c_void, None)?;
+        add(HookType::INTR, on_intr as *mut c_void, None)?;
+        add(HookType::INSN_INVALID, on_invalid as *mut c_void, None)?;
+        add(HookType::INSN, on_in as *mut c_void, Some(X86Insn::IN))?;
+        add(HookType::INSN, on_out as *mut c_void, Some(X86Insn::OUT))?;
+        add(
+            HookType::INSN,
+            on_cpuid as *mut c_void,
+            Some(X86Insn::CPUID),
+        )?;
+        add(
+            HookType::INSN,
+            on_rdtsc as *mut c_void,
+            Some(X86Insn::RDTSC),
+        )?;
+        add(
+            HookType::INSN,
+            on_rdtscp as *mut c_void,
+            Some(X86Insn::RDTSCP),
+        )?;
+        add(
+            HookType::INSN,
+            on_syscall as *mut c_void,
+            Some(X86Insn::SYSCALL),
+        )?;
+        check("context_save", unsafe {
+            uc_context_save(uc, engine.reset_context)
+        })?;
+        Ok(UnicornVm {
+            engine: Rc::new(RefCell::new(engine)),
+        })
+    }
+
+    /// Exits taken by the backend so far (all vCPUs).
+    pub fn exit_counters(&self) -> ExitCounters {
+        self.engine.borrow().st().exits_by_kind
+    }
+}
+
+impl super::Vm for UnicornVm {
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn create_vcpu(&mut self, id: usize) -> Result<Box<dyn Vcpu>> {
+        let mut e = self.engine.borrow_mut();
+        if id != e.slots.len() {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "create_vcpu",
+                reason: format!(
+                    "vCPUs must be created in order; expected id {}",
+                    e.slots.len()
+                ),
+            });
+        }
+        let mut context = std::ptr::null_mut();
+        check("context_alloc", unsafe {
+            uc_context_alloc(e.uc, &mut context)
+        })?;
+        // A new vCPU starts from the reset state saved at creation.
+        let size = unsafe { unicorn_engine::unicorn_const::uc_context_size(e.uc) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(e.reset_context as *const u8, context as *mut u8, size)
+        };
+        e.slots.push(VcpuSlot {
+            context,
+            executed: 0,
+            pending: Vec::new(),
+            window_requested: false,
+            single_step: false,
+            breakpoints: Vec::new(),
+        });
+        if e.active.is_none() {
+            e.activate(id)?;
+        }
+        Ok(Box::new(UnicornVcpu {
+            id,
+            engine: self.engine.clone(),
+        }))
+    }
+
+    fn add_mmio_region(&mut self, base: u64, size: u64) -> Result<()> {
+        let mut e = self.engine.borrow_mut();
+        let region = Box::new(MmioRegion {
+            base,
+            state: e.state.get(),
+        });
+        let ud = &*region as *const MmioRegion as *mut c_void;
+        check("mmio_map", unsafe {
+            uc_mmio_map(
+                e.uc,
+                base,
+                size,
+                Some(on_mmio_read),
+                ud,
+                Some(on_mmio_write),
+                ud,
+            )
+        })?;
+        e.mmio.push(region);
+        Ok(())
+    }
+
+    fn invalidate_code(&mut self, gpa: u64, len: u64) -> Result<()> {
+        let e = self.engine.borrow();
+        let ctl = ControlType(ControlType::TB_REMOVE_CACHE.0 | ControlType::IO_WRITE.0);
+        check("remove_cache", unsafe { uc_ctl(e.uc, ctl, gpa, gpa + len) })
+    }
+}
+
+/// One vCPU of a [`UnicornVm`].
+pub struct UnicornVcpu {
+    id: usize,
+    engine: Rc<RefCell<Engine>>,
+}
+
+fn seg_to_api(c: &SegmentCache) -> Segment {
+    let f = c.flags;
+    Segment {
+        selector: c.selector,
+        base: c.base,
+        limit: c.limit,
+        type_: ((f >> 8) & 0xf) as u8,
+        present: f & DESC_P_MASK != 0,
+        dpl: ((f >> DESC_DPL_SHIFT) & 3) as u8,
+        db: f & DESC_B_MASK != 0,
+        s: f & DESC_S_MASK != 0,
+        l: f & DESC_L_MASK != 0,
+        g: f & DESC_G_MASK != 0,
+        avl: f & (1 << 20) != 0,
+        unusable: f & DESC_P_MASK == 0,
+    }
+}
+
+fn seg_from_api(s: &Segment) -> SegmentCache {
+    let mut f = ((s.type_ as u32) & 0xf) << 8 | ((s.dpl as u32) & 3) << DESC_DPL_SHIFT;
+    if s.present && !s.unusable {
+        f |= DESC_P_MASK;
+    }
+    if s.s {
+        f |= DESC_S_MASK;
+    }
+    if s.db {
+        f |= DESC_B_MASK;
+    }
+    if s.l {
+        f |= DESC_L_MASK;
+    }
+    if s.g {
+        f |= DESC_G_MASK;
+    }
+    if s.avl {
+        f |= 1 << 20;
+    }
+    SegmentCache {
+        selector: s.selector,
+        base: s.base,
+        limit: s.limit,
+        flags: f,
+    }
+}
+
+fn mmr(uc: *mut uc_engine, reg: RegisterX86) -> uc_x86_mmr {
+    let mut t = uc_x86_mmr {
+        selector: 0,
+        base: 0,
+        limit: 0,
+        flags: 0,
+    };
+    unsafe { uc_reg_read(uc, reg as i32, &mut t as *mut uc_x86_mmr as *mut c_void) };
+    t
+}
+
+fn set_mmr(uc: *mut uc_engine, reg: RegisterX86, t: uc_x86_mmr) {
+    unsafe { uc_reg_write(uc, reg as i32, &t as *const uc_x86_mmr as *const c_void) };
+}
+
+const GPRS: [RegisterX86; 18] = [
+    RegisterX86::RAX,
+    RegisterX86::RBX,
+    RegisterX86::RCX,
+    RegisterX86::RDX,
+    RegisterX86::RSI,
+    RegisterX86::RDI,
+    RegisterX86::RSP,
+    RegisterX86::RBP,
+    RegisterX86::R8,
+    RegisterX86::R9,
+    RegisterX86::R10,
+    RegisterX86::R11,
+    RegisterX86::R12,
+    RegisterX86::R13,
+    RegisterX86::R14,
+    RegisterX86::R15,
+    RegisterX86::RIP,
+    RegisterX86::RFLAGS,
+];
+
+impl UnicornVcpu {
+    /// Runs `f` with this vCPU's registers loaded in the engine.
+    fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+        let mut e = self.engine.borrow_mut();
+        e.activate(self.id)?;
+        f(&mut e)
+    }
+
+    fn try_deliver_pending(&self, e: &mut Engine) -> Option<String> {
+        let st = unsafe { &mut *e.state.get() };
+        let slot = &mut e.slots[self.id];
+        if slot.pending.is_empty() {
+            return None;
+        }
+        let ev = slot.pending[0];
+        let (vector, kind) = match ev {
+            Injection::Interrupt(v) => {
+                let rflags = read_reg(e.uc, RegisterX86::RFLAGS);
+                if rflags & (1 << 9) == 0 || st.env.interrupt_shadow() {
+                    return None;
+                }
+                (v, EventKind::External)
+            }
+            Injection::Nmi => (2, EventKind::External),
+            Injection::Exception {
+                vector,
+                error_code,
+                cr2,
+            } => {
+                if let Some(cr2) = cr2 {
+                    write_reg(e.uc, RegisterX86::CR2, cr2);
+                }
+                (vector, EventKind::Exception { error_code })
+            }
+        };
+        slot.pending.remove(0);
+        st.exits_by_kind.interrupts += 1;
+        deliver(e.uc, &st.env, vector, kind)
+            .err()
+            .map(|t| format!("triple fault: {}", t.0))
+    }
+}
+
+impl Vcpu for UnicornVcpu {
+    fn run(&mut self, bus: &mut dyn IoBus, budget: Option<u64>) -> Result<VmExit> {
+        let mut e = self.engine.borrow_mut();
+        e.activate(self.id)?;
+        if let Some(msg) = self.try_deliver_pending(&mut e) {
+            tracing::warn!(vcpu = self.id, "{msg}");
+            return Ok(VmExit::Shutdown);
+        }
+        let slot = &e.slots[self.id];
+        let single_step = slot.single_step;
+        let window_requested = slot.window_requested;
+        let uc = e.uc;
+        let st = e.st();
+        if window_requested {
+            let rflags = read_reg(uc, RegisterX86::RFLAGS);
+            if rflags & (1 << 9) != 0 && !st.env.interrupt_shadow() {
+                return Ok(VmExit::InterruptWindow);
+            }
+        }
+        // SAFETY: the pointer is only used by hooks during this call, while
+        // `bus` is borrowed. The lifetime is erased for storage.
+        let bus_ptr: *mut (dyn IoBus + '_) = bus;
+        st.bus =
+            Some(unsafe { std::mem::transmute::<*mut (dyn IoBus + '_), *mut dyn IoBus>(bus_ptr) });
+        st.stop = None;
+        st.stop_at = match budget {
+            Some(b) => st.executed.saturating_add(b),
+            None => u64::MAX,
+        };
+        let rip = st.env.eip();
+        let start_count = st.executed;
+        // Single-step uses unicorn's exact per-instruction count (it flushes
+        // the translation cache on every switch, which is fine for a
+        // debugger).
+        let count = if single_step { 1 } else { 0 };
+        let err = unsafe { uc_emu_start(uc, rip, 0, 0, count) };
+        if single_step {
+            st.executed = start_count + 1;
+        }
+        st.bus = None;
+        let stop = st.stop.take();
+        let new_rip = st.env.eip();
+        if let Some(Stop::Shutdown(msg)) = stop {
+            tracing::warn!(vcpu = self.id, "{msg}");
+            return Ok(VmExit::Shutdown);
+        }
+        if err != uc_error::OK {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "emu_start",
+                reason: format!("{err:?} at rip {new_rip:#x}"),
+            });
+        }
+        match stop {
+            Some(Stop::Budget) => return Ok(VmExit::BudgetExhausted),
+            Some(Stop::Io) => return Ok(VmExit::IoStop),
+            _ => {}
+        }
+        if single_step {
+            return Ok(VmExit::Debug { rip: new_rip });
+        }
+        if e.slots[self.id].breakpoints.contains(&new_rip) {
+            return Ok(VmExit::Debug { rip: new_rip });
+        }
+        // Otherwise emulation stopped on its own: HLT.
+        let mut b = [0u8; 1];
+        let ok = unsafe {
+            uc_vmem_read(
+                uc,
+                new_rip.wrapping_sub(1),
+                Prot::EXEC,
+                b.as_mut_ptr() as *mut c_void,
+                1,
+            )
+        } == uc_error::OK;
+        if ok && b[0] == 0xf4 {
+            return Ok(VmExit::Hlt);
+        }
+        Err(HypervisorError::Backend {
+            backend: BACKEND,
+            op: "emu_start",
+            reason: format!("stopped without a reason at rip {new_rip:#x}"),
+        })
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        self.with(|e| {
+            let v: Vec<u64> = GPRS.iter().map(|r| read_reg(e.uc, *r)).collect();
+            Ok(Regs {
+                rax: v[0],
+                rbx: v[1],
+                rcx: v[2],
+                rdx: v[3],
+                rsi: v[4],
+                rdi: v[5],
+                rsp: v[6],
+                rbp: v[7],
+                r8: v[8],
+                r9: v[9],
+                r10: v[10],
+                r11: v[11],
+                r12: v[12],
+                r13: v[13],
+                r14: v[14],
+                r15: v[15],
+                rip: v[16],
+                rflags: v[17],
+            })
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> Result<()> {
+        self.with(|e| {
+            let v = [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ];
+            for (reg, val) in GPRS.iter().zip(v) {
+                write_reg(e.uc, *reg, val);
+            }
+            write_reg(e.uc, RegisterX86::RFLAGS, r.rflags);
+            e.st().env.set_eip(r.rip);
+            Ok(())
+        })
+    }
+
+    fn sregs(&self) -> Result<Sregs> {
+        self.with(|e| {
+            let env = e.st().env;
+            let gdt = mmr(e.uc, RegisterX86::GDTR);
+            let idt = mmr(e.uc, RegisterX86::IDTR);
+            let tr = mmr(e.uc, RegisterX86::TR);
+            let ldt = mmr(e.uc, RegisterX86::LDTR);
+            let tr_cache = SegmentCache {
+                selector: tr.selector,
+                base: tr.base,
+                limit: tr.limit,
+                flags: tr.flags,
+            };
+            let ldt_cache = SegmentCache {
+                selector: ldt.selector,
+                base: ldt.base,
+                limit: ldt.limit,
+                flags: ldt.flags,
+            };
+            Ok(Sregs {
+                cs: seg_to_api(&env.segment(R_CS)),
+                ds: seg_to_api(&env.segment(R_DS)),
+                es: seg_to_api(&env.segment(R_ES)),
+                fs: seg_to_api(&env.segment(R_FS)),
+                gs: seg_to_api(&env.segment(R_GS)),
+                ss: seg_to_api(&env.segment(R_SS)),
+                tr: seg_to_api(&tr_cache),
+                ldt: seg_to_api(&ldt_cache),
+                gdt: DescriptorTable {
+                    base: gdt.base,
+                    limit: gdt.limit as u16,
+                },
+                idt: DescriptorTable {
+                    base: idt.base,
+                    limit: idt.limit as u16,
+                },
+                cr0: read_reg(e.uc, RegisterX86::CR0),
+                cr2: read_reg(e.uc, RegisterX86::CR2),
+                cr3: read_reg(e.uc, RegisterX86::CR3),
+                cr4: read_reg(e.uc, RegisterX86::CR4),
+                cr8: read_reg(e.uc, RegisterX86::CR8),
+                efer: read_msr(e.uc, 0xc000_0080),
+                apic_base: read_msr(e.uc, 0x1b),
+            })
+        })
+    }
+
+    fn set_sregs(&mut self, s: &Sregs) -> Result<()> {
+        self.with(|e| {
+            let uc = e.uc;
+            // Order matters: paging and long mode first, so that the CS load
+            // below sees LMA and sets the 64-bit code flags.
+            write_reg(uc, RegisterX86::CR4, s.cr4);
+            let msr = uc_x86_msr {
+                rid: 0xc000_0080,
+                value: s.efer,
+            };
+            unsafe {
+                uc_reg_write(
+                    uc,
+                    RegisterX86::MSR as i32,
+                    &msr as *const _ as *const c_void,
+                )
+            };
+            write_reg(uc, RegisterX86::CR3, s.cr3);
+            write_reg(uc, RegisterX86::CR0, s.cr0);
+            write_reg(uc, RegisterX86::CR2, s.cr2);
+            write_reg(uc, RegisterX86::CR8, s.cr8);
+            set_mmr(
+                uc,
+                RegisterX86::GDTR,
+                uc_x86_mmr {
+                    selector: 0,
+                    base: s.gdt.base,
+                    limit: s.gdt.limit as u32,
+                    flags: 0,
+                },
+            );
+            set_mmr(
+                uc,
+                RegisterX86::IDTR,
+                uc_x86_mmr {
+                    selector: 0,
+                    base: s.idt.base,
+                    limit: s.idt.limit as u32,
+                    flags: 0,
+                },
+            );
+            let tr = seg_from_api(&s.tr);
+            set_mmr(
+                uc,
+                RegisterX86::TR,
+                uc_x86_mmr {
+                    selector: tr.selector,
+                    base: tr.base,
+                    limit: tr.limit,
+                    flags: tr.flags,
+                },
+            );
+            let ldt = seg_from_api(&s.ldt);
+            set_mmr(
+                uc,
+                RegisterX86::LDTR,
+                uc_x86_mmr {
+                    selector: ldt.selector,
+                    base: ldt.base,
+                    limit: ldt.limit,
+                    flags: ldt.flags,
+                },
+            );
+            let env = e.st().env;
+            for (idx, seg) in [
+                (R_SS, &s.ss),
+                (R_CS, &s.cs),
+                (R_DS, &s.ds),
+                (R_ES, &s.es),
+                (R_FS, &s.fs),
+                (R_GS, &s.gs),
+            ] {
+                env.load_segment(idx, seg_from_api(seg));
+            }
+            if s.apic_base != 0 {
+                let msr = uc_x86_msr {
+                    rid: 0x1b,
+                    value: s.apic_base,
+                };
+                unsafe {
+                    uc_reg_write(
+                        uc,
+                        RegisterX86::MSR as i32,
+                        &msr as *const _ as *const c_void,
+                    )
+                };
+            }
+            Ok(())
+        })
+    }
+
+    fn fpu(&self) -> Result<FpuState> {
+        self.with(|e| {
+            // FXSAVE layout: FCW, FSW, FTW(abridged), ..., MXCSR at 24,
+            // ST0-7 at 32, XMM0-15 at 160.
+            let mut x = vec![0u8; 512];
+            let fcw = read_reg(e.uc, RegisterX86::FPCW) as u16;
+            let fsw = read_reg(e.uc, RegisterX86::FPSW) as u16;
+            x[0..2].copy_from_slice(&fcw.to_le_bytes());
+            x[2..4].copy_from_slice(&fsw.to_le_bytes());
+            let mxcsr = read_reg(e.uc, RegisterX86::MXCSR) as u32;
+            x[24..28].copy_from_slice(&mxcsr.to_le_bytes());
+            for i in 0..16 {
+                let reg = RegisterX86::XMM0 as i32 + i as i32;
+                let mut v = [0u8; 16];
+                unsafe { uc_reg_read(e.uc, reg, v.as_mut_ptr() as *mut c_void) };
+                x[160 + i * 16..176 + i * 16].copy_from_slice(&v);
+            }
+            Ok(FpuState { xsave: x })
+        })
+    }
+
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()> {
+        if fpu.xsave.len() < 512 {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "set_fpu",
+                reason: format!("FXSAVE area is {} bytes, expected 512", fpu.xsave.len()),
+            });
+        }
+        self.with(|e| {
+            let x = &fpu.xsave;
+            write_reg(
+                e.uc,
+                RegisterX86::FPCW,
+                u16::from_le_bytes([x[0], x[1]]) as u64,
+            );
+            write_reg(
+                e.uc,
+                RegisterX86::FPSW,
+                u16::from_le_bytes([x[2], x[3]]) as u64,
+            );
+            write_reg(
+                e.uc,
+                RegisterX86::MXCSR,
+                u32::from_le_bytes([x[24], x[25], x[26], x[27]]) as u64,
+            );
+            for i in 0..16 {
+                let reg = RegisterX86::XMM0 as i32 + i as i32;
+                unsafe { uc_reg_write(e.uc, reg, x[160 + i * 16..].as_ptr() as *const c_void) };
+            }
+            Ok(())
+        })
+    }
+
+    fn msr(&self, index: u32) -> Result<u64> {
+        self.with(|e| Ok(read_msr(e.uc, index)))
+    }
+
+    fn set_msr(&mut self, index: u32, value: u64) -> Result<()> {
+        self.with(|e| {
+            let msr = uc_x86_msr { rid: index, value };
+            check("msr write", unsafe {
+                uc_reg_write(
+                    e.uc,
+                    RegisterX86::MSR as i32,
+                    &msr as *const _ as *const c_void,
+                )
+            })
+        })
+    }
+
+    fn debug_regs(&self) -> Result<DebugRegs> {
+        self.with(|e| {
+            Ok(DebugRegs {
+                db: [
+                    read_reg(e.uc, RegisterX86::DR0),
+                    read_reg(e.uc, RegisterX86::DR1),
+                    read_reg(e.uc, RegisterX86::DR2),
+                    read_reg(e.uc, RegisterX86::DR3),
+                ],
+                dr6: read_reg(e.uc, RegisterX86::DR6),
+                dr7: read_reg(e.uc, RegisterX86::DR7),
+            })
+        })
+    }
+
+    fn set_debug_regs(&mut self, r: &DebugRegs) -> Result<()> {
+        self.with(|e| {
+            for (reg, v) in [
+                (RegisterX86::DR0, r.db[0]),
+                (RegisterX86::DR1, r.db[1]),
+                (RegisterX86::DR2, r.db[2]),
+                (RegisterX86::DR3, r.db[3]),
+                (RegisterX86::DR6, r.dr6),
+                (RegisterX86::DR7, r.dr7),
+            ] {
+                write_reg(e.uc, reg, v);
+            }
+            Ok(())
+        })
+    }
+
+    fn inject(&mut self, event: Injection) -> Result<()> {
+        self.engine.borrow_mut().slots[self.id].pending.push(event);
+        Ok(())
+    }
+
+    fn interrupt_window_open(&self) -> Result<bool> {
+        self.with(|e| {
+            let rflags = read_reg(e.uc, RegisterX86::RFLAGS);
+            Ok(rflags & (1 << 9) != 0 && !e.st().env.interrupt_shadow())
+        })
+    }
+
+    fn request_interrupt_window(&mut self, enable: bool) -> Result<()> {
+        self.engine.borrow_mut().slots[self.id].window_requested = enable;
+        Ok(())
+    }
+
+    fn set_single_step(&mut self, enable: bool) -> Result<()> {
+        self.engine.borrow_mut().slots[self.id].single_step = enable;
+        Ok(())
+    }
+
+    fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<()> {
+        self.with(|e| {
+            e.slots[self.id].breakpoints = addrs.to_vec();
+            let ctl = ControlType(ControlType::UC_EXITS.0 | ControlType::IO_WRITE.0);
+            check("set_exits", unsafe {
+                uc_ctl(e.uc, ctl, addrs.as_ptr(), addrs.len())
+            })
+        })
+    }
+
+    fn instructions_retired(&self) -> Option<u64> {
+        let e = self.engine.borrow();
+        if e.active == Some(self.id) {
+            Some(e.st().executed)
+        } else {
+            Some(e.slots[self.id].executed)
+        }
+    }
+}

@@ -1,0 +1,346 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! The only place that reaches into unicorn's (QEMU's) private CPU state.
+//!
+//! Unicorn's public API cannot do three things the backend needs: read the
+//! error code and "came from INT n" flag of a pending exception, reset the
+//! "exception in flight" marker after the platform delivered an exception,
+//! and load a segment register's hidden descriptor cache (and with it the
+//! CPL and the 64-bit code flags) in long mode. All of these live in QEMU's
+//! `CPUX86State`, so this module locates that structure once per engine and
+//! checks every assumption it makes against values written through the public
+//! API ([`EnvLayout::locate`]). The layout is that of the pinned
+//! `unicorn-engine =2.1.5`; when a different build breaks an assumption the
+//! engine refuses to start with a message naming it.
+
+use std::ffi::c_void;
+use unicorn_engine::unicorn_const::{uc_engine, uc_reg_write, RegisterX86};
+
+/// `offsetof(struct uc_struct, cpu)` in unicorn 2.1.5: 16 bytes of enums, two
+/// 56-byte `AddressSpace`s, then 37 function pointers.
+const UC_CPU_OFFSET: usize = 440;
+/// `offsetof(struct uc_struct, address_space_memory.uc)` and
+/// `address_space_io.uc`: both point back at the engine, which confirms the
+/// size of `AddressSpace` and hence [`UC_CPU_OFFSET`].
+const UC_AS_MEMORY_UC_OFFSET: usize = 64;
+const UC_AS_IO_UC_OFFSET: usize = 120;
+
+// Offsets inside CPUX86State (QEMU 5.0 as vendored by unicorn 2.1.5).
+const ENV_REGS: usize = 0;
+const ENV_EIP: usize = 128;
+const ENV_HFLAGS: usize = 176;
+const ENV_SEGS: usize = 184;
+const SEGMENT_CACHE_SIZE: usize = 24;
+const ENV_CR: usize = 424;
+
+/// QEMU's segment register indices.
+pub const R_ES: usize = 0;
+pub const R_CS: usize = 1;
+pub const R_SS: usize = 2;
+pub const R_DS: usize = 3;
+pub const R_FS: usize = 4;
+pub const R_GS: usize = 5;
+
+// hflags bits (target/i386/cpu.h).
+pub const HF_CPL_MASK: u32 = 3;
+pub const HF_INHIBIT_IRQ_MASK: u32 = 1 << 3;
+pub const HF_CS32_MASK: u32 = 1 << 4;
+pub const HF_SS32_MASK: u32 = 1 << 5;
+pub const HF_ADDSEG_MASK: u32 = 1 << 6;
+pub const HF_LMA_MASK: u32 = 1 << 14;
+pub const HF_CS64_MASK: u32 = 1 << 15;
+
+// Segment cache flag bits (the descriptor's high dword layout).
+pub const DESC_G_MASK: u32 = 1 << 23;
+pub const DESC_B_MASK: u32 = 1 << 22;
+pub const DESC_L_MASK: u32 = 1 << 21;
+pub const DESC_P_MASK: u32 = 1 << 15;
+pub const DESC_DPL_SHIFT: u32 = 13;
+pub const DESC_S_MASK: u32 = 1 << 12;
+pub const DESC_CS_MASK: u32 = 1 << 11;
+pub const DESC_R_MASK: u32 = 1 << 9;
+pub const DESC_W_MASK: u32 = 1 << 9;
+pub const DESC_A_MASK: u32 = 1 << 8;
+
+/// A hidden segment descriptor cache as QEMU keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SegmentCache {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    pub flags: u32,
+}
+
+/// Where the fields this backend touches are, for one engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvLayout {
+    env: *mut u8,
+    error_code: usize,
+    exception_is_int: usize,
+    old_exception: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "unicorn internals self-test failed ({0}); this engine supports unicorn-engine =2.1.5 only"
+)]
+pub struct SelfTestError(pub String);
+
+unsafe fn read_u64(p: *const u8) -> u64 {
+    std::ptr::read_unaligned(p as *const u64)
+}
+
+fn write_reg(uc: *mut uc_engine, reg: RegisterX86, value: u64) -> Result<(), SelfTestError> {
+    let err = unsafe { uc_reg_write(uc, reg as i32, &value as *const u64 as *const c_void) };
+    if err != unicorn_engine::unicorn_const::uc_error::OK {
+        return Err(SelfTestError(format!("writing {reg:?} failed: {err:?}")));
+    }
+    Ok(())
+}
+
+impl EnvLayout {
+    /// Finds `CPUX86State` of a freshly opened 64-bit x86 engine and checks
+    /// the layout. Clobbers general and debug registers (the caller sets up
+    /// the CPU afterwards).
+    pub fn locate(uc: *mut uc_engine) -> Result<EnvLayout, SelfTestError> {
+        // Unicorn initialises the engine lazily, on the first API call; the
+        // register writes below are that call. CPUX86State is embedded in
+        // X86CPU after CPUState; it is found by these distinctive values.
+        let magic = [
+            0x6b72_725f_6d61_6701u64,
+            0x6b72_725f_6d61_6702,
+            0x6b72_725f_6d61_6703,
+            0x6b72_725f_6d61_6704,
+        ];
+        for (reg, value) in [
+            RegisterX86::RAX,
+            RegisterX86::RCX,
+            RegisterX86::RDX,
+            RegisterX86::RBX,
+        ]
+        .into_iter()
+        .zip(magic)
+        {
+            write_reg(uc, reg, value)?;
+        }
+        let base = uc as *const u8;
+        // SAFETY: uc_struct is far larger than these offsets.
+        let (as_mem_uc, as_io_uc, cpu) = unsafe {
+            (
+                read_u64(base.add(UC_AS_MEMORY_UC_OFFSET)),
+                read_u64(base.add(UC_AS_IO_UC_OFFSET)),
+                read_u64(base.add(UC_CPU_OFFSET)),
+            )
+        };
+        if as_mem_uc != uc as u64 || as_io_uc != uc as u64 {
+            return Err(SelfTestError(
+                "uc_struct.address_space_*.uc does not point back at the engine".into(),
+            ));
+        }
+        if cpu == 0 || cpu % 8 != 0 {
+            return Err(SelfTestError(format!("uc_struct.cpu is {cpu:#x}")));
+        }
+        let cpu = cpu as *mut u8;
+        let mut env = None;
+        for off in (0..0x10000).step_by(8) {
+            // SAFETY: X86CPU holds CPUState followed by CPUX86State; the scan
+            // stops at the first match, which lies inside that allocation.
+            let hit = unsafe { (0..4).all(|i| read_u64(cpu.add(off + i * 8)) == magic[i]) };
+            if hit {
+                env = Some(unsafe { cpu.add(off) });
+                break;
+            }
+        }
+        let env =
+            env.ok_or_else(|| SelfTestError("CPUX86State not found after CPUState".into()))?;
+        // Debug registers follow error_code, exception_is_int and
+        // exception_next_eip directly; find them the same way.
+        let dr_magic = [
+            0x6b72_725f_6472_0000u64,
+            0x6b72_725f_6472_0001,
+            0x6b72_725f_6472_0002,
+            0x6b72_725f_6472_0003,
+        ];
+        for (reg, value) in [
+            RegisterX86::DR0,
+            RegisterX86::DR1,
+            RegisterX86::DR2,
+            RegisterX86::DR3,
+        ]
+        .into_iter()
+        .zip(dr_magic)
+        {
+            write_reg(uc, reg, value)?;
+        }
+        let mut dr = None;
+        for off in (ENV_CR..0x8000).step_by(8) {
+            // SAFETY: CPUX86State is larger than 32 KiB in this version; the
+            // scan stops at the debug registers, well inside it.
+            let hit = unsafe { (0..4).all(|i| read_u64(env.add(off + i * 8)) == dr_magic[i]) };
+            if hit {
+                dr = Some(off);
+                break;
+            }
+        }
+        let dr = dr.ok_or_else(|| SelfTestError("CPUX86State.dr[] not found".into()))?;
+        for reg in [
+            RegisterX86::DR0,
+            RegisterX86::DR1,
+            RegisterX86::DR2,
+            RegisterX86::DR3,
+        ] {
+            write_reg(uc, reg, 0)?;
+        }
+        let layout = EnvLayout {
+            env,
+            error_code: dr - 16,
+            exception_is_int: dr - 12,
+            // dr[8] (64 bytes) and the four breakpoint pointers (32 bytes).
+            old_exception: dr + 96,
+        };
+        layout.check(uc)?;
+        Ok(layout)
+    }
+
+    /// Checks the fixed offsets against values written through the API.
+    fn check(&self, uc: *mut uc_engine) -> Result<(), SelfTestError> {
+        write_reg(uc, RegisterX86::RIP, 0x1234_5678)?;
+        if self.eip() != 0x1234_5678 {
+            return Err(SelfTestError("CPUX86State.eip offset".into()));
+        }
+        write_reg(uc, RegisterX86::RSP, 0x7777_0000)?;
+        if self.reg(4) != 0x7777_0000 {
+            return Err(SelfTestError("CPUX86State.regs offset".into()));
+        }
+        write_reg(uc, RegisterX86::CS, 0x33)?;
+        write_reg(uc, RegisterX86::GS_BASE, 0xabcd_0000)?;
+        if self.segment(R_CS).selector != 0x33 || self.segment(R_GS).base != 0xabcd_0000 {
+            return Err(SelfTestError("CPUX86State.segs offset".into()));
+        }
+        write_reg(uc, RegisterX86::CS, 0)?;
+        write_reg(uc, RegisterX86::GS_BASE, 0)?;
+        write_reg(uc, RegisterX86::CR2, 0x5151_0000)?;
+        // SAFETY: cr[] lies inside CPUX86State.
+        if unsafe { read_u64(self.env.add(ENV_CR + 16)) } != 0x5151_0000 {
+            return Err(SelfTestError("CPUX86State.cr offset".into()));
+        }
+        write_reg(uc, RegisterX86::CR2, 0)?;
+        // A fresh 64-bit engine runs in long mode with a 64-bit CS.
+        let hflags = self.hflags();
+        if hflags & (HF_LMA_MASK | HF_CS64_MASK) != (HF_LMA_MASK | HF_CS64_MASK) {
+            return Err(SelfTestError(format!(
+                "CPUX86State.hflags offset ({hflags:#x})"
+            )));
+        }
+        // old_exception is -1 on a fresh CPU; exception_is_int is 0.
+        if self.old_exception() != -1 || self.exception_is_int() {
+            return Err(SelfTestError(
+                "CPUX86State.old_exception/exception_is_int relative to dr[]".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn field<T>(&self, off: usize) -> *mut T {
+        // SAFETY: every offset used is checked to lie inside CPUX86State.
+        unsafe { self.env.add(off) as *mut T }
+    }
+
+    pub fn reg(&self, index: usize) -> u64 {
+        unsafe { self.field::<u64>(ENV_REGS + index * 8).read_unaligned() }
+    }
+    pub fn set_reg(&self, index: usize, value: u64) {
+        unsafe {
+            self.field::<u64>(ENV_REGS + index * 8)
+                .write_unaligned(value)
+        }
+    }
+    pub fn eip(&self) -> u64 {
+        unsafe { self.field::<u64>(ENV_EIP).read_unaligned() }
+    }
+    /// Sets RIP without the public API's side effect (a forced exit from
+    /// the translation loop), for use inside hooks.
+    pub fn set_eip(&self, value: u64) {
+        unsafe { self.field::<u64>(ENV_EIP).write_unaligned(value) }
+    }
+    pub fn hflags(&self) -> u32 {
+        unsafe { self.field::<u32>(ENV_HFLAGS).read_unaligned() }
+    }
+    pub fn set_hflags(&self, value: u32) {
+        unsafe { self.field::<u32>(ENV_HFLAGS).write_unaligned(value) }
+    }
+    pub fn cpl(&self) -> u8 {
+        (self.hflags() & HF_CPL_MASK) as u8
+    }
+    pub fn interrupt_shadow(&self) -> bool {
+        self.hflags() & HF_INHIBIT_IRQ_MASK != 0
+    }
+    pub fn clear_interrupt_shadow(&self) {
+        self.set_hflags(self.hflags() & !HF_INHIBIT_IRQ_MASK);
+    }
+    pub fn error_code(&self) -> u32 {
+        unsafe { self.field::<u32>(self.error_code).read_unaligned() }
+    }
+    pub fn exception_is_int(&self) -> bool {
+        unsafe { self.field::<i32>(self.exception_is_int).read_unaligned() != 0 }
+    }
+    pub fn old_exception(&self) -> i32 {
+        unsafe { self.field::<i32>(self.old_exception).read_unaligned() }
+    }
+    /// Marks the pending exception as delivered, as QEMU's own delivery
+    /// does; otherwise the next fault is promoted to a double fault.
+    pub fn reset_old_exception(&self) {
+        unsafe { self.field::<i32>(self.old_exception).write_unaligned(-1) }
+    }
+
+    pub fn segment(&self, seg: usize) -> SegmentCache {
+        let p = ENV_SEGS + seg * SEGMENT_CACHE_SIZE;
+        unsafe {
+            SegmentCache {
+                selector: self.field::<u32>(p).read_unaligned() as u16,
+                base: self.field::<u64>(p + 8).read_unaligned(),
+                limit: self.field::<u32>(p + 16).read_unaligned(),
+                flags: self.field::<u32>(p + 20).read_unaligned(),
+            }
+        }
+    }
+
+    /// Loads a segment register with its hidden cache and updates the
+    /// derived hflags the way QEMU's `cpu_x86_load_seg_cache` does for long
+    /// mode (CS: 64-bit code flags; SS: the CPL).
+    pub fn load_segment(&self, seg: usize, cache: SegmentCache) {
+        let p = ENV_SEGS + seg * SEGMENT_CACHE_SIZE;
+        unsafe {
+            self.field::<u32>(p).write_unaligned(cache.selector as u32);
+            self.field::<u64>(p + 8).write_unaligned(cache.base);
+            self.field::<u32>(p + 16).write_unaligned(cache.limit);
+            self.field::<u32>(p + 20).write_unaligned(cache.flags);
+        }
+        let mut hflags = self.hflags();
+        if seg == R_CS {
+            if hflags & HF_LMA_MASK != 0 && cache.flags & DESC_L_MASK != 0 {
+                hflags |= HF_CS32_MASK | HF_SS32_MASK | HF_CS64_MASK;
+                hflags &= !HF_ADDSEG_MASK;
+            } else {
+                let cs32 = if cache.flags & DESC_B_MASK != 0 {
+                    HF_CS32_MASK
+                } else {
+                    0
+                };
+                hflags = (hflags & !(HF_CS32_MASK | HF_CS64_MASK)) | cs32;
+            }
+        }
+        if seg == R_SS {
+            let cpl = (cache.flags >> DESC_DPL_SHIFT) & 3;
+            hflags = (hflags & !HF_CPL_MASK) | cpl;
+        }
+        if hflags & HF_CS64_MASK == 0 {
+            let ss32 = if self.segment(R_SS).flags & DESC_B_MASK != 0 {
+                HF_SS32_MASK
+            } else {
+                0
+            };
+            hflags = (hflags & !HF_SS32_MASK) | ss32;
+        }
+        self.set_hflags(hflags);
+    }
+}
