@@ -632,7 +632,7 @@ impl LocalApic {
     /// On error `data` is zero-filled.
     pub fn read(&self, offset: u64, data: &mut [u8], now_ns: u64) -> Result<(), ApicError> {
         data.fill(0);
-        if data.len() != 4 || offset % 16 != 0 {
+        if data.len() != 4 || offset & 0xf != 0 {
             return Err(ApicError::BadAccess {
                 apic_id: self.id,
                 offset,
@@ -686,7 +686,7 @@ impl LocalApic {
         data: &[u8],
         now_ns: u64,
     ) -> Result<Option<ApicOutput>, ApicError> {
-        if data.len() != 4 || offset % 16 != 0 {
+        if data.len() != 4 || offset & 0xf != 0 {
             return Err(ApicError::BadAccess {
                 apic_id: self.id,
                 offset,
