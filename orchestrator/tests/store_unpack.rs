@@ -516,3 +516,27 @@ fn krr_cache_selects_the_default_store() {
     assert_eq!(store.root(), root);
     assert!(root.join("blobs/sha256").is_dir());
 }
+
+#[test]
+fn leftovers_of_killed_runs_are_cleared_under_the_lock() {
+    let (_dir, store) = new_store();
+    let sha = add_blob(&store, &gz(&good_tar()));
+    // What a process killed mid-unpack would leave behind.
+    let stale = store
+        .root()
+        .join("unpacked")
+        .join(format!(".tmp-{sha}-tar.gz-killed"));
+    std::fs::create_dir_all(stale.join("usr/bin")).unwrap();
+    std::fs::write(stale.join("usr/bin/half"), b"half").unwrap();
+    // Someone else's scratch (another digest) is left alone.
+    let other = store
+        .root()
+        .join("unpacked")
+        .join(format!(".tmp-{}-tar.gz-busy", "cd".repeat(32)));
+    std::fs::create_dir_all(&other).unwrap();
+
+    let tree = store.unpack(&sha, UnpackFormat::TarGz).unwrap();
+    check_good_tree(&tree);
+    assert!(!stale.exists(), "stale scratch directory kept");
+    assert!(other.exists(), "another artifact's scratch removed");
+}

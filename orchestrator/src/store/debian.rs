@@ -57,8 +57,10 @@ pub(super) fn fetch_debian(
     }
 
     let tmp = store.tmp_dir();
+    let prefix = format!("apt-{sha256}-");
+    super::remove_stale(&tmp, &prefix);
     let scratch = tempfile::Builder::new()
-        .prefix("apt-")
+        .prefix(&prefix)
         .tempdir_in(&tmp)
         .map_err(|e| StoreError::io("cannot create temporary directory in", &tmp, e))?;
     let spec = format!("{package}={version}");

@@ -93,8 +93,10 @@ fn copy_local(
         File::open(path).map_err(|e| StoreError::io("cannot open source file", path, e))?;
     let len = src.metadata().map(|m| m.len()).ok();
     let tmp = store.tmp_dir();
+    let prefix = format!("{sha256}.copy-");
+    super::remove_stale(&tmp, &prefix);
     let mut out = tempfile::Builder::new()
-        .prefix(&format!("{sha256}.copy-"))
+        .prefix(&prefix)
         .tempfile_in(&tmp)
         .map_err(|e| StoreError::io("cannot create temporary file in", &tmp, e))?;
     let bar = progress_bar(opts, len, 0, url);
@@ -226,7 +228,10 @@ fn download_attempt(
         request = request.header(RANGE, format!("bytes={offset}-"));
     }
     let response = request.send().map_err(|e| {
-        if e.is_timeout() {
+        if e.is_connect() {
+            // Includes connect timeouts, which are not stalls.
+            Transient(network_error(url, &e))
+        } else if e.is_timeout() {
             Transient(StoreError::Stalled {
                 url: url.to_string(),
                 timeout: opts.stall_timeout,

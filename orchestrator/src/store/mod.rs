@@ -6,7 +6,7 @@
 //! ```text
 //! blobs/sha256/<hex>          verified content, read-only; appears only by rename after verification
 //! tmp/<hex>.part              partial HTTP download, resumed with a Range request by a later fetch
-//! tmp/apt-*/                  scratch directories of `apt-get download`
+//! tmp/apt-<hex>-*/            scratch directories of `apt-get download`
 //! locks/<name>.lock           advisory file locks serialising fetches/unpacks of one artifact
 //! unpacked/<hex>-<format>     unpacked tree (or single decompressed file), created by rename
 //! <kind>/                     derived artifacts (built images, ...) from `Store::dir`
@@ -281,6 +281,34 @@ impl Store {
             .map_err(|e| StoreError::io("cannot move into place", &blob, e))?;
         tracing::debug!(blob = %blob.display(), "published verified blob");
         Ok(blob)
+    }
+}
+
+/// Removes leftovers named `<prefix>*` in `dir` from a process that died
+/// while holding the same artifact lock (tempfile cleans up on every other
+/// exit). Only call with that lock held. Failures are logged, not fatal:
+/// a leftover wastes space but cannot be mistaken for a result.
+pub(crate) fn remove_stale(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let path = entry.path();
+        let removed = match entry.file_type() {
+            Ok(kind) if kind.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed leftover of an interrupted run")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove leftover of an interrupted run")
+            }
+        }
     }
 }
 

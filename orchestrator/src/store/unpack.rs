@@ -46,12 +46,14 @@ pub(super) fn unpack_blob(
     if target.symlink_metadata().is_ok() {
         return Ok(target);
     }
+    let scratch_prefix = format!(".tmp-{sha256}-{format}-");
+    super::remove_stale(&unpacked_dir, &scratch_prefix);
     let archive_name = format!("{} ({format})", blob.display());
     tracing::debug!(blob = %blob.display(), %format, target = %target.display(), "unpacking");
 
     if format.is_archive() {
         let scratch = tempfile::Builder::new()
-            .prefix(&format!(".tmp-{sha256}-{format}-"))
+            .prefix(&scratch_prefix)
             .tempdir_in(&unpacked_dir)
             .map_err(|e| {
                 StoreError::io("cannot create temporary directory in", &unpacked_dir, e)
@@ -85,7 +87,7 @@ pub(super) fn unpack_blob(
         let _ = scratch.keep();
     } else {
         let mut out = tempfile::Builder::new()
-            .prefix(&format!(".tmp-{sha256}-{format}-"))
+            .prefix(&scratch_prefix)
             .tempfile_in(&unpacked_dir)
             .map_err(|e| StoreError::io("cannot create temporary file in", &unpacked_dir, e))?;
         let input = open_blob(&blob)?;
