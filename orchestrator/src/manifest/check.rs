@@ -37,6 +37,13 @@ impl Checker<'_> {
         message: impl AsRef<str>,
     ) {
         let path = entry.path(rest);
+        if entry
+            .replaced
+            .iter()
+            .any(|replaced| path.starts_with(replaced))
+        {
+            return;
+        }
         self.collector.report(entry.file, &path, target, message);
     }
 
@@ -56,6 +63,17 @@ impl Checker<'_> {
                 );
             }
             match first.get(name) {
+                Some(&earlier) if !self.collector.files[entry.file].report => {
+                    // The clash is with a context file, which is not
+                    // reported on: report it at the validated file's entry.
+                    let at = self.position_of(entry, name_key);
+                    self.report(
+                        &entries[earlier],
+                        &[key(name_key)],
+                        Target::Value,
+                        format!("duplicate {what} {name_key} `{name}`: also defined at {at}"),
+                    );
+                }
                 Some(&earlier) => {
                     let at = self.position_of(&entries[earlier], name_key);
                     self.report(
@@ -201,7 +219,7 @@ impl ImageKinds {
                 rest,
                 Target::Value,
                 format!(
-                    "image `{name}` is not defined in any manifest (expected a `{}` image)",
+                    "image `{name}` is not defined in any manifest (expected an image of kind `{}`)",
                     kind.as_str()
                 ),
             ),
@@ -210,7 +228,7 @@ impl ImageKinds {
                 rest,
                 Target::Value,
                 format!(
-                    "image `{name}` is a `{actual}` image: expected a `{}` image",
+                    "image `{name}` is of kind `{actual}`: expected kind `{}`",
                     kind.as_str()
                 ),
             ),

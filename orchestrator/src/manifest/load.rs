@@ -33,6 +33,10 @@ pub(crate) struct Entry<T> {
     /// `kind` as written.
     pub raw_kind: Option<String>,
     pub typed: Option<T>,
+    /// Full paths of bad or missing fields that were given a placeholder
+    /// value so the rest of the item could be checked; problems under them
+    /// are not reported again.
+    pub replaced: Vec<Vec<Seg>>,
 }
 
 impl<T> Entry<T> {
@@ -231,13 +235,14 @@ fn entry<T: DeserializeOwned>(
     let raw_string = |key: &str| item.get(key).and_then(Value::as_str).map(str::to_owned);
     let raw_name = raw_string(name_key);
     let raw_kind = raw_string("kind");
-    let typed = deserialize(collector, file, &base, item);
+    let (typed, replaced) = deserialize(collector, file, &base, item);
     Entry {
         file,
         base,
         raw_name,
         raw_kind,
         typed,
+        replaced,
     }
 }
 
@@ -253,25 +258,26 @@ fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
         .collect()
 }
 
+/// The node at `path` in `value`.
+fn node_mut<'v>(value: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+    let mut node = value;
+    for seg in path {
+        node = match seg {
+            Seg::Key(key) => node.get_mut(key.as_str())?,
+            Seg::Index(index) => node.get_mut(*index)?,
+        };
+    }
+    Some(node)
+}
+
 /// Removes the node at `path` from `value`; false if there is none.
 fn remove(value: &mut Value, path: &[Seg]) -> bool {
     let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    let mut node = value;
-    for seg in parents {
-        let next = match seg {
-            Seg::Key(key) => node.get_mut(key.as_str()),
-            Seg::Index(index) => node.get_mut(*index),
-        };
-        match next {
-            Some(next) => node = next,
-            None => return false,
-        }
-    }
-    match (last, node) {
-        (Seg::Key(key), Value::Mapping(mapping)) => mapping.remove(key.as_str()).is_some(),
-        (Seg::Index(index), Value::Sequence(items)) if *index < items.len() => {
+    match (last, node_mut(value, parents)) {
+        (Seg::Key(key), Some(Value::Mapping(mapping))) => mapping.remove(key.as_str()).is_some(),
+        (Seg::Index(index), Some(Value::Sequence(items))) if *index < items.len() => {
             items.remove(*index);
             true
         }
@@ -279,8 +285,55 @@ fn remove(value: &mut Value, path: &[Seg]) -> bool {
     }
 }
 
-/// serde's wording for a number or boolean where a string is expected does
-/// not say how to fix it; YAML users need to be told to quote.
+/// Sets the node at `path` (creating a missing last key); false if its
+/// parent does not exist.
+fn set(value: &mut Value, path: &[Seg], new: Value) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    match (last, node_mut(value, parents)) {
+        (Seg::Key(key), Some(Value::Mapping(mapping))) => {
+            mapping.insert(Value::String(key.clone()), new);
+            true
+        }
+        (Seg::Index(index), Some(Value::Sequence(items))) if *index < items.len() => {
+            items[*index] = new;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The first back-quoted word after "expected" in a serde message: the
+/// first valid variant of an enum ("unknown variant `x`, expected one of
+/// `a`, `b`").
+fn expected_variant(message: &str) -> Option<String> {
+    let rest = &message[message.find("expected")?..];
+    let start = rest.find('`')? + 1;
+    let end = start + rest[start..].find('`')?;
+    Some(rest[start..end].to_owned())
+}
+
+/// Values tried in place of a bad or missing field so that the rest of the
+/// item can still be checked: a valid variant when serde names one, else
+/// one value of each YAML type.
+fn placeholders(message: &str) -> Vec<Value> {
+    let mut values: Vec<Value> = expected_variant(message)
+        .map(Value::String)
+        .into_iter()
+        .collect();
+    values.extend([
+        Value::Number(1.into()),
+        Value::String(String::new()),
+        Value::Bool(false),
+        Value::Sequence(Vec::new()),
+        Value::Mapping(Default::default()),
+    ]);
+    values
+}
+
+/// serde's wording names Rust types and does not say how to fix a YAML
+/// value; these rewrites say it in the manifest's terms.
 fn explain(message: String) -> String {
     let unquoted = [
         "invalid type: integer",
@@ -288,57 +341,89 @@ fn explain(message: String) -> String {
         "invalid type: boolean",
     ];
     if message.ends_with("expected a string") && unquoted.iter().any(|p| message.starts_with(p)) {
-        format!("{message} (quote the value to make it a string)")
-    } else {
-        message
+        return format!("{message} (quote the value to make it a string)");
     }
+    for unsigned in ["expected u64", "expected u32"] {
+        if let Some(start) = message.strip_suffix(unsigned) {
+            return format!("{start}expected a whole number, 0 or more");
+        }
+    }
+    message
 }
 
-/// Deserializes one item. serde stops at the first error, so after each
-/// error the offending field is removed and the item tried again; that finds
-/// every unknown field and every bad optional field. An item with errors
-/// still returns its typed value when the rest deserializes, so the semantic
-/// checks can look at it too (the load fails anyway).
+/// Deserializes one item, reporting every problem in it. serde stops at the
+/// first error, so after each one the item is repaired and tried again: an
+/// unknown field is removed; a bad or missing field is replaced by a
+/// placeholder of a type that fits. Paths given a placeholder are returned
+/// so later checks do not report on the placeholder. An item with errors
+/// still returns its typed value, so the semantic checks see the rest of it
+/// (the load fails anyway).
 fn deserialize<T: DeserializeOwned>(
     collector: &mut Collector,
     file: usize,
     base: &[Seg],
     item: Value,
-) -> Option<T> {
+) -> (Option<T>, Vec<Vec<Seg>>) {
     let mut item = item;
-    let mut removed: Option<Vec<Seg>> = None;
-    // Each round removes one node, so this bounds the work on a huge item.
-    for _ in 0..64 {
+    let mut replaced: Vec<Vec<Seg>> = Vec::new();
+    // The path being given placeholders and the ones still to try.
+    let mut repairing: Option<(Vec<Seg>, Vec<Value>)> = None;
+    // Each round fixes one node or tries one placeholder; this bounds the
+    // work on a huge or pathological item.
+    for _ in 0..256 {
         let error = match serde_path_to_error::deserialize::<_, T>(item.clone()) {
-            Ok(typed) => return Some(typed),
+            Ok(typed) => return (Some(typed), replaced),
             Err(error) => error,
         };
-        let path = segments(error.path());
+        let mut path = segments(error.path());
         let message = error.inner().to_string();
-        // A removed required field now reads as missing: already reported.
-        if let Some(removed) = &removed {
-            if message.starts_with("missing field") {
-                if let Some((Seg::Key(key), parent)) = removed.split_last() {
-                    if parent == path.as_slice()
-                        && message.starts_with(&format!("missing field `{key}`"))
-                    {
-                        return None;
-                    }
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_owned);
+        let mut field_path = path.clone();
+        if let Some(field) = &missing {
+            field_path.push(Seg::Key(field.clone()));
+        }
+        // Still failing at the node being repaired: try its next placeholder.
+        if let Some((at, candidates)) = &mut repairing {
+            if *at == field_path {
+                let Some(candidate) = candidates.pop() else {
+                    return (None, replaced);
+                };
+                if set(&mut item, &field_path, candidate) {
+                    continue;
                 }
+                return (None, replaced);
             }
         }
-        let target = if message.starts_with("unknown field") {
-            Target::Key
-        } else {
-            Target::Value
-        };
         let mut full = base.to_vec();
         full.extend_from_slice(&path);
-        collector.report(file, &full, target, explain(message));
-        if !remove(&mut item, &path) {
-            return None;
+        if message.starts_with("unknown field") {
+            collector.report(file, &full, Target::Key, explain(message));
+            if !remove(&mut item, &path) {
+                return (None, replaced);
+            }
+            repairing = None;
+            continue;
         }
-        removed = Some(path);
+        collector.report(file, &full, Target::Value, explain(message.clone()));
+        if missing.is_some() {
+            path = field_path;
+        } else if path.is_empty() {
+            // The item itself has the wrong type: nothing to repair.
+            return (None, replaced);
+        }
+        let mut candidates = placeholders(&message);
+        candidates.reverse();
+        let first = candidates.pop().expect("placeholders are never empty");
+        if !set(&mut item, &path, first) {
+            return (None, replaced);
+        }
+        let mut full = base.to_vec();
+        full.extend_from_slice(&path);
+        replaced.push(full);
+        repairing = Some((path, candidates));
     }
-    None
+    (None, replaced)
 }

@@ -100,12 +100,16 @@ impl Unpack {
 
 /// A Debian binary package, pinned by version and by the SHA-256 of its .deb.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a Debian package: a mapping with `package`, `version` and `sha256`"
+)]
 pub struct DebianPackage {
     pub package: String,
     pub version: String,
     /// SHA-256 of the .deb (the `SHA256:` field of `apt-cache show`), 64 hex
     /// digits; stored in lowercase.
+    #[schemars(pattern(r"^[0-9a-fA-F]{64}$"))]
     pub sha256: String,
 }
 
@@ -189,7 +193,7 @@ impl BuildRecipe {
 
 /// A Linux kernel built from source; yields a bzImage and its vmlinux.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a kernel recipe")]
 pub struct KernelRecipe {
     /// The kernel source (e.g. Debian's `linux-source-6.1`).
     pub source: FileSource,
@@ -204,7 +208,7 @@ pub struct KernelRecipe {
 
 /// An initramfs with busybox and statically linked guest programs.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an initramfs recipe")]
 pub struct InitramfsRecipe {
     pub busybox: DebianPackage,
     /// C sources compiled statically with gcc and put in `/bin` (paths from
@@ -218,12 +222,13 @@ pub struct InitramfsRecipe {
 
 /// A Debian root filesystem built with debootstrap.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a rootfs recipe")]
 pub struct RootfsRecipe {
     /// Debian suite, e.g. `bookworm`.
     pub suite: String,
     #[serde(default)]
     pub packages: Vec<String>,
+    #[schemars(range(min = 1))]
     pub size_mib: u64,
     /// C sources compiled with gcc and put in `/usr/local/bin`.
     #[serde(default)]
@@ -250,9 +255,13 @@ pub struct Image {
 /// An image as written in YAML: exactly one of `url` (with `sha256`),
 /// `debian` or `build`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an image: a mapping with `name`, `kind` and one of `url`, `debian` or `build`"
+)]
 pub struct ImageSpec {
     /// Unique across all manifests; `[a-z0-9][a-z0-9.-]*`.
+    #[schemars(pattern(r"^[a-z0-9][a-z0-9.-]*$"))]
     pub name: String,
     pub kind: ImageKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -261,6 +270,7 @@ pub struct ImageSpec {
     pub url: Option<String>,
     /// SHA-256 of the downloaded file (with `url`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unpack: Option<Unpack>,
@@ -278,11 +288,15 @@ pub struct ImageSpec {
 /// A [`FileSource`] as written: `url` + `sha256` (+ `unpack`) or `debian`,
 /// with an optional `path` inside.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a file source: a mapping with `url` and `sha256`, or `debian`"
+)]
 pub struct FileSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unpack: Option<Unpack>,
@@ -305,7 +319,10 @@ pub enum RecipeName {
 /// Kept flat so that a field given to the wrong recipe is reported at its own
 /// line rather than at `build:`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a build: a mapping with `recipe` and its fields"
+)]
 pub struct BuildSpec {
     pub recipe: RecipeName,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -349,7 +366,10 @@ pub enum Better {
 
 /// A number read from the guest's output.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a metric: a mapping with `name`, `regex`, `unit` and `better`"
+)]
 pub struct Metric {
     pub name: String,
     /// Matched against each line of guest output; the value is the named
@@ -381,8 +401,12 @@ fn one() -> u32 {
 
 /// A benchmark run in the guest.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a workload: a mapping with `name`, `kernel`, `command`, `vcpus` and `timeout_s`"
+)]
 pub struct Workload {
+    #[schemars(pattern(r"^[a-z0-9][a-z0-9.-]*$"))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -406,13 +430,17 @@ pub struct Workload {
     pub metrics: Vec<Metric>,
     /// How many times each configuration runs.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub repetitions: u32,
     /// Run once per vCPU count.
+    #[schemars(length(min = 1), inner(range(min = 1)))]
     pub vcpus: Vec<u32>,
     /// Guest memory; the runner's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub memory_mib: Option<u64>,
     /// Limit for one run, boot included.
+    #[schemars(range(min = 1))]
     pub timeout_s: u64,
 }
 
@@ -428,7 +456,10 @@ pub enum BugKind {
 /// What makes the bug happen: exactly one of `command` (a guest shell
 /// command) or `program` (a C source compiled for the guest, run with `args`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a trigger: a mapping with `command`, or `program` and `args`"
+)]
 pub struct Trigger {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
@@ -441,7 +472,10 @@ pub struct Trigger {
 
 /// How the failure shows; at least one of the two.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an expected failure: a mapping with `title` and/or `console`"
+)]
 pub struct Expect {
     /// The crash title as syzkaller's pkg/report normalizes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -453,18 +487,28 @@ pub struct Expect {
 
 /// Limits for each phase of a bug reproduction, in seconds.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "timeouts: a mapping with `boot_s`, `trigger_s` and `replay_s`"
+)]
 pub struct Timeouts {
+    #[schemars(range(min = 1))]
     pub boot_s: u64,
+    #[schemars(range(min = 1))]
     pub trigger_s: u64,
+    #[schemars(range(min = 1))]
     pub replay_s: u64,
 }
 
 /// A kernel bug to reproduce, record and replay.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a bug case: a mapping with `id`, `title`, `kind`, `kernel`, `trigger`, `expect` and `timeouts`"
+)]
 pub struct BugCase {
     /// Unique across all manifests; `[a-z0-9][a-z0-9.-]*`.
+    #[schemars(pattern(r"^[a-z0-9][a-z0-9.-]*$"))]
     pub id: String,
     pub title: String,
     pub kind: BugKind,
@@ -482,12 +526,14 @@ pub struct BugCase {
     pub rootfs: Option<String>,
     pub trigger: Trigger,
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub vcpus: u32,
     #[serde(default)]
     pub nondeterministic: bool,
     /// How many times the trigger is tried; more than 1 only when
     /// `nondeterministic`.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub attempts: u32,
     pub expect: Expect,
     pub timeouts: Timeouts,
@@ -530,8 +576,12 @@ pub enum Backend {
 
 /// An experiment.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a suite: a mapping with `name`, `kind`, `schemes` and `workloads` or `bugs`"
+)]
 pub struct Suite {
+    #[schemars(pattern(r"^[a-z0-9][a-z0-9.-]*$"))]
     pub name: String,
     pub kind: SuiteKind,
     /// Workload names (`record-perf` only).
@@ -540,6 +590,7 @@ pub struct Suite {
     /// Bug ids (`bug-repro` only).
     #[serde(default)]
     pub bugs: Vec<String>,
+    #[schemars(length(min = 1))]
     pub schemes: Vec<Scheme>,
     #[serde(default)]
     pub backend: Backend,
@@ -750,7 +801,6 @@ impl BuildSpec {
                 &["suite", "size_mib"],
             ),
         };
-        let before = problems.len();
         for (field, present) in fields {
             if present && !allowed.contains(&field) {
                 problems.push(Problem::key(
@@ -773,9 +823,7 @@ impl BuildSpec {
                 ));
             }
         }
-        if problems.len() > before {
-            return None;
-        }
+        // A missing required field leaves nothing to build (the `?`s below).
         let list = |list: &Option<Vec<PathBuf>>| list.clone().unwrap_or_default();
         Some(match self.recipe {
             RecipeName::Kernel => BuildRecipe::Kernel(KernelRecipe {
@@ -804,8 +852,11 @@ impl BuildSpec {
 impl ImageSpec {
     /// The image this spec describes, or every problem with it (paths
     /// relative to the spec).
+    ///
+    /// The image is returned whenever it can be built, even with problems,
+    /// so that later checks can look at it; it is valid only if no problem
+    /// was added.
     pub(crate) fn convert(&self, problems: &mut Vec<Problem>) -> Option<Image> {
-        let before = problems.len();
         let flat = FlatSource {
             url: self.url.as_ref(),
             sha256: self.sha256.as_ref(),
@@ -825,7 +876,7 @@ impl ImageSpec {
                     problems.push(Problem::value(
                         vec![Seg::key("build"), Seg::key("recipe")],
                         format!(
-                            "recipe `{}` builds a `{}` image but the image's kind is `{}`",
+                            "recipe `{}` builds images of kind `{}` but this image's kind is `{}`",
                             recipe.name(),
                             expected.as_str(),
                             self.kind.as_str()
@@ -863,9 +914,6 @@ impl ImageSpec {
             Some(spec) => spec.convert(&[Seg::key("vmlinux")], problems),
             None => None,
         };
-        if problems.len() > before {
-            return None;
-        }
         Some(Image {
             name: self.name.clone(),
             kind: self.kind,
@@ -897,7 +945,10 @@ impl TryFrom<ImageSpec> for Image {
 
     fn try_from(spec: ImageSpec) -> Result<Image, String> {
         let mut problems = Vec::new();
-        spec.convert(&mut problems).ok_or_else(|| joined(problems))
+        match spec.convert(&mut problems) {
+            Some(image) if problems.is_empty() => Ok(image),
+            _ => Err(joined(problems)),
+        }
     }
 }
 
@@ -906,8 +957,10 @@ impl TryFrom<FileSpec> for FileSource {
 
     fn try_from(spec: FileSpec) -> Result<FileSource, String> {
         let mut problems = Vec::new();
-        spec.convert(&[], &mut problems)
-            .ok_or_else(|| joined(problems))
+        match spec.convert(&[], &mut problems) {
+            Some(source) if problems.is_empty() => Ok(source),
+            _ => Err(joined(problems)),
+        }
     }
 }
 

@@ -183,7 +183,11 @@ impl MarkedEventReceiver for Builder {
                         ..
                     }) => (
                         Node {
-                            pos,
+                            // yaml-rust2 marks a block mapping at its first
+                            // `:`; users see it where its first key starts.
+                            pos: entries
+                                .first()
+                                .map_or(pos, |(_, key_pos, _)| pos.min(*key_pos)),
                             kind: NodeKind::Map(entries),
                         },
                         anchor,
@@ -276,11 +280,18 @@ mod tests {
         );
         let key = [Seg::key("images"), Seg::Index(0), Seg::key("build")];
         assert_eq!(index.locate(&key, Target::Key), Pos { line: 3, column: 5 });
-        // A missing field falls back to its parent mapping.
+        // A missing field falls back to its parent mapping, which starts
+        // at its first key.
         let missing = [Seg::key("images"), Seg::Index(0), Seg::key("kind")];
         assert_eq!(
             index.locate(&missing, Target::Value),
             Pos { line: 2, column: 5 }
+        );
+        // A flow mapping starts at its brace.
+        let flow = PositionIndex::new("a: {b: 1}\n");
+        assert_eq!(
+            flow.locate(&[Seg::key("a")], Target::Value),
+            Pos { line: 1, column: 4 }
         );
         assert_eq!(
             DisplayPath(&path).to_string(),
