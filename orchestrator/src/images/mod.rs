@@ -1,1 +1,598 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
+//! Guest images: the kernel (from Debian's `linux-source-6.1`), initramfs
+//! images (busybox-static + the project's static guest programs + `/init`)
+//! and ext4 root filesystems (debootstrap'ed Debian), each built from a
+//! recipe and cached under the hash of that recipe.
+//!
+//! Layout under the artifact store (`crate::store::Store`, `ImageDirs`):
+//! - `images/<name>-<hash16>/`: a finished image: its files plus
+//!   `manifest.json` (name, kind, full recipe hash, sha256 of each file). It is
+//!   assembled in `images/.partial-*` and renamed into place only when
+//!   complete, so a failed build never looks like a good one.
+//! - `build/kernel-<hash16>/`: the kernel's source and object tree, kept after
+//!   the build because vmlinux's debug info points into it (gdb sources).
+//! - `.deb` downloads are the artifact store's verified blobs.
+//!
+//! The recipe hash covers everything that determines the output: package
+//! versions and sha256s, the contents of fragments, patches, guest program
+//! sources and `/init`, baked-in commands, the compiler's version and
+//! [`BUILDER_VERSION`]. Building again with an unchanged recipe is a no-op.
+
+pub mod debian;
+pub mod error;
+mod from_manifest;
+pub mod initramfs;
+pub mod kernel;
+mod process;
+pub mod rootfs;
+pub mod smoke;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::store::Store;
+
+pub use debian::DebianPackageRef;
+pub use error::{DroppedOption, ImageError, Result};
+pub use from_manifest::{spec_from_manifest, specs_from_repo};
+pub use initramfs::{build_adhoc_initramfs, parse_add, InitramfsBuild};
+pub use kernel::KernelBuild;
+pub use rootfs::RootfsBuild;
+pub use smoke::{parse_end_marker, smoke_boot_qemu, SmokeBoot, SmokeResult};
+
+use error::io_err;
+
+/// Bumped whenever a builder changes what it produces from the same recipe,
+/// so old cache entries stop matching.
+pub const BUILDER_VERSION: u32 = 1;
+
+/// What kind of image a spec builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    Kernel,
+    Initramfs,
+    Rootfs,
+}
+
+impl std::fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageKind::Kernel => "kernel",
+            ImageKind::Initramfs => "initramfs",
+            ImageKind::Rootfs => "rootfs",
+        })
+    }
+}
+
+/// How an image is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRecipe {
+    Kernel(KernelBuild),
+    Initramfs(InitramfsBuild),
+    Rootfs(RootfsBuild),
+}
+
+impl ImageRecipe {
+    pub fn kind(&self) -> ImageKind {
+        match self {
+            ImageRecipe::Kernel(_) => ImageKind::Kernel,
+            ImageRecipe::Initramfs(_) => ImageKind::Initramfs,
+            ImageRecipe::Rootfs(_) => ImageKind::Rootfs,
+        }
+    }
+}
+
+/// One image to build: a name (as in the manifest) and its recipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    pub name: String,
+    pub recipe: ImageRecipe,
+}
+
+/// Where finished images and build trees live in the artifact store.
+#[derive(Debug, Clone)]
+pub struct ImageDirs {
+    /// `<store>/images`: finished images, `<name>-<hash16>/`.
+    pub images: PathBuf,
+    /// `<store>/build`: kernel source/object trees, rootfs staging.
+    pub build: PathBuf,
+}
+
+impl ImageDirs {
+    pub fn new(store: &Store) -> Result<Self> {
+        Ok(ImageDirs {
+            images: store.dir("images")?,
+            build: store.dir("build")?,
+        })
+    }
+}
+
+/// Everything a build step needs besides its recipe.
+#[derive(Debug, Clone)]
+pub struct BuildContext<'a> {
+    /// The repository root; recipe paths are relative to it.
+    pub root: &'a Path,
+    /// Where verified downloads (`.deb`s) come from.
+    pub store: &'a Store,
+    pub dirs: ImageDirs,
+    /// Progress bars are added here; pass a hidden one in tests.
+    pub progress: MultiProgress,
+    /// Parallel jobs for make (defaults to the number of CPUs).
+    pub jobs: usize,
+    /// Rebuild even if a cached image with the same recipe hash exists.
+    pub force: bool,
+}
+
+impl<'a> BuildContext<'a> {
+    pub fn new(root: &'a Path, store: &'a Store, progress: MultiProgress) -> Result<Self> {
+        Ok(BuildContext {
+            root,
+            store,
+            dirs: ImageDirs::new(store)?,
+            progress,
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            force: false,
+        })
+    }
+
+    pub(crate) fn spinner(&self, step: &str) -> ProgressBar {
+        let bar = self.progress.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>10} {spinner} [{elapsed_precise}] {wide_msg}")
+                .expect("valid template"),
+        );
+        bar.set_prefix(step.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    }
+
+    pub(crate) fn bytes_bar(&self, step: &str) -> ProgressBar {
+        let bar = self.progress.add(ProgressBar::new(0));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(step.to_string());
+        bar
+    }
+}
+
+/// One file of a built image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A finished image in the cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuiltImage {
+    pub name: String,
+    pub kind: ImageKind,
+    pub recipe_hash: String,
+    pub dir: PathBuf,
+    /// By file name: `bzImage`, `vmlinux`, `System.map`, `config` (kernel);
+    /// `initramfs.cpio.gz`; `rootfs.ext4`.
+    pub files: BTreeMap<String, ImageFile>,
+    /// Seconds the build took (0 when it came from the cache).
+    #[serde(default)]
+    pub build_seconds: f64,
+}
+
+impl BuiltImage {
+    /// The path of one of the image's files, e.g. `image.file("bzImage")`.
+    pub fn file(&self, name: &str) -> Option<&Path> {
+        self.files.get(name).map(|f| f.path.as_path())
+    }
+}
+
+/// What `images list` shows for one spec.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageStatus {
+    pub name: String,
+    pub kind: ImageKind,
+    /// Empty when the recipe could not be hashed (see `problem`).
+    pub recipe_hash: String,
+    pub built: bool,
+    pub dir: PathBuf,
+    pub files: BTreeMap<String, ImageFile>,
+    /// Why the recipe could not be hashed (e.g. a missing fragment).
+    pub problem: Option<String>,
+}
+
+const MANIFEST: &str = "manifest.json";
+
+fn validate(spec: &ImageSpec) -> Result<()> {
+    let bad = |field, value: &str, expected: &str| ImageError::InvalidSpec {
+        image: spec.name.clone(),
+        field,
+        value: value.to_string(),
+        expected: expected.to_string(),
+    };
+    if spec.name.is_empty()
+        || !spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        || spec.name.starts_with('.')
+    {
+        return Err(bad("name", &spec.name, "letters, digits, '.', '_', '-'"));
+    }
+    let relative = |field, paths: &[PathBuf]| -> Result<()> {
+        for p in paths {
+            if p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
+                return Err(bad(
+                    field,
+                    &p.display().to_string(),
+                    "a path relative to the repository root",
+                ));
+            }
+        }
+        Ok(())
+    };
+    match &spec.recipe {
+        ImageRecipe::Kernel(k) => {
+            k.source.validate(&spec.name)?;
+            if k.fragments.is_empty() {
+                return Err(bad("fragments", "[]", "at least one config fragment"));
+            }
+            relative("fragments", &k.fragments)?;
+            relative("patches", &k.patches)?;
+        }
+        ImageRecipe::Initramfs(i) => {
+            i.busybox.validate(&spec.name)?;
+            relative("programs", &i.programs)?;
+        }
+        ImageRecipe::Rootfs(r) => {
+            r.validate(&spec.name)?;
+            relative("programs", &r.programs)?;
+        }
+    }
+    Ok(())
+}
+
+/// The canonical description of a recipe whose sha256 is its hash.
+#[derive(Serialize)]
+struct RecipeInputs<'a> {
+    builder: u32,
+    kind: ImageKind,
+    packages: Vec<&'a DebianPackageRef>,
+    /// (role, path, sha256 of contents), in recipe order.
+    files: Vec<(&'static str, String, String)>,
+    settings: BTreeMap<&'static str, String>,
+}
+
+fn file_input(
+    root: &Path,
+    role: &'static str,
+    path: &Path,
+) -> Result<(&'static str, String, String)> {
+    let full = root.join(path);
+    if !full.is_file() {
+        return Err(ImageError::Io {
+            path: full,
+            action: match role {
+                "fragment" => "read config fragment",
+                "patch" => "read patch",
+                "program" => "read guest program source",
+                _ => "read recipe input",
+            },
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+        });
+    }
+    Ok((
+        role,
+        path.display().to_string(),
+        debian::sha256_file(&full)?,
+    ))
+}
+
+/// The recipe hash (64 hex digits) of `spec`, read from the files it names.
+pub fn recipe_hash(root: &Path, spec: &ImageSpec) -> Result<String> {
+    validate(spec)?;
+    let mut inputs = RecipeInputs {
+        builder: BUILDER_VERSION,
+        kind: spec.recipe.kind(),
+        packages: Vec::new(),
+        files: Vec::new(),
+        settings: BTreeMap::new(),
+    };
+    match &spec.recipe {
+        ImageRecipe::Kernel(k) => {
+            inputs.packages.push(&k.source);
+            if let Some(t) = &k.source_tarball {
+                inputs.settings.insert("source_tarball", t.clone());
+            }
+            for f in &k.fragments {
+                inputs.files.push(file_input(root, "fragment", f)?);
+            }
+            for p in &k.patches {
+                inputs.files.push(file_input(root, "patch", p)?);
+            }
+            inputs.settings.insert("gcc", process::gcc_identity()?);
+            inputs
+                .settings
+                .insert("timestamp", kernel::BUILD_TIMESTAMP.into());
+            inputs.settings.insert("user", kernel::BUILD_USER.into());
+            inputs.settings.insert("host", kernel::BUILD_HOST.into());
+        }
+        ImageRecipe::Initramfs(i) => {
+            inputs.packages.push(&i.busybox);
+            inputs
+                .files
+                .push(file_input(root, "init", Path::new(initramfs::INIT_SCRIPT))?);
+            for p in &i.programs {
+                inputs.files.push(file_input(root, "program", p)?);
+            }
+            if !i.programs.is_empty() {
+                inputs.settings.insert("gcc", process::gcc_identity()?);
+            }
+            if let Some(c) = &i.command {
+                inputs.settings.insert("command", c.clone());
+            }
+        }
+        ImageRecipe::Rootfs(r) => {
+            inputs
+                .files
+                .push(file_input(root, "init", Path::new(initramfs::INIT_SCRIPT))?);
+            for p in &r.programs {
+                inputs.files.push(file_input(root, "program", p)?);
+            }
+            if !r.programs.is_empty() {
+                inputs.settings.insert("gcc", process::gcc_identity()?);
+            }
+            inputs.settings.insert("suite", r.suite.clone());
+            inputs.settings.insert("packages", r.packages.join(","));
+            inputs.settings.insert("size_mib", r.size_mib.to_string());
+            inputs.settings.insert("mirror", rootfs::mirror(r)?);
+            if let Some(c) = &r.command {
+                inputs.settings.insert("command", c.clone());
+            }
+        }
+    }
+    let json = serde_json::to_vec(&inputs).expect("recipe inputs serialize");
+    Ok(hex::encode(Sha256::digest(json)))
+}
+
+fn image_dir(dirs: &ImageDirs, name: &str, hash: &str) -> PathBuf {
+    dirs.images.join(format!("{name}-{}", &hash[..16]))
+}
+
+/// Reads a finished image's `manifest.json`; `None` if absent or if any of
+/// its files is missing (then the entry does not count as built).
+fn load_built(dir: &Path) -> Result<Option<BuiltImage>> {
+    let manifest = dir.join(MANIFEST);
+    if !manifest.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&manifest).map_err(io_err(&manifest, "read"))?;
+    let image: BuiltImage = serde_json::from_str(&text).map_err(|e| ImageError::BadMetadata {
+        path: manifest.clone(),
+        detail: e.to_string(),
+    })?;
+    if image.files.values().all(|f| f.path.is_file()) {
+        Ok(Some(image))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Builds `spec` unless an image with the same recipe hash is cached, and
+/// returns the finished image.
+pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
+    let hash = recipe_hash(ctx.root, spec)?;
+    let final_dir = image_dir(&ctx.dirs, &spec.name, &hash);
+    if !ctx.force {
+        if let Some(image) = load_built(&final_dir)? {
+            return Ok(image);
+        }
+    }
+    std::fs::create_dir_all(&ctx.dirs.images).map_err(io_err(&ctx.dirs.images, "create"))?;
+    let partial = ctx.dirs.images.join(format!(
+        ".partial-{}-{}-{}",
+        spec.name,
+        &hash[..16],
+        std::process::id()
+    ));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io_err(&partial, "remove stale partial"))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io_err(&partial, "create"))?;
+
+    let started = Instant::now();
+    let header = ctx.progress.add(ProgressBar::new_spinner());
+    header.set_message(format!(
+        "{} ({}, recipe {})",
+        spec.name,
+        spec.recipe.kind(),
+        &hash[..16]
+    ));
+    header.tick();
+    let built = match &spec.recipe {
+        ImageRecipe::Kernel(k) => {
+            let build_dir = ctx.dirs.build.join(format!("kernel-{}", &hash[..16]));
+            kernel::build(ctx, k, &build_dir, &partial)
+        }
+        ImageRecipe::Initramfs(i) => initramfs::build(ctx, i, &partial),
+        ImageRecipe::Rootfs(r) => {
+            let build_dir = ctx.dirs.build.join(format!("rootfs-{}", &hash[..16]));
+            rootfs::build(ctx, r, &build_dir, &partial)
+        }
+    };
+    let finished = built.and_then(|()| {
+        finish_image(
+            spec,
+            &hash,
+            &partial,
+            &final_dir,
+            started.elapsed().as_secs_f64(),
+        )
+    });
+    if finished.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    header.finish_with_message(format!(
+        "{} {} in {:.0}s",
+        spec.name,
+        if finished.is_ok() { "built" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    ));
+    finished
+}
+
+/// Hashes the files in `partial`, writes `manifest.json` and renames the
+/// directory to its final name.
+fn finish_image(
+    spec: &ImageSpec,
+    hash: &str,
+    partial: &Path,
+    final_dir: &Path,
+    build_seconds: f64,
+) -> Result<BuiltImage> {
+    let mut files = BTreeMap::new();
+    let mut names: Vec<_> = std::fs::read_dir(partial)
+        .map_err(io_err(partial, "list"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let path = partial.join(&name);
+        let size = std::fs::metadata(&path)
+            .map_err(io_err(&path, "stat"))?
+            .len();
+        files.insert(
+            name.clone(),
+            ImageFile {
+                path: final_dir.join(&name),
+                sha256: debian::sha256_file(&path)?,
+                size,
+            },
+        );
+    }
+    let image = BuiltImage {
+        name: spec.name.clone(),
+        kind: spec.recipe.kind(),
+        recipe_hash: hash.to_string(),
+        dir: final_dir.to_path_buf(),
+        files,
+        build_seconds,
+    };
+    let manifest = partial.join(MANIFEST);
+    let json = serde_json::to_string_pretty(&image).expect("image serializes");
+    std::fs::write(&manifest, json).map_err(io_err(&manifest, "write"))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(final_dir).map_err(io_err(final_dir, "replace old image"))?;
+    }
+    std::fs::rename(partial, final_dir).map_err(io_err(final_dir, "rename into place"))?;
+    Ok(image)
+}
+
+/// The status of each spec: built or not, where, file hashes, recipe hash.
+pub fn list(root: &Path, dirs: &ImageDirs, specs: &[ImageSpec]) -> Vec<ImageStatus> {
+    specs
+        .iter()
+        .map(|spec| {
+            let mut status = ImageStatus {
+                name: spec.name.clone(),
+                kind: spec.recipe.kind(),
+                recipe_hash: String::new(),
+                built: false,
+                dir: PathBuf::new(),
+                files: BTreeMap::new(),
+                problem: None,
+            };
+            match recipe_hash(root, spec) {
+                Ok(hash) => {
+                    status.dir = image_dir(dirs, &spec.name, &hash);
+                    match load_built(&status.dir) {
+                        Ok(Some(image)) => {
+                            status.built = true;
+                            status.files = image.files;
+                        }
+                        Ok(None) => {}
+                        Err(e) => status.problem = Some(e.to_string()),
+                    }
+                    status.recipe_hash = hash;
+                }
+                Err(e) => status.problem = Some(e.to_string()),
+            }
+            status
+        })
+        .collect()
+}
+
+/// Removes built images (and their build trees and partial leftovers).
+/// With `names` empty, removes every image and build tree; the verified
+/// downloads are kept. Returns the removed paths.
+pub fn clean(dirs: &ImageDirs, names: &[String]) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let mut remove = |path: PathBuf| -> Result<()> {
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path, "remove"))?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).map_err(io_err(&path, "remove"))?;
+        }
+        removed.push(path);
+        Ok(())
+    };
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    if names.is_empty() {
+        for path in entries(&dirs.images)
+            .into_iter()
+            .chain(entries(&dirs.build))
+        {
+            remove(path)?;
+        }
+        return Ok(removed);
+    }
+    for path in entries(&dirs.images) {
+        let file_name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let file_name = file_name.trim_start_matches(".partial-");
+        let matches = names.iter().any(|n| {
+            file_name
+                .strip_prefix(n.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|rest| {
+                    rest.len() >= 16 && rest[..16].chars().all(|c| c.is_ascii_hexdigit())
+                })
+        });
+        if !matches {
+            continue;
+        }
+        if let Ok(Some(image)) = load_built(&path) {
+            for build_dir in entries(&dirs.build) {
+                let bn = build_dir
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                if bn.ends_with(&image.recipe_hash[..16]) {
+                    remove(build_dir)?;
+                }
+            }
+        }
+        remove(path)?;
+    }
+    Ok(removed)
+}
