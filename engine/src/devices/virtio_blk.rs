@@ -536,7 +536,9 @@ mod tests {
         VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
         VIRTIO_CONFIG_S_FEATURES_OK,
     };
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use vm_memory::GuestMemoryMmap;
 
     const DESC_TABLE: u64 = 0x1000;
@@ -627,8 +629,11 @@ mod tests {
 
         /// Places a chain of (addr, len, writable) buffers at descriptors
         /// 0.., makes it available, notifies and processes the queue.
-        fn submit(&mut self, buffers: &[(u64, u32, bool)]) -> QueueCompletion {
+        /// Writes a chain of (addr, len, writable) buffers into the
+        /// descriptor table at `table`, starting at index `first`.
+        fn write_chain(&self, table: u64, first: u16, buffers: &[(u64, u32, bool)]) {
             for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+                let index = first + i as u16;
                 let mut flags: u16 = if writable {
                     VRING_DESC_F_WRITE as u16
                 } else {
@@ -637,27 +642,40 @@ mod tests {
                 if i + 1 < buffers.len() {
                     flags |= VRING_DESC_F_NEXT as u16;
                 }
-                let d = DESC_TABLE + 16 * i as u64;
+                let d = table + 16 * u64::from(index);
                 self.mem.write_obj(addr, GuestAddress(d)).unwrap();
                 self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
                 self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-                self.mem
-                    .write_obj(i as u16 + 1, GuestAddress(d + 14))
-                    .unwrap();
+                self.mem.write_obj(index + 1, GuestAddress(d + 14)).unwrap();
             }
+        }
+
+        /// Puts descriptor `head` in the available ring.
+        fn make_available(&mut self, head: u16) {
             let slot = u64::from(self.avail_idx % TEST_QUEUE_SIZE);
             self.mem
-                .write_obj(0u16, GuestAddress(AVAIL_RING + 4 + 2 * slot))
+                .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot))
                 .unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
             self.mem
                 .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
                 .unwrap();
+        }
+
+        fn notify(&mut self) -> QueueCompletion {
             assert_eq!(
                 w32(&mut self.dev, 0x050, 0),
                 WriteEffect::QueueNotify { queue: 0 }
             );
             self.dev.process_queue(0, &self.mem).unwrap()
+        }
+
+        /// Places a chain at descriptors 0.., makes it available, notifies
+        /// and processes the queue.
+        fn submit(&mut self, buffers: &[(u64, u32, bool)]) -> QueueCompletion {
+            self.write_chain(DESC_TABLE, 0, buffers);
+            self.make_available(0);
+            self.notify()
         }
 
         fn header(&self, request_type: u32, sector: u64) {
@@ -695,6 +713,87 @@ mod tests {
                 (STATUS_ADDR, 1, true),
             ])
         }
+    }
+
+    #[test]
+    fn indirect_descriptor_table() {
+        let mut h = Harness::new(false);
+        const INDIRECT_TABLE: u64 = 0x4000;
+        h.header(VIRTIO_BLK_T_IN, 7);
+        h.write_chain(
+            INDIRECT_TABLE,
+            0,
+            &[
+                (HEADER_ADDR, 16, false),
+                (DATA_ADDR, 512, true),
+                (STATUS_ADDR, 1, true),
+            ],
+        );
+        h.mem
+            .write_obj(INDIRECT_TABLE, GuestAddress(DESC_TABLE))
+            .unwrap();
+        h.mem
+            .write_obj(48u32, GuestAddress(DESC_TABLE + 8))
+            .unwrap();
+        h.mem
+            .write_obj(VRING_DESC_F_INDIRECT as u16, GuestAddress(DESC_TABLE + 12))
+            .unwrap();
+        h.make_available(0);
+        let completion = h.notify();
+        assert_eq!(completion.chains, 1);
+        assert_eq!(h.status(), VIRTIO_BLK_S_OK as u8);
+        let mut data = [0u8; 512];
+        h.mem
+            .read_slice(&mut data, GuestAddress(DATA_ADDR))
+            .unwrap();
+        assert!(data.iter().all(|&b| b == 7));
+        assert_eq!(h.used(0), (0, 513));
+    }
+
+    #[test]
+    fn batches_and_ring_wraparound() {
+        let mut h = Harness::new(false);
+        // Two chains made available before one notify: both complete.
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        h.write_chain(
+            DESC_TABLE,
+            0,
+            &[(HEADER_ADDR, 16, false), (STATUS_ADDR, 1, true)],
+        );
+        h.write_chain(
+            DESC_TABLE,
+            2,
+            &[(HEADER_ADDR, 16, false), (STATUS_ADDR + 1, 1, true)],
+        );
+        h.make_available(0);
+        h.make_available(2);
+        let completion = h.notify();
+        assert_eq!(completion.chains, 2);
+        assert_eq!(h.used(0), (0, 1));
+        assert_eq!(h.used(1), (2, 1));
+        // A notify with nothing new completes nothing and raises nothing.
+        let idle = h.notify();
+        assert_eq!(idle.chains, 0);
+        assert!(!idle.raise_interrupt);
+        // 3 x the ring size more requests: indexes wrap, each lands in its slot.
+        for i in 2u16..50 {
+            let sector = u64::from(i % 64);
+            let completion = h.read_request(sector, 512);
+            assert_eq!(h.status(), VIRTIO_BLK_S_OK as u8, "request {i}");
+            assert_eq!(h.used(i), (0, 513), "request {i}");
+            let slot = u64::from(i % TEST_QUEUE_SIZE);
+            assert_eq!(
+                completion.dma_writes[2],
+                GuestRange {
+                    addr: USED_RING + 4 + 8 * slot,
+                    len: 8
+                }
+            );
+            let data: [u8; 16] = h.mem.read_obj(GuestAddress(DATA_ADDR)).unwrap();
+            assert_eq!(data, [sector as u8; 16]);
+        }
+        let used_idx: u16 = h.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
+        assert_eq!(used_idx, 50);
     }
 
     #[test]
