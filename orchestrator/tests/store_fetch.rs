@@ -643,6 +643,13 @@ fn bad_inputs_are_refused_with_the_value_named() {
     let err = store.fetch_url("/tmp/x", "abc123", &quiet(0)).unwrap_err();
     assert!(matches!(err, StoreError::InvalidSha256 { .. }), "{err:?}");
     assert!(err.to_string().contains("abc123"));
+    // No digest, however malformed, names a path outside the store.
+    for hostile in ["../../etc/passwd", "/etc/passwd", ""] {
+        assert!(store
+            .blob_path(hostile)
+            .starts_with(store.root().join("blobs")));
+        assert!(!store.has_blob(hostile));
+    }
     let sha = sha256_hex(b"x");
     let err = store
         .fetch_url("ftp://mirror.example/x.tar", &sha, &quiet(0))

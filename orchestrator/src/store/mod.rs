@@ -172,14 +172,15 @@ impl Store {
     }
 
     /// Where the verified blob for `sha256` lives (whether or not it exists):
-    /// `<root>/blobs/sha256/<hex>`. The digest is lower-cased; a malformed
-    /// digest yields a path that never exists (use `has_blob` or the fetch
-    /// functions for validation).
+    /// `<root>/blobs/sha256/<hex>`, lower-cased. A malformed digest maps to
+    /// `<root>/blobs/invalid-sha256`, a name the store never creates, so no
+    /// input can point this outside the store (the fetch and unpack
+    /// functions report malformed digests as errors).
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.root
-            .join("blobs")
-            .join("sha256")
-            .join(sha256.to_ascii_lowercase())
+        match normalize_sha256(sha256) {
+            Ok(hex) => self.root.join("blobs").join("sha256").join(hex),
+            Err(_) => self.root.join("blobs").join("invalid-sha256"),
+        }
     }
 
     /// Whether a verified blob for `sha256` is present.
