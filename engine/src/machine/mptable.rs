@@ -23,9 +23,11 @@
 //! * local interrupt entries: ExtINT on LINT0 and NMI on LINT1 of all
 //!   local APICs.
 //!
-//! Devices on IRQs 16-23 get no entry (Linux maps IO-APIC pins without an
-//! MP entry to no IRQ), so virtio-mmio devices should use free ISA IRQs
-//! (5, 6, 7, 9, 10, 11).
+//! Pins 16-23 get no entry: without ACPI, Linux only hands out IRQs for
+//! pins that have an MP entry, and its comments reserve IRQ numbers above 15
+//! for ACPI systems. virtio-mmio devices should therefore use ISA IRQs that no
+//! other device of the machine uses (the PIT has 0, the UART 4, the CMOS RTC
+//! 8, the FPU 13): 3, 5, 6, 7, 9, 10, 11, 12, 14, 15.
 
 use thiserror::Error;
 use tracing::debug;
