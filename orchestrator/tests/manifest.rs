@@ -503,3 +503,37 @@ fn repository_manifests_validate() {
         .bugs
         .contains(&"sysrq-crash".to_owned()));
 }
+
+#[test]
+fn every_duplicate_key_is_reported_at_the_repeated_key() {
+    assert_problems(
+        problems(&["duplicate-key.yaml"]),
+        &[
+            "duplicate-key.yaml:6:5: invalid YAML: duplicate key `kind` (first given at line 3 column 5)",
+            "duplicate-key.yaml:8:1: invalid YAML: duplicate key `images` (first given at line 1 column 1)",
+        ],
+    );
+}
+
+#[test]
+fn merge_keys_apply_and_merged_problems_point_at_the_anchor() {
+    assert_problems(
+        problems(&["merge-keys.yaml"]),
+        &[
+            // Defined in w1 and merged into w2: reported for both, at the
+            // anchor's line.
+            "merge-keys.yaml:18:16: workloads[0].vcpus[1]: vCPU count must be at least 1, got 0",
+            "merge-keys.yaml:18:16: workloads[1].vcpus[1]: vCPU count must be at least 1, got 0",
+            // w2 overrides timeout_s: reported at its own key.
+            "merge-keys.yaml:23:16: workloads[1].timeout_s: timeout_s must be at least 1, got 0",
+        ],
+    );
+}
+
+#[test]
+fn several_documents_in_one_file_are_rejected() {
+    assert_problems(
+        problems(&["multi-document.yaml"]),
+        &["multi-document.yaml:1:1: invalid YAML: deserializing from YAML containing more than one document is not supported"],
+    );
+}

@@ -130,8 +130,30 @@ pub(crate) fn load_file(collector: &mut Collector, loaded: &mut Loaded, path: &P
             return;
         }
     };
-    let document: Value = match serde_norway::from_str(&text) {
+    let index = PositionIndex::new(&text);
+    let parsed = serde_norway::from_str(&text).and_then(|mut document: Value| {
+        document.apply_merge()?;
+        Ok(document)
+    });
+    let document = match parsed {
         Ok(document) => document,
+        Err(error) if report && !index.duplicates().is_empty() => {
+            // serde_norway names only the first duplicate key and places it
+            // at its mapping; the index has every one, at the repeated key.
+            for duplicate in index.duplicates() {
+                collector.report_at(
+                    path,
+                    duplicate.again.line,
+                    duplicate.again.column,
+                    format!(
+                        "invalid YAML: duplicate key `{}` (first given at line {} column {})",
+                        duplicate.key, duplicate.first.line, duplicate.first.column
+                    ),
+                );
+            }
+            tracing::debug!("{}: {error}", path.display());
+            return;
+        }
         Err(error) => {
             if report {
                 let (line, column) = error
@@ -150,7 +172,7 @@ pub(crate) fn load_file(collector: &mut Collector, loaded: &mut Loaded, path: &P
     let file = collector.files.len();
     collector.files.push(SourceFile {
         path: path.to_owned(),
-        index: PositionIndex::new(&text),
+        index,
         report,
     });
     let mapping = match document {

@@ -72,6 +72,15 @@ struct Node {
 #[derive(Debug, Default)]
 pub struct PositionIndex {
     root: Option<Node>,
+    duplicates: Vec<DuplicateKey>,
+}
+
+/// A key given twice in one mapping.
+#[derive(Debug, Clone)]
+pub struct DuplicateKey {
+    pub key: String,
+    pub first: Pos,
+    pub again: Pos,
 }
 
 /// Builds the tree from parser events. Containers under construction sit on
@@ -81,7 +90,7 @@ struct Builder {
     stack: Vec<Partial>,
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
-    documents: usize,
+    duplicates: Vec<DuplicateKey>,
 }
 
 enum Partial {
@@ -125,7 +134,16 @@ impl Builder {
                 pending_key,
                 ..
             }) => match pending_key.take() {
-                Some((key, key_pos)) => entries.push((key, key_pos, node)),
+                Some((key, key_pos)) => {
+                    if let Some((_, first, _)) = entries.iter().find(|(k, _, _)| *k == key) {
+                        self.duplicates.push(DuplicateKey {
+                            key: key.clone(),
+                            first: *first,
+                            again: key_pos,
+                        });
+                    }
+                    entries.push((key, key_pos, node));
+                }
                 None => {
                     // A non-scalar key has no text; it can never match a path.
                     *pending_key = Some((key_text.unwrap_or_default(), node.pos));
@@ -139,7 +157,6 @@ impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, event: Event, mark: Marker) {
         let pos = pos_of(mark);
         match event {
-            Event::DocumentStart => self.documents += 1,
             Event::Scalar(text, _, anchor, _) => {
                 let node = Node {
                     pos,
@@ -188,7 +205,7 @@ impl MarkedEventReceiver for Builder {
                             pos: entries
                                 .first()
                                 .map_or(pos, |(_, key_pos, _)| pos.min(*key_pos)),
-                            kind: NodeKind::Map(entries),
+                            kind: NodeKind::Map(merge_keys(entries)),
                         },
                         anchor,
                     ),
@@ -199,6 +216,34 @@ impl MarkedEventReceiver for Builder {
             _ => {}
         }
     }
+}
+
+/// Applies YAML merge keys (`<<: *anchor`, `<<: [*a, *b]`) the way
+/// serde_norway's `apply_merge` does, so merged fields are found at their
+/// anchor's definition: keys written in the mapping win, then earlier
+/// merged mappings.
+fn merge_keys(entries: Vec<(String, Pos, Node)>) -> Vec<(String, Pos, Node)> {
+    let (merges, mut own): (Vec<_>, Vec<_>) =
+        entries.into_iter().partition(|(key, _, _)| key == "<<");
+    for (_, _, value) in merges {
+        let sources = match value.kind {
+            NodeKind::Map(entries) => vec![entries],
+            NodeKind::Seq(items) => items
+                .into_iter()
+                .filter_map(|item| match item.kind {
+                    NodeKind::Map(entries) => Some(entries),
+                    _ => None,
+                })
+                .collect(),
+            NodeKind::Scalar => Vec::new(),
+        };
+        for entry in sources.into_iter().flatten() {
+            if !own.iter().any(|(key, _, _)| *key == entry.0) {
+                own.push(entry);
+            }
+        }
+    }
+    own
 }
 
 /// Where a problem about a path is reported.
@@ -219,7 +264,15 @@ impl PositionIndex {
         let mut builder = Builder::default();
         let mut parser = Parser::new_from_str(text);
         let _ = parser.load(&mut builder, true);
-        PositionIndex { root: builder.root }
+        PositionIndex {
+            root: builder.root,
+            duplicates: builder.duplicates,
+        }
+    }
+
+    /// Keys given twice in one mapping, in document order.
+    pub fn duplicates(&self) -> &[DuplicateKey] {
+        &self.duplicates
     }
 
     /// Position of the node at `path`, or of the deepest node on the way to
