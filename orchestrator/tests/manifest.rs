@@ -537,3 +537,30 @@ fn several_documents_in_one_file_are_rejected() {
         &["multi-document.yaml:1:1: invalid YAML: deserializing from YAML containing more than one document is not supported"],
     );
 }
+
+#[test]
+fn committed_json_schema_is_current() {
+    let path = repo_root().join("manifests/manifest.schema.json");
+    let committed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        committed == manifest::json_schema(),
+        "{} is stale: regenerate it with `cargo xtask schema`",
+        path.display()
+    );
+}
+
+#[test]
+fn values_of_the_wrong_type_are_each_reported_once() {
+    assert_problems(
+        problems(&["wrong-types.yaml"]),
+        &[
+            "wrong-types.yaml:12:14: bugs[0].trigger: invalid type: string \"echo c > /proc/sysrq-trigger\", expected a trigger: a mapping with `command`, or `program` and `args`",
+            "wrong-types.yaml:13:12: bugs[0].vcpus: invalid type: string \"two\", expected a whole number, 0 or more",
+            "wrong-types.yaml:14:23: bugs[0].nondeterministic: invalid type: string \"yes\", expected a boolean",
+            "wrong-types.yaml:16:15: bugs[0].timeouts: invalid type: integer `300`, expected timeouts: a mapping with `boot_s`, `trigger_s` and `replay_s`",
+            "wrong-types.yaml:20:11: suites[0].bugs: invalid type: string \"b\", expected a sequence",
+            "wrong-types.yaml:22:14: suites[0].backend: unknown variant `hvf`, expected one of `tcg`, `kvm`, `auto`",
+        ],
+    );
+}

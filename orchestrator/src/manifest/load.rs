@@ -421,15 +421,23 @@ fn deserialize<T: DeserializeOwned>(
         }
         let mut full = base.to_vec();
         full.extend_from_slice(&path);
+        // Problems inside a placeholder (a `{}` standing in for a bad value
+        // lacks the fields it needs) are consequences of the problem
+        // already reported.
+        let consequence = replaced.iter().any(|at| full.starts_with(at));
         if message.starts_with("unknown field") {
-            collector.report(file, &full, Target::Key, explain(message));
+            if !consequence {
+                collector.report(file, &full, Target::Key, explain(message));
+            }
             if !remove(&mut item, &path) {
                 return (None, replaced);
             }
             repairing = None;
             continue;
         }
-        collector.report(file, &full, Target::Value, explain(message.clone()));
+        if !consequence {
+            collector.report(file, &full, Target::Value, explain(message.clone()));
+        }
         if missing.is_some() {
             path = field_path;
         } else if path.is_empty() {
