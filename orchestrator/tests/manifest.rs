@@ -206,6 +206,7 @@ fn referenced_files_must_exist_inside_the_repository() {
             "missing-files.yaml:8:30: images[0].build.patches[1]: patch `../outside.patch` must stay inside the repository (no `..`)",
             "missing-files.yaml:14:18: images[1].build.programs[0]: guest program source `images/guest/no-such-program.c` does not exist (paths are relative to the repository root)",
             "missing-files.yaml:20:15: bugs[0].patches[0]: patch `images/kernel/no-such-bug.patch` does not exist (paths are relative to the repository root)",
+            "missing-files.yaml:20:48: bugs[0].patches[1]: patch `images/kernel` is a directory: expected a file",
             "missing-files.yaml:22:24: bugs[0].trigger.program: trigger program `images/guest/no-such-trigger.c` does not exist (paths are relative to the repository root)",
         ],
     );
@@ -226,6 +227,8 @@ fn image_sources_recipes_and_value_types_are_checked() {
             "sources.yaml:25:5: images[5].unpack: `unpack` only applies to a `url` source",
             "sources.yaml:28:11: images[6].kind: unknown variant `firmware`, expected one of `kernel`, `initramfs`, `rootfs`, `disk`",
             "sources.yaml:35:18: images[7].description: invalid type: floating point `1.5`, expected a string (quote the value to make it a string)",
+            "sources.yaml:41:5: images[8].path: `path` names a file inside an archive: a `url` source needs `unpack: tar.gz`, `tar.xz` or `tar.zst` for it",
+            // images[9] picks files inside tar archives: valid.
         ],
     );
 }
@@ -562,5 +565,13 @@ fn values_of_the_wrong_type_are_each_reported_once() {
             "wrong-types.yaml:20:11: suites[0].bugs: invalid type: string \"b\", expected a sequence",
             "wrong-types.yaml:22:14: suites[0].backend: unknown variant `hvf`, expected one of `tcg`, `kvm`, `auto`",
         ],
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_reported_by_name() {
+    assert_problems(
+        problems(&["no-such-file.yaml"]),
+        &["no-such-file.yaml:1:1: cannot read manifest file: No such file or directory (os error 2)"],
     );
 }

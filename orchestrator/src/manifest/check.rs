@@ -117,6 +117,13 @@ impl Checker<'_> {
                 Target::Value,
                 format!("{what} `{shown}` must stay inside the repository (no `..`)"),
             );
+        } else if self.root.join(path).is_dir() {
+            self.report(
+                entry,
+                rest,
+                Target::Value,
+                format!("{what} `{shown}` is a directory: expected a file"),
+            );
         } else if !self.root.join(path).is_file() {
             self.report(
                 entry,

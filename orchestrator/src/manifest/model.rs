@@ -675,6 +675,8 @@ struct FlatSource<'a> {
     unpack: Option<Unpack>,
     debian: Option<&'a DebianPackage>,
     build: bool,
+    /// Whether `path` (a file inside the download) was given.
+    path: bool,
 }
 
 /// Converts the flat source fields at `path` into one source, reporting
@@ -747,6 +749,12 @@ fn flat_source(
             ));
             return None;
         };
+        if flat.path && !flat.unpack.is_some_and(Unpack::is_archive) {
+            problems.push(Problem::key(
+                join(path, "path"),
+                "`path` names a file inside an archive: a `url` source needs `unpack: tar.gz`, `tar.xz` or `tar.zst` for it".into(),
+            ));
+        }
         let sha256 = check_sha256(join(path, "sha256"), sha256, problems);
         return Some(Fetch::Url {
             url: url.clone(),
@@ -766,6 +774,7 @@ impl FileSpec {
             unpack: self.unpack,
             debian: self.debian.as_ref(),
             build: false,
+            path: self.path.is_some(),
         };
         let fetch = flat_source(path, &flat, "file source", problems)?;
         Some(FileSource {
@@ -863,6 +872,7 @@ impl ImageSpec {
             unpack: self.unpack,
             debian: self.debian.as_ref(),
             build: self.build.is_some(),
+            path: self.path.is_some(),
         };
         let mut source = flat_source(&[], &flat, "image", problems).map(ImageSource::from);
         if let Some(build) = &self.build {
