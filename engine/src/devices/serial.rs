@@ -94,6 +94,20 @@ impl SerialConsole {
         self.irq.0.replace(false)
     }
 
+    /// The level of the UART's interrupt output: an identified interrupt
+    /// whose source is enabled in IER. A 16550's INTR pin is a level, and
+    /// the 8250 driver depends on it: it turns THRE interrupts off and on
+    /// again without reading IIR in between, expecting a new edge, which
+    /// vm-superio's trigger (fired only when the IIR bit was clear) does
+    /// not give.
+    pub fn irq_level(&self) -> bool {
+        let st = self.uart.state();
+        let iir = st.interrupt_identification;
+        let ier = st.interrupt_enable;
+        iir & 0x01 == 0
+            && ((iir & 0x02 != 0 && ier & 0x02 != 0) || (iir & 0x04 != 0 && ier & 0x01 != 0))
+    }
+
     pub fn output(&self) -> &[u8] {
         &self.uart.writer().bytes
     }

@@ -60,8 +60,19 @@ impl Platform {
         for _ in 0..self.pit.tick(now) {
             self.pic.pulse_irq(0);
         }
-        if self.serial.take_irq() {
-            self.pic.pulse_irq(COM1_IRQ);
+        self.serial.take_irq();
+        let level = self.serial.irq_level();
+        self.pic.set_irq(COM1_IRQ, level);
+    }
+
+    /// Follows the UART's interrupt line after an access; notes a new
+    /// interrupt so the vCPU stops and the run loop delivers it.
+    fn update_serial_irq(&mut self) {
+        self.serial.take_irq();
+        let level = self.serial.irq_level();
+        self.pic.set_irq(COM1_IRQ, level);
+        if level && self.pic.has_interrupt() {
+            self.irq_raised = true;
         }
     }
 
@@ -84,10 +95,7 @@ impl IoBus for Platform {
             0x70 | 0x71 => self.cmos.pio_read(port, now),
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 let v = self.serial.pio_read(p);
-                if self.serial.take_irq() {
-                    self.pic.pulse_irq(COM1_IRQ);
-                    self.irq_raised = true;
-                }
+                self.update_serial_irq();
                 v
             }
             // No device: the bus floats high.
@@ -100,16 +108,20 @@ impl IoBus for Platform {
     fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]) {
         let now = self.now(vcpu);
         let v = data[0];
+
         match port {
-            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => self.pic.pio_write(port, v),
+            0x20 | 0x21 | 0xa0 | 0xa1 | 0x4d0 | 0x4d1 => {
+                self.pic.pio_write(port, v);
+                // An EOI or unmask can make a waiting interrupt deliverable.
+                if self.pic.has_interrupt() {
+                    self.irq_raised = true;
+                }
+            }
             0x40..=0x43 | 0x61 => self.pit.pio_write(port, v, now),
             0x70 | 0x71 => self.cmos.pio_write(port, v),
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 self.serial.pio_write(p, v);
-                if self.serial.take_irq() {
-                    self.pic.pulse_irq(COM1_IRQ);
-                    self.irq_raised = true;
-                }
+                self.update_serial_irq();
             }
             // Keyboard controller "pulse reset line".
             0x64 if v == 0xfe => self.power = Some(PowerEvent::Reset),

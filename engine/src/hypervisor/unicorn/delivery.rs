@@ -104,11 +104,33 @@ fn read_u64(uc: *mut uc_engine, addr: u64) -> Option<u64> {
 }
 
 /// Delivers `vector` once; returns the fault that prevented it, if any.
+///
+/// Descriptor-table and TSS reads are supervisor accesses whatever the
+/// CPL, and unicorn translates virtual addresses with the current CPL's
+/// permissions, so the CPL is 0 while delivering; it is restored if the
+/// delivery fails.
 fn deliver_once(
     uc: *mut uc_engine,
     env: &EnvLayout,
     vector: u8,
     kind: EventKind,
+) -> Result<(), Fault> {
+    let hflags = env.hflags();
+    let cpl = env.cpl();
+    env.set_hflags(hflags & !super::internals::HF_CPL_MASK);
+    let r = deliver_at_cpl(uc, env, vector, kind, cpl);
+    if r.is_err() {
+        env.set_hflags(hflags);
+    }
+    r
+}
+
+fn deliver_at_cpl(
+    uc: *mut uc_engine,
+    env: &EnvLayout,
+    vector: u8,
+    kind: EventKind,
+    cpl: u8,
 ) -> Result<(), Fault> {
     let idt_fault = Fault {
         vector: 13,
@@ -141,7 +163,6 @@ fn deliver_once(
     if gate_type != 0xe && gate_type != 0xf {
         return Err(idt_fault);
     }
-    let cpl = env.cpl();
     if kind == EventKind::Software && gate_dpl < cpl {
         return Err(idt_fault);
     }
@@ -256,6 +277,7 @@ fn deliver_once(
     }
     reg_write(uc, RegisterX86::RFLAGS, rflags);
     env.set_eip(offset);
+    env.set_hflags((env.hflags() & !super::internals::HF_CPL_MASK) | new_cpl as u32);
     env.clear_interrupt_shadow();
     Ok(())
 }
