@@ -575,3 +575,46 @@ fn an_unreadable_file_is_reported_by_name() {
         &["no-such-file.yaml:1:1: cannot read manifest file: No such file or directory (os error 2)"],
     );
 }
+
+/// The repository's metric regexes against real output of the programs,
+/// captured on Debian bookworm with the packages the rootfs installs
+/// (`tests/data/manifests/outputs/<workload>.txt`, short runs).
+#[test]
+fn repository_metrics_match_real_benchmark_output() {
+    let root = repo_root();
+    let manifests =
+        manifest::load_dir(&root, &root.join("manifests")).unwrap_or_else(|d| panic!("{d}"));
+    let expected: &[(&str, &str, f64)] = &[
+        ("syscall-loop", "syscalls_per_sec", 473789.5),
+        ("stress-ng-fork-pipe", "fork_bogo_ops_per_sec", 251.44),
+        ("stress-ng-fork-pipe", "pipe_bogo_ops_per_sec", 456654.26),
+        ("rocksdb-db-bench", "fillrandom_ops_per_sec", 33287.0),
+        ("rocksdb-db-bench", "readrandom_ops_per_sec", 175423.0),
+        ("redis-benchmark", "set_requests_per_sec", 3056.23),
+        ("redis-benchmark", "get_requests_per_sec", 2950.72),
+        ("nginx-wrk", "requests_per_sec", 19525.14),
+    ];
+    let mut checked = 0;
+    for workload in &manifests.workloads {
+        let output = std::fs::read_to_string(fixture(&format!("outputs/{}.txt", workload.name)))
+            .unwrap_or_else(|e| panic!("no captured output for workload {}: {e}", workload.name));
+        for metric in &workload.metrics {
+            let want = expected
+                .iter()
+                .find(|(w, m, _)| *w == workload.name && *m == metric.name)
+                .unwrap_or_else(|| {
+                    panic!("no expected value for {}/{}", workload.name, metric.name)
+                })
+                .2;
+            assert_eq!(
+                metric.extract(&output),
+                Some(want),
+                "{}/{}",
+                workload.name,
+                metric.name
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, expected.len());
+}
