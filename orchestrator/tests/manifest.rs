@@ -220,7 +220,7 @@ fn image_sources_recipes_and_value_types_are_checked() {
             "sources.yaml:2:5: images[0]: image has no source: expected exactly one of `url` (with `sha256`), `debian` or `build`",
             "sources.yaml:8:5: images[1].debian: image has several sources (url, debian): expected exactly one of `url` (with `sha256`), `debian` or `build`",
             "sources.yaml:11:5: images[2].url: a `url` source needs `sha256` (64 hex digits) to check the download",
-            "sources.yaml:11:10: images[2].url: url `ftp://example.org/a` is not an http:// or https:// URL",
+            "sources.yaml:11:10: images[2].url: url `ftp://example.org/a` has scheme `ftp`: expected an http:// or https:// URL",
             "sources.yaml:17:17: images[3].build.size_mib: size_mib must be at least 1, got 0",
             "sources.yaml:18:7: images[3].build.fragments: field `fragments` does not apply to recipe `rootfs`: expected one of `suite`, `packages`, `size_mib`, `programs`",
             "sources.yaml:21:21: images[4].build.recipe: recipe `initramfs` builds images of kind `initramfs` but this image's kind is `disk`",
@@ -229,6 +229,7 @@ fn image_sources_recipes_and_value_types_are_checked() {
             "sources.yaml:35:18: images[7].description: invalid type: floating point `1.5`, expected a string (quote the value to make it a string)",
             "sources.yaml:41:5: images[8].path: `path` names a file inside an archive: a `url` source needs `unpack: tar.gz`, `tar.xz` or `tar.zst` for it",
             // images[9] picks files inside tar archives: valid.
+            "sources.yaml:49:40: images[10].url: url `https://exa mple.org/x` is not a valid URL: invalid international domain name",
         ],
     );
 }

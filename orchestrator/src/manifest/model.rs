@@ -736,11 +736,19 @@ fn flat_source(
         }
     }
     if let Some(url) = flat.url {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            problems.push(Problem::value(
+        match url::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => {}
+            Ok(parsed) => problems.push(Problem::value(
                 join(path, "url"),
-                format!("url `{url}` is not an http:// or https:// URL"),
-            ));
+                format!(
+                    "url `{url}` has scheme `{}`: expected an http:// or https:// URL",
+                    parsed.scheme()
+                ),
+            )),
+            Err(error) => problems.push(Problem::value(
+                join(path, "url"),
+                format!("url `{url}` is not a valid URL: {error}"),
+            )),
         }
         let Some(sha256) = flat.sha256 else {
             problems.push(Problem::key(
