@@ -80,6 +80,13 @@ fn good_tar() -> Vec<u8> {
     let long_name = format!("./usr/share/{}/deep.txt", "long-directory-name".repeat(8));
     let mut builder = tar::Builder::new(Vec::new());
     let mut entries: Vec<(EntryType, &str, &str, &[u8])> = vec![
+        // As written first by `git archive` (e.g. kernel.org tarballs).
+        (
+            EntryType::XGlobalHeader,
+            "pax_global_header",
+            "",
+            b"15 comment=abc\n",
+        ),
         (EntryType::Directory, "./", "", b""),
         (EntryType::Directory, "./usr/", "", b""),
         (EntryType::Directory, "./usr/bin/", "", b""),
@@ -161,6 +168,7 @@ fn check_good_tree(root: &Path) {
             & 0o777,
         0o555
     );
+    assert!(!root.join("pax_global_header").exists());
     let long_dir = "long-directory-name".repeat(8);
     assert_eq!(
         std::fs::read(root.join("usr/share").join(long_dir).join("deep.txt")).unwrap(),

@@ -198,6 +198,16 @@ fn unpack_tar<R: Read>(reader: R, dest: &Path, archive_name: &str) -> Result<(),
         .map_err(|e| bad(format!("cannot read tar: {e}")))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("cannot read tar entry: {e}")))?;
+        let kind = entry.header().entry_type();
+        // Metadata records (e.g. the pax global header of `git archive`
+        // tarballs) are not files; their names need not be paths.
+        if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+        {
+            continue;
+        }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let refuse = |reason: String| StoreError::UnsafeEntry {
             entry: name.clone(),
@@ -209,7 +219,6 @@ fn unpack_tar<R: Read>(reader: R, dest: &Path, archive_name: &str) -> Result<(),
             .map_err(|e| bad(format!("entry '{name}' has an unusable path: {e}")))?
             .into_owned();
         let rel = contained_path(&raw_path).map_err(refuse)?;
-        let kind = entry.header().entry_type();
         if rel.as_os_str().is_empty() {
             if kind.is_dir() {
                 continue; // "./" itself
