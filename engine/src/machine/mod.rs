@@ -138,6 +138,8 @@ pub struct RunReport {
     pub instructions_to_init: Option<u64>,
     pub wall_seconds_to_init: Option<f64>,
     pub console_bytes: usize,
+    /// SHA-256 of the whole console output (determinism checks).
+    pub console_sha256: String,
     #[serde(skip)]
     pub console: Vec<u8>,
     pub last_console_lines: Vec<String>,
@@ -403,6 +405,13 @@ impl Machine {
             instructions_to_init: to_init.map(|t| t.0),
             wall_seconds_to_init: to_init.map(|t| t.1.as_secs_f64()),
             console_bytes: console.len(),
+            console_sha256: {
+                use sha2::Digest;
+                sha2::Sha256::digest(&console)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            },
             console,
             last_console_lines: last,
         }

@@ -1,0 +1,398 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Exception and interrupt delivery of the software CPU, on tiny long-mode
+//! guests assembled with iced-x86: page fault (error code, CR2), #GP, int3,
+//! IST stacks, user-to-kernel transitions (RSP0), SYSCALL, a nested
+//! interrupt, a double fault, and instruction budgets.
+
+use iced_x86::code_asm::*;
+use krr_engine::hypervisor::unicorn::UnicornVm;
+use krr_engine::hypervisor::{Injection, IoBus, Segment, Vcpu, Vm, VmExit};
+use krr_engine::machine::boot::long_mode_state;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const GDT: u64 = 0x500;
+const TSS: u64 = 0x1000;
+const IDT: u64 = 0x2000;
+const IST1_TOP: u64 = 0x6000;
+const IST2_TOP: u64 = 0x5000;
+const KSTACK_TOP: u64 = 0x7000;
+const USTACK_TOP: u64 = 0x8000;
+const PML4: u64 = 0x9000;
+const PDPT: u64 = 0xa000;
+const PD: u64 = 0xb000;
+const CODE: u64 = 0x10000;
+const HANDLERS: u64 = 0x11000;
+const UNMAPPED: u64 = 0x1_0000_0000;
+
+struct NullBus;
+impl IoBus for NullBus {
+    fn pio_read(&mut self, _: usize, _: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&mut self, _: usize, _: u16, _: &[u8]) {}
+    fn mmio_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+    fn cpuid(&mut self, _: usize, _: u32, _: u32) -> [u32; 4] {
+        [0; 4]
+    }
+    fn rdtsc(&mut self, _: usize) -> u64 {
+        0
+    }
+}
+
+fn handler(vector: u8) -> u64 {
+    HANDLERS + vector as u64 * 16
+}
+
+struct Guest {
+    mem: GuestMemoryMmap,
+    // Declared after `mem` is irrelevant for drop order of the VM: the VM
+    // and vCPU are dropped explicitly first in `Drop`.
+    vm: Option<UnicornVm>,
+    vcpu: Option<Box<dyn Vcpu>>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.vcpu.take();
+        self.vm.take();
+    }
+}
+
+fn assemble(ip: u64, f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(ip).unwrap()
+}
+
+impl Guest {
+    /// A 16 MiB guest with GDT, TSS (RSP0, IST1, IST2), an IDT whose every
+    /// vector points at a `hlt` stub, identity page tables (user
+    /// accessible) and `code` at [`CODE`], started at CPL `cpl`.
+    fn new(code: &[u8], cpl: u8) -> Guest {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let gdt: [u64; 10] = [
+            0,
+            0,
+            0x00af_9b00_0000_ffff, // 0x10 kernel code
+            0x00cf_9300_0000_ffff, // 0x18 kernel data
+            0,
+            0x00cf_f300_0000_ffff, // 0x28 user data
+            0x00af_fb00_0000_ffff, // 0x30 user code
+            0,
+            0x0000_8900_0000_0067 | (TSS & 0xff_ffff) << 16, // 0x40 TSS
+            0,
+        ];
+        for (i, d) in gdt.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(GDT + 8 * i as u64)).unwrap();
+        }
+        mem.write_obj(KSTACK_TOP, GuestAddress(TSS + 4)).unwrap();
+        mem.write_obj(IST1_TOP, GuestAddress(TSS + 0x24)).unwrap();
+        mem.write_obj(IST2_TOP, GuestAddress(TSS + 0x2c)).unwrap();
+        // IST3: an unmapped stack, for the double-fault test.
+        mem.write_obj(UNMAPPED + 0x1000, GuestAddress(TSS + 0x34))
+            .unwrap();
+        let g = Guest {
+            mem,
+            vm: None,
+            vcpu: None,
+        };
+        for v in 0..=255u8 {
+            g.set_gate(v, 0, 0, 0xe);
+            g.mem
+                .write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(handler(v)))
+                .unwrap();
+        }
+        g.mem.write_obj(PDPT | 7, GuestAddress(PML4)).unwrap();
+        for i in 0..4u64 {
+            g.mem
+                .write_obj((PD + i * 0x1000) | 7, GuestAddress(PDPT + i * 8))
+                .unwrap();
+        }
+        for i in 0..2048u64 {
+            g.mem
+                .write_obj((i << 21) | 0x87, GuestAddress(PD + i * 8))
+                .unwrap();
+        }
+        g.mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        let mut g = g;
+        let mut vm = UnicornVm::new(&g.mem).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let (mut regs, mut sregs) = long_mode_state(CODE, 0);
+        sregs.cr3 = PML4;
+        sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+        sregs.idt.base = IDT;
+        sregs.idt.limit = 0xfff;
+        sregs.tr = Segment {
+            selector: 0x40,
+            base: TSS,
+            limit: 0x67,
+            type_: 0xb,
+            present: true,
+            ..Default::default()
+        };
+        regs.rsp = KSTACK_TOP;
+        if cpl == 3 {
+            sregs.cs.selector = 0x33;
+            sregs.cs.dpl = 3;
+            for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
+                s.selector = 0x2b;
+                s.dpl = 3;
+            }
+            regs.rsp = USTACK_TOP;
+        }
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&regs).unwrap();
+        g.vm = Some(vm);
+        g.vcpu = Some(vcpu);
+        g
+    }
+
+    fn set_gate(&self, vector: u8, dpl: u8, ist: u8, ty: u8) {
+        let h = handler(vector);
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(h as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+        gate[4] = ist;
+        gate[5] = 0x80 | (dpl << 5) | ty;
+        gate[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
+        self.mem
+            .write_slice(&gate, GuestAddress(IDT + vector as u64 * 16))
+            .unwrap();
+    }
+
+    fn vcpu(&mut self) -> &mut Box<dyn Vcpu> {
+        self.vcpu.as_mut().unwrap()
+    }
+
+    fn run(&mut self, budget: u64) -> VmExit {
+        self.vcpu().run(&mut NullBus, Some(budget)).unwrap()
+    }
+
+    /// Runs to the `hlt` of a handler; returns its vector.
+    fn run_to_handler(&mut self) -> u8 {
+        let exit = self.run(1_000_000);
+        assert_eq!(exit, VmExit::Hlt);
+        let rip = self.vcpu().regs().unwrap().rip;
+        assert!(rip > HANDLERS && rip <= HANDLERS + 256 * 16, "rip {rip:#x}");
+        ((rip - 1 - HANDLERS) / 16) as u8
+    }
+
+    fn stack(&self, n: usize) -> Vec<u64> {
+        let stack_ptr = self.vcpu.as_ref().unwrap().regs().unwrap().rsp;
+        (0..n)
+            .map(|i| {
+                self.mem
+                    .read_obj(GuestAddress(stack_ptr + 8 * i as u64))
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn page_fault_pushes_error_code_and_sets_cr2() {
+    let code = assemble(CODE, |a| {
+        a.mov(rax, qword_ptr(UNMAPPED))?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 0);
+    assert_eq!(g.run_to_handler(), 14);
+    let sregs = g.vcpu().sregs().unwrap();
+    assert_eq!(sregs.cr2, UNMAPPED);
+    let f = g.stack(6);
+    assert_eq!(f[0], 0, "error code: not present, read, supervisor");
+    assert_eq!(f[1], CODE, "faulting RIP");
+    assert_eq!(f[2], 0x10);
+    assert_eq!(f[4], KSTACK_TOP);
+    assert_eq!(f[5], 0x18);
+    assert_eq!(g.vcpu().regs().unwrap().rsp, KSTACK_TOP - 48);
+
+    let code = assemble(CODE, |a| {
+        a.mov(qword_ptr(UNMAPPED + 8), rax)?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 0);
+    assert_eq!(g.run_to_handler(), 14);
+    assert_eq!(g.stack(1)[0], 2, "error code: write");
+    assert_eq!(g.vcpu().sregs().unwrap().cr2, UNMAPPED + 8);
+}
+
+#[test]
+fn general_protection_on_non_canonical_address() {
+    let code = assemble(CODE, |a| {
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.mov(rbx, qword_ptr(rax))?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 0);
+    assert_eq!(g.run_to_handler(), 13);
+    let f = g.stack(2);
+    assert_eq!(f[0], 0);
+    assert_eq!(f[1], CODE + 10, "RIP of the faulting load");
+}
+
+#[test]
+fn int3_is_a_trap_without_error_code() {
+    let code = assemble(CODE, |a| {
+        a.nop()?;
+        a.int3()?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 0);
+    assert_eq!(g.run_to_handler(), 3);
+    let f = g.stack(5);
+    assert_eq!(f[0], CODE + 2, "RIP after int3");
+    assert_eq!(f[1], 0x10);
+    assert_eq!(f[3], KSTACK_TOP);
+    assert_eq!(g.vcpu().regs().unwrap().rsp, KSTACK_TOP - 40);
+}
+
+#[test]
+fn ist_gate_switches_stack() {
+    let code = assemble(CODE, |a| a.int3());
+    let g = Guest::new(&code, 0);
+    g.set_gate(3, 0, 1, 0xe);
+    let mut g = g;
+    assert_eq!(g.run_to_handler(), 3);
+    assert_eq!(g.vcpu().regs().unwrap().rsp, IST1_TOP - 40);
+    assert_eq!(g.stack(4)[3], KSTACK_TOP, "interrupted RSP");
+}
+
+#[test]
+fn user_to_kernel_uses_rsp0_and_checks_gate_dpl() {
+    let code = assemble(CODE, |a| {
+        a.int(0x80)?;
+        a.hlt()
+    });
+    let g = Guest::new(&code, 3);
+    g.set_gate(0x80, 3, 0, 0xf);
+    let mut g = g;
+    assert_eq!(g.run_to_handler(), 0x80);
+    let s = g.vcpu().sregs().unwrap();
+    assert_eq!(s.cs.selector, 0x10);
+    assert_eq!(s.cs.dpl, 0);
+    assert_eq!(s.ss.dpl, 0, "CPL 0 after the transition");
+    assert_eq!(g.vcpu().regs().unwrap().rsp, KSTACK_TOP - 40);
+    let f = g.stack(5);
+    assert_eq!(f, vec![CODE + 2, 0x33, f[2], USTACK_TOP, 0x2b]);
+
+    // The same from a gate with DPL 0: #GP with the IDT error code.
+    let code = assemble(CODE, |a| a.int(0x81));
+    let mut g = Guest::new(&code, 3);
+    assert_eq!(g.run_to_handler(), 13);
+    assert_eq!(g.stack(1)[0], 0x81 * 8 + 2);
+}
+
+#[test]
+fn syscall_enters_kernel_from_star_lstar() {
+    let code = assemble(CODE, |a| {
+        a.syscall()?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 3);
+    let v = g.vcpu();
+    v.set_msr(0xc000_0080, 0x501).unwrap(); // EFER: SCE | LME | LMA
+    v.set_msr(0xc000_0081, 0x10u64 << 32).unwrap();
+    v.set_msr(0xc000_0082, handler(0xf0)).unwrap();
+    v.set_msr(0xc000_0084, 0x200).unwrap();
+    let mut r = v.regs().unwrap();
+    r.rflags = 0x202;
+    v.set_regs(&r).unwrap();
+    assert_eq!(g.run_to_handler(), 0xf0);
+    let r = g.vcpu().regs().unwrap();
+    assert_eq!(r.rcx, CODE + 2);
+    assert_eq!(r.r11 & 0x200, 0x200, "saved RFLAGS");
+    assert_eq!(r.rflags & 0x200, 0, "IF masked by FMASK");
+    let s = g.vcpu().sregs().unwrap();
+    assert_eq!((s.cs.selector, s.cs.dpl, s.ss.selector), (0x10, 0, 0x18));
+}
+
+#[test]
+fn nested_external_interrupt_and_exception() {
+    let code = assemble(CODE, |a| {
+        let mut spin = a.create_label();
+        a.sti()?;
+        a.set_label(&mut spin)?;
+        a.jmp(spin)
+    });
+    let mut g = Guest::new(&code, 0);
+    // Handler 0x40 raises int3 before halting.
+    let h40 = assemble(handler(0x40), |a| {
+        a.int3()?;
+        a.hlt()
+    });
+    g.mem
+        .write_slice(&h40, GuestAddress(handler(0x40)))
+        .unwrap();
+    assert_eq!(g.run(10_000), VmExit::BudgetExhausted);
+    assert!(g.vcpu().interrupt_window_open().unwrap());
+    g.vcpu().inject(Injection::Interrupt(0x40)).unwrap();
+    assert_eq!(g.run_to_handler(), 3);
+    let f = g.stack(10);
+    assert_eq!(
+        f[0],
+        handler(0x40) + 1,
+        "int3 frame: RIP in the 0x40 handler"
+    );
+    assert_eq!(f[2] & 0x200, 0, "interrupt gate cleared IF");
+    // The int3 frame starts 16-byte aligned: one padding word in between.
+    assert_eq!(
+        f[3],
+        KSTACK_TOP - 40,
+        "int3 frame: RSP inside the 0x40 handler"
+    );
+    assert_eq!(f[6], CODE + 1, "interrupt frame: RIP of the spin loop");
+    assert_eq!(f[8] & 0x200, 0x200, "IF was set when interrupted");
+}
+
+#[test]
+fn fault_while_delivering_becomes_double_fault() {
+    let code = assemble(CODE, |a| a.mov(rax, qword_ptr(UNMAPPED)));
+    let g = Guest::new(&code, 0);
+    // #PF on an unmapped IST stack; #DF on a good one.
+    g.set_gate(14, 0, 3, 0xe);
+    g.set_gate(8, 0, 2, 0xe);
+    let mut g = g;
+    assert_eq!(g.run_to_handler(), 8);
+    assert_eq!(g.vcpu().regs().unwrap().rsp, IST2_TOP - 48);
+    assert_eq!(g.stack(1)[0], 0, "double fault error code");
+}
+
+#[test]
+fn triple_fault_shuts_down() {
+    let code = assemble(CODE, |a| a.mov(rax, qword_ptr(UNMAPPED)));
+    let g = Guest::new(&code, 0);
+    g.set_gate(14, 0, 3, 0xe);
+    g.set_gate(8, 0, 3, 0xe);
+    let mut g = g;
+    assert_eq!(g.run(1_000_000), VmExit::Shutdown);
+}
+
+#[test]
+fn budget_stops_a_spinning_guest_deterministically() {
+    let code = assemble(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.inc(rbx)?;
+        a.jmp(top)
+    });
+    let counts: Vec<(u64, u64)> = (0..2)
+        .map(|_| {
+            let mut g = Guest::new(&code, 0);
+            assert_eq!(g.run(100_000), VmExit::BudgetExhausted);
+            let n = g.vcpu().instructions_retired().unwrap();
+            (n, g.vcpu().regs().unwrap().rax)
+        })
+        .collect();
+    assert_eq!(counts[0], counts[1]);
+    let (n, incs) = counts[0];
+    // The stop lands on a block boundary at or after the budget.
+    assert!((100_000..100_000 + 64).contains(&n), "{n}");
+    // Three instructions per iteration, two of them increment RAX/RBX.
+    assert!(incs * 3 <= n && n <= incs * 3 + 3, "rax {incs} n {n}");
+}
