@@ -548,3 +548,49 @@ fn leftovers_of_killed_runs_are_cleared_under_the_lock() {
     assert!(!stale.exists(), "stale scratch directory kept");
     assert!(other.exists(), "another artifact's scratch removed");
 }
+
+#[test]
+fn hostile_deb_data_member_is_refused() {
+    let data = xz(&archive(&[
+        (EntryType::Regular, "./usr/bin/ok", "", b"ok"),
+        (
+            EntryType::Symlink,
+            "./usr/lib/escape",
+            "../../../../root",
+            b"",
+        ),
+    ]));
+    let mut builder = ar::Builder::new(Vec::new());
+    builder
+        .append(
+            &ar::Header::new(b"debian-binary".to_vec(), 4),
+            &b"2.0\n"[..],
+        )
+        .unwrap();
+    builder
+        .append(
+            &ar::Header::new(b"data.tar.xz".to_vec(), data.len() as u64),
+            &data[..],
+        )
+        .unwrap();
+    let (_dir, store) = new_store();
+    let sha = add_blob(&store, &builder.into_inner().unwrap());
+    let err = store.unpack(&sha, UnpackFormat::Deb).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::UnsafeEntry { entry, .. } if entry == "./usr/lib/escape"),
+        "{err:?}"
+    );
+    assert!(std::fs::read_dir(store.root().join("unpacked"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn default_fetch_options_match_the_documented_values() {
+    let opts = FetchOptions::default();
+    assert_eq!(opts.connect_timeout, Duration::from_secs(15));
+    assert_eq!(opts.stall_timeout, Duration::from_secs(30));
+    assert_eq!(opts.retries, 4);
+    assert!(opts.progress);
+}
