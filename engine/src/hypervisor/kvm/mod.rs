@@ -208,6 +208,11 @@ impl KvmVm {
             mode: self.mode,
             counter: None,
             window_requested: false,
+            window_by_single_step: !matches!(
+                self.availability,
+                KvmAvailability::HardwareBacked { .. }
+            ),
+            window_stepping: false,
             single_step: false,
             hw_breakpoints: Vec::new(),
             sw_breakpoints: self.sw_breakpoints.clone(),
@@ -431,6 +436,11 @@ pub struct KvmVcpu {
     mode: AsyncEventMode,
     counter: Option<GuestCounter>,
     window_requested: bool,
+    /// PVM emulates guest ring 0 and does not exit when an emulated STI or
+    /// POPF opens the interrupt window, so the window is found by single
+    /// steps there (hardware KVM exits by itself, at the same instruction).
+    window_by_single_step: bool,
+    window_stepping: bool,
     single_step: bool,
     hw_breakpoints: Vec<u64>,
     sw_breakpoints: Arc<Mutex<Vec<SwBreakpoint>>>,
@@ -503,7 +513,7 @@ impl KvmVcpu {
             .is_empty();
         let mut control = 0;
         let mut arch = kvm_guest_debug_arch::default();
-        if self.single_step || stepping_over {
+        if self.single_step || stepping_over || self.window_stepping {
             control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         }
         if !self.hw_breakpoints.is_empty() && !stepping_over {
@@ -658,6 +668,16 @@ impl KvmVcpu {
                 }
             }
             interrupted = false;
+            if self.window_requested && self.window_by_single_step {
+                if self.interrupt_window_open()? {
+                    self.set_window_stepping(false);
+                    self.deliver_point(AsyncPosition::InterruptWindow);
+                    return Ok(VmExit::InterruptWindow);
+                }
+                self.set_window_stepping(true);
+            } else {
+                self.set_window_stepping(false);
+            }
             if self.debug_dirty {
                 self.apply_debug()?;
             }
@@ -693,12 +713,7 @@ impl KvmVcpu {
                         format!("VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"),
                     ))
                 }
-                Ok(VcpuExit::InternalError) => {
-                    return Err(backend_err(
-                        "KVM_RUN",
-                        "KVM internal error (emulation failure)",
-                    ))
-                }
+                Ok(VcpuExit::InternalError) => return Err(self.internal_error()),
                 Ok(other) => {
                     return Err(backend_err("KVM_RUN", format!("unexpected exit {other:?}")))
                 }
@@ -741,6 +756,38 @@ impl KvmVcpu {
         }
     }
 
+    fn set_window_stepping(&mut self, on: bool) {
+        if self.window_stepping != on {
+            self.window_stepping = on;
+            self.debug_dirty = true;
+        }
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR`: the suberror (1: emulation
+    /// failure, the common one) and where the guest was.
+    fn internal_error(&mut self) -> HypervisorError {
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the union member the kernel filled in.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let cpl = self.current_cpl().unwrap_or(0);
+        let n = (internal.ndata as usize).min(internal.data.len());
+        backend_err(
+            "KVM_RUN",
+            format!(
+                "KVM internal error, suberror {} ({}), at rip {rip:#x} cpl {cpl}, data {:x?}",
+                internal.suberror,
+                match internal.suberror {
+                    1 => "instruction emulation failed",
+                    2 => "event delivery failed (simultaneous exceptions)",
+                    3 => "delivery of an exception caused a VM exit",
+                    _ => "other",
+                },
+                &internal.data[..n]
+            ),
+        )
+    }
+
     fn on_debug(&mut self, exception: u32, pc: u64) -> Result<Option<VmExit>> {
         let rip = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?.rip;
         if let Some(over) = self.step_over.take() {
@@ -753,6 +800,14 @@ impl KvmVcpu {
                 return Ok(None);
             }
             return Ok(Some(VmExit::Debug { rip }));
+        }
+        if exception == DB_VECTOR
+            && self.window_stepping
+            && !self.single_step
+            && !self.hw_breakpoints.contains(&rip)
+        {
+            // A step towards the interrupt window: the loop checks it.
+            return Ok(None);
         }
         match exception {
             DB_VECTOR | BP_VECTOR => Ok(Some(VmExit::Debug { rip })),
@@ -1033,6 +1088,17 @@ impl Vcpu for KvmVcpu {
     fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<()> {
         self.clear_sw_breakpoints()?;
         let (hw, sw) = addrs.split_at(addrs.len().min(HW_BREAKPOINTS));
+        if !sw.is_empty() && self.window_by_single_step {
+            // Found on PVM: an int3 in guest ring 0 ends KVM_RUN with an
+            // emulation failure instead of a #BP debug exit.
+            return Err(backend_err(
+                "set software breakpoint",
+                format!(
+                    "{} breakpoints asked for; this /dev/kvm is not hardware-backed and cannot stop at int3 in guest kernel mode, so at most {HW_BREAKPOINTS} (hardware) are available",
+                    addrs.len()
+                ),
+            ));
+        }
         self.hw_breakpoints = hw.to_vec();
         let mut placed = Vec::new();
         for &gva in sw {
