@@ -5,12 +5,14 @@
 //! through `setup`, guest images through the image cache), so a fresh clone
 //! needs nothing but Rust.
 
+mod manifests;
 mod setup;
 mod test;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,26 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Check manifests (the repository's, or the given files): every problem,
+    /// each as file:line:col.
+    Validate { paths: Vec<PathBuf> },
+    /// Write the JSON schema of a manifest file (for editors).
+    Schema {
+        /// Output file (default: standard output).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
+    /// Fetch and verify an image named in manifests/, or any file by URL;
+    /// prints where it landed in the cache.
+    Fetch {
+        /// Image name from manifests/.
+        name: Option<String>,
+        #[arg(long, conflicts_with = "name")]
+        url: Option<String>,
+        /// Expected SHA-256 of the file at --url (64 hex digits).
+        #[arg(long, requires = "url")]
+        sha256: Option<String>,
+    },
     /// Run every test: formatting, lints, unit and integration tests, with
     /// the guest images they need built (or taken from the cache) first.
     Test {
@@ -47,10 +69,26 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole cause chain on one line; no backtrace,
+            // which would bury the message a user needs.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Setup { check } => setup::run(check),
+        Command::Validate { paths } => manifests::validate(&paths),
+        Command::Schema { out } => manifests::schema(out.as_deref()),
+        Command::Fetch { name, url, sha256 } => {
+            manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
+        }
         Command::Test { cargo_args } => test::run(&cargo_args),
     }
 }

@@ -1,0 +1,99 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! `cargo xtask validate`, `schema` and `fetch`: manifests and artifacts.
+
+use crate::repo_root;
+use anyhow::{anyhow, bail, Context, Result};
+use krr_orchestrator::artifacts;
+use krr_orchestrator::manifest::{self, Manifests};
+use krr_orchestrator::store::{FetchOptions, Store};
+use std::path::{Path, PathBuf};
+
+/// The repository's manifests directory.
+pub fn manifests_dir() -> PathBuf {
+    repo_root().join("manifests")
+}
+
+/// Loads and validates the repository's manifests; every problem is printed
+/// as `file:line:col: message` before failing.
+pub fn load_repo() -> Result<Manifests> {
+    let root = repo_root();
+    manifest::load_dir(&root, &manifests_dir()).map_err(|diagnostics| {
+        eprintln!("{diagnostics}");
+        anyhow!(
+            "{} problem(s) in {}",
+            diagnostics.0.len(),
+            manifests_dir().display()
+        )
+    })
+}
+
+/// `cargo xtask validate [PATH..]`.
+pub fn validate(paths: &[PathBuf]) -> Result<()> {
+    let root = repo_root();
+    let result = if paths.is_empty() {
+        manifest::load_dir(&root, &manifests_dir())
+    } else {
+        for path in paths {
+            if !path.exists() {
+                bail!("{}: no such file", path.display());
+            }
+        }
+        manifest::load_files(&root, paths, Some(&manifests_dir()))
+    };
+    match result {
+        Ok(m) => {
+            println!(
+                "ok: {} image(s), {} workload(s), {} bug case(s), {} suite(s)",
+                m.images.len(),
+                m.workloads.len(),
+                m.bugs.len(),
+                m.suites.len()
+            );
+            Ok(())
+        }
+        Err(diagnostics) => {
+            println!("{diagnostics}");
+            bail!("{} problem(s) found", diagnostics.0.len())
+        }
+    }
+}
+
+/// `cargo xtask schema [-o FILE]`.
+pub fn schema(out: Option<&Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(&manifest::json_schema())? + "\n";
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+/// `cargo xtask fetch NAME` or `cargo xtask fetch --url URL --sha256 HEX`.
+pub fn fetch(name: Option<&str>, url: Option<&str>, sha256: Option<&str>) -> Result<()> {
+    let store = Store::open_default()?;
+    let opts = FetchOptions::default();
+    let path = match (name, url, sha256) {
+        (Some(name), None, None) => {
+            let manifests = load_repo()?;
+            let image = manifests.image(name).ok_or_else(|| {
+                let names: Vec<&str> = manifests.images.iter().map(|i| i.name.as_str()).collect();
+                anyhow!(
+                    "no image named `{name}` in {} (known: {})",
+                    manifests_dir().display(),
+                    names.join(", ")
+                )
+            })?;
+            artifacts::fetch_image(&store, image, &opts)?
+        }
+        (None, Some(url), Some(sha256)) => store.fetch_url(url, sha256, &opts)?,
+        (None, Some(_), None) => {
+            bail!("--url needs --sha256 HEX (the expected SHA-256 of the file)")
+        }
+        _ => bail!("give either an image NAME or --url URL --sha256 HEX"),
+    };
+    println!("{}", path.display());
+    Ok(())
+}
