@@ -440,6 +440,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     message
 }
 
+const BAR_TEMPLATE: &str = "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}";
+const SPINNER_TEMPLATE: &str = "{spinner} {msg} {bytes} {bytes_per_sec}";
+
 /// A byte progress bar on stderr; indicatif hides it when stderr is not a
 /// terminal, and it is hidden outright when progress is off.
 fn progress_bar(opts: &FetchOptions, total: Option<u64>, position: u64, url: &str) -> ProgressBar {
@@ -449,9 +452,9 @@ fn progress_bar(opts: &FetchOptions, total: Option<u64>, position: u64, url: &st
     let name = url.rsplit('/').next().unwrap_or(url).to_string();
     let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
     let template = if total.is_some() {
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+        BAR_TEMPLATE
     } else {
-        "{spinner} {msg} {bytes} {bytes_per_sec}"
+        SPINNER_TEMPLATE
     };
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
@@ -471,6 +474,12 @@ mod tests {
         assert_eq!(backoff(2), Duration::from_millis(1000));
         assert_eq!(backoff(3), Duration::from_millis(2000));
         assert_eq!(backoff(30), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn progress_templates_are_valid() {
+        assert!(ProgressStyle::with_template(BAR_TEMPLATE).is_ok());
+        assert!(ProgressStyle::with_template(SPINNER_TEMPLATE).is_ok());
     }
 
     #[test]
