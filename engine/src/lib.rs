@@ -9,3 +9,4 @@
 pub mod devices;
 pub mod hypervisor;
 pub mod machine;
+pub mod record;
