@@ -5,6 +5,7 @@
 //! through `setup`, guest images through the image cache), so a fresh clone
 //! needs nothing but Rust.
 
+mod images;
 mod manifests;
 mod setup;
 mod test;
@@ -52,6 +53,11 @@ enum Command {
         #[arg(long, requires = "url")]
         sha256: Option<String>,
     },
+    /// Guest images: build, list, clean, ad-hoc initramfs.
+    Images {
+        #[command(subcommand)]
+        command: images::ImagesCommand,
+    },
     /// Run every test: formatting, lints, unit and integration tests, with
     /// the guest images they need built (or taken from the cache) first.
     Test {
@@ -89,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch { name, url, sha256 } => {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
+        Command::Images { command } => images::run(command),
         Command::Test { cargo_args } => test::run(&cargo_args),
     }
 }
