@@ -5,6 +5,7 @@
 //! through `setup`, guest images through the image cache), so a fresh clone
 //! needs nothing but Rust.
 
+mod eval;
 mod images;
 mod manifests;
 mod setup;
@@ -53,6 +54,11 @@ enum Command {
         #[arg(long, requires = "url")]
         sha256: Option<String>,
     },
+    /// Run an experiment from manifests/suites (record-perf is the main job).
+    Eval {
+        #[arg(value_enum)]
+        experiment: eval::Experiment,
+    },
     /// Guest images: build, list, clean, ad-hoc initramfs.
     Images {
         #[command(subcommand)]
@@ -95,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch { name, url, sha256 } => {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
+        Command::Eval { experiment } => eval::run(experiment),
         Command::Images { command } => images::run(command),
         Command::Test { cargo_args } => test::run(&cargo_args),
     }

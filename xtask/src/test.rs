@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! `cargo xtask test`: the one test command (CI runs exactly this).
 
-use crate::{repo_root, setup};
+use crate::{images, repo_root, setup};
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 
@@ -38,7 +38,33 @@ pub fn run(extra: &[String]) -> Result<()> {
         ],
         &[],
     )?;
-    let envs = Vec::new();
+    // Tests that boot Linux find the guest images through these variables;
+    // with KRR_TEST_REQUIRE_IMAGES set they fail instead of skipping.
+    eprintln!("== guest images for the tests");
+    let built = images::build(&["guest-6.1".into(), "initramfs-base".into()], false)?;
+    let file = |image: &str, file: &str| -> Result<String> {
+        built
+            .iter()
+            .find(|b| b.name == image)
+            .and_then(|b| b.file(file))
+            .map(|p| p.display().to_string())
+            .with_context(|| format!("image `{image}` has no `{file}`"))
+    };
+    let envs = vec![
+        ("KRR_TEST_KERNEL".to_string(), file("guest-6.1", "bzImage")?),
+        (
+            "KRR_TEST_VMLINUX".to_string(),
+            file("guest-6.1", "vmlinux")?,
+        ),
+        (
+            "KRR_TEST_INITRD".to_string(),
+            file("initramfs-base", "initramfs.cpio.gz")?,
+        ),
+        ("KRR_TEST_REQUIRE_IMAGES".to_string(), "1".to_string()),
+    ];
+    for (k, v) in &envs {
+        eprintln!("   {k}={v}");
+    }
     eprintln!("== cargo test");
     let mut args = vec!["test", "--release", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
