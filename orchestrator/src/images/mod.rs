@@ -397,7 +397,28 @@ pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
             return Ok(image);
         }
     }
+    // One build per recipe at a time (threads of one test run, or two
+    // `cargo xtask` processes): the loser waits, then finds it cached.
+    let _lock = ctx.store.lock(&format!("image-{}", &hash[..16]))?;
+    if !ctx.force {
+        if let Some(image) = load_built(&final_dir)? {
+            return Ok(image);
+        }
+    }
     std::fs::create_dir_all(&ctx.dirs.images).map_err(io_err(&ctx.dirs.images, "create"))?;
+    // Leftovers of killed builds of this recipe (never counted as built).
+    let stale_prefix = format!(".partial-{}-{}-", spec.name, &hash[..16]);
+    if let Ok(entries) = std::fs::read_dir(&ctx.dirs.images) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&stale_prefix)
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let partial = ctx.dirs.images.join(format!(
         ".partial-{}-{}-{}",
         spec.name,
@@ -595,4 +616,89 @@ pub fn clean(dirs: &ImageDirs, names: &[String]) -> Result<Vec<PathBuf>> {
         remove(path)?;
     }
     Ok(removed)
+}
+
+/// Picks the specs named in `names` (all of them when `names` is empty), in
+/// the order given; an unknown name is an error that lists the known ones.
+pub fn select(specs: &[ImageSpec], names: &[String]) -> Result<Vec<ImageSpec>> {
+    if names.is_empty() {
+        return Ok(specs.to_vec());
+    }
+    names
+        .iter()
+        .map(|name| {
+            specs
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .ok_or_else(|| ImageError::InvalidSpec {
+                    image: name.clone(),
+                    field: "name",
+                    value: name.clone(),
+                    expected: format!(
+                        "one of the buildable images in manifests/: {}",
+                        specs
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })
+        })
+        .collect()
+}
+
+/// `images list` as a human-readable table: one line per image, then one
+/// indented line per file with its sha256.
+pub fn format_list(statuses: &[ImageStatus]) -> String {
+    let mut out = String::new();
+    for s in statuses {
+        let state = if s.built { "built" } else { "not built" };
+        let hash = if s.recipe_hash.is_empty() {
+            "-"
+        } else {
+            &s.recipe_hash[..16]
+        };
+        out.push_str(&format!(
+            "{:<24} {:<10} {:<10} recipe {}  {}\n",
+            s.name,
+            s.kind.to_string(),
+            state,
+            hash,
+            s.dir.display()
+        ));
+        if let Some(problem) = &s.problem {
+            out.push_str(&format!("    problem: {problem}\n"));
+        }
+        for (name, file) in &s.files {
+            out.push_str(&format!(
+                "    {:<18} {}  {:>11} bytes  {}\n",
+                name,
+                file.sha256,
+                file.size,
+                file.path.display()
+            ));
+        }
+    }
+    out
+}
+
+/// The busybox package an ad-hoc initramfs uses: the one pinned by the
+/// `initramfs-base` image, else by the first initramfs image.
+pub fn default_busybox(specs: &[ImageSpec]) -> Result<DebianPackageRef> {
+    let initramfs = |s: &ImageSpec| match &s.recipe {
+        ImageRecipe::Initramfs(i) => Some(i.busybox.clone()),
+        _ => None,
+    };
+    specs
+        .iter()
+        .filter(|s| s.name == "initramfs-base")
+        .chain(specs.iter())
+        .find_map(initramfs)
+        .ok_or_else(|| ImageError::InvalidSpec {
+            image: "ad-hoc initramfs".into(),
+            field: "busybox",
+            value: "none".into(),
+            expected: "an initramfs image in manifests/ that pins busybox-static".into(),
+        })
 }
