@@ -222,7 +222,7 @@ fn image_sources_recipes_and_value_types_are_checked() {
             "sources.yaml:11:5: images[2].url: a `url` source needs `sha256` (64 hex digits) to check the download",
             "sources.yaml:11:10: images[2].url: url `ftp://example.org/a` has scheme `ftp`: expected an http:// or https:// URL",
             "sources.yaml:17:17: images[3].build.size_mib: size_mib must be at least 1, got 0",
-            "sources.yaml:18:7: images[3].build.fragments: field `fragments` does not apply to recipe `rootfs`: expected one of `suite`, `packages`, `size_mib`, `programs`",
+            "sources.yaml:18:7: images[3].build.fragments: field `fragments` does not apply to recipe `rootfs`: expected one of `suite`, `packages`, `size_mib`, `programs`, `command`",
             "sources.yaml:21:21: images[4].build.recipe: recipe `initramfs` builds images of kind `initramfs` but this image's kind is `disk`",
             "sources.yaml:25:5: images[5].unpack: `unpack` only applies to a `url` source",
             "sources.yaml:28:11: images[6].kind: unknown variant `firmware`, expected one of `kernel`, `initramfs`, `rootfs`, `disk`",

@@ -188,3 +188,12 @@ pub fn json_schema() -> serde_json::Value {
     let schema = schemars::schema_for!(Manifests);
     serde_json::to_value(schema).expect("a JSON schema serializes to JSON")
 }
+
+/// Writes [`json_schema`] to `path`, pretty-printed (the repository keeps it
+/// at `manifests/manifest.schema.json`, which the manifests name in their
+/// `yaml-language-server` modeline).
+pub fn write_json_schema(path: &Path) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(&json_schema()).map_err(std::io::Error::other)?;
+    text.push('\n');
+    std::fs::write(path, text)
+}

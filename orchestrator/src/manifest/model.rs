@@ -233,6 +233,9 @@ pub struct RootfsRecipe {
     /// C sources compiled with gcc and put in `/usr/local/bin`.
     #[serde(default)]
     pub programs: Vec<PathBuf>,
+    /// The command init runs when none is given at boot.
+    #[serde(default)]
+    pub command: Option<String>,
 }
 
 /// A guest image: kernel, initramfs, root filesystem or disk.
@@ -814,7 +817,7 @@ impl BuildSpec {
             RecipeName::Kernel => (&["source", "fragments", "patches"], &["source"]),
             RecipeName::Initramfs => (&["busybox", "programs", "command"], &["busybox"]),
             RecipeName::Rootfs => (
-                &["suite", "packages", "size_mib", "programs"],
+                &["suite", "packages", "size_mib", "programs", "command"],
                 &["suite", "size_mib"],
             ),
         };
@@ -861,6 +864,7 @@ impl BuildSpec {
                 packages: self.packages.clone().unwrap_or_default(),
                 size_mib: self.size_mib?,
                 programs: list(&self.programs),
+                command: self.command.clone(),
             }),
         })
     }
@@ -1046,6 +1050,7 @@ impl From<BuildRecipe> for BuildSpec {
                 spec.packages = Some(rootfs.packages);
                 spec.size_mib = Some(rootfs.size_mib);
                 spec.programs = Some(rootfs.programs);
+                spec.command = rootfs.command;
             }
         }
         spec
