@@ -137,7 +137,11 @@ pub(crate) fn load_file(collector: &mut Collector, loaded: &mut Loaded, path: &P
     });
     let document = match parsed {
         Ok(document) => document,
-        Err(error) if report && !index.duplicates().is_empty() => {
+        Err(error)
+            if report
+                && error.to_string().contains("duplicate entry")
+                && !index.duplicates().is_empty() =>
+        {
             // serde_norway names only the first duplicate key and places it
             // at its mapping; the index has every one, at the repeated key.
             for duplicate in index.duplicates() {
