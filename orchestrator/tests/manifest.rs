@@ -549,7 +549,7 @@ fn committed_json_schema_is_current() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert!(
         committed == manifest::json_schema(),
-        "{} is stale: regenerate it with `cargo xtask schema`",
+        "{} is stale: regenerate it with `cargo xtask schema --out manifests/manifest.schema.json`",
         path.display()
     );
 }
