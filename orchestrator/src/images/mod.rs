@@ -376,10 +376,14 @@ fn load_built(dir: &Path) -> Result<Option<BuiltImage>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&manifest).map_err(io_err(&manifest, "read"))?;
-    let image: BuiltImage = serde_json::from_str(&text).map_err(|e| ImageError::BadMetadata {
-        path: manifest.clone(),
-        detail: e.to_string(),
-    })?;
+    let mut image: BuiltImage =
+        serde_json::from_str(&text).map_err(|e| ImageError::BadMetadata {
+            path: manifest.clone(),
+            detail: e.to_string(),
+        })?;
+    // The manifest records how long the build took; served from the cache,
+    // this call built nothing.
+    image.build_seconds = 0.0;
     if image.files.values().all(|f| f.path.is_file()) {
         Ok(Some(image))
     } else {

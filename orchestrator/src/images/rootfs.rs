@@ -160,7 +160,11 @@ pub(crate) fn build(
 
     let bar = ctx.spinner("debootstrap");
     let mut include = vec!["busybox-static".to_string()];
-    include.extend(recipe.packages.iter().cloned());
+    for p in &recipe.packages {
+        if !include.contains(p) {
+            include.push(p.clone());
+        }
+    }
     let mut cmd = Command::new("debootstrap");
     cmd.args(["--variant=minbase", "--components=main"])
         .arg(format!("--include={}", include.join(",")))
