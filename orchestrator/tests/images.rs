@@ -314,3 +314,33 @@ fn kernel_build_is_reproducible() {
         );
     }
 }
+
+/// A debootstrap failure (here: a package the suite does not have) stops
+/// the rootfs build with debootstrap's own message naming the package, and
+/// leaves neither an image nor the half-installed tree.
+#[test]
+fn rootfs_with_unknown_package_fails_naming_it() {
+    let root = repo_root();
+    let store = Store::open_default().unwrap();
+    let ctx = BuildContext::new(&root, &store, hidden()).unwrap();
+    let spec = ImageSpec {
+        name: "rootfs-unknown-package".into(),
+        recipe: ImageRecipe::Rootfs(images::RootfsBuild {
+            suite: "bookworm".into(),
+            packages: vec!["no-such-package-krr".into()],
+            size_mib: 256,
+            programs: vec![],
+            command: None,
+        }),
+    };
+    let err = build(&ctx, &spec).unwrap_err().to_string();
+    assert!(err.contains("debootstrap"), "{err}");
+    assert!(
+        err.contains("Couldn't find these debs: no-such-package-krr"),
+        "{err}"
+    );
+    let listed = images::list(&root, &ctx.dirs, std::slice::from_ref(&spec));
+    assert!(!listed[0].built);
+    let hash = &listed[0].recipe_hash[..16];
+    assert!(!ctx.dirs.build.join(format!("rootfs-{hash}/root")).exists());
+}

@@ -143,8 +143,22 @@ pub(crate) fn find_mirror(path: &str, text: &str, suite: &str) -> Option<String>
     }
 }
 
-/// Builds the root filesystem into `out/rootfs.ext4`.
+/// Builds the root filesystem into `out/rootfs.ext4`. On failure the
+/// half-installed tree is removed; `build.log` stays for inspection.
 pub(crate) fn build(
+    ctx: &BuildContext<'_>,
+    recipe: &RootfsBuild,
+    build_dir: &Path,
+    out: &Path,
+) -> Result<()> {
+    let result = build_in(ctx, recipe, build_dir, out);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(build_dir.join("root"));
+    }
+    result
+}
+
+fn build_in(
     ctx: &BuildContext<'_>,
     recipe: &RootfsBuild,
     build_dir: &Path,
