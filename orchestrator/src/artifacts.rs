@@ -3,23 +3,10 @@
 //! [`crate::manifest`] (what an image or file is) and [`crate::store`] (how
 //! bytes are fetched, verified and unpacked).
 
-use crate::manifest::{Fetch, FileSource, Image, ImageSource, Unpack};
+use crate::manifest::{Fetch, FileSource, Image, ImageSource};
 use crate::store::{FetchOptions, Store, UnpackFormat};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
-
-impl From<Unpack> for UnpackFormat {
-    fn from(unpack: Unpack) -> UnpackFormat {
-        match unpack {
-            Unpack::TarGz => UnpackFormat::TarGz,
-            Unpack::TarXz => UnpackFormat::TarXz,
-            Unpack::TarZst => UnpackFormat::TarZst,
-            Unpack::Gz => UnpackFormat::Gz,
-            Unpack::Xz => UnpackFormat::Xz,
-            Unpack::Zst => UnpackFormat::Zst,
-        }
-    }
-}
 
 /// Fetches (or finds in the cache) a url or Debian source, verifies it,
 /// unpacks it when asked, and returns the file `path` names inside it (or the
@@ -38,7 +25,7 @@ pub fn fetch(
         } => {
             let blob = store.fetch_url(url, sha256, opts)?;
             let unpacked = match unpack {
-                Some(format) => store.unpack(sha256, (*format).into())?,
+                Some(format) => store.unpack(sha256, *format)?,
                 None => blob,
             };
             (unpacked, url.clone())

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use krr_orchestrator::manifest::{
     self, Backend, Better, BuildRecipe, Diagnostic, Diagnostics, Fetch, Image, ImageKind,
-    ImageSource, Manifests, Scheme, SuiteKind, Unpack,
+    ImageSource, Manifests, Scheme, SuiteKind, UnpackFormat,
 };
 
 fn repo_root() -> PathBuf {
@@ -354,7 +354,7 @@ fn a_valid_file_loads_into_the_typed_model() {
     assert!(matches!(
         disk.source,
         ImageSource::Url {
-            unpack: Some(Unpack::Zst),
+            unpack: Some(UnpackFormat::Zst),
             ..
         }
     ));

@@ -23,7 +23,7 @@ pub use model::{
     Backend, Better, BugCase, BugKind, BuildRecipe, BuildSpec, DebianPackage, Expect, Fetch,
     FileSource, FileSpec, Image, ImageKind, ImageSource, ImageSpec, InitramfsRecipe, KernelRecipe,
     Manifests, Metric, RecipeName, RootfsRecipe, Scheme, Suite, SuiteKind, Timeouts, Trigger,
-    Unpack, Workload,
+    UnpackFormat, Workload,
 };
 
 /// One problem in a manifest file.

@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::positions::Seg;
+pub use crate::store::UnpackFormat;
 
 /// Everything the manifests declare, after validation.
 ///
@@ -74,30 +75,6 @@ impl ImageKind {
     }
 }
 
-/// How a downloaded file is unpacked before use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Unpack {
-    #[serde(rename = "tar.gz")]
-    TarGz,
-    #[serde(rename = "tar.xz")]
-    TarXz,
-    #[serde(rename = "tar.zst")]
-    TarZst,
-    #[serde(rename = "gz")]
-    Gz,
-    #[serde(rename = "xz")]
-    Xz,
-    #[serde(rename = "zst")]
-    Zst,
-}
-
-impl Unpack {
-    /// Whether the result is a directory tree rather than a single file.
-    pub fn is_archive(self) -> bool {
-        matches!(self, Unpack::TarGz | Unpack::TarXz | Unpack::TarZst)
-    }
-}
-
 /// A Debian binary package, pinned by version and by the SHA-256 of its .deb.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(
@@ -121,7 +98,7 @@ pub enum ImageSource {
     Url {
         url: String,
         sha256: String,
-        unpack: Option<Unpack>,
+        unpack: Option<UnpackFormat>,
     },
     /// Taken from a Debian package.
     Debian(DebianPackage),
@@ -137,7 +114,7 @@ pub enum Fetch {
     Url {
         url: String,
         sha256: String,
-        unpack: Option<Unpack>,
+        unpack: Option<UnpackFormat>,
     },
     /// Taken from a Debian package.
     Debian(DebianPackage),
@@ -276,7 +253,7 @@ pub struct ImageSpec {
     #[schemars(pattern(r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unpack: Option<Unpack>,
+    pub unpack: Option<UnpackFormat>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debian: Option<DebianPackage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -302,7 +279,7 @@ pub struct FileSpec {
     #[schemars(pattern(r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unpack: Option<Unpack>,
+    pub unpack: Option<UnpackFormat>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debian: Option<DebianPackage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -675,7 +652,7 @@ fn check_debian(
 struct FlatSource<'a> {
     url: Option<&'a String>,
     sha256: Option<&'a String>,
-    unpack: Option<Unpack>,
+    unpack: Option<UnpackFormat>,
     debian: Option<&'a DebianPackage>,
     build: bool,
     /// Whether `path` (a file inside the download) was given.
@@ -760,7 +737,7 @@ fn flat_source(
             ));
             return None;
         };
-        if flat.path && !flat.unpack.is_some_and(Unpack::is_archive) {
+        if flat.path && !flat.unpack.is_some_and(UnpackFormat::is_archive) {
             problems.push(Problem::key(
                 join(path, "path"),
                 "`path` names a file inside an archive: a `url` source needs `unpack: tar.gz`, `tar.xz` or `tar.zst` for it".into(),

@@ -71,7 +71,7 @@ impl Default for FetchOptions {
 }
 
 /// The archive or compression format of a blob, chosen by the manifest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum UnpackFormat {
     #[serde(rename = "tar.gz")]
     TarGz,
