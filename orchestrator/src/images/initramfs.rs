@@ -384,6 +384,10 @@ pub fn build_adhoc_initramfs(
         tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir, "create temp file"))?;
     tree.write_cpio_gz(std::io::BufWriter::new(tmp.as_file_mut()))
         .map_err(io_err(out, "write initramfs"))?;
+    // Temp files are created 0600; an image is meant to be read by others
+    // (QEMU under another user, the engine).
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+        .map_err(io_err(tmp.path(), "chmod"))?;
     tmp.persist(out)
         .map_err(|e| e.error)
         .map_err(io_err(out, "rename into place"))?;
