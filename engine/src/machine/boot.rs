@@ -290,3 +290,68 @@ pub fn load_linux(
         sregs,
     })
 }
+
+/// Register state of an application processor after INIT and a startup
+/// IPI with `vector`: real mode at `vector << 12`.
+pub fn real_mode_state(vector: u8, apic_base: u64) -> (Regs, Sregs) {
+    let code = Segment {
+        selector: (vector as u16) << 8,
+        base: (vector as u64) << 12,
+        limit: 0xffff,
+        type_: 0xb,
+        present: true,
+        dpl: 0,
+        db: false,
+        s: true,
+        l: false,
+        g: false,
+        avl: false,
+        unusable: false,
+    };
+    let data = Segment {
+        selector: 0,
+        base: 0,
+        type_: 0x3,
+        ..code
+    };
+    let sys = |type_| Segment {
+        selector: 0,
+        base: 0,
+        type_,
+        s: false,
+        ..code
+    };
+    let regs = Regs {
+        rip: 0,
+        rflags: 0x2,
+        // Processor signature (family 6), as after RESET.
+        rdx: 0x663,
+        ..Default::default()
+    };
+    let sregs = Sregs {
+        cs: code,
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        tr: sys(0xb),
+        ldt: sys(0x2),
+        gdt: DescriptorTable {
+            base: 0,
+            limit: 0xffff,
+        },
+        idt: DescriptorTable {
+            base: 0,
+            limit: 0xffff,
+        },
+        cr0: 0x6000_0010,
+        cr2: 0,
+        cr3: 0,
+        cr4: 0,
+        cr8: 0,
+        efer: 0,
+        apic_base,
+    };
+    (regs, sregs)
+}

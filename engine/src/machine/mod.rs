@@ -12,7 +12,11 @@ pub mod cpuid;
 pub mod mptable;
 pub mod platform;
 
+use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use crate::devices::lapic::{ApEvent, LAPIC_BASE, LAPIC_SIZE};
 use crate::devices::serial::ConsoleSink;
+use crate::devices::virtio_blk::VirtioBlk;
+use crate::devices::virtio_mmio::{VirtioMmio, VIRTIO_MMIO_WINDOW_SIZE};
 use crate::hypervisor::{self, HypervisorError, Injection, Vcpu, Vm, VmExit};
 use platform::{Platform, PowerEvent};
 use std::path::PathBuf;
@@ -55,7 +59,7 @@ impl MachineConfig {
             disk: None,
             console: ConsoleSink::None,
             max_instructions: 50_000_000_000,
-            quantum: 1_000_000,
+            quantum: 200_000,
         }
     }
 }
@@ -143,6 +147,8 @@ pub struct RunReport {
     #[serde(skip)]
     pub console: Vec<u8>,
     pub last_console_lines: Vec<String>,
+    /// Device model errors (bad register accesses and the like).
+    pub device_errors: Vec<String>,
 }
 
 /// Creates guest RAM: one region from 0 (at most 3 GiB, below the 32-bit
@@ -165,6 +171,27 @@ const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const END_MARKER: &str = "KRR-END status=";
 const INIT_MARKER: &str = "Run /init as init process";
 
+/// What [`Machine::inject_for`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    Injected,
+    /// An interrupt waits for the guest to enable interrupts.
+    Masked,
+}
+
+/// Scheduling state of one vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CpuState {
+    /// An application processor before its startup IPI.
+    WaitForSipi,
+    Running,
+    /// Executed HLT with interrupts enabled: sleeps until an interrupt.
+    Halted,
+    /// Executed HLT with interrupts disabled: stopped for good.
+    Stopped,
+}
+
 /// A machine ready to run: memory loaded, vCPUs created.
 pub struct Machine {
     cfg: MachineConfig,
@@ -173,26 +200,37 @@ pub struct Machine {
     vm: Box<dyn Vm>,
     unicorn: Option<*const hypervisor::unicorn::UnicornVm>,
     platform: Platform,
+    state: Vec<CpuState>,
     _mem: GuestMemoryMmap,
 }
 
+/// Guest-physical address of the local APICs and the IA32_APIC_BASE value
+/// of the bootstrap processor (enabled, BSP).
+const APIC_BASE_BSP: u64 = LAPIC_BASE | (1 << 11) | (1 << 8);
+
 impl Machine {
     pub fn new(cfg: MachineConfig, backend: Backend) -> Result<Machine, MachineError> {
-        if cfg.vcpus == 0 {
-            return Err(MachineError::Config("--vcpus must be at least 1".into()));
-        }
-        if cfg.vcpus > 1 {
+        if cfg.vcpus == 0 || cfg.vcpus > 8 {
             return Err(MachineError::Config(format!(
-                "--vcpus {}: SMP is not wired into the machine yet (local APIC/IO-APIC \
-                 integration pending); use --vcpus 1",
+                "--vcpus {}: expected 1 to 8",
                 cfg.vcpus
             )));
         }
-        if cfg.disk.is_some() {
-            return Err(MachineError::Config(
-                "--disk: the virtio-blk device is not wired into the machine yet".into(),
-            ));
-        }
+        let mut cfg = cfg;
+        let disk = match &cfg.disk {
+            Some(path) => {
+                let blk = VirtioBlk::open(path, false, "krr-disk")
+                    .map_err(|e| MachineError::Config(format!("--disk {}: {e}", path.display())))?;
+                // Linux finds virtio-mmio devices on the command line.
+                cfg.cmdline.push_str(&format!(
+                    " virtio_mmio.device=4K@{:#x}:{}",
+                    platform::VIRTIO_BASE,
+                    platform::VIRTIO_IRQ
+                ));
+                Some(VirtioMmio::new(blk))
+            }
+            None => None,
+        };
         let mem = create_memory(cfg.mem_bytes)?;
         let info = boot::load_linux(
             &mem,
@@ -201,7 +239,9 @@ impl Machine {
             cfg.initrd.as_deref(),
             &cfg.cmdline,
         )?;
-        let (vm, unicorn): (Box<dyn Vm>, Option<*const hypervisor::unicorn::UnicornVm>) =
+        let mp = mptable::write_mptable(&mem, cfg.vcpus as u8)
+            .map_err(|e| MachineError::Config(format!("MP table: {e}")))?;
+        let (mut vm, unicorn): (Box<dyn Vm>, Option<*const hypervisor::unicorn::UnicornVm>) =
             match backend {
                 Backend::Tcg => {
                     let vm = Box::new(hypervisor::unicorn::UnicornVm::new(&mem)?);
@@ -215,20 +255,29 @@ impl Machine {
                     }))
                 }
             };
-        let mut vm = vm;
+        vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE)?;
+        vm.add_mmio_region(IOAPIC_BASE, IOAPIC_SIZE)?;
+        if disk.is_some() {
+            vm.add_mmio_region(platform::VIRTIO_BASE, VIRTIO_MMIO_WINDOW_SIZE)?;
+        }
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             vcpus.push(vm.create_vcpu(id)?);
         }
-        vcpus[0].set_sregs(&info.sregs)?;
+        let mut sregs = info.sregs;
+        sregs.apic_base = APIC_BASE_BSP;
+        vcpus[0].set_sregs(&sregs)?;
         vcpus[0].set_regs(&info.regs)?;
-        let platform = Platform::new(&cfg);
+        let mut state = vec![CpuState::WaitForSipi; cfg.vcpus];
+        state[0] = CpuState::Running;
+        let platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
         Ok(Machine {
             cfg,
             vcpus,
             vm,
             unicorn,
             platform,
+            state,
             _mem: mem,
         })
     }
@@ -237,135 +286,251 @@ impl Machine {
         self.vcpus[vcpu].instructions_retired().unwrap_or(0) + self.platform.idle_ns[vcpu]
     }
 
+    /// Starts application processor `id` in real mode at the SIPI vector's
+    /// page, with its clock set to the sender's.
+    fn start_ap(&mut self, id: usize, vector: u8, now: u64) -> Result<(), HypervisorError> {
+        let (regs, sregs) = boot::real_mode_state(vector, LAPIC_BASE | (1 << 11));
+        self.vcpus[id].set_sregs(&sregs)?;
+        self.vcpus[id].set_regs(&regs)?;
+        let own = self.now(id);
+        if now > own {
+            self.platform.idle_ns[id] += now - own;
+        }
+        self.state[id] = CpuState::Running;
+        Ok(())
+    }
+
+    /// Delivers what vCPU `id` can take now.
+    fn inject_for(&mut self, id: usize, stats: &mut ExitStats) -> Result<Pending, HypervisorError> {
+        if self.platform.apics[id].take_nmi() {
+            self.vcpus[id].inject(Injection::Nmi)?;
+            stats.interrupts_injected += 1;
+            return Ok(Pending::Injected);
+        }
+        let window = self.vcpus[id].interrupt_window_open()?;
+        if self.platform.apics[id].pending_vector().is_some() {
+            if !window {
+                return Ok(Pending::Masked);
+            }
+            let vector = self.platform.apics[id].acknowledge();
+            self.vcpus[id].inject(Injection::Interrupt(vector))?;
+            stats.interrupts_injected += 1;
+            return Ok(Pending::Injected);
+        }
+        if id == 0 && self.platform.pic.has_interrupt() && self.platform.pic_routed_to_cpu() {
+            if !window {
+                return Ok(Pending::Masked);
+            }
+            if let Some(vector) = self.platform.pic.acknowledge() {
+                self.vcpus[id].inject(Injection::Interrupt(vector))?;
+                stats.interrupts_injected += 1;
+                return Ok(Pending::Injected);
+            }
+        }
+        Ok(Pending::None)
+    }
+
+    fn deliverable(&self, id: usize) -> bool {
+        self.platform.apics[id].pending_vector().is_some()
+            || (id == 0 && self.platform.pic.has_interrupt() && self.platform.pic_routed_to_cpu())
+    }
+
     /// Runs the guest to its end (see [`RunEnd`]).
+    ///
+    /// Scheduling is deterministic: vCPUs take turns in index order, each
+    /// running until its clock reaches the end of the current round (at most
+    /// [`MachineConfig::quantum`] instructions, and never past the next timer
+    /// deadline), so their clocks stay within one quantum of each other.
     pub fn run(&mut self) -> RunReport {
         let start = Instant::now();
         let mut stats = ExitStats::default();
         let mut to_init: Option<(u64, Duration)> = None;
         let mut scanned = 0usize;
         let mut end_status: Option<i32> = None;
-        let end = loop {
-            let id = 0;
-            let now = self.now(id);
-            self.platform.advance(now);
-            // Hand the PIC's interrupt to the CPU when it can take it.
-            let mut pending_masked = false;
-            if self.platform.pic.has_interrupt() {
-                match self.vcpus[id].interrupt_window_open() {
-                    Ok(true) => {
-                        if let Some(v) = self.platform.pic.acknowledge() {
-                            if let Err(e) = self.vcpus[id].inject(Injection::Interrupt(v)) {
-                                break RunEnd::BackendError {
-                                    reason: e.to_string(),
-                                };
-                            }
-                            stats.interrupts_injected += 1;
-                        }
-                    }
-                    Ok(false) => pending_masked = true,
-                    Err(e) => {
-                        break RunEnd::BackendError {
-                            reason: e.to_string(),
-                        }
-                    }
-                }
-            }
-            let total: u64 = self.total_instructions();
-            if total >= self.cfg.max_instructions {
-                break RunEnd::BudgetExhausted {
-                    instructions: total,
+        let n = self.vcpus.len();
+        let end = 'run: loop {
+            // The round ends one quantum after the slowest active vCPU, or
+            // at the next timer deadline; when all sleep, at that deadline.
+            let active: Vec<usize> = (0..n)
+                .filter(|&i| matches!(self.state[i], CpuState::Running | CpuState::Halted))
+                .collect();
+            if active.is_empty() {
+                break match end_status {
+                    Some(status) => RunEnd::EndMarker { status },
+                    None => RunEnd::PowerOff,
                 };
             }
-            // Run to the next timer deadline, polling sooner while an
-            // interrupt waits for the guest to enable interrupts.
-            let mut budget = self.cfg.quantum * 10;
-            if let Some(d) = self.platform.next_deadline() {
-                budget = budget.min(d.saturating_sub(now).max(1));
-            }
-            if pending_masked {
-                budget = budget.min(10_000);
-            }
-            budget = budget.min(self.cfg.max_instructions - total);
-            self.platform.irq_raised = false;
-            let exit = self.vcpus[id].run(&mut self.platform, Some(budget));
-            // Console checks: /init start, end marker, panic.
-            let out = self.platform.serial.output();
-            if out.len() > scanned {
-                let from = scanned.saturating_sub(200);
-                let text = String::from_utf8_lossy(&out[from..]).into_owned();
-                scanned = out.len();
-                if to_init.is_none() && text.contains(INIT_MARKER) {
-                    to_init = Some((self.total_instructions(), start.elapsed()));
-                }
-                if end_status.is_none() {
-                    if let Some(s) = parse_marker(&text, END_MARKER) {
-                        end_status = s.trim().parse().ok();
-                    }
-                }
-                if let Some(line) = parse_marker(&text, PANIC_MARKER) {
-                    break RunEnd::Panic {
-                        line: format!("{PANIC_MARKER}{line}"),
-                    };
-                }
-            }
-            match exit {
-                Ok(VmExit::Hlt) => {
-                    stats.hlt += 1;
-                    let open = self.vcpus[id].interrupt_window_open().unwrap_or(false);
-                    if !open {
-                        // HLT with interrupts off: halted for good.
+            let floor = active.iter().map(|&i| self.now(i)).min().unwrap_or(0);
+            let deadline = self.platform.next_deadline();
+            let all_halted = active
+                .iter()
+                .all(|&i| self.state[i] == CpuState::Halted && !self.deliverable(i));
+            let round_end = if all_halted {
+                match deadline {
+                    Some(d) => d.max(floor + 1),
+                    None => {
                         break match end_status {
                             Some(status) => RunEnd::EndMarker { status },
                             None => RunEnd::PowerOff,
-                        };
-                    }
-                    if !self.platform.pic.has_interrupt() {
-                        let now = self.now(id);
-                        match self.platform.next_deadline() {
-                            Some(d) if d > now => self.platform.idle_ns[id] += d - now,
-                            Some(_) => {}
-                            None => {
-                                break match end_status {
-                                    Some(status) => RunEnd::EndMarker { status },
-                                    None => RunEnd::PowerOff,
-                                }
-                            }
                         }
                     }
                 }
-                Ok(VmExit::BudgetExhausted) => stats.budget += 1,
-                Ok(VmExit::IoStop) => {
-                    stats.io_stop += 1;
-                    match self.platform.power.take() {
-                        Some(PowerEvent::Reset) => {
-                            break match end_status {
-                                Some(status) => RunEnd::EndMarker { status },
-                                None => RunEnd::Reset,
-                            }
+            } else {
+                let q = floor + self.cfg.quantum;
+                match deadline {
+                    Some(d) if d > floor => q.min(d),
+                    _ => q,
+                }
+            };
+            for id in 0..n {
+                if matches!(self.state[id], CpuState::WaitForSipi | CpuState::Stopped) {
+                    continue;
+                }
+                let total = self.total_instructions();
+                if total >= self.cfg.max_instructions {
+                    break 'run RunEnd::BudgetExhausted {
+                        instructions: total,
+                    };
+                }
+                self.platform.current = id;
+                self.platform.advance(id);
+                let pending = match self.inject_for(id, &mut stats) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        break 'run RunEnd::BackendError {
+                            reason: e.to_string(),
                         }
-                        Some(PowerEvent::PowerOff) => {
-                            break match end_status {
-                                Some(status) => RunEnd::EndMarker { status },
-                                None => RunEnd::PowerOff,
+                    }
+                };
+                let now = self.now(id);
+                if self.state[id] == CpuState::Halted {
+                    if pending != Pending::None {
+                        self.state[id] = CpuState::Running;
+                    } else {
+                        if round_end > now {
+                            self.platform.idle_ns[id] += round_end - now;
+                        }
+                        continue;
+                    }
+                }
+                if now >= round_end {
+                    continue;
+                }
+                let mut budget = (round_end - now).min(self.cfg.max_instructions - total);
+                if pending == Pending::Masked {
+                    // Poll for the guest enabling interrupts.
+                    budget = budget.min(10_000);
+                }
+                self.platform.irq_raised = false;
+                self.platform.irq_pending_at_start = pending == Pending::Masked;
+                self.platform.current = id;
+                let exit = self.vcpus[id].run(&mut self.platform, Some(budget));
+                for range in self.platform.take_dma() {
+                    if let Err(e) = self.vm.invalidate_code(range.addr, range.len) {
+                        break 'run RunEnd::BackendError {
+                            reason: e.to_string(),
+                        };
+                    }
+                }
+                // INIT and startup IPIs sent during the run.
+                for ap in 1..n {
+                    match self.platform.apics[ap].take_ap_event() {
+                        Some(ApEvent::Init) => self.state[ap] = CpuState::WaitForSipi,
+                        Some(ApEvent::Startup { vector }) => {
+                            if self.state[ap] == CpuState::WaitForSipi {
+                                let t = self.now(id);
+                                if let Err(e) = self.start_ap(ap, vector, t) {
+                                    break 'run RunEnd::BackendError {
+                                        reason: e.to_string(),
+                                    };
+                                }
                             }
                         }
                         None => {}
                     }
                 }
-                Ok(VmExit::Shutdown) => {
-                    break RunEnd::TripleFault {
-                        reason: "the CPU could not deliver a double fault".into(),
+                // Console checks: /init start, end marker, panic.
+                let out = self.platform.serial.output();
+                if out.len() > scanned {
+                    let from = scanned.saturating_sub(200);
+                    let text = String::from_utf8_lossy(&out[from..]).into_owned();
+                    scanned = out.len();
+                    if to_init.is_none() && text.contains(INIT_MARKER) {
+                        to_init = Some((self.total_instructions(), start.elapsed()));
+                    }
+                    if end_status.is_none() {
+                        if let Some(s) = parse_marker(&text, END_MARKER) {
+                            end_status = s.trim().parse().ok();
+                        }
+                    }
+                    if let Some(line) = parse_marker(&text, PANIC_MARKER) {
+                        break 'run RunEnd::Panic {
+                            line: format!("{PANIC_MARKER}{line}"),
+                        };
                     }
                 }
-                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
-                Err(e) => {
-                    break RunEnd::BackendError {
-                        reason: e.to_string(),
+                match exit {
+                    Ok(VmExit::Hlt) => {
+                        stats.hlt += 1;
+                        let open = self.vcpus[id].interrupt_window_open().unwrap_or(false);
+                        self.state[id] = if open {
+                            CpuState::Halted
+                        } else if self.platform.apics[id].take_nmi() {
+                            // An NMI wakes even a CPU halted with IF=0.
+                            let _ = self.vcpus[id].inject(Injection::Nmi);
+                            CpuState::Running
+                        } else {
+                            CpuState::Stopped
+                        };
+                    }
+                    Ok(VmExit::BudgetExhausted) => stats.budget += 1,
+                    Ok(VmExit::IoStop) => {
+                        stats.io_stop += 1;
+                        match self.platform.power.take() {
+                            Some(PowerEvent::Reset) => {
+                                break 'run match end_status {
+                                    Some(status) => RunEnd::EndMarker { status },
+                                    None => RunEnd::Reset,
+                                }
+                            }
+                            Some(PowerEvent::PowerOff) => {
+                                break 'run match end_status {
+                                    Some(status) => RunEnd::EndMarker { status },
+                                    None => RunEnd::PowerOff,
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(VmExit::Shutdown) => {
+                        break 'run match end_status {
+                            // `reboot=t`: the guest ends its run with a
+                            // triple fault after the marker.
+                            Some(status) => RunEnd::EndMarker { status },
+                            None => RunEnd::TripleFault {
+                                reason: format!("vCPU {id} could not deliver a double fault"),
+                            },
+                        };
+                    }
+                    Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                    Err(e) => {
+                        break 'run RunEnd::BackendError {
+                            reason: format!("vCPU {id}: {e}"),
+                        }
                     }
                 }
             }
         };
-        let wall = start.elapsed();
+        self.report(end, stats, start.elapsed(), to_init)
+    }
+
+    fn report(
+        &mut self,
+        end: RunEnd,
+        mut stats: ExitStats,
+        wall: Duration,
+        to_init: Option<(u64, Duration)>,
+    ) -> RunReport {
         if let Some(u) = self.unicorn {
             // SAFETY: points into `self.vm`, alive for `self`'s lifetime.
             let c = unsafe { &*u }.exit_counters();
@@ -376,7 +541,6 @@ impl Machine {
             stats.cpuid = c.cpuid;
             stats.rdtsc = c.rdtsc;
         }
-        let _ = &self.vm;
         let per_vcpu: Vec<u64> = self
             .vcpus
             .iter()
@@ -414,6 +578,7 @@ impl Machine {
             },
             console,
             last_console_lines: last,
+            device_errors: self.platform.device_errors.clone(),
         }
     }
 

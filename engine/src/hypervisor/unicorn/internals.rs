@@ -31,6 +31,9 @@ const ENV_HFLAGS: usize = 176;
 const ENV_SEGS: usize = 184;
 const SEGMENT_CACHE_SIZE: usize = 24;
 const ENV_CR: usize = 424;
+/// cr[9], a20_mask, bnd_regs[4], bndcs_regs and msr_bndcfgs precede it.
+const ENV_EFER: usize = 592;
+pub const HF_PE_MASK: u32 = 1 << 7;
 
 /// QEMU's segment register indices.
 pub const R_ES: usize = 0;
@@ -224,6 +227,26 @@ impl EnvLayout {
             return Err(SelfTestError("CPUX86State.cr offset".into()));
         }
         write_reg(uc, RegisterX86::CR2, 0)?;
+        let efer = {
+            let mut m = unicorn_engine::unicorn_const::uc_x86_msr {
+                rid: 0xc000_0080,
+                value: 0,
+            };
+            unsafe {
+                unicorn_engine::unicorn_const::uc_reg_read(
+                    uc,
+                    RegisterX86::MSR as i32,
+                    &mut m as *mut _ as *mut c_void,
+                )
+            };
+            m.value
+        };
+        if efer == 0 || self.efer() != efer {
+            return Err(SelfTestError(format!(
+                "CPUX86State.efer offset (API {efer:#x}, state {:#x})",
+                self.efer()
+            )));
+        }
         // A fresh 64-bit engine runs in long mode with a 64-bit CS.
         let hflags = self.hflags();
         if hflags & (HF_LMA_MASK | HF_CS64_MASK) != (HF_LMA_MASK | HF_CS64_MASK) {
@@ -267,6 +290,24 @@ impl EnvLayout {
     }
     pub fn set_hflags(&self, value: u32) {
         unsafe { self.field::<u32>(ENV_HFLAGS).write_unaligned(value) }
+    }
+    pub fn efer(&self) -> u64 {
+        unsafe { self.field::<u64>(ENV_EFER).read_unaligned() }
+    }
+    pub fn cr0(&self) -> u64 {
+        unsafe { self.field::<u64>(ENV_CR).read_unaligned() }
+    }
+    /// Sets EFER with its derived long-mode flag. WRMSR cannot clear LMA
+    /// (the processor owns it), but loading a saved or reset state must.
+    pub fn set_efer(&self, value: u64) {
+        unsafe { self.field::<u64>(ENV_EFER).write_unaligned(value) };
+        let mut hflags = self.hflags() & !HF_LMA_MASK;
+        if value & (1 << 10) != 0 {
+            hflags |= HF_LMA_MASK;
+        } else {
+            hflags &= !HF_CS64_MASK;
+        }
+        self.set_hflags(hflags);
     }
     pub fn cpl(&self) -> u8 {
         (self.hflags() & HF_CPL_MASK) as u8
@@ -340,7 +381,30 @@ impl EnvLayout {
                 0
             };
             hflags = (hflags & !HF_SS32_MASK) | ss32;
+            // Real mode and 16-bit code add segment bases explicitly;
+            // 32-bit protected mode only when a data/stack base is nonzero.
+            let addseg = self.cr0() & 1 == 0
+                || hflags & HF_CS32_MASK == 0
+                || (self.segment(R_DS).base | self.segment(R_ES).base | self.segment(R_SS).base)
+                    != 0;
+            if addseg {
+                hflags |= HF_ADDSEG_MASK;
+            } else {
+                hflags &= !HF_ADDSEG_MASK;
+            }
         }
         self.set_hflags(hflags);
     }
+}
+
+extern "C" {
+    /// QEMU's `tb_invalidate_phys_range` (RAM offsets, end exclusive).
+    fn tb_invalidate_phys_range_x86_64(uc: *mut uc_engine, start: u64, end: u64);
+}
+
+/// Drops translated code of guest-physical `[start, end)`. Valid when guest
+/// RAM is a single block at GPA 0 (RAM offset = GPA), which the caller checks.
+pub fn invalidate_physical(uc: *mut uc_engine, start: u64, end: u64) {
+    // SAFETY: outside emulation; the range lies in mapped RAM.
+    unsafe { tb_invalidate_phys_range_x86_64(uc, start, end) }
 }

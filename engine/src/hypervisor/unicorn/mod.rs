@@ -356,6 +356,9 @@ struct Engine {
     slots: Vec<VcpuSlot>,
     active: Option<usize>,
     mmio: Vec<Box<MmioRegion>>,
+    /// Guest RAM is one region at GPA 0, so QEMU's RAM offsets equal
+    /// guest-physical addresses.
+    ram_at_zero: bool,
     /// Everything a fresh vCPU starts from (a reset x86-64 CPU).
     reset_context: *mut uc_context,
 }
@@ -451,6 +454,8 @@ impl UnicornVm {
             slots: Vec::new(),
             active: None,
             mmio: Vec::new(),
+            ram_at_zero: mem.num_regions() == 1
+                && mem.iter().next().map(|r| r.start_addr().0) == Some(0),
             reset_context,
         };
         for region in mem.iter() {
@@ -591,9 +596,16 @@ impl super::Vm for UnicornVm {
     }
 
     fn invalidate_code(&mut self, gpa: u64, len: u64) -> Result<()> {
+        // unicorn's TB_REMOVE_CACHE takes virtual addresses (and faults on
+        // unmapped ones); DMA targets are physical.
         let e = self.engine.borrow();
-        let ctl = ControlType(ControlType::TB_REMOVE_CACHE.0 | ControlType::IO_WRITE.0);
-        check("remove_cache", unsafe { uc_ctl(e.uc, ctl, gpa, gpa + len) })
+        if !e.ram_at_zero {
+            return Err(HypervisorError::Unsupported(
+                "code invalidation with guest RAM not in one region at 0",
+            ));
+        }
+        internals::invalidate_physical(e.uc, gpa, gpa + len);
+        Ok(())
     }
 }
 
@@ -907,19 +919,12 @@ impl Vcpu for UnicornVcpu {
             // Order matters: paging and long mode first, so that the CS load
             // below sees LMA and sets the 64-bit code flags.
             write_reg(uc, RegisterX86::CR4, s.cr4);
-            let msr = uc_x86_msr {
-                rid: 0xc000_0080,
-                value: s.efer,
-            };
-            unsafe {
-                uc_reg_write(
-                    uc,
-                    RegisterX86::MSR as i32,
-                    &msr as *const _ as *const c_void,
-                )
-            };
+            let env = e.st().env;
+            // WRMSR cannot clear EFER.LMA; loading a state must.
+            env.set_efer(s.efer);
             write_reg(uc, RegisterX86::CR3, s.cr3);
             write_reg(uc, RegisterX86::CR0, s.cr0);
+            env.set_efer(s.efer);
             write_reg(uc, RegisterX86::CR2, s.cr2);
             write_reg(uc, RegisterX86::CR8, s.cr8);
             set_mmr(
@@ -964,7 +969,6 @@ impl Vcpu for UnicornVcpu {
                     flags: ldt.flags,
                 },
             );
-            let env = e.st().env;
             for (idx, seg) in [
                 (R_SS, &s.ss),
                 (R_CS, &s.cs),
