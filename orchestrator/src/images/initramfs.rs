@@ -179,7 +179,7 @@ pub(crate) fn busybox_and_applets(
     let bar = ctx.bytes_bar("busybox");
     let deb = debian::fetch(pkg, ctx.store, &bar)?;
     let busybox = debian::read_member(&deb, "bin/busybox", &bar)?;
-    bar.finish_with_message(format!("{}={} verified", pkg.package, pkg.version));
+    ctx.finish(&bar, format!("{}={} verified", pkg.package, pkg.version));
 
     // busybox-static runs on the build host too (both x86-64 Linux): let it
     // list its own applets, so the links match exactly this binary.
@@ -275,7 +275,7 @@ pub(crate) fn build(ctx: &BuildContext<'_>, recipe: &InitramfsBuild, out: &Path)
             },
         );
     }
-    bar.finish_with_message(format!("{} guest program(s)", recipe.programs.len()));
+    ctx.finish(&bar, format!("{} guest program(s)", recipe.programs.len()));
     if let Some(command) = &recipe.command {
         tree.insert(COMMAND_FILE, command_file(command));
     }

@@ -84,7 +84,7 @@ fn build_in(
 
     let bar = ctx.bytes_bar("download");
     let deb = debian::fetch(&recipe.source, ctx.store, &bar)?;
-    bar.finish_with_message(format!("{} verified", recipe.source.package));
+    ctx.finish(&bar, format!("{} verified", recipe.source.package));
 
     let bar = ctx.bytes_bar("extract");
     let member = recipe
@@ -92,14 +92,14 @@ fn build_in(
         .clone()
         .unwrap_or_else(|| format!("usr/src/{}.tar.xz", recipe.source.package));
     extract_source(&deb, &recipe.source.package, &member, &src, &bar)?;
-    bar.finish_with_message(format!("{} extracted", recipe.source.package));
+    ctx.finish(&bar, format!("{} extracted", recipe.source.package));
 
     let bar = ctx.spinner("patch");
     for patch in &recipe.patches {
         bar.set_message(patch.display().to_string());
         apply_patch(&ctx.root.join(patch), patch, &src, &log)?;
     }
-    bar.finish_with_message(format!("{} patch(es) applied", recipe.patches.len()));
+    ctx.finish(&bar, format!("{} patch(es) applied", recipe.patches.len()));
 
     let bar = ctx.spinner("configure");
     let merged = build_dir.join("fragments.config");
@@ -122,10 +122,11 @@ fn build_in(
         |_, _| {},
     )?;
     check_config(&wanted, &obj.join(".config"))?;
-    bar.finish_with_message(format!("{} options checked", wanted.len()));
+    ctx.finish(&bar, format!("{} options checked", wanted.len()));
 
     let bar = ctx.spinner("compile");
     let mut steps = 0u64;
+    let mut next_note = 500u64;
     run_logged(
         "kernel compile",
         make(&src, &obj, ctx.jobs).arg("all"),
@@ -137,10 +138,14 @@ fn build_in(
             {
                 steps += 1;
                 bar.set_message(format!("{steps} steps, {}", line.trim()));
+                if steps >= next_note {
+                    next_note += 500;
+                    ctx.note("compile", &format!("{steps} steps, {}", line.trim()));
+                }
             }
         },
     )?;
-    bar.finish_with_message(format!("compiled ({steps} steps)"));
+    ctx.finish(&bar, format!("compiled ({steps} steps)"));
 
     for (from, to) in [
         (obj.join("arch/x86/boot/bzImage"), "bzImage"),

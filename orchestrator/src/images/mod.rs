@@ -28,6 +28,7 @@ pub mod rootfs;
 pub mod smoke;
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -127,6 +128,10 @@ pub struct BuildContext<'a> {
     pub jobs: usize,
     /// Rebuild even if a cached image with the same recipe hash exists.
     pub force: bool,
+    /// Also print each step's start and end as plain lines on stderr. On by
+    /// default when stderr is not a terminal (CI logs), where indicatif
+    /// draws nothing.
+    pub plain_progress: bool,
 }
 
 impl<'a> BuildContext<'a> {
@@ -138,6 +143,7 @@ impl<'a> BuildContext<'a> {
             progress,
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             force: false,
+            plain_progress: !std::io::stderr().is_terminal(),
         })
     }
 
@@ -149,7 +155,23 @@ impl<'a> BuildContext<'a> {
         );
         bar.set_prefix(step.to_string());
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        self.note(step, "started");
         bar
+    }
+
+    /// Ends a step's bar with `message` (and a plain line, see
+    /// `plain_progress`).
+    pub(crate) fn finish(&self, bar: &ProgressBar, message: impl Into<String>) {
+        let message = message.into();
+        self.note(&bar.prefix(), &message);
+        bar.finish_with_message(message);
+    }
+
+    /// A plain progress line for logs that are not terminals.
+    pub(crate) fn note(&self, step: &str, message: &str) {
+        if self.plain_progress {
+            eprintln!("images: {step}: {message}");
+        }
     }
 
     pub(crate) fn bytes_bar(&self, step: &str) -> ProgressBar {
@@ -162,6 +184,7 @@ impl<'a> BuildContext<'a> {
             .progress_chars("=> "),
         );
         bar.set_prefix(step.to_string());
+        self.note(step, "started");
         bar
     }
 }
@@ -436,6 +459,7 @@ pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
 
     let started = Instant::now();
     let header = ctx.progress.add(ProgressBar::new_spinner());
+    header.set_prefix(spec.name.clone());
     header.set_message(format!(
         "{} ({}, recipe {})",
         spec.name,
@@ -466,12 +490,15 @@ pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
     if finished.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
-    header.finish_with_message(format!(
-        "{} {} in {:.0}s",
-        spec.name,
-        if finished.is_ok() { "built" } else { "FAILED" },
-        started.elapsed().as_secs_f64()
-    ));
+    ctx.finish(
+        &header,
+        format!(
+            "{} {} in {:.0}s",
+            spec.name,
+            if finished.is_ok() { "built" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        ),
+    );
     finished
 }
 

@@ -218,7 +218,7 @@ fn build_in(
         }
         other => other,
     })?;
-    bar.finish_with_message(format!("{} installed", recipe.suite));
+    ctx.finish(&bar, format!("{} installed", recipe.suite));
 
     let bar = ctx.spinner("customise");
     // /init and guest programs, as in the initramfs.
@@ -252,7 +252,7 @@ fn build_in(
             }
         }
     }
-    bar.finish_with_message("init, programs, command");
+    ctx.finish(&bar, "init, programs, command");
 
     let bar = ctx.spinner("mkfs.ext4");
     let image = out.join(ROOTFS_FILE);
@@ -277,7 +277,7 @@ fn build_in(
         }
         other => other,
     })?;
-    bar.finish_with_message(format!("{} MiB ext4", recipe.size_mib));
+    ctx.finish(&bar, format!("{} MiB ext4", recipe.size_mib));
     // The tree is in the image now; the copy only takes space.
     let _ = std::fs::remove_dir_all(&target);
     Ok(())
