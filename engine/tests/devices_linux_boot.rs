@@ -459,13 +459,10 @@ fn boot_once(kernel: &Path, initrd: &Path, disk: &Path, vcpus: usize) -> Outcome
             };
             // The backend reports the count to the bus only at I/O accesses.
             bus.retired[id] = cpus[id].instructions_retired().unwrap();
-            // DMA ranges are where a machine invalidates translated code
-            // (`Vm::invalidate_code`). Not done here: unicorn's
-            // TB_REMOVE_CACHE takes guest-virtual addresses and faults on a
-            // guest-physical one, which corrupts the vCPU state; the guest
-            // only DMAs into page-cache pages in this test, none of which
-            // holds translated code.
-            bus.dma.clear();
+            // Translated code of pages the device wrote is stale.
+            for range in std::mem::take(&mut bus.dma) {
+                vm.invalidate_code(range.addr, range.len).unwrap();
+            }
             if bus.reset {
                 break 'machine "guest reset".to_string();
             }
