@@ -6,6 +6,7 @@
 //! [`hypervisor::Vcpu`] trait: the software CPU (unicorn, exact instruction
 //! counts) and KVM (hardware speed).
 
+pub mod bench;
 pub mod devices;
 pub mod hypervisor;
 pub mod machine;

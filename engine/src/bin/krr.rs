@@ -28,6 +28,31 @@ enum BackendArg {
 enum Command {
     /// Boot a kernel and run it to its end; exits with the guest's status.
     Run(RunArgs),
+    /// Boot benchmark: wall time to the first line of /init on the software
+    /// CPU and on `qemu-system-x86_64 -accel tcg`, same kernel and initramfs.
+    BenchBoot(BenchArgs),
+}
+
+#[derive(Parser)]
+struct BenchArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+    #[arg(
+        long,
+        default_value = "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1"
+    )]
+    append: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    mem: u64,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser)]
@@ -133,6 +158,34 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
     Ok(report.exit_status)
 }
 
+fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let cfg = krr_engine::bench::BootBenchConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.append,
+        vcpus: a.vcpus,
+        mem_bytes: a.mem,
+        qemu: a.qemu,
+        timeout: std::time::Duration::from_secs(300),
+    };
+    let b = krr_engine::bench::boot_vs_qemu(&cfg)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&b)?);
+    } else {
+        println!("boot to the first line of /init, {} vCPU(s):", b.vcpus);
+        println!(
+            "  krr tcg    {:8.3} s  ({} instructions, {:.1} MIPS over the whole run)",
+            b.krr_wall_seconds,
+            b.krr_instructions_to_init
+                .map_or("?".to_string(), |i| i.to_string()),
+            b.krr_mips
+        );
+        println!("  qemu tcg   {:8.3} s", b.qemu_wall_seconds);
+        println!("  ratio      {:8.2} x (target: at most 2)", b.ratio);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -147,5 +200,6 @@ fn main() -> anyhow::Result<()> {
             let code = run(a)?;
             std::process::exit(code);
         }
+        Command::BenchBoot(a) => bench(a),
     }
 }

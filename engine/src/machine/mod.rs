@@ -141,6 +141,9 @@ pub struct RunReport {
     /// "Run /init as init process" line), if seen.
     pub instructions_to_init: Option<u64>,
     pub wall_seconds_to_init: Option<f64>,
+    /// Wall time until the first complete console line after that one
+    /// (the first line `/init` prints): the boot benchmark's end point.
+    pub wall_seconds_to_first_init_line: Option<f64>,
     pub console_bytes: usize,
     /// SHA-256 of the whole console output (determinism checks).
     pub console_sha256: String,
@@ -169,7 +172,8 @@ pub fn create_memory(bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
 
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const END_MARKER: &str = "KRR-END status=";
-const INIT_MARKER: &str = "Run /init as init process";
+/// The kernel's last line before it starts `/init`.
+pub const INIT_MARKER: &str = "Run /init as init process";
 
 /// What [`Machine::inject_for`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,6 +349,7 @@ impl Machine {
         let start = Instant::now();
         let mut stats = ExitStats::default();
         let mut to_init: Option<(u64, Duration)> = None;
+        let mut first_init_line: Option<Duration> = None;
         let mut scanned = 0usize;
         let mut end_status: Option<i32> = None;
         let n = self.vcpus.len();
@@ -458,6 +463,12 @@ impl Machine {
                     if to_init.is_none() && text.contains(INIT_MARKER) {
                         to_init = Some((self.total_instructions(), start.elapsed()));
                     }
+                    if to_init.is_some()
+                        && first_init_line.is_none()
+                        && first_line_after(out, INIT_MARKER)
+                    {
+                        first_init_line = Some(start.elapsed());
+                    }
                     if end_status.is_none() {
                         if let Some(s) = parse_marker(&text, END_MARKER) {
                             end_status = s.trim().parse().ok();
@@ -521,7 +532,9 @@ impl Machine {
                 }
             }
         };
-        self.report(end, stats, start.elapsed(), to_init)
+        let mut report = self.report(end, stats, start.elapsed(), to_init);
+        report.wall_seconds_to_first_init_line = first_init_line.map(|d| d.as_secs_f64());
+        report
     }
 
     fn report(
@@ -568,6 +581,7 @@ impl Machine {
             exits: stats,
             instructions_to_init: to_init.map(|t| t.0),
             wall_seconds_to_init: to_init.map(|t| t.1.as_secs_f64()),
+            wall_seconds_to_first_init_line: None,
             console_bytes: console.len(),
             console_sha256: {
                 use sha2::Digest;
@@ -587,6 +601,19 @@ impl Machine {
             .iter()
             .map(|v| v.instructions_retired().unwrap_or(0))
             .sum()
+    }
+}
+
+/// Whether `out` holds a complete line after the line containing `marker`.
+pub fn first_line_after(out: &[u8], marker: &str) -> bool {
+    let m = marker.as_bytes();
+    let Some(i) = out.windows(m.len()).position(|w| w == m) else {
+        return false;
+    };
+    let rest = &out[i..];
+    match rest.iter().position(|&b| b == b'\n') {
+        Some(nl) => rest[nl + 1..].contains(&b'\n'),
+        None => false,
     }
 }
 

@@ -6,11 +6,14 @@
 //! one translation cache and code one vCPU patches is seen by all.
 //!
 //! Instruction counting: a block hook adds each translation block's
-//! instruction count (asked once per block from unicorn and cached) before
-//! the block runs, and stops the CPU before a block once the budget is
-//! reached. Counts and stop points are therefore deterministic; a block cut
-//! short by a fault is counted whole, and a budget ends at the first block
-//! boundary at or after it (a block is at most a few dozen instructions).
+//! instruction count (asked once per block from unicorn and cached by
+//! address and size) before the block runs, and stops the CPU before a block
+//! once the budget is reached. Counts and stop points are therefore
+//! deterministic, but not exact in three cases: a block cut short by a fault
+//! is counted whole; a budget ends at the first block boundary at or after
+//! it (a block is at most a few dozen instructions); and after the guest
+//! rewrites code in place (alternatives, static keys), a cached count can
+//! belong to the old code when the new block has the same address and size.
 
 mod delivery;
 pub mod internals;
@@ -90,7 +93,7 @@ pub struct ExitCounters {
     pub rdtsc: u64,
 }
 
-const ICOUNT_CACHE: usize = 1 << 16;
+const ICOUNT_CACHE: usize = 1 << 14;
 
 impl HookState {
     fn bus(&mut self) -> &mut dyn IoBus {
