@@ -400,6 +400,7 @@ fn boot_once(kernel: &Path, initrd: &Path, disk: &Path, vcpus: usize) -> Outcome
     let mut halted = vec![false; vcpus];
     let mut round_start = 0u64;
     let trace = std::env::var_os("KRR_TEST_TRACE").is_some();
+    let mut rounds_until_trace = 200u32;
     let end = 'machine: loop {
         bus.advance_timers(round_start);
         if round_start >= MAX_INSTRUCTIONS {
@@ -478,13 +479,19 @@ fn boot_once(kernel: &Path, initrd: &Path, disk: &Path, vcpus: usize) -> Outcome
             }
         }
         round_start = round_end;
-        if trace && round_start / ROUND_NS % 200 == 0 {
-            eprintln!(
-                "[t={round_start} retired={:?} running={running:?} halted={halted:?} ipis={} console tail: {:?}]",
-                bus.retired,
-                bus.ipis,
-                String::from_utf8_lossy(&bus.serial.output()[bus.serial.output().len().saturating_sub(300)..])
-            );
+        if trace {
+            rounds_until_trace -= 1;
+            if rounds_until_trace == 0 {
+                rounds_until_trace = 200;
+                let out = bus.serial.output();
+                eprintln!(
+                    "[t={round_start} retired={:?} running={running:?} halted={halted:?} \
+                     ipis={} console tail: {:?}]",
+                    bus.retired,
+                    bus.ipis,
+                    String::from_utf8_lossy(&out[out.len().saturating_sub(300)..])
+                );
+            }
         }
         let out = bus.serial.output();
         if out.windows(8).any(|w| w == b"KRR-END ")
