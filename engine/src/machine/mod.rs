@@ -441,17 +441,18 @@ impl Machine {
                 for ap in 1..n {
                     match self.platform.apics[ap].take_ap_event() {
                         Some(ApEvent::Init) => self.state[ap] = CpuState::WaitForSipi,
-                        Some(ApEvent::Startup { vector }) => {
-                            if self.state[ap] == CpuState::WaitForSipi {
-                                let t = self.now(id);
-                                if let Err(e) = self.start_ap(ap, vector, t) {
-                                    break 'run RunEnd::BackendError {
-                                        reason: e.to_string(),
-                                    };
-                                }
+                        Some(ApEvent::Startup { vector })
+                            if self.state[ap] == CpuState::WaitForSipi =>
+                        {
+                            let t = self.now(id);
+                            if let Err(e) = self.start_ap(ap, vector, t) {
+                                break 'run RunEnd::BackendError {
+                                    reason: e.to_string(),
+                                };
                             }
                         }
-                        None => {}
+                        // A startup IPI to a running CPU is ignored.
+                        Some(ApEvent::Startup { .. }) | None => {}
                     }
                 }
                 // Console checks: /init start, end marker, panic.

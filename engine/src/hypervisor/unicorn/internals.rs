@@ -402,9 +402,12 @@ extern "C" {
     fn tb_invalidate_phys_range_x86_64(uc: *mut uc_engine, start: u64, end: u64);
 }
 
-/// Drops translated code of guest-physical `[start, end)`. Valid when guest
-/// RAM is a single block at GPA 0 (RAM offset = GPA), which the caller checks.
-pub fn invalidate_physical(uc: *mut uc_engine, start: u64, end: u64) {
-    // SAFETY: outside emulation; the range lies in mapped RAM.
-    unsafe { tb_invalidate_phys_range_x86_64(uc, start, end) }
+/// Drops translated code of guest-physical `[start, end)`.
+///
+/// # Safety
+/// `uc` must be a live engine that is not emulating, with guest RAM mapped
+/// as a single block at GPA 0 (so RAM offsets equal guest-physical
+/// addresses).
+pub unsafe fn invalidate_physical(uc: *mut uc_engine, start: u64, end: u64) {
+    tb_invalidate_phys_range_x86_64(uc, start, end)
 }

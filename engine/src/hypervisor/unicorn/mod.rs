@@ -358,6 +358,9 @@ struct Engine {
     state: Box<UnsafeCell<HookState>>,
     slots: Vec<VcpuSlot>,
     active: Option<usize>,
+    // Boxed: unicorn keeps a pointer to each region for its callbacks, so
+    // they must not move when the vector grows.
+    #[allow(clippy::vec_box)]
     mmio: Vec<Box<MmioRegion>>,
     /// Guest RAM is one region at GPA 0, so QEMU's RAM offsets equal
     /// guest-physical addresses.
@@ -379,6 +382,10 @@ impl Drop for Engine {
 }
 
 impl Engine {
+    // The hook state is shared with C callbacks through a raw pointer; it is
+    // an UnsafeCell for that reason, and this accessor is the one place
+    // Rust code reaches it.
+    #[allow(clippy::mut_from_ref)]
     fn st(&self) -> &mut HookState {
         // SAFETY: single-threaded; hooks and the engine never hold a
         // reference across a call into the other.
@@ -607,7 +614,8 @@ impl super::Vm for UnicornVm {
                 "code invalidation with guest RAM not in one region at 0",
             ));
         }
-        internals::invalidate_physical(e.uc, gpa, gpa + len);
+        // SAFETY: between runs; RAM is one block at 0 (checked above).
+        unsafe { internals::invalidate_physical(e.uc, gpa, gpa + len) };
         Ok(())
     }
 }
