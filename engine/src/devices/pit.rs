@@ -243,7 +243,7 @@ mod tests {
         pit.pio_write(0x43, 0x30, 0);
         pit.pio_write(0x40, 0x00, 100);
         pit.pio_write(0x40, 0x10, 100);
-        pit.pio_write(0x43, 0x00, 100 + ticks_to_ns(0x100));
+        pit.pio_write(0x43, 0x00, 100 + ticks_to_ns(0x100) + 400);
         let lo = pit.pio_read(0x40, 0) as u16;
         let hi = pit.pio_read(0x40, 0) as u16;
         assert_eq!(lo | hi << 8, 0x1000 - 0x100);

@@ -120,11 +120,17 @@ mod tests {
     #[test]
     fn captures_output_and_raises_thre_interrupt() {
         let mut s = SerialConsole::new(ConsoleSink::None);
+        assert!(!s.irq_level());
         s.pio_write(0x3f9, 0x02); // IER: THR empty
-        assert!(s.take_irq());
+        assert!(s.irq_level());
+        // Reading IIR acknowledges the THRE interrupt.
+        assert_eq!(s.pio_read(0x3fa) & 0x0f, 0x02);
+        assert!(!s.irq_level());
         s.pio_write(0x3f8, b'h');
+        assert!(s.irq_level(), "a transmitted byte raises THRE again");
         s.pio_write(0x3f8, b'i');
         assert_eq!(s.output(), b"hi");
-        assert!(s.take_irq());
+        s.pio_write(0x3f9, 0x00);
+        assert!(!s.irq_level(), "masked in IER");
     }
 }
