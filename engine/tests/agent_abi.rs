@@ -379,6 +379,16 @@ mod qemu_guest {
         for (event_type, count) in &counts {
             println!("  {:<18} {count}", event_type_name(*event_type));
         }
+        for event_type in counts.keys() {
+            if let Some(example) = contents
+                .events
+                .iter()
+                .rev()
+                .find(|e| e.body.event_type() == *event_type)
+            {
+                println!("  e.g. {example}");
+            }
+        }
         assert_eq!(h.dropped_events, 0, "ring overflowed; enlarge RING_SIZE");
         assert_eq!(h.events_written, contents.events.len() as u64);
         for (i, event) in contents.events.iter().enumerate() {
@@ -451,6 +461,37 @@ mod qemu_guest {
             "/proc/krr_agent missing:\n{}",
             boot.console
         );
+    }
+
+    #[test]
+    #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
+    fn agent_drops_and_counts_when_nobody_drains() {
+        // A 64 KiB data area inside the reserved region; QEMU never answers
+        // the doorbell, so the ring fills, stays consistent and counts drops.
+        let mut header = RingHeader::new(RING_SIZE, CONTROL_RECORD).unwrap();
+        header.data_size = MIN_DATA_SIZE;
+        header.high_water = MIN_DATA_SIZE / 2;
+        let boot = boot("syscall-loop 100", Some(&header), true);
+        let contents = parse_ring(&boot.ring.unwrap())
+            .unwrap_or_else(|e| panic!("full ring does not parse: {e}"));
+        let h = &contents.header;
+        println!(
+            "full ring: {} events in {} bytes, dropped {} events ({} bytes), doorbells {}",
+            contents.events.len(),
+            contents.bytes,
+            h.dropped_events,
+            h.dropped_bytes,
+            h.doorbells
+        );
+        assert!(h.head - h.tail <= MIN_DATA_SIZE);
+        assert!(
+            h.dropped_events > 0,
+            "a 64 KiB ring cannot hold a whole boot"
+        );
+        assert_eq!(h.events_written, contents.events.len() as u64);
+        // READY, one HIGH_WATER crossing, then a FULL doorbell per dropped event.
+        assert_eq!(h.doorbells, 2 + h.dropped_events);
+        assert!(boot.console.contains("iterations: 100"));
     }
 
     #[test]

@@ -52,6 +52,15 @@
 //! preceded by an [`EVENT_LOST`] record: a recording with losses is not
 //! replayable, and says so.
 //!
+//! # Rules for the engine (determinism of the agent itself)
+//! The agent's own code runs in the recorded kernel, and its reads of
+//! engine-written fields (`control`, `tail`) steer its branches (record or not,
+//! doorbell or not). So the engine writes them only at points replay can
+//! reproduce: `control` with every vCPU stopped (and, to be exact about the
+//! first/last record, with no vCPU inside `krr_emit`/`krr_write_locked`, which
+//! it can tell from System.map), `tail` only inside a doorbell exit or with
+//! every vCPU stopped, never asynchronously while vCPUs run.
+//!
 //! # What the agent records, and what not (yet)
 //! Hooked:
 //! - syscall entry (`do_syscall_64`, before anything else runs): the full user
