@@ -221,7 +221,7 @@ mod qemu_guest {
 
     /// Boots the kernel; if `ring_header` is given it is loaded at RING_PHYS
     /// and the whole ring region is dumped once the guest prints DUMP_MARKER.
-    fn boot(run: &str, ring_header: Option<&RingHeader>, announce_ring: bool) -> Boot {
+    fn boot(run: &str, ring_header: Option<&RingHeader>, announce_ring: bool, vcpus: u32) -> Boot {
         let kernel = env_path("KRR_AGENT_KERNEL");
         let initrd = env_path("KRR_TEST_INITRD");
         let dir = tempfile::tempdir().unwrap();
@@ -236,10 +236,11 @@ mod qemu_guest {
         append.push_str(&format!(
             " krr.run=\"{run}; cat /proc/krr_agent; echo {DUMP_MARKER}; sleep 600\""
         ));
+        let accel = if vcpus > 1 { "tcg,thread=multi" } else { "tcg" };
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
-            "tcg",
+            accel,
             "-M",
             "microvm,acpi=off",
             "-nodefaults",
@@ -247,7 +248,9 @@ mod qemu_guest {
             "-display",
             "none",
         ])
-        .args(["-serial", "stdio", "-m", "512", "-smp", "1"])
+        .args(["-serial", "stdio", "-m", "512"])
+        .arg("-smp")
+        .arg(vcpus.to_string())
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
@@ -350,7 +353,12 @@ mod qemu_guest {
     fn agent_records_a_syscall_loop_into_the_ring() {
         let iterations = 2000u64;
         let header = RingHeader::new(RING_SIZE, CONTROL_RECORD).unwrap();
-        let boot = boot(&format!("syscall-loop {iterations}"), Some(&header), true);
+        let boot = boot(
+            &format!("syscall-loop {iterations}"),
+            Some(&header),
+            true,
+            1,
+        );
         assert!(
             boot.console.contains("krr_agent: ring of"),
             "agent did not accept the ring:\n{}",
@@ -465,13 +473,60 @@ mod qemu_guest {
 
     #[test]
     #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
+    fn agent_orders_events_of_two_vcpus_in_one_ring() {
+        // Two loops in parallel on two vCPUs (multi-threaded TCG, so the
+        // writers really race for the ring lock).
+        let header = RingHeader::new(RING_SIZE, CONTROL_RECORD).unwrap();
+        let boot = boot(
+            "syscall-loop 1000 & syscall-loop 1000; wait",
+            Some(&header),
+            true,
+            2,
+        );
+        assert_eq!(
+            boot.console.matches("iterations: 1000").count(),
+            2,
+            "{}",
+            boot.console
+        );
+        let contents = parse_ring(&boot.ring.unwrap())
+            .unwrap_or_else(|e| panic!("ring dump does not parse: {e}"));
+        assert_eq!(contents.header.dropped_events, 0);
+        assert_eq!(contents.header.agent_nr_cpus, 2);
+        for (i, event) in contents.events.iter().enumerate() {
+            assert_eq!(
+                event.seq, i as u64,
+                "sequence numbers are not consecutive at event {i}"
+            );
+        }
+        let syscalls_on = |cpu| {
+            contents
+                .events
+                .iter()
+                .filter(|e| e.cpu == cpu && matches!(e.body, EventBody::Syscall(_)))
+                .count()
+        };
+        println!(
+            "syscalls on cpu0: {}, cpu1: {}",
+            syscalls_on(0),
+            syscalls_on(1)
+        );
+        assert!(
+            syscalls_on(0) > 0 && syscalls_on(1) > 0,
+            "both vCPUs enter the kernel"
+        );
+        assert!(syscalls_on(0) + syscalls_on(1) >= 2 * 12 * 1000);
+    }
+
+    #[test]
+    #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
     fn agent_drops_and_counts_when_nobody_drains() {
         // A 64 KiB data area inside the reserved region; QEMU never answers
         // the doorbell, so the ring fills, stays consistent and counts drops.
         let mut header = RingHeader::new(RING_SIZE, CONTROL_RECORD).unwrap();
         header.data_size = MIN_DATA_SIZE;
         header.high_water = MIN_DATA_SIZE / 2;
-        let boot = boot("syscall-loop 100", Some(&header), true);
+        let boot = boot("syscall-loop 100", Some(&header), true, 1);
         let contents = parse_ring(&boot.ring.unwrap())
             .unwrap_or_else(|e| panic!("full ring does not parse: {e}"));
         let h = &contents.header;
@@ -498,7 +553,7 @@ mod qemu_guest {
     #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
     fn agent_waits_for_the_engine_when_control_is_off() {
         let header = RingHeader::new(RING_SIZE, 0).unwrap();
-        let boot = boot("syscall-loop 100", Some(&header), true);
+        let boot = boot("syscall-loop 100", Some(&header), true, 1);
         assert!(
             boot.console
                 .contains("recording off until the engine starts it"),
@@ -517,7 +572,7 @@ mod qemu_guest {
     #[test]
     #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
     fn agent_stays_off_without_a_ring_or_with_an_unformatted_one() {
-        let boot_plain = boot("syscall-loop 100", None, false);
+        let boot_plain = boot("syscall-loop 100", None, false, 1);
         assert!(
             boot_plain
                 .console
@@ -527,7 +582,7 @@ mod qemu_guest {
         );
         assert!(boot_plain.console.contains("iterations: 100"));
         // Announced but never formatted by an engine (all zero): refused.
-        let boot_blank = boot("syscall-loop 100", None, true);
+        let boot_blank = boot("syscall-loop 100", None, true, 1);
         assert!(
             boot_blank.console.contains("is not KRR_RING_MAGIC"),
             "{}",
