@@ -648,6 +648,55 @@ pub enum AbiError {
         offset: u64,
         problem: String,
     },
+    #[error(
+        "KRR agent not found: the guest kernel never accepted the ring (agent_state 0); \
+         boot a -krr kernel (CONFIG_KRR_AGENT=y, images/kernel/krr-agent) with krr.ring=SIZE@PHYS"
+    )]
+    AgentAbsent,
+    #[error(
+        "the guest's KRR agent refused the ring (agent ABI version {agent_abi_version}, engine {ABI_VERSION}); \
+         its reason is in the guest kernel log (\"krr_agent: ring at ... refused: ...\")"
+    )]
+    AgentRefused { agent_abi_version: u32 },
+    #[error("ring agent_state is {0}, not one of AGENT_STATE_ABSENT/READY/REFUSED")]
+    BadAgentState(u32),
+}
+
+/// Why the agent rang the doorbell (the value of its `outl` to DOORBELL_PORT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doorbell {
+    /// Used space crossed `high_water`: drain.
+    HighWater,
+    /// A record did not fit: drain now, or it is dropped.
+    Full,
+    /// The agent accepted the ring.
+    AgentReady,
+    /// The agent refused the ring (see `agent_state` and the kernel log).
+    AgentRefused,
+    /// `start` written to /proc/krr_agent.
+    GuestStart,
+    /// `stop` written to /proc/krr_agent.
+    GuestStop,
+}
+
+impl Doorbell {
+    /// Decodes the value written to DOORBELL_PORT; `None` for unknown values.
+    pub fn from_value(value: u32) -> Option<Doorbell> {
+        Some(match value {
+            DOORBELL_HIGH_WATER => Doorbell::HighWater,
+            DOORBELL_FULL => Doorbell::Full,
+            DOORBELL_AGENT_READY => Doorbell::AgentReady,
+            DOORBELL_AGENT_REFUSED => Doorbell::AgentRefused,
+            DOORBELL_GUEST_START => Doorbell::GuestStart,
+            DOORBELL_GUEST_STOP => Doorbell::GuestStop,
+            _ => return None,
+        })
+    }
+
+    /// Whether the engine should drain the ring before resuming the vCPU.
+    pub fn wants_drain(self) -> bool {
+        matches!(self, Doorbell::HighWater | Doorbell::Full)
+    }
 }
 
 /// Byte offset of `control` in the region (the engine flips it to start/stop).
@@ -717,6 +766,21 @@ impl RingHeader {
             doorbell_port: DOORBELL_PORT.into(),
             ..RingHeader::default()
         })
+    }
+
+    /// Whether the guest has a working agent on this ring: the engine calls
+    /// this before it starts a recording (after boot, or on the READY
+    /// doorbell), so an unpatched kernel fails with a clear message instead
+    /// of recording nothing.
+    pub fn check_agent(&self) -> Result<(), AbiError> {
+        match self.agent_state {
+            AGENT_STATE_READY => Ok(()),
+            AGENT_STATE_ABSENT => Err(AbiError::AgentAbsent),
+            AGENT_STATE_REFUSED => Err(AbiError::AgentRefused {
+                agent_abi_version: self.agent_abi_version,
+            }),
+            other => Err(AbiError::BadAgentState(other)),
+        }
     }
 
     /// Checks the engine-written fields against the region length.
@@ -1295,6 +1359,31 @@ mod tests {
             kernel_cmdline(0x1c00_0000, 0x10_1000, true),
             "memmap=0x101000$0x1c000000 krr.ring=0x101000@0x1c000000"
         );
+    }
+
+    #[test]
+    fn agent_presence_and_doorbells() {
+        let mut h = RingHeader::new(1 << 20, 0).unwrap();
+        let absent = h.check_agent().unwrap_err().to_string();
+        assert!(absent.contains("KRR agent not found"), "{absent}");
+        h.agent_state = AGENT_STATE_REFUSED;
+        h.agent_abi_version = 7;
+        assert_eq!(
+            h.check_agent(),
+            Err(AbiError::AgentRefused {
+                agent_abi_version: 7
+            })
+        );
+        h.agent_state = AGENT_STATE_READY;
+        assert_eq!(h.check_agent(), Ok(()));
+        assert_eq!(Doorbell::from_value(DOORBELL_FULL), Some(Doorbell::Full));
+        assert!(Doorbell::from_value(DOORBELL_HIGH_WATER)
+            .unwrap()
+            .wants_drain());
+        assert!(!Doorbell::from_value(DOORBELL_GUEST_START)
+            .unwrap()
+            .wants_drain());
+        assert_eq!(Doorbell::from_value(0), None);
     }
 
     #[test]
