@@ -77,7 +77,9 @@
 //!   recorded twice.
 //! - `get_user`/`__get_user` (value and error) and `unsafe_get_user` (value;
 //!   a faulting `unsafe_get_user` jumps to its error label and is not recorded)
-//!   ([`GetUserEvent`]).
+//!   ([`GetUserEvent`]); the futex word's old value read by the x86 futex
+//!   atomics (`arch_futex_atomic_op_inuser`, `futex_atomic_cmpxchg_inatomic`)
+//!   is recorded the same way, as a 4-byte [`EVENT_GET_USER`].
 //! - `rdtsc()`, `rdtsc_ordered()` in the kernel proper (not the vDSO, not the
 //!   decompressor) ([`RdtscEvent`]). With every kernel TSC read replayed, the
 //!   CRNG (seeded from TSC/jiffies and interrupt timing) is deterministic too.
@@ -93,8 +95,7 @@
 //! - [`EVENT_EXEC_LOCK`]: a kernel-wide execution lock (one vCPU in the kernel
 //!   at a time, as KRR does) is not implemented; recordings of SMP guests give a
 //!   global order of agent events only, not of kernel shared-memory races.
-//! - futex word atomics (`futex_atomic_cmpxchg_inatomic`, asm), io_uring shared
-//!   ring reads (`READ_ONCE` on kernel-mapped user pages), faulting
+//! - io_uring shared ring reads (`READ_ONCE` on kernel-mapped user pages), faulting
 //!   `unsafe_get_user`, reads in NMI context.
 
 use std::fmt;
