@@ -344,3 +344,28 @@ fn rootfs_with_unknown_package_fails_naming_it() {
     let hash = &listed[0].recipe_hash[..16];
     assert!(!ctx.dirs.build.join(format!("rootfs-{hash}/root")).exists());
 }
+
+/// The KASAN variant boots and runs the workload with KASAN active.
+/// Ignored by default: building it takes 15-25 minutes.
+#[test]
+#[ignore = "builds the KASAN kernel (15-25 minutes)"]
+fn kasan_kernel_boots_in_qemu() {
+    let kernel = built("guest-6.1-kasan");
+    let initramfs = built("initramfs-base");
+    let config = std::fs::read_to_string(kernel.file("config").unwrap()).unwrap();
+    assert!(config.contains("CONFIG_KASAN=y") && config.contains("CONFIG_PROVE_LOCKING=y"));
+    let mut boot = SmokeBoot::new(kernel.file("bzImage").unwrap());
+    boot.initrd = Some(initramfs.file("initramfs.cpio.gz").unwrap().to_path_buf());
+    boot.memory_mib = 1024;
+    boot.command = Some("syscall-loop 500".into());
+    let result = smoke_boot_qemu(&boot).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(result.exit_status, 0, "{}", result.console);
+    assert!(
+        result
+            .console
+            .contains("KernelAddressSanitizer initialized"),
+        "{}",
+        result.console
+    );
+    assert!(!result.console.contains("BUG: KASAN"), "{}", result.console);
+}
