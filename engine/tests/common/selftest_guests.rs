@@ -89,6 +89,10 @@ fn le(data: &[u8]) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// AP start-up events `(vcpu, event)` raised by the local APICs, shared
+/// between the vCPU threads.
+pub type SharedApEvents = Arc<Mutex<Vec<(usize, ApEvent)>>>;
+
 /// The machine model of the selftests: records every access, answers port
 /// and MMIO reads from fixed values, CPUID from a small fixed table that
 /// every host KVM supports, and routes the xAPIC page to the engine's local
@@ -103,7 +107,7 @@ pub struct TestBus {
     pub stop_flag: Arc<AtomicBool>,
     pub apics: Option<Arc<Mutex<Vec<LocalApic>>>>,
     /// AP events the local APIC model produced, per target vCPU.
-    pub ap_events: Option<Arc<Mutex<Vec<(usize, ApEvent)>>>>,
+    pub ap_events: Option<SharedApEvents>,
     pub tsc: u64,
 }
 
