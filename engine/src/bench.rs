@@ -20,6 +20,9 @@ pub struct BootBenchConfig {
     pub mem_bytes: u64,
     /// QEMU binary to compare against.
     pub qemu: PathBuf,
+    /// QEMU machine type: `microvm,acpi=off` for the project's kernel (no
+    /// PCI, no ACPI), `pc` for a distribution kernel.
+    pub qemu_machine: String,
     /// Give up on either side after this long.
     pub timeout: Duration,
 }
@@ -78,7 +81,7 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
         "-accel".into(),
         "tcg".into(),
         "-M".into(),
-        "microvm,acpi=off".into(),
+        cfg.qemu_machine.clone(),
         "-nodefaults".into(),
         "-no-reboot".into(),
         "-display".into(),
@@ -108,27 +111,37 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
             qemu: cfg.qemu.clone(),
             source,
         })?;
+    // A reader thread forwards QEMU's console output, so that a guest that
+    // prints nothing cannot block the timeout; the clock stops at the first
+    // /init line and QEMU is killed either way.
     let mut stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
     let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
     let mut qemu_wall = None;
-    // QEMU's console output is read as it comes; the clock stops at the
-    // first /init line. Reads block, so the timeout is checked between reads
-    // and QEMU is killed at the end either way.
-    while start.elapsed() < cfg.timeout {
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                out.extend_from_slice(&buf[..n]);
+    while let Some(left) = cfg.timeout.checked_sub(start.elapsed()) {
+        match rx.recv_timeout(left) {
+            Ok(chunk) => {
+                out.extend_from_slice(&chunk);
                 if first_line_after(&out, INIT_MARKER) {
                     qemu_wall = Some(start.elapsed().as_secs_f64());
                     break;
                 }
             }
+            Err(_) => break,
         }
     }
     let _ = child.kill();
     let _ = child.wait();
+    drop(rx);
+    let _ = reader.join();
     let qemu_wall = qemu_wall.ok_or_else(|| {
         let text = String::from_utf8_lossy(&out);
         let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");

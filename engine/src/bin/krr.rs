@@ -50,6 +50,9 @@ struct BenchArgs {
     mem: u64,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// QEMU machine type (`pc` suits distribution kernels).
+    #[arg(long, default_value = "microvm,acpi=off")]
+    qemu_machine: String,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -166,6 +169,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         vcpus: a.vcpus,
         mem_bytes: a.mem,
         qemu: a.qemu,
+        qemu_machine: a.qemu_machine,
         timeout: std::time::Duration::from_secs(300),
     };
     let b = krr_engine::bench::boot_vs_qemu(&cfg)?;
