@@ -109,9 +109,13 @@ fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
     match arg {
         BackendArg::Tcg => Ok(Backend::Tcg),
         BackendArg::Kvm => Ok(Backend::Kvm),
-        // The machine model drives only the software CPU so far; KVM
-        // detection lives with the KVM backend.
-        BackendArg::Auto => Ok(Backend::Tcg),
+        // The machine model drives only the software CPU so far (its clock
+        // needs exact instruction counts); KVM detection lives with the KVM
+        // backend.
+        BackendArg::Auto => {
+            eprintln!("krr: --backend auto: using tcg (the machine does not drive KVM yet)");
+            Ok(Backend::Tcg)
+        }
     }
 }
 
