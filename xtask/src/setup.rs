@@ -20,6 +20,14 @@ pub const PACKAGES: &[HostPackage] = &[
         why: "guest-side programs, kernel build",
     },
     HostPackage {
+        name: "libc6-dev",
+        why: "static guest programs (gcc -static)",
+    },
+    HostPackage {
+        name: "patch",
+        why: "kernel patches (guest agent, bug reintroduction)",
+    },
+    HostPackage {
         name: "make",
         why: "kernel build",
     },
