@@ -5,6 +5,7 @@
 //! through `setup`, guest images through the image cache), so a fresh clone
 //! needs nothing but Rust.
 
+mod bench;
 mod eval;
 mod images;
 mod manifests;
@@ -59,6 +60,14 @@ enum Command {
         #[arg(value_enum)]
         experiment: eval::Experiment,
     },
+    /// Benchmarks, measured side by side in one run.
+    Bench {
+        #[arg(value_enum)]
+        benchmark: bench::Benchmark,
+        /// Runs per configuration (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+    },
     /// Guest images: build, list, clean, ad-hoc initramfs.
     Images {
         #[command(subcommand)]
@@ -102,6 +111,10 @@ fn run(cli: Cli) -> Result<()> {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
         Command::Eval { experiment } => eval::run(experiment),
+        Command::Bench {
+            benchmark,
+            repetitions,
+        } => bench::run(benchmark, repetitions),
         Command::Images { command } => images::run(command),
         Command::Test { cargo_args } => test::run(&cargo_args),
     }

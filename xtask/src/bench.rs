@@ -1,0 +1,122 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! `cargo xtask bench boot`: the software CPU against QEMU TCG, side by side
+//! in one run, on the project's own guest kernel and initramfs. Results go to
+//! `results/bench/boot.json` and a Markdown table on stdout.
+
+use crate::{images, repo_root};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::ValueEnum;
+use krr_engine::bench::{boot_vs_qemu, BootBench, BootBenchConfig};
+use std::time::Duration;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Benchmark {
+    /// Boot to the first line of /init: krr (tcg) vs qemu-system-x86_64 -accel tcg.
+    Boot,
+    /// Recording slowdown (needs the recorder: not implemented yet).
+    Record,
+    /// Replay speed (needs the replayer: not implemented yet).
+    Replay,
+}
+
+/// Same command line for both sides: the project's kernel has no ACPI and
+/// no PCI; `echo` gives /init's first line.
+const BOOT_CMDLINE: &str =
+    "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1 krr.run=\"echo hello\"";
+
+/// Median of the runs' values.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
+    match which {
+        Benchmark::Boot => boot(repetitions),
+        Benchmark::Record | Benchmark::Replay => bail!(
+            "bench {}: the recorder and replayer are not implemented yet; nothing to measure",
+            match which {
+                Benchmark::Record => "record",
+                _ => "replay",
+            }
+        ),
+    }
+}
+
+fn boot(repetitions: usize) -> Result<()> {
+    if repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    let built = images::build(&["guest-6.1".into(), "initramfs-base".into()], false)?;
+    let file = |image: &str, file: &str| {
+        built
+            .iter()
+            .find(|b| b.name == image)
+            .and_then(|b| b.file(file))
+            .map(|p| p.to_path_buf())
+            .ok_or_else(|| anyhow!("image `{image}` has no `{file}`"))
+    };
+    let kernel = file("guest-6.1", "bzImage")?;
+    let initrd = file("initramfs-base", "initramfs.cpio.gz")?;
+    let mut rows = Vec::new();
+    for vcpus in [1usize, 2] {
+        let mut runs: Vec<BootBench> = Vec::new();
+        for rep in 1..=repetitions {
+            let cfg = BootBenchConfig {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: BOOT_CMDLINE.into(),
+                vcpus,
+                mem_bytes: 512 << 20,
+                qemu: "qemu-system-x86_64".into(),
+                qemu_machine: "microvm,acpi=off".into(),
+                timeout: Duration::from_secs(300),
+            };
+            let r = boot_vs_qemu(&cfg)
+                .with_context(|| format!("boot benchmark, {vcpus} vCPU(s), run {rep}"))?;
+            eprintln!(
+                "  {vcpus} vCPU(s) run {rep}: krr {:.2} s ({:.0} MIPS), qemu {:.2} s, ratio {:.2}",
+                r.krr_wall_seconds, r.krr_mips, r.qemu_wall_seconds, r.ratio
+            );
+            runs.push(r);
+        }
+        let krr = median(runs.iter().map(|r| r.krr_wall_seconds).collect());
+        let qemu = median(runs.iter().map(|r| r.qemu_wall_seconds).collect());
+        let mips = median(runs.iter().map(|r| r.krr_mips).collect());
+        rows.push(serde_json::json!({
+            "vcpus": vcpus,
+            "krr_wall_seconds_median": krr,
+            "qemu_wall_seconds_median": qemu,
+            "ratio_of_medians": krr / qemu,
+            "krr_mips_median": mips,
+            "runs": runs,
+        }));
+    }
+    println!("| vCPUs | krr tcg (s) | QEMU TCG (s) | ratio (target <= 2) | krr MIPS |");
+    println!("|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            row["vcpus"],
+            row["krr_wall_seconds_median"].as_f64().unwrap_or(f64::NAN),
+            row["qemu_wall_seconds_median"].as_f64().unwrap_or(f64::NAN),
+            row["ratio_of_medians"].as_f64().unwrap_or(f64::NAN),
+            row["krr_mips_median"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    let dir = repo_root().join("results/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join("boot.json");
+    let doc = serde_json::json!({
+        "benchmark": "boot",
+        "kernel": kernel,
+        "initrd": initrd,
+        "cmdline": BOOT_CMDLINE,
+        "repetitions": repetitions,
+        "results": rows,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
