@@ -109,11 +109,21 @@ fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
     match arg {
         BackendArg::Tcg => Ok(Backend::Tcg),
         BackendArg::Kvm => Ok(Backend::Kvm),
-        // The machine model drives only the software CPU so far (its clock
-        // needs exact instruction counts); KVM detection lives with the KVM
-        // backend.
+        // The host decides (hardware-backed KVM or not); the machine model
+        // itself drives only the software CPU so far, because its clock needs
+        // exact instruction counts.
         BackendArg::Auto => {
-            eprintln!("krr: --backend auto: using tcg (the machine does not drive KVM yet)");
+            let choice = krr_engine::hypervisor::kvm::select_backend("auto")
+                .map_err(|reason| anyhow::anyhow!(reason))?;
+            match choice.backend {
+                krr_engine::hypervisor::kvm::Backend::Software => {
+                    eprintln!("krr: {}", choice.reason);
+                }
+                krr_engine::hypervisor::kvm::Backend::Kvm => eprintln!(
+                    "krr: {}; but the machine model does not drive KVM yet: using the software CPU",
+                    choice.reason
+                ),
+            }
             Ok(Backend::Tcg)
         }
     }
