@@ -326,6 +326,17 @@ mod qemu_guest {
         Boot { console, ring }
     }
 
+    /// `events_written` counts published records; QEMU may stop the guest
+    /// for the dump inside the agent, after the count and before `head` moves.
+    fn check_events_written(h: &RingHeader, contents: &RingContents) {
+        let parsed = contents.events.len() as u64;
+        assert!(
+            h.events_written == parsed || h.events_written == parsed + 1,
+            "events_written {} but {parsed} records between tail and head",
+            h.events_written
+        );
+    }
+
     /// Sends HMP commands one by one, each after the previous prompt.
     fn monitor_commands(socket: &Path, commands: &[String]) {
         let mut stream = UnixStream::connect(socket).expect("connecting to the QEMU monitor");
@@ -398,7 +409,7 @@ mod qemu_guest {
             }
         }
         assert_eq!(h.dropped_events, 0, "ring overflowed; enlarge RING_SIZE");
-        assert_eq!(h.events_written, contents.events.len() as u64);
+        check_events_written(h, &contents);
         for (i, event) in contents.events.iter().enumerate() {
             assert_eq!(
                 event.seq, i as u64,
@@ -543,9 +554,17 @@ mod qemu_guest {
             h.dropped_events > 0,
             "a 64 KiB ring cannot hold a whole boot"
         );
-        assert_eq!(h.events_written, contents.events.len() as u64);
-        // READY, one HIGH_WATER crossing, then a FULL doorbell per dropped event.
-        assert_eq!(h.doorbells, 2 + h.dropped_events);
+        check_events_written(h, &contents);
+        // READY, one HIGH_WATER crossing, then a FULL doorbell per dropped
+        // event. The guest keeps dropping while QEMU stops it for the dump, so
+        // it may stop between an event's doorbell and its drop count.
+        let extra = h.doorbells - h.dropped_events;
+        assert!(
+            extra == 2 || extra == 3,
+            "{} doorbells for {} drops",
+            h.doorbells,
+            h.dropped_events
+        );
         assert!(boot.console.contains("iterations: 100"));
     }
 

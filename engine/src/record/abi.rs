@@ -582,11 +582,36 @@ pub fn constants() -> Vec<(&'static str, u64, &'static str)> {
     ]
 }
 
+/// Writes `text` as a C comment in kernel style: one line if it fits in 80
+/// columns (a tab counts 8), else a block comment wrapped at 80 columns.
 fn c_comment(out: &mut String, indent: &str, text: &str) {
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if !text.is_empty() {
-        out.push_str(&format!("{indent}/* {text} */\n"));
+    const WIDTH: usize = 80;
+    let indent_cols = indent
+        .chars()
+        .map(|c| if c == '\t' { 8 } else { 1 })
+        .sum::<usize>();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.is_empty() {
+        return;
     }
+    let one_line = words.join(" ");
+    if indent_cols + one_line.len() + 6 <= WIDTH {
+        out.push_str(&format!("{indent}/* {one_line} */\n"));
+        return;
+    }
+    out.push_str(&format!("{indent}/*\n"));
+    let mut line = String::new();
+    for word in words {
+        if !line.is_empty() && indent_cols + 3 + line.len() + 1 + word.len() > WIDTH {
+            out.push_str(&format!("{indent} * {line}\n"));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&format!("{indent} * {line}\n{indent} */\n"));
 }
 
 /// The agent's C header `krr_agent_abi.h`, generated from this module.
@@ -1421,5 +1446,13 @@ mod tests {
             assert!(header.contains(&format!("#define {name} ")), "{name}");
         }
         assert!(header.contains("uint64_t reserved2[15];"));
+        for (n, line) in header.lines().enumerate() {
+            let cols: usize = line.chars().map(|c| if c == '\t' { 8 } else { 1 }).sum();
+            assert!(
+                cols <= 80,
+                "header line {} has {cols} columns: {line}",
+                n + 1
+            );
+        }
     }
 }
