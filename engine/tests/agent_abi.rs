@@ -221,11 +221,18 @@ mod qemu_guest {
 
     /// Boots the kernel; if `ring_header` is given it is loaded at RING_PHYS
     /// and the whole ring region is dumped once the guest prints DUMP_MARKER.
-    fn boot(run: &str, ring_header: Option<&RingHeader>, announce_ring: bool, vcpus: u32) -> Boot {
+    fn boot(
+        run: &str,
+        ring_header: Option<&RingHeader>,
+        announce_ring: bool,
+        vcpus: u32,
+        flips: &[(&str, u32)],
+    ) -> Boot {
         let kernel = env_path("KRR_AGENT_KERNEL");
         let initrd = env_path("KRR_TEST_INITRD");
         let dir = tempfile::tempdir().unwrap();
         let monitor = dir.path().join("monitor.sock");
+        let gdb = dir.path().join("gdb.sock");
         let dump = dir.path().join("ring.bin");
         let mut append = String::from("console=ttyS0 panic=-1 reboot=t");
         if announce_ring {
@@ -257,6 +264,12 @@ mod qemu_guest {
         .arg(&initrd)
         .arg("-append")
         .arg(&append)
+        .arg("-chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=gdb0",
+            gdb.display()
+        ))
+        .args(["-gdb", "chardev:gdb0"])
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()));
         if let Some(header) = ring_header {
@@ -290,6 +303,11 @@ mod qemu_guest {
                 Ok(line) => {
                     console.push_str(&line);
                     console.push('\n');
+                    if let Some((_, control)) =
+                        flips.iter().find(|(marker, _)| line.trim_end() == *marker)
+                    {
+                        set_control(&gdb, *control);
+                    }
                     if line.trim_end() == DUMP_MARKER {
                         monitor_commands(
                             &monitor,
@@ -337,6 +355,30 @@ mod qemu_guest {
         );
     }
 
+    /// Writes the ring's `control` word the way the engine will: with the
+    /// guest stopped (QEMU's gdbstub, physical-memory mode), then resumes it.
+    fn set_control(gdb_socket: &Path, control: u32) {
+        let address = RING_PHYS + CONTROL_OFFSET as u64;
+        let out = Command::new("gdb")
+            .args(["-q", "-batch", "-nx"])
+            .arg("-ex")
+            .arg(format!("target remote {}", gdb_socket.display()))
+            .args(["-ex", "maint packet Qqemu.PhyMemMode:1"])
+            .arg("-ex")
+            .arg(format!("set {{unsigned int}}{address:#x} = {control}"))
+            .arg("-ex")
+            .arg(format!("x/1wx {address:#x}"))
+            .args(["-ex", "detach"])
+            .output()
+            .expect("running gdb (apt-get install gdb)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("{address:#x}:\t{control:#010x}")),
+            "gdb did not set control to {control}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Sends HMP commands one by one, each after the previous prompt.
     fn monitor_commands(socket: &Path, commands: &[String]) {
         let mut stream = UnixStream::connect(socket).expect("connecting to the QEMU monitor");
@@ -369,6 +411,7 @@ mod qemu_guest {
             Some(&header),
             true,
             1,
+            &[],
         );
         assert!(
             boot.console.contains("krr_agent: ring of"),
@@ -493,6 +536,7 @@ mod qemu_guest {
             Some(&header),
             true,
             2,
+            &[],
         );
         assert_eq!(
             boot.console.matches("iterations: 1000").count(),
@@ -531,13 +575,57 @@ mod qemu_guest {
 
     #[test]
     #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
+    fn agent_starts_and_stops_at_runtime() {
+        // Four loops; recording is switched on for the 2nd and 4th only, with
+        // the guest stopped, as the engine does it.
+        let run = "syscall-loop 100; echo KRR-FLIP-1; sleep 2; syscall-loop 300; \
+                   echo KRR-FLIP-2; sleep 2; syscall-loop 500; echo KRR-FLIP-3; sleep 2; \
+                   syscall-loop 700";
+        let header = RingHeader::new(RING_SIZE, 0).unwrap();
+        let flips = [
+            ("KRR-FLIP-1", CONTROL_RECORD),
+            ("KRR-FLIP-2", 0),
+            ("KRR-FLIP-3", CONTROL_RECORD),
+        ];
+        let boot = boot(run, Some(&header), true, 1, &flips);
+        assert!(boot.console.contains("iterations: 700"), "{}", boot.console);
+        let contents = parse_ring(&boot.ring.unwrap())
+            .unwrap_or_else(|e| panic!("ring dump does not parse: {e}"));
+        assert_eq!(contents.header.dropped_events, 0);
+        let getpid = contents
+            .events
+            .iter()
+            .filter(|e| matches!(&e.body, EventBody::Syscall(s) if s.regs.orig_ax == 39))
+            .count();
+        let one_byte_writes = contents
+            .events
+            .iter()
+            .filter(
+                |e| matches!(&e.body, EventBody::CopyFromUser { info, .. } if info.requested == 1),
+            )
+            .count();
+        println!("recorded windows: getpid {getpid}, 1-byte copy_from_user {one_byte_writes}");
+        // 300 + 700 iterations recorded; the 100 and 500 ones not.
+        for (what, n) in [
+            ("getpid", getpid),
+            ("1-byte copy_from_user", one_byte_writes),
+        ] {
+            assert!(
+                (1000..1100).contains(&n),
+                "{what}: {n}, expected the 300 + 700 recorded iterations"
+            );
+        }
+    }
+
+    #[test]
+    #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
     fn agent_drops_and_counts_when_nobody_drains() {
         // A 64 KiB data area inside the reserved region; QEMU never answers
         // the doorbell, so the ring fills, stays consistent and counts drops.
         let mut header = RingHeader::new(RING_SIZE, CONTROL_RECORD).unwrap();
         header.data_size = MIN_DATA_SIZE;
         header.high_water = MIN_DATA_SIZE / 2;
-        let boot = boot("syscall-loop 100", Some(&header), true, 1);
+        let boot = boot("syscall-loop 100", Some(&header), true, 1, &[]);
         let contents = parse_ring(&boot.ring.unwrap())
             .unwrap_or_else(|e| panic!("full ring does not parse: {e}"));
         let h = &contents.header;
@@ -572,7 +660,7 @@ mod qemu_guest {
     #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
     fn agent_waits_for_the_engine_when_control_is_off() {
         let header = RingHeader::new(RING_SIZE, 0).unwrap();
-        let boot = boot("syscall-loop 100", Some(&header), true, 1);
+        let boot = boot("syscall-loop 100", Some(&header), true, 1, &[]);
         assert!(
             boot.console
                 .contains("recording off until the engine starts it"),
@@ -591,7 +679,7 @@ mod qemu_guest {
     #[test]
     #[ignore = "boots the -krr kernel under QEMU; needs KRR_AGENT_KERNEL and KRR_TEST_INITRD"]
     fn agent_stays_off_without_a_ring_or_with_an_unformatted_one() {
-        let boot_plain = boot("syscall-loop 100", None, false, 1);
+        let boot_plain = boot("syscall-loop 100", None, false, 1, &[]);
         assert!(
             boot_plain
                 .console
@@ -601,7 +689,7 @@ mod qemu_guest {
         );
         assert!(boot_plain.console.contains("iterations: 100"));
         // Announced but never formatted by an engine (all zero): refused.
-        let boot_blank = boot("syscall-loop 100", None, true, 1);
+        let boot_blank = boot("syscall-loop 100", None, true, 1, &[]);
         assert!(
             boot_blank.console.contains("is not KRR_RING_MAGIC"),
             "{}",
