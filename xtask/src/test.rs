@@ -21,7 +21,9 @@ fn cargo(args: &[&str], envs: &[(String, String)]) -> Result<()> {
 }
 
 pub fn run(extra: &[String]) -> Result<()> {
+    eprintln!("== host packages (cargo xtask setup)");
     setup::ensure()?;
+    setup::run(true)?;
     eprintln!("== cargo fmt --check");
     cargo(&["fmt", "--all", "--check"], &[])?;
     eprintln!("== cargo clippy");
