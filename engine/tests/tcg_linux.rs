@@ -4,34 +4,19 @@
 //! read from the virtio block device; report a panic with its line; stop a
 //! guest that spins forever with the instruction budget.
 //!
-//! Images: `KRR_TEST_KERNEL` (bzImage) and `KRR_TEST_INITRD` (the project's
-//! initramfs, which runs `krr.run="CMD"` and prints `KRR-END status=N`), or
-//! the preview copies in /work/kernel-preview. Without them each test prints
-//! `SKIPPED: <reason>` and returns.
+//! Images: see `common/guest_images.rs`.
+
+#[path = "common/guest_images.rs"]
+mod guest_images;
 
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
 use std::io::Write;
 use std::path::PathBuf;
 
-const PREVIEW: &str = "/work/kernel-preview";
 const BASE_CMDLINE: &str = "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1";
 
 fn images() -> Option<(PathBuf, PathBuf)> {
-    let from_env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let kernel =
-        from_env("KRR_TEST_KERNEL").unwrap_or_else(|| PathBuf::from(PREVIEW).join("bzImage"));
-    let initrd = from_env("KRR_TEST_INITRD")
-        .unwrap_or_else(|| PathBuf::from(PREVIEW).join("initramfs.cpio.gz"));
-    if kernel.is_file() && initrd.is_file() {
-        Some((kernel, initrd))
-    } else {
-        println!(
-            "SKIPPED: no guest images ({} / {}); set KRR_TEST_KERNEL and KRR_TEST_INITRD",
-            kernel.display(),
-            initrd.display()
-        );
-        None
-    }
+    guest_images::guest_images("KRR_TEST_KERNEL")
 }
 
 fn boot(cmdline: &str, vcpus: usize, disk: Option<PathBuf>, max: u64) -> Option<RunReport> {
