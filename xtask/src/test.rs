@@ -43,7 +43,14 @@ pub fn run(extra: &[String]) -> Result<()> {
     // Tests that boot Linux find the guest images through these variables;
     // with KRR_TEST_REQUIRE_IMAGES set they fail instead of skipping.
     eprintln!("== guest images for the tests");
-    let built = images::build(&["guest-6.1".into(), "initramfs-base".into()], false)?;
+    let built = images::build(
+        &[
+            "guest-6.1".into(),
+            "guest-6.1-krr".into(),
+            "initramfs-base".into(),
+        ],
+        false,
+    )?;
     let file = |image: &str, file: &str| -> Result<String> {
         built
             .iter()
@@ -62,6 +69,10 @@ pub fn run(extra: &[String]) -> Result<()> {
             "KRR_TEST_INITRD".to_string(),
             file("initramfs-base", "initramfs.cpio.gz")?,
         ),
+        (
+            "KRR_AGENT_KERNEL".to_string(),
+            file("guest-6.1-krr", "bzImage")?,
+        ),
         ("KRR_TEST_REQUIRE_IMAGES".to_string(), "1".to_string()),
     ];
     for (k, v) in &envs {
@@ -70,5 +81,24 @@ pub fn run(extra: &[String]) -> Result<()> {
     eprintln!("== cargo test");
     let mut args = vec!["test", "--release", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args, &envs)
+    cargo(&args, &envs)?;
+    if extra.is_empty() {
+        // The guest agent's tests boot the -krr kernel under QEMU; they are
+        // `#[ignore]`d for plain `cargo test` (they need the images above).
+        eprintln!("== guest agent in a real guest (QEMU)");
+        cargo(
+            &[
+                "test",
+                "--release",
+                "-p",
+                "krr-engine",
+                "--test",
+                "agent_abi",
+                "--",
+                "--ignored",
+            ],
+            &envs,
+        )?;
+    }
+    Ok(())
 }
