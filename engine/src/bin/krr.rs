@@ -85,6 +85,10 @@ struct RunArgs {
     /// Stop after this many instructions (the no-progress budget).
     #[arg(long, default_value_t = 50_000_000_000)]
     max_instructions: u64,
+    /// Stop after this many seconds of host time (KVM runs count no
+    /// instructions, so `--max-instructions` does not stop them).
+    #[arg(long)]
+    max_seconds: Option<f64>,
     /// Print one JSON object on stdout; the console goes to stderr.
     #[arg(long)]
     json: bool,
@@ -108,23 +112,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
     match arg {
         BackendArg::Tcg => Ok(Backend::Tcg),
-        BackendArg::Kvm => Ok(Backend::Kvm),
-        // The host decides (hardware-backed KVM or not); the machine model
-        // itself drives only the software CPU so far, because its clock needs
-        // exact instruction counts.
-        BackendArg::Auto => {
-            let choice = krr_engine::hypervisor::kvm::select_backend("auto")
+        // `kvm` is honoured wherever /dev/kvm works (on PVM too, with its
+        // note); `auto` picks KVM only when it is hardware-backed.
+        BackendArg::Kvm | BackendArg::Auto => {
+            let requested = if arg == BackendArg::Kvm {
+                "kvm"
+            } else {
+                "auto"
+            };
+            let choice = krr_engine::hypervisor::kvm::select_backend(requested)
                 .map_err(|reason| anyhow::anyhow!(reason))?;
-            match choice.backend {
-                krr_engine::hypervisor::kvm::Backend::Software => {
-                    eprintln!("krr: {}", choice.reason);
-                }
-                krr_engine::hypervisor::kvm::Backend::Kvm => eprintln!(
-                    "krr: {}; but the machine model does not drive KVM yet: using the software CPU",
-                    choice.reason
-                ),
-            }
-            Ok(Backend::Tcg)
+            eprintln!("krr: {}", choice.reason);
+            Ok(match choice.backend {
+                krr_engine::hypervisor::kvm::Backend::Software => Backend::Tcg,
+                krr_engine::hypervisor::kvm::Backend::Kvm => Backend::Kvm,
+            })
         }
     }
 }
@@ -135,15 +137,25 @@ fn print_summary(r: &RunReport) {
         "krr: run ended: {:?} (exit status {})",
         r.end, r.exit_status
     );
-    eprintln!(
-        "krr: {} instructions, virtual time {:.3} s, wall {:.3} s, {:.1} MIPS",
-        r.instructions,
-        r.virtual_ns as f64 / 1e9,
-        r.wall_seconds,
-        r.mips
-    );
-    if let (Some(i), Some(w)) = (r.instructions_to_init, r.wall_seconds_to_init) {
-        eprintln!("krr: /init started after {i} instructions, {w:.3} s wall");
+    if r.instructions == 0 && r.virtual_ns > 0 {
+        eprintln!(
+            "krr: instructions not counted (KVM); host-clock time {:.3} s, wall {:.3} s",
+            r.virtual_ns as f64 / 1e9,
+            r.wall_seconds
+        );
+    } else {
+        eprintln!(
+            "krr: {} instructions, virtual time {:.3} s, wall {:.3} s, {:.1} MIPS",
+            r.instructions,
+            r.virtual_ns as f64 / 1e9,
+            r.wall_seconds,
+            r.mips
+        );
+    }
+    match (r.instructions_to_init, r.wall_seconds_to_init) {
+        (Some(i), Some(w)) => eprintln!("krr: /init started after {i} instructions, {w:.3} s wall"),
+        (None, Some(w)) => eprintln!("krr: /init started after {w:.3} s wall"),
+        _ => {}
     }
     let e = &r.exits;
     eprintln!(
@@ -159,6 +171,12 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
     cfg.vcpus = a.vcpus;
     cfg.disk = a.disk.clone();
     cfg.max_instructions = a.max_instructions;
+    if let Some(s) = a.max_seconds {
+        if !(s.is_finite() && s > 0.0) {
+            bail!("--max-seconds {s}: expected a positive number of seconds");
+        }
+        cfg.max_wall = Some(std::time::Duration::from_secs_f64(s));
+    }
     cfg.console = match (a.quiet, a.json) {
         (true, _) => ConsoleSink::None,
         (false, true) => ConsoleSink::Stderr,

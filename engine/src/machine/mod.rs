@@ -6,8 +6,12 @@
 //! its TSC runs at 1 GHz). RDTSC, the PIT and the RTC all read it, and HLT
 //! skips ahead to the next timer deadline, so the same run is identical every
 //! time, whatever the host's speed.
+//!
+//! KVM runs cannot count instructions: their clock is host monotonic time
+//! (see [`clock`]), so they are not instruction-deterministic.
 
 pub mod boot;
+pub mod clock;
 pub mod cpuid;
 pub mod mptable;
 pub mod platform;
@@ -17,7 +21,9 @@ use crate::devices::lapic::{ApEvent, LAPIC_BASE, LAPIC_SIZE};
 use crate::devices::serial::ConsoleSink;
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{VirtioMmio, VIRTIO_MMIO_WINDOW_SIZE};
+use crate::hypervisor::kvm::{HostFeatures, KvmVm, VcpuKicker};
 use crate::hypervisor::{self, HypervisorError, Injection, Vcpu, Vm, VmExit};
+use clock::{HostClock, HostClockBus, SliceTimer};
 use platform::{Platform, PowerEvent};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -46,6 +52,12 @@ pub struct MachineConfig {
     pub max_instructions: u64,
     /// Instructions a vCPU runs before the next one gets its turn (SMP).
     pub quantum: u64,
+    /// KVM runs: host time a vCPU runs before the next one gets its turn
+    /// (and timers are looked at), at most.
+    pub kvm_slice: Duration,
+    /// Stop the run after this much host time (KVM runs have no
+    /// instruction counts for `max_instructions`); `None`: no limit.
+    pub max_wall: Option<Duration>,
 }
 
 impl MachineConfig {
@@ -60,6 +72,8 @@ impl MachineConfig {
             console: ConsoleSink::None,
             max_instructions: 50_000_000_000,
             quantum: 200_000,
+            kvm_slice: Duration::from_millis(2),
+            max_wall: None,
         }
     }
 }
@@ -92,6 +106,8 @@ pub enum RunEnd {
     TripleFault { reason: String },
     /// The instruction budget ran out first.
     BudgetExhausted { instructions: u64 },
+    /// The wall-time limit ([`MachineConfig::max_wall`]) ran out first.
+    WallTimeExhausted { millis: u64 },
     /// The backend failed.
     BackendError { reason: String },
 }
@@ -108,6 +124,7 @@ impl RunEnd {
             RunEnd::TripleFault { .. } => 5,
             RunEnd::BudgetExhausted { .. } => 6,
             RunEnd::BackendError { .. } => 7,
+            RunEnd::WallTimeExhausted { .. } => 8,
         }
     }
 }
@@ -203,9 +220,18 @@ pub struct Machine {
     vcpus: Vec<Box<dyn Vcpu>>,
     vm: Box<dyn Vm>,
     unicorn: Option<*const hypervisor::unicorn::UnicornVm>,
+    /// Set for KVM runs: what drives them (see [`Machine::run_kvm`]).
+    kvm: Option<KvmDrive>,
     platform: Platform,
     state: Vec<CpuState>,
     _mem: GuestMemoryMmap,
+}
+
+/// What a KVM run needs beside the vCPUs.
+struct KvmDrive {
+    kickers: Vec<VcpuKicker>,
+    features: HostFeatures,
+    clock: HostClock,
 }
 
 /// Guest-physical address of the local APICs and the IA32_APIC_BASE value
@@ -245,6 +271,9 @@ impl Machine {
         )?;
         let mp = mptable::write_mptable(&mem, cfg.vcpus as u8)
             .map_err(|e| MachineError::Config(format!("MP table: {e}")))?;
+        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
+        let mut kickers = Vec::new();
+        let mut host_features = None;
         let (mut vm, unicorn): (Box<dyn Vm>, Option<*const hypervisor::unicorn::UnicornVm>) =
             match backend {
                 Backend::Tcg => {
@@ -253,10 +282,16 @@ impl Machine {
                     (vm, Some(p))
                 }
                 Backend::Kvm => {
-                    return Err(MachineError::Hypervisor(HypervisorError::Unavailable {
-                        backend: "kvm",
-                        reason: "the machine model does not drive the KVM backend yet".into(),
-                    }))
+                    // KVM vCPUs are created here, where the VM's type is
+                    // known: the run loop needs their kickers.
+                    let vm = KvmVm::new(&mem)?;
+                    host_features = Some(vm.host_features());
+                    for id in 0..cfg.vcpus {
+                        let vcpu = vm.create_kvm_vcpu(id)?;
+                        kickers.push(vcpu.kicker());
+                        vcpus.push(Box::new(vcpu));
+                    }
+                    (Box::new(vm), None)
                 }
             };
         vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE)?;
@@ -264,9 +299,10 @@ impl Machine {
         if disk.is_some() {
             vm.add_mmio_region(platform::VIRTIO_BASE, VIRTIO_MMIO_WINDOW_SIZE)?;
         }
-        let mut vcpus = Vec::new();
-        for id in 0..cfg.vcpus {
-            vcpus.push(vm.create_vcpu(id)?);
+        if backend == Backend::Tcg {
+            for id in 0..cfg.vcpus {
+                vcpus.push(vm.create_vcpu(id)?);
+            }
         }
         let mut sregs = info.sregs;
         sregs.apic_base = APIC_BASE_BSP;
@@ -275,11 +311,26 @@ impl Machine {
         let mut state = vec![CpuState::WaitForSipi; cfg.vcpus];
         state[0] = CpuState::Running;
         let platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
+        let kvm = host_features.map(|features| {
+            let removed = features.removed(|l, s| cpuid::cpuid(&platform.cpuid, 0, l, s));
+            if !removed.is_empty() {
+                tracing::warn!(
+                    "kvm: this host's KVM cannot give the guest every feature of the engine's CPU; the guest sees it without: {}",
+                    removed.join(", ")
+                );
+            }
+            KvmDrive {
+                kickers,
+                features,
+                clock: HostClock::start(),
+            }
+        });
         Ok(Machine {
             cfg,
             vcpus,
             vm,
             unicorn,
+            kvm,
             platform,
             state,
             _mem: mem,
@@ -346,6 +397,9 @@ impl Machine {
     /// [`MachineConfig::quantum`] instructions, and never past the next timer
     /// deadline), so their clocks stay within one quantum of each other.
     pub fn run(&mut self) -> RunReport {
+        if self.kvm.is_some() {
+            return self.run_kvm();
+        }
         let start = Instant::now();
         let mut stats = ExitStats::default();
         let mut to_init: Option<(u64, Duration)> = None;
@@ -538,6 +592,224 @@ impl Machine {
         report
     }
 
+    /// The run loop of KVM runs: one host thread runs the vCPUs round-robin.
+    /// Each runs until it exits by itself (port/MMIO access with something
+    /// to deliver, HLT, interrupt window) or until a [`SliceTimer`] kicks
+    /// it, at the end of its slice ([`MachineConfig::kvm_slice`]) or at the
+    /// next device timer deadline, whichever is first. Interrupts stay in
+    /// the engine: the platform's LAPICs/PIC decide, `KVM_INTERRUPT`
+    /// injects when the guest's interrupt window is open (requested from
+    /// KVM when it is not). When every vCPU is halted the thread sleeps
+    /// until the next timer deadline (host time: the clock is the host's).
+    ///
+    /// Not yet: one host thread per vCPU (the goal); vCPUs of an SMP
+    /// guest take turns here.
+    fn run_kvm(&mut self) -> RunReport {
+        let start = Instant::now();
+        let mut stats = ExitStats::default();
+        let mut to_init: Option<(u64, Duration)> = None;
+        let mut first_init_line: Option<Duration> = None;
+        let mut scanned = 0usize;
+        let mut end_status: Option<i32> = None;
+        let n = self.vcpus.len();
+        let (kickers, clock, features) = match &self.kvm {
+            Some(k) => (k.kickers.clone(), k.clock, k.features.clone()),
+            None => unreachable!("run_kvm is called for KVM machines only"),
+        };
+        let finish = |end: Option<i32>| match end {
+            Some(status) => RunEnd::EndMarker { status },
+            None => RunEnd::PowerOff,
+        };
+        let end = match SliceTimer::spawn() {
+            Err(e) => RunEnd::BackendError {
+                reason: format!("cannot start the KVM slice timer thread: {e}"),
+            },
+            Ok(timer) => 'run: loop {
+                if let Some(limit) = self.cfg.max_wall {
+                    if start.elapsed() >= limit {
+                        break RunEnd::WallTimeExhausted {
+                            millis: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                        };
+                    }
+                }
+                let active: Vec<usize> = (0..n)
+                    .filter(|&i| matches!(self.state[i], CpuState::Running | CpuState::Halted))
+                    .collect();
+                if active.is_empty() {
+                    break finish(end_status);
+                }
+                for (id, kicker) in kickers.iter().enumerate() {
+                    if matches!(self.state[id], CpuState::WaitForSipi | CpuState::Stopped) {
+                        continue;
+                    }
+                    clock.sync(&mut self.platform, id);
+                    self.platform.current = id;
+                    self.platform.advance(id);
+                    let pending = match self.inject_for(id, &mut stats) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            break 'run RunEnd::BackendError {
+                                reason: format!("vCPU {id}: {e}"),
+                            }
+                        }
+                    };
+                    if self.state[id] == CpuState::Halted {
+                        if pending == Pending::None {
+                            continue;
+                        }
+                        self.state[id] = CpuState::Running;
+                    }
+                    if let Err(e) =
+                        self.vcpus[id].request_interrupt_window(pending == Pending::Masked)
+                    {
+                        break 'run RunEnd::BackendError {
+                            reason: format!("vCPU {id}: {e}"),
+                        };
+                    }
+                    let now = clock.now_ns();
+                    let slice_ns = u64::try_from(self.cfg.kvm_slice.as_nanos()).unwrap_or(u64::MAX);
+                    let mut slice_end = now.saturating_add(slice_ns);
+                    if let Some(d) = self.platform.next_deadline() {
+                        slice_end = slice_end.min(d.max(now));
+                    }
+                    let over = timer.arm(clock.instant_at(slice_end), kicker.clone());
+                    self.platform.irq_raised = false;
+                    self.platform.irq_pending_at_start = pending == Pending::Masked;
+                    self.platform.current = id;
+                    let exit = {
+                        let mut bus = HostClockBus {
+                            platform: &mut self.platform,
+                            clock,
+                            slice_over: over,
+                            stats: &mut stats,
+                            features: &features,
+                        };
+                        self.vcpus[id].run(&mut bus, None)
+                    };
+                    timer.disarm();
+                    clock.sync(&mut self.platform, id);
+                    // KVM needs no code invalidation; the ranges are dropped.
+                    self.platform.take_dma();
+                    for ap in 1..n {
+                        match self.platform.apics[ap].take_ap_event() {
+                            Some(ApEvent::Init) => self.state[ap] = CpuState::WaitForSipi,
+                            Some(ApEvent::Startup { vector })
+                                if self.state[ap] == CpuState::WaitForSipi =>
+                            {
+                                let (regs, sregs) =
+                                    boot::real_mode_state(vector, LAPIC_BASE | (1 << 11));
+                                let r = self.vcpus[ap]
+                                    .set_sregs(&sregs)
+                                    .and_then(|()| self.vcpus[ap].set_regs(&regs));
+                                if let Err(e) = r {
+                                    break 'run RunEnd::BackendError {
+                                        reason: format!("starting vCPU {ap}: {e}"),
+                                    };
+                                }
+                                self.state[ap] = CpuState::Running;
+                            }
+                            Some(ApEvent::Startup { .. }) | None => {}
+                        }
+                    }
+                    let out = self.platform.serial.output();
+                    if out.len() > scanned {
+                        let from = scanned.saturating_sub(200);
+                        let text = String::from_utf8_lossy(&out[from..]).into_owned();
+                        scanned = out.len();
+                        if to_init.is_none() && text.contains(INIT_MARKER) {
+                            to_init = Some((0, start.elapsed()));
+                        }
+                        if to_init.is_some()
+                            && first_init_line.is_none()
+                            && first_line_after(out, INIT_MARKER)
+                        {
+                            first_init_line = Some(start.elapsed());
+                        }
+                        if end_status.is_none() {
+                            if let Some(s) = parse_marker(&text, END_MARKER) {
+                                end_status = s.trim().parse().ok();
+                            }
+                        }
+                        if let Some(line) = parse_marker(&text, PANIC_MARKER) {
+                            break 'run RunEnd::Panic {
+                                line: format!("{PANIC_MARKER}{line}"),
+                            };
+                        }
+                    }
+                    match exit {
+                        Ok(VmExit::Hlt) => {
+                            stats.hlt += 1;
+                            let open = self.vcpus[id].interrupt_window_open().unwrap_or(false);
+                            self.state[id] = if open {
+                                CpuState::Halted
+                            } else if self.platform.apics[id].take_nmi() {
+                                let _ = self.vcpus[id].inject(Injection::Nmi);
+                                CpuState::Running
+                            } else {
+                                CpuState::Stopped
+                            };
+                        }
+                        Ok(VmExit::IoStop) => {
+                            stats.io_stop += 1;
+                            match self.platform.power.take() {
+                                Some(PowerEvent::Reset) => {
+                                    break 'run match end_status {
+                                        Some(status) => RunEnd::EndMarker { status },
+                                        None => RunEnd::Reset,
+                                    }
+                                }
+                                Some(PowerEvent::PowerOff) => break 'run finish(end_status),
+                                None => {}
+                            }
+                        }
+                        Ok(VmExit::Shutdown) => {
+                            break 'run match end_status {
+                                Some(status) => RunEnd::EndMarker { status },
+                                None => RunEnd::TripleFault {
+                                    reason: format!("vCPU {id} could not deliver a double fault"),
+                                },
+                            };
+                        }
+                        Ok(VmExit::BudgetExhausted) => stats.budget += 1,
+                        Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                        Err(e) => {
+                            break 'run RunEnd::BackendError {
+                                reason: format!("vCPU {id}: {e}"),
+                            }
+                        }
+                    }
+                }
+                // Every vCPU halted with nothing to take: wait for the next
+                // timer deadline in host time.
+                let asleep = (0..n).all(|i| match self.state[i] {
+                    CpuState::Running => false,
+                    CpuState::Halted => !self.deliverable(i),
+                    CpuState::WaitForSipi | CpuState::Stopped => true,
+                });
+                if asleep && (0..n).any(|i| self.state[i] == CpuState::Halted) {
+                    match self.platform.next_deadline() {
+                        Some(d) => {
+                            let now = clock.now_ns();
+                            if d > now {
+                                let mut wait = Duration::from_nanos(d - now);
+                                if let Some(limit) = self.cfg.max_wall {
+                                    wait = wait.min(limit.saturating_sub(start.elapsed()));
+                                }
+                                std::thread::sleep(wait);
+                            }
+                        }
+                        None => break finish(end_status),
+                    }
+                }
+            },
+        };
+        let mut report = self.report(end, stats, start.elapsed(), to_init);
+        report.wall_seconds_to_first_init_line = first_init_line.map(|d| d.as_secs_f64());
+        report.instructions_to_init = None;
+        report.virtual_ns = clock.now_ns();
+        report
+    }
+
     fn report(
         &mut self,
         end: RunEnd,
@@ -545,7 +817,9 @@ impl Machine {
         wall: Duration,
         to_init: Option<(u64, Duration)>,
     ) -> RunReport {
-        if let Some(u) = self.unicorn {
+        if self.kvm.is_some() {
+            // KVM counts nothing itself: `run_kvm` counted at the bus.
+        } else if let Some(u) = self.unicorn {
             // SAFETY: points into `self.vm`, alive for `self`'s lifetime.
             let c = unsafe { &*u }.exit_counters();
             stats.pio = c.pio;

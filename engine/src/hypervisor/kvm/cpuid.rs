@@ -141,6 +141,57 @@ const FEATURE_REGISTERS: &[(u32, u32, usize, &str, u32)] = &[
     (0x8000_0001, 0, 3, "CPUID.80000001h:EDX", 0),
 ];
 
+/// The feature bits the host's KVM can give a guest, for a machine model
+/// that shows the guest only those (a KVM run on a host whose KVM lacks a
+/// feature the engine's CPU has: PVM offers no SSE3, for one). Such a run's
+/// CPUID differs from the software CPU's; the recorder logs CPUID.
+#[derive(Clone)]
+pub struct HostFeatures {
+    supported: std::sync::Arc<Vec<kvm_cpuid_entry2>>,
+}
+
+impl HostFeatures {
+    pub(crate) fn new(supported: std::sync::Arc<Vec<kvm_cpuid_entry2>>) -> Self {
+        Self { supported }
+    }
+
+    /// `regs`, the answer to CPUID `leaf`/`subleaf`, with the feature bits
+    /// the host's KVM cannot provide cleared (bits that mirror guest
+    /// control-register state are kept).
+    pub fn restrict(&self, leaf: u32, subleaf: u32, mut regs: [u32; 4]) -> [u32; 4] {
+        for &(l, sub, r, _, dynamic) in FEATURE_REGISTERS {
+            if l != leaf || sub != subleaf {
+                continue;
+            }
+            let have = self
+                .supported
+                .iter()
+                .find(|e| {
+                    e.function == l
+                        && (e.index == sub || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+                })
+                .map(|e| reg(e, r))
+                .unwrap_or(0);
+            regs[r] &= have | dynamic;
+        }
+        regs
+    }
+
+    /// What [`HostFeatures::restrict`] removes from the CPU `cpuid`
+    /// describes, as human-readable lines (empty: nothing).
+    pub fn removed(&self, mut cpuid: impl FnMut(u32, u32) -> [u32; 4]) -> Vec<String> {
+        let mut out = Vec::new();
+        for &(l, sub, r, name, _) in FEATURE_REGISTERS {
+            let full = cpuid(l, sub);
+            let gone = full[r] & !self.restrict(l, sub, full)[r];
+            if gone != 0 {
+                out.push(format!("{name} mask {gone:#010x}"));
+            }
+        }
+        out
+    }
+}
+
 fn reg(e: &kvm_cpuid_entry2, i: usize) -> u32 {
     [e.eax, e.ebx, e.ecx, e.edx][i]
 }

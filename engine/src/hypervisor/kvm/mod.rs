@@ -49,6 +49,7 @@ use vmm_sys_util::ioctl_iow_nr;
 use crate::hypervisor::{
     DebugRegs, FpuState, HypervisorError, Injection, IoBus, Regs, Result, Sregs, Vcpu, Vm, VmExit,
 };
+pub use cpuid::HostFeatures;
 pub use detect::{detect, select_backend, AsyncEventMode, Backend, BackendChoice, KvmAvailability};
 pub use kick::{kick_signal, VcpuKicker};
 pub use pmu::{pmu_available, CountedEvent, GuestCounter, StopPlanner, StopStep};
@@ -186,6 +187,22 @@ impl KvmVm {
 
     pub fn async_event_mode(&self) -> AsyncEventMode {
         self.mode
+    }
+
+    /// The CPU features this host's KVM can give a guest. On a software
+    /// hypervisor (PVM) that is less than KVM_GET_SUPPORTED_CPUID says:
+    /// PVM reports CMPXCHG16B, but its ring-0 emulator cannot execute it
+    /// (found booting Linux 6.1: `lock cmpxchg16b` in SLUB ends KVM_RUN
+    /// with an emulation failure), so CX16 is withheld there.
+    pub fn host_features(&self) -> HostFeatures {
+        const CPUID1_ECX_CX16: u32 = 1 << 13;
+        let mut supported = self.supported_cpuid.as_ref().clone();
+        if let KvmAvailability::SoftwareHypervisor { .. } = self.availability {
+            for e in supported.iter_mut().filter(|e| e.function == 1) {
+                e.ecx &= !CPUID1_ECX_CX16;
+            }
+        }
+        HostFeatures::new(Arc::new(supported))
     }
 
     /// Creates vCPU `id` (its KVM vCPU id, and the APIC id the engine's
