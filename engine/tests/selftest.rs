@@ -62,10 +62,6 @@ fn on_backends<T: std::fmt::Debug + PartialEq>(
     Some(first)
 }
 
-/// Scenarios the software backend does not pass yet run on KVM alone by
-/// default; their cross-backend twins are `#[ignore]`d with the reason.
-const KVM_ONLY: [BackendKind; 1] = [BackendKind::Kvm];
-
 fn io_program() -> Program {
     assemble(64, PROGRAM, |a, l| {
         a.mov(eax, 0x1234_5678u32)?;
@@ -179,12 +175,6 @@ fn interrupt_program() -> Program {
 
 #[test]
 fn injected_interrupts_go_through_the_guest_idt() {
-    injected_interrupts_on(&KVM_ONLY);
-}
-
-#[test]
-#[ignore = "software backend: no InterruptWindow exit after STI (runs on to HLT), then hangs on injection"]
-fn injected_interrupts_go_through_the_guest_idt_on_both_backends() {
     injected_interrupts_on(&BACKENDS);
 }
 
@@ -406,12 +396,6 @@ fn breakpoint_program() -> Program {
 
 #[test]
 fn breakpoints_stop_at_their_address() {
-    breakpoints_on(&KVM_ONLY);
-}
-
-#[test]
-#[ignore = "software backend: resuming from a breakpoint stops at the same breakpoint again"]
-fn breakpoints_stop_at_their_address_on_both_backends() {
     breakpoints_on(&BACKENDS);
 }
 
@@ -502,8 +486,6 @@ fn smp_bus(
     ap_events: &Arc<Mutex<Vec<(usize, ApEvent)>>>,
 ) -> TestBus {
     TestBus {
-        // The AP reports, and stops there.
-        stop_after_write: Some((PORT_AP, 1)),
         apics: Some(apics.clone()),
         ap_events: Some(ap_events.clone()),
         ..TestBus::default()
@@ -638,7 +620,7 @@ fn two_vcpus_start_through_init_sipi() {
             value: 1
         }]
     );
-    assert_eq!((bsp_exit, ap_exit), (VmExit::Hlt, VmExit::IoStop));
+    assert_eq!((bsp_exit, ap_exit), (VmExit::Hlt, VmExit::Hlt));
 }
 
 fn user_busy_loop_program() -> Program {
@@ -805,12 +787,6 @@ fn auto_backend_choice_has_a_reason() {
 /// kernel mode, so there the backend must refuse with a reason.
 #[test]
 fn software_breakpoints_beyond_the_four_hardware_ones() {
-    software_breakpoints_on(&KVM_ONLY);
-}
-
-#[test]
-#[ignore = "software backend: resuming from a breakpoint stops at the same breakpoint again"]
-fn software_breakpoints_beyond_the_four_hardware_ones_on_both_backends() {
     software_breakpoints_on(&BACKENDS);
 }
 

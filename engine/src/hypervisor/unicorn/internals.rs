@@ -27,6 +27,9 @@ const UC_AS_IO_UC_OFFSET: usize = 120;
 // Offsets inside CPUX86State (QEMU 5.0 as vendored by unicorn 2.1.5).
 const ENV_REGS: usize = 0;
 const ENV_EIP: usize = 128;
+/// `eflags` holds IF, TF and the other system flags (the arithmetic flags
+/// live in the lazy `cc_*` fields).
+const ENV_EFLAGS: usize = 136;
 const ENV_HFLAGS: usize = 176;
 const ENV_SEGS: usize = 184;
 const SEGMENT_CACHE_SIZE: usize = 24;
@@ -247,6 +250,12 @@ impl EnvLayout {
                 self.efer()
             )));
         }
+        write_reg(uc, RegisterX86::RFLAGS, 0x202)?;
+        let with_if = self.eflags();
+        write_reg(uc, RegisterX86::RFLAGS, 0x2)?;
+        if with_if & 0x200 == 0 || self.eflags() & 0x200 != 0 {
+            return Err(SelfTestError("CPUX86State.eflags offset".into()));
+        }
         // A fresh 64-bit engine runs in long mode with a 64-bit CS.
         let hflags = self.hflags();
         if hflags & (HF_LMA_MASK | HF_CS64_MASK) != (HF_LMA_MASK | HF_CS64_MASK) {
@@ -284,6 +293,11 @@ impl EnvLayout {
     /// the translation loop), for use inside hooks.
     pub fn set_eip(&self, value: u64) {
         unsafe { self.field::<u64>(ENV_EIP).write_unaligned(value) }
+    }
+    /// The system part of RFLAGS (IF, TF, ...), readable inside hooks
+    /// without recomputing the arithmetic flags.
+    pub fn eflags(&self) -> u64 {
+        unsafe { self.field::<u64>(ENV_EFLAGS).read_unaligned() }
     }
     pub fn hflags(&self) -> u32 {
         unsafe { self.field::<u32>(ENV_HFLAGS).read_unaligned() }
@@ -400,6 +414,27 @@ impl EnvLayout {
 extern "C" {
     /// QEMU's `tb_invalidate_phys_range` (RAM offsets, end exclusive).
     fn tb_invalidate_phys_range_x86_64(uc: *mut uc_engine, start: u64, end: u64);
+    /// QEMU's `cpu_loop_exit_noexc`: leaves the translated code for the CPU
+    /// loop at once (a `siglongjmp`), as a helper raising an exception does.
+    fn cpu_loop_exit_noexc_x86_64(cpu: *mut c_void) -> !;
+}
+
+/// Leaves the translated block being executed immediately and returns to
+/// unicorn's CPU loop, which then honours a pending `uc_emu_stop`. Used by
+/// the port-I/O hooks: unicorn itself only checks for a stop request after
+/// a memory access or at the next block, so without this the instructions
+/// after an IN/OUT would run before the stop. The hook has already synced
+/// RIP to the start of the I/O instruction (unicorn does that before
+/// calling an IN/OUT hook), so the CPU stops there, with that instruction
+/// not retired.
+///
+/// # Safety
+/// Must be called from inside an IN/OUT instruction hook of a running
+/// engine, as the hook's last action: the `siglongjmp` skips the hook's
+/// frame, which must hold nothing that needs dropping.
+pub unsafe fn leave_translated_code(uc: *mut uc_engine) -> ! {
+    let cpu = read_u64((uc as *const u8).add(UC_CPU_OFFSET)) as *mut c_void;
+    cpu_loop_exit_noexc_x86_64(cpu)
 }
 
 /// Drops translated code of guest-physical `[start, end)`.

@@ -33,9 +33,9 @@ use std::ffi::c_void;
 use std::rc::Rc;
 use unicorn_engine::unicorn_const::{
     uc_close, uc_context, uc_context_alloc, uc_context_free, uc_context_restore, uc_context_save,
-    uc_ctl, uc_emu_start, uc_emu_stop, uc_engine, uc_error, uc_hook, uc_hook_add, uc_mem_map_ptr,
-    uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr, uc_x86_msr, Arch,
-    ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
+    uc_ctl, uc_emu_start, uc_emu_stop, uc_engine, uc_error, uc_hook, uc_hook_add, uc_hook_del,
+    uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr,
+    uc_x86_msr, Arch, ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -61,8 +61,61 @@ fn check(op: &'static str, e: uc_error) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Stop {
     Budget,
+    /// The bus asked for a stop during an access. The CPU stopped inside
+    /// the accessing instruction, which is then completed by a step that
+    /// replays its accesses (see [`HookState::access`]).
     Io,
+    /// An interrupt window was requested and is open.
+    Window,
+    /// The instruction being stepped is done.
+    Step,
+    /// A breakpoint of the running vCPU, before its instruction.
+    Breakpoint,
     Shutdown(String),
+}
+
+/// RFLAGS bits the backend looks at.
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_IF: u64 = 1 << 9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AccessKind {
+    PioIn,
+    PioOut,
+    MmioRead,
+    MmioWrite,
+}
+
+/// A port or MMIO access as the bus saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Access {
+    kind: AccessKind,
+    addr: u64,
+    size: u8,
+    /// Value read, or written.
+    value: u64,
+}
+
+impl Access {
+    fn is_read(&self) -> bool {
+        matches!(self.kind, AccessKind::PioIn | AccessKind::MmioRead)
+    }
+}
+
+/// One instruction executed with TF set by the backend (a single-step, a
+/// step over a breakpoint, or the completion of an instruction that an I/O
+/// stop interrupted).
+#[derive(Debug, Clone, Copy, Default)]
+struct StepState {
+    /// The guest had TF set itself: its #DB is real and is delivered.
+    guest_tf: bool,
+    /// The single-step trap arrived: the instruction retired.
+    trapped: bool,
+    /// Blocks entered during the step; a second one means the instruction
+    /// retired without a trap (SYSCALL masking TF), and the step ends there.
+    blocks: u32,
+    /// An access made by the stepped instruction asked for a stop.
+    io_stop: bool,
 }
 
 /// State shared with the C hooks through a stable pointer.
@@ -76,6 +129,23 @@ struct HookState {
     executed: u64,
     stop_at: u64,
     stop: Option<Stop>,
+    /// Stop before a block once IF=1 and there is no interrupt shadow.
+    window_requested: bool,
+    /// Port and MMIO accesses since the current block started: when an I/O
+    /// stop interrupts an instruction, the accesses it already made are the
+    /// last of these.
+    recent: Vec<Access>,
+    /// While an interrupted instruction is completed: its accesses so far,
+    /// handed back instead of being made again.
+    replay: Vec<Access>,
+    /// Next entry of `replay`; `None` until the first replayed access.
+    replay_next: Option<usize>,
+    replay_error: Option<String>,
+    stepping: Option<StepState>,
+    /// Breakpoints (linear addresses) of the running vCPU.
+    breakpoints: Vec<u64>,
+    /// The breakpoint being stepped over, not hit.
+    lifted_breakpoint: Option<u64>,
     /// Direct-mapped cache: (block pc, block size) -> instruction count.
     icounts: Vec<(u64, u32, u32)>,
     exits_by_kind: ExitCounters,
@@ -136,6 +206,112 @@ impl HookState {
         }
         unsafe { uc_emu_stop(self.uc) };
     }
+
+    /// One port or MMIO access of `size` bytes (`write`: the value written).
+    /// Returns the value read (or written) and whether the bus asked for a
+    /// stop.
+    ///
+    /// A stop cannot end the instruction that made the access: unicorn
+    /// leaves the translated code right after an MMIO access with RIP at
+    /// the start of that instruction (its restart point after a fault), and
+    /// the port hooks leave the same way ([`internals::leave_translated_code`]).
+    /// The instruction is then stepped once more, and the accesses it
+    /// already made are replayed from `recent` rather than repeated, so the
+    /// bus sees each access exactly once and the vCPU stops after the
+    /// instruction.
+    fn access(&mut self, kind: AccessKind, addr: u64, size: usize, write: u64) -> (u64, bool) {
+        if self.stepping.is_some() {
+            if let Some(value) = self.replayed(kind, addr, size, write) {
+                return (value, false);
+            }
+        }
+        let vcpu = self.vcpu;
+        let mut data = [0u8; 8];
+        let value = match kind {
+            AccessKind::PioIn => {
+                self.bus().pio_read(vcpu, addr as u16, &mut data[..size]);
+                u64::from_le_bytes(data)
+            }
+            AccessKind::MmioRead => {
+                self.bus().mmio_read(vcpu, addr, &mut data[..size]);
+                u64::from_le_bytes(data)
+            }
+            AccessKind::PioOut => {
+                self.bus()
+                    .pio_write(vcpu, addr as u16, &write.to_le_bytes()[..size]);
+                write
+            }
+            AccessKind::MmioWrite => {
+                self.bus()
+                    .mmio_write(vcpu, addr, &write.to_le_bytes()[..size]);
+                write
+            }
+        };
+        self.recent.push(Access {
+            kind,
+            addr,
+            size: size as u8,
+            value,
+        });
+        let stop = self.bus().stop_requested();
+        if stop {
+            if let Some(step) = &mut self.stepping {
+                // The step ends after this instruction anyway.
+                step.io_stop = true;
+                return (value, false);
+            }
+        }
+        (value, stop)
+    }
+
+    /// The value of an access the instruction being completed made before
+    /// it was interrupted, or `None` for a new access.
+    fn replayed(&mut self, kind: AccessKind, addr: u64, size: usize, write: u64) -> Option<u64> {
+        if self.replay.is_empty() {
+            return None;
+        }
+        let same = |a: &Access| {
+            a.kind == kind
+                && a.addr == addr
+                && a.size as usize == size
+                && (a.is_read() || a.value == write)
+        };
+        let next = match self.replay_next {
+            Some(i) => i,
+            // The interrupted instruction's accesses are the last ones made;
+            // its first access is the latest match of this one.
+            None => match self.replay.iter().rposition(same) {
+                Some(i) => i,
+                None => {
+                    self.replay_error = Some(format!(
+                        "the restarted instruction made a {kind:?} access to {addr:#x} ({size} bytes) that it had not made before; made: {:?}",
+                        self.replay
+                    ));
+                    self.replay_next = Some(self.replay.len());
+                    return None;
+                }
+            },
+        };
+        let a = *self.replay.get(next)?;
+        if !same(&a) {
+            self.replay_error = Some(format!(
+                "the restarted instruction made a {kind:?} access to {addr:#x} ({size} bytes) where {a:?} was expected"
+            ));
+            self.replay_next = Some(self.replay.len());
+            return None;
+        }
+        self.replay_next = Some(next + 1);
+        Some(a.value)
+    }
+
+    /// An access asked for a stop outside a step.
+    fn io_stop(&mut self) {
+        self.stop(Stop::Io);
+    }
+
+    fn window_open(&self) -> bool {
+        self.env.eflags() & RFLAGS_IF != 0 && !self.env.interrupt_shadow()
+    }
 }
 
 unsafe fn state<'a>(ud: *mut c_void) -> &'a mut HookState {
@@ -144,15 +320,71 @@ unsafe fn state<'a>(ud: *mut c_void) -> &'a mut HookState {
 
 extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void) {
     let st = unsafe { state(ud) };
-    if st.executed >= st.stop_at {
-        st.stop(Stop::Budget);
-        return;
+    if let Some(step) = &mut st.stepping {
+        step.blocks += 1;
+        if step.blocks > 1 {
+            st.stop(Stop::Step);
+            return;
+        }
+    } else {
+        // IF only becomes 1 by an instruction that ends its block (STI,
+        // POPF, IRET, SYSRET), and the STI/MOV SS shadow covers exactly the
+        // next block (QEMU gives it one instruction), so checking here is
+        // exact.
+        if st.window_requested && st.window_open() {
+            st.stop(Stop::Window);
+            return;
+        }
+        if st.executed >= st.stop_at {
+            st.stop(Stop::Budget);
+            return;
+        }
+        st.recent.clear();
     }
     st.executed += st.icount(pc, size);
 }
 
+/// A code hook bounded to the breakpoint addresses of all vCPUs: unicorn
+/// checks for a stop right after it, before the instruction executes.
+extern "C" fn on_breakpoint(_uc: *mut uc_engine, addr: u64, _size: u32, ud: *mut c_void) {
+    let st = unsafe { state(ud) };
+    if st.lifted_breakpoint != Some(addr) && st.breakpoints.contains(&addr) {
+        st.stop(Stop::Breakpoint);
+    }
+}
+
+/// During a step, an exception of the stepped instruction: the TF the
+/// backend set must not reach the guest's saved flags.
+fn drop_step_tf(uc: *mut uc_engine, st: &HookState) {
+    if let Some(step) = st.stepping {
+        if !step.guest_tf {
+            let rflags = read_reg(uc, RegisterX86::RFLAGS);
+            write_reg(uc, RegisterX86::RFLAGS, rflags & !RFLAGS_TF);
+        }
+    }
+}
+
 extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
     let st = unsafe { state(ud) };
+    if let Some(step) = st.stepping {
+        if intno == 1 && !st.env.exception_is_int() && !step.trapped {
+            // The single-step trap: the instruction retired.
+            st.env.reset_old_exception();
+            if let Some(s) = &mut st.stepping {
+                s.trapped = true;
+            }
+            if step.guest_tf {
+                st.exits_by_kind.exceptions += 1;
+                if let Err(e) = deliver(uc, &st.env, 1, EventKind::Exception { error_code: None }) {
+                    st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
+                }
+                st.env.reset_old_exception();
+            }
+            st.stop(Stop::Step);
+            return;
+        }
+        drop_step_tf(uc, st);
+    }
     st.exits_by_kind.exceptions += 1;
     let vector = intno as u8;
     let kind = if st.env.exception_is_int() {
@@ -166,40 +398,48 @@ extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
         st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
     }
     st.env.reset_old_exception();
+    if st.stepping.is_some() {
+        // The stepped instruction ended in an exception: the step is over.
+        st.stop(Stop::Step);
+    }
 }
 
 extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
     let st = unsafe { state(ud) };
     st.exits_by_kind.exceptions += 1;
+    drop_step_tf(uc, st);
     if let Err(e) = deliver(uc, &st.env, 6, EventKind::Exception { error_code: None }) {
         st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
     }
     st.env.reset_old_exception();
+    if st.stepping.is_some() {
+        st.stop(Stop::Step);
+    }
     true
 }
 
-extern "C" fn on_in(_uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32 {
+extern "C" fn on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32 {
     let st = unsafe { state(ud) };
     st.exits_by_kind.pio += 1;
-    let mut data = [0u8; 4];
     let n = (size as usize).clamp(1, 4);
-    let vcpu = st.vcpu;
-    st.bus().pio_read(vcpu, port as u16, &mut data[..n]);
-    if st.bus().stop_requested() {
-        st.stop(Stop::Io);
+    let (value, stop) = st.access(AccessKind::PioIn, port as u64, n, 0);
+    if stop {
+        st.io_stop();
+        // SAFETY: an IN hook, nothing left to drop in this frame.
+        unsafe { internals::leave_translated_code(uc) }
     }
-    u32::from_le_bytes(data)
+    value as u32
 }
 
-extern "C" fn on_out(_uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *mut c_void) {
+extern "C" fn on_out(uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *mut c_void) {
     let st = unsafe { state(ud) };
     st.exits_by_kind.pio += 1;
     let n = (size as usize).clamp(1, 4);
-    let vcpu = st.vcpu;
-    st.bus()
-        .pio_write(vcpu, port as u16, &value.to_le_bytes()[..n]);
-    if st.bus().stop_requested() {
-        st.stop(Stop::Io);
+    let (_, stop) = st.access(AccessKind::PioOut, port as u64, n, value as u64);
+    if stop {
+        st.io_stop();
+        // SAFETY: an OUT hook, nothing left to drop in this frame.
+        unsafe { internals::leave_translated_code(uc) }
     }
 }
 
@@ -308,15 +548,14 @@ extern "C" fn on_mmio_read(_uc: *mut uc_engine, offset: u64, size: u32, ud: *mut
     let region = unsafe { &*(ud as *const MmioRegion) };
     let st = unsafe { &mut *region.state };
     st.exits_by_kind.mmio += 1;
-    let mut data = [0u8; 8];
     let n = (size as usize).clamp(1, 8);
-    let vcpu = st.vcpu;
-    st.bus()
-        .mmio_read(vcpu, region.base + offset, &mut data[..n]);
-    if st.bus().stop_requested() {
-        st.stop(Stop::Io);
+    let (value, stop) = st.access(AccessKind::MmioRead, region.base + offset, n, 0);
+    if stop {
+        // Unicorn leaves the block right after this access, at the start
+        // of the accessing instruction.
+        st.io_stop();
     }
-    u64::from_le_bytes(data)
+    value
 }
 
 extern "C" fn on_mmio_write(
@@ -330,11 +569,9 @@ extern "C" fn on_mmio_write(
     let st = unsafe { &mut *region.state };
     st.exits_by_kind.mmio += 1;
     let n = (size as usize).clamp(1, 8);
-    let vcpu = st.vcpu;
-    st.bus()
-        .mmio_write(vcpu, region.base + offset, &value.to_le_bytes()[..n]);
-    if st.bus().stop_requested() {
-        st.stop(Stop::Io);
+    let (_, stop) = st.access(AccessKind::MmioWrite, region.base + offset, n, value);
+    if stop {
+        st.io_stop();
     }
 }
 
@@ -367,6 +604,8 @@ struct Engine {
     ram_at_zero: bool,
     /// Everything a fresh vCPU starts from (a reset x86-64 CPU).
     reset_context: *mut uc_context,
+    /// One code hook per breakpoint address of any vCPU.
+    breakpoint_hooks: Vec<(u64, uc_hook)>,
 }
 
 impl Drop for Engine {
@@ -390,6 +629,44 @@ impl Engine {
         // SAFETY: single-threaded; hooks and the engine never hold a
         // reference across a call into the other.
         unsafe { &mut *self.state.get() }
+    }
+
+    /// One code hook per address that any vCPU has a breakpoint at. Code
+    /// hooks are compiled into translated blocks, so when the set changes
+    /// the translation cache is flushed (a debugger operation, rare).
+    fn sync_breakpoint_hooks(&mut self) -> Result<()> {
+        let mut wanted: Vec<u64> = self
+            .slots
+            .iter()
+            .flat_map(|s| s.breakpoints.iter().copied())
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let have: Vec<u64> = self.breakpoint_hooks.iter().map(|(a, _)| *a).collect();
+        if have == wanted {
+            return Ok(());
+        }
+        for (_, h) in self.breakpoint_hooks.drain(..) {
+            check("hook_del", unsafe { uc_hook_del(self.uc, h) })?;
+        }
+        let ud = self.state.get() as *mut c_void;
+        for addr in wanted {
+            let mut h: uc_hook = 0;
+            check("hook_add", unsafe {
+                uc_hook_add(
+                    self.uc,
+                    &mut h,
+                    HookType::CODE.0 as i32,
+                    on_breakpoint as *mut c_void,
+                    ud,
+                    addr,
+                    addr,
+                )
+            })?;
+            self.breakpoint_hooks.push((addr, h));
+        }
+        let ctl = ControlType(ControlType::TB_FLUSH.0 | ControlType::IO_WRITE.0);
+        check("tb_flush", unsafe { uc_ctl(self.uc, ctl) })
     }
 
     /// Makes `id` the vCPU whose registers are in the CPU.
@@ -451,6 +728,14 @@ impl UnicornVm {
             executed: 0,
             stop_at: u64::MAX,
             stop: None,
+            window_requested: false,
+            recent: Vec::new(),
+            replay: Vec::new(),
+            replay_next: None,
+            replay_error: None,
+            stepping: None,
+            breakpoints: Vec::new(),
+            lifted_breakpoint: None,
             icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
             exits_by_kind: ExitCounters::default(),
         }));
@@ -467,6 +752,7 @@ impl UnicornVm {
             ram_at_zero: mem.num_regions() == 1
                 && mem.iter().next().map(|r| r.start_addr().0) == Some(0),
             reset_context,
+            breakpoint_hooks: Vec::new(),
         };
         for region in mem.iter() {
             let host = region
@@ -708,12 +994,193 @@ const GPRS: [RegisterX86; 18] = [
     RegisterX86::RFLAGS,
 ];
 
+/// How a step ended.
+enum StepEnd {
+    /// The instruction retired (or raised an exception that was delivered);
+    /// `io_stop`: one of its accesses asked for a stop.
+    Retired { io_stop: bool },
+    /// The step ends the run with this exit.
+    Exit(VmExit),
+}
+
+/// CS base + RIP: the address unicorn translates, and exits compare with.
+fn linear_rip(env: &EnvLayout, rip: u64) -> u64 {
+    env.segment(R_CS).base.wrapping_add(rip)
+}
+
+fn is_breakpoint(e: &Engine, id: usize, rip: u64) -> bool {
+    let bps = &e.slots[id].breakpoints;
+    !bps.is_empty() && bps.contains(&linear_rip(&e.st().env, rip))
+}
+
+/// Whether the instruction before `rip` is HLT (unicorn reports a halt only
+/// by returning).
+fn halted_after(uc: *mut uc_engine, env: &EnvLayout, rip: u64) -> bool {
+    let mut b = [0u8; 1];
+    let at = linear_rip(env, rip).wrapping_sub(1);
+    let ok = unsafe { uc_vmem_read(uc, at, Prot::EXEC, b.as_mut_ptr() as *mut c_void, 1) }
+        == uc_error::OK;
+    ok && b[0] == 0xf4
+}
+
 impl UnicornVcpu {
     /// Runs `f` with this vCPU's registers loaded in the engine.
     fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
         let mut e = self.engine.borrow_mut();
         e.activate(self.id)?;
         f(&mut e)
+    }
+
+    /// The body of [`Vcpu::run`], with the bus installed.
+    fn run_with_bus(&self, e: &mut Engine, budget: Option<u64>) -> Result<VmExit> {
+        let uc = e.uc;
+        let slot = &e.slots[self.id];
+        let single_step = slot.single_step;
+        let window_requested = slot.window_requested;
+        let st = e.st();
+        if window_requested && st.window_open() {
+            return Ok(VmExit::InterruptWindow);
+        }
+        let rip = st.env.eip();
+        let at_breakpoint = is_breakpoint(e, self.id, rip);
+        if single_step || at_breakpoint {
+            // Single-step, or resume from a breakpoint: execute the
+            // instruction there without stopping at it (gdb semantics).
+            let step = self.step(e, Vec::new())?;
+            let st = e.st();
+            let rip = st.env.eip();
+            match step {
+                StepEnd::Exit(exit) => return Ok(exit),
+                StepEnd::Retired { io_stop: true } => return Ok(VmExit::IoStop),
+                StepEnd::Retired { io_stop: false } => {}
+            }
+            if single_step || is_breakpoint(e, self.id, rip) {
+                return Ok(VmExit::Debug { rip });
+            }
+            if window_requested && e.st().window_open() {
+                return Ok(VmExit::InterruptWindow);
+            }
+        }
+        let st = e.st();
+        st.window_requested = window_requested;
+        st.stop = None;
+        st.recent.clear();
+        st.stop_at = match budget {
+            Some(b) => st.executed.saturating_add(b),
+            None => u64::MAX,
+        };
+        let rip = st.env.eip();
+        let err = unsafe { uc_emu_start(uc, rip, 0, 0, 0) };
+        st.window_requested = false;
+        let stop = st.stop.take();
+        let new_rip = st.env.eip();
+        if let Some(Stop::Shutdown(msg)) = stop {
+            tracing::warn!(vcpu = self.id, "{msg}");
+            return Ok(VmExit::Shutdown);
+        }
+        if err != uc_error::OK {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "emu_start",
+                reason: format!("{err:?} at rip {new_rip:#x}"),
+            });
+        }
+        match stop {
+            Some(Stop::Budget) => return Ok(VmExit::BudgetExhausted),
+            Some(Stop::Window) => return Ok(VmExit::InterruptWindow),
+            Some(Stop::Io) => {
+                // RIP is at the start of the instruction whose access asked
+                // for the stop; finish it, replaying what it already did.
+                let made = std::mem::take(&mut st.recent);
+                return match self.step(e, made)? {
+                    StepEnd::Exit(exit) => Ok(exit),
+                    StepEnd::Retired { .. } => Ok(VmExit::IoStop),
+                };
+            }
+            Some(Stop::Breakpoint) => return Ok(VmExit::Debug { rip: new_rip }),
+            Some(Stop::Step) | Some(Stop::Shutdown(_)) | None => {}
+        }
+        // Otherwise emulation stopped on its own: HLT.
+        if halted_after(uc, &e.st().env, new_rip) {
+            return Ok(VmExit::Hlt);
+        }
+        Err(HypervisorError::Backend {
+            backend: BACKEND,
+            op: "emu_start",
+            reason: format!("stopped without a reason at rip {new_rip:#x}"),
+        })
+    }
+
+    /// Executes exactly one instruction with TF set: QEMU then translates a
+    /// block of that one instruction and raises the single-step trap after
+    /// it, which the interrupt hook takes as the end of the step. Accesses
+    /// in `replay` are handed back instead of reaching the bus again.
+    /// A breakpoint at RIP is not hit.
+    fn step(&self, e: &mut Engine, replay: Vec<Access>) -> Result<StepEnd> {
+        let uc = e.uc;
+        let rip = e.st().env.eip();
+        let rflags = read_reg(uc, RegisterX86::RFLAGS);
+        let guest_tf = rflags & RFLAGS_TF != 0;
+        let dr6 = read_reg(uc, RegisterX86::DR6);
+        e.st().lifted_breakpoint = Some(linear_rip(&e.st().env, rip));
+        write_reg(uc, RegisterX86::RFLAGS, rflags | RFLAGS_TF);
+        let st = e.st();
+        st.replay = replay;
+        st.replay_next = None;
+        st.replay_error = None;
+        st.stepping = Some(StepState {
+            guest_tf,
+            ..StepState::default()
+        });
+        st.stop = None;
+        let stop_at = st.stop_at;
+        st.stop_at = u64::MAX;
+        let err = unsafe { uc_emu_start(uc, rip, 0, 0, 0) };
+        st.stop_at = stop_at;
+        let step = st.stepping.take().unwrap_or_default();
+        st.replay.clear();
+        let stop = st.stop.take();
+        let replay_error = st.replay_error.take();
+        let new_rip = st.env.eip();
+        st.lifted_breakpoint = None;
+        if !guest_tf {
+            let now = read_reg(uc, RegisterX86::RFLAGS);
+            write_reg(uc, RegisterX86::RFLAGS, now & !RFLAGS_TF);
+            if step.trapped {
+                write_reg(uc, RegisterX86::DR6, dr6);
+            }
+        }
+        if let Some(Stop::Shutdown(msg)) = stop {
+            tracing::warn!(vcpu = self.id, "{msg}");
+            return Ok(StepEnd::Exit(VmExit::Shutdown));
+        }
+        if err != uc_error::OK {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "step",
+                reason: format!("{err:?} at rip {new_rip:#x}"),
+            });
+        }
+        if let Some(reason) = replay_error {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "complete the instruction at an I/O stop",
+                reason: format!("at rip {rip:#x}: {reason}"),
+            });
+        }
+        if stop.is_none() && !step.trapped {
+            if halted_after(uc, &e.st().env, new_rip) {
+                return Ok(StepEnd::Exit(VmExit::Hlt));
+            }
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "step",
+                reason: format!("step from {rip:#x} stopped without a reason at {new_rip:#x}"),
+            });
+        }
+        Ok(StepEnd::Retired {
+            io_stop: step.io_stop,
+        })
     }
 
     fn try_deliver_pending(&self, e: &mut Engine) -> Option<String> {
@@ -759,81 +1226,21 @@ impl Vcpu for UnicornVcpu {
             tracing::warn!(vcpu = self.id, "{msg}");
             return Ok(VmExit::Shutdown);
         }
-        let slot = &e.slots[self.id];
-        let single_step = slot.single_step;
-        let window_requested = slot.window_requested;
-        let uc = e.uc;
+        let breakpoints = e.slots[self.id].breakpoints.clone();
         let st = e.st();
-        if window_requested {
-            let rflags = read_reg(uc, RegisterX86::RFLAGS);
-            if rflags & (1 << 9) != 0 && !st.env.interrupt_shadow() {
-                return Ok(VmExit::InterruptWindow);
-            }
-        }
+        st.breakpoints = breakpoints;
         // SAFETY: the pointer is only used by hooks during this call, while
         // `bus` is borrowed. The lifetime is erased for storage.
         let bus_ptr: *mut (dyn IoBus + '_) = bus;
         st.bus =
             Some(unsafe { std::mem::transmute::<*mut (dyn IoBus + '_), *mut dyn IoBus>(bus_ptr) });
-        st.stop = None;
-        st.stop_at = match budget {
-            Some(b) => st.executed.saturating_add(b),
-            None => u64::MAX,
-        };
-        let rip = st.env.eip();
-        let start_count = st.executed;
-        // Single-step uses unicorn's exact per-instruction count (it flushes
-        // the translation cache on every switch, which is fine for a
-        // debugger).
-        let count = if single_step { 1 } else { 0 };
-        let err = unsafe { uc_emu_start(uc, rip, 0, 0, count) };
-        if single_step {
-            st.executed = start_count + 1;
-        }
+        let result = self.run_with_bus(&mut e, budget);
+        let st = e.st();
         st.bus = None;
-        let stop = st.stop.take();
-        let new_rip = st.env.eip();
-        if let Some(Stop::Shutdown(msg)) = stop {
-            tracing::warn!(vcpu = self.id, "{msg}");
-            return Ok(VmExit::Shutdown);
-        }
-        if err != uc_error::OK {
-            return Err(HypervisorError::Backend {
-                backend: BACKEND,
-                op: "emu_start",
-                reason: format!("{err:?} at rip {new_rip:#x}"),
-            });
-        }
-        match stop {
-            Some(Stop::Budget) => return Ok(VmExit::BudgetExhausted),
-            Some(Stop::Io) => return Ok(VmExit::IoStop),
-            _ => {}
-        }
-        if single_step {
-            return Ok(VmExit::Debug { rip: new_rip });
-        }
-        if e.slots[self.id].breakpoints.contains(&new_rip) {
-            return Ok(VmExit::Debug { rip: new_rip });
-        }
-        // Otherwise emulation stopped on its own: HLT.
-        let mut b = [0u8; 1];
-        let ok = unsafe {
-            uc_vmem_read(
-                uc,
-                new_rip.wrapping_sub(1),
-                Prot::EXEC,
-                b.as_mut_ptr() as *mut c_void,
-                1,
-            )
-        } == uc_error::OK;
-        if ok && b[0] == 0xf4 {
-            return Ok(VmExit::Hlt);
-        }
-        Err(HypervisorError::Backend {
-            backend: BACKEND,
-            op: "emu_start",
-            reason: format!("stopped without a reason at rip {new_rip:#x}"),
-        })
+        st.stepping = None;
+        st.replay.clear();
+        st.recent.clear();
+        result
     }
 
     fn regs(&self) -> Result<Regs> {
@@ -1134,10 +1541,7 @@ impl Vcpu for UnicornVcpu {
     fn set_breakpoints(&mut self, addrs: &[u64]) -> Result<()> {
         self.with(|e| {
             e.slots[self.id].breakpoints = addrs.to_vec();
-            let ctl = ControlType(ControlType::UC_EXITS.0 | ControlType::IO_WRITE.0);
-            check("set_exits", unsafe {
-                uc_ctl(e.uc, ctl, addrs.as_ptr(), addrs.len())
-            })
+            e.sync_breakpoint_hooks()
         })
     }
 
