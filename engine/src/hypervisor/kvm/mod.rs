@@ -572,21 +572,58 @@ impl KvmVcpu {
     /// `kvm_run` but not yet in the guest's registers, without running guest
     /// code: `KVM_RUN` with `immediate_exit` set (the KVM API's documented
     /// way), so the engine sees consistent state.
-    fn complete_pending_io(&mut self) -> Result<()> {
+    ///
+    /// KVM finishes the pending access before it looks at `immediate_exit`,
+    /// and finishing it can produce the next access without entering the
+    /// guest (the rest of a string instruction; on PVM, which emulates guest
+    /// ring 0, the next port access of the emulated code). Those accesses
+    /// go to `bus` like any other, and completion is tried again.
+    fn complete_pending_io(&mut self, bus: &mut dyn IoBus) -> Result<()> {
+        /// More follow-on accesses than any string instruction or emulated
+        /// stretch produces: a loop past it is a bug, reported.
+        const MAX_FOLLOW_ON: usize = 1 << 16;
+        let id = self.id;
         self.fd.set_kvm_immediate_exit(1);
-        let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
-        self.fd.set_kvm_immediate_exit(0);
-        match r {
-            Err(libc::EINTR) => Ok(()),
-            Ok(()) => Err(backend_err(
+        let mut result = Err(backend_err(
+            "complete pending I/O",
+            format!("still not complete after {MAX_FOLLOW_ON} follow-on accesses"),
+        ));
+        for _ in 0..MAX_FOLLOW_ON {
+            let exit = match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR => {
+                    result = Ok(());
+                    break;
+                }
+                Err(e) => {
+                    result = Err(backend_err("complete pending I/O", e.to_string()));
+                    break;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    bus.pio_read(id, port, data);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    bus.pio_write(id, port, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    bus.mmio_read(id, addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    bus.mmio_write(id, addr, data);
+                    continue;
+                }
+                Ok(other) => format!("{other:?}"),
+            };
+            result = Err(backend_err(
                 "complete pending I/O",
-                "KVM_RUN with immediate_exit ran the guest",
-            )),
-            Err(errno) => Err(backend_err(
-                "complete pending I/O",
-                std::io::Error::from_raw_os_error(errno).to_string(),
-            )),
+                format!("KVM_RUN with immediate_exit ran the guest to exit {exit}"),
+            ));
+            break;
         }
+        self.fd.set_kvm_immediate_exit(0);
+        result
     }
 
     fn current_cpl(&self) -> Result<u8> {
@@ -742,7 +779,7 @@ impl KvmVcpu {
             match step {
                 Step::Io => {
                     if bus.stop_requested() {
-                        self.complete_pending_io()?;
+                        self.complete_pending_io(bus)?;
                         self.deliver_point(AsyncPosition::AfterIo);
                         return Ok(VmExit::IoStop);
                     }
