@@ -70,7 +70,8 @@ fn io_program() -> Program {
         a.out(i32::from(PORT_VALUE), eax)?;
         a.mov(rbx, MMIO_DEV)?;
         a.mov(dword_ptr(rbx), 0xa5a5u32)?;
-        a.mov(eax, dword_ptr(rbx + 8))?;
+        // One 8-byte MMIO read (one access on both backends).
+        a.mov(rax, qword_ptr(rbx + 8))?;
         a.out(i32::from(PORT_VALUE), eax)?;
         // CPUID is the engine's: vendor word and APIC id.
         a.xor(eax, eax)?;

@@ -265,3 +265,34 @@ fn repeated_stops_in_a_loop_are_deterministic() {
     assert_eq!(again.3, count, "instruction count of a second run");
     eprintln!("instructions retired: {count:?}");
 }
+
+/// 64-bit MMIO loads and stores reach the bus as one 8-byte access each.
+#[test]
+fn eight_byte_mmio_accesses_are_single_accesses() {
+    let prog = assemble(64, PROGRAM, |a, l| {
+        a.mov(rbx, MMIO_DEV)?;
+        a.mov(rax, 0x1122_3344_5566_7788u64)?;
+        a.mov(qword_ptr(rbx + 0x18), rax)?;
+        l.new_label(a, "after_store")?;
+        a.mov(rdx, qword_ptr(rbx + 0x28))?;
+        a.hlt()?;
+        l.new_label(a, "end")?;
+        a.nop()
+    });
+    let (exits, bus, vcpu, _) = run_program(&prog, |s| matches!(s, Seen::MmioWrite(..)));
+    assert_eq!(
+        bus.seen,
+        vec![
+            Seen::MmioWrite(MMIO_DEV + 0x18, 0x1122_3344_5566_7788),
+            Seen::MmioRead(MMIO_DEV + 0x28, 0x1001),
+        ]
+    );
+    assert_eq!(
+        exits,
+        vec![
+            (VmExit::IoStop, prog.at("after_store")),
+            (VmExit::Hlt, prog.at("end")),
+        ]
+    );
+    assert_eq!(vcpu.regs().unwrap().rdx, 0x1001);
+}

@@ -446,3 +446,122 @@ pub unsafe fn leave_translated_code(uc: *mut uc_engine) -> ! {
 pub unsafe fn invalidate_physical(uc: *mut uc_engine, start: u64, end: u64) {
     tb_invalidate_phys_range_x86_64(uc, start, end)
 }
+
+extern "C" {
+    /// QEMU/unicorn's `memory_map_io`, the implementation behind the
+    /// `uc_struct.memory_map_io` hook that `uc_mmio_map` calls.
+    fn memory_map_io_x86_64(
+        uc: *mut uc_engine,
+        begin: u64,
+        size: usize,
+        read_cb: *mut c_void,
+        write_cb: *mut c_void,
+        user_data_read: *mut c_void,
+        user_data_write: *mut c_void,
+    ) -> *mut u8;
+}
+
+thread_local! {
+    /// The MemoryRegion created by the `uc_mmio_map` in progress on this
+    /// thread.
+    static MAPPED_IO_REGION: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn memory_map_io_capturing(
+    uc: *mut uc_engine,
+    begin: u64,
+    size: usize,
+    read_cb: *mut c_void,
+    write_cb: *mut c_void,
+    user_data_read: *mut c_void,
+    user_data_write: *mut c_void,
+) -> *mut u8 {
+    let mr = unsafe {
+        memory_map_io_x86_64(
+            uc,
+            begin,
+            size,
+            read_cb,
+            write_cb,
+            user_data_read,
+            user_data_write,
+        )
+    };
+    MAPPED_IO_REGION.with(|c| c.set(mr));
+    mr
+}
+
+// Layout of the pieces touched below (unicorn 2.1.5, x86-64 host):
+// MemoryRegion.ops at 16 and .opaque at 24; the opaque of an MMIO region is
+// unicorn's `mmio_cbs` {read, user_data_read, write, user_data_write,
+// MemoryRegionOps ops} with ops at 32; in MemoryRegionOps, after four
+// function pointers: endianness (32), valid {min, max, unaligned, accepts}
+// (40..64), impl {min_access_size (64), max_access_size (68), unaligned}.
+const MR_OPS: usize = 16;
+const MR_OPAQUE: usize = 24;
+const CBS_OPS: usize = 32;
+const OPS_TAIL: std::ops::Range<usize> = 32..80;
+const OPS_IMPL_MAX_ACCESS_SIZE: usize = 68;
+
+/// `uc_mmio_map`, but 8-byte accesses reach the callbacks as one access.
+///
+/// Unicorn leaves `impl.max_access_size` of its MMIO regions at 0, which
+/// QEMU reads as 4: a 64-bit MMIO load or store becomes two 4-byte
+/// callbacks, which a device model cannot tell from two instructions. The
+/// region is created through `uc_mmio_map` as usual, with the engine's
+/// `memory_map_io` hook wrapped for that call to learn the new
+/// MemoryRegion; its ops (zeroed by unicorn, then checked here field by
+/// field against the callbacks and user data just passed) get
+/// `impl.max_access_size = 8`.
+///
+/// # Safety
+/// `uc` must be a live engine that is not emulating; the callbacks and
+/// user data must stay valid for the engine's life.
+pub unsafe fn mmio_map_with_8_byte_accesses(
+    uc: *mut uc_engine,
+    read_cb: *const c_void,
+    write_cb: *const c_void,
+    user_data: *const c_void,
+    uc_mmio_map: impl FnOnce() -> unicorn_engine::unicorn_const::uc_error,
+) -> Result<(), String> {
+    let engine = uc as *mut u8;
+    let original = memory_map_io_x86_64 as *const () as u64;
+    // The hook sits among uc_struct's function pointers, before `cpu`.
+    let slots: Vec<usize> = (0..UC_CPU_OFFSET)
+        .step_by(8)
+        .filter(|&off| read_u64(engine.add(off)) == original)
+        .collect();
+    let [slot] = slots[..] else {
+        return Err(format!(
+            "uc_struct.memory_map_io not found (candidates at {slots:?}); this engine supports unicorn-engine =2.1.5 only"
+        ));
+    };
+    let hook = engine.add(slot) as *mut u64;
+    MAPPED_IO_REGION.with(|c| c.set(std::ptr::null_mut()));
+    hook.write_unaligned(memory_map_io_capturing as *const () as u64);
+    let err = uc_mmio_map();
+    hook.write_unaligned(original);
+    if err != unicorn_engine::unicorn_const::uc_error::OK {
+        return Err(format!("uc_mmio_map failed: {err:?}"));
+    }
+    let mr = MAPPED_IO_REGION.with(|c| c.replace(std::ptr::null_mut()));
+    if mr.is_null() {
+        return Err("uc_mmio_map did not go through uc_struct.memory_map_io".into());
+    }
+    let opaque = read_u64(mr.add(MR_OPAQUE)) as *mut u8;
+    let ops = read_u64(mr.add(MR_OPS)) as *mut u8;
+    let layout_ok = !opaque.is_null()
+        && ops == opaque.add(CBS_OPS)
+        && read_u64(opaque) == read_cb as u64
+        && read_u64(opaque.add(8)) == user_data as u64
+        && read_u64(opaque.add(16)) == write_cb as u64
+        && read_u64(opaque.add(24)) == user_data as u64
+        && OPS_TAIL.clone().all(|i| *ops.add(i) == 0);
+    if !layout_ok {
+        return Err(
+            "the new MMIO region's MemoryRegion/mmio_cbs layout is not unicorn 2.1.5's".into(),
+        );
+    }
+    (ops.add(OPS_IMPL_MAX_ACCESS_SIZE) as *mut u32).write_unaligned(8);
+    Ok(())
+}

@@ -9,11 +9,35 @@
 //! instruction count (asked once per block from unicorn and cached by
 //! address and size) before the block runs, and stops the CPU before a block
 //! once the budget is reached. Counts and stop points are therefore
-//! deterministic, but not exact in three cases: a block cut short by a fault
-//! is counted whole; a budget ends at the first block boundary at or after
-//! it (a block is at most a few dozen instructions); and after the guest
-//! rewrites code in place (alternatives, static keys), a cached count can
-//! belong to the old code when the new block has the same address and size.
+//! deterministic, but not exact in four cases: a block cut short by a fault,
+//! a breakpoint or an I/O stop is counted whole (an I/O stop adds one more
+//! for the step that completes the interrupted instruction); a budget ends
+//! at the first block boundary at or after it (a block is at most a few
+//! dozen instructions); and after the guest rewrites code in place
+//! (alternatives, static keys), a cached count can belong to the old code
+//! when the new block has the same address and size.
+//!
+//! Exact stops:
+//! - I/O stops ([`IoBus::stop_requested`] after an access) end right after
+//!   the accessing instruction, and every access reaches the bus once: the
+//!   CPU leaves the block at the start of that instruction (unicorn's exit
+//!   check after an MMIO access; [`internals::leave_translated_code`] for
+//!   port I/O), then the instruction is stepped again with its earlier
+//!   accesses replayed to it instead of sent to the bus.
+//! - Steps (single-step, stepping over a breakpoint, completing an
+//!   instruction) set TF: QEMU then translates a one-instruction block and
+//!   raises the single-step trap after it, which the interrupt hook takes
+//!   as the end of the step (TF and DR6 are put back; a guest that set TF
+//!   itself gets its #DB).
+//! - Breakpoints are code hooks bounded to their address: unicorn checks
+//!   for a stop after the hook, before the instruction.
+//! - The interrupt window is checked before each block: IF only becomes 1
+//!   through an instruction that ends its block, and QEMU gives the
+//!   STI/MOV SS shadow a block of its own.
+//!
+//! MMIO accessed from inside a QEMU helper (descriptor-table loads, IRET,
+//! FXSAVE areas in MMIO) has no exit check right after it; a stop requested
+//! there takes effect at the next check instead. Guests do not do this.
 
 mod delivery;
 pub mod internals;
@@ -876,16 +900,31 @@ impl super::Vm for UnicornVm {
             state: e.state.get(),
         });
         let ud = &*region as *const MmioRegion as *mut c_void;
-        check("mmio_map", unsafe {
-            uc_mmio_map(
-                e.uc,
-                base,
-                size,
-                Some(on_mmio_read),
+        let uc = e.uc;
+        // SAFETY: between runs; the region box lives as long as the engine.
+        unsafe {
+            internals::mmio_map_with_8_byte_accesses(
+                uc,
+                on_mmio_read as *const c_void,
+                on_mmio_write as *const c_void,
                 ud,
-                Some(on_mmio_write),
-                ud,
+                || {
+                    uc_mmio_map(
+                        uc,
+                        base,
+                        size,
+                        Some(on_mmio_read),
+                        ud,
+                        Some(on_mmio_write),
+                        ud,
+                    )
+                },
             )
+        }
+        .map_err(|reason| HypervisorError::Backend {
+            backend: BACKEND,
+            op: "mmio_map",
+            reason,
         })?;
         e.mmio.push(region);
         Ok(())
