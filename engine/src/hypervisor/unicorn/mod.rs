@@ -185,6 +185,9 @@ pub struct ExitCounters {
     pub syscalls: u64,
     pub cpuid: u64,
     pub rdtsc: u64,
+    /// Runs that ended in [`VmExit::IoStop`] (each completed the
+    /// interrupted instruction with a step).
+    pub io_stops: u64,
 }
 
 const ICOUNT_CACHE: usize = 1 << 14;
@@ -1131,6 +1134,7 @@ impl UnicornVcpu {
                 // RIP is at the start of the instruction whose access asked
                 // for the stop; finish it, replaying what it already did.
                 let made = std::mem::take(&mut st.recent);
+                st.exits_by_kind.io_stops += 1;
                 return match self.step(e, made)? {
                     StepEnd::Exit(exit) => Ok(exit),
                     StepEnd::Retired { .. } => Ok(VmExit::IoStop),
