@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-//! Stops requested by the bus from inside an access, on the software CPU:
-//! the vCPU must stop right after the accessing instruction, and every
-//! access must reach the bus exactly once (an MMIO write repeated after a
-//! stop re-sends an IPI or an EOI). Covered: plain MMIO stores and loads,
-//! read-modify-write (a read then a write in one instruction), string moves,
-//! port IN/OUT, and a stop after every single access of a program.
+//! Exact stops of the software CPU. Stops requested by the bus from inside
+//! an access: the vCPU must stop right after the accessing instruction, and
+//! every access must reach the bus exactly once (an MMIO write repeated
+//! after a stop re-sends an IPI or an EOI). Covered: plain MMIO stores and
+//! loads, read-modify-write (a read then a write in one instruction), string
+//! moves, port IN/OUT, 8-byte accesses, and a stop after every single access
+//! of a program. Also: the interrupt window after POPF and IRETQ, and
+//! resuming from a breakpoint on an MMIO store that asks for a stop.
 
 #[path = "common/selftest_guests.rs"]
 mod selftest_guests;
@@ -295,4 +297,102 @@ fn eight_byte_mmio_accesses_are_single_accesses() {
         ]
     );
     assert_eq!(vcpu.regs().unwrap().rdx, 0x1001);
+}
+
+#[test]
+fn the_interrupt_window_opens_after_popf_and_iretq() {
+    let prog = assemble(64, PROGRAM, |a, l| {
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x200)?;
+        a.popfq()?;
+        l.new_label(a, "after_popf")?;
+        a.cli()?;
+        let mut target = a.create_label();
+        a.mov(eax, 0x18u32)?;
+        a.push(rax)?;
+        a.lea(rax, qword_ptr(rsp + 8))?;
+        a.push(rax)?;
+        a.push(0x202)?;
+        a.push(0x10)?;
+        a.lea(rax, ptr(target))?;
+        a.push(rax)?;
+        a.iretq()?;
+        a.set_label(&mut target)?;
+        l.name("after_iretq", target);
+        a.cli()?;
+        a.hlt()?;
+        l.new_label(a, "end")?;
+        a.nop()
+    });
+    let mem = guest_memory();
+    prog.load(&mem);
+    let mut vm = make_vm(BackendKind::Software, &mem).expect("software VM");
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    enter_long_mode(vcpu.as_mut(), PROGRAM, None);
+    let mut bus = StopBus::new(|_| false);
+    vcpu.request_interrupt_window(true).unwrap();
+    let mut exits = Vec::new();
+    for _ in 0..3 {
+        let e = vcpu.run(&mut bus, None).unwrap();
+        let rip = vcpu.regs().unwrap().rip;
+        exits.push((e, rip));
+        if e == VmExit::InterruptWindow {
+            // Step past the open window: the next run must find it closed
+            // again (CLI) before reporting the next one.
+            vcpu.request_interrupt_window(false).unwrap();
+            vcpu.set_single_step(true).unwrap();
+            vcpu.run(&mut bus, None).unwrap();
+            vcpu.set_single_step(false).unwrap();
+            vcpu.request_interrupt_window(true).unwrap();
+        }
+    }
+    assert_eq!(
+        exits,
+        vec![
+            (VmExit::InterruptWindow, prog.at("after_popf")),
+            (VmExit::InterruptWindow, prog.at("after_iretq")),
+            (VmExit::Hlt, prog.at("end")),
+        ]
+    );
+}
+
+#[test]
+fn resuming_from_a_breakpoint_on_an_mmio_store_that_stops() {
+    let prog = assemble(64, PROGRAM, |a, l| {
+        a.mov(rbx, MMIO_DEV)?;
+        l.new_label(a, "store")?;
+        a.mov(dword_ptr(rbx + 0x300), 0x4500u32)?;
+        l.new_label(a, "after_store")?;
+        a.inc(ecx)?;
+        a.hlt()?;
+        l.new_label(a, "end")?;
+        a.nop()
+    });
+    let mem = guest_memory();
+    prog.load(&mem);
+    let mut vm = make_vm(BackendKind::Software, &mem).expect("software VM");
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    enter_long_mode(vcpu.as_mut(), PROGRAM, None);
+    vcpu.set_breakpoints(&[prog.at("store")]).unwrap();
+    let mut bus = StopBus::new(|s| matches!(s, Seen::MmioWrite(..)));
+    let mut exits = Vec::new();
+    for _ in 0..3 {
+        let e = vcpu.run(&mut bus, None).unwrap();
+        exits.push((e, vcpu.regs().unwrap().rip));
+    }
+    assert_eq!(
+        exits,
+        vec![
+            (
+                VmExit::Debug {
+                    rip: prog.at("store")
+                },
+                prog.at("store")
+            ),
+            (VmExit::IoStop, prog.at("after_store")),
+            (VmExit::Hlt, prog.at("end")),
+        ]
+    );
+    assert_eq!(bus.seen, vec![Seen::MmioWrite(MMIO_DEV + 0x300, 0x4500)]);
+    assert_eq!(vcpu.regs().unwrap().rcx, 1);
 }
