@@ -26,6 +26,8 @@ use crate::hypervisor::{self, HypervisorError, Injection, Vcpu, Vm, VmExit};
 use clock::{HostClock, HostClockBus, SliceTimer};
 use platform::{Platform, PowerEvent};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -288,6 +290,14 @@ impl Machine {
                     host_features = Some(vm.host_features());
                     for id in 0..cfg.vcpus {
                         let vcpu = vm.create_kvm_vcpu(id)?;
+                        if let Err(e) = vcpu.set_tsc_khz(cpuid::TSC_HZ / 1000) {
+                            if id == 0 {
+                                tracing::warn!(
+                                    "kvm: the guest's TSC runs at the host's rate, not the {} MHz the engine's CPUID announces: {e}",
+                                    cpuid::TSC_HZ / 1_000_000
+                                );
+                            }
+                        }
                         kickers.push(vcpu.kicker());
                         vcpus.push(Box::new(vcpu));
                     }
@@ -620,6 +630,13 @@ impl Machine {
             Some(status) => RunEnd::EndMarker { status },
             None => RunEnd::PowerOff,
         };
+        // The wall-time limit, on the host clock: a vCPU that never exits
+        // must still be stopped there.
+        let wall_end = self.cfg.max_wall.map(|limit| {
+            clock
+                .now_ns()
+                .saturating_add(u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX))
+        });
         let end = match SliceTimer::spawn() {
             Err(e) => RunEnd::BackendError {
                 reason: format!("cannot start the KVM slice timer thread: {e}"),
@@ -666,13 +683,30 @@ impl Machine {
                             reason: format!("vCPU {id}: {e}"),
                         };
                     }
+                    // The slice ends when another vCPU needs the thread, or
+                    // at the next timer deadline; with neither, the vCPU runs
+                    // until it exits by itself (a kick would only make the
+                    // backend look for a stopping point for nothing).
                     let now = clock.now_ns();
+                    let others_waiting = (0..n).any(|j| {
+                        j != id
+                            && match self.state[j] {
+                                CpuState::Running => true,
+                                CpuState::Halted => self.deliverable(j),
+                                CpuState::WaitForSipi | CpuState::Stopped => false,
+                            }
+                    });
                     let slice_ns = u64::try_from(self.cfg.kvm_slice.as_nanos()).unwrap_or(u64::MAX);
-                    let mut slice_end = now.saturating_add(slice_ns);
-                    if let Some(d) = self.platform.next_deadline() {
-                        slice_end = slice_end.min(d.max(now));
-                    }
-                    let over = timer.arm(clock.instant_at(slice_end), kicker.clone());
+                    let slice_end = others_waiting
+                        .then(|| now.saturating_add(slice_ns))
+                        .into_iter()
+                        .chain(self.platform.next_deadline().map(|d| d.max(now)))
+                        .chain(wall_end)
+                        .min();
+                    let over = match slice_end {
+                        Some(end) => timer.arm(clock.instant_at(end), kicker.clone()),
+                        None => Arc::new(AtomicBool::new(false)),
+                    };
                     self.platform.irq_raised = false;
                     self.platform.irq_pending_at_start = pending == Pending::Masked;
                     self.platform.current = id;

@@ -487,6 +487,13 @@ impl KvmVcpu {
         self.mode
     }
 
+    /// Sets the guest's TSC rate (`KVM_SET_TSC_KHZ`), so that RDTSC, which
+    /// executes natively, ticks at the rate the engine's CPUID announces.
+    /// Fails where the host cannot scale the TSC.
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<()> {
+        self.fd.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))
+    }
+
     pub fn async_delivery_stats(&self) -> AsyncDeliveryStats {
         self.stats
     }
