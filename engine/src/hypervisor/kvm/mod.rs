@@ -584,7 +584,9 @@ impl KvmVcpu {
     /// and finishing it can produce the next access without entering the
     /// guest (the rest of a string instruction; on PVM, which emulates guest
     /// ring 0, the next port access of the emulated code). Those accesses
-    /// go to `bus` like any other, and completion is tried again.
+    /// go to `bus` like any other, and completion is tried again. While
+    /// single-stepping, completion can end with the step's debug exit
+    /// instead; a gdb single-step stop is then reported as this I/O stop.
     fn complete_pending_io(&mut self, bus: &mut dyn IoBus) -> Result<()> {
         /// More follow-on accesses than any string instruction or emulated
         /// stretch produces: a loop past it is a bug, reported.
@@ -620,6 +622,14 @@ impl KvmVcpu {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     bus.mmio_write(id, addr, data);
                     continue;
+                }
+                Ok(VcpuExit::Debug(arch)) => {
+                    // Single-stepping (towards an interrupt window, over a
+                    // breakpoint, or for gdb) ends the completion after one
+                    // more instruction: the state is consistent there too.
+                    let (exception, pc) = (arch.exception, arch.pc);
+                    self.fd.set_kvm_immediate_exit(0);
+                    return self.on_debug(exception, pc).map(|_| ());
                 }
                 Ok(other) => format!("{other:?}"),
             };
