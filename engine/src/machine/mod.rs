@@ -703,6 +703,10 @@ impl Machine {
                         .chain(self.platform.next_deadline().map(|d| d.max(now)))
                         .chain(wall_end)
                         .min();
+                    tracing::trace!(
+                        "kvm vcpu{id}: run at {now} ns until {slice_end:?} (timer {:?}, pending {pending:?})",
+                        self.platform.next_deadline()
+                    );
                     let over = match slice_end {
                         Some(end) => timer.arm(clock.instant_at(end), kicker.clone()),
                         None => Arc::new(AtomicBool::new(false)),
