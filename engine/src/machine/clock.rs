@@ -68,6 +68,30 @@ pub struct HostClockBus<'a> {
     pub stats: &'a mut ExitStats,
     /// The engine's CPU is shown without what the host's KVM lacks.
     pub features: &'a HostFeatures,
+    /// The slice timer and the running vCPU's kicker: an access that
+    /// programs a device timer earlier than the slice's end moves the end
+    /// (a vCPU only returns to the run loop when something stops it).
+    pub timer: &'a SliceTimer,
+    pub kicker: &'a VcpuKicker,
+    /// When the armed slice ends (host-clock ns), if one is armed.
+    pub slice_end: Option<u64>,
+}
+
+impl HostClockBus<'_> {
+    /// After an access: re-arms the slice timer when a device timer now
+    /// falls due before the slice's end.
+    fn follow_deadline(&mut self) {
+        if let Some(d) = self.platform.next_deadline() {
+            if self.slice_end.is_none_or(|end| d < end) {
+                self.slice_end = Some(d);
+                self.timer.arm_with(
+                    self.clock.instant_at(d),
+                    self.kicker.clone(),
+                    self.slice_over.clone(),
+                );
+            }
+        }
+    }
 }
 
 impl IoBus for HostClockBus<'_> {
@@ -75,28 +99,38 @@ impl IoBus for HostClockBus<'_> {
         self.stats.pio += 1;
         self.clock.sync(self.platform, vcpu);
         self.platform.pio_read(vcpu, port, data);
+        self.follow_deadline();
     }
 
     fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]) {
         self.stats.pio += 1;
         self.clock.sync(self.platform, vcpu);
         self.platform.pio_write(vcpu, port, data);
+        self.follow_deadline();
     }
 
     fn mmio_read(&mut self, vcpu: usize, addr: u64, data: &mut [u8]) {
         self.stats.mmio += 1;
         self.clock.sync(self.platform, vcpu);
         self.platform.mmio_read(vcpu, addr, data);
+        self.follow_deadline();
     }
 
     fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]) {
         self.stats.mmio += 1;
         self.clock.sync(self.platform, vcpu);
         self.platform.mmio_write(vcpu, addr, data);
+        self.follow_deadline();
     }
 
     fn stop_requested(&self) -> bool {
-        self.platform.stop_requested() || self.slice_over.load(Ordering::SeqCst)
+        self.platform.stop_requested()
+            || self.slice_over.load(Ordering::SeqCst)
+            // A device timer fell due: this access is the stopping point.
+            || self
+                .platform
+                .next_deadline()
+                .is_some_and(|d| d <= self.clock.now_ns())
     }
 
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -175,14 +209,16 @@ impl SliceTimer {
     /// vCPU's bus must report as a stop request.
     pub fn arm(&self, at: Instant, kicker: VcpuKicker) -> Arc<AtomicBool> {
         let over = Arc::new(AtomicBool::new(false));
-        let (lock, cv) = &*self.shared;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).slice = Some(Slice {
-            at,
-            kicker,
-            over: over.clone(),
-        });
-        cv.notify_all();
+        self.arm_with(at, kicker, over.clone());
         over
+    }
+
+    /// Like [`SliceTimer::arm`], for the slice whose flag is `over`
+    /// (moving its end).
+    pub fn arm_with(&self, at: Instant, kicker: VcpuKicker, over: Arc<AtomicBool>) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).slice = Some(Slice { at, kicker, over });
+        cv.notify_all();
     }
 
     pub fn disarm(&self) {

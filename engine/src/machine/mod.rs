@@ -707,10 +707,10 @@ impl Machine {
                         "kvm vcpu{id}: run at {now} ns until {slice_end:?} (timer {:?}, pending {pending:?})",
                         self.platform.next_deadline()
                     );
-                    let over = match slice_end {
-                        Some(end) => timer.arm(clock.instant_at(end), kicker.clone()),
-                        None => Arc::new(AtomicBool::new(false)),
-                    };
+                    let over = Arc::new(AtomicBool::new(false));
+                    if let Some(end) = slice_end {
+                        timer.arm_with(clock.instant_at(end), kicker.clone(), over.clone());
+                    }
                     self.platform.irq_raised = false;
                     self.platform.irq_pending_at_start = pending == Pending::Masked;
                     self.platform.current = id;
@@ -721,6 +721,9 @@ impl Machine {
                             slice_over: over,
                             stats: &mut stats,
                             features: &features,
+                            timer: &timer,
+                            kicker,
+                            slice_end,
                         };
                         self.vcpus[id].run(&mut bus, None)
                     };
