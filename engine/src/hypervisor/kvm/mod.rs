@@ -784,7 +784,12 @@ impl KvmVcpu {
                         format!("VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"),
                     ))
                 }
-                Ok(VcpuExit::InternalError) => return Err(self.internal_error()),
+                Ok(VcpuExit::InternalError) => {
+                    if self.guest_int3_failed()? {
+                        continue;
+                    }
+                    return Err(self.internal_error());
+                }
                 Ok(other) => {
                     return Err(backend_err("KVM_RUN", format!("unexpected exit {other:?}")))
                 }
@@ -832,6 +837,44 @@ impl KvmVcpu {
             self.window_stepping = on;
             self.debug_dirty = true;
         }
+    }
+
+    /// PVM's ring-0 emulator fails on an `int3` the guest kernel executes
+    /// itself (Linux runs one in `int3_selftest`, and uses int3 to patch
+    /// live code). When the failed instruction is an int3 that is not one
+    /// of the engine's breakpoints, this does what the CPU would: the #BP
+    /// trap, with RIP after the instruction. Returns whether it did.
+    fn guest_int3_failed(&mut self) -> Result<bool> {
+        if !self.window_by_single_step {
+            return Ok(false);
+        }
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the union member the kernel filled in.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        // Emulation failure with the instruction bytes (flags bit 0): data[1]
+        // holds the length in its low byte, then the first bytes.
+        let with_bytes = internal.suberror == 1 && internal.ndata >= 2 && internal.data[0] & 1 != 0;
+        if !with_bytes || internal.data[1] & 0xff == 0 || (internal.data[1] >> 8) & 0xff != 0xcc {
+            return Ok(false);
+        }
+        let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let ours = self
+            .sw_breakpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|b| b.gva == regs.rip);
+        if ours {
+            return Ok(false);
+        }
+        regs.rip += 1;
+        self.fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        self.inject(Injection::Exception {
+            vector: BP_VECTOR as u8,
+            error_code: None,
+            cr2: None,
+        })?;
+        Ok(true)
     }
 
     /// Describes a `KVM_EXIT_INTERNAL_ERROR`: the suberror (1: emulation
