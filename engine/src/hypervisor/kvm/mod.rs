@@ -193,13 +193,19 @@ impl KvmVm {
     /// hypervisor (PVM) that is less than KVM_GET_SUPPORTED_CPUID says:
     /// PVM reports CMPXCHG16B, but its ring-0 emulator cannot execute it
     /// (found booting Linux 6.1: `lock cmpxchg16b` in SLUB ends KVM_RUN
-    /// with an emulation failure), so CX16 is withheld there.
+    /// with an emulation failure), so CX16 is withheld there; likewise SMAP
+    /// (its CLAC/STAC fail the same way).
     pub fn host_features(&self) -> HostFeatures {
         const CPUID1_ECX_CX16: u32 = 1 << 13;
+        const CPUID7_EBX_SMAP: u32 = 1 << 20;
         let mut supported = self.supported_cpuid.as_ref().clone();
         if let KvmAvailability::SoftwareHypervisor { .. } = self.availability {
-            for e in supported.iter_mut().filter(|e| e.function == 1) {
-                e.ecx &= !CPUID1_ECX_CX16;
+            for e in supported.iter_mut() {
+                match (e.function, e.index) {
+                    (1, _) => e.ecx &= !CPUID1_ECX_CX16,
+                    (7, 0) => e.ebx &= !CPUID7_EBX_SMAP,
+                    _ => {}
+                }
             }
         }
         HostFeatures::new(Arc::new(supported))
