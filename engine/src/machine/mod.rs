@@ -412,10 +412,7 @@ impl Machine {
         }
         let start = Instant::now();
         let mut stats = ExitStats::default();
-        let mut to_init: Option<(u64, Duration)> = None;
-        let mut first_init_line: Option<Duration> = None;
-        let mut scanned = 0usize;
-        let mut end_status: Option<i32> = None;
+        let mut console = ConsoleWatch::default();
         let n = self.vcpus.len();
         let end = 'run: loop {
             // The round ends one quantum after the slowest active vCPU, or
@@ -424,7 +421,7 @@ impl Machine {
                 .filter(|&i| matches!(self.state[i], CpuState::Running | CpuState::Halted))
                 .collect();
             if active.is_empty() {
-                break match end_status {
+                break match console.end_status {
                     Some(status) => RunEnd::EndMarker { status },
                     None => RunEnd::PowerOff,
                 };
@@ -438,7 +435,7 @@ impl Machine {
                 match deadline {
                     Some(d) => d.max(floor + 1),
                     None => {
-                        break match end_status {
+                        break match console.end_status {
                             Some(status) => RunEnd::EndMarker { status },
                             None => RunEnd::PowerOff,
                         }
@@ -520,30 +517,11 @@ impl Machine {
                     }
                 }
                 // Console checks: /init start, end marker, panic.
-                let out = self.platform.serial.output();
-                if out.len() > scanned {
-                    let from = scanned.saturating_sub(200);
-                    let text = String::from_utf8_lossy(&out[from..]).into_owned();
-                    scanned = out.len();
-                    if to_init.is_none() && text.contains(INIT_MARKER) {
-                        to_init = Some((self.total_instructions(), start.elapsed()));
-                    }
-                    if to_init.is_some()
-                        && first_init_line.is_none()
-                        && first_line_after(out, INIT_MARKER)
-                    {
-                        first_init_line = Some(start.elapsed());
-                    }
-                    if end_status.is_none() {
-                        if let Some(s) = parse_marker(&text, END_MARKER) {
-                            end_status = s.trim().parse().ok();
-                        }
-                    }
-                    if let Some(line) = parse_marker(&text, PANIC_MARKER) {
-                        break 'run RunEnd::Panic {
-                            line: format!("{PANIC_MARKER}{line}"),
-                        };
-                    }
+                let instructions = self.total_instructions();
+                if let Some(panic) =
+                    console.scan(self.platform.serial.output(), instructions, start.elapsed())
+                {
+                    break 'run panic;
                 }
                 match exit {
                     Ok(VmExit::Hlt) => {
@@ -564,13 +542,13 @@ impl Machine {
                         stats.io_stop += 1;
                         match self.platform.power.take() {
                             Some(PowerEvent::Reset) => {
-                                break 'run match end_status {
+                                break 'run match console.end_status {
                                     Some(status) => RunEnd::EndMarker { status },
                                     None => RunEnd::Reset,
                                 }
                             }
                             Some(PowerEvent::PowerOff) => {
-                                break 'run match end_status {
+                                break 'run match console.end_status {
                                     Some(status) => RunEnd::EndMarker { status },
                                     None => RunEnd::PowerOff,
                                 }
@@ -579,7 +557,7 @@ impl Machine {
                         }
                     }
                     Ok(VmExit::Shutdown) => {
-                        break 'run match end_status {
+                        break 'run match console.end_status {
                             // `reboot=t`: the guest ends its run with a
                             // triple fault after the marker.
                             Some(status) => RunEnd::EndMarker { status },
@@ -597,8 +575,8 @@ impl Machine {
                 }
             }
         };
-        let mut report = self.report(end, stats, start.elapsed(), to_init);
-        report.wall_seconds_to_first_init_line = first_init_line.map(|d| d.as_secs_f64());
+        let mut report = self.report(end, stats, start.elapsed(), console.to_init);
+        report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report
     }
 
@@ -617,10 +595,7 @@ impl Machine {
     fn run_kvm(&mut self) -> RunReport {
         let start = Instant::now();
         let mut stats = ExitStats::default();
-        let mut to_init: Option<(u64, Duration)> = None;
-        let mut first_init_line: Option<Duration> = None;
-        let mut scanned = 0usize;
-        let mut end_status: Option<i32> = None;
+        let mut console = ConsoleWatch::default();
         let n = self.vcpus.len();
         let (kickers, clock, features) = match &self.kvm {
             Some(k) => (k.kickers.clone(), k.clock, k.features.clone()),
@@ -653,7 +628,7 @@ impl Machine {
                     .filter(|&i| matches!(self.state[i], CpuState::Running | CpuState::Halted))
                     .collect();
                 if active.is_empty() {
-                    break finish(end_status);
+                    break finish(console.end_status);
                 }
                 for (id, kicker) in kickers.iter().enumerate() {
                     if matches!(self.state[id], CpuState::WaitForSipi | CpuState::Stopped) {
@@ -752,30 +727,11 @@ impl Machine {
                             Some(ApEvent::Startup { .. }) | None => {}
                         }
                     }
-                    let out = self.platform.serial.output();
-                    if out.len() > scanned {
-                        let from = scanned.saturating_sub(200);
-                        let text = String::from_utf8_lossy(&out[from..]).into_owned();
-                        scanned = out.len();
-                        if to_init.is_none() && text.contains(INIT_MARKER) {
-                            to_init = Some((0, start.elapsed()));
-                        }
-                        if to_init.is_some()
-                            && first_init_line.is_none()
-                            && first_line_after(out, INIT_MARKER)
-                        {
-                            first_init_line = Some(start.elapsed());
-                        }
-                        if end_status.is_none() {
-                            if let Some(s) = parse_marker(&text, END_MARKER) {
-                                end_status = s.trim().parse().ok();
-                            }
-                        }
-                        if let Some(line) = parse_marker(&text, PANIC_MARKER) {
-                            break 'run RunEnd::Panic {
-                                line: format!("{PANIC_MARKER}{line}"),
-                            };
-                        }
+                    // KVM counts no instructions.
+                    if let Some(panic) =
+                        console.scan(self.platform.serial.output(), 0, start.elapsed())
+                    {
+                        break 'run panic;
                     }
                     match exit {
                         Ok(VmExit::Hlt) => {
@@ -794,17 +750,19 @@ impl Machine {
                             stats.io_stop += 1;
                             match self.platform.power.take() {
                                 Some(PowerEvent::Reset) => {
-                                    break 'run match end_status {
+                                    break 'run match console.end_status {
                                         Some(status) => RunEnd::EndMarker { status },
                                         None => RunEnd::Reset,
                                     }
                                 }
-                                Some(PowerEvent::PowerOff) => break 'run finish(end_status),
+                                Some(PowerEvent::PowerOff) => {
+                                    break 'run finish(console.end_status)
+                                }
                                 None => {}
                             }
                         }
                         Ok(VmExit::Shutdown) => {
-                            break 'run match end_status {
+                            break 'run match console.end_status {
                                 Some(status) => RunEnd::EndMarker { status },
                                 None => RunEnd::TripleFault {
                                     reason: format!("vCPU {id} could not deliver a double fault"),
@@ -839,13 +797,13 @@ impl Machine {
                                 std::thread::sleep(wait);
                             }
                         }
-                        None => break finish(end_status),
+                        None => break finish(console.end_status),
                     }
                 }
             },
         };
-        let mut report = self.report(end, stats, start.elapsed(), to_init);
-        report.wall_seconds_to_first_init_line = first_init_line.map(|d| d.as_secs_f64());
+        let mut report = self.report(end, stats, start.elapsed(), console.to_init);
+        report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report.instructions_to_init = None;
         report.virtual_ns = clock.now_ns();
         report
@@ -917,6 +875,51 @@ impl Machine {
             .iter()
             .map(|v| v.instructions_retired().unwrap_or(0))
             .sum()
+    }
+}
+
+/// What the run loops watch for on the console: /init starting, its first
+/// line, the end marker and a panic. One scanner for every backend, so a run
+/// ends the same way whichever CPU executes it.
+#[derive(Default)]
+struct ConsoleWatch {
+    /// Bytes of console output already scanned.
+    scanned: usize,
+    /// Instructions (0 where the backend does not count) and wall time when
+    /// the kernel started /init.
+    to_init: Option<(u64, Duration)>,
+    first_init_line: Option<Duration>,
+    end_status: Option<i32>,
+}
+
+impl ConsoleWatch {
+    /// Scans the output added since the last call (with some overlap, so a
+    /// marker split across two calls is found); returns the run's end when
+    /// the kernel panicked.
+    fn scan(&mut self, out: &[u8], instructions: u64, elapsed: Duration) -> Option<RunEnd> {
+        if out.len() <= self.scanned {
+            return None;
+        }
+        let from = self.scanned.saturating_sub(200);
+        let text = String::from_utf8_lossy(&out[from..]);
+        self.scanned = out.len();
+        if self.to_init.is_none() && text.contains(INIT_MARKER) {
+            self.to_init = Some((instructions, elapsed));
+        }
+        if self.to_init.is_some()
+            && self.first_init_line.is_none()
+            && first_line_after(out, INIT_MARKER)
+        {
+            self.first_init_line = Some(elapsed);
+        }
+        if self.end_status.is_none() {
+            if let Some(s) = parse_marker(&text, END_MARKER) {
+                self.end_status = s.trim().parse().ok();
+            }
+        }
+        parse_marker(&text, PANIC_MARKER).map(|line| RunEnd::Panic {
+            line: format!("{PANIC_MARKER}{line}"),
+        })
     }
 }
 
