@@ -173,6 +173,21 @@ pub enum HypervisorError {
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// Exits taken inside the backend, by kind (reported in run summaries).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExitCounters {
+    pub pio: u64,
+    pub mmio: u64,
+    pub exceptions: u64,
+    pub interrupts: u64,
+    pub syscalls: u64,
+    pub cpuid: u64,
+    pub rdtsc: u64,
+    /// Runs that ended in [`VmExit::IoStop`] (each completed the
+    /// interrupted instruction with a step).
+    pub io_stops: u64,
+}
+
 /// A virtual machine of one backend: guest memory is registered with it, and
 /// vCPUs are created from it. Backends are constructed in their own module
 /// (e.g. `unicorn::UnicornVm::new(..)`, `kvm::KvmVm::new(..)`) from the
@@ -187,6 +202,12 @@ pub type Result<T> = std::result::Result<T, HypervisorError>;
 pub trait Vm {
     /// The backend's name as the CLI spells it (`tcg`, `kvm`).
     fn backend_name(&self) -> &'static str;
+    /// Exits the backend handled internally, by kind, for run summaries;
+    /// `None` where the backend does not count them (the machine counts at
+    /// its bus instead).
+    fn exit_counters(&self) -> Option<ExitCounters> {
+        None
+    }
     /// Creates vCPU `id` (0 is the bootstrap processor).
     fn create_vcpu(&mut self, id: usize) -> Result<Box<dyn Vcpu>>;
     /// Declares a guest-physical range with no RAM behind it whose accesses

@@ -221,7 +221,6 @@ pub struct Machine {
     // Field order matters for drop: vCPUs and VM before the memory they map.
     vcpus: Vec<Box<dyn Vcpu>>,
     vm: Box<dyn Vm>,
-    unicorn: Option<*const hypervisor::unicorn::UnicornVm>,
     /// Set for KVM runs: what drives them (see [`Machine::run_kvm`]).
     kvm: Option<KvmDrive>,
     platform: Platform,
@@ -276,34 +275,29 @@ impl Machine {
         let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
         let mut kickers = Vec::new();
         let mut host_features = None;
-        let (mut vm, unicorn): (Box<dyn Vm>, Option<*const hypervisor::unicorn::UnicornVm>) =
-            match backend {
-                Backend::Tcg => {
-                    let vm = Box::new(hypervisor::unicorn::UnicornVm::new(&mem)?);
-                    let p = &*vm as *const hypervisor::unicorn::UnicornVm;
-                    (vm, Some(p))
-                }
-                Backend::Kvm => {
-                    // KVM vCPUs are created here, where the VM's type is
-                    // known: the run loop needs their kickers.
-                    let vm = KvmVm::new(&mem)?;
-                    host_features = Some(vm.host_features());
-                    for id in 0..cfg.vcpus {
-                        let vcpu = vm.create_kvm_vcpu(id)?;
-                        if let Err(e) = vcpu.set_tsc_khz(cpuid::TSC_HZ / 1000) {
-                            if id == 0 {
-                                tracing::warn!(
+        let mut vm: Box<dyn Vm> = match backend {
+            Backend::Tcg => Box::new(hypervisor::unicorn::UnicornVm::new(&mem)?),
+            Backend::Kvm => {
+                // KVM vCPUs are created here, where the VM's type is
+                // known: the run loop needs their kickers.
+                let vm = KvmVm::new(&mem)?;
+                host_features = Some(vm.host_features());
+                for id in 0..cfg.vcpus {
+                    let vcpu = vm.create_kvm_vcpu(id)?;
+                    if let Err(e) = vcpu.set_tsc_khz(cpuid::TSC_HZ / 1000) {
+                        if id == 0 {
+                            tracing::warn!(
                                     "kvm: the guest's TSC runs at the host's rate, not the {} MHz the engine's CPUID announces: {e}",
                                     cpuid::TSC_HZ / 1_000_000
                                 );
-                            }
                         }
-                        kickers.push(vcpu.kicker());
-                        vcpus.push(Box::new(vcpu));
                     }
-                    (Box::new(vm), None)
+                    kickers.push(vcpu.kicker());
+                    vcpus.push(Box::new(vcpu));
                 }
-            };
+                Box::new(vm)
+            }
+        };
         vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE)?;
         vm.add_mmio_region(IOAPIC_BASE, IOAPIC_SIZE)?;
         if disk.is_some() {
@@ -339,7 +333,6 @@ impl Machine {
             cfg,
             vcpus,
             vm,
-            unicorn,
             kvm,
             platform,
             state,
@@ -816,11 +809,8 @@ impl Machine {
         wall: Duration,
         to_init: Option<(u64, Duration)>,
     ) -> RunReport {
-        if self.kvm.is_some() {
-            // KVM counts nothing itself: `run_kvm` counted at the bus.
-        } else if let Some(u) = self.unicorn {
-            // SAFETY: points into `self.vm`, alive for `self`'s lifetime.
-            let c = unsafe { &*u }.exit_counters();
+        // KVM counts nothing itself: `run_kvm` counted at the bus.
+        if let Some(c) = self.vm.exit_counters() {
             stats.pio = c.pio;
             stats.mmio = c.mmio;
             stats.exceptions = c.exceptions;

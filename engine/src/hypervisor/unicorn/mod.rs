@@ -42,6 +42,7 @@
 mod delivery;
 pub mod internals;
 
+pub use super::ExitCounters;
 use super::{
     DebugRegs, DescriptorTable, FpuState, HypervisorError, Injection, IoBus, Regs, Result, Segment,
     Sregs, Vcpu, VmExit,
@@ -173,21 +174,6 @@ struct HookState {
     /// Direct-mapped cache: (block pc, block size) -> instruction count.
     icounts: Vec<(u64, u32, u32)>,
     exits_by_kind: ExitCounters,
-}
-
-/// Exits taken inside the backend, by kind (reported in run summaries).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ExitCounters {
-    pub pio: u64,
-    pub mmio: u64,
-    pub exceptions: u64,
-    pub interrupts: u64,
-    pub syscalls: u64,
-    pub cpuid: u64,
-    pub rdtsc: u64,
-    /// Runs that ended in [`VmExit::IoStop`] (each completed the
-    /// interrupted instruction with a step).
-    pub io_stops: u64,
 }
 
 const ICOUNT_CACHE: usize = 1 << 14;
@@ -854,6 +840,10 @@ impl UnicornVm {
 }
 
 impl super::Vm for UnicornVm {
+    fn exit_counters(&self) -> Option<ExitCounters> {
+        Some(UnicornVm::exit_counters(self))
+    }
+
     fn backend_name(&self) -> &'static str {
         BACKEND
     }
