@@ -519,16 +519,7 @@ impl Machine {
                 match exit {
                     Ok(VmExit::Hlt) => {
                         stats.hlt += 1;
-                        let open = self.vcpus[id].interrupt_window_open().unwrap_or(false);
-                        self.state[id] = if open {
-                            CpuState::Halted
-                        } else if self.platform.apics[id].take_nmi() {
-                            // An NMI wakes even a CPU halted with IF=0.
-                            let _ = self.vcpus[id].inject(Injection::Nmi);
-                            CpuState::Running
-                        } else {
-                            CpuState::Stopped
-                        };
+                        self.state[id] = self.state_after_hlt(id);
                     }
                     Ok(VmExit::BudgetExhausted) => stats.budget += 1,
                     Ok(VmExit::IoStop) => {
@@ -729,15 +720,7 @@ impl Machine {
                     match exit {
                         Ok(VmExit::Hlt) => {
                             stats.hlt += 1;
-                            let open = self.vcpus[id].interrupt_window_open().unwrap_or(false);
-                            self.state[id] = if open {
-                                CpuState::Halted
-                            } else if self.platform.apics[id].take_nmi() {
-                                let _ = self.vcpus[id].inject(Injection::Nmi);
-                                CpuState::Running
-                            } else {
-                                CpuState::Stopped
-                            };
+                            self.state[id] = self.state_after_hlt(id);
                         }
                         Ok(VmExit::IoStop) => {
                             stats.io_stop += 1;
@@ -857,6 +840,20 @@ impl Machine {
             console,
             last_console_lines: last,
             device_errors: self.platform.device_errors.clone(),
+        }
+    }
+
+    /// Where vCPU `id` stands after HLT: waiting for an interrupt (IF=1),
+    /// woken by a pending NMI (which wakes even a CPU halted with IF=0), or
+    /// stopped for good.
+    fn state_after_hlt(&mut self, id: usize) -> CpuState {
+        if self.vcpus[id].interrupt_window_open().unwrap_or(false) {
+            CpuState::Halted
+        } else if self.platform.apics[id].take_nmi() {
+            let _ = self.vcpus[id].inject(Injection::Nmi);
+            CpuState::Running
+        } else {
+            CpuState::Stopped
         }
     }
 
