@@ -56,11 +56,6 @@ impl DebianPackageRef {
     }
 }
 
-/// sha256 of a file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    Ok(crate::store::sha256_file(path)?)
-}
-
 /// Returns the path of the verified `.deb` for `pkg` in the artifact store,
 /// downloading it (`apt-get download`) unless already there.
 pub fn fetch(pkg: &DebianPackageRef, store: &Store, bar: &ProgressBar) -> Result<PathBuf> {

@@ -316,7 +316,7 @@ fn file_input(
     Ok((
         role,
         path.display().to_string(),
-        debian::sha256_file(&full)?,
+        crate::store::sha256_file(&full)?,
     ))
 }
 
@@ -527,7 +527,7 @@ fn finish_image(
             name.clone(),
             ImageFile {
                 path: final_dir.join(&name),
-                sha256: debian::sha256_file(&path)?,
+                sha256: crate::store::sha256_file(&path)?,
                 size,
             },
         );

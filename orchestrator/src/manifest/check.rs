@@ -242,6 +242,35 @@ impl ImageKinds {
             Some(_) => {}
         }
     }
+
+    /// The images a workload or bug case boots: a kernel, and an initramfs
+    /// or a rootfs (at least one) to run in.
+    fn check_boot_images<T>(
+        &self,
+        checker: &mut Checker,
+        entry: &Entry<T>,
+        kernel: &str,
+        initramfs: Option<&str>,
+        rootfs: Option<&str>,
+        neither: &str,
+    ) {
+        self.check(checker, entry, &[key("kernel")], kernel, ImageKind::Kernel);
+        if let Some(initramfs) = initramfs {
+            self.check(
+                checker,
+                entry,
+                &[key("initramfs")],
+                initramfs,
+                ImageKind::Initramfs,
+            );
+        }
+        if let Some(rootfs) = rootfs {
+            self.check(checker, entry, &[key("rootfs")], rootfs, ImageKind::Rootfs);
+        }
+        if initramfs.is_none() && rootfs.is_none() {
+            checker.report(entry, &[], Target::Value, neither);
+        }
+    }
 }
 
 /// Runs every check and returns the manifests built from the items that
@@ -278,39 +307,14 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
         let Some(workload) = &entry.typed else {
             continue;
         };
-        kinds.check(
+        kinds.check_boot_images(
             &mut checker,
             entry,
-            &[key("kernel")],
             &workload.kernel,
-            ImageKind::Kernel,
+            workload.initramfs.as_deref(),
+            workload.rootfs.as_deref(),
+            "workload needs an `initramfs` or a `rootfs` image to run its command in",
         );
-        if let Some(initramfs) = &workload.initramfs {
-            kinds.check(
-                &mut checker,
-                entry,
-                &[key("initramfs")],
-                initramfs,
-                ImageKind::Initramfs,
-            );
-        }
-        if let Some(rootfs) = &workload.rootfs {
-            kinds.check(
-                &mut checker,
-                entry,
-                &[key("rootfs")],
-                rootfs,
-                ImageKind::Rootfs,
-            );
-        }
-        if workload.initramfs.is_none() && workload.rootfs.is_none() {
-            checker.report(
-                entry,
-                &[],
-                Target::Value,
-                "workload needs an `initramfs` or a `rootfs` image to run its command in",
-            );
-        }
         for (i, disk) in workload.disks.iter().enumerate() {
             kinds.check(
                 &mut checker,
@@ -380,39 +384,14 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
 
     for entry in &loaded.bugs {
         let Some(bug) = &entry.typed else { continue };
-        kinds.check(
+        kinds.check_boot_images(
             &mut checker,
             entry,
-            &[key("kernel")],
             &bug.kernel,
-            ImageKind::Kernel,
+            bug.initramfs.as_deref(),
+            bug.rootfs.as_deref(),
+            "bug case needs an `initramfs` or a `rootfs` image to run its trigger in",
         );
-        if let Some(initramfs) = &bug.initramfs {
-            kinds.check(
-                &mut checker,
-                entry,
-                &[key("initramfs")],
-                initramfs,
-                ImageKind::Initramfs,
-            );
-        }
-        if let Some(rootfs) = &bug.rootfs {
-            kinds.check(
-                &mut checker,
-                entry,
-                &[key("rootfs")],
-                rootfs,
-                ImageKind::Rootfs,
-            );
-        }
-        if bug.initramfs.is_none() && bug.rootfs.is_none() {
-            checker.report(
-                entry,
-                &[],
-                Target::Value,
-                "bug case needs an `initramfs` or a `rootfs` image to run its trigger in",
-            );
-        }
         checker.files(entry, &[key("patches")], &bug.patches, "patch");
         match (&bug.trigger.command, &bug.trigger.program) {
             (Some(_), Some(_)) => checker.report(
