@@ -12,11 +12,12 @@
 //! and returns.
 
 use krr_engine::hypervisor::kvm;
+#[path = "common/guest_images.rs"]
+mod guest_images;
+
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-const PREVIEW: &str = "/work/kernel-preview";
 
 fn kvm_usable() -> bool {
     let a = kvm::detect();
@@ -134,15 +135,9 @@ fn linux_boots_to_its_end_marker_on_kvm() {
     if !kvm_usable() {
         return;
     }
-    let from_env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let kernel =
-        from_env("KRR_TEST_KERNEL").unwrap_or_else(|| PathBuf::from(PREVIEW).join("bzImage"));
-    let initrd = from_env("KRR_TEST_INITRD")
-        .unwrap_or_else(|| PathBuf::from(PREVIEW).join("initramfs.cpio.gz"));
-    if !(kernel.is_file() && initrd.is_file()) {
-        println!("SKIPPED: no guest images; set KRR_TEST_KERNEL and KRR_TEST_INITRD");
+    let Some((kernel, initrd)) = guest_images::guest_images("KRR_TEST_KERNEL") else {
         return;
-    }
+    };
     let mut cfg = MachineConfig::new(
         kernel,
         Some(initrd),
