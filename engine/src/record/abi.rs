@@ -1047,8 +1047,26 @@ pub fn parse_ring(region: &[u8]) -> Result<RingContents, AbiError> {
 
 /// Parses the records of a data area between byte counters `tail` and `head`.
 pub fn parse_records(data: &[u8], tail: u64, head: u64) -> Result<Vec<Event>, AbiError> {
-    let data_size = data.len() as u64;
     let mut events = Vec::new();
+    for (at, record) in split_records(data, tail, head)? {
+        events.push(decode_record(record).map_err(|e| match e {
+            AbiError::BadRecord { problem, .. } => AbiError::BadRecord {
+                at,
+                offset: at % data.len() as u64,
+                problem,
+            },
+            other => other,
+        })?);
+    }
+    Ok(events)
+}
+
+/// The records (header, payload, padding; PAD records left out) of a data
+/// area between byte counters `tail` and `head`, each with its ring byte
+/// counter, checked for framing (alignment, size) but not decoded.
+pub fn split_records(data: &[u8], tail: u64, head: u64) -> Result<Vec<(u64, &[u8])>, AbiError> {
+    let data_size = data.len() as u64;
+    let mut records = Vec::new();
     let mut at = tail;
     while at < head {
         let offset = at % data_size;
@@ -1067,14 +1085,12 @@ pub fn parse_records(data: &[u8], tail: u64, head: u64) -> Result<Vec<Event>, Ab
         }
         let bytes = &data[offset as usize..(offset + room) as usize];
         let event_type = u16::from_le_bytes([bytes[0], bytes[1]]);
-        let cpu = u16::from_le_bytes([bytes[2], bytes[3]]);
         let size = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
         if size < 8 || size & (EVENT_ALIGN - 1) != 0 || u64::from(size) > room {
             return Err(bad(format!(
                 "size {size} (type {event_type}) is not a multiple of {EVENT_ALIGN} between 8 and the {room} bytes left"
             )));
         }
-        let record = &bytes[..size as usize];
         at += u64::from(size);
         if event_type == EVENT_PAD {
             if offset + u64::from(size) != data_size {
@@ -1084,16 +1100,38 @@ pub fn parse_records(data: &[u8], tail: u64, head: u64) -> Result<Vec<Event>, Ab
             }
             continue;
         }
-        let header = EventHeader::read_from(record)
-            .ok_or_else(|| bad(format!("size {size} is smaller than the event header")))?;
-        let body = decode_body(event_type, &record[size_of::<EventHeader>()..]).map_err(&bad)?;
-        events.push(Event {
-            cpu,
-            seq: header.seq,
-            body,
-        });
+        records.push((record_at, &bytes[..size as usize]));
     }
-    Ok(events)
+    Ok(records)
+}
+
+/// Decodes one record (as [`split_records`] returns it, or as a recording
+/// stores it). Errors are [`AbiError::BadRecord`] at position 0.
+pub fn decode_record(record: &[u8]) -> Result<Event, AbiError> {
+    let bad = |problem: String| AbiError::BadRecord {
+        at: 0,
+        offset: 0,
+        problem,
+    };
+    let header = EventHeader::read_from(record).ok_or_else(|| {
+        bad(format!(
+            "{} bytes are smaller than the event header",
+            record.len()
+        ))
+    })?;
+    if header.size as usize != record.len() {
+        return Err(bad(format!(
+            "header size {} but the record is {} bytes",
+            header.size,
+            record.len()
+        )));
+    }
+    let body = decode_body(header.event_type, &record[size_of::<EventHeader>()..]).map_err(bad)?;
+    Ok(Event {
+        cpu: header.cpu,
+        seq: header.seq,
+        body,
+    })
 }
 
 fn payload<T>(bytes: &[u8], read: fn(&[u8]) -> Option<T>, name: &str) -> Result<T, String> {

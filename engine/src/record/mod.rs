@@ -5,3 +5,4 @@
 //! (defined once here; the agent's C header is generated from it).
 
 pub mod abi;
+pub mod event;
