@@ -2,13 +2,34 @@
 //! MC146818 CMOS real-time clock (ports 0x70/0x71). Time is a fixed epoch
 //! plus the virtual clock, so a run reads the same wall time every time.
 
+use serde::{Deserialize, Serialize};
+
 /// 2026-01-01 00:00:00 UTC.
 pub const DEFAULT_EPOCH: u64 = 1_767_225_600;
+
+/// Bytes of CMOS RAM (the clock registers 0x00-0x0d included).
+pub const CMOS_RAM_SIZE: usize = 128;
+
+/// The CMOS/RTC state a snapshot stores: the register file, the selected
+/// index and the time base. Separate from [`Cmos`] because serde has no
+/// impl for a 128-byte array; the RAM travels as a byte list and
+/// [`Cmos::from_state`] checks its length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    /// Register selected through port 0x70 (0-0x7f).
+    pub index: u8,
+    /// All 128 bytes of CMOS RAM. The clock registers 0x00-0x09 are not
+    /// read from here (they are computed from `epoch` and the virtual
+    /// clock) but are stored as they are.
+    pub ram: Vec<u8>,
+    /// Wall-clock seconds since 1970 at virtual time 0.
+    pub epoch: u64,
+}
 
 #[derive(Debug, Clone)]
 pub struct Cmos {
     index: u8,
-    ram: [u8; 128],
+    ram: [u8; CMOS_RAM_SIZE],
     epoch: u64,
 }
 
@@ -32,7 +53,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 impl Cmos {
     pub fn new(epoch: u64, mem_bytes: u64) -> Cmos {
-        let mut ram = [0u8; 128];
+        let mut ram = [0u8; CMOS_RAM_SIZE];
         ram[0x0a] = 0x26;
         ram[0x0b] = 0x02; // 24-hour, BCD
         ram[0x0d] = 0x80; // battery good
@@ -51,6 +72,34 @@ impl Cmos {
             ram,
             epoch,
         }
+    }
+
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+            epoch: self.epoch,
+        }
+    }
+
+    /// Rebuilds the device from a snapshot's state; fails when the RAM is
+    /// not 128 bytes or the index is beyond it.
+    pub fn from_state(state: &CmosState) -> Result<Cmos, String> {
+        let ram: [u8; CMOS_RAM_SIZE] =
+            state.ram.as_slice().try_into().map_err(|_| {
+                format!("ram is {} bytes, expected {CMOS_RAM_SIZE}", state.ram.len())
+            })?;
+        if state.index as usize >= CMOS_RAM_SIZE {
+            return Err(format!(
+                "index {:#x}, expected below {CMOS_RAM_SIZE:#x}",
+                state.index
+            ));
+        }
+        Ok(Cmos {
+            index: state.index,
+            ram,
+            epoch: state.epoch,
+        })
     }
 
     pub fn pio_write(&mut self, port: u16, value: u8) {
@@ -106,5 +155,40 @@ mod tests {
         assert_eq!(rd(0x07, 0), 0x01);
         assert_eq!(rd(0x00, 61_000_000_000), 0x01);
         assert_eq!(rd(0x02, 61_000_000_000), 0x01);
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut c = Cmos::new(DEFAULT_EPOCH, 512 << 20);
+        // Status register B: binary mode, 24-hour; then select register 0x40.
+        c.pio_write(0x70, 0x0b);
+        c.pio_write(0x71, 0x06);
+        c.pio_write(0x70, 0x40);
+        c.pio_write(0x71, 0x5a);
+        let state = c.state();
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["index"], 0x40);
+        assert_eq!(json["ram"][0x0b], 0x06);
+        assert_eq!(json["ram"][0x40], 0x5a);
+        assert_eq!(json["epoch"], DEFAULT_EPOCH);
+        let back: CmosState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, state);
+        let mut restored = Cmos::from_state(&back).unwrap();
+        assert_eq!(restored.state(), state);
+        assert_eq!(restored.pio_read(0x71, 0), 0x5a);
+        restored.pio_write(0x70, 0x09);
+        c.pio_write(0x70, 0x09);
+        assert_eq!(
+            restored.pio_read(0x71, 7_000_000_000),
+            c.pio_read(0x71, 7_000_000_000)
+        );
+    }
+
+    #[test]
+    fn from_state_rejects_short_ram() {
+        let mut state = Cmos::new(DEFAULT_EPOCH, 0).state();
+        state.ram.truncate(64);
+        let err = Cmos::from_state(&state).unwrap_err();
+        assert!(err.contains("ram is 64 bytes, expected 128"), "{err}");
     }
 }

@@ -3,6 +3,12 @@
 //! speaker gate, on the engine's virtual clock (nanoseconds passed in by the
 //! run loop). Channel 0 drives ISA IRQ 0 in modes 0 (one-shot) and 2/3
 //! (periodic); counters can be latched and read back.
+//!
+//! The model is plain data (serde) for recording snapshots. Its time anchors
+//! (`loaded_at`, `next_fire`) are virtual-clock nanoseconds, so a restored
+//! PIT is only meaningful together with the vCPU clocks it was saved with.
+
+use serde::{Deserialize, Serialize};
 
 /// Input clock of the 8254, in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -15,7 +21,7 @@ fn ns_to_ticks(ns: u64) -> u64 {
     ((ns as u128 * PIT_HZ as u128) / 1_000_000_000u128) as u64
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Channel {
     mode: u8,
     access: u8,
@@ -60,7 +66,7 @@ impl Channel {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pit {
     channels: [Channel; 3],
     /// Port 0x61 bits 0 (gate 2) and 1 (speaker).
@@ -79,6 +85,26 @@ impl Pit {
             channels: Default::default(),
             port61: 0,
         }
+    }
+
+    /// Checks a deserialized PIT (a snapshot) for values the guest cannot
+    /// program: a mode above 5 or an access mode above 3.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, ch) in self.channels.iter().enumerate() {
+            if ch.mode > 5 {
+                return Err(format!("channel {i}: mode {} (expected 0-5)", ch.mode));
+            }
+            if ch.access > 3 {
+                return Err(format!("channel {i}: access {} (expected 0-3)", ch.access));
+            }
+        }
+        if self.port61 & !0x0f != 0 {
+            return Err(format!(
+                "port61 {:#x} (expected only bits 0-3)",
+                self.port61
+            ));
+        }
+        Ok(())
     }
 
     /// The next virtual time at which channel 0 raises IRQ 0.
@@ -235,6 +261,36 @@ mod tests {
         assert_eq!(pit.tick(d - 1), 0);
         assert_eq!(pit.tick(d), 1);
         assert!(pit.next_deadline().unwrap() > d);
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut pit = Pit::new();
+        // Channel 0: lo/hi access, mode 2 (rate generator), reload 0x04a9.
+        pit.pio_write(0x43, 0x34, 0);
+        pit.pio_write(0x40, 0xa9, 500);
+        pit.pio_write(0x40, 0x04, 500);
+        // Channel 2 gate on, and a latched count on channel 2.
+        pit.pio_write(0x61, 0x01, 600);
+        pit.pio_write(0x43, 0x80, 700);
+        let json = serde_json::to_value(&pit).unwrap();
+        assert_eq!(json["channels"][0]["reload"], 0x04a9);
+        assert_eq!(json["channels"][0]["mode"], 2);
+        assert_eq!(json["channels"][0]["loaded_at"], 500);
+        assert_eq!(json["channels"][2]["gate"], true);
+        let back: Pit = serde_json::from_value(json).unwrap();
+        assert_eq!(back, pit);
+        back.validate().unwrap();
+        assert_eq!(back.next_deadline(), pit.next_deadline());
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let mut json = serde_json::to_value(Pit::new()).unwrap();
+        json["channels"][1]["mode"] = 7.into();
+        let pit: Pit = serde_json::from_value(json).unwrap();
+        let err = pit.validate().unwrap_err();
+        assert!(err.contains("channel 1: mode 7"), "{err}");
     }
 
     #[test]

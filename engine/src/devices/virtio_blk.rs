@@ -19,6 +19,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::{debug, trace, warn};
 use virtio_bindings::virtio_blk::{
@@ -153,6 +155,28 @@ impl Segments {
     }
 }
 
+/// What a snapshot stores of the block device: its configuration and a
+/// summary of the copy-on-write overlay. The overlay's data is NOT stored
+/// (it can be as large as the disk); `overlay_sectors` and `overlay_sha256`
+/// are for verification only: [`VirtioBlk::verify_state`] checks that a
+/// device about to resume from the snapshot holds the same overlay. The
+/// backing image file is not part of the state (the recording names it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioBlkState {
+    /// Capacity in 512-byte sectors (config space `capacity`).
+    pub capacity_sectors: u64,
+    /// Read-only for the guest (VIRTIO_BLK_F_RO offered).
+    pub read_only: bool,
+    /// What GET_ID returns.
+    pub serial: String,
+    /// Number of sectors in the copy-on-write overlay (verification only).
+    pub overlay_sectors: u64,
+    /// Hex SHA-256 over the overlay, sector by sector in ascending order,
+    /// each as its number (u64 little endian) followed by its 512 bytes
+    /// (verification only).
+    pub overlay_sha256: String,
+}
+
 /// The block device model.
 #[derive(Debug)]
 pub struct VirtioBlk {
@@ -224,6 +248,65 @@ impl VirtioBlk {
     /// Sectors the guest has written, in ascending order, with their data.
     pub fn overlay_sectors(&self) -> impl Iterator<Item = (u64, &[u8])> {
         self.overlay.iter().map(|(&s, d)| (s, &d[..]))
+    }
+
+    /// Hex SHA-256 of the copy-on-write overlay, as defined for
+    /// [`VirtioBlkState::overlay_sha256`].
+    pub fn overlay_sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (sector, data) in &self.overlay {
+            hasher.update(sector.to_le_bytes());
+            hasher.update(data);
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    pub fn state(&self) -> VirtioBlkState {
+        VirtioBlkState {
+            capacity_sectors: self.capacity_sectors,
+            read_only: self.read_only,
+            serial: String::from_utf8_lossy(&self.serial).into_owned(),
+            overlay_sectors: self.overlay.len() as u64,
+            overlay_sha256: self.overlay_sha256(),
+        }
+    }
+
+    /// Checks that this device matches a snapshot's block state: same
+    /// configuration and the same overlay (count and digest). The overlay
+    /// itself cannot be restored from the snapshot, only verified.
+    pub fn verify_state(&self, state: &VirtioBlkState) -> Result<(), String> {
+        let own = self.state();
+        let mismatch =
+            |field: &str, snapshot: &dyn std::fmt::Display, device: &dyn std::fmt::Display| {
+                Err(format!(
+                    "{field}: snapshot has {snapshot}, device {} has {device}",
+                    self.path.display()
+                ))
+            };
+        if own.capacity_sectors != state.capacity_sectors {
+            return mismatch(
+                "capacity_sectors",
+                &state.capacity_sectors,
+                &own.capacity_sectors,
+            );
+        }
+        if own.read_only != state.read_only {
+            return mismatch("read_only", &state.read_only, &own.read_only);
+        }
+        if own.serial != state.serial {
+            return mismatch("serial", &state.serial, &own.serial);
+        }
+        if own.overlay_sectors != state.overlay_sectors {
+            return mismatch(
+                "overlay_sectors",
+                &state.overlay_sectors,
+                &own.overlay_sectors,
+            );
+        }
+        if own.overlay_sha256 != state.overlay_sha256 {
+            return mismatch("overlay_sha256", &state.overlay_sha256, &own.overlay_sha256);
+        }
+        Ok(())
     }
 
     /// Reads sectors as the guest sees them (overlay over image) into
@@ -530,7 +613,7 @@ impl VirtioDevice for VirtioBlk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio_mmio::{VirtioMmio, WriteEffect};
+    use crate::devices::virtio_mmio::{VirtioMmio, VirtioMmioState, WriteEffect};
     use std::io::Write;
     use virtio_bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -921,6 +1004,97 @@ mod tests {
         assert!(data[..512].iter().all(|&b| b == 2));
         assert!(data[512..1024].iter().all(|&b| b == 0xab));
         assert!(data[1024..].iter().all(|&b| b == 4));
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut h = Harness::new(false);
+        let empty = h.dev.device().state();
+        assert_eq!(empty.overlay_sectors, 0);
+        // SHA-256 of no bytes.
+        assert_eq!(
+            empty.overlay_sha256,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        h.header(VIRTIO_BLK_T_OUT, 5);
+        h.mem
+            .write_slice(&[0xcd; 1024], GuestAddress(DATA_ADDR))
+            .unwrap();
+        h.submit(&[
+            (HEADER_ADDR, 16, false),
+            (DATA_ADDR, 1024, false),
+            (STATUS_ADDR, 1, true),
+        ]);
+        assert_eq!(h.status(), VIRTIO_BLK_S_OK as u8);
+
+        let block = h.dev.device().state();
+        let json = serde_json::to_value(&block).unwrap();
+        assert_eq!(json["capacity_sectors"], 64);
+        assert_eq!(json["serial"], "krr-test-disk");
+        assert_eq!(json["overlay_sectors"], 2);
+        let mut expected = Sha256::new();
+        for sector in [5u64, 6] {
+            expected.update(sector.to_le_bytes());
+            expected.update([0xcd; 512]);
+        }
+        assert_eq!(json["overlay_sha256"], hex::encode(expected.finalize()));
+        let back: VirtioBlkState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, block);
+        h.dev.device().verify_state(&back).unwrap();
+        // A device without the writes fails verification, naming the field.
+        let other = VirtioBlk::open(h.image.path(), false, "krr-test-disk").unwrap();
+        let err = other.verify_state(&back).unwrap_err();
+        assert!(err.starts_with("overlay_sectors: snapshot has 2"), "{err}");
+
+        let transport = h.dev.transport_state();
+        let json = serde_json::to_value(&transport).unwrap();
+        assert_eq!(json["queues"][0]["size"], TEST_QUEUE_SIZE);
+        assert_eq!(json["queues"][0]["desc_table"], DESC_TABLE);
+        assert_eq!(json["queues"][0]["avail_ring"], AVAIL_RING);
+        assert_eq!(json["queues"][0]["used_ring"], USED_RING);
+        assert_eq!(json["queues"][0]["ready"], true);
+        assert_eq!(json["queues"][0]["next_avail"], 1);
+        assert_eq!(json["queues"][0]["next_used"], 1);
+        assert_eq!(json["interrupt_status"], 1);
+        let back: VirtioMmioState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, transport);
+
+        // A freshly opened transport takes the state over and reads back the
+        // same registers.
+        let mut fresh = VirtioMmio::new(other);
+        fresh.restore_transport_state(&back).unwrap();
+        assert_eq!(fresh.transport_state(), transport);
+        assert_eq!(r32(&fresh, 0x070), r32(&h.dev, 0x070));
+        assert_eq!(r32(&fresh, 0x080), DESC_TABLE as u32);
+        assert_eq!(r32(&fresh, 0x060), 1);
+    }
+
+    #[test]
+    fn restore_transport_state_rejects_bad_queues() {
+        let h = Harness::new(false);
+        let good = h.dev.transport_state();
+        let blk = VirtioBlk::open(h.image.path(), false, "").unwrap();
+        let mut dev = VirtioMmio::new(blk);
+        let before = dev.transport_state();
+
+        let mut bad = good.clone();
+        bad.queues.push(bad.queues[0]);
+        let err = dev.restore_transport_state(&bad).unwrap_err();
+        assert!(err.contains("2 queues, expected 1"), "{err}");
+
+        let mut bad = good.clone();
+        bad.queues[0].size = 12;
+        let err = dev.restore_transport_state(&bad).unwrap_err();
+        assert!(err.starts_with("queue 0:"), "{err}");
+
+        let mut bad = good;
+        bad.queues[0].used_ring = 0x3001;
+        assert!(dev.restore_transport_state(&bad).is_err());
+        assert_eq!(
+            dev.transport_state(),
+            before,
+            "a failed restore changes nothing"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! `backend-mmap` feature): the version both virtio-queue 0.18 and
 //! linux-loader 0.14 depend on.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, trace, warn};
 use virtio_bindings::virtio_config::{
@@ -46,7 +47,7 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_SEL, VIRTIO_MMIO_STATUS,
     VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemory};
 
 /// "virt" in little endian.
@@ -154,6 +155,84 @@ pub enum VirtioMmioError {
     },
 }
 
+/// One virtqueue as a snapshot stores it: virtio-queue's [`QueueState`]
+/// (no serde impl of its own) field for field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtqueueState {
+    /// QueueNumMax: the largest size the device offers.
+    pub max_size: u16,
+    /// QueueNum: the size the driver selected.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc: guest-physical address of the descriptor table.
+    pub desc_table: u64,
+    /// QueueDriver: guest-physical address of the available ring.
+    pub avail_ring: u64,
+    /// QueueDevice: guest-physical address of the used ring.
+    pub used_ring: u64,
+    /// The device's position in the available ring (last avail idx).
+    pub next_avail: u16,
+    /// The device's position in the used ring (last used idx).
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for VirtqueueState {
+    fn from(q: QueueState) -> Self {
+        VirtqueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<VirtqueueState> for QueueState {
+    fn from(q: VirtqueueState) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// The transport's registers as a snapshot stores them. The device behind
+/// it keeps its own state (see the device's module).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMmioState {
+    /// Device status register (ACKNOWLEDGE, DRIVER, FEATURES_OK, ...).
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// The features the driver selected (both 32-bit halves).
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Every queue of the device, in index order.
+    pub queues: Vec<VirtqueueState>,
+    /// InterruptStatus (bit 0: used buffer, bit 1: config change).
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice {
     /// Name for errors and logs ("block").
@@ -249,6 +328,59 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     /// Whether the device's interrupt is asserted (InterruptStatus != 0).
     pub fn interrupt_pending(&self) -> bool {
         self.interrupt_status != 0
+    }
+
+    /// The transport's registers and queues, for a snapshot.
+    pub fn transport_state(&self) -> VirtioMmioState {
+        VirtioMmioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Loads the transport's registers and queues from a snapshot. The
+    /// queue count and maximum sizes must be the device's own; each queue
+    /// is validated as virtio-queue validates one (sizes powers of two,
+    /// ring addresses aligned). On error nothing changes. The device is not
+    /// re-activated: a device with activation side effects would need it
+    /// (the block device has none).
+    pub fn restore_transport_state(&mut self, state: &VirtioMmioState) -> Result<(), String> {
+        let max_sizes = self.device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(format!(
+                "{} queues, expected {} for the {} device",
+                state.queues.len(),
+                max_sizes.len(),
+                self.device.name()
+            ));
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (i, (q, max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if q.max_size != max {
+                return Err(format!(
+                    "queue {i}: max_size {}, expected {max}",
+                    q.max_size
+                ));
+            }
+            let queue =
+                Queue::try_from(QueueState::from(*q)).map_err(|e| format!("queue {i}: {e}"))?;
+            queues.push(queue);
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues = queues;
+        self.interrupt_status = state.interrupt_status;
+        self.config_generation = state.config_generation;
+        Ok(())
     }
 
     fn reset(&mut self) {

@@ -13,6 +13,7 @@
 pub mod boot;
 pub mod clock;
 pub mod cpuid;
+pub mod device_state;
 pub mod mptable;
 pub mod platform;
 
