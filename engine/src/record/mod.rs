@@ -6,3 +6,6 @@
 
 pub mod abi;
 pub mod event;
+pub mod log;
+pub mod recording;
+pub mod cli;
