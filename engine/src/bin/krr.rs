@@ -4,8 +4,11 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use krr_engine::devices::serial::ConsoleSink;
-use krr_engine::machine::{Backend, Machine, MachineConfig, RunReport};
+use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
+use krr_engine::record::recorder::{RecordConfig, StartTrigger, StopTrigger};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "krr", version, about = "Kernel record-replay engine")]
@@ -28,6 +31,14 @@ enum BackendArg {
 enum Command {
     /// Boot a kernel and run it to its end; exits with the guest's status.
     Run(RunArgs),
+    /// Run like `run` and record what enters the guest kernel (needs a
+    /// `-krr` kernel with the guest agent) into a recording directory.
+    Record(RecordArgs),
+    /// Inspect recordings: verify, stats, dump.
+    Log {
+        #[command(subcommand)]
+        command: krr_engine::record::cli::LogCommand,
+    },
     /// Boot benchmark: wall time to the first line of /init on the software
     /// CPU and on `qemu-system-x86_64 -accel tcg`, same kernel and initramfs.
     BenchBoot(BenchArgs),
@@ -97,6 +108,31 @@ struct RunArgs {
     quiet: bool,
 }
 
+#[derive(Parser)]
+struct RecordArgs {
+    #[command(flatten)]
+    machine: RunArgs,
+    /// Recording name: the directory under $KRR_RECORDINGS (default
+    /// results/recordings); a second recording in the same run is NAME-2.
+    #[arg(long)]
+    name: Option<String>,
+    /// When to start: `boot`, `marker:TEXT` (console output), or `guest`
+    /// (`echo start > /proc/krr_agent` in the guest).
+    #[arg(long, default_value = "boot")]
+    start: StartTrigger,
+    /// When to stop: `end` (of the run), `marker:TEXT`, or `guest`
+    /// (`echo stop > /proc/krr_agent`).
+    #[arg(long, default_value = "end")]
+    stop: StopTrigger,
+    /// The kernel's vmlinux, for the header's sha256 (and later replay's
+    /// symbols).
+    #[arg(long)]
+    vmlinux: Option<PathBuf>,
+    /// Size of the agent's ring, e.g. 8M.
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    ring_size: u64,
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -164,7 +200,78 @@ fn print_summary(r: &RunReport) {
     );
 }
 
+fn record(a: RecordArgs) -> anyhow::Result<i32> {
+    let name = match a.name {
+        Some(n) => {
+            if n.is_empty() || n.contains('/') || n.starts_with('.') {
+                bail!(
+                    "--name {n:?}: expected a plain directory name (no '/', not starting with '.')"
+                );
+            }
+            n
+        }
+        None => format!(
+            "rec-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        ),
+    };
+    let mut rc = RecordConfig::new(name, krr_engine::record::recording::recordings_dir());
+    rc.start = a.start;
+    rc.stop = a.stop;
+    rc.vmlinux = a.vmlinux;
+    rc.ring_size = a.ring_size;
+    let json = a.machine.json;
+    let (report, recordings) = run_machine(&a.machine, Some(rc))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "run": report, "recordings": recordings })
+        );
+    } else {
+        print_summary(&report);
+        if recordings.is_empty() {
+            eprintln!("krr: no recording was made");
+        }
+        for r in &recordings {
+            eprintln!(
+                "krr: recording {}: {} events, {} ({})",
+                r.dir.display(),
+                r.events,
+                if r.ok { "complete" } else { "NOT replayable" },
+                r.reason
+            );
+        }
+    }
+    if let RunEnd::RecordingFailed { reason } = &report.end {
+        bail!("recording failed: {reason}");
+    }
+    Ok(report.exit_status)
+}
+
 fn run(a: RunArgs) -> anyhow::Result<i32> {
+    let json = a.json;
+    let (report, _) = run_machine(&a, None)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_summary(&report);
+    }
+    Ok(report.exit_status)
+}
+
+fn run_machine(
+    a: &RunArgs,
+    record: Option<RecordConfig>,
+) -> anyhow::Result<(
+    RunReport,
+    Vec<krr_engine::record::recorder::FinishedRecording>,
+)> {
+    if a.vcpus == 0 {
+        bail!("--vcpus must be at least 1");
+    }
     let backend = pick_backend(a.backend)?;
     let mut cfg = MachineConfig::new(a.kernel.clone(), a.initrd.clone(), a.append.clone());
     cfg.mem_bytes = a.mem;
@@ -182,15 +289,18 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
         (false, true) => ConsoleSink::Stderr,
         (false, false) => ConsoleSink::Stdout,
     };
+    cfg.record = record;
+    // Ctrl-C ends the run at the next point where every vCPU is stopped,
+    // so that a recording is finished, not cut.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())
+        .context("installing the SIGINT handler")?;
+    cfg.interrupt = Some(interrupt);
     let mut machine = Machine::new(cfg, backend)
         .with_context(|| format!("cannot start the machine for kernel {}", a.kernel.display()))?;
     let report = machine.run();
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_summary(&report);
-    }
-    Ok(report.exit_status)
+    let recordings = machine.recordings().to_vec();
+    Ok((report, recordings))
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<()> {
@@ -230,10 +340,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => {
-            if a.vcpus == 0 {
-                bail!("--vcpus must be at least 1");
-            }
             let code = run(a)?;
+            std::process::exit(code);
+        }
+        Command::Record(a) => {
+            let code = record(a)?;
+            std::process::exit(code);
+        }
+        Command::Log { command } => {
+            let code = krr_engine::record::cli::run(command)?;
             std::process::exit(code);
         }
         Command::BenchBoot(a) => bench(a),

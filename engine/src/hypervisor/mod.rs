@@ -50,9 +50,45 @@ pub trait IoBus {
     /// RDTSC/RDTSCP value; the engine's virtual clock.
     fn rdtsc(&mut self, vcpu: usize) -> u64;
     /// Called by backends that count instructions, before each access above
-    /// (port, MMIO, CPUID, RDTSC), with the number of instructions vCPU
-    /// `vcpu` has retired so far: the input of the virtual clock.
-    fn instructions_retired(&mut self, _vcpu: usize, _count: u64) {}
+    /// (port, MMIO, CPUID, RDTSC), with where vCPU `vcpu` stands: the
+    /// instructions it has retired so far (the input of the virtual clock)
+    /// and the instruction's landmarks (the recorder logs them).
+    fn position(&mut self, _vcpu: usize, _at: Position) {}
+    /// Called by backends that deliver exceptions themselves (the software
+    /// CPU), right before the delivery through the guest IDT; the recorder
+    /// logs the ones that enter the kernel from user mode.
+    fn exception(&mut self, _vcpu: usize, _at: Position, _exception: &DeliveredException) {}
+}
+
+/// Where a vCPU stands when an event happens: its instruction counter as
+/// the backend keeps it, plus RIP and RCX, which tell apart the iterations
+/// of a loop inside one translation block (`rep movs`), as KRR's landmarks
+/// do.
+///
+/// On the software CPU `icount` counts the instructions of every
+/// translation block entered so far: exact at block boundaries (where runs
+/// stop and interrupts are taken), the count at the block's end for an
+/// access inside a block, and `rip` there is the one QEMU last synchronised
+/// (the block's start or the accessing instruction). Both are deterministic:
+/// the same run gives the same positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub icount: u64,
+    pub rip: u64,
+    pub rcx: u64,
+}
+
+/// An exception (or `INT n`) a backend is about to deliver by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveredException {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+    /// CR2 for page faults.
+    pub cr2: Option<u64>,
+    /// `INT n`/`INT3`/`INTO` rather than a fault or trap.
+    pub software: bool,
+    /// The privilege level the CPU was at when the exception happened.
+    pub cpl: u8,
 }
 
 /// A segment register with its hidden descriptor cache.

@@ -66,14 +66,22 @@ fn mem_err(what: &'static str) -> impl Fn(vm_memory::GuestMemoryError) -> BootEr
     }
 }
 
-/// The e820 map for `mem_size` bytes of RAM starting at 0.
-pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
-    vec![
+/// The e820 map for `mem_size` bytes of RAM starting at 0, plus `reserved`
+/// ranges (address, length) above it that the kernel must leave alone (the
+/// recorder's ring).
+pub fn e820_map(mem_size: u64, reserved: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
         (0, LOWMEM_END, E820_RAM),
         (LOWMEM_END, 0xa0000 - LOWMEM_END, E820_RESERVED),
         (0xf0000, 0x10000, E820_RESERVED),
         (HIMEM_START, mem_size - HIMEM_START, E820_RAM),
-    ]
+    ];
+    map.extend(
+        reserved
+            .iter()
+            .map(|&(addr, len)| (addr, len, E820_RESERVED)),
+    );
+    map
 }
 
 /// Writes identity-mapping page tables (4 GiB in 2 MiB pages) and a GDT with
@@ -173,10 +181,12 @@ pub fn long_mode_state(rip: u64, rsi: u64) -> (Regs, Sregs) {
 }
 
 /// Loads `kernel` (bzImage), `initrd` and `cmdline` into `mem` (RAM from 0
-/// to `mem_size`) and returns the boot CPU's initial state.
+/// to `mem_size`, then the `reserved` ranges the e820 map marks reserved)
+/// and returns the boot CPU's initial state.
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     mem_size: u64,
+    reserved: &[(u64, u64)],
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
@@ -260,7 +270,7 @@ pub fn load_linux(
         params.hdr.ramdisk_size = size as u32;
         initrd_range = Some((start, size));
     }
-    let map = e820_map(mem_size);
+    let map = e820_map(mem_size, reserved);
     for (i, (addr, size, kind)) in map.iter().enumerate() {
         params.e820_table[i] = boot_e820_entry {
             addr: *addr,

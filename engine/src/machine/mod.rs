@@ -23,11 +23,14 @@ use crate::devices::serial::ConsoleSink;
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{VirtioMmio, VIRTIO_MMIO_WINDOW_SIZE};
 use crate::hypervisor::kvm::{HostFeatures, KvmVm, VcpuKicker};
-use crate::hypervisor::{self, HypervisorError, Injection, Vcpu, Vm, VmExit};
+use crate::hypervisor::{self, HypervisorError, Injection, Position, Vcpu, Vm, VmExit};
+use crate::record::event::{GprSnapshot, InterruptKind};
+use crate::record::recorder::{GuestRequest, RecordConfig, Recorder, StartTrigger, StopTrigger};
+use crate::record::recording::CpuSnapshot;
 use clock::{HostClock, HostClockBus, SliceTimer};
 use platform::{Platform, PowerEvent};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -61,6 +64,11 @@ pub struct MachineConfig {
     /// Stop the run after this much host time (KVM runs have no
     /// instruction counts for `max_instructions`); `None`: no limit.
     pub max_wall: Option<Duration>,
+    /// Record the run (`krr record`): reserves the agent's ring and logs.
+    pub record: Option<RecordConfig>,
+    /// Set asynchronously (SIGINT) to end the run cleanly at the next
+    /// point where every vCPU is stopped; a recording is finished first.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl MachineConfig {
@@ -77,6 +85,8 @@ impl MachineConfig {
             quantum: 200_000,
             kvm_slice: Duration::from_millis(2),
             max_wall: None,
+            record: None,
+            interrupt: None,
         }
     }
 }
@@ -113,6 +123,10 @@ pub enum RunEnd {
     WallTimeExhausted { millis: u64 },
     /// The backend failed.
     BackendError { reason: String },
+    /// The recorder failed (log I/O, no guest agent, a malformed ring).
+    RecordingFailed { reason: String },
+    /// SIGINT: the run was ended on request.
+    Interrupted,
 }
 
 impl RunEnd {
@@ -128,6 +142,8 @@ impl RunEnd {
             RunEnd::BudgetExhausted { .. } => 6,
             RunEnd::BackendError { .. } => 7,
             RunEnd::WallTimeExhausted { .. } => 8,
+            RunEnd::RecordingFailed { .. } => 9,
+            RunEnd::Interrupted => 130,
         }
     }
 }
@@ -226,6 +242,10 @@ pub struct Machine {
     kvm: Option<KvmDrive>,
     platform: Platform,
     state: Vec<CpuState>,
+    /// Recorded runs: console bytes already searched for a trigger marker.
+    trigger_scan: usize,
+    /// Recorded runs from boot: whether the agent was checked at /init.
+    agent_checked: bool,
     _mem: GuestMemoryMmap,
 }
 
@@ -234,6 +254,14 @@ struct KvmDrive {
     kickers: Vec<VcpuKicker>,
     features: HostFeatures,
     clock: HostClock,
+}
+
+/// The backend's name as the CLI and recording headers spell it.
+pub fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Tcg => "tcg",
+        Backend::Kvm => "kvm",
+    }
 }
 
 /// Guest-physical address of the local APICs and the IA32_APIC_BASE value
@@ -264,9 +292,35 @@ impl Machine {
             None => None,
         };
         let mem = create_memory(cfg.mem_bytes)?;
+        // A recorded run reserves the agent's ring at the top of RAM and
+        // tells the agent where it is.
+        let ring = match &cfg.record {
+            Some(r) => {
+                if r.ring_size % 4096 != 0
+                    || r.ring_size < 4096 + crate::record::abi::MIN_DATA_SIZE
+                    || r.ring_size > cfg.mem_bytes / 4
+                {
+                    return Err(MachineError::Config(format!(
+                        "ring size {} bytes: expected a multiple of 4096 between {} bytes and a quarter of guest memory",
+                        r.ring_size,
+                        4096 + crate::record::abi::MIN_DATA_SIZE
+                    )));
+                }
+                let phys = cfg.mem_bytes - r.ring_size;
+                cfg.cmdline.push(' ');
+                cfg.cmdline.push_str(&crate::record::abi::kernel_cmdline(
+                    phys,
+                    r.ring_size,
+                    false,
+                ));
+                Some((phys, r.ring_size))
+            }
+            None => None,
+        };
         let info = boot::load_linux(
             &mem,
-            cfg.mem_bytes,
+            ring.map_or(cfg.mem_bytes, |(phys, _)| phys),
+            &ring.into_iter().collect::<Vec<_>>(),
             &cfg.kernel,
             cfg.initrd.as_deref(),
             &cfg.cmdline,
@@ -315,7 +369,15 @@ impl Machine {
         vcpus[0].set_regs(&info.regs)?;
         let mut state = vec![CpuState::WaitForSipi; cfg.vcpus];
         state[0] = CpuState::Running;
-        let platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
+        let mut platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
+        if let (Some(rc), Some((phys, _))) = (&cfg.record, ring) {
+            let header =
+                crate::record::recorder::header_for_machine(&cfg, rc, backend_name(backend), phys)
+                    .map_err(|e| MachineError::Config(format!("recording header: {e:#}")))?;
+            let recorder = Recorder::new(rc.clone(), mem.clone(), phys, header)
+                .map_err(|e| MachineError::Config(format!("recorder: {e}")))?;
+            platform.recorder = Some(recorder);
+        }
         let kvm = host_features.map(|features| {
             let removed = features.removed(|l, s| cpuid::cpuid(&platform.cpuid, 0, l, s));
             if !removed.is_empty() {
@@ -337,6 +399,8 @@ impl Machine {
             kvm,
             platform,
             state,
+            trigger_scan: 0,
+            agent_checked: false,
             _mem: mem,
         })
     }
@@ -362,6 +426,7 @@ impl Machine {
     /// Delivers what vCPU `id` can take now.
     fn inject_for(&mut self, id: usize, stats: &mut ExitStats) -> Result<Pending, HypervisorError> {
         if self.platform.apics[id].take_nmi() {
+            self.log_interrupt(id, InterruptKind::Nmi, 2)?;
             self.vcpus[id].inject(Injection::Nmi)?;
             stats.interrupts_injected += 1;
             return Ok(Pending::Injected);
@@ -372,6 +437,7 @@ impl Machine {
                 return Ok(Pending::Masked);
             }
             let vector = self.platform.apics[id].acknowledge();
+            self.log_interrupt(id, InterruptKind::External, vector)?;
             self.vcpus[id].inject(Injection::Interrupt(vector))?;
             stats.interrupts_injected += 1;
             return Ok(Pending::Injected);
@@ -381,12 +447,248 @@ impl Machine {
                 return Ok(Pending::Masked);
             }
             if let Some(vector) = self.platform.pic.acknowledge() {
+                self.log_interrupt(id, InterruptKind::External, vector)?;
                 self.vcpus[id].inject(Injection::Interrupt(vector))?;
                 stats.interrupts_injected += 1;
                 return Ok(Pending::Injected);
             }
         }
         Ok(Pending::None)
+    }
+
+    /// Logs an interrupt about to be injected into vCPU `id` (recorded
+    /// runs): its position is the instruction it will be taken before.
+    fn log_interrupt(
+        &mut self,
+        id: usize,
+        kind: InterruptKind,
+        vector: u8,
+    ) -> Result<(), HypervisorError> {
+        let Some(recorder) = &mut self.platform.recorder else {
+            return Ok(());
+        };
+        if !recorder.is_recording() {
+            return Ok(());
+        }
+        let regs = self.vcpus[id].regs()?;
+        let at = Position {
+            icount: self.vcpus[id].instructions_retired().unwrap_or(0),
+            rip: regs.rip,
+            rcx: regs.rcx,
+        };
+        recorder.interrupt(id, at, kind, vector, GprSnapshot::from(&regs));
+        Ok(())
+    }
+
+    /// Every vCPU's state for a recording's start snapshot.
+    fn cpu_snapshots(&self) -> Result<Vec<CpuSnapshot>, HypervisorError> {
+        // The MSRs a 64-bit Linux kernel programs and replay must restore.
+        const MSRS: &[u32] = &[
+            0x1b,        // IA32_APIC_BASE
+            0x174,       // SYSENTER_CS
+            0x175,       // SYSENTER_ESP
+            0x176,       // SYSENTER_EIP
+            0x277,       // PAT
+            0xc000_0080, // EFER
+            0xc000_0081, // STAR
+            0xc000_0082, // LSTAR
+            0xc000_0083, // CSTAR
+            0xc000_0084, // FMASK
+            0xc000_0100, // FS_BASE
+            0xc000_0101, // GS_BASE
+            0xc000_0102, // KERNEL_GS_BASE
+            0xc000_0103, // TSC_AUX
+        ];
+        self.vcpus
+            .iter()
+            .enumerate()
+            .map(|(id, vcpu)| {
+                Ok(CpuSnapshot {
+                    id,
+                    state: match self.state[id] {
+                        CpuState::WaitForSipi => "wait-for-sipi",
+                        CpuState::Running => "running",
+                        CpuState::Halted => "halted",
+                        CpuState::Stopped => "stopped",
+                    }
+                    .to_string(),
+                    icount: vcpu.instructions_retired().unwrap_or(0),
+                    regs: vcpu.regs()?,
+                    sregs: vcpu.sregs()?,
+                    fpu: vcpu.fpu()?.xsave,
+                    msrs: MSRS
+                        .iter()
+                        .filter_map(|&m| vcpu.msr(m).ok().map(|v| (m, v)))
+                        .collect(),
+                    debug: vcpu.debug_regs()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts a recording now (every vCPU stopped).
+    fn record_start(&mut self) -> Result<(), String> {
+        let cpus = self.cpu_snapshots().map_err(|e| e.to_string())?;
+        let devices = serde_json::to_value(self.platform.device_state())
+            .map_err(|e| format!("device state: {e}"))?;
+        let console_len = self.platform.serial.output().len();
+        let Some(recorder) = &mut self.platform.recorder else {
+            return Ok(());
+        };
+        recorder.start(&cpus, devices, console_len).map(|_| ())
+    }
+
+    /// Stops the running recording, if any (every vCPU stopped).
+    fn record_stop(&mut self, reason: &str, ok: bool) {
+        let icounts: Vec<u64> = self
+            .vcpus
+            .iter()
+            .map(|v| v.instructions_retired().unwrap_or(0))
+            .collect();
+        let virtual_ns = (0..self.vcpus.len())
+            .map(|i| self.now(i))
+            .max()
+            .unwrap_or(0);
+        let console = self.platform.serial.output().to_vec();
+        if let Some(recorder) = &mut self.platform.recorder {
+            if recorder.is_recording() {
+                recorder.between_runs(self.platform.current, &console);
+                recorder.stop(reason, ok, icounts, virtual_ns);
+            }
+        }
+    }
+
+    /// Recorder work between two vCPU runs (every vCPU stopped at an
+    /// instruction boundary): SIGINT, guest start/stop requests, console
+    /// triggers, the agent check, the periodic flush. Returns the run's end
+    /// when the run must stop.
+    fn between_runs(&mut self, id: usize, console: &ConsoleWatch) -> Option<RunEnd> {
+        if self
+            .cfg
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+        {
+            return Some(RunEnd::Interrupted);
+        }
+        let recorder = self.platform.recorder.as_mut()?;
+        if let Some(e) = recorder.error() {
+            return Some(RunEnd::RecordingFailed {
+                reason: e.to_string(),
+            });
+        }
+        let (start, stop) = (
+            recorder.config().start.clone(),
+            recorder.config().stop.clone(),
+        );
+        let recording = recorder.is_recording();
+        let request = recorder.take_request();
+        // With recording on from boot, the agent must have come up by the
+        // time the kernel starts /init, or nothing of user space's kernel
+        // entries gets recorded.
+        if start == StartTrigger::Boot && console.to_init.is_some() && !self.agent_checked {
+            self.agent_checked = true;
+            if let Err(e) = recorder.check_agent() {
+                return Some(RunEnd::RecordingFailed { reason: e });
+            }
+        }
+        let out = self.platform.serial.output();
+        let new_output = |scan: &mut usize, marker: &str| -> bool {
+            let from = (*scan).min(out.len());
+            let hit = out[from..]
+                .windows(marker.len())
+                .position(|w| w == marker.as_bytes());
+            match hit {
+                Some(i) => {
+                    *scan = from + i + marker.len();
+                    true
+                }
+                None => {
+                    *scan = out.len().saturating_sub(marker.len());
+                    false
+                }
+            }
+        };
+        let mut do_start = false;
+        let mut do_stop = None;
+        if recording {
+            match (&stop, request) {
+                (StopTrigger::Guest, Some(GuestRequest::Stop)) => {
+                    do_stop = Some("stopped by the guest (/proc/krr_agent)".to_string())
+                }
+                (StopTrigger::Marker(m), _) if new_output(&mut self.trigger_scan, m) => {
+                    do_stop = Some(format!("console marker {m:?}"))
+                }
+                _ => {}
+            }
+        } else {
+            match (&start, request) {
+                (StartTrigger::Guest, Some(GuestRequest::Start)) => do_start = true,
+                (StartTrigger::Marker(m), _) if new_output(&mut self.trigger_scan, m) => {
+                    do_start = true
+                }
+                _ => {}
+            }
+        }
+        if let Some(reason) = do_stop {
+            self.record_stop(&reason, true);
+        } else if do_start {
+            let agent = self
+                .platform
+                .recorder
+                .as_ref()
+                .map(|r| r.check_agent())
+                .unwrap_or(Ok(()));
+            if let Err(e) = agent.and_then(|()| self.record_start()) {
+                return Some(RunEnd::RecordingFailed { reason: e });
+            }
+        }
+        let console_out = self.platform.serial.output().to_vec();
+        let recorder = self.platform.recorder.as_mut()?;
+        recorder.between_runs(id, &console_out);
+        recorder.error().map(|e| RunEnd::RecordingFailed {
+            reason: e.to_string(),
+        })
+    }
+
+    /// Starts the recording of a run recorded from boot, before its first
+    /// instruction (called at the top of every round; acts once).
+    fn record_from_boot(&mut self) -> Option<RunEnd> {
+        let recorder = self.platform.recorder.as_ref()?;
+        if recorder.config().start != StartTrigger::Boot
+            || recorder.is_recording()
+            || !recorder.finished().is_empty()
+        {
+            return None;
+        }
+        self.record_start()
+            .err()
+            .map(|reason| RunEnd::RecordingFailed { reason })
+    }
+
+    /// The recordings this run wrote, in order.
+    pub fn recordings(&self) -> &[crate::record::recorder::FinishedRecording] {
+        self.platform
+            .recorder
+            .as_ref()
+            .map(|r| r.finished())
+            .unwrap_or(&[])
+    }
+
+    /// Finishes a recording still running when the run ends.
+    fn record_finish(&mut self, end: &RunEnd) {
+        let ok = !matches!(
+            end,
+            RunEnd::BackendError { .. } | RunEnd::RecordingFailed { .. }
+        );
+        let reason = match end {
+            RunEnd::Interrupted => "interrupted (SIGINT)".to_string(),
+            other => format!(
+                "run ended: {}",
+                serde_json::to_string(other).unwrap_or_default()
+            ),
+        };
+        self.record_stop(&reason, ok);
     }
 
     fn deliverable(&self, id: usize) -> bool {
@@ -409,6 +711,9 @@ impl Machine {
         let mut console = ConsoleWatch::default();
         let n = self.vcpus.len();
         let end = 'run: loop {
+            if let Some(end) = self.record_from_boot() {
+                break end;
+            }
             // The round ends one quantum after the slowest active vCPU, or
             // at the next timer deadline; when all sleep, at that deadline.
             let active: Vec<usize> = (0..n)
@@ -517,6 +822,9 @@ impl Machine {
                 {
                     break 'run panic;
                 }
+                if let Some(end) = self.between_runs(id, &console) {
+                    break 'run end;
+                }
                 match exit {
                     Ok(VmExit::Hlt) => {
                         stats.hlt += 1;
@@ -560,6 +868,7 @@ impl Machine {
                 }
             }
         };
+        self.record_finish(&end);
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report
@@ -602,6 +911,9 @@ impl Machine {
                 reason: format!("cannot start the KVM slice timer thread: {e}"),
             },
             Ok(timer) => 'run: loop {
+                if let Some(end) = self.record_from_boot() {
+                    break end;
+                }
                 if let Some(limit) = self.cfg.max_wall {
                     if start.elapsed() >= limit {
                         break RunEnd::WallTimeExhausted {
@@ -718,6 +1030,9 @@ impl Machine {
                     {
                         break 'run panic;
                     }
+                    if let Some(end) = self.between_runs(id, &console) {
+                        break 'run end;
+                    }
                     match exit {
                         Ok(VmExit::Hlt) => {
                             stats.hlt += 1;
@@ -779,6 +1094,7 @@ impl Machine {
                 }
             },
         };
+        self.record_finish(&end);
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report.instructions_to_init = None;

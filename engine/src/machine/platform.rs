@@ -20,7 +20,9 @@ use crate::devices::pit::Pit;
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{GuestRange, VirtioMmio, WriteEffect, VIRTIO_MMIO_WINDOW_SIZE};
-use crate::hypervisor::IoBus;
+use crate::hypervisor::{DeliveredException, IoBus, Position};
+use crate::record::abi::DOORBELL_PORT;
+use crate::record::recorder::Recorder;
 use vm_memory::GuestMemoryMmap;
 
 /// Guest-physical base of the virtio-mmio block device window.
@@ -68,6 +70,10 @@ pub struct Platform {
     /// Device errors (bad register accesses, malformed queues): reported in
     /// the run summary, never fatal to the guest.
     pub device_errors: Vec<String>,
+    /// Where each vCPU stood at its last bus access (see [`Position`]).
+    pub at: Vec<Position>,
+    /// Set for `krr record` runs: logs what enters the guest kernel.
+    pub recorder: Option<Recorder>,
 }
 
 impl Platform {
@@ -108,6 +114,8 @@ impl Platform {
             serial_level: false,
             dma: Vec::new(),
             device_errors: Vec::new(),
+            at: vec![Position::default(); cfg.vcpus],
+            recorder: None,
         }
     }
 
@@ -230,6 +238,12 @@ impl Platform {
         match disk.write(offset, data) {
             Ok(WriteEffect::QueueNotify { queue }) => match disk.process_queue(queue, &self.mem) {
                 Ok(done) => {
+                    if let Some(r) = &mut self.recorder {
+                        let cpu = self.current;
+                        for range in &done.dma_writes {
+                            r.dma(cpu, self.at[cpu], range.addr, range.len);
+                        }
+                    }
                     self.dma.extend(done.dma_writes);
                     if done.raise_interrupt {
                         self.pulse_isa(VIRTIO_IRQ, VIRTIO_IRQ as usize);
@@ -244,8 +258,9 @@ impl Platform {
 }
 
 impl IoBus for Platform {
-    fn instructions_retired(&mut self, vcpu: usize, count: u64) {
-        self.retired[vcpu] = count;
+    fn position(&mut self, vcpu: usize, at: Position) {
+        self.retired[vcpu] = at.icount;
+        self.at[vcpu] = at;
     }
 
     fn pio_read(&mut self, vcpu: usize, port: u16, data: &mut [u8]) {
@@ -264,6 +279,9 @@ impl IoBus for Platform {
         };
         data.fill(0xff);
         data[0] = v;
+        if let Some(r) = &mut self.recorder {
+            r.pio_read(vcpu, self.at[vcpu], port, data);
+        }
     }
 
     fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]) {
@@ -287,6 +305,12 @@ impl IoBus for Platform {
             0xcf9 if v & 0x04 != 0 => self.power = Some(PowerEvent::Reset),
             // QEMU's isa-debug-exit style port, for test guests.
             0x501 => self.power = Some(PowerEvent::PowerOff),
+            DOORBELL_PORT if data.len() == 4 => {
+                if let Some(r) = &mut self.recorder {
+                    let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                    r.doorbell(vcpu, self.at[vcpu], value);
+                }
+            }
             _ => {}
         }
     }
@@ -314,6 +338,9 @@ impl IoBus for Platform {
         if let Err(e) = r {
             self.device_errors.push(e);
         }
+        if let Some(r) = &mut self.recorder {
+            r.mmio_read(vcpu, self.at[vcpu], addr, data);
+        }
     }
 
     fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]) {
@@ -335,7 +362,9 @@ impl IoBus for Platform {
     }
 
     fn stop_requested(&self) -> bool {
-        self.power.is_some() || self.irq_raised
+        self.power.is_some()
+            || self.irq_raised
+            || self.recorder.as_ref().is_some_and(Recorder::wants_stop)
     }
 
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -343,6 +372,16 @@ impl IoBus for Platform {
     }
 
     fn rdtsc(&mut self, vcpu: usize) -> u64 {
-        self.now(vcpu)
+        let value = self.now(vcpu);
+        if let Some(r) = &mut self.recorder {
+            r.rdtsc(vcpu, self.at[vcpu], value);
+        }
+        value
+    }
+
+    fn exception(&mut self, vcpu: usize, at: Position, exception: &DeliveredException) {
+        if let Some(r) = &mut self.recorder {
+            r.exception(vcpu, at, exception);
+        }
     }
 }

@@ -18,21 +18,9 @@ use super::abi;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Where on its vCPU an engine event happened.
-///
-/// `icount` is the vCPU's instruction counter as its backend keeps it: on
-/// the software CPU the count of instructions of every translation block
-/// entered so far (exact at block boundaries, where interrupts are taken;
-/// an access inside a block sees the count at the block's end), on KVM the
-/// PMU's retired-instruction count where one exists, else 0. The count
-/// alone is ambiguous inside loops of one block (`rep movs`), so `rip` and
-/// `rcx` come with it, as KRR's landmarks do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Position {
-    pub icount: u64,
-    pub rip: u64,
-    pub rcx: u64,
-}
+/// Where on its vCPU an engine event happened (see the type's documentation
+/// for what the count means on each backend).
+pub use crate::hypervisor::Position;
 
 /// The general-purpose registers at an event, for replay's checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

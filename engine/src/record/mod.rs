@@ -5,7 +5,8 @@
 //! (defined once here; the agent's C header is generated from it).
 
 pub mod abi;
+pub mod cli;
 pub mod event;
 pub mod log;
+pub mod recorder;
 pub mod recording;
-pub mod cli;

@@ -44,8 +44,8 @@ pub mod internals;
 
 pub use super::ExitCounters;
 use super::{
-    DebugRegs, DescriptorTable, FpuState, HypervisorError, Injection, IoBus, Regs, Result, Segment,
-    Sregs, Vcpu, VmExit,
+    DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection, IoBus,
+    Position, Regs, Result, Segment, Sregs, Vcpu, VmExit,
 };
 use delivery::{deliver, has_error_code, EventKind};
 use internals::{
@@ -183,8 +183,16 @@ impl HookState {
         // SAFETY: hooks only run inside `run`, which set the pointer from a
         // live `&mut dyn IoBus` for its duration.
         let bus = unsafe { &mut *self.bus.expect("I/O hook outside a run") };
-        bus.instructions_retired(self.vcpu, self.executed);
+        bus.position(self.vcpu, self.position());
         bus
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            icount: self.executed,
+            rip: self.env.eip(),
+            rcx: self.env.reg(1),
+        }
     }
 
     fn icount(&mut self, pc: u64, size: u32) -> u64 {
@@ -400,13 +408,27 @@ extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
     }
     st.exits_by_kind.exceptions += 1;
     let vector = intno as u8;
-    let kind = if st.env.exception_is_int() {
+    let software = st.env.exception_is_int();
+    let kind = if software {
         EventKind::Software
     } else {
         EventKind::Exception {
             error_code: has_error_code(vector).then(|| st.env.error_code()),
         }
     };
+    let error_code = match kind {
+        EventKind::Exception { error_code } => error_code,
+        _ => None,
+    };
+    let delivered = DeliveredException {
+        vector,
+        error_code,
+        cr2: (vector == 14 && !software).then(|| read_reg(uc, RegisterX86::CR2)),
+        software,
+        cpl: st.env.cpl(),
+    };
+    let (vcpu, at) = (st.vcpu, st.position());
+    st.bus().exception(vcpu, at, &delivered);
     if let Err(e) = deliver(uc, &st.env, vector, kind) {
         st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
     }
@@ -421,6 +443,15 @@ extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
     let st = unsafe { state(ud) };
     st.exits_by_kind.exceptions += 1;
     drop_step_tf(uc, st);
+    let delivered = DeliveredException {
+        vector: 6,
+        error_code: None,
+        cr2: None,
+        software: false,
+        cpl: st.env.cpl(),
+    };
+    let (vcpu, at) = (st.vcpu, st.position());
+    st.bus().exception(vcpu, at, &delivered);
     if let Err(e) = deliver(uc, &st.env, 6, EventKind::Exception { error_code: None }) {
         st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
     }

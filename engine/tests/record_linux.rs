@@ -1,0 +1,278 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! `krr record` of the project's `-krr` kernel on the software CPU, checked
+//! with `krr log`: plausible event counts for a syscall-heavy program, a
+//! verifiable prefix after kill -9, a flipped byte reported with its offset,
+//! two recordings in one VM run, SIGINT finishing the recording, and an
+//! unpatched kernel refused with "agent not found".
+//!
+//! Needs `KRR_AGENT_KERNEL` (the `-krr` bzImage), `KRR_TEST_KERNEL` (the
+//! plain one) and `KRR_TEST_INITRD` (set by `cargo xtask test`).
+
+#[path = "common/guest_images.rs"]
+mod guest_images;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const APPEND: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
+
+fn krr() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_krr"))
+}
+
+/// `krr record` arguments for `kernel` running `run` in the guest.
+fn record_args(kernel: &Path, initrd: &Path, name: &str, run: &str) -> Vec<String> {
+    vec![
+        "record".into(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        initrd.display().to_string(),
+        "--backend".into(),
+        "tcg".into(),
+        "--quiet".into(),
+        "--name".into(),
+        name.into(),
+        "--append".into(),
+        format!("{APPEND} krr.run=\"{run}\""),
+    ]
+}
+
+fn run_krr(recordings: &Path, args: &[String]) -> Output {
+    let out = krr()
+        .args(args)
+        .env("KRR_RECORDINGS", recordings)
+        .output()
+        .expect("running krr");
+    eprintln!(
+        "krr {}: {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn log_cmd(recordings: &Path, args: &[&str]) -> Output {
+    let args: Vec<String> = std::iter::once("log".to_string())
+        .chain(args.iter().map(|s| s.to_string()))
+        .collect();
+    run_krr(recordings, &args)
+}
+
+fn stats_json(recordings: &Path, name: &str) -> serde_json::Value {
+    let out = log_cmd(recordings, &["stats", name, "--json"]);
+    assert!(out.status.success(), "krr log stats {name} failed");
+    serde_json::from_slice(&out.stdout).expect("stats --json is JSON")
+}
+
+/// Count of one event class in `krr log stats --json` output.
+fn count(stats: &serde_json::Value, class: &str) -> u64 {
+    stats["classes"]
+        .as_array()
+        .and_then(|classes| classes.iter().find(|c| c["class"] == class))
+        .and_then(|c| c["count"].as_u64())
+        .unwrap_or(0)
+}
+
+fn images() -> Option<(PathBuf, PathBuf)> {
+    guest_images::guest_images("KRR_AGENT_KERNEL")
+}
+
+#[test]
+fn records_a_syscall_heavy_program_with_every_event_class() {
+    let Some((kernel, initrd)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_krr(
+        dir.path(),
+        &record_args(&kernel, &initrd, "loop", "syscall-loop 2000"),
+    );
+    assert!(out.status.success(), "krr record failed");
+    let verify = log_cmd(dir.path(), &["verify", "loop"]);
+    assert!(verify.status.success(), "krr log verify failed");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("OK"));
+
+    let stats = stats_json(dir.path(), "loop");
+    // 2000 iterations x 12 syscalls, plus the shell's and init's.
+    let syscalls = count(&stats, "syscall");
+    assert!(
+        (24_000..60_000).contains(&syscalls),
+        "syscalls {syscalls} not plausible for syscall-loop 2000"
+    );
+    for class in [
+        "copy_from_user",
+        "strncpy_from_user",
+        "get_user",
+        "rdtsc",
+        "interrupt",
+        "exception",
+        "pio_read",
+        "console",
+    ] {
+        assert!(count(&stats, class) > 0, "no {class} events: {stats:#}");
+    }
+    // Each iteration writes 64 bytes into a pipe: one copy_from_user at least.
+    assert!(count(&stats, "copy_from_user") >= 2000);
+
+    let dump = log_cmd(
+        dir.path(),
+        &["dump", "loop", "--from", "10", "--count", "5"],
+    );
+    assert!(dump.status.success());
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with('#')).count(),
+        5,
+        "{text}"
+    );
+    assert!(text.contains("#10 "), "{text}");
+}
+
+/// Byte offsets of the valid chunks of a `.krrlog` stream.
+fn chunk_offsets(path: &Path) -> Vec<u64> {
+    krr_engine::record::log::scan(path)
+        .expect("scanning the event log")
+        .chunks
+        .iter()
+        .map(|c| c.offset)
+        .collect()
+}
+
+#[test]
+fn flipped_byte_and_kill_9_are_reported() {
+    let Some((kernel, initrd)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // kill -9 in the middle of a long recording.
+    let mut child = krr()
+        .args(record_args(
+            &kernel,
+            &initrd,
+            "killed",
+            "syscall-loop 100000",
+        ))
+        .env("KRR_RECORDINGS", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let events = dir.path().join("killed/events.krrlog");
+    let t0 = Instant::now();
+    while std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0) < 2 << 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the recording did not grow to 2 MiB in 5 minutes"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "krr record ended early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!dir.path().join("killed/end.json").exists());
+    let verify = log_cmd(dir.path(), &["verify", "killed"]);
+    assert_eq!(verify.status.code(), Some(1), "an unfinished log exits 1");
+    let text = String::from_utf8_lossy(&verify.stdout).to_string();
+    assert!(text.contains("PREFIX VALID"), "{text}");
+    let stats = stats_json(dir.path(), "killed");
+    assert!(count(&stats, "syscall") > 1000, "{stats:#}");
+
+    // A flipped byte in the payload of the third chunk.
+    let offsets = chunk_offsets(&events);
+    assert!(offsets.len() > 4, "{offsets:?}");
+    let target = offsets[2] + krr_engine::record::log::CHUNK_HEADER_LEN as u64 + 100;
+    let mut bytes = std::fs::read(&events).unwrap();
+    bytes[target as usize] ^= 0x40;
+    std::fs::write(&events, &bytes).unwrap();
+    let verify = log_cmd(dir.path(), &["verify", "killed"]);
+    assert_eq!(verify.status.code(), Some(2), "a damaged log exits 2");
+    let text = String::from_utf8_lossy(&verify.stdout).to_string();
+    assert!(text.contains("DAMAGED"), "{text}");
+    assert!(
+        text.contains(&format!("byte offset {}", offsets[2])),
+        "the damaged chunk's offset {} is not named: {text}",
+        offsets[2]
+    );
+}
+
+#[test]
+fn two_recordings_in_one_run_started_and_stopped_by_the_guest() {
+    let Some((kernel, initrd)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = "echo start > /proc/krr_agent; syscall-loop 300; echo stop > /proc/krr_agent; \
+               echo start > /proc/krr_agent; syscall-loop 500; echo stop > /proc/krr_agent";
+    let mut args = record_args(&kernel, &initrd, "pair", run);
+    args.extend(["--start", "guest", "--stop", "guest"].map(String::from));
+    let out = run_krr(dir.path(), &args);
+    assert!(out.status.success());
+    let mut syscalls = Vec::new();
+    for name in ["pair", "pair-2"] {
+        let verify = log_cmd(dir.path(), &["verify", name]);
+        assert!(verify.status.success(), "verify {name}");
+        syscalls.push(count(&stats_json(dir.path(), name), "syscall"));
+    }
+    assert!(!dir.path().join("pair-3").exists());
+    // 12 syscalls per iteration; the shell's echo adds a few.
+    assert!((3_600..5_000).contains(&syscalls[0]), "{syscalls:?}");
+    assert!((6_000..8_000).contains(&syscalls[1]), "{syscalls:?}");
+}
+
+#[test]
+fn sigint_finishes_the_recording() {
+    let Some((kernel, initrd)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = krr()
+        .args(record_args(&kernel, &initrd, "int", "syscall-loop 100000"))
+        .env("KRR_RECORDINGS", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let events = dir.path().join("int/events.krrlog");
+    let t0 = Instant::now();
+    while std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0) < 1 << 20 {
+        assert!(t0.elapsed() < Duration::from_secs(300));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: plain kill(2) of our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGINT ends krr record with 130");
+    let end: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("int/end.json")).unwrap()).unwrap();
+    assert!(
+        end["reason"].as_str().unwrap().contains("SIGINT"),
+        "{end:#}"
+    );
+    let verify = log_cmd(dir.path(), &["verify", "int"]);
+    assert!(verify.status.success());
+}
+
+#[test]
+fn unpatched_kernel_is_refused_with_agent_not_found() {
+    let Some((plain, initrd)) = guest_images::guest_images("KRR_TEST_KERNEL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let out = run_krr(
+        dir.path(),
+        &record_args(&plain, &initrd, "plain", "syscall-loop 100000"),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("agent not found"), "{stderr}");
+    // Refused at /init, long before the 100000-iteration loop would end.
+    assert!(t0.elapsed() < Duration::from_secs(120));
+}
