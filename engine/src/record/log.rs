@@ -21,7 +21,8 @@
 //! are the concatenated `postcard` encodings of [`LogEvent`]s.
 //!
 //! # Crash safety
-//! A chunk is written with one `write_all` of header and payload together,
+//! A chunk is written (by the stream's writer thread, which also
+//! compresses it) with one `write_all` of header and payload together,
 //! and only whole chunks are ever written, so a file cut anywhere (engine
 //! killed, guest gone) is a valid prefix followed by at most one partial
 //! chunk. [`scan`] tells that apart from damage: EOF inside a chunk is
@@ -33,6 +34,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 /// Version of the stream container and of the [`LogEvent`] encoding.
 pub const FORMAT_VERSION: u32 = 1;
@@ -140,10 +142,37 @@ pub struct StreamTotals {
     pub chunks: u32,
 }
 
-/// Writes one stream file: items are gathered into a raw buffer that is
-/// compressed and written as one chunk on [`ChunkWriter::flush_chunk`].
+/// A closed chunk on its way to the writer thread.
+struct ChunkJob {
+    index: u32,
+    first: u64,
+    count: u32,
+    raw: Vec<u8>,
+}
+
+/// What the writer thread did with a [`ChunkJob`]: the raw buffer comes
+/// back for reuse.
+struct ChunkDone {
+    raw: Vec<u8>,
+    compressed: u64,
+    file_bytes: u64,
+}
+
+/// Chunks in flight at most before [`ChunkWriter::close_chunk`] waits for
+/// the writer thread (bounds memory when the disk is slower than the
+/// guest).
+const MAX_IN_FLIGHT: usize = 4;
+
+/// Writes one stream file: items are gathered into a raw buffer; a closed
+/// chunk is compressed and written by the stream's writer thread, so the
+/// vCPU thread that records only encodes and copies.
+///
+/// [`ChunkWriter::flush_chunk`] waits until every closed chunk is in the
+/// file; [`ChunkWriter::close_chunk`] (used when a chunk fills up) does not.
+/// Chunks are written in the order they were closed.
 pub struct ChunkWriter {
     path: PathBuf,
+    /// For `fdatasync` (the writer thread owns the writing handle).
     file: File,
     kind: StreamKind,
     target: usize,
@@ -152,8 +181,13 @@ pub struct ChunkWriter {
     next_index: u32,
     next_first: u64,
     totals: StreamTotals,
-    compressor: zstd::bulk::Compressor<'static>,
-    out: Vec<u8>,
+    jobs: Option<mpsc::Sender<ChunkJob>>,
+    done: mpsc::Receiver<Result<ChunkDone, LogError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+    spare: Vec<Vec<u8>>,
+    /// The writer thread's first failure, kept for every later call.
+    failed: Option<String>,
 }
 
 impl ChunkWriter {
@@ -179,9 +213,17 @@ impl ChunkWriter {
         header.extend_from_slice(&(kind as u32).to_le_bytes());
         file.write_all(&header).map_err(io_err(path))?;
         let compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(io_err(path))?;
+        let sync_handle = file.try_clone().map_err(io_err(path))?;
+        let (jobs, job_rx) = mpsc::channel::<ChunkJob>();
+        let (done_tx, done) = mpsc::channel();
+        let thread_path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name(format!("krr-log-{kind}"))
+            .spawn(move || chunk_writer_thread(thread_path, file, compressor, job_rx, done_tx))
+            .map_err(io_err(path))?;
         Ok(ChunkWriter {
             path: path.to_path_buf(),
-            file,
+            file: sync_handle,
             kind,
             target: target.max(1),
             raw: Vec::with_capacity(target.max(1) + 4096),
@@ -192,8 +234,12 @@ impl ChunkWriter {
                 file_bytes: FILE_HEADER_LEN,
                 ..StreamTotals::default()
             },
-            compressor,
-            out: Vec::new(),
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            in_flight: 0,
+            spare: Vec::new(),
+            failed: None,
         })
     }
 
@@ -207,7 +253,8 @@ impl ChunkWriter {
         self.kind
     }
 
-    /// Totals so far.
+    /// Totals so far (compressed and file bytes count written chunks only;
+    /// exact after [`ChunkWriter::flush_chunk`]).
     pub fn totals(&self) -> StreamTotals {
         self.totals
     }
@@ -222,11 +269,21 @@ impl ChunkWriter {
         self.raw.len() >= self.target
     }
 
+    fn check_failed(&self) -> Result<(), LogError> {
+        match &self.failed {
+            Some(what) => Err(LogError::Encode {
+                path: self.path.clone(),
+                problem: format!("the log writer failed earlier: {what}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Adds `items` items whose raw bytes are `bytes` to the pending chunk,
     /// without closing it. Returns the index of the first item added.
     pub fn append_raw(&mut self, bytes: &[u8], items: u32) -> Result<u64, LogError> {
         if self.raw.len() + bytes.len() > MAX_CHUNK_BYTES as usize / 2 {
-            self.flush_chunk()?;
+            self.close_chunk()?;
         }
         if bytes.len() > MAX_CHUNK_BYTES as usize / 2 {
             return Err(LogError::Encode {
@@ -249,51 +306,96 @@ impl ChunkWriter {
     pub fn append_item(&mut self, bytes: &[u8]) -> Result<u64, LogError> {
         let first = self.append_raw(bytes, 1)?;
         if self.is_full() {
-            self.flush_chunk()?;
+            self.close_chunk()?;
         }
         Ok(first)
     }
 
-    /// Compresses the pending items and writes them as one chunk (nothing
-    /// when none are pending). After it returns the chunk is in the file
-    /// (the kernel's page cache: it survives the engine being killed).
-    pub fn flush_chunk(&mut self) -> Result<(), LogError> {
+    /// Takes one result of the writer thread (blocking or not).
+    fn collect_one(&mut self, block: bool) -> Result<bool, LogError> {
+        let result = if block {
+            match self.done.recv() {
+                Ok(r) => r,
+                Err(_) => {
+                    self.failed
+                        .get_or_insert_with(|| "the writer thread ended".into());
+                    self.in_flight = 0;
+                    return self.check_failed().map(|_| false);
+                }
+            }
+        } else {
+            match self.done.try_recv() {
+                Ok(r) => r,
+                Err(_) => return Ok(false),
+            }
+        };
+        self.in_flight -= 1;
+        match result {
+            Ok(done) => {
+                self.totals.chunks += 1;
+                self.totals.compressed_bytes += done.compressed;
+                self.totals.file_bytes += done.file_bytes;
+                let mut raw = done.raw;
+                raw.clear();
+                self.spare.push(raw);
+                Ok(true)
+            }
+            Err(e) => {
+                self.failed.get_or_insert_with(|| e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Hands the pending items to the writer thread as one chunk (nothing
+    /// when none are pending), without waiting for it to be written.
+    pub fn close_chunk(&mut self) -> Result<(), LogError> {
+        self.check_failed()?;
+        while self.collect_one(false)? {}
         if self.raw.is_empty() && self.pending_items == 0 {
             return Ok(());
         }
-        let bound = zstd::zstd_safe::compress_bound(self.raw.len());
-        self.out.clear();
-        self.out.resize(CHUNK_HEADER_LEN, 0);
-        self.out.reserve(bound);
-        let payload = {
-            let mut buf = std::mem::take(&mut self.out);
-            let start = buf.len();
-            buf.resize(start + bound, 0);
-            let n = self
-                .compressor
-                .compress_to_buffer(&self.raw, &mut buf[start..])
-                .map_err(io_err(&self.path))?;
-            buf.truncate(start + n);
-            self.out = buf;
-            n
+        while self.in_flight >= MAX_IN_FLIGHT {
+            self.collect_one(true)?;
+        }
+        let fresh = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.target + 4096));
+        let job = ChunkJob {
+            index: self.next_index,
+            first: self.next_first,
+            count: self.pending_items,
+            raw: std::mem::replace(&mut self.raw, fresh),
         };
-        let header = chunk_header(
-            self.next_index,
-            self.next_first,
-            self.pending_items,
-            self.raw.len() as u32,
-            payload as u32,
-            crc32fast::hash(&self.out[CHUNK_HEADER_LEN..]),
-        );
-        self.out[..CHUNK_HEADER_LEN].copy_from_slice(&header);
-        self.file.write_all(&self.out).map_err(io_err(&self.path))?;
-        self.totals.chunks += 1;
-        self.totals.compressed_bytes += payload as u64;
-        self.totals.file_bytes += self.out.len() as u64;
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            // The thread stopped; its error (if any) is in `done`.
+            while self.in_flight > 0 {
+                self.collect_one(true)?;
+            }
+            self.failed
+                .get_or_insert_with(|| "the writer thread ended".into());
+            return self.check_failed();
+        }
+        self.in_flight += 1;
         self.next_index += 1;
         self.next_first += u64::from(self.pending_items);
         self.pending_items = 0;
-        self.raw.clear();
+        Ok(())
+    }
+
+    /// Closes the pending chunk and waits until every closed chunk is in
+    /// the file (the kernel's page cache: it survives the engine being
+    /// killed).
+    pub fn flush_chunk(&mut self) -> Result<(), LogError> {
+        self.close_chunk()?;
+        while self.in_flight > 0 {
+            self.collect_one(true)?;
+        }
         Ok(())
     }
 
@@ -301,6 +403,63 @@ impl ChunkWriter {
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.flush_chunk()?;
         self.file.sync_data().map_err(io_err(&self.path))
+    }
+}
+
+impl Drop for ChunkWriter {
+    /// Writes what is pending and stops the thread (a writer dropped
+    /// without [`ChunkWriter::flush_chunk`] still leaves whole chunks).
+    fn drop(&mut self) {
+        if self.failed.is_none() {
+            let _ = self.close_chunk();
+        }
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread of one stream: compresses each chunk and writes
+/// header and payload with one `write_all`, in order; stops at the first
+/// failure (reported back) so the file never gets a gap.
+fn chunk_writer_thread(
+    path: PathBuf,
+    mut file: File,
+    mut compressor: zstd::bulk::Compressor<'static>,
+    jobs: mpsc::Receiver<ChunkJob>,
+    done: mpsc::Sender<Result<ChunkDone, LogError>>,
+) {
+    let mut out = Vec::new();
+    for job in jobs {
+        let bound = zstd::zstd_safe::compress_bound(job.raw.len());
+        out.clear();
+        out.resize(CHUNK_HEADER_LEN + bound, 0);
+        let result = compressor
+            .compress_to_buffer(&job.raw, &mut out[CHUNK_HEADER_LEN..])
+            .and_then(|n| {
+                out.truncate(CHUNK_HEADER_LEN + n);
+                let header = chunk_header(
+                    job.index,
+                    job.first,
+                    job.count,
+                    job.raw.len() as u32,
+                    n as u32,
+                    crc32fast::hash(&out[CHUNK_HEADER_LEN..]),
+                );
+                out[..CHUNK_HEADER_LEN].copy_from_slice(&header);
+                file.write_all(&out)?;
+                Ok(ChunkDone {
+                    raw: job.raw,
+                    compressed: n as u64,
+                    file_bytes: out.len() as u64,
+                })
+            })
+            .map_err(io_err(&path));
+        let failed = result.is_err();
+        if done.send(result).is_err() || failed {
+            return;
+        }
     }
 }
 
@@ -349,7 +508,7 @@ impl EventLogWriter {
     pub fn append(&mut self, event: &LogEvent) -> Result<u64, LogError> {
         let index = self.append_deferred(event)?;
         if self.chunks.is_full() {
-            self.chunks.flush_chunk()?;
+            self.chunks.close_chunk()?;
         }
         Ok(index)
     }
@@ -373,7 +532,14 @@ impl EventLogWriter {
         self.chunks.is_full()
     }
 
-    /// Writes the pending events as a chunk.
+    /// Hands the pending events to the writer thread as a chunk, without
+    /// waiting for it to be written.
+    pub fn close(&mut self) -> Result<(), LogError> {
+        self.chunks.close_chunk()
+    }
+
+    /// Writes the pending events as a chunk and waits until every chunk
+    /// is in the file.
     pub fn flush(&mut self) -> Result<(), LogError> {
         self.chunks.flush_chunk()
     }
@@ -419,14 +585,15 @@ impl DmaLogWriter {
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
             self.chunks.append_raw(now, now.len() as u32)?;
             if self.chunks.is_full() {
-                self.chunks.flush_chunk()?;
+                self.chunks.close_chunk()?;
             }
             bytes = rest;
         }
         Ok(offset)
     }
 
-    /// Writes the pending bytes as a chunk.
+    /// Writes the pending bytes as a chunk and waits until every chunk is
+    /// in the file.
     pub fn flush(&mut self) -> Result<(), LogError> {
         self.chunks.flush_chunk()
     }

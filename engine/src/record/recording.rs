@@ -541,7 +541,10 @@ impl RecordingWriter {
     /// file before its bytes do.
     pub fn event(&mut self, event: &LogEvent) -> Result<u64, RecordingError> {
         if self.events.is_full() {
-            self.flush()?;
+            // Events may name DMA bytes of the pending DMA chunk: those are
+            // in the file before the events chunk is handed off.
+            self.dma.flush()?;
+            self.events.close()?;
         }
         Ok(self.events.append_deferred(event)?)
     }
