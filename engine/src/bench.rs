@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-//! Boot benchmark: the software CPU against `qemu-system-x86_64 -accel tcg`,
+//! Benchmarks the engine runs itself.
+//!
+//! Boot: the software CPU against `qemu-system-x86_64 -accel tcg`,
 //! booting the same kernel and initramfs with the same command line, side by
 //! side in one run. The end point for both is the first console line that
 //! `/init` prints (the first complete line after the kernel's
 //! "Run /init as init process").
+//!
+//! Recording: a workload run plainly and recorded on the same backend
+//! ([`record_vs_plain`]); the window is /init to the end of the run.
 
 use crate::machine::{first_line_after, Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
 use std::io::Read;
@@ -57,6 +62,8 @@ pub enum BenchError {
     },
     #[error("QEMU printed no line from /init within {0:?}; last output: {1}")]
     QemuNoInitLine(Duration, String),
+    #[error("{0}")]
+    Workload(String),
 }
 
 /// Boots with krr (software CPU), then with QEMU TCG, and compares.
@@ -156,5 +163,128 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
         qemu_wall_seconds: qemu_wall,
         ratio: krr_wall / qemu_wall,
         qemu_command,
+    })
+}
+
+/// Recording benchmark: the same workload on the same backend and kernel,
+/// run plainly and recorded, side by side.
+#[derive(Debug, Clone)]
+pub struct RecordBenchConfig {
+    /// A `-krr` kernel (the agent records only when the ring is announced).
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line without `krr.run=`.
+    pub cmdline: String,
+    /// The guest command (`krr.run=`).
+    pub workload: String,
+    pub vcpus: usize,
+    pub mem_bytes: u64,
+    /// Where the recording goes (a scratch directory; it is deleted after
+    /// its statistics are read).
+    pub recordings: PathBuf,
+}
+
+/// One plain run and one recorded run of a workload.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordBench {
+    pub workload: String,
+    /// Wall seconds from the kernel starting /init to the end of the run,
+    /// without recording.
+    pub plain_seconds: f64,
+    /// The same window, recorded (the recording starts at that point, so
+    /// its start snapshot is inside the window).
+    pub recorded_seconds: f64,
+    /// recorded / plain (target on the software CPU: at most 1.10).
+    pub ratio: f64,
+    pub plain_instructions: u64,
+    /// More than plain: the agent's own code runs in the guest.
+    pub recorded_instructions: u64,
+    pub events: u64,
+    /// Bytes of the event log on disk (zstd chunks with headers).
+    pub log_bytes: u64,
+    pub bytes_per_event: f64,
+    /// Log bytes per second of recorded wall time.
+    pub log_bytes_per_second: f64,
+    /// Events per class, as `krr log stats` counts them.
+    pub classes: Vec<(String, u64)>,
+}
+
+/// Wall seconds of a run from /init to its end; an error unless it ended
+/// with the end marker and status 0.
+fn workload_window(report: &crate::machine::RunReport, what: &str) -> Result<f64, BenchError> {
+    if report.end != (RunEnd::EndMarker { status: 0 }) {
+        return Err(BenchError::Workload(format!(
+            "{what} run ended with {:?}; last console lines: {:?}",
+            report.end, report.last_console_lines
+        )));
+    }
+    let to_init = report
+        .wall_seconds_to_init
+        .ok_or_else(|| BenchError::Workload(format!("{what} run never started /init")))?;
+    Ok(report.wall_seconds - to_init)
+}
+
+/// Runs `cfg.workload` plainly and then recorded (from /init on).
+pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchError> {
+    use crate::record::recorder::{RecordConfig, StartTrigger};
+    let cmdline = format!("{} krr.run=\"{}\"", cfg.cmdline, cfg.workload);
+    let machine_cfg = || {
+        let mut m = MachineConfig::new(
+            cfg.kernel.clone(),
+            Some(cfg.initrd.clone()),
+            cmdline.clone(),
+        );
+        m.vcpus = cfg.vcpus;
+        m.mem_bytes = cfg.mem_bytes;
+        m
+    };
+    let plain = Machine::new(machine_cfg(), Backend::Tcg)?.run();
+    let plain_seconds = workload_window(&plain, "plain")?;
+
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut rc = RecordConfig::new(name, cfg.recordings.clone());
+    rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
+    let mut recorded_cfg = machine_cfg();
+    recorded_cfg.record = Some(rc);
+    let mut machine = Machine::new(recorded_cfg, Backend::Tcg)?;
+    let recorded = machine.run();
+    let recorded_seconds = workload_window(&recorded, "recorded")?;
+    let rec = machine
+        .recordings()
+        .first()
+        .cloned()
+        .ok_or_else(|| BenchError::Workload("the recorded run made no recording".into()))?;
+    if !rec.ok {
+        return Err(BenchError::Workload(format!(
+            "the recording {} is not complete: {}",
+            rec.dir.display(),
+            rec.reason
+        )));
+    }
+    let stats = crate::record::recording::stats(&rec.dir)
+        .map_err(|e| BenchError::Workload(format!("statistics of {}: {e}", rec.dir.display())))?;
+    let _ = std::fs::remove_dir_all(&rec.dir);
+    Ok(RecordBench {
+        workload: cfg.workload.clone(),
+        plain_seconds,
+        recorded_seconds,
+        ratio: recorded_seconds / plain_seconds.max(1e-9),
+        plain_instructions: plain.instructions,
+        recorded_instructions: recorded.instructions,
+        events: stats.events,
+        log_bytes: stats.file_bytes,
+        bytes_per_event: stats.bytes_per_event,
+        log_bytes_per_second: stats.file_bytes as f64 / recorded_seconds.max(1e-9),
+        classes: stats
+            .classes
+            .iter()
+            .filter(|c| c.count > 0)
+            .map(|c| (c.class.clone(), c.count))
+            .collect(),
     })
 }

@@ -132,13 +132,13 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
     assert!(text.contains("#10 "), "{text}");
 }
 
-/// Byte offsets of the valid chunks of a `.krrlog` stream.
-fn chunk_offsets(path: &Path) -> Vec<u64> {
+/// (offset, compressed payload length) of the valid chunks of a `.krrlog`.
+fn chunks(path: &Path) -> Vec<(u64, u64)> {
     krr_engine::record::log::scan(path)
         .expect("scanning the event log")
         .chunks
         .iter()
-        .map(|c| c.offset)
+        .map(|c| (c.offset, u64::from(c.compressed_len)))
         .collect()
 }
 
@@ -184,10 +184,15 @@ fn flipped_byte_and_kill_9_are_reported() {
     let stats = stats_json(dir.path(), "killed");
     assert!(count(&stats, "syscall") > 1000, "{stats:#}");
 
-    // A flipped byte in the payload of the third chunk.
-    let offsets = chunk_offsets(&events);
-    assert!(offsets.len() > 4, "{offsets:?}");
-    let target = offsets[2] + krr_engine::record::log::CHUNK_HEADER_LEN as u64 + 100;
+    // A flipped byte in the middle of the payload of a chunk past the first
+    // few (which are small: flushed before much was recorded).
+    let all = chunks(&events);
+    let &(chunk_offset, payload) = all
+        .iter()
+        .skip(2)
+        .find(|c| c.1 > 1000)
+        .expect("a chunk of more than 1000 bytes");
+    let target = chunk_offset + krr_engine::record::log::CHUNK_HEADER_LEN as u64 + payload / 2;
     let mut bytes = std::fs::read(&events).unwrap();
     bytes[target as usize] ^= 0x40;
     std::fs::write(&events, &bytes).unwrap();
@@ -196,9 +201,8 @@ fn flipped_byte_and_kill_9_are_reported() {
     let text = String::from_utf8_lossy(&verify.stdout).to_string();
     assert!(text.contains("DAMAGED"), "{text}");
     assert!(
-        text.contains(&format!("byte offset {}", offsets[2])),
-        "the damaged chunk's offset {} is not named: {text}",
-        offsets[2]
+        text.contains(&format!("byte offset {chunk_offset} ")),
+        "the damaged chunk's offset {chunk_offset} is not named: {text}"
     );
 }
 

@@ -6,14 +6,17 @@
 use crate::{images, repo_root};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
-use krr_engine::bench::{boot_vs_qemu, BootBench, BootBenchConfig};
+use krr_engine::bench::{
+    boot_vs_qemu, record_vs_plain, BootBench, BootBenchConfig, RecordBench, RecordBenchConfig,
+};
 use std::time::Duration;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Benchmark {
     /// Boot to the first line of /init: krr (tcg) vs qemu-system-x86_64 -accel tcg.
     Boot,
-    /// Recording slowdown (needs the recorder: not implemented yet).
+    /// Recording slowdown on the software CPU: a syscall-heavy and a
+    /// CPU-bound workload, plain vs recorded, plus log growth.
     Record,
     /// Replay speed (needs the replayer: not implemented yet).
     Replay,
@@ -33,13 +36,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
     match which {
         Benchmark::Boot => boot(repetitions),
-        Benchmark::Record | Benchmark::Replay => bail!(
-            "bench {}: the recorder and replayer are not implemented yet; nothing to measure",
-            match which {
-                Benchmark::Record => "record",
-                _ => "replay",
-            }
-        ),
+        Benchmark::Record => record(repetitions),
+        Benchmark::Replay => {
+            bail!("bench replay: the replayer is not implemented yet; nothing to measure")
+        }
     }
 }
 
@@ -112,6 +112,100 @@ fn boot(repetitions: usize) -> Result<()> {
         "kernel": kernel,
         "initrd": initrd,
         "cmdline": BOOT_CMDLINE,
+        "repetitions": repetitions,
+        "results": rows,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The recording benchmark's workloads: syscall-heavy and CPU-bound.
+const RECORD_WORKLOADS: &[&str] = &["syscall-loop 20000", "cpu-loop 40"];
+
+/// The project's test command line (no `krr.run=`).
+const RECORD_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
+
+fn record(repetitions: usize) -> Result<()> {
+    if repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    let built = images::build(&["guest-6.1-krr".into(), "initramfs-base".into()], false)?;
+    let file = |image: &str, file: &str| {
+        built
+            .iter()
+            .find(|b| b.name == image)
+            .and_then(|b| b.file(file))
+            .map(|p| p.to_path_buf())
+            .ok_or_else(|| anyhow!("image `{image}` has no `{file}`"))
+    };
+    let kernel = file("guest-6.1-krr", "bzImage")?;
+    let initrd = file("initramfs-base", "initramfs.cpio.gz")?;
+    let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
+    let mut rows = Vec::new();
+    for workload in RECORD_WORKLOADS {
+        let mut runs: Vec<RecordBench> = Vec::new();
+        for rep in 1..=repetitions {
+            let cfg = RecordBenchConfig {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: RECORD_CMDLINE.into(),
+                workload: workload.to_string(),
+                vcpus: 1,
+                mem_bytes: 512 << 20,
+                recordings: scratch.path().to_path_buf(),
+            };
+            let r = record_vs_plain(&cfg)
+                .with_context(|| format!("record benchmark, `{workload}`, run {rep}"))?;
+            eprintln!(
+                "  {workload} run {rep}: plain {:.2} s, recorded {:.2} s, ratio {:.3}, {} events, {:.1} bytes/event",
+                r.plain_seconds, r.recorded_seconds, r.ratio, r.events, r.bytes_per_event
+            );
+            runs.push(r);
+        }
+        let plain = median(runs.iter().map(|r| r.plain_seconds).collect());
+        let recorded = median(runs.iter().map(|r| r.recorded_seconds).collect());
+        let ratio = median(runs.iter().map(|r| r.ratio).collect());
+        let last = runs.last().expect("at least one run");
+        rows.push(serde_json::json!({
+            "workload": workload,
+            "plain_seconds_median": plain,
+            "recorded_seconds_median": recorded,
+            "ratio_median": ratio,
+            "events": last.events,
+            "log_bytes": last.log_bytes,
+            "bytes_per_event": last.bytes_per_event,
+            "log_bytes_per_second": last.log_bytes_per_second,
+            "runs": runs,
+        }));
+    }
+    println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | events | log bytes | bytes/event | log MB/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {:.2} | {:.2} | {:.3} | {} | {} | {:.1} | {:.2} |",
+            row["workload"].as_str().unwrap_or("?"),
+            f("plain_seconds_median"),
+            f("recorded_seconds_median"),
+            f("ratio_median"),
+            row["events"],
+            row["log_bytes"],
+            f("bytes_per_event"),
+            f("log_bytes_per_second") / 1e6,
+        );
+    }
+    let dir = repo_root().join("results/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join("record.json");
+    let doc = serde_json::json!({
+        "benchmark": "record",
+        "backend": "tcg",
+        "kernel": kernel,
+        "initrd": initrd,
+        "cmdline": RECORD_CMDLINE,
+        "window": "from the kernel starting /init to the end of the run; the recorded run starts recording there",
         "repetitions": repetitions,
         "results": rows,
     });
