@@ -274,6 +274,12 @@ impl IoBus for Platform {
                 self.update_serial_irq();
                 v
             }
+            // i8042 status: input buffer empty, no data. Linux's keyboard
+            // reset (`reboot -f`) polls for bit 1 clear 65536 times with a
+            // udelay(2) between polls before it writes 0xfe; a floating 0xff
+            // would make every run end with ~130 M instructions of delay
+            // loop (and a recording with a million RDTSC events).
+            0x64 => 0x00,
             // No device: the bus floats high.
             _ => 0xff,
         };

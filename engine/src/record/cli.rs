@@ -69,7 +69,18 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<i32> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let note = recording::dump(&dir, from, count, &mut out);
-            out.flush()?;
+            // `krr log dump | head` closes the pipe early: not an error.
+            let broken_pipe = |e: &std::io::Error| e.kind() == std::io::ErrorKind::BrokenPipe;
+            let note = match note {
+                Err(recording::RecordingError::Io { source, .. }) if broken_pipe(&source) => {
+                    return Ok(0)
+                }
+                other => other,
+            };
+            match out.flush() {
+                Err(e) if broken_pipe(&e) => return Ok(0),
+                r => r?,
+            }
             drop(out);
             match note? {
                 Some(note) => {
