@@ -64,6 +64,7 @@ impl Mix {
         self.icount += 1000 + self.rng.next() % 5000;
         Position {
             icount: self.icount,
+            kernel_icount: self.icount / 2,
             rip: 0xffff_ffff_8100_0000 + (self.rng.next() % 0x80_0000),
             rcx: self.rng.next() % 64,
         }
@@ -163,6 +164,7 @@ impl Mix {
                     rflags: 0x246,
                     ..Default::default()
                 },
+                agent_seq: self.seq,
             });
         }
         if self.i % 20 == 5 {
@@ -175,6 +177,13 @@ impl Mix {
                 cr2: Some(buf + 4096),
                 software: false,
                 from_user: true,
+                regs: Some(GprSnapshot {
+                    rip: 0x40_1000,
+                    rsp: 0x7ffd_0000_1000,
+                    rflags: 0x246,
+                    ..Default::default()
+                }),
+                agent_seq: self.seq,
             });
         }
         if self.i % 25 == 7 {
@@ -232,6 +241,7 @@ fn cpus() -> Vec<CpuSnapshot> {
             id,
             state: if id == 0 { "running" } else { "halted" }.to_string(),
             icount: 12_345 + id as u64,
+            kernel_icount: 10_000 + id as u64,
             regs: Regs {
                 rip: 0xffff_ffff_8100_0000 + id as u64,
                 rsp: 0xffff_c900_0000_0000,
@@ -620,7 +630,13 @@ fn refusals_and_lookups_name_what_is_wrong() {
     let text = std::fs::read_to_string(&hpath).unwrap();
     std::fs::write(
         &hpath,
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+        text.replace(
+            &format!(
+                "\"format_version\": {}",
+                krr_engine::record::log::FORMAT_VERSION
+            ),
+            "\"format_version\": 99",
+        ),
     )
     .unwrap();
     let report = recording::verify(&dir).unwrap();

@@ -333,6 +333,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Like other command-line tools, die quietly when the reader of stdout
+    // goes away (`krr log dump NAME | head`) instead of panicking in print!.
+    // SAFETY: restoring the default disposition of SIGPIPE at startup,
+    // before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -27,6 +27,9 @@ pub enum VmExit {
     IoStop,
     /// Triple fault or another condition that resets the machine.
     Shutdown,
+    /// The next instruction is user code, at `rip`; returned only after
+    /// [`Vcpu::set_stop_at_user_mode`] (replay of the kernel alone).
+    UserMode { rip: u64 },
 }
 
 /// Width of a port or MMIO access, in bytes (1, 2, 4 or 8).
@@ -58,6 +61,18 @@ pub trait IoBus {
     /// CPU), right before the delivery through the guest IDT; the recorder
     /// logs the ones that enter the kernel from user mode.
     fn exception(&mut self, _vcpu: usize, _at: Position, _exception: &DeliveredException) {}
+    /// Called by backends that perform SYSCALL themselves (the software
+    /// CPU), before the kernel entry, with the user's state.
+    fn syscall(&mut self, _vcpu: usize, _at: Position, _entry: &UserEntry) {}
+}
+
+/// The user's state at a kernel entry the backend performs itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserEntry {
+    /// At the entering instruction (`rip` is the SYSCALL's address).
+    pub regs: Regs,
+    pub fs_base: u64,
+    pub gs_base: u64,
 }
 
 /// Where a vCPU stands when an event happens: its instruction counter as
@@ -74,6 +89,9 @@ pub trait IoBus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub icount: u64,
+    /// The part of `icount` spent in kernel code (the upper half of the
+    /// address space): where replay of the kernel alone finds the event.
+    pub kernel_icount: u64,
     pub rip: u64,
     pub rcx: u64,
 }
@@ -89,6 +107,9 @@ pub struct DeliveredException {
     pub software: bool,
     /// The privilege level the CPU was at when the exception happened.
     pub cpl: u8,
+    /// The registers at the exception when it came from user mode (a
+    /// kernel entry replay must recreate).
+    pub user_regs: Option<Regs>,
 }
 
 /// A segment register with its hidden descriptor cache.
@@ -297,6 +318,15 @@ pub trait Vcpu {
     /// Exact number of guest instructions retired so far, where the backend
     /// knows it (the software CPU does; KVM without a PMU does not).
     fn instructions_retired(&self) -> Option<u64>;
+    /// Of [`Vcpu::instructions_retired`], those of kernel code.
+    fn kernel_instructions_retired(&self) -> Option<u64> {
+        None
+    }
+    /// Makes `run` return [`VmExit::UserMode`] before the first instruction
+    /// of user code (replay of the kernel alone).
+    fn set_stop_at_user_mode(&mut self, _enable: bool) -> Result<()> {
+        Err(HypervisorError::Unsupported("stopping at user mode"))
+    }
 }
 
 #[cfg(target_os = "linux")]

@@ -370,11 +370,14 @@ impl Machine {
         let mut state = vec![CpuState::WaitForSipi; cfg.vcpus];
         state[0] = CpuState::Running;
         let mut platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
+        platform.stop_on_irq = backend == Backend::Kvm;
         if let (Some(rc), Some((phys, _))) = (&cfg.record, ring) {
+            let mut rc = rc.clone();
+            rc.engine_syscalls = backend == Backend::Tcg;
             let header =
-                crate::record::recorder::header_for_machine(&cfg, rc, backend_name(backend), phys)
+                crate::record::recorder::header_for_machine(&cfg, &rc, backend_name(backend), phys)
                     .map_err(|e| MachineError::Config(format!("recording header: {e:#}")))?;
-            let recorder = Recorder::new(rc.clone(), mem.clone(), phys, header)
+            let recorder = Recorder::new(rc, mem.clone(), phys, header)
                 .map_err(|e| MachineError::Config(format!("recorder: {e}")))?;
             platform.recorder = Some(recorder);
         }
@@ -473,6 +476,7 @@ impl Machine {
         let regs = self.vcpus[id].regs()?;
         let at = Position {
             icount: self.vcpus[id].instructions_retired().unwrap_or(0),
+            kernel_icount: self.vcpus[id].kernel_instructions_retired().unwrap_or(0),
             rip: regs.rip,
             rcx: regs.rcx,
         };
@@ -513,6 +517,7 @@ impl Machine {
                     }
                     .to_string(),
                     icount: vcpu.instructions_retired().unwrap_or(0),
+                    kernel_icount: vcpu.kernel_instructions_retired().unwrap_or(0),
                     regs: vcpu.regs()?,
                     sregs: vcpu.sregs()?,
                     fpu: vcpu.fpu()?.xsave,
@@ -859,7 +864,9 @@ impl Machine {
                             },
                         };
                     }
-                    Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                    Ok(VmExit::InterruptWindow)
+                    | Ok(VmExit::Debug { .. })
+                    | Ok(VmExit::UserMode { .. }) => {}
                     Err(e) => {
                         break 'run RunEnd::BackendError {
                             reason: format!("vCPU {id}: {e}"),
@@ -1062,7 +1069,9 @@ impl Machine {
                             };
                         }
                         Ok(VmExit::BudgetExhausted) => stats.budget += 1,
-                        Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                        Ok(VmExit::InterruptWindow)
+                        | Ok(VmExit::Debug { .. })
+                        | Ok(VmExit::UserMode { .. }) => {}
                         Err(e) => {
                             break 'run RunEnd::BackendError {
                                 reason: format!("vCPU {id}: {e}"),

@@ -20,7 +20,7 @@ use crate::devices::pit::Pit;
 use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{GuestRange, VirtioMmio, WriteEffect, VIRTIO_MMIO_WINDOW_SIZE};
-use crate::hypervisor::{DeliveredException, IoBus, Position};
+use crate::hypervisor::{DeliveredException, IoBus, Position, UserEntry};
 use crate::record::abi::DOORBELL_PORT;
 use crate::record::recorder::Recorder;
 use vm_memory::GuestMemoryMmap;
@@ -74,6 +74,12 @@ pub struct Platform {
     pub at: Vec<Position>,
     /// Set for `krr record` runs: logs what enters the guest kernel.
     pub recorder: Option<Recorder>,
+    /// Stop the running vCPU when an interrupt becomes deliverable during
+    /// its run (KVM: host time runs on). The software CPU leaves this off:
+    /// the interrupt waits for the end of the run (a timer deadline or the
+    /// quantum), so that runs stop only at block boundaries and replay of
+    /// the kernel alone meets the same blocks.
+    pub stop_on_irq: bool,
 }
 
 impl Platform {
@@ -116,6 +122,7 @@ impl Platform {
             device_errors: Vec::new(),
             at: vec![Position::default(); cfg.vcpus],
             recorder: None,
+            stop_on_irq: true,
         }
     }
 
@@ -369,7 +376,7 @@ impl IoBus for Platform {
 
     fn stop_requested(&self) -> bool {
         self.power.is_some()
-            || self.irq_raised
+            || (self.irq_raised && self.stop_on_irq)
             || self.recorder.as_ref().is_some_and(Recorder::wants_stop)
     }
 
@@ -388,6 +395,12 @@ impl IoBus for Platform {
     fn exception(&mut self, vcpu: usize, at: Position, exception: &DeliveredException) {
         if let Some(r) = &mut self.recorder {
             r.exception(vcpu, at, exception);
+        }
+    }
+
+    fn syscall(&mut self, vcpu: usize, at: Position, entry: &UserEntry) {
+        if let Some(r) = &mut self.recorder {
+            r.syscall(vcpu, at, entry);
         }
     }
 }

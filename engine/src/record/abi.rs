@@ -65,7 +65,9 @@
 //! Hooked:
 //! - syscall entry (`do_syscall_64`, before anything else runs): the full user
 //!   `pt_regs`, FS base, user GS base (`MSR_KERNEL_GS_BASE` while in the kernel),
-//!   the kernel's GS base and CR3 ([`SyscallEvent`]).
+//!   the kernel's GS base and CR3 ([`SyscallEvent`]); skipped while
+//!   [`CONTROL_ENGINE_SYSCALLS`] is set (the software CPU's engine records the
+//!   entry itself, cheaper and with its exact position).
 //! - every `copy_from_user` flavour that goes through
 //!   `instrument_copy_from_user_after()`: `_copy_from_user`, `__copy_from_user`,
 //!   `__copy_from_user_inatomic`, iov_iter `copyin` (write/writev/sendmsg data),
@@ -118,6 +120,10 @@ pub const MIN_DATA_SIZE: u64 = 64 * 1024;
 
 /// `control` bit: the agent records while set.
 pub const CONTROL_RECORD: u32 = 1;
+/// `control` bit: the engine records syscall entries itself (the software
+/// CPU performs SYSCALL in the engine and sees the user registers, with an
+/// exact position); the agent then emits no [`EVENT_SYSCALL`].
+pub const CONTROL_ENGINE_SYSCALLS: u32 = 2;
 
 /// `agent_state`: no agent has touched the ring (unpatched kernel, or not yet).
 pub const AGENT_STATE_ABSENT: u32 = 0;
@@ -535,6 +541,11 @@ pub fn constants() -> Vec<(&'static str, u64, &'static str)> {
         c("KRR_MAX_DATA_PER_EVENT", MAX_DATA_PER_EVENT.into(), "U"),
         c("KRR_MIN_DATA_SIZE", MIN_DATA_SIZE, "ULL"),
         c("KRR_CONTROL_RECORD", CONTROL_RECORD.into(), "U"),
+        c(
+            "KRR_CONTROL_ENGINE_SYSCALLS",
+            CONTROL_ENGINE_SYSCALLS.into(),
+            "U",
+        ),
         c("KRR_AGENT_STATE_ABSENT", AGENT_STATE_ABSENT.into(), "U"),
         c("KRR_AGENT_STATE_READY", AGENT_STATE_READY.into(), "U"),
         c("KRR_AGENT_STATE_REFUSED", AGENT_STATE_REFUSED.into(), "U"),
@@ -734,6 +745,9 @@ pub const AGENT_STATE_OFFSET: usize = offset_of!(RingHeader, agent_state);
 pub const HEAD_OFFSET: usize = offset_of!(RingHeader, head);
 /// Byte offset of `tail` (engine-written after consuming).
 pub const TAIL_OFFSET: usize = offset_of!(RingHeader, tail);
+/// Byte offset of `next_seq`: the engine stamps its kernel-entry events with
+/// it, so replay knows which agent events belong to which entry.
+pub const NEXT_SEQ_OFFSET: usize = offset_of!(RingHeader, next_seq);
 
 /// Kernel command-line parameters announcing a ring of `size` bytes at
 /// guest-physical `phys`: `memmap=SIZE$PHYS` keeps the kernel off it (not

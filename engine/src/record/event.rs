@@ -45,6 +45,31 @@ pub struct GprSnapshot {
     pub rflags: u64,
 }
 
+impl From<GprSnapshot> for crate::hypervisor::Regs {
+    fn from(r: GprSnapshot) -> crate::hypervisor::Regs {
+        crate::hypervisor::Regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }
+}
+
 impl From<&crate::hypervisor::Regs> for GprSnapshot {
     fn from(r: &crate::hypervisor::Regs) -> GprSnapshot {
         GprSnapshot {
@@ -94,6 +119,9 @@ pub enum LogEvent {
         kind: InterruptKind,
         vector: u8,
         regs: GprSnapshot,
+        /// The agent's `next_seq` then: agent events from here on happened
+        /// after this entry.
+        agent_seq: u64,
     },
     /// The CPU raised an exception (or executed INT n) at `at` and
     /// delivered it through the guest IDT. `from_user`: taken at CPL 3 (a
@@ -107,6 +135,9 @@ pub enum LogEvent {
         cr2: Option<u64>,
         software: bool,
         from_user: bool,
+        /// The registers at the exception, for exceptions from user mode.
+        regs: Option<GprSnapshot>,
+        agent_seq: u64,
     },
     /// A port read (`in`) and the value the device returned.
     PioRead {
@@ -153,6 +184,18 @@ pub enum LogEvent {
     },
     /// Console bytes the guest wrote (serial THR), in the order written.
     Console { cpu: u16, bytes: Vec<u8> },
+    /// A syscall entry recorded by the engine (the software CPU performs
+    /// SYSCALL itself): the user's registers at the SYSCALL instruction
+    /// (`regs.rip` is its address) and segment bases. With these the agent
+    /// records no syscall event (`abi::CONTROL_ENGINE_SYSCALLS`).
+    Syscall {
+        cpu: u16,
+        at: Position,
+        regs: GprSnapshot,
+        fs_base: u64,
+        gs_base: u64,
+        agent_seq: u64,
+    },
 }
 
 /// Stable names of the event classes, as `krr log stats` prints them
@@ -190,6 +233,7 @@ impl LogEvent {
             LogEvent::Doorbell { .. } => "doorbell",
             LogEvent::MemoryHash { .. } => "memory_hash",
             LogEvent::Console { .. } => "console",
+            LogEvent::Syscall { .. } => "syscall",
         }
     }
 
@@ -208,7 +252,8 @@ impl LogEvent {
             | LogEvent::Dma { cpu, .. }
             | LogEvent::Doorbell { cpu, .. }
             | LogEvent::MemoryHash { cpu, .. }
-            | LogEvent::Console { cpu, .. } => *cpu,
+            | LogEvent::Console { cpu, .. }
+            | LogEvent::Syscall { cpu, .. } => *cpu,
         }
     }
 
@@ -244,6 +289,7 @@ impl fmt::Display for LogEvent {
                 kind,
                 vector,
                 regs,
+                ..
             } => write!(
                 f,
                 "cpu{cpu} {at} interrupt {kind:?} vector={vector:#x} rflags={:#x} rsp={:#x}",
@@ -257,6 +303,7 @@ impl fmt::Display for LogEvent {
                 cr2,
                 software,
                 from_user,
+                ..
             } => {
                 write!(
                     f,
@@ -309,6 +356,13 @@ impl fmt::Display for LogEvent {
                 write!(f, "cpu{cpu} {at} memory-hash ")?;
                 sha256.iter().try_for_each(|b| write!(f, "{b:02x}"))
             }
+            LogEvent::Syscall {
+                cpu, at, regs, fs_base, ..
+            } => write!(
+                f,
+                "cpu{cpu} {at} syscall nr={} rdi={:#x} rsi={:#x} rdx={:#x} rsp={:#x} fs={fs_base:#x}",
+                regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.rsp
+            ),
             LogEvent::Console { cpu, bytes } => {
                 write!(f, "cpu{cpu} console {:?}", String::from_utf8_lossy(bytes))
             }

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 /// Version of the stream container and of the [`LogEvent`] encoding.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Magic at the start of every stream file.
 pub const FILE_MAGIC: [u8; 8] = *b"KRRLOG\0\0";
 /// Bytes of the file header.
@@ -1224,6 +1224,7 @@ mod tests {
                 cpu: (i % 2) as u16,
                 at: Position {
                     icount: i * 1000,
+                    kernel_icount: i * 900,
                     rip: 0xffff_ffff_8100_0000 + i,
                     rcx: i,
                 },
@@ -1233,6 +1234,7 @@ mod tests {
                 cpu: 0,
                 at: Position {
                     icount: i * 1000 + 5,
+                    kernel_icount: i * 900 + 5,
                     rip: 0xffff_ffff_8100_1000,
                     rcx: 0,
                 },

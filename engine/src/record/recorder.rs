@@ -25,7 +25,7 @@ use super::event::{GprSnapshot, InterruptKind, LogEvent, Position};
 use super::recording::{
     CpuSnapshot, FileDigest, RecordingEnd, RecordingHeader, RecordingWriter, RingInfo,
 };
-use crate::hypervisor::DeliveredException;
+use crate::hypervisor::{DeliveredException, UserEntry};
 use crate::machine::MachineConfig;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -123,9 +123,22 @@ pub struct RecordConfig {
     pub vmlinux: Option<PathBuf>,
     /// Wall time between two flushes of the log (crash safety).
     pub flush_every: Duration,
+    /// The backend performs SYSCALL itself (the software CPU): the engine
+    /// records syscall entries and the agent does not
+    /// (`abi::CONTROL_ENGINE_SYSCALLS`). Set by the machine.
+    pub engine_syscalls: bool,
 }
 
 impl RecordConfig {
+    /// The ring's `control` value while recording.
+    pub fn recording_control(&self) -> u32 {
+        if self.engine_syscalls {
+            abi::CONTROL_RECORD | abi::CONTROL_ENGINE_SYSCALLS
+        } else {
+            abi::CONTROL_RECORD
+        }
+    }
+
     pub fn new(name: String, parent: PathBuf) -> RecordConfig {
         RecordConfig {
             name,
@@ -135,6 +148,7 @@ impl RecordConfig {
             ring_size: DEFAULT_RING_SIZE,
             vmlinux: None,
             flush_every: Duration::from_millis(200),
+            engine_syscalls: false,
         }
     }
 }
@@ -206,7 +220,7 @@ impl Recorder {
         header_template: RecordingHeader,
     ) -> Result<Recorder, String> {
         let control = if cfg.start == StartTrigger::Boot {
-            abi::CONTROL_RECORD
+            cfg.recording_control()
         } else {
             0
         };
@@ -441,7 +455,7 @@ impl Recorder {
             console_from: console_len,
             agent_written_at_start: agent_written,
         });
-        self.set_control(abi::CONTROL_RECORD);
+        self.set_control(self.cfg.recording_control());
         self.last_flush = Instant::now();
         tracing::info!("recording to {}", dir.display());
         Ok(dir)
@@ -534,18 +548,21 @@ impl Recorder {
         regs: GprSnapshot,
     ) {
         if self.active.is_some() {
+            let agent_seq = self.agent_seq();
             self.log(LogEvent::Interrupt {
                 cpu: cpu as u16,
                 at,
                 kind,
                 vector,
                 regs,
+                agent_seq,
             });
         }
     }
 
     pub fn exception(&mut self, cpu: usize, at: Position, e: &DeliveredException) {
         if self.active.is_some() {
+            let agent_seq = self.agent_seq();
             self.log(LogEvent::Exception {
                 cpu: cpu as u16,
                 at,
@@ -554,8 +571,29 @@ impl Recorder {
                 cr2: e.cr2,
                 software: e.software,
                 from_user: e.cpl == 3,
+                regs: e.user_regs.as_ref().map(GprSnapshot::from),
+                agent_seq,
             });
         }
+    }
+
+    pub fn syscall(&mut self, cpu: usize, at: Position, entry: &UserEntry) {
+        if self.active.is_some() {
+            let agent_seq = self.agent_seq();
+            self.log(LogEvent::Syscall {
+                cpu: cpu as u16,
+                at,
+                regs: GprSnapshot::from(&entry.regs),
+                fs_base: entry.fs_base,
+                gs_base: entry.gs_base,
+                agent_seq,
+            });
+        }
+    }
+
+    /// The sequence number the agent's next record gets.
+    fn agent_seq(&self) -> u64 {
+        self.ring_u64(abi::NEXT_SEQ_OFFSET)
     }
 
     pub fn pio_read(&mut self, cpu: usize, at: Position, port: u16, data: &[u8]) {

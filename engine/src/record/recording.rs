@@ -263,6 +263,10 @@ pub struct CpuSnapshot {
     /// Instructions retired so far (the backend's count; see
     /// [`super::event::Position`]).
     pub icount: u64,
+    /// Of `icount`, instructions of kernel code (replay of the kernel alone
+    /// counts from here).
+    #[serde(default)]
+    pub kernel_icount: u64,
     pub regs: Regs,
     pub sregs: Sregs,
     /// FXSAVE/XSAVE area, as a hex string in JSON.

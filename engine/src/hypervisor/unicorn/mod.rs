@@ -45,7 +45,7 @@ pub mod internals;
 pub use super::ExitCounters;
 use super::{
     DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection, IoBus,
-    Position, Regs, Result, Segment, Sregs, Vcpu, VmExit,
+    Position, Regs, Result, Segment, Sregs, UserEntry, Vcpu, VmExit,
 };
 use delivery::{deliver, has_error_code, EventKind};
 use internals::{
@@ -96,8 +96,14 @@ enum Stop {
     Step,
     /// A breakpoint of the running vCPU, before its instruction.
     Breakpoint,
+    /// The next block is user code (replay of the kernel alone).
+    UserMode,
     Shutdown(String),
 }
+
+/// Linear addresses from here up are the kernel's (the upper half of the
+/// 48-bit canonical space): what the kernel instruction count counts.
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
 /// RFLAGS bits the backend looks at.
 const RFLAGS_TF: u64 = 1 << 8;
@@ -152,6 +158,11 @@ struct HookState {
     vcpu: usize,
     /// Instructions executed by the active vCPU.
     executed: u64,
+    /// Of those, instructions of kernel code (blocks in the upper half):
+    /// the position replay of the kernel alone can reproduce.
+    kernel_executed: u64,
+    /// Stop before the first block of user code (replay).
+    stop_at_user: bool,
     stop_at: u64,
     stop: Option<Stop>,
     /// Stop before a block once IF=1 and there is no interrupt shadow.
@@ -190,6 +201,7 @@ impl HookState {
     fn position(&self) -> Position {
         Position {
             icount: self.executed,
+            kernel_icount: self.kernel_executed,
             rip: self.env.eip(),
             rcx: self.env.reg(1),
         }
@@ -360,9 +372,17 @@ extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void)
             st.stop(Stop::Budget);
             return;
         }
+        if st.stop_at_user && pc < KERNEL_HALF {
+            st.stop(Stop::UserMode);
+            return;
+        }
         st.recent.clear();
     }
-    st.executed += st.icount(pc, size);
+    let n = st.icount(pc, size);
+    st.executed += n;
+    if pc >= KERNEL_HALF {
+        st.kernel_executed += n;
+    }
 }
 
 /// A code hook bounded to the breakpoint addresses of all vCPUs: unicorn
@@ -420,12 +440,15 @@ extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
         EventKind::Exception { error_code } => error_code,
         _ => None,
     };
+    let cpl = st.env.cpl();
     let delivered = DeliveredException {
         vector,
         error_code,
         cr2: (vector == 14 && !software).then(|| read_reg(uc, RegisterX86::CR2)),
         software,
-        cpl: st.env.cpl(),
+        cpl,
+        user_regs: (cpl == 3)
+            .then(|| env_regs(&st.env, st.env.eip(), read_reg(uc, RegisterX86::RFLAGS))),
     };
     let (vcpu, at) = (st.vcpu, st.position());
     st.bus().exception(vcpu, at, &delivered);
@@ -443,12 +466,15 @@ extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
     let st = unsafe { state(ud) };
     st.exits_by_kind.exceptions += 1;
     drop_step_tf(uc, st);
+    let cpl = st.env.cpl();
     let delivered = DeliveredException {
         vector: 6,
         error_code: None,
         cr2: None,
         software: false,
-        cpl: st.env.cpl(),
+        cpl,
+        user_regs: (cpl == 3)
+            .then(|| env_regs(&st.env, st.env.eip(), read_reg(uc, RegisterX86::RFLAGS))),
     };
     let (vcpu, at) = (st.vcpu, st.position());
     st.bus().exception(vcpu, at, &delivered);
@@ -541,6 +567,31 @@ extern "C" fn on_rdtscp(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
     1
 }
 
+/// The general-purpose registers straight from QEMU's CPU state (cheaper
+/// than 16 register reads through the API), with `rip` and `rflags` given.
+fn env_regs(env: &EnvLayout, rip: u64, rflags: u64) -> Regs {
+    Regs {
+        rax: env.reg(0),
+        rcx: env.reg(1),
+        rdx: env.reg(2),
+        rbx: env.reg(3),
+        rsp: env.reg(4),
+        rbp: env.reg(5),
+        rsi: env.reg(6),
+        rdi: env.reg(7),
+        r8: env.reg(8),
+        r9: env.reg(9),
+        r10: env.reg(10),
+        r11: env.reg(11),
+        r12: env.reg(12),
+        r13: env.reg(13),
+        r14: env.reg(14),
+        r15: env.reg(15),
+        rip,
+        rflags,
+    }
+}
+
 /// SYSCALL: unicorn only calls the hook; perform the instruction here.
 /// Unicorn adds the instruction length to RIP after the hook returns.
 extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
@@ -549,6 +600,13 @@ extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
     let env = st.env;
     let rip = env.eip();
     let rflags = read_reg(uc, RegisterX86::RFLAGS);
+    let entry = UserEntry {
+        regs: env_regs(&env, rip, rflags),
+        fs_base: env.segment(R_FS).base,
+        gs_base: env.segment(R_GS).base,
+    };
+    let (vcpu, at) = (st.vcpu, st.position());
+    st.bus().syscall(vcpu, at, &entry);
     let star = read_msr(uc, 0xc000_0081);
     let lstar = read_msr(uc, 0xc000_0082);
     let fmask = read_msr(uc, 0xc000_0084);
@@ -628,6 +686,8 @@ struct MmioRegion {
 struct VcpuSlot {
     context: *mut uc_context,
     executed: u64,
+    kernel_executed: u64,
+    stop_at_user: bool,
     pending: Vec<Injection>,
     window_requested: bool,
     single_step: bool,
@@ -723,12 +783,16 @@ impl Engine {
                 uc_context_save(self.uc, self.slots[prev].context)
             })?;
             self.slots[prev].executed = self.st().executed;
+            self.slots[prev].kernel_executed = self.st().kernel_executed;
+            self.slots[prev].stop_at_user = self.st().stop_at_user;
         }
         check("context_restore", unsafe {
             uc_context_restore(self.uc, self.slots[id].context)
         })?;
         let st = self.st();
         st.executed = self.slots[id].executed;
+        st.kernel_executed = self.slots[id].kernel_executed;
+        st.stop_at_user = self.slots[id].stop_at_user;
         st.vcpu = id;
         self.active = Some(id);
         // Translations are shared; cached address translations are not.
@@ -770,6 +834,8 @@ impl UnicornVm {
             bus: None,
             vcpu: 0,
             executed: 0,
+            kernel_executed: 0,
+            stop_at_user: false,
             stop_at: u64::MAX,
             stop: None,
             window_requested: false,
@@ -903,6 +969,8 @@ impl super::Vm for UnicornVm {
         e.slots.push(VcpuSlot {
             context,
             executed: 0,
+            kernel_executed: 0,
+            stop_at_user: false,
             pending: Vec::new(),
             window_requested: false,
             single_step: false,
@@ -1162,6 +1230,7 @@ impl UnicornVcpu {
                 };
             }
             Some(Stop::Breakpoint) => return Ok(VmExit::Debug { rip: new_rip }),
+            Some(Stop::UserMode) => return Ok(VmExit::UserMode { rip: new_rip }),
             Some(Stop::Step) | Some(Stop::Shutdown(_)) | None => {}
         }
         // Otherwise emulation stopped on its own: HLT.
@@ -1616,5 +1685,25 @@ impl Vcpu for UnicornVcpu {
         } else {
             Some(e.slots[self.id].executed)
         }
+    }
+
+    fn kernel_instructions_retired(&self) -> Option<u64> {
+        let e = self.engine.borrow();
+        if e.active == Some(self.id) {
+            Some(e.st().kernel_executed)
+        } else {
+            Some(e.slots[self.id].kernel_executed)
+        }
+    }
+
+    fn set_stop_at_user_mode(&mut self, enable: bool) -> Result<()> {
+        self.with(|e| {
+            if e.active == Some(self.id) {
+                e.st().stop_at_user = enable;
+            } else {
+                e.slots[self.id].stop_at_user = enable;
+            }
+            Ok(())
+        })
     }
 }
