@@ -11,3 +11,4 @@ pub mod devices;
 pub mod hypervisor;
 pub mod machine;
 pub mod record;
+pub mod replay;

@@ -34,6 +34,9 @@ enum Command {
     /// Run like `run` and record what enters the guest kernel (needs a
     /// `-krr` kernel with the guest agent) into a recording directory.
     Record(RecordArgs),
+    /// Replay a recording's kernel alone on the software CPU, checking every
+    /// event; exits 0 only when the whole recording matched.
+    Replay(ReplayArgs),
     /// Inspect recordings: verify, stats, dump.
     Log {
         #[command(subcommand)]
@@ -104,6 +107,21 @@ struct RunArgs {
     #[arg(long)]
     json: bool,
     /// Do not stream the console to the terminal.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Parser)]
+struct ReplayArgs {
+    /// Recording name (under $KRR_RECORDINGS) or directory.
+    name: String,
+    /// Stop after this many events of the log.
+    #[arg(long)]
+    until_event: Option<u64>,
+    /// Print one JSON object on stdout (the console is not echoed).
+    #[arg(long)]
+    json: bool,
+    /// Do not echo the kernel's console output.
     #[arg(long)]
     quiet: bool,
 }
@@ -251,6 +269,53 @@ fn record(a: RecordArgs) -> anyhow::Result<i32> {
     Ok(report.exit_status)
 }
 
+fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
+    use krr_engine::replay::{ReplayEnd, ReplayOptions, Replayer};
+    let dir = krr_engine::record::recording::find(&a.name)?;
+    let mut replayer =
+        Replayer::open(&dir).with_context(|| format!("cannot replay {}", dir.display()))?;
+    let opts = ReplayOptions {
+        until_event: a.until_event,
+        echo_console: !a.json && !a.quiet,
+    };
+    let report = replayer.run(&opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(report.exit_code());
+    }
+    eprintln!();
+    match &report.end {
+        ReplayEnd::Matched => eprintln!(
+            "krr: replay MATCHED: {} events, {} kernel entries, console identical ({} bytes)",
+            report.events,
+            report.kernel_entries,
+            report.console.len()
+        ),
+        ReplayEnd::StoppedAt { event } => {
+            eprintln!("krr: replay stopped at event {event} as asked; everything matched so far")
+        }
+        ReplayEnd::Diverged(d) => eprint!("krr: replay {d}"),
+        ReplayEnd::LogEnded { events, why } => eprintln!(
+            "krr: the log ends after {events} events, before the recording's end ({why}): NOT a complete replay"
+        ),
+        ReplayEnd::Unsupported { why } => eprintln!("krr: cannot replay this recording: {why}"),
+    }
+    eprintln!(
+        "krr: replay {:.2} s wall for {} kernel instructions; user memory written {} bytes ({} on pages not present)",
+        report.wall_seconds,
+        report.kernel_instructions,
+        report.user_bytes_written,
+        report.user_bytes_unmapped
+    );
+    if let Some(rec) = report.recorded_wall_seconds {
+        eprintln!(
+            "krr: recording took {rec:.2} s wall: replay/record {:.2}",
+            report.wall_seconds / rec.max(1e-9)
+        );
+    }
+    Ok(report.exit_code())
+}
+
 fn run(a: RunArgs) -> anyhow::Result<i32> {
     let json = a.json;
     let (report, _) = run_machine(&a, None)?;
@@ -350,6 +415,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Record(a) => {
             let code = record(a)?;
+            std::process::exit(code);
+        }
+        Command::Replay(a) => {
+            let code = replay(a)?;
             std::process::exit(code);
         }
         Command::Log { command } => {

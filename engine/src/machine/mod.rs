@@ -540,7 +540,9 @@ impl Machine {
         let Some(recorder) = &mut self.platform.recorder else {
             return Ok(());
         };
-        recorder.start(&cpus, devices, console_len).map(|_| ())
+        recorder.start(&cpus, devices, console_len)?;
+        self.vm.forget_block_counts();
+        Ok(())
     }
 
     /// Stops the running recording, if any (every vCPU stopped).

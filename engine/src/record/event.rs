@@ -270,8 +270,8 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "@{} rip={:#x} rcx={:#x}",
-            self.icount, self.rip, self.rcx
+            "@{}/k{} rip={:#x} rcx={:#x}",
+            self.icount, self.kernel_icount, self.rip, self.rcx
         )
     }
 }
@@ -357,10 +357,15 @@ impl fmt::Display for LogEvent {
                 sha256.iter().try_for_each(|b| write!(f, "{b:02x}"))
             }
             LogEvent::Syscall {
-                cpu, at, regs, fs_base, ..
+                cpu,
+                at,
+                regs,
+                fs_base,
+                agent_seq,
+                ..
             } => write!(
                 f,
-                "cpu{cpu} {at} syscall nr={} rdi={:#x} rsi={:#x} rdx={:#x} rsp={:#x} fs={fs_base:#x}",
+                "cpu{cpu} {at} syscall nr={} rdi={:#x} rsi={:#x} rdx={:#x} rsp={:#x} fs={fs_base:#x} agent-seq={agent_seq}",
                 regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.rsp
             ),
             LogEvent::Console { cpu, bytes } => {

@@ -693,6 +693,8 @@ pub fn header_for_machine(
     h.machine = serde_json::json!({
         "quantum": cfg.quantum,
         "max_instructions": cfg.max_instructions,
+        // The ring's `control` while recording: replay puts it back.
+        "ring_control": rc.recording_control(),
     });
     Ok(h)
 }

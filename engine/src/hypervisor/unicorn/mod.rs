@@ -101,6 +101,34 @@ enum Stop {
     Shutdown(String),
 }
 
+/// See [`HookState::block_trace`].
+struct BlockTrace {
+    from: u64,
+    to: u64,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl BlockTrace {
+    fn from_env() -> Option<BlockTrace> {
+        let spec = std::env::var("KRR_TRACE_KERNEL_BLOCKS").ok()?;
+        let (range, file) = spec.split_once(':')?;
+        let (from, to) = range.split_once('-')?;
+        let out = std::fs::File::create(file).ok()?;
+        Some(BlockTrace {
+            from: from.parse().ok()?,
+            to: to.parse().ok()?,
+            out: std::io::BufWriter::new(out),
+        })
+    }
+
+    fn block(&mut self, count: u64, pc: u64) {
+        if (self.from..self.to).contains(&count) {
+            use std::io::Write;
+            let _ = writeln!(self.out, "{count} {pc:#x}");
+        }
+    }
+}
+
 /// Linear addresses from here up are the kernel's (the upper half of the
 /// 48-bit canonical space): what the kernel instruction count counts.
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
@@ -184,6 +212,10 @@ struct HookState {
     lifted_breakpoint: Option<u64>,
     /// Direct-mapped cache: (block pc, block size) -> instruction count.
     icounts: Vec<(u64, u32, u32)>,
+    /// Debugging aid (`KRR_TRACE_KERNEL_BLOCKS=FROM-TO:FILE`): every kernel
+    /// block entered while the kernel count is in [FROM, TO), as
+    /// "count pc" lines, to compare a recording's run with its replay.
+    block_trace: Option<BlockTrace>,
     exits_by_kind: ExitCounters,
 }
 
@@ -381,6 +413,9 @@ extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void)
     let n = st.icount(pc, size);
     st.executed += n;
     if pc >= KERNEL_HALF {
+        if let Some(t) = &mut st.block_trace {
+            t.block(st.kernel_executed, pc);
+        }
         st.kernel_executed += n;
     }
 }
@@ -847,6 +882,7 @@ impl UnicornVm {
             breakpoints: Vec::new(),
             lifted_breakpoint: None,
             icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
+            block_trace: BlockTrace::from_env(),
             exits_by_kind: ExitCounters::default(),
         }));
         let mut reset_context = std::ptr::null_mut();
@@ -1034,6 +1070,17 @@ impl super::Vm for UnicornVm {
         // SAFETY: between runs; RAM is one block at 0 (checked above).
         unsafe { internals::invalidate_physical(e.uc, gpa, gpa + len) };
         Ok(())
+    }
+
+    fn forget_block_counts(&mut self) {
+        // The per-block instruction counts are cached by (pc, byte size);
+        // guest code patched in place with the same length but another
+        // instruction count (boot-time alternatives: `rdtsc; nop; nop; nop`
+        // becomes `lfence; rdtsc`) would keep its old count while it stays
+        // cached. Starting a recording, and its replay, from an empty cache
+        // makes both count the same code the same way.
+        let e = self.engine.borrow();
+        e.st().icounts.fill((u64::MAX, 0, 0));
     }
 }
 

@@ -1,0 +1,1121 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Replay of a recording's kernel alone, on the software CPU.
+//!
+//! The start snapshot (memory, registers) is loaded into a fresh software
+//! CPU with no devices; only kernel code runs. The engine's events are
+//! consumed strictly in their recorded order, each where the kernel meets
+//! it, and each is checked against what the replay does:
+//!
+//! - port/MMIO reads and RDTSC get the recorded values (kind, port or
+//!   address, size and position must match);
+//! - interrupts are injected at their recorded position (kernel instruction
+//!   count and RIP), after comparing every general-purpose register;
+//! - exceptions the kernel raises itself must be the recorded ones, at the
+//!   recorded position;
+//! - agent doorbells get the recorded `tail` write, virtio notifications
+//!   the recorded DMA bytes;
+//! - when the kernel returns to user mode, the next event must be a kernel
+//!   entry from user mode (a syscall with the user's registers, an
+//!   exception or an interrupt taken in user mode): the user's registers
+//!   are set and the entry is performed; user code never runs. Before the
+//!   entry, the user memory the kernel is about to read (the agent's
+//!   copy_from_user / strncpy_from_user / get_user records of this kernel
+//!   stint) is written at its user addresses, so the kernel reads what it
+//!   read when recorded.
+//!
+//! Engine events made in user mode (RDTSC in the vDSO) are skipped. Console
+//! output is collected and compared with the recorded output.
+//!
+//! The first mismatch stops the replay with a [`Divergence`]: the event's
+//! index, what was expected and found, the RIP symbolized from `System.map`,
+//! and the last events before it. A log that ends early (no `end.json`, a
+//! truncated or damaged chunk) makes the replay end as [`ReplayEnd::LogEnded`],
+//! never as success.
+//!
+//! Not yet: recordings of more than one vCPU (they need the kernel execution
+//! lock, see the record issue), software interrupts from user mode (`int n`).
+
+pub mod paging;
+pub mod symbols;
+
+use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use crate::devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
+use crate::devices::serial::COM1_BASE;
+use crate::devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
+use crate::hypervisor::{
+    unicorn::UnicornVm, DeliveredException, Injection, IoBus, Position, Regs, Segment, UserEntry,
+    Vcpu, Vm, VmExit,
+};
+use crate::machine::cpuid::{cpuid, CpuidConfig};
+use crate::machine::platform::VIRTIO_BASE;
+use crate::record::abi::{self, EventBody};
+use crate::record::event::{GprSnapshot, InterruptKind, LogEvent};
+use crate::record::log::{DmaLogReader, EventLogReader};
+use crate::record::recording::{self, CpuSnapshot, RecordingHeader};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use symbols::Symbols;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Kernel code lives in the upper half of the address space.
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_FMASK: u32 = 0xc000_0084;
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+
+/// What `krr replay` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Stop after this many events of the log (0: all).
+    pub until_event: Option<u64>,
+    /// Print the guest's console output as the replay produces it.
+    pub echo_console: bool,
+}
+
+/// The first point where the replay did not do what the recording says.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Divergence {
+    /// Index of the event in events.krrlog.
+    pub event: u64,
+    pub expected: String,
+    pub found: String,
+    pub rip: String,
+    pub kernel_icount: u64,
+    /// The last events consumed before it.
+    pub recent: Vec<String>,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "DIVERGED at event #{} (kernel instruction {}), rip {}",
+            self.event, self.kernel_icount, self.rip
+        )?;
+        writeln!(f, "  expected: {}", self.expected)?;
+        writeln!(f, "  found:    {}", self.found)?;
+        writeln!(f, "  events before it:")?;
+        for e in &self.recent {
+            writeln!(f, "    {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a replay ended.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReplayEnd {
+    /// Every event of a complete recording was replayed and matched, and
+    /// the kernel's console output equals the recorded one.
+    Matched,
+    /// `--until-event` reached, everything matched so far.
+    StoppedAt {
+        event: u64,
+    },
+    Diverged(Divergence),
+    /// The log ends before the recording's end (killed recorder, truncated
+    /// or damaged chunk): everything up to there matched, but this is not a
+    /// complete replay.
+    LogEnded {
+        events: u64,
+        why: String,
+    },
+    /// The recording cannot be replayed by this replayer.
+    Unsupported {
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayReport {
+    pub recording: PathBuf,
+    pub end: ReplayEnd,
+    /// Events of the log consumed.
+    pub events: u64,
+    /// Kernel entries from user mode performed (syscalls, exceptions,
+    /// interrupts).
+    pub kernel_entries: u64,
+    pub kernel_instructions: u64,
+    pub wall_seconds: f64,
+    /// The recording's own wall time (end.json), for the ratio.
+    pub recorded_wall_seconds: Option<f64>,
+    /// Bytes of user memory written before kernel entries, and bytes that
+    /// could not be (page not present then).
+    pub user_bytes_written: u64,
+    pub user_bytes_unmapped: u64,
+    pub console_matches: bool,
+    #[serde(skip)]
+    pub console: Vec<u8>,
+}
+
+impl ReplayReport {
+    /// 0 matched, 1 log ended early / stopped on request, 2 diverged, 3 unsupported.
+    pub fn exit_code(&self) -> i32 {
+        match self.end {
+            ReplayEnd::Matched => 0,
+            ReplayEnd::StoppedAt { .. } | ReplayEnd::LogEnded { .. } => 1,
+            ReplayEnd::Diverged(_) => 2,
+            ReplayEnd::Unsupported { .. } => 3,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Recording(#[from] recording::RecordingError),
+    #[error(transparent)]
+    Log(#[from] crate::record::log::LogError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The engine events, read in order, with the agent's records kept apart
+/// (indexed by their sequence number).
+struct EventSource {
+    reader: EventLogReader,
+    /// Engine events read ahead, with their log index.
+    engine: VecDeque<(u64, LogEvent)>,
+    /// Agent records read ahead, in seq order.
+    agent: VecDeque<abi::Event>,
+    /// Console bytes recorded, in order.
+    console: Vec<u8>,
+    exhausted: bool,
+    /// Why the log ended, if not cleanly.
+    broken: Option<String>,
+    /// The last events consumed, for divergence reports.
+    recent: VecDeque<String>,
+    consumed: u64,
+}
+
+impl EventSource {
+    /// Reads one more event; false at the end of the log.
+    fn read_one(&mut self) -> bool {
+        if self.exhausted {
+            return false;
+        }
+        match self.reader.next_event() {
+            Ok(Some(read)) => {
+                match read.event {
+                    LogEvent::Agent { .. } => match read.event.agent_event() {
+                        Some(Ok(e)) => self.agent.push_back(e),
+                        Some(Err(e)) => {
+                            self.broken = Some(format!("agent record #{}: {e}", read.index));
+                            self.exhausted = true;
+                        }
+                        None => {}
+                    },
+                    LogEvent::Console { bytes, .. } => self.console.extend_from_slice(&bytes),
+                    // Not inputs of the kernel.
+                    LogEvent::MemoryHash { .. } => {}
+                    // User-mode RDTSC (the vDSO): user code does not run.
+                    LogEvent::Rdtsc { at, .. } if at.rip < KERNEL_HALF => {}
+                    other => self.engine.push_back((read.index, other)),
+                }
+                true
+            }
+            Ok(None) => {
+                self.exhausted = true;
+                if let Some(end) = self.reader.end() {
+                    if !matches!(end, crate::record::log::StreamEnd::Complete) {
+                        self.broken = Some(format!("{end:?}"));
+                    }
+                }
+                false
+            }
+            Err(e) => {
+                self.exhausted = true;
+                self.broken = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// The next engine event, reading ahead as needed.
+    fn peek(&mut self) -> Option<&(u64, LogEvent)> {
+        while self.engine.is_empty() && self.read_one() {}
+        self.engine.front()
+    }
+
+    fn pop(&mut self) -> Option<(u64, LogEvent)> {
+        self.peek()?;
+        let (i, e) = self.engine.pop_front()?;
+        self.consumed = i + 1;
+        if self.recent.len() == 8 {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(format!("#{i} {e}"));
+        Some((i, e))
+    }
+
+    /// Agent records with `seq` below `end`, reading ahead until one at or
+    /// past `end` was read (or the log ends).
+    fn agent_before(&mut self, end: u64) -> Vec<abi::Event> {
+        while self.agent.back().is_none_or(|e| e.seq < end) && self.read_one() {}
+        let mut out = Vec::new();
+        while self.agent.front().is_some_and(|e| e.seq < end) {
+            out.extend(self.agent.pop_front());
+        }
+        out
+    }
+
+    /// The kernel instruction count of the next interrupt taken in the
+    /// kernel, if one comes before the next entry from user mode (reading
+    /// ahead): where the coming run must stop.
+    fn next_kernel_interrupt(&mut self) -> Option<u64> {
+        let mut i = 0;
+        loop {
+            while i >= self.engine.len() {
+                if !self.read_one() {
+                    return None;
+                }
+            }
+            match &self.engine[i].1 {
+                LogEvent::Interrupt { at, .. } if at.rip >= KERNEL_HALF => {
+                    return Some(at.kernel_icount)
+                }
+                e if entry_seq(e).is_some() => return None,
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// The `agent_seq` of the next kernel entry from user mode after the
+    /// queued events (reading ahead), or `u64::MAX` at the end of the log.
+    fn next_entry_seq(&mut self) -> u64 {
+        let mut i = 0;
+        loop {
+            while i >= self.engine.len() {
+                if !self.read_one() {
+                    return u64::MAX;
+                }
+            }
+            if let Some(seq) = entry_seq(&self.engine[i].1) {
+                return seq;
+            }
+            i += 1;
+        }
+    }
+}
+
+/// The agent sequence number of a kernel entry from user mode.
+fn entry_seq(e: &LogEvent) -> Option<u64> {
+    match e {
+        LogEvent::Syscall { agent_seq, .. } => Some(*agent_seq),
+        LogEvent::Exception {
+            from_user: true,
+            agent_seq,
+            ..
+        } => Some(*agent_seq),
+        LogEvent::Interrupt { at, agent_seq, .. } if at.rip < KERNEL_HALF => Some(*agent_seq),
+        _ => None,
+    }
+}
+
+/// The bus of a replay: no devices, the log answers.
+struct ReplayBus<'a> {
+    src: &'a mut EventSource,
+    mem: GuestMemoryMmap,
+    dma: Option<DmaLogReader>,
+    cpuid: CpuidConfig,
+    ring_phys: Option<u64>,
+    at: Position,
+    /// The first mismatch; the vCPU is stopped at the next access.
+    divergence: Option<(u64, String, String)>,
+    /// Every event of the log was consumed and the kernel asked for more:
+    /// the replay is at the recording's end (the guest was stopped there,
+    /// e.g. by its reset, which replay does not carry out).
+    log_end: bool,
+    /// Guest-physical ranges DMA wrote (translated code to drop).
+    dma_ranges: Vec<(u64, u64)>,
+    /// Console bytes the replayed kernel wrote.
+    console: Vec<u8>,
+    serial_lcr: u8,
+    echo: bool,
+}
+
+impl ReplayBus<'_> {
+    fn diverge(&mut self, index: u64, expected: String, found: String) {
+        if self.divergence.is_none() {
+            self.divergence = Some((index, expected, found));
+        }
+    }
+
+    /// Checks that the next event is a read of this kind and returns its
+    /// value.
+    fn read_value(&mut self, what: &str, matches: impl Fn(&LogEvent) -> Option<u64>) -> u64 {
+        if self.divergence.is_some() {
+            return 0;
+        }
+        let at = self.at;
+        match self.src.pop() {
+            Some((i, e)) => match matches(&e) {
+                Some(v) => {
+                    if let Some(rec) = position_of(&e) {
+                        if rec.kernel_icount != at.kernel_icount {
+                            self.diverge(
+                                i,
+                                format!("{e}"),
+                                format!("{what} at kernel instruction {}", at.kernel_icount),
+                            );
+                        }
+                    }
+                    v
+                }
+                None => {
+                    self.diverge(i, format!("{e}"), format!("{what} at {at}"));
+                    0
+                }
+            },
+            None => {
+                self.log_end = true;
+                0
+            }
+        }
+    }
+}
+
+/// The position of an engine event, where it has one.
+fn position_of(e: &LogEvent) -> Option<Position> {
+    match e {
+        LogEvent::Interrupt { at, .. }
+        | LogEvent::Exception { at, .. }
+        | LogEvent::PioRead { at, .. }
+        | LogEvent::MmioRead { at, .. }
+        | LogEvent::Rdtsc { at, .. }
+        | LogEvent::Dma { at, .. }
+        | LogEvent::Doorbell { at, .. }
+        | LogEvent::MemoryHash { at, .. }
+        | LogEvent::Syscall { at, .. } => Some(*at),
+        LogEvent::Agent { .. } | LogEvent::Console { .. } => None,
+    }
+}
+
+impl IoBus for ReplayBus<'_> {
+    fn pio_read(&mut self, _vcpu: usize, port: u16, data: &mut [u8]) {
+        let size = data.len() as u8;
+        let v = self.read_value(&format!("in{size} port {port:#x}"), |e| match e {
+            LogEvent::PioRead {
+                port: p,
+                size: s,
+                value,
+                ..
+            } if *p == port && *s == size => Some(u64::from(*value)),
+            _ => None,
+        });
+        let bytes = v.to_le_bytes();
+        let n = data.len();
+        data.copy_from_slice(&bytes[..n]);
+    }
+
+    fn pio_write(&mut self, _vcpu: usize, port: u16, data: &[u8]) {
+        // The console: COM1's transmit register (LCR bit 7 selects the
+        // divisor latch instead).
+        if port == COM1_BASE + 3 {
+            self.serial_lcr = data[0];
+        } else if port == COM1_BASE && self.serial_lcr & 0x80 == 0 {
+            self.console.push(data[0]);
+            if self.echo {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(&data[..1]);
+                let _ = std::io::stdout().flush();
+            }
+        } else if port == abi::DOORBELL_PORT && data.len() == 4 {
+            let reason = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            if abi::Doorbell::from_value(reason).is_some_and(|d| d.wants_drain()) {
+                let at = self.at;
+                match self.src.pop() {
+                    Some((
+                        _,
+                        LogEvent::Doorbell {
+                            reason: r, tail, ..
+                        },
+                    )) if r == reason => {
+                        if let Some(ring) = self.ring_phys {
+                            let _ = self
+                                .mem
+                                .write_obj(tail, GuestAddress(ring + abi::TAIL_OFFSET as u64));
+                        }
+                    }
+                    Some((i, e)) => {
+                        self.diverge(i, format!("{e}"), format!("doorbell {reason} at {at}"))
+                    }
+                    None => self.log_end = true,
+                }
+            }
+        }
+    }
+
+    fn mmio_read(&mut self, _vcpu: usize, addr: u64, data: &mut [u8]) {
+        let size = data.len() as u8;
+        let v = self.read_value(&format!("mmio-read{size} {addr:#x}"), |e| match e {
+            LogEvent::MmioRead {
+                addr: a,
+                size: s,
+                value,
+                ..
+            } if *a == addr && *s == size => Some(*value),
+            _ => None,
+        });
+        let bytes = v.to_le_bytes();
+        let n = data.len();
+        data.copy_from_slice(&bytes[..n]);
+    }
+
+    fn mmio_write(&mut self, _vcpu: usize, _addr: u64, _data: &[u8]) {
+        // DMA the device made during this access (a queue notification).
+        while let Some((_, LogEvent::Dma { at, .. })) = self.src.peek() {
+            if at.kernel_icount != self.at.kernel_icount || at.rip != self.at.rip {
+                break;
+            }
+            let Some((
+                i,
+                LogEvent::Dma {
+                    gpa,
+                    len,
+                    dma_offset,
+                    ..
+                },
+            )) = self.src.pop()
+            else {
+                break;
+            };
+            let bytes = self.dma.as_mut().map(|d| d.read(dma_offset, len as usize));
+            match bytes {
+                Some(Ok(bytes)) => {
+                    let _ = self.mem.write_slice(&bytes, GuestAddress(gpa));
+                    self.dma_ranges.push((gpa, u64::from(len)));
+                }
+                _ => self.diverge(
+                    i,
+                    format!("DMA data at offset {dma_offset} of dma.krrlog"),
+                    "no such data in the DMA log".into(),
+                ),
+            }
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.divergence.is_some() || self.log_end
+    }
+
+    fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid(&self.cpuid, vcpu, leaf, subleaf)
+    }
+
+    fn rdtsc(&mut self, _vcpu: usize) -> u64 {
+        self.read_value("rdtsc", |e| match e {
+            LogEvent::Rdtsc { value, .. } => Some(*value),
+            _ => None,
+        })
+    }
+
+    fn position(&mut self, _vcpu: usize, at: Position) {
+        self.at = at;
+    }
+
+    fn exception(&mut self, _vcpu: usize, at: Position, e: &DeliveredException) {
+        if self.divergence.is_some() {
+            return;
+        }
+        let found = format!(
+            "exception vector {} (cpl {}){}{} at kernel instruction {} rip {:#x}",
+            e.vector,
+            e.cpl,
+            e.error_code
+                .map(|c| format!(" error={c:#x}"))
+                .unwrap_or_default(),
+            e.cr2.map(|c| format!(" cr2={c:#x}")).unwrap_or_default(),
+            at.kernel_icount,
+            at.rip
+        );
+        // An exception at CPL 3 without user code having run: the kernel
+        // returned to a user page that is not present, and fetching its
+        // first instruction faults, as it did when recorded (a kernel entry
+        // the CPU makes by itself).
+        match self.src.pop() {
+            Some((
+                _,
+                LogEvent::Exception {
+                    vector,
+                    at: rec,
+                    from_user,
+                    cr2,
+                    ..
+                },
+            )) if vector == e.vector
+                && from_user == (e.cpl == 3)
+                && cr2 == e.cr2
+                && rec.kernel_icount == at.kernel_icount
+                && rec.rip == at.rip => {}
+            Some((i, other)) => self.diverge(i, format!("{other}"), found),
+            None => self.log_end = true,
+        }
+    }
+
+    fn syscall(&mut self, _vcpu: usize, at: Position, _entry: &UserEntry) {
+        // The kernel itself never executes SYSCALL; user code does not run.
+        self.diverge(
+            self.src.consumed,
+            "no SYSCALL executed in the replay".into(),
+            format!("SYSCALL at {at}"),
+        );
+    }
+}
+
+/// A loaded recording, ready to replay.
+pub struct Replayer {
+    dir: PathBuf,
+    header: RecordingHeader,
+    cpu: CpuSnapshot,
+    // Field order matters for drop: vCPU and VM before the memory.
+    vcpu: Box<dyn Vcpu>,
+    vm: Box<dyn Vm>,
+    mem: GuestMemoryMmap,
+    symbols: Symbols,
+    recorded_wall: Option<f64>,
+    complete: bool,
+}
+
+impl Replayer {
+    /// Loads the recording at `dir` (snapshot into a fresh software CPU).
+    pub fn open(dir: &Path) -> Result<Replayer, ReplayError> {
+        let header = recording::load_header(dir)?;
+        if header.vcpus != 1 {
+            return Err(ReplayError::Setup(format!(
+                "{}: a recording of {} vCPUs; this replayer handles 1 vCPU (multi-vCPU replay needs the kernel execution lock, not implemented)",
+                dir.display(),
+                header.vcpus
+            )));
+        }
+        let end = recording::load_end(dir)?;
+        let cpus = recording::load_cpus(dir)?;
+        let cpu = cpus.into_iter().next().ok_or_else(|| {
+            ReplayError::Setup(format!("{}: no vCPU in the snapshot", dir.display()))
+        })?;
+        let mem = crate::machine::create_memory(header.mem_bytes)
+            .map_err(|e| ReplayError::Setup(e.to_string()))?;
+        recording::load_memory_into(dir, &mem)?;
+        let setup = |e: crate::hypervisor::HypervisorError| ReplayError::Setup(e.to_string());
+        let mut vm: Box<dyn Vm> = Box::new(UnicornVm::new(&mem).map_err(setup)?);
+        vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE).map_err(setup)?;
+        vm.add_mmio_region(IOAPIC_BASE, IOAPIC_SIZE)
+            .map_err(setup)?;
+        if header.disk.is_some() {
+            vm.add_mmio_region(VIRTIO_BASE, VIRTIO_MMIO_WINDOW_SIZE)
+                .map_err(setup)?;
+        }
+        let mut vcpu = vm.create_vcpu(0).map_err(setup)?;
+        vcpu.set_sregs(&cpu.sregs).map_err(setup)?;
+        vcpu.set_regs(&cpu.regs).map_err(setup)?;
+        vcpu.set_fpu(&crate::hypervisor::FpuState {
+            xsave: cpu.fpu.clone(),
+        })
+        .map_err(setup)?;
+        for &(msr, value) in &cpu.msrs {
+            vcpu.set_msr(msr, value).map_err(setup)?;
+        }
+        vcpu.set_stop_at_user_mode(true).map_err(setup)?;
+        // The ring's control as it was while recording (the snapshot may
+        // predate the engine setting it).
+        if let (Some(ring), Some(control)) = (
+            header.ring,
+            header.machine.get("ring_control").and_then(|v| v.as_u64()),
+        ) {
+            mem.write_obj(
+                control as u32,
+                GuestAddress(ring.phys + abi::CONTROL_OFFSET as u64),
+            )
+            .map_err(|e| ReplayError::Setup(format!("ring control: {e}")))?;
+        }
+        let symbols = header
+            .vmlinux
+            .as_ref()
+            .and_then(|v| Symbols::beside(Path::new(&v.path)))
+            .or_else(|| Symbols::beside(Path::new(&header.kernel.path)))
+            .unwrap_or_default();
+        Ok(Replayer {
+            dir: dir.to_path_buf(),
+            complete: end.is_some(),
+            recorded_wall: end.map(|e| e.wall_seconds),
+            header,
+            cpu,
+            vcpu,
+            vm,
+            mem,
+            symbols,
+        })
+    }
+
+    /// Symbolizes `rip`.
+    pub fn symbolize(&self, rip: u64) -> String {
+        symbolize(&self.symbols, rip)
+    }
+
+    /// Performs a SYSCALL from user state `regs` (what the CPU does).
+    fn enter_syscall(&mut self, regs: &Regs, fs_base: u64, gs_base: u64) -> Result<(), String> {
+        let v = &mut self.vcpu;
+        let msr = |v: &dyn Vcpu, m: u32| v.msr(m).map_err(|e| e.to_string());
+        let star = msr(v.as_ref(), MSR_STAR)?;
+        let lstar = msr(v.as_ref(), MSR_LSTAR)?;
+        let fmask = msr(v.as_ref(), MSR_FMASK)?;
+        let mut r = *regs;
+        r.rcx = regs.rip + 2;
+        r.r11 = regs.rflags & !(1 << 16);
+        r.rflags = regs.rflags & !(fmask | (1 << 16));
+        r.rip = lstar;
+        let mut s = v.sregs().map_err(|e| e.to_string())?;
+        let selector = ((star >> 32) & 0xffff) as u16;
+        s.cs = Segment {
+            selector: selector & 0xfffc,
+            base: 0,
+            limit: 0xffff_ffff,
+            type_: 0xb,
+            present: true,
+            dpl: 0,
+            db: false,
+            s: true,
+            l: true,
+            g: true,
+            avl: false,
+            unusable: false,
+        };
+        s.ss = Segment {
+            selector: selector.wrapping_add(8) & 0xfffc,
+            base: 0,
+            limit: 0xffff_ffff,
+            type_: 0x3,
+            present: true,
+            dpl: 0,
+            db: true,
+            s: true,
+            l: false,
+            g: true,
+            avl: false,
+            unusable: false,
+        };
+        s.fs.base = fs_base;
+        s.gs.base = gs_base;
+        v.set_sregs(&s).map_err(|e| e.to_string())?;
+        v.set_msr(MSR_FS_BASE, fs_base).map_err(|e| e.to_string())?;
+        v.set_msr(MSR_GS_BASE, gs_base).map_err(|e| e.to_string())?;
+        v.set_regs(&r).map_err(|e| e.to_string())
+    }
+
+    /// Sets user registers before an exception or interrupt taken in user
+    /// mode (the delivery itself switches to the kernel).
+    fn set_user_regs(&mut self, regs: &GprSnapshot) -> Result<(), String> {
+        self.vcpu
+            .set_regs(&Regs::from(*regs))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes the user memory the kernel read during the coming kernel
+    /// stint (agent records), at its user addresses.
+    fn apply_user_reads(&mut self, events: &[abi::Event], written: &mut u64, unmapped: &mut u64) {
+        let cr3 = match self.vcpu.sregs() {
+            Ok(s) => s.cr3,
+            Err(_) => return,
+        };
+        for e in events {
+            let (addr, bytes): (u64, Vec<u8>) = match &e.body {
+                EventBody::CopyFromUser { info, data } => {
+                    (info.user_addr + info.offset, data.clone())
+                }
+                EventBody::StrncpyFromUser { info, data } => {
+                    let mut d = data.clone();
+                    // The string ended inside the limit: its NUL was read too.
+                    let whole = info.result >= 0 && info.result < info.limit;
+                    if whole && info.flags & abi::DATA_FLAG_MORE == 0 {
+                        d.push(0);
+                    }
+                    (info.user_addr + info.offset, d)
+                }
+                EventBody::GetUser(g) if g.err == 0 => (
+                    g.user_addr,
+                    g.value.to_le_bytes()[..(g.size as usize).min(8)].to_vec(),
+                ),
+                _ => continue,
+            };
+            let missed = paging::write_virtual(&self.mem, cr3, addr, &bytes);
+            if missed > 0 {
+                tracing::debug!(
+                    "replay: {missed} of {} bytes at {addr:#x} not written (page not present): agent #{}",
+                    bytes.len(),
+                    e.seq
+                );
+            }
+            *written += (bytes.len() - missed) as u64;
+            *unmapped += missed as u64;
+        }
+    }
+
+    /// Replays to the end of the log (or `--until-event`).
+    pub fn run(&mut self, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+        let start = Instant::now();
+        let events_path = self.dir.join(recording::EVENTS_FILE);
+        let dma_path = self.dir.join(recording::DMA_FILE);
+        let mut src = EventSource {
+            reader: EventLogReader::open(&events_path)?,
+            engine: VecDeque::new(),
+            agent: VecDeque::new(),
+            console: Vec::new(),
+            exhausted: false,
+            broken: None,
+            recent: VecDeque::new(),
+            consumed: 0,
+        };
+        let dma = DmaLogReader::open(&dma_path).ok();
+        let base_kernel = self.cpu.kernel_icount;
+        let mut entries = 0u64;
+        let (mut written, mut unmapped) = (0u64, 0u64);
+        let mut in_user = self.cpu.regs.rip < KERNEL_HALF;
+        let mut dma_reader = dma;
+        let mut console = Vec::new();
+        let mut serial_lcr = 0u8;
+        let until = opts.until_event.unwrap_or(u64::MAX);
+        let end = loop {
+            if src.consumed >= until {
+                break ReplayEnd::StoppedAt {
+                    event: src.consumed,
+                };
+            }
+            // The replay's kernel count, as the recording counts it.
+            let kernel_now = base_kernel + self.vcpu.kernel_instructions_retired().unwrap_or(0);
+            let next = src.peek().cloned();
+            let Some((index, event)) = next else {
+                break match (&src.broken, self.complete) {
+                    (None, true) => ReplayEnd::Matched,
+                    (Some(why), _) => ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: why.clone(),
+                    },
+                    (None, false) => ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: "the recording did not finish (no end.json): the recorder was killed or is still running".into(),
+                    },
+                };
+            };
+            let diverged = |symbols: &Symbols,
+                            src: &EventSource,
+                            expected: String,
+                            found: String,
+                            rip: u64| {
+                ReplayEnd::Diverged(Divergence {
+                    event: index,
+                    expected,
+                    found,
+                    rip: symbolize(symbols, rip),
+                    kernel_icount: kernel_now,
+                    recent: src.recent.iter().cloned().collect(),
+                })
+            };
+            if in_user {
+                // The kernel is not running: the next event must enter it.
+                let Some(seq) = entry_seq(&event) else {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        "a kernel entry from user mode (the kernel returned to user mode)".into(),
+                        self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                    );
+                };
+                src.pop();
+                tracing::debug!(
+                    "replay: entry #{index} at kernel instruction {kernel_now} (recorded {})",
+                    position_of(&event).map_or(0, |p| p.kernel_icount)
+                );
+                let end_seq = src.next_entry_seq();
+                let reads = src.agent_before(end_seq);
+                let _ = seq;
+                self.apply_user_reads(&reads, &mut written, &mut unmapped);
+                let entered = match &event {
+                    LogEvent::Syscall {
+                        regs,
+                        fs_base,
+                        gs_base,
+                        ..
+                    } => self.enter_syscall(&Regs::from(*regs), *fs_base, *gs_base),
+                    LogEvent::Exception {
+                        vector,
+                        error_code,
+                        cr2,
+                        software,
+                        regs,
+                        ..
+                    } => {
+                        if *software {
+                            break ReplayEnd::Unsupported {
+                                why: format!(
+                                    "event #{index}: a software interrupt (int {vector}) from user mode"
+                                ),
+                            };
+                        }
+                        match regs {
+                            Some(r) => self.set_user_regs(r).and_then(|()| {
+                                self.vcpu
+                                    .inject(Injection::Exception {
+                                        vector: *vector,
+                                        error_code: *error_code,
+                                        cr2: *cr2,
+                                    })
+                                    .map_err(|e| e.to_string())
+                            }),
+                            None => Err("the exception event has no user registers".into()),
+                        }
+                    }
+                    LogEvent::Interrupt {
+                        kind, vector, regs, ..
+                    } => self.set_user_regs(regs).and_then(|()| {
+                        let inj = match kind {
+                            InterruptKind::Nmi => Injection::Nmi,
+                            InterruptKind::External => Injection::Interrupt(*vector),
+                        };
+                        self.vcpu.inject(inj).map_err(|e| e.to_string())
+                    }),
+                    _ => unreachable!("entry_seq matched a kernel entry"),
+                };
+                if let Err(e) = entered {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        format!("cannot enter the kernel: {e}"),
+                        0,
+                    );
+                }
+                entries += 1;
+                in_user = false;
+                continue;
+            }
+            // In the kernel: an interrupt is the only event the replay must
+            // stop for; everything else the kernel meets by itself.
+            let target = match &event {
+                LogEvent::Interrupt { at, .. } if at.rip >= KERNEL_HALF => Some(at.kernel_icount),
+                _ => src.next_kernel_interrupt(),
+            };
+            if let (
+                Some(target),
+                LogEvent::Interrupt {
+                    at,
+                    kind,
+                    vector,
+                    regs,
+                    ..
+                },
+            ) = (target, &event)
+            {
+                if kernel_now == target {
+                    let now = match self.vcpu.regs() {
+                        Ok(r) => r,
+                        Err(e) => return Err(ReplayError::Setup(e.to_string())),
+                    };
+                    let found = GprSnapshot::from(&now);
+                    if found != *regs || now.rip != at.rip {
+                        break diverged(
+                            &self.symbols,
+                            &src,
+                            format!("#{index} {event}; registers {regs:x?}"),
+                            format!("registers {found:x?}"),
+                            now.rip,
+                        );
+                    }
+                    src.pop();
+                    let inj = match kind {
+                        InterruptKind::Nmi => Injection::Nmi,
+                        InterruptKind::External => Injection::Interrupt(*vector),
+                    };
+                    if let Err(e) = self.vcpu.inject(inj) {
+                        return Err(ReplayError::Setup(e.to_string()));
+                    }
+                    continue;
+                }
+                if kernel_now > target {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        format!("the replay is already at kernel instruction {kernel_now}"),
+                        self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                    );
+                }
+            }
+            let budget = target.map(|t| t - kernel_now);
+            let ring_phys = self.header.ring.map(|r| r.phys);
+            let mut bus = ReplayBus {
+                src: &mut src,
+                mem: self.mem.clone(),
+                dma: dma_reader.take(),
+                cpuid: CpuidConfig {
+                    apic: true,
+                    vcpus: self.header.vcpus as u32,
+                },
+                ring_phys,
+                at: Position::default(),
+                divergence: None,
+                log_end: false,
+                dma_ranges: Vec::new(),
+                console: std::mem::take(&mut console),
+                serial_lcr,
+                echo: opts.echo_console,
+            };
+            // Positions the bus sees count from this VM's start: rebase the
+            // recorded ones by comparing with the rebased count.
+            let exit = run_rebased(self.vcpu.as_mut(), &mut bus, budget, base_kernel);
+            console = std::mem::take(&mut bus.console);
+            serial_lcr = bus.serial_lcr;
+            dma_reader = bus.dma.take();
+            let ranges = std::mem::take(&mut bus.dma_ranges);
+            let divergence = bus.divergence.take();
+            let log_end = bus.log_end;
+            drop(bus);
+            for (gpa, len) in ranges {
+                let _ = self.vm.invalidate_code(gpa, len);
+            }
+            if let Some((i, expected, found)) = divergence {
+                let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                break ReplayEnd::Diverged(Divergence {
+                    event: i,
+                    expected,
+                    found,
+                    rip: self.symbolize(rip),
+                    kernel_icount: base_kernel
+                        + self.vcpu.kernel_instructions_retired().unwrap_or(0),
+                    recent: src.recent.iter().cloned().collect(),
+                });
+            }
+            if log_end {
+                // The loop's next look at the log ends the replay.
+                continue;
+            }
+            match exit {
+                Ok(VmExit::UserMode { .. }) => in_user = true,
+                Ok(VmExit::BudgetExhausted) | Ok(VmExit::Hlt) | Ok(VmExit::IoStop) => {}
+                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                Ok(VmExit::Shutdown) => {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        "a triple fault".into(),
+                        self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                    )
+                }
+                Err(e) => return Err(ReplayError::Setup(format!("the software CPU failed: {e}"))),
+            }
+            // A halted kernel with no interrupt to come would spin here.
+            if matches!(exit, Ok(VmExit::Hlt)) && target.is_none() {
+                break diverged(
+                    &self.symbols,
+                    &src,
+                    format!("#{index} {event}"),
+                    "the kernel halted waiting for an interrupt".into(),
+                    self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                );
+            }
+        };
+        // The replay's console must reproduce the recorded one (up to where
+        // the replay got).
+        let console_matches = console.len() <= src.console.len()
+            && src.console[..console.len()] == console[..]
+            && (!matches!(end, ReplayEnd::Matched) || console.len() == src.console.len());
+        let end = match end {
+            ReplayEnd::Matched if !console_matches => ReplayEnd::Diverged(Divergence {
+                event: src.consumed,
+                expected: format!("the recorded console output ({} bytes)", src.console.len()),
+                found: format!("{} bytes of console output that differ", console.len()),
+                rip: String::new(),
+                kernel_icount: base_kernel + self.vcpu.kernel_instructions_retired().unwrap_or(0),
+                recent: src.recent.iter().cloned().collect(),
+            }),
+            other => other,
+        };
+        Ok(ReplayReport {
+            recording: self.dir.clone(),
+            end,
+            events: src.consumed,
+            kernel_entries: entries,
+            kernel_instructions: self.vcpu.kernel_instructions_retired().unwrap_or(0),
+            wall_seconds: start.elapsed().as_secs_f64(),
+            recorded_wall_seconds: self.recorded_wall,
+            user_bytes_written: written,
+            user_bytes_unmapped: unmapped,
+            console_matches,
+            console,
+        })
+    }
+}
+
+fn symbolize(symbols: &Symbols, rip: u64) -> String {
+    if symbols.is_empty() {
+        format!("{rip:#x}")
+    } else {
+        symbols.name(rip)
+    }
+}
+
+/// Runs the vCPU with positions rebased to the recording's counts: the
+/// bus sees `kernel_icount` as the recording counted it.
+fn run_rebased(
+    vcpu: &mut dyn Vcpu,
+    bus: &mut ReplayBus<'_>,
+    budget: Option<u64>,
+    base_kernel: u64,
+) -> crate::hypervisor::Result<VmExit> {
+    struct Rebased<'b, 'c> {
+        inner: &'b mut ReplayBus<'c>,
+        base: u64,
+    }
+    impl Rebased<'_, '_> {
+        fn rebase(&self, mut at: Position) -> Position {
+            at.kernel_icount += self.base;
+            at
+        }
+    }
+    impl IoBus for Rebased<'_, '_> {
+        fn pio_read(&mut self, vcpu: usize, port: u16, data: &mut [u8]) {
+            self.inner.pio_read(vcpu, port, data)
+        }
+        fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]) {
+            self.inner.pio_write(vcpu, port, data)
+        }
+        fn mmio_read(&mut self, vcpu: usize, addr: u64, data: &mut [u8]) {
+            self.inner.mmio_read(vcpu, addr, data)
+        }
+        fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]) {
+            self.inner.mmio_write(vcpu, addr, data)
+        }
+        fn stop_requested(&self) -> bool {
+            self.inner.stop_requested()
+        }
+        fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
+            self.inner.cpuid(vcpu, leaf, subleaf)
+        }
+        fn rdtsc(&mut self, vcpu: usize) -> u64 {
+            self.inner.rdtsc(vcpu)
+        }
+        fn position(&mut self, vcpu: usize, at: Position) {
+            let at = self.rebase(at);
+            self.inner.position(vcpu, at)
+        }
+        fn exception(&mut self, vcpu: usize, at: Position, e: &DeliveredException) {
+            let at = self.rebase(at);
+            self.inner.exception(vcpu, at, e)
+        }
+        fn syscall(&mut self, vcpu: usize, at: Position, entry: &UserEntry) {
+            let at = self.rebase(at);
+            self.inner.syscall(vcpu, at, entry)
+        }
+    }
+    let mut rebased = Rebased {
+        inner: bus,
+        base: base_kernel,
+    };
+    vcpu.run(&mut rebased, budget)
+}
