@@ -207,6 +207,11 @@ pub struct RecordBench {
     pub log_bytes_per_second: f64,
     /// Events per class, as `krr log stats` counts them.
     pub classes: Vec<(String, u64)>,
+    /// Wall seconds to replay the recording's kernel alone (from its
+    /// snapshot to its end).
+    pub replay_seconds: f64,
+    /// How the replay ended (`matched` unless something is wrong).
+    pub replay_end: String,
 }
 
 /// Wall seconds of a run from /init to its end; an error unless it ended
@@ -268,6 +273,13 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
     }
     let stats = crate::record::recording::stats(&rec.dir)
         .map_err(|e| BenchError::Workload(format!("statistics of {}: {e}", rec.dir.display())))?;
+    let replay = crate::replay::Replayer::open(&rec.dir)
+        .and_then(|mut r| r.run(&crate::replay::ReplayOptions::default()))
+        .map_err(|e| BenchError::Workload(format!("replay of {}: {e}", rec.dir.display())))?;
+    let replay_end = match &replay.end {
+        crate::replay::ReplayEnd::Matched => "matched".to_string(),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    };
     let _ = std::fs::remove_dir_all(&rec.dir);
     Ok(RecordBench {
         workload: cfg.workload.clone(),
@@ -286,5 +298,7 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
             .filter(|c| c.count > 0)
             .map(|c| (c.class.clone(), c.count))
             .collect(),
+        replay_seconds: replay.wall_seconds,
+        replay_end,
     })
 }

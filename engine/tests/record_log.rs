@@ -67,6 +67,7 @@ impl Mix {
             kernel_icount: self.icount / 2,
             rip: 0xffff_ffff_8100_0000 + (self.rng.next() % 0x80_0000),
             rcx: self.rng.next() % 64,
+            cpl: 0,
         }
     }
 

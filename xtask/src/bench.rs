@@ -18,7 +18,8 @@ pub enum Benchmark {
     /// Recording slowdown on the software CPU: a syscall-heavy and a
     /// CPU-bound workload, plain vs recorded, plus log growth.
     Record,
-    /// Replay speed (needs the replayer: not implemented yet).
+    /// Replay of the kernel alone against the recording and against the
+    /// plain run, same workloads as `record`.
     Replay,
 }
 
@@ -36,10 +37,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
     match which {
         Benchmark::Boot => boot(repetitions),
-        Benchmark::Record => record(repetitions),
-        Benchmark::Replay => {
-            bail!("bench replay: the replayer is not implemented yet; nothing to measure")
-        }
+        Benchmark::Record => record(repetitions, false),
+        Benchmark::Replay => record(repetitions, true),
     }
 }
 
@@ -127,7 +126,9 @@ const RECORD_WORKLOADS: &[&str] = &["syscall-loop 20000", "cpu-loop 40"];
 /// The project's test command line (no `krr.run=`).
 const RECORD_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
 
-fn record(repetitions: usize) -> Result<()> {
+/// Runs the record/replay workloads; `replay` picks the table printed and
+/// the results file (`record.json` or `replay.json`).
+fn record(repetitions: usize, replay: bool) -> Result<()> {
     if repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
@@ -159,14 +160,15 @@ fn record(repetitions: usize) -> Result<()> {
             let r = record_vs_plain(&cfg)
                 .with_context(|| format!("record benchmark, `{workload}`, run {rep}"))?;
             eprintln!(
-                "  {workload} run {rep}: plain {:.2} s, recorded {:.2} s, ratio {:.3}, {} events, {:.1} bytes/event",
-                r.plain_seconds, r.recorded_seconds, r.ratio, r.events, r.bytes_per_event
+                "  {workload} run {rep}: plain {:.2} s, recorded {:.2} s, ratio {:.3}, {} events, {:.1} bytes/event; replay {:.2} s ({})",
+                r.plain_seconds, r.recorded_seconds, r.ratio, r.events, r.bytes_per_event, r.replay_seconds, r.replay_end
             );
             runs.push(r);
         }
         let plain = median(runs.iter().map(|r| r.plain_seconds).collect());
         let recorded = median(runs.iter().map(|r| r.recorded_seconds).collect());
         let ratio = median(runs.iter().map(|r| r.ratio).collect());
+        let replay_s = median(runs.iter().map(|r| r.replay_seconds).collect());
         let last = runs.last().expect("at least one run");
         rows.push(serde_json::json!({
             "workload": workload,
@@ -177,12 +179,35 @@ fn record(repetitions: usize) -> Result<()> {
             "log_bytes": last.log_bytes,
             "bytes_per_event": last.bytes_per_event,
             "log_bytes_per_second": last.log_bytes_per_second,
+            "replay_seconds_median": replay_s,
+            "replay_over_recorded": replay_s / recorded,
+            "replay_over_plain": replay_s / plain,
+            "replays_matched": runs.iter().filter(|r| r.replay_end == "matched").count(),
             "runs": runs,
         }));
     }
-    println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | events | log bytes | bytes/event | log MB/s |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for row in &rows {
+    if replay {
+        println!("| workload | plain (s) | recorded (s) | replay (s) | replay/record | replay/plain (target <= 2) | replays matched |");
+        println!("|---|---|---|---|---|---|---|");
+        for row in &rows {
+            let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {}/{} |",
+                row["workload"].as_str().unwrap_or("?"),
+                f("plain_seconds_median"),
+                f("recorded_seconds_median"),
+                f("replay_seconds_median"),
+                f("replay_over_recorded"),
+                f("replay_over_plain"),
+                row["replays_matched"],
+                repetitions,
+            );
+        }
+    } else {
+        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | events | log bytes | bytes/event | log MB/s |");
+        println!("|---|---|---|---|---|---|---|---|");
+    }
+    for row in rows.iter().filter(|_| !replay) {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
             "| {} | {:.2} | {:.2} | {:.3} | {} | {} | {:.1} | {:.2} |",
@@ -198,9 +223,9 @@ fn record(repetitions: usize) -> Result<()> {
     }
     let dir = repo_root().join("results/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let out = dir.join("record.json");
+    let out = dir.join(if replay { "replay.json" } else { "record.json" });
     let doc = serde_json::json!({
-        "benchmark": "record",
+        "benchmark": if replay { "replay" } else { "record" },
         "backend": "tcg",
         "kernel": kernel,
         "initrd": initrd,

@@ -11,6 +11,7 @@ mod images;
 mod manifests;
 mod setup;
 mod test;
+mod validate_replay;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -68,6 +69,16 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         repetitions: usize,
     },
+    /// Record and replay stress-ng stressors (rootfs-workloads image) on the
+    /// software CPU: a table of passed / diverged / unsupported per stressor.
+    ValidateReplay {
+        /// Comma-separated stressor names (default: a list of ~85 classes).
+        #[arg(long)]
+        stressors: Option<String>,
+        /// Guest seconds each stressor runs (stress-ng --timeout).
+        #[arg(long, default_value_t = 0.5)]
+        seconds: f64,
+    },
     /// Guest images: build, list, clean, ad-hoc initramfs.
     Images {
         #[command(subcommand)]
@@ -111,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
         Command::Eval { experiment } => eval::run(experiment),
+        Command::ValidateReplay { stressors, seconds } => validate_replay::run(stressors, seconds),
         Command::Bench {
             benchmark,
             repetitions,

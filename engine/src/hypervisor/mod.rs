@@ -89,11 +89,13 @@ pub struct UserEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub icount: u64,
-    /// The part of `icount` spent in kernel code (the upper half of the
-    /// address space): where replay of the kernel alone finds the event.
+    /// The part of `icount` executed at CPL 0 (kernel code): where replay
+    /// of the kernel alone finds the event.
     pub kernel_icount: u64,
     pub rip: u64,
     pub rcx: u64,
+    /// The privilege level at the event (3: user mode).
+    pub cpl: u8,
 }
 
 /// An exception (or `INT n`) a backend is about to deliver by itself.

@@ -479,6 +479,7 @@ impl Machine {
             kernel_icount: self.vcpus[id].kernel_instructions_retired().unwrap_or(0),
             rip: regs.rip,
             rcx: regs.rcx,
+            cpl: self.vcpus[id].sregs()?.cs.dpl,
         };
         recorder.interrupt(id, at, kind, vector, GprSnapshot::from(&regs));
         Ok(())

@@ -90,10 +90,14 @@
 //!   `rdrand_long()`/`rdseed_long()` results ([`RdrandEvent`]; the engine's
 //!   CPUID hides RDRAND/RDSEED, so normally none).
 //!
+//! - user page-table entries the kernel reads where their accessed/dirty bits
+//!   (set by the CPU while user code runs) steer it ([`EVENT_PTE_READ`]):
+//!   unmapping (`zap_pte_range`), fork (`copy_present_pte`), page faults on
+//!   an existing entry (`handle_pte_fault`) and mprotect
+//!   (`change_pte_range`). Other readers (smaps, reclaim's
+//!   `ptep_test_and_clear_young`, GUP's `follow_page_pte`) are not hooked.
+//!
 //! Defined here but not emitted by the agent yet:
-//! - [`EVENT_PTE_READ`]: user PTE reads (hardware A/D bit updates race with
-//!   kernel page walks); there is no single small hook for every kernel PTE
-//!   read, so these are not covered.
 //! - [`EVENT_EXEC_LOCK`]: a kernel-wide execution lock (one vCPU in the kernel
 //!   at a time, as KRR does) is not implemented; recordings of SMP guests give a
 //!   global order of agent events only, not of kernel shared-memory races.
@@ -165,7 +169,7 @@ pub const EVENT_RDTSC: u16 = 7;
 pub const EVENT_RANDOM: u16 = 8;
 /// [`RdrandEvent`].
 pub const EVENT_RDRAND: u16 = 9;
-/// [`PteReadEvent`] (not emitted yet).
+/// [`PteReadEvent`].
 pub const EVENT_PTE_READ: u16 = 10;
 /// [`ExecLockEvent`] (not emitted yet).
 pub const EVENT_EXEC_LOCK: u16 = 11;
@@ -480,7 +484,7 @@ abi_struct! {
 }
 
 abi_struct! {
-    /// EVENT_PTE_READ payload (not emitted by the agent yet).
+    /// EVENT_PTE_READ payload: a user page-table entry the kernel read.
     PteReadEvent => "krr_pte_read_event" {
         user_addr: u64,
         pte: u64,

@@ -58,9 +58,6 @@ use std::time::Instant;
 use symbols::Symbols;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Kernel code lives in the upper half of the address space.
-const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
-
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_FMASK: u32 = 0xc000_0084;
@@ -214,7 +211,7 @@ impl EventSource {
                     // Not inputs of the kernel.
                     LogEvent::MemoryHash { .. } => {}
                     // User-mode RDTSC (the vDSO): user code does not run.
-                    LogEvent::Rdtsc { at, .. } if at.rip < KERNEL_HALF => {}
+                    LogEvent::Rdtsc { at, .. } if at.cpl == 3 => {}
                     other => self.engine.push_back((read.index, other)),
                 }
                 true
@@ -254,19 +251,31 @@ impl EventSource {
     }
 
     /// Agent records with `seq` below `end`, reading ahead until one at or
-    /// past `end` was read (or the log ends).
-    fn agent_before(&mut self, end: u64) -> Vec<abi::Event> {
+    /// past `end` was read (or the log ends). `None` when the log is cut
+    /// (or damaged) before all of them: the stint cannot be replayed.
+    fn agent_before(&mut self, end: u64) -> Option<Vec<abi::Event>> {
         while self.agent.back().is_none_or(|e| e.seq < end) && self.read_one() {}
+        if self.broken.is_some()
+            && self
+                .agent
+                .back()
+                .is_none_or(|e| e.seq.saturating_add(1) < end)
+        {
+            return None;
+        }
         let mut out = Vec::new();
         while self.agent.front().is_some_and(|e| e.seq < end) {
             out.extend(self.agent.pop_front());
         }
-        out
+        Some(out)
     }
 
     /// The kernel instruction count of the next interrupt taken in the
-    /// kernel, if one comes before the next entry from user mode (reading
-    /// ahead): where the coming run must stop.
+    /// kernel (reading ahead): where the coming run must stop at the
+    /// latest. Kernel entries from user mode before it do not matter: a run
+    /// stops when the kernel returns to user mode anyway, and some of them
+    /// (a fault on fetching the first user instruction) happen inside the
+    /// run, by themselves.
     fn next_kernel_interrupt(&mut self) -> Option<u64> {
         let mut i = 0;
         loop {
@@ -276,10 +285,7 @@ impl EventSource {
                 }
             }
             match &self.engine[i].1 {
-                LogEvent::Interrupt { at, .. } if at.rip >= KERNEL_HALF => {
-                    return Some(at.kernel_icount)
-                }
-                e if entry_seq(e).is_some() => return None,
+                LogEvent::Interrupt { at, .. } if at.cpl != 3 => return Some(at.kernel_icount),
                 _ => i += 1,
             }
         }
@@ -312,7 +318,7 @@ fn entry_seq(e: &LogEvent) -> Option<u64> {
             agent_seq,
             ..
         } => Some(*agent_seq),
-        LogEvent::Interrupt { at, agent_seq, .. } if at.rip < KERNEL_HALF => Some(*agent_seq),
+        LogEvent::Interrupt { at, agent_seq, .. } if at.cpl == 3 => Some(*agent_seq),
         _ => None,
     }
 }
@@ -722,6 +728,24 @@ impl Replayer {
             Ok(s) => s.cr3,
             Err(_) => return,
         };
+        // Accessed/dirty bits of user page-table entries, as the kernel
+        // first found them in this stint (later reads see its own writes).
+        let mut ptes_seen = std::collections::HashSet::new();
+        for e in events {
+            if let EventBody::PteRead(p) = &e.body {
+                const AD: u64 = 0x60;
+                if !ptes_seen.insert(p.user_addr >> 12) {
+                    continue;
+                }
+                if let Some(at) = paging::pte_location(&self.mem, cr3, p.user_addr) {
+                    let at = GuestAddress(at);
+                    if let Ok(cur) = self.mem.read_obj::<u64>(at) {
+                        let _ = self.mem.write_obj((cur & !AD) | (p.pte & AD), at);
+                    }
+                }
+                continue;
+            }
+        }
         for e in events {
             let (addr, bytes): (u64, Vec<u8>) = match &e.body {
                 EventBody::CopyFromUser { info, data } => {
@@ -774,7 +798,7 @@ impl Replayer {
         let base_kernel = self.cpu.kernel_icount;
         let mut entries = 0u64;
         let (mut written, mut unmapped) = (0u64, 0u64);
-        let mut in_user = self.cpu.regs.rip < KERNEL_HALF;
+        let mut in_user = self.cpu.sregs.cs.dpl == 3;
         let mut dma_reader = dma;
         let mut console = Vec::new();
         let mut serial_lcr = 0u8;
@@ -832,8 +856,15 @@ impl Replayer {
                     position_of(&event).map_or(0, |p| p.kernel_icount)
                 );
                 let end_seq = src.next_entry_seq();
-                let reads = src.agent_before(end_seq);
-                let _ = seq;
+                let Some(reads) = src.agent_before(end_seq) else {
+                    break ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: format!(
+                            "{}; the agent records the kernel stint after event #{index} needs (from seq {seq}) are not in the valid part of the log",
+                            src.broken.clone().unwrap_or_default()
+                        ),
+                    };
+                };
                 self.apply_user_reads(&reads, &mut written, &mut unmapped);
                 let entered = match &event {
                     LogEvent::Syscall {
@@ -897,7 +928,7 @@ impl Replayer {
             // In the kernel: an interrupt is the only event the replay must
             // stop for; everything else the kernel meets by itself.
             let target = match &event {
-                LogEvent::Interrupt { at, .. } if at.rip >= KERNEL_HALF => Some(at.kernel_icount),
+                LogEvent::Interrupt { at, .. } if at.cpl != 3 => Some(at.kernel_icount),
                 _ => src.next_kernel_interrupt(),
             };
             if let (

@@ -30,6 +30,24 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
     Some(table | (va & 0xfff))
 }
 
+/// The guest-physical address of the 4 KiB page-table entry that maps
+/// `va` (the entry itself may be not present), or `None` where an upper
+/// level is not present or maps a large page.
+pub fn pte_location(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
+    let mut table = cr3 & ADDR_MASK;
+    for level in (1..4).rev() {
+        let shift = 12 + 9 * level;
+        let entry: u64 = mem
+            .read_obj(GuestAddress(table + ((va >> shift) & 0x1ff) * 8))
+            .ok()?;
+        if entry & PRESENT == 0 || ((level == 2 || level == 1) && entry & PAGE_SIZE_BIT != 0) {
+            return None;
+        }
+        table = entry & ADDR_MASK;
+    }
+    Some(table + ((va >> 12) & 0x1ff) * 8)
+}
+
 /// Writes `data` at virtual address `va`, page by page. Returns the bytes
 /// that could not be written (pages not present).
 pub fn write_virtual(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> usize {
@@ -78,6 +96,15 @@ mod tests {
         assert_eq!(translate(&mem, cr3, 0x7f_ffe1_2345), Some(0x21_2345));
         assert_eq!(translate(&mem, cr3, 0x40_1000), None);
         assert_eq!(translate(&mem, cr3, 0x8000_0000), None);
+    }
+
+    #[test]
+    fn finds_the_entry_of_a_4k_page_only() {
+        let (mem, cr3) = memory();
+        assert_eq!(pte_location(&mem, cr3, 0x40_0123), Some(0x4000));
+        assert_eq!(pte_location(&mem, cr3, 0x40_1000), Some(0x4008));
+        // Mapped by a 2 MiB page: no 4 KiB entry.
+        assert_eq!(pte_location(&mem, cr3, 0x7f_ffe1_2345), None);
     }
 
     #[test]

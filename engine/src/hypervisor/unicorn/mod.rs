@@ -129,10 +129,6 @@ impl BlockTrace {
     }
 }
 
-/// Linear addresses from here up are the kernel's (the upper half of the
-/// 48-bit canonical space): what the kernel instruction count counts.
-const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
-
 /// RFLAGS bits the backend looks at.
 const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
@@ -186,8 +182,9 @@ struct HookState {
     vcpu: usize,
     /// Instructions executed by the active vCPU.
     executed: u64,
-    /// Of those, instructions of kernel code (blocks in the upper half):
-    /// the position replay of the kernel alone can reproduce.
+    /// Of those, instructions executed at CPL 0-2 (kernel code, the
+    /// decompressor and early boot included): the position replay of the
+    /// kernel alone can reproduce.
     kernel_executed: u64,
     /// Stop before the first block of user code (replay).
     stop_at_user: bool,
@@ -236,6 +233,7 @@ impl HookState {
             kernel_icount: self.kernel_executed,
             rip: self.env.eip(),
             rcx: self.env.reg(1),
+            cpl: self.env.cpl(),
         }
     }
 
@@ -404,7 +402,7 @@ extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void)
             st.stop(Stop::Budget);
             return;
         }
-        if st.stop_at_user && pc < KERNEL_HALF {
+        if st.stop_at_user && st.env.cpl() == 3 {
             st.stop(Stop::UserMode);
             return;
         }
@@ -412,7 +410,7 @@ extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void)
     }
     let n = st.icount(pc, size);
     st.executed += n;
-    if pc >= KERNEL_HALF {
+    if st.env.cpl() != 3 {
         if let Some(t) = &mut st.block_trace {
             t.block(st.kernel_executed, pc);
         }

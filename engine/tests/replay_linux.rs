@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Record with `krr record`, then replay the kernel alone with `krr replay`
+//! on the software CPU: boot to the end of /init, a syscall-heavy program
+//! and a multi-process shell workload replay to the end with zero
+//! divergence and the recorded console output; a corrupted event is caught
+//! at its index; a truncated log is reported as such; a 2-vCPU recording is
+//! refused with a clear message (not supported yet).
+//!
+//! Needs `KRR_AGENT_KERNEL` (the `-krr` bzImage) and `KRR_TEST_INITRD` (set
+//! by `cargo xtask test`).
+
+#[path = "common/guest_images.rs"]
+mod guest_images;
+
+use krr_engine::record::event::LogEvent;
+use krr_engine::record::log::{EventLogReader, EventLogWriter};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const APPEND: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
+const FROM_INIT: &str = "marker:Run /init as init process";
+
+fn krr(recordings: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_krr"))
+        .args(args)
+        .env("KRR_RECORDINGS", recordings)
+        .output()
+        .expect("running krr");
+    eprintln!(
+        "krr {}: {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn images() -> Option<(PathBuf, PathBuf)> {
+    guest_images::guest_images("KRR_AGENT_KERNEL")
+}
+
+/// Records `run` (from boot, or from `start`) as `name`.
+fn record(dir: &Path, name: &str, run: &str, start: Option<&str>, vcpus: usize) {
+    let (kernel, initrd) = images().expect("images checked by the caller");
+    let vmlinux = kernel.with_file_name("vmlinux");
+    let append = format!("{APPEND} krr.run=\"{run}\"");
+    let vcpus = vcpus.to_string();
+    let mut args = vec![
+        "record",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--backend",
+        "tcg",
+        "--quiet",
+        "--name",
+        name,
+        "--vcpus",
+        &vcpus,
+        "--append",
+        &append,
+    ];
+    if vmlinux.is_file() {
+        args.extend(["--vmlinux", vmlinux.to_str().unwrap()]);
+    }
+    if let Some(start) = start {
+        args.extend(["--start", start]);
+    }
+    let out = krr(dir, &args);
+    assert!(out.status.success(), "krr record {name} failed");
+}
+
+/// `krr replay NAME --json`: (exit code, report).
+fn replay(dir: &Path, name: &str) -> (i32, serde_json::Value) {
+    let out = krr(dir, &["replay", name, "--json"]);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn assert_matched(dir: &Path, name: &str) -> serde_json::Value {
+    let (code, report) = replay(dir, name);
+    assert_eq!(report["end"]["kind"], "matched", "{report:#}");
+    assert_eq!(code, 0);
+    assert_eq!(report["console_matches"], true);
+    assert!(report["kernel_entries"].as_u64().unwrap() > 0);
+    report
+}
+
+#[test]
+fn replays_boot_to_the_end_of_init() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    record(dir.path(), "boot", "echo hello from init", None, 1);
+    let report = assert_matched(dir.path(), "boot");
+    // The whole boot ran in the kernel: hundreds of millions of instructions.
+    assert!(report["kernel_instructions"].as_u64().unwrap() > 100_000_000);
+}
+
+#[test]
+fn replays_a_syscall_heavy_program() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    record(dir.path(), "loop", "syscall-loop 2000", Some(FROM_INIT), 1);
+    let report = assert_matched(dir.path(), "loop");
+    // 12 syscalls per iteration, each a kernel entry from user mode.
+    assert!(report["kernel_entries"].as_u64().unwrap() >= 24_000);
+}
+
+#[test]
+fn replays_a_multi_process_workload() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // fork/exec/pipe/wait, mmap of files, /proc reads, a CPU-bound child.
+    let run = "for i in 1 2 3 4 5; do echo $i | cat | wc -c > /dev/null; done; \
+               ls -l /bin /usr/local/bin > /dev/null; cat /proc/meminfo | grep -c Mem; \
+               syscall-loop 200 & cpu-loop 2; wait; sort /proc/cpuinfo | md5sum";
+    record(dir.path(), "procs", run, Some(FROM_INIT), 1);
+    assert_matched(dir.path(), "procs");
+}
+
+/// Rewrites a recording's event log with `change` applied to event `index`.
+fn rewrite(dir: &Path, mut change: impl FnMut(u64, &mut LogEvent) -> bool) -> u64 {
+    let path = dir.join("events.krrlog");
+    let events: Vec<(u64, LogEvent)> = EventLogReader::open(&path)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let tmp = dir.join("events.krrlog.new");
+    let mut w = EventLogWriter::create(&tmp).unwrap();
+    let mut changed = None;
+    for (i, mut e) in events {
+        if changed.is_none() && change(i, &mut e) {
+            changed = Some(i);
+        }
+        w.append(&e).unwrap();
+    }
+    w.close().unwrap();
+    w.sync().unwrap();
+    drop(w);
+    std::fs::rename(&tmp, &path).unwrap();
+    changed.expect("an event to change")
+}
+
+#[test]
+fn a_corrupted_event_is_caught_at_its_index_and_a_truncated_log_is_reported() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    record(dir.path(), "bad", "syscall-loop 300", Some(FROM_INIT), 1);
+    let rec = dir.path().join("bad");
+    // The 500th kernel-mode RDTSC now claims a position 3 instructions later.
+    let mut seen = 0;
+    let index = rewrite(&rec, |_, e| match e {
+        LogEvent::Rdtsc { at, .. } if at.cpl == 0 => {
+            seen += 1;
+            if seen == 500 {
+                at.kernel_icount += 3;
+                true
+            } else {
+                false
+            }
+        }
+        _ => false,
+    });
+    let (code, report) = replay(dir.path(), "bad");
+    assert_eq!(code, 2, "{report:#}");
+    assert_eq!(report["end"]["kind"], "diverged");
+    assert_eq!(report["end"]["event"], index, "{report:#}");
+
+    // Cut the log in the middle of its last chunk: no end, no success.
+    let trunc = tempfile::tempdir().unwrap();
+    record(trunc.path(), "cut", "syscall-loop 300", Some(FROM_INIT), 1);
+    let events = trunc.path().join("cut/events.krrlog");
+    let len = std::fs::metadata(&events).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&events)
+        .unwrap();
+    f.set_len(len - 100).unwrap();
+    let (code, report) = replay(trunc.path(), "cut");
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["end"]["kind"], "log_ended", "{report:#}");
+}
+
+#[test]
+fn a_two_vcpu_recording_is_refused_clearly() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    record(dir.path(), "smp", "syscall-loop 50", Some(FROM_INIT), 2);
+    let out = krr(dir.path(), &["replay", "smp"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("2 vCPUs"), "{stderr}");
+}
