@@ -733,15 +733,25 @@ impl Replayer {
         let mut ptes_seen = std::collections::HashSet::new();
         for e in events {
             if let EventBody::PteRead(p) = &e.body {
+                // Only where the entry maps the same page as the one the
+                // kernel read (the read may concern another address space,
+                // e.g. the new one of an execve) and only the first read of
+                // an entry (later ones see the kernel's own writes).
                 const AD: u64 = 0x60;
-                if !ptes_seen.insert(p.user_addr >> 12) {
+                const PFN_PRESENT: u64 = 0x000f_ffff_ffff_f001;
+                let Some(at) = paging::pte_location(&self.mem, cr3, p.user_addr) else {
+                    continue;
+                };
+                let Ok(cur) = self.mem.read_obj::<u64>(GuestAddress(at)) else {
+                    continue;
+                };
+                if cur & PFN_PRESENT != p.pte & PFN_PRESENT || cur & 1 == 0 {
                     continue;
                 }
-                if let Some(at) = paging::pte_location(&self.mem, cr3, p.user_addr) {
-                    let at = GuestAddress(at);
-                    if let Ok(cur) = self.mem.read_obj::<u64>(at) {
-                        let _ = self.mem.write_obj((cur & !AD) | (p.pte & AD), at);
-                    }
+                if ptes_seen.insert(at) {
+                    let _ = self
+                        .mem
+                        .write_obj((cur & !AD) | (p.pte & AD), GuestAddress(at));
                 }
                 continue;
             }
