@@ -76,8 +76,8 @@ enum Command {
         #[arg(long)]
         stressors: Option<String>,
         /// Guest seconds each stressor runs (stress-ng --timeout).
-        #[arg(long, default_value_t = 0.5)]
-        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        seconds: u32,
     },
     /// Guest images: build, list, clean, ad-hoc initramfs.
     Images {

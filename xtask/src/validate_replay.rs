@@ -117,9 +117,10 @@ pub struct StressorResult {
     pub replay_seconds: f64,
 }
 
-pub fn run(stressors: Option<String>, seconds: f64) -> Result<()> {
-    if !(seconds > 0.0 && seconds.is_finite()) {
-        bail!("--seconds {seconds}: expected a positive number");
+pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
+    if seconds == 0 {
+        // stress-ng reads a timeout of 0 as "run forever".
+        bail!("--seconds 0: expected at least 1");
     }
     let list: Vec<String> = match stressors {
         Some(s) => s
@@ -202,7 +203,7 @@ pub fn run(stressors: Option<String>, seconds: f64) -> Result<()> {
 }
 
 /// Records and replays one stressor.
-fn one(kernel: &Path, rootfs: &Path, scratch: &Path, name: &str, seconds: f64) -> StressorResult {
+fn one(kernel: &Path, rootfs: &Path, scratch: &Path, name: &str, seconds: u32) -> StressorResult {
     let mut r = StressorResult {
         stressor: name.to_string(),
         outcome: "failed".into(),
@@ -214,6 +215,8 @@ fn one(kernel: &Path, rootfs: &Path, scratch: &Path, name: &str, seconds: f64) -
     };
     // --oom-avoid keeps stress-ng from sizing memory stressors to all of
     // the guest's RAM; exit status 3 is stress-ng's "not supported here".
+    // The budget stops a stressor that ignores its timeout (guest time:
+    // 1 ns per instruction).
     let cmd = format!(
         "stress-ng --{name} 1 --timeout {seconds}s --oom-avoid --quiet; echo stress-ng-status=$?"
     );
@@ -224,7 +227,7 @@ fn one(kernel: &Path, rootfs: &Path, scratch: &Path, name: &str, seconds: f64) -
     );
     cfg.disk = Some(rootfs.to_path_buf());
     cfg.mem_bytes = 1 << 30;
-    cfg.max_instructions = 60_000_000_000;
+    cfg.max_instructions = (u64::from(seconds) + 10) * 1_000_000_000;
     let mut rc = RecordConfig::new(name.to_string(), scratch.to_path_buf());
     rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
     cfg.record = Some(rc);
