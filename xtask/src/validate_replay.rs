@@ -157,10 +157,9 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
     for name in &list {
         bar.set_message(name.clone());
         let r = one(&kernel, &rootfs, scratch.path(), name, seconds);
-        bar.println(format!(
-            "  {:<12} {:<11} {}",
-            r.stressor, r.outcome, r.detail
-        ));
+        // (println on a hidden bar, when stderr is not a terminal, prints
+        // nothing: suspend it instead.)
+        bar.suspend(|| eprintln!("  {:<12} {:<11} {}", r.stressor, r.outcome, r.detail));
         results.push(r);
         bar.inc(1);
     }

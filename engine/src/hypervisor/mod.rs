@@ -328,6 +328,13 @@ pub trait Vcpu {
     fn kernel_instructions_retired(&self) -> Option<u64> {
         None
     }
+    /// Performs SYSCALL from the user state `entry` (the instruction at
+    /// `entry.regs.rip`): replay recreates recorded syscall entries so.
+    fn enter_syscall(&mut self, _entry: &UserEntry) -> Result<()> {
+        Err(HypervisorError::Unsupported(
+            "entering a syscall from a given user state",
+        ))
+    }
     /// Makes `run` return [`VmExit::UserMode`] before the first instruction
     /// of user code (replay of the kernel alone).
     fn set_stop_at_user_mode(&mut self, _enable: bool) -> Result<()> {

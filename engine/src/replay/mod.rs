@@ -43,8 +43,8 @@ use crate::devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use crate::devices::serial::COM1_BASE;
 use crate::devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
 use crate::hypervisor::{
-    unicorn::UnicornVm, DeliveredException, Injection, IoBus, Position, Regs, Segment, UserEntry,
-    Vcpu, Vm, VmExit,
+    unicorn::UnicornVm, DeliveredException, Injection, IoBus, Position, Regs, UserEntry, Vcpu, Vm,
+    VmExit,
 };
 use crate::machine::cpuid::{cpuid, CpuidConfig};
 use crate::machine::platform::VIRTIO_BASE;
@@ -57,12 +57,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use symbols::Symbols;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_FMASK: u32 = 0xc000_0084;
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
 
 /// What `krr replay` asks for.
 #[derive(Debug, Clone, Default)]
@@ -663,54 +657,15 @@ impl Replayer {
         symbolize(&self.symbols, rip)
     }
 
-    /// Performs a SYSCALL from user state `regs` (what the CPU does).
+    /// Performs a SYSCALL from the recorded user state (what the CPU does).
     fn enter_syscall(&mut self, regs: &Regs, fs_base: u64, gs_base: u64) -> Result<(), String> {
-        let v = &mut self.vcpu;
-        let msr = |v: &dyn Vcpu, m: u32| v.msr(m).map_err(|e| e.to_string());
-        let star = msr(v.as_ref(), MSR_STAR)?;
-        let lstar = msr(v.as_ref(), MSR_LSTAR)?;
-        let fmask = msr(v.as_ref(), MSR_FMASK)?;
-        let mut r = *regs;
-        r.rcx = regs.rip + 2;
-        r.r11 = regs.rflags & !(1 << 16);
-        r.rflags = regs.rflags & !(fmask | (1 << 16));
-        r.rip = lstar;
-        let mut s = v.sregs().map_err(|e| e.to_string())?;
-        let selector = ((star >> 32) & 0xffff) as u16;
-        s.cs = Segment {
-            selector: selector & 0xfffc,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0xb,
-            present: true,
-            dpl: 0,
-            db: false,
-            s: true,
-            l: true,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
-        s.ss = Segment {
-            selector: selector.wrapping_add(8) & 0xfffc,
-            base: 0,
-            limit: 0xffff_ffff,
-            type_: 0x3,
-            present: true,
-            dpl: 0,
-            db: true,
-            s: true,
-            l: false,
-            g: true,
-            avl: false,
-            unusable: false,
-        };
-        s.fs.base = fs_base;
-        s.gs.base = gs_base;
-        v.set_sregs(&s).map_err(|e| e.to_string())?;
-        v.set_msr(MSR_FS_BASE, fs_base).map_err(|e| e.to_string())?;
-        v.set_msr(MSR_GS_BASE, gs_base).map_err(|e| e.to_string())?;
-        v.set_regs(&r).map_err(|e| e.to_string())
+        self.vcpu
+            .enter_syscall(&UserEntry {
+                regs: *regs,
+                fs_base,
+                gs_base,
+            })
+            .map_err(|e| e.to_string())
     }
 
     /// Sets user registers before an exception or interrupt taken in user

@@ -640,6 +640,14 @@ extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
     };
     let (vcpu, at) = (st.vcpu, st.position());
     st.bus().syscall(vcpu, at, &entry);
+    perform_syscall(uc, &env, rip, rflags);
+    // Unicorn adds the SYSCALL's length to RIP when the hook returns.
+    env.set_eip(env.eip().wrapping_sub(2));
+}
+
+/// What SYSCALL does, from user state with the instruction at `rip`:
+/// RCX/R11 saved, RFLAGS masked, CS/SS from STAR, RIP from LSTAR.
+fn perform_syscall(uc: *mut uc_engine, env: &EnvLayout, rip: u64, rflags: u64) {
     let star = read_msr(uc, 0xc000_0081);
     let lstar = read_msr(uc, 0xc000_0082);
     let fmask = read_msr(uc, 0xc000_0084);
@@ -676,7 +684,7 @@ extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
                 | DESC_A_MASK,
         },
     );
-    env.set_eip(lstar.wrapping_sub(2));
+    env.set_eip(lstar);
 }
 
 extern "C" fn on_mmio_read(_uc: *mut uc_engine, offset: u64, size: u32, ud: *mut c_void) -> u64 {
@@ -1739,6 +1747,27 @@ impl Vcpu for UnicornVcpu {
         } else {
             Some(e.slots[self.id].kernel_executed)
         }
+    }
+
+    fn enter_syscall(&mut self, entry: &UserEntry) -> Result<()> {
+        self.with(|e| {
+            let env = e.st().env;
+            let r = &entry.regs;
+            let v = [
+                r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ];
+            for (i, val) in v.into_iter().enumerate() {
+                env.set_reg(i, val);
+            }
+            for (seg, base) in [(R_FS, entry.fs_base), (R_GS, entry.gs_base)] {
+                let mut cache = env.segment(seg);
+                cache.base = base;
+                env.load_segment(seg, cache);
+            }
+            perform_syscall(e.uc, &env, r.rip, r.rflags);
+            Ok(())
+        })
     }
 
     fn set_stop_at_user_mode(&mut self, enable: bool) -> Result<()> {
