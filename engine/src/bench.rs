@@ -196,6 +196,11 @@ pub struct RecordBench {
     pub recorded_seconds: f64,
     /// recorded / plain (target on the software CPU: at most 1.10).
     pub ratio: f64,
+    /// Of `recorded_seconds`, the start snapshot (guest memory compressed
+    /// and synced to disk): a one-time cost per recording.
+    pub snapshot_seconds: f64,
+    /// (recorded - snapshot) / plain: the cost of recording while it runs.
+    pub ratio_without_snapshot: f64,
     pub plain_instructions: u64,
     /// More than plain: the agent's own code runs in the guest.
     pub recorded_instructions: u64,
@@ -286,6 +291,8 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
         plain_seconds,
         recorded_seconds,
         ratio: recorded_seconds / plain_seconds.max(1e-9),
+        snapshot_seconds: rec.snapshot_seconds,
+        ratio_without_snapshot: (recorded_seconds - rec.snapshot_seconds) / plain_seconds.max(1e-9),
         plain_instructions: plain.instructions,
         recorded_instructions: recorded.instructions,
         events: stats.events,

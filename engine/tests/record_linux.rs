@@ -108,6 +108,7 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
         "strncpy_from_user",
         "get_user",
         "rdtsc",
+        "pte_read",
         "interrupt",
         "exception",
         "pio_read",

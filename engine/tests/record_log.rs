@@ -124,6 +124,7 @@ impl Mix {
                     offset: 0,
                     data_len: 64,
                     flags: 0,
+                    cr3: 0x100_0000,
                 },
                 data,
             },
@@ -136,6 +137,7 @@ impl Mix {
                 value: self.rng.next() % 1000,
                 size: 4,
                 err: 0,
+                cr3: 0x100_0000,
             }),
         ));
         for _ in 0..3 {

@@ -168,6 +168,8 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
         let plain = median(runs.iter().map(|r| r.plain_seconds).collect());
         let recorded = median(runs.iter().map(|r| r.recorded_seconds).collect());
         let ratio = median(runs.iter().map(|r| r.ratio).collect());
+        let ratio_steady = median(runs.iter().map(|r| r.ratio_without_snapshot).collect());
+        let snapshot = median(runs.iter().map(|r| r.snapshot_seconds).collect());
         let replay_s = median(runs.iter().map(|r| r.replay_seconds).collect());
         let last = runs.last().expect("at least one run");
         rows.push(serde_json::json!({
@@ -175,6 +177,8 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             "plain_seconds_median": plain,
             "recorded_seconds_median": recorded,
             "ratio_median": ratio,
+            "ratio_without_snapshot_median": ratio_steady,
+            "snapshot_seconds_median": snapshot,
             "events": last.events,
             "log_bytes": last.log_bytes,
             "bytes_per_event": last.bytes_per_event,
@@ -204,17 +208,19 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             );
         }
     } else {
-        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | events | log bytes | bytes/event | log MB/s |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | snapshot (s) | ratio without snapshot | events | log bytes | bytes/event | log MB/s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     for row in rows.iter().filter(|_| !replay) {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {:.2} | {:.2} | {:.3} | {} | {} | {:.1} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.3} | {:.2} | {:.3} | {} | {} | {:.1} | {:.2} |",
             row["workload"].as_str().unwrap_or("?"),
             f("plain_seconds_median"),
             f("recorded_seconds_median"),
             f("ratio_median"),
+            f("snapshot_seconds_median"),
+            f("ratio_without_snapshot_median"),
             row["events"],
             row["log_bytes"],
             f("bytes_per_event"),

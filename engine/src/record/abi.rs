@@ -110,7 +110,7 @@ use std::mem::{offset_of, size_of};
 /// `magic` of a formatted ring: the bytes `"KRRRING\0"`.
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"KRRRING\0");
 /// ABI version; bumped on any incompatible change of this module.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// Bytes from the start of the region to the data area (one page).
 pub const RING_HEADER_SIZE: u32 = 4096;
 /// The I/O port the agent writes a doorbell reason to (`outl`).
@@ -418,6 +418,9 @@ abi_struct! {
         data_len: u32,
         /// DATA_FLAG_*.
         flags: u32,
+        /// CR3 of the address space read (the reader may not be the task
+        /// that entered the kernel: replay writes the bytes there).
+        cr3: u64,
     }
 }
 
@@ -437,6 +440,8 @@ abi_struct! {
         data_len: u32,
         /// DATA_FLAG_*.
         flags: u32,
+        /// CR3 of the address space read.
+        cr3: u64,
     }
 }
 
@@ -450,6 +455,8 @@ abi_struct! {
         size: u32,
         /// 0 or -EFAULT.
         err: i32,
+        /// CR3 of the address space read.
+        cr3: u64,
     }
 }
 
@@ -491,6 +498,8 @@ abi_struct! {
         /// Page-table level (1 = PTE, 2 = PMD, ...).
         level: u32,
         reserved: u32,
+        /// CR3 of the address space whose table was read.
+        cr3: u64,
     }
 }
 
@@ -1308,6 +1317,7 @@ mod tests {
                     value: 7,
                     size: 4,
                     err: 0,
+                    cr3: 0x100_0000,
                 }),
             },
         ]

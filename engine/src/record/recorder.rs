@@ -177,6 +177,7 @@ struct Active {
     events: u64,
     console_from: usize,
     agent_written_at_start: u64,
+    snapshot_seconds: f64,
 }
 
 /// Summary of one finished recording, for `krr record`'s output.
@@ -184,6 +185,7 @@ struct Active {
 pub struct FinishedRecording {
     pub dir: PathBuf,
     pub events: u64,
+    pub snapshot_seconds: f64,
     pub reason: String,
     pub ok: bool,
 }
@@ -440,6 +442,7 @@ impl Recorder {
         header.stop_trigger = self.cfg.stop.to_string();
         let mut writer = RecordingWriter::create(&dir, &header)
             .map_err(|e| format!("creating recording {}: {e:#}", dir.display()))?;
+        let snapshot_started = Instant::now();
         writer
             .write_snapshot(&self.mem, cpus, devices)
             .map_err(|e| format!("writing the start snapshot of {}: {e:#}", dir.display()))?;
@@ -454,6 +457,7 @@ impl Recorder {
             events: 0,
             console_from: console_len,
             agent_written_at_start: agent_written,
+            snapshot_seconds: snapshot_started.elapsed().as_secs_f64(),
         });
         self.set_control(self.cfg.recording_control());
         self.last_flush = Instant::now();
@@ -489,6 +493,7 @@ impl Recorder {
                 .saturating_sub(active.agent_written_at_start),
             agent_dropped_events: lost,
             agent_doorbells: ring.doorbells,
+            snapshot_seconds: active.snapshot_seconds,
             ..RecordingEnd::default()
         };
         let events = active.events;
@@ -500,6 +505,7 @@ impl Recorder {
             active.dir.display()
         );
         self.finished.push(FinishedRecording {
+            snapshot_seconds: active.snapshot_seconds,
             dir: active.dir,
             events,
             reason,

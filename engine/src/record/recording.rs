@@ -317,6 +317,9 @@ pub struct RecordingEnd {
     pub agent_events_written: u64,
     pub agent_dropped_events: u64,
     pub agent_doorbells: u64,
+    /// Wall seconds the start snapshot took (memory compressed and synced).
+    #[serde(default)]
+    pub snapshot_seconds: f64,
     /// Unix seconds at the end.
     pub finished: u64,
 }

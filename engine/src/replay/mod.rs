@@ -677,12 +677,15 @@ impl Replayer {
     }
 
     /// Writes the user memory the kernel read during the coming kernel
-    /// stint (agent records), at its user addresses.
+    /// stint (agent records), at its user addresses, in the address space
+    /// each was read from (a stint can switch tasks: a parent's wait lets
+    /// its child run and exit, reading the child's memory).
     fn apply_user_reads(&mut self, events: &[abi::Event], written: &mut u64, unmapped: &mut u64) {
-        let cr3 = match self.vcpu.sregs() {
+        let entry_cr3 = match self.vcpu.sregs() {
             Ok(s) => s.cr3,
             Err(_) => return,
         };
+        let space = |cr3: u64| if cr3 == 0 { entry_cr3 } else { cr3 };
         // Accessed/dirty bits of user page-table entries, as the kernel
         // first found them in this stint (later reads see its own writes).
         let mut ptes_seen = std::collections::HashSet::new();
@@ -694,15 +697,17 @@ impl Replayer {
                 // an entry (later ones see the kernel's own writes).
                 const AD: u64 = 0x60;
                 const PFN_PRESENT: u64 = 0x000f_ffff_ffff_f001;
-                let Some(at) = paging::pte_location(&self.mem, cr3, p.user_addr) else {
+                // The agent's CR3 is the running address space, which is not
+                // always the one whose table is read (execve tears down the
+                // old one after switching): try it, then the entry's.
+                let found = [space(p.cr3), entry_cr3].into_iter().find_map(|cr3| {
+                    let at = paging::pte_location(&self.mem, cr3, p.user_addr)?;
+                    let cur = self.mem.read_obj::<u64>(GuestAddress(at)).ok()?;
+                    (cur & PFN_PRESENT == p.pte & PFN_PRESENT && cur & 1 != 0).then_some((at, cur))
+                });
+                let Some((at, cur)) = found else {
                     continue;
                 };
-                let Ok(cur) = self.mem.read_obj::<u64>(GuestAddress(at)) else {
-                    continue;
-                };
-                if cur & PFN_PRESENT != p.pte & PFN_PRESENT || cur & 1 == 0 {
-                    continue;
-                }
                 if ptes_seen.insert(at) {
                     let _ = self
                         .mem
@@ -712,9 +717,9 @@ impl Replayer {
             }
         }
         for e in events {
-            let (addr, bytes): (u64, Vec<u8>) = match &e.body {
+            let (cr3, addr, bytes): (u64, u64, Vec<u8>) = match &e.body {
                 EventBody::CopyFromUser { info, data } => {
-                    (info.user_addr + info.offset, data.clone())
+                    (space(info.cr3), info.user_addr + info.offset, data.clone())
                 }
                 EventBody::StrncpyFromUser { info, data } => {
                     let mut d = data.clone();
@@ -723,9 +728,10 @@ impl Replayer {
                     if whole && info.flags & abi::DATA_FLAG_MORE == 0 {
                         d.push(0);
                     }
-                    (info.user_addr + info.offset, d)
+                    (space(info.cr3), info.user_addr + info.offset, d)
                 }
                 EventBody::GetUser(g) if g.err == 0 => (
+                    space(g.cr3),
                     g.user_addr,
                     g.value.to_le_bytes()[..(g.size as usize).min(8)].to_vec(),
                 ),
