@@ -10,16 +10,15 @@
 
 #[path = "common/guest_images.rs"]
 mod guest_images;
+#[path = "common/krr_command.rs"]
+mod krr_command;
 
+use krr_command::{krr, krr_command};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 const APPEND: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
-
-fn krr() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_krr"))
-}
 
 /// `krr record` arguments for `kernel` running `run` in the guest.
 fn record_args(kernel: &Path, initrd: &Path, name: &str, run: &str) -> Vec<String> {
@@ -40,19 +39,8 @@ fn record_args(kernel: &Path, initrd: &Path, name: &str, run: &str) -> Vec<Strin
 }
 
 fn run_krr(recordings: &Path, args: &[String]) -> Output {
-    let out = krr()
-        .args(args)
-        .env("KRR_RECORDINGS", recordings)
-        .output()
-        .expect("running krr");
-    eprintln!(
-        "krr {}: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    krr(recordings, &args)
 }
 
 fn log_cmd(recordings: &Path, args: &[&str]) -> Output {
@@ -150,14 +138,13 @@ fn flipped_byte_and_kill_9_are_reported() {
     };
     let dir = tempfile::tempdir().unwrap();
     // kill -9 in the middle of a long recording.
-    let mut child = krr()
+    let mut child = krr_command(dir.path())
         .args(record_args(
             &kernel,
             &initrd,
             "killed",
             "syscall-loop 100000",
         ))
-        .env("KRR_RECORDINGS", dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -237,9 +224,8 @@ fn sigint_finishes_the_recording() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut child = krr()
+    let mut child = krr_command(dir.path())
         .args(record_args(&kernel, &initrd, "int", "syscall-loop 100000"))
-        .env("KRR_RECORDINGS", dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -11,30 +11,16 @@
 
 #[path = "common/guest_images.rs"]
 mod guest_images;
+#[path = "common/krr_command.rs"]
+mod krr_command;
 
+use krr_command::krr;
 use krr_engine::record::event::LogEvent;
 use krr_engine::record::log::{EventLogReader, EventLogWriter};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const APPEND: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
 const FROM_INIT: &str = "marker:Run /init as init process";
-
-fn krr(recordings: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_krr"))
-        .args(args)
-        .env("KRR_RECORDINGS", recordings)
-        .output()
-        .expect("running krr");
-    eprintln!(
-        "krr {}: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn images() -> Option<(PathBuf, PathBuf)> {
     guest_images::guest_images("KRR_AGENT_KERNEL")

@@ -4,7 +4,7 @@
 //! `results/bench/boot.json` and a Markdown table on stdout.
 
 use crate::{images, repo_root};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use krr_engine::bench::{
     boot_vs_qemu, record_vs_plain, BootBench, BootBenchConfig, RecordBench, RecordBenchConfig,
@@ -46,17 +46,11 @@ fn boot(repetitions: usize) -> Result<()> {
     if repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
-    let built = images::build(&["guest-6.1".into(), "initramfs-base".into()], false)?;
-    let file = |image: &str, file: &str| {
-        built
-            .iter()
-            .find(|b| b.name == image)
-            .and_then(|b| b.file(file))
-            .map(|p| p.to_path_buf())
-            .ok_or_else(|| anyhow!("image `{image}` has no `{file}`"))
-    };
-    let kernel = file("guest-6.1", "bzImage")?;
-    let initrd = file("initramfs-base", "initramfs.cpio.gz")?;
+    let files = images::build_files(&[
+        ("guest-6.1", "bzImage"),
+        ("initramfs-base", "initramfs.cpio.gz"),
+    ])?;
+    let (kernel, initrd) = (files[0].clone(), files[1].clone());
     let mut rows = Vec::new();
     for vcpus in [1usize, 2] {
         let mut runs: Vec<BootBench> = Vec::new();
@@ -132,17 +126,11 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
     if repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
-    let built = images::build(&["guest-6.1-krr".into(), "initramfs-base".into()], false)?;
-    let file = |image: &str, file: &str| {
-        built
-            .iter()
-            .find(|b| b.name == image)
-            .and_then(|b| b.file(file))
-            .map(|p| p.to_path_buf())
-            .ok_or_else(|| anyhow!("image `{image}` has no `{file}`"))
-    };
-    let kernel = file("guest-6.1-krr", "bzImage")?;
-    let initrd = file("initramfs-base", "initramfs.cpio.gz")?;
+    let files = images::build_files(&[
+        ("guest-6.1-krr", "bzImage"),
+        ("initramfs-base", "initramfs.cpio.gz"),
+    ])?;
+    let (kernel, initrd) = (files[0].clone(), files[1].clone());
     let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
     let mut rows = Vec::new();
     for workload in RECORD_WORKLOADS {

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use indicatif::MultiProgress;
 use krr_orchestrator::images::{self, BuildContext, BuiltImage, ImageDirs};
 use krr_orchestrator::store::Store;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum ImagesCommand {
@@ -37,6 +37,26 @@ pub enum ImagesCommand {
         #[arg(short, long)]
         out: PathBuf,
     },
+}
+
+/// Builds (or takes from the cache) `(image, file)` pairs and returns the
+/// files' paths, in order: what the benchmarks and validations boot.
+pub fn build_files(wanted: &[(&str, &str)]) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<String> = wanted.iter().map(|(image, _)| image.to_string()).collect();
+    names.sort();
+    names.dedup();
+    let built = build(&names, false)?;
+    wanted
+        .iter()
+        .map(|&(image, file)| {
+            built
+                .iter()
+                .find(|b| b.name == image)
+                .and_then(|b| b.file(file))
+                .map(Path::to_path_buf)
+                .ok_or_else(|| anyhow::anyhow!("image `{image}` has no `{file}`"))
+        })
+        .collect()
 }
 
 /// Builds (or takes from the cache) the named images.

@@ -43,38 +43,19 @@ pub fn run(extra: &[String]) -> Result<()> {
     // Tests that boot Linux find the guest images through these variables;
     // with KRR_TEST_REQUIRE_IMAGES set they fail instead of skipping.
     eprintln!("== guest images for the tests");
-    let built = images::build(
-        &[
-            "guest-6.1".into(),
-            "guest-6.1-krr".into(),
-            "initramfs-base".into(),
-        ],
-        false,
-    )?;
-    let file = |image: &str, file: &str| -> Result<String> {
-        built
-            .iter()
-            .find(|b| b.name == image)
-            .and_then(|b| b.file(file))
-            .map(|p| p.display().to_string())
-            .with_context(|| format!("image `{image}` has no `{file}`"))
-    };
-    let envs = vec![
-        ("KRR_TEST_KERNEL".to_string(), file("guest-6.1", "bzImage")?),
-        (
-            "KRR_TEST_VMLINUX".to_string(),
-            file("guest-6.1", "vmlinux")?,
-        ),
-        (
-            "KRR_TEST_INITRD".to_string(),
-            file("initramfs-base", "initramfs.cpio.gz")?,
-        ),
-        (
-            "KRR_AGENT_KERNEL".to_string(),
-            file("guest-6.1-krr", "bzImage")?,
-        ),
-        ("KRR_TEST_REQUIRE_IMAGES".to_string(), "1".to_string()),
+    let vars = [
+        ("KRR_TEST_KERNEL", ("guest-6.1", "bzImage")),
+        ("KRR_TEST_VMLINUX", ("guest-6.1", "vmlinux")),
+        ("KRR_TEST_INITRD", ("initramfs-base", "initramfs.cpio.gz")),
+        ("KRR_AGENT_KERNEL", ("guest-6.1-krr", "bzImage")),
     ];
+    let files = images::build_files(&vars.map(|(_, file)| file))?;
+    let mut envs: Vec<(String, String)> = vars
+        .iter()
+        .zip(&files)
+        .map(|((var, _), path)| (var.to_string(), path.display().to_string()))
+        .collect();
+    envs.extend([("KRR_TEST_REQUIRE_IMAGES".to_string(), "1".to_string())]);
     for (k, v) in &envs {
         eprintln!("   {k}={v}");
     }

@@ -7,7 +7,7 @@
 //! stdout.
 
 use crate::{images, repo_root};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
 use krr_engine::record::recorder::{RecordConfig, StartTrigger};
@@ -136,17 +136,11 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
     {
         bail!("--stressors: {bad:?} is not a stress-ng stressor name");
     }
-    let built = images::build(&["guest-6.1-krr".into(), "rootfs-workloads".into()], false)?;
-    let file = |image: &str, file: &str| {
-        built
-            .iter()
-            .find(|b| b.name == image)
-            .and_then(|b| b.file(file))
-            .map(|p| p.to_path_buf())
-            .ok_or_else(|| anyhow!("image `{image}` has no `{file}`"))
-    };
-    let kernel = file("guest-6.1-krr", "bzImage")?;
-    let rootfs = file("rootfs-workloads", "rootfs.ext4")?;
+    let files = images::build_files(&[
+        ("guest-6.1-krr", "bzImage"),
+        ("rootfs-workloads", "rootfs.ext4"),
+    ])?;
+    let (kernel, rootfs) = (files[0].clone(), files[1].clone());
     let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
     let bar = ProgressBar::new(list.len() as u64);
     bar.set_style(

@@ -24,7 +24,7 @@ use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{VirtioMmio, VIRTIO_MMIO_WINDOW_SIZE};
 use crate::hypervisor::kvm::{HostFeatures, KvmVm, VcpuKicker};
 use crate::hypervisor::{self, HypervisorError, Injection, Position, Vcpu, Vm, VmExit};
-use crate::record::event::{GprSnapshot, InterruptKind};
+use crate::record::event::InterruptKind;
 use crate::record::recorder::{GuestRequest, RecordConfig, Recorder, StartTrigger, StopTrigger};
 use crate::record::recording::CpuSnapshot;
 use clock::{HostClock, HostClockBus, SliceTimer};
@@ -481,7 +481,7 @@ impl Machine {
             rcx: regs.rcx,
             cpl: self.vcpus[id].sregs()?.cs.dpl,
         };
-        recorder.interrupt(id, at, kind, vector, GprSnapshot::from(&regs));
+        recorder.interrupt(id, at, kind, vector, regs);
         Ok(())
     }
 

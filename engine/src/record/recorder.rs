@@ -577,7 +577,7 @@ impl Recorder {
                 cr2: e.cr2,
                 software: e.software,
                 from_user: e.cpl == 3,
-                regs: e.user_regs.as_ref().map(GprSnapshot::from),
+                regs: e.user_regs,
                 agent_seq,
             });
         }
@@ -589,7 +589,7 @@ impl Recorder {
             self.log(LogEvent::Syscall {
                 cpu: cpu as u16,
                 at,
-                regs: GprSnapshot::from(&entry.regs),
+                regs: entry.regs,
                 fs_base: entry.fs_base,
                 gs_base: entry.gs_base,
                 agent_seq,

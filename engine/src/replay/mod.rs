@@ -671,9 +671,7 @@ impl Replayer {
     /// Sets user registers before an exception or interrupt taken in user
     /// mode (the delivery itself switches to the kernel).
     fn set_user_regs(&mut self, regs: &GprSnapshot) -> Result<(), String> {
-        self.vcpu
-            .set_regs(&Regs::from(*regs))
-            .map_err(|e| e.to_string())
+        self.vcpu.set_regs(regs).map_err(|e| e.to_string())
     }
 
     /// Writes the user memory the kernel read during the coming kernel
@@ -843,7 +841,7 @@ impl Replayer {
                         fs_base,
                         gs_base,
                         ..
-                    } => self.enter_syscall(&Regs::from(*regs), *fs_base, *gs_base),
+                    } => self.enter_syscall(regs, *fs_base, *gs_base),
                     LogEvent::Exception {
                         vector,
                         error_code,
@@ -918,7 +916,7 @@ impl Replayer {
                         Ok(r) => r,
                         Err(e) => return Err(ReplayError::Setup(e.to_string())),
                     };
-                    let found = GprSnapshot::from(&now);
+                    let found = now;
                     if found != *regs || now.rip != at.rip {
                         break diverged(
                             &self.symbols,
