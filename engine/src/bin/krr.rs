@@ -118,6 +118,11 @@ struct ReplayArgs {
     /// Stop after this many events of the log.
     #[arg(long)]
     until_event: Option<u64>,
+    /// Verify the recording's checkpoints (`krr record --checkpoint-every`:
+    /// registers and the kernel's data+bss digest) at most once per N
+    /// kernel instructions; without it, every checkpoint is verified.
+    #[arg(long, value_name = "N")]
+    verify_every: Option<u64>,
     /// Print one JSON object on stdout (the console is not echoed).
     #[arg(long)]
     json: bool,
@@ -149,6 +154,12 @@ struct RecordArgs {
     /// Size of the agent's ring, e.g. 8M.
     #[arg(long, default_value = "8M", value_parser = parse_size)]
     ring_size: u64,
+    /// Every N guest instructions, log a checkpoint at the next vCPU stop
+    /// in the kernel: its registers and a sha256 of the kernel's data and
+    /// bss (needs the System.map beside --vmlinux or --kernel); replay
+    /// compares both there (0: none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    checkpoint_every: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -241,6 +252,7 @@ fn record(a: RecordArgs) -> anyhow::Result<i32> {
     rc.stop = a.stop;
     rc.vmlinux = a.vmlinux;
     rc.ring_size = a.ring_size;
+    rc.checkpoint_every = a.checkpoint_every;
     let json = a.machine.json;
     let (report, recordings) = run_machine(&a.machine, Some(rc))?;
     if json {
@@ -277,6 +289,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
     let opts = ReplayOptions {
         until_event: a.until_event,
         echo_console: !a.json && !a.quiet,
+        verify_every: a.verify_every,
     };
     let report = replayer.run(&opts)?;
     if a.json {
@@ -307,6 +320,16 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         report.user_bytes_written,
         report.user_bytes_unmapped
     );
+    if report.checkpoints_verified + report.checkpoints_skipped > 0 {
+        eprintln!(
+            "krr: checkpoints verified: {} (kernel data+bss digest compared at {}), passed over: {}",
+            report.checkpoints_verified,
+            report.checkpoints_memory_verified,
+            report.checkpoints_skipped
+        );
+    } else if a.verify_every.is_some() {
+        eprintln!("krr: --verify-every: this recording has no checkpoints (record it with --checkpoint-every N)");
+    }
     if let Some(rec) = report.recorded_wall_seconds {
         eprintln!(
             "krr: recording took {rec:.2} s wall: replay/record {:.2}",

@@ -211,6 +211,11 @@ pub enum Injection {
         error_code: Option<u32>,
         cr2: Option<u64>,
     },
+    /// A software interrupt (`int n`, `int3`, `into`) as if the instruction
+    /// just before RIP executed it: RIP already points past it, and the
+    /// gate's DPL must allow the current privilege level. Replay recreates
+    /// such kernel entries from user mode.
+    SoftwareInterrupt(u8),
 }
 
 #[derive(Debug, Error)]

@@ -24,6 +24,7 @@ use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{VirtioMmio, VIRTIO_MMIO_WINDOW_SIZE};
 use crate::hypervisor::kvm::{HostFeatures, KvmVm, VcpuKicker};
 use crate::hypervisor::{self, HypervisorError, Injection, Position, Vcpu, Vm, VmExit};
+use crate::record::checkpoint::KernelImage;
 use crate::record::event::InterruptKind;
 use crate::record::recorder::{GuestRequest, RecordConfig, Recorder, StartTrigger, StopTrigger};
 use crate::record::recording::CpuSnapshot;
@@ -246,7 +247,17 @@ pub struct Machine {
     trigger_scan: usize,
     /// Recorded runs from boot: whether the agent was checked at /init.
     agent_checked: bool,
-    _mem: GuestMemoryMmap,
+    /// Recorded runs with `checkpoint_every`: what they digest and when.
+    checkpoints: Option<Checkpoints>,
+    mem: GuestMemoryMmap,
+}
+
+/// When the next checkpoint of a recorded run is due, and what it digests.
+struct Checkpoints {
+    image: KernelImage,
+    every: u64,
+    /// Total instructions (all vCPUs) at which the next one is due.
+    next: u64,
 }
 
 /// What a KVM run needs beside the vCPUs.
@@ -371,7 +382,26 @@ impl Machine {
         state[0] = CpuState::Running;
         let mut platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
         platform.stop_on_irq = backend == Backend::Kvm;
+        let mut checkpoints = None;
         if let (Some(rc), Some((phys, _))) = (&cfg.record, ring) {
+            if rc.checkpoint_every > 0 {
+                let image = rc
+                    .vmlinux
+                    .as_deref()
+                    .and_then(crate::replay::symbols::Symbols::beside)
+                    .or_else(|| crate::replay::symbols::Symbols::beside(&cfg.kernel))
+                    .and_then(|s| KernelImage::from_symbols(&s))
+                    .ok_or_else(|| {
+                        MachineError::Config(
+                            "--checkpoint-every: checkpoints digest the kernel's data and bss, found through a System.map (with _sdata, _edata, __bss_start, __bss_stop) beside --vmlinux or --kernel; there is none".into(),
+                        )
+                    })?;
+                checkpoints = Some(Checkpoints {
+                    image,
+                    every: rc.checkpoint_every,
+                    next: rc.checkpoint_every,
+                });
+            }
             let mut rc = rc.clone();
             rc.engine_syscalls = backend == Backend::Tcg;
             let header =
@@ -404,7 +434,8 @@ impl Machine {
             state,
             trigger_scan: 0,
             agent_checked: false,
-            _mem: mem,
+            checkpoints,
+            mem,
         })
     }
 
@@ -423,6 +454,9 @@ impl Machine {
             self.platform.idle_ns[id] += now - own;
         }
         self.state[id] = CpuState::Running;
+        if let Some(recorder) = &mut self.platform.recorder {
+            recorder.startup(id, vector);
+        }
         Ok(())
     }
 
@@ -473,15 +507,38 @@ impl Machine {
         if !recorder.is_recording() {
             return Ok(());
         }
-        let regs = self.vcpus[id].regs()?;
-        let at = Position {
-            icount: self.vcpus[id].instructions_retired().unwrap_or(0),
-            kernel_icount: self.vcpus[id].kernel_instructions_retired().unwrap_or(0),
-            rip: regs.rip,
-            rcx: regs.rcx,
-            cpl: self.vcpus[id].sregs()?.cs.dpl,
-        };
+        let (at, regs) = position(self.vcpus[id].as_ref())?;
         recorder.interrupt(id, at, kind, vector, regs);
+        Ok(())
+    }
+
+    /// Recorded runs, after each run of vCPU `id` (every vCPU stopped): on
+    /// machines of several vCPUs the end of its slice (the global order of
+    /// the vCPUs' execution, which replay follows), and a checkpoint when
+    /// one is due and the vCPU stopped in the kernel.
+    fn record_after_run(&mut self, id: usize) -> Result<(), HypervisorError> {
+        let Some(recorder) = &mut self.platform.recorder else {
+            return Ok(());
+        };
+        if !recorder.is_recording() {
+            return Ok(());
+        }
+        let (at, regs) = position(self.vcpus[id].as_ref())?;
+        if self.vcpus.len() > 1 {
+            recorder.slice(id, at);
+        }
+        if let Some(c) = &mut self.checkpoints {
+            let total: u64 = self
+                .vcpus
+                .iter()
+                .map(|v| v.instructions_retired().unwrap_or(0))
+                .sum();
+            if total >= c.next && at.cpl == 0 {
+                let cr3 = self.vcpus[id].sregs()?.cr3;
+                recorder.checkpoint(id, at, regs, c.image.digest(&self.mem, cr3));
+                c.next = total + c.every;
+            }
+        }
         Ok(())
     }
 
@@ -798,6 +855,18 @@ impl Machine {
                 self.platform.irq_pending_at_start = pending == Pending::Masked;
                 self.platform.current = id;
                 let exit = self.vcpus[id].run(&mut self.platform, Some(budget));
+                // An I/O stop ends a run in the middle of a translated block
+                // (replay of the kernel alone cannot stop there); on the
+                // software CPU only the run's end (reset, power-off) and
+                // recording start/stop requests make one, and no slice is
+                // needed after those.
+                if !matches!(exit, Ok(VmExit::IoStop)) {
+                    if let Err(e) = self.record_after_run(id) {
+                        break 'run RunEnd::BackendError {
+                            reason: e.to_string(),
+                        };
+                    }
+                }
                 for range in self.platform.take_dma() {
                     if let Err(e) = self.vm.invalidate_code(range.addr, range.len) {
                         break 'run RunEnd::BackendError {
@@ -1237,6 +1306,19 @@ impl ConsoleWatch {
             line: format!("{PANIC_MARKER}{line}"),
         })
     }
+}
+
+/// Where `vcpu` stands (for events logged between runs), and its registers.
+fn position(vcpu: &dyn Vcpu) -> Result<(Position, hypervisor::Regs), HypervisorError> {
+    let regs = vcpu.regs()?;
+    let at = Position {
+        icount: vcpu.instructions_retired().unwrap_or(0),
+        kernel_icount: vcpu.kernel_instructions_retired().unwrap_or(0),
+        rip: regs.rip,
+        rcx: regs.rcx,
+        cpl: vcpu.sregs()?.cs.dpl,
+    };
+    Ok((at, regs))
 }
 
 /// Whether `out` holds a complete line after the line containing `marker`.

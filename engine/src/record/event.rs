@@ -106,11 +106,16 @@ pub enum LogEvent {
         reason: u32,
         tail: u64,
     },
-    /// A hash of guest RAM taken between two quanta (all vCPUs stopped), for
-    /// replay's divergence checks.
-    MemoryHash {
+    /// A checkpoint taken between two vCPU runs (every vCPU stopped) with
+    /// vCPU `cpu` stopped in the kernel at `at` (`krr record
+    /// --checkpoint-every`): its registers and the sha256 of the kernel
+    /// image's memory (text, data and bss, read through the vCPU's page
+    /// tables; see [`crate::replay::kernel_image_digest`]), for replay's
+    /// divergence checks between events.
+    Checkpoint {
         cpu: u16,
         at: Position,
+        regs: GprSnapshot,
         sha256: [u8; 32],
     },
     /// Console bytes the guest wrote (serial THR), in the order written.
@@ -127,6 +132,21 @@ pub enum LogEvent {
         gs_base: u64,
         agent_seq: u64,
     },
+    /// On machines of several vCPUs: vCPU `cpu` ran from its previous
+    /// position to `at` and stopped there (the end of its turn in the
+    /// engine's round-robin; the software CPU runs one vCPU at a time).
+    /// Every event between the previous `Slice` and this one happened on
+    /// `cpu`, so the slices are the global order in which the vCPUs
+    /// executed, and replay runs the same slices in the same order.
+    /// `agent_seq`: the agent's next sequence number then.
+    Slice {
+        cpu: u16,
+        at: Position,
+        agent_seq: u64,
+    },
+    /// vCPU `cpu` left wait-for-SIPI: a startup IPI with `vector` started it
+    /// in real mode at `vector * 4096`.
+    Startup { cpu: u16, vector: u8 },
 }
 
 /// Stable names of the event classes, as `krr log stats` prints them
@@ -139,8 +159,10 @@ pub const ENGINE_CLASSES: &[&str] = &[
     "rdtsc_engine",
     "dma",
     "doorbell",
-    "memory_hash",
+    "checkpoint",
     "console",
+    "slice",
+    "startup",
 ];
 
 impl LogEvent {
@@ -162,9 +184,11 @@ impl LogEvent {
             LogEvent::Rdtsc { .. } => "rdtsc_engine",
             LogEvent::Dma { .. } => "dma",
             LogEvent::Doorbell { .. } => "doorbell",
-            LogEvent::MemoryHash { .. } => "memory_hash",
+            LogEvent::Checkpoint { .. } => "checkpoint",
             LogEvent::Console { .. } => "console",
             LogEvent::Syscall { .. } => "syscall",
+            LogEvent::Slice { .. } => "slice",
+            LogEvent::Startup { .. } => "startup",
         }
     }
 
@@ -182,9 +206,11 @@ impl LogEvent {
             | LogEvent::Rdtsc { cpu, .. }
             | LogEvent::Dma { cpu, .. }
             | LogEvent::Doorbell { cpu, .. }
-            | LogEvent::MemoryHash { cpu, .. }
+            | LogEvent::Checkpoint { cpu, .. }
             | LogEvent::Console { cpu, .. }
-            | LogEvent::Syscall { cpu, .. } => *cpu,
+            | LogEvent::Syscall { cpu, .. }
+            | LogEvent::Slice { cpu, .. }
+            | LogEvent::Startup { cpu, .. } => *cpu,
         }
     }
 
@@ -283,9 +309,20 @@ impl fmt::Display for LogEvent {
                     .unwrap_or_else(|| format!("unknown({reason})"));
                 write!(f, "cpu{cpu} {at} doorbell {name} tail={tail}")
             }
-            LogEvent::MemoryHash { cpu, at, sha256 } => {
-                write!(f, "cpu{cpu} {at} memory-hash ")?;
+            LogEvent::Checkpoint {
+                cpu,
+                at,
+                regs,
+                sha256,
+            } => {
+                write!(f, "cpu{cpu} {at} checkpoint rsp={:#x} kernel-image-sha256=", regs.rsp)?;
                 sha256.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+            LogEvent::Slice { cpu, at, agent_seq } => {
+                write!(f, "cpu{cpu} {at} cpl={} end of slice agent-seq={agent_seq}", at.cpl)
+            }
+            LogEvent::Startup { cpu, vector } => {
+                write!(f, "cpu{cpu} startup IPI vector={vector:#x}")
             }
             LogEvent::Syscall {
                 cpu,

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 /// Version of the stream container and of the [`LogEvent`] encoding.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Magic at the start of every stream file.
 pub const FILE_MAGIC: [u8; 8] = *b"KRRLOG\0\0";
 /// Bytes of the file header.

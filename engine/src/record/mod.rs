@@ -5,6 +5,7 @@
 //! (defined once here; the agent's C header is generated from it).
 
 pub mod abi;
+pub mod checkpoint;
 pub mod cli;
 pub mod event;
 pub mod log;

@@ -127,6 +127,9 @@ pub struct RecordConfig {
     /// records syscall entries and the agent does not
     /// (`abi::CONTROL_ENGINE_SYSCALLS`). Set by the machine.
     pub engine_syscalls: bool,
+    /// Guest instructions between two checkpoints (0: none); each is taken
+    /// at the first vCPU stop in the kernel after that many.
+    pub checkpoint_every: u64,
 }
 
 impl RecordConfig {
@@ -149,6 +152,7 @@ impl RecordConfig {
             vmlinux: None,
             flush_every: Duration::from_millis(200),
             engine_syscalls: false,
+            checkpoint_every: 0,
         }
     }
 }
@@ -593,6 +597,41 @@ impl Recorder {
                 fs_base: entry.fs_base,
                 gs_base: entry.gs_base,
                 agent_seq,
+            });
+        }
+    }
+
+    /// vCPU `cpu` stopped at `at` at the end of its turn (machines of
+    /// several vCPUs).
+    pub fn slice(&mut self, cpu: usize, at: Position) {
+        if self.active.is_some() {
+            let agent_seq = self.agent_seq();
+            self.log(LogEvent::Slice {
+                cpu: cpu as u16,
+                at,
+                agent_seq,
+            });
+        }
+    }
+
+    /// A startup IPI started vCPU `cpu`.
+    pub fn startup(&mut self, cpu: usize, vector: u8) {
+        if self.active.is_some() {
+            self.log(LogEvent::Startup {
+                cpu: cpu as u16,
+                vector,
+            });
+        }
+    }
+
+    /// A checkpoint of vCPU `cpu`, stopped in the kernel at `at`.
+    pub fn checkpoint(&mut self, cpu: usize, at: Position, regs: GprSnapshot, sha256: [u8; 32]) {
+        if self.active.is_some() {
+            self.log(LogEvent::Checkpoint {
+                cpu: cpu as u16,
+                at,
+                regs,
+                sha256,
             });
         }
     }

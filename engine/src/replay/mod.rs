@@ -32,8 +32,15 @@
 //! truncated or damaged chunk) makes the replay end as [`ReplayEnd::LogEnded`],
 //! never as success.
 //!
-//! Not yet: recordings of more than one vCPU (they need the kernel execution
-//! lock, see the record issue), software interrupts from user mode (`int n`).
+//! Several vCPUs: the software CPU records them one at a time, and the log
+//! marks where each vCPU's turn ended (`LogEvent::Slice`, with its kernel
+//! instruction count). Replay runs the same vCPUs for the same stretches in
+//! the same order, so kernel code on different vCPUs interleaves exactly as
+//! it did, shared memory included (see [`Replayer::run`]).
+//!
+//! Checkpoints (`krr record --checkpoint-every`) are stops at a recorded
+//! kernel instruction where the registers and a digest of the kernel's data
+//! and bss are compared ([`crate::record::checkpoint`]).
 
 pub mod paging;
 pub mod symbols;
@@ -43,12 +50,12 @@ use crate::devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use crate::devices::serial::COM1_BASE;
 use crate::devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
 use crate::hypervisor::{
-    unicorn::UnicornVm, DeliveredException, Injection, IoBus, Position, Regs, UserEntry, Vcpu, Vm,
-    VmExit,
+    unicorn::UnicornVm, DeliveredException, Injection, IoBus, Position, UserEntry, Vcpu, Vm, VmExit,
 };
 use crate::machine::cpuid::{cpuid, CpuidConfig};
 use crate::machine::platform::VIRTIO_BASE;
 use crate::record::abi::{self, EventBody};
+use crate::record::checkpoint::KernelImage;
 use crate::record::event::{GprSnapshot, InterruptKind, LogEvent};
 use crate::record::log::{DmaLogReader, EventLogReader};
 use crate::record::recording::{self, CpuSnapshot, RecordingHeader};
@@ -65,6 +72,9 @@ pub struct ReplayOptions {
     pub until_event: Option<u64>,
     /// Print the guest's console output as the replay produces it.
     pub echo_console: bool,
+    /// Verify the recording's checkpoints at most once per this many
+    /// kernel instructions (`None`: every one).
+    pub verify_every: Option<u64>,
 }
 
 /// The first point where the replay did not do what the recording says.
@@ -132,6 +142,13 @@ pub struct ReplayReport {
     /// interrupts).
     pub kernel_entries: u64,
     pub kernel_instructions: u64,
+    pub vcpus: usize,
+    /// Checkpoints of the recording compared (registers), of those with
+    /// the kernel's data+bss digest too, and checkpoints passed over
+    /// (`--verify-every`).
+    pub checkpoints_verified: u64,
+    pub checkpoints_memory_verified: u64,
+    pub checkpoints_skipped: u64,
     pub wall_seconds: f64,
     /// The recording's own wall time (end.json), for the ratio.
     pub recorded_wall_seconds: Option<f64>,
@@ -202,8 +219,6 @@ impl EventSource {
                         None => {}
                     },
                     LogEvent::Console { bytes, .. } => self.console.extend_from_slice(&bytes),
-                    // Not inputs of the kernel.
-                    LogEvent::MemoryHash { .. } => {}
                     // User-mode RDTSC (the vDSO): user code does not run.
                     LogEvent::Rdtsc { at, .. } if at.cpl == 3 => {}
                     other => self.engine.push_back((read.index, other)),
@@ -264,39 +279,52 @@ impl EventSource {
         Some(out)
     }
 
-    /// The kernel instruction count of the next interrupt taken in the
-    /// kernel (reading ahead): where the coming run must stop at the
-    /// latest. Kernel entries from user mode before it do not matter: a run
-    /// stops when the kernel returns to user mode anyway, and some of them
-    /// (a fault on fetching the first user instruction) happen inside the
-    /// run, by themselves.
-    fn next_kernel_interrupt(&mut self) -> Option<u64> {
+    /// The `i`-th queued engine event, reading ahead as needed.
+    fn ahead(&mut self, i: usize) -> Option<&LogEvent> {
+        while i >= self.engine.len() {
+            if !self.read_one() {
+                return None;
+            }
+        }
+        Some(&self.engine[i].1)
+    }
+
+    /// The kernel instruction count where the running vCPU must stop next
+    /// (reading ahead): an interrupt taken in the kernel, a checkpoint, or
+    /// the end of its slice in the kernel. `None` when its slice ends in
+    /// user mode first (the run stops there by itself) or the log ends.
+    /// Kernel entries from user mode on the way do not matter: a run stops
+    /// when the kernel returns to user mode anyway, and some of them (a
+    /// fault on fetching the first user instruction) happen inside the run,
+    /// by themselves.
+    fn next_stop(&mut self) -> Option<u64> {
         let mut i = 0;
         loop {
-            while i >= self.engine.len() {
-                if !self.read_one() {
-                    return None;
+            match self.ahead(i)? {
+                LogEvent::Interrupt { at, .. } | LogEvent::Checkpoint { at, .. } if at.cpl != 3 => {
+                    return Some(at.kernel_icount)
                 }
-            }
-            match &self.engine[i].1 {
-                LogEvent::Interrupt { at, .. } if at.cpl != 3 => return Some(at.kernel_icount),
+                LogEvent::Slice { at, .. } => return (at.cpl != 3).then_some(at.kernel_icount),
                 _ => i += 1,
             }
         }
     }
 
-    /// The `agent_seq` of the next kernel entry from user mode after the
-    /// queued events (reading ahead), or `u64::MAX` at the end of the log.
-    fn next_entry_seq(&mut self) -> u64 {
+    /// The `agent_seq` at the end of the coming stretch of kernel execution
+    /// on one vCPU (reading ahead): at the next kernel entry from user
+    /// mode or the end of the vCPU's slice; `u64::MAX` at the end of the
+    /// log.
+    fn next_boundary_seq(&mut self) -> u64 {
         let mut i = 0;
         loop {
-            while i >= self.engine.len() {
-                if !self.read_one() {
-                    return u64::MAX;
+            match self.ahead(i) {
+                None => return u64::MAX,
+                Some(LogEvent::Slice { agent_seq, .. }) => return *agent_seq,
+                Some(e) => {
+                    if let Some(seq) = entry_seq(e) {
+                        return seq;
+                    }
                 }
-            }
-            if let Some(seq) = entry_seq(&self.engine[i].1) {
-                return seq;
             }
             i += 1;
         }
@@ -324,6 +352,8 @@ struct ReplayBus<'a> {
     dma: Option<DmaLogReader>,
     cpuid: CpuidConfig,
     ring_phys: Option<u64>,
+    /// The vCPU running and where it is.
+    cpu: usize,
     at: Position,
     /// The first mismatch; the vCPU is stopped at the next access.
     divergence: Option<(u64, String, String)>,
@@ -355,6 +385,10 @@ impl ReplayBus<'_> {
         let at = self.at;
         match self.src.pop() {
             Some((i, e)) => match matches(&e) {
+                Some(_) if usize::from(e.cpu()) != self.cpu => {
+                    self.diverge(i, format!("{e}"), format!("{what} on vCPU {}", self.cpu));
+                    0
+                }
                 Some(v) => {
                     if let Some(rec) = position_of(&e) {
                         if rec.kernel_icount != at.kernel_icount {
@@ -390,9 +424,10 @@ fn position_of(e: &LogEvent) -> Option<Position> {
         | LogEvent::Rdtsc { at, .. }
         | LogEvent::Dma { at, .. }
         | LogEvent::Doorbell { at, .. }
-        | LogEvent::MemoryHash { at, .. }
+        | LogEvent::Checkpoint { at, .. }
+        | LogEvent::Slice { at, .. }
         | LogEvent::Syscall { at, .. } => Some(*at),
-        LogEvent::Agent { .. } | LogEvent::Console { .. } => None,
+        LogEvent::Agent { .. } | LogEvent::Console { .. } | LogEvent::Startup { .. } => None,
     }
 }
 
@@ -515,7 +550,8 @@ impl IoBus for ReplayBus<'_> {
         })
     }
 
-    fn position(&mut self, _vcpu: usize, at: Position) {
+    fn position(&mut self, vcpu: usize, at: Position) {
+        self.cpu = vcpu;
         self.at = at;
     }
 
@@ -572,32 +608,40 @@ impl IoBus for ReplayBus<'_> {
 pub struct Replayer {
     dir: PathBuf,
     header: RecordingHeader,
-    cpu: CpuSnapshot,
-    // Field order matters for drop: vCPU and VM before the memory.
-    vcpu: Box<dyn Vcpu>,
+    cpus: Vec<CpuSnapshot>,
+    // Field order matters for drop: vCPUs and VM before the memory.
+    vcpus: Vec<Box<dyn Vcpu>>,
     vm: Box<dyn Vm>,
     mem: GuestMemoryMmap,
     symbols: Symbols,
+    /// What checkpoints digest (`None`: no `System.map`, registers only).
+    kernel_image: Option<KernelImage>,
     recorded_wall: Option<f64>,
     complete: bool,
+}
+
+/// Where each vCPU of a replay stands.
+struct CpuProgress {
+    /// In user mode: the kernel waits for the vCPU's next recorded entry.
+    in_user: bool,
+    /// The recording's kernel count at the snapshot (replay counts from 0).
+    base_kernel: u64,
 }
 
 impl Replayer {
     /// Loads the recording at `dir` (snapshot into a fresh software CPU).
     pub fn open(dir: &Path) -> Result<Replayer, ReplayError> {
         let header = recording::load_header(dir)?;
-        if header.vcpus != 1 {
+        let end = recording::load_end(dir)?;
+        let cpus = recording::load_cpus(dir)?;
+        if cpus.len() != header.vcpus || cpus.iter().enumerate().any(|(i, c)| c.id != i) {
             return Err(ReplayError::Setup(format!(
-                "{}: a recording of {} vCPUs; this replayer handles 1 vCPU (multi-vCPU replay needs the kernel execution lock, not implemented)",
+                "{}: the snapshot holds vCPUs {:?}; the header says {} vCPUs",
                 dir.display(),
+                cpus.iter().map(|c| c.id).collect::<Vec<_>>(),
                 header.vcpus
             )));
         }
-        let end = recording::load_end(dir)?;
-        let cpus = recording::load_cpus(dir)?;
-        let cpu = cpus.into_iter().next().ok_or_else(|| {
-            ReplayError::Setup(format!("{}: no vCPU in the snapshot", dir.display()))
-        })?;
         let mem = crate::machine::create_memory(header.mem_bytes)
             .map_err(|e| ReplayError::Setup(e.to_string()))?;
         recording::load_memory_into(dir, &mem)?;
@@ -610,17 +654,21 @@ impl Replayer {
             vm.add_mmio_region(VIRTIO_BASE, VIRTIO_MMIO_WINDOW_SIZE)
                 .map_err(setup)?;
         }
-        let mut vcpu = vm.create_vcpu(0).map_err(setup)?;
-        vcpu.set_sregs(&cpu.sregs).map_err(setup)?;
-        vcpu.set_regs(&cpu.regs).map_err(setup)?;
-        vcpu.set_fpu(&crate::hypervisor::FpuState {
-            xsave: cpu.fpu.clone(),
-        })
-        .map_err(setup)?;
-        for &(msr, value) in &cpu.msrs {
-            vcpu.set_msr(msr, value).map_err(setup)?;
+        let mut vcpus = Vec::new();
+        for cpu in &cpus {
+            let mut vcpu = vm.create_vcpu(cpu.id).map_err(setup)?;
+            vcpu.set_sregs(&cpu.sregs).map_err(setup)?;
+            vcpu.set_regs(&cpu.regs).map_err(setup)?;
+            vcpu.set_fpu(&crate::hypervisor::FpuState {
+                xsave: cpu.fpu.clone(),
+            })
+            .map_err(setup)?;
+            for &(msr, value) in &cpu.msrs {
+                vcpu.set_msr(msr, value).map_err(setup)?;
+            }
+            vcpu.set_stop_at_user_mode(true).map_err(setup)?;
+            vcpus.push(vcpu);
         }
-        vcpu.set_stop_at_user_mode(true).map_err(setup)?;
         // The ring's control as it was while recording (the snapshot may
         // predate the engine setting it).
         if let (Some(ring), Some(control)) = (
@@ -643,9 +691,10 @@ impl Replayer {
             dir: dir.to_path_buf(),
             complete: end.is_some(),
             recorded_wall: end.map(|e| e.wall_seconds),
+            kernel_image: KernelImage::from_symbols(&symbols),
             header,
-            cpu,
-            vcpu,
+            cpus,
+            vcpus,
             vm,
             mem,
             symbols,
@@ -657,29 +706,116 @@ impl Replayer {
         symbolize(&self.symbols, rip)
     }
 
-    /// Performs a SYSCALL from the recorded user state (what the CPU does).
-    fn enter_syscall(&mut self, regs: &Regs, fs_base: u64, gs_base: u64) -> Result<(), String> {
-        self.vcpu
-            .enter_syscall(&UserEntry {
-                regs: *regs,
-                fs_base,
-                gs_base,
-            })
-            .map_err(|e| e.to_string())
+    /// The RIP of vCPU `cpu` (0 where it cannot be read), for reports.
+    fn rip(&self, cpu: usize) -> u64 {
+        self.vcpus[cpu].regs().map(|r| r.rip).unwrap_or(0)
     }
 
-    /// Sets user registers before an exception or interrupt taken in user
-    /// mode (the delivery itself switches to the kernel).
-    fn set_user_regs(&mut self, regs: &GprSnapshot) -> Result<(), String> {
-        self.vcpu.set_regs(regs).map_err(|e| e.to_string())
+    /// Recreates the recorded kernel entry `event` from user mode on vCPU
+    /// `cpu`: a SYSCALL from the user's registers, or an exception or
+    /// interrupt delivered with the user's registers set (the delivery
+    /// itself switches to the kernel).
+    fn enter_kernel(&mut self, cpu: usize, event: &LogEvent) -> Result<(), String> {
+        let vcpu = &mut self.vcpus[cpu];
+        let err = |e: crate::hypervisor::HypervisorError| e.to_string();
+        match event {
+            LogEvent::Syscall {
+                regs,
+                fs_base,
+                gs_base,
+                ..
+            } => vcpu
+                .enter_syscall(&UserEntry {
+                    regs: *regs,
+                    fs_base: *fs_base,
+                    gs_base: *gs_base,
+                })
+                .map_err(err),
+            LogEvent::Exception {
+                vector,
+                error_code,
+                cr2,
+                software,
+                regs,
+                ..
+            } => {
+                let regs = regs.ok_or("the exception event has no user registers")?;
+                vcpu.set_regs(&regs).map_err(err)?;
+                // INT n: the registers are those after the instruction.
+                let injection = if *software {
+                    Injection::SoftwareInterrupt(*vector)
+                } else {
+                    Injection::Exception {
+                        vector: *vector,
+                        error_code: *error_code,
+                        cr2: *cr2,
+                    }
+                };
+                vcpu.inject(injection).map_err(err)
+            }
+            LogEvent::Interrupt {
+                kind, vector, regs, ..
+            } => {
+                vcpu.set_regs(regs).map_err(err)?;
+                vcpu.inject(interrupt_injection(*kind, *vector))
+                    .map_err(err)
+            }
+            other => Err(format!("{other} is not a kernel entry from user mode")),
+        }
+    }
+
+    /// Starts vCPU `cpu` as a startup IPI with `vector` did when recorded.
+    fn start_ap(&mut self, cpu: usize, vector: u8) -> Result<(), String> {
+        let (regs, sregs) = crate::machine::boot::real_mode_state(vector, LAPIC_BASE | (1 << 11));
+        let vcpu = &mut self.vcpus[cpu];
+        vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
+        vcpu.set_regs(&regs).map_err(|e| e.to_string())
+    }
+
+    /// Compares vCPU `cpu`, stopped at a recorded checkpoint, with it:
+    /// registers, then the kernel image digest. `None`: they match.
+    fn check_checkpoint(
+        &self,
+        cpu: usize,
+        regs: &GprSnapshot,
+        sha256: &[u8; 32],
+    ) -> Option<(String, String)> {
+        let now = match self.vcpus[cpu].regs() {
+            Ok(r) => r,
+            Err(e) => return Some(("registers".into(), e.to_string())),
+        };
+        if now != *regs {
+            return Some((
+                format!("registers {regs:x?}"),
+                format!("registers {now:x?}"),
+            ));
+        }
+        let image = self.kernel_image.as_ref()?;
+        let cr3 = match self.vcpus[cpu].sregs() {
+            Ok(s) => s.cr3,
+            Err(e) => return Some(("CR3".into(), e.to_string())),
+        };
+        let found = image.digest(&self.mem, cr3);
+        (found != *sha256).then(|| {
+            (
+                format!("kernel data+bss sha256 {}", hex::encode(sha256)),
+                format!("kernel data+bss sha256 {}", hex::encode(found)),
+            )
+        })
     }
 
     /// Writes the user memory the kernel read during the coming kernel
     /// stint (agent records), at its user addresses, in the address space
     /// each was read from (a stint can switch tasks: a parent's wait lets
     /// its child run and exit, reading the child's memory).
-    fn apply_user_reads(&mut self, events: &[abi::Event], written: &mut u64, unmapped: &mut u64) {
-        let entry_cr3 = match self.vcpu.sregs() {
+    fn apply_user_reads(
+        &mut self,
+        cpu: usize,
+        events: &[abi::Event],
+        written: &mut u64,
+        unmapped: &mut u64,
+    ) {
+        let entry_cr3 = match self.vcpus[cpu].sregs() {
             Ok(s) => s.cr3,
             Err(_) => return,
         };
@@ -749,6 +885,12 @@ impl Replayer {
     }
 
     /// Replays to the end of the log (or `--until-event`).
+    ///
+    /// Several vCPUs: the log's `Slice` events give the order in which the
+    /// recording ran them (one at a time). The vCPU of the next engine
+    /// event is the one to run; it runs to the end of its slice (a kernel
+    /// instruction count, or its return to user mode), meeting its own
+    /// events on the way, and then the next slice's vCPU takes over.
     pub fn run(&mut self, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
         let start = Instant::now();
         let events_path = self.dir.join(recording::EVENTS_FILE);
@@ -764,22 +906,37 @@ impl Replayer {
             consumed: 0,
         };
         let dma = DmaLogReader::open(&dma_path).ok();
-        let base_kernel = self.cpu.kernel_icount;
+        let mut progress: Vec<CpuProgress> = self
+            .cpus
+            .iter()
+            .map(|c| CpuProgress {
+                in_user: c.sregs.cs.dpl == 3,
+                base_kernel: c.kernel_icount,
+            })
+            .collect();
         let mut entries = 0u64;
         let (mut written, mut unmapped) = (0u64, 0u64);
-        let mut in_user = self.cpu.sregs.cs.dpl == 3;
         let mut dma_reader = dma;
         let mut console = Vec::new();
         let mut serial_lcr = 0u8;
         let until = opts.until_event.unwrap_or(u64::MAX);
+        // The user memory read in a stretch of kernel execution that did
+        // not start with a kernel entry (the snapshot's, a resumed slice's)
+        // is still to be written.
+        let mut segment_reads_due = true;
+        let mut checkpoints = CheckpointTally::default();
+        let kernel_total = |vcpus: &[Box<dyn Vcpu>]| -> u64 {
+            vcpus
+                .iter()
+                .map(|v| v.kernel_instructions_retired().unwrap_or(0))
+                .sum()
+        };
         let end = loop {
             if src.consumed >= until {
                 break ReplayEnd::StoppedAt {
                     event: src.consumed,
                 };
             }
-            // The replay's kernel count, as the recording counts it.
-            let kernel_now = base_kernel + self.vcpu.kernel_instructions_retired().unwrap_or(0);
             let next = src.peek().cloned();
             let Some((index, event)) = next else {
                 break match (&src.broken, self.complete) {
@@ -794,6 +951,20 @@ impl Replayer {
                     },
                 };
             };
+            let cpu = usize::from(event.cpu());
+            if cpu >= self.vcpus.len() {
+                break ReplayEnd::Diverged(Divergence {
+                    event: index,
+                    expected: format!("#{index} {event}"),
+                    found: format!("a machine of {} vCPUs", self.vcpus.len()),
+                    rip: String::new(),
+                    kernel_icount: 0,
+                    recent: src.recent.iter().cloned().collect(),
+                });
+            }
+            // The replay's kernel count on this vCPU, as the recording counts it.
+            let kernel_now = progress[cpu].base_kernel
+                + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
             let diverged = |symbols: &Symbols,
                             src: &EventSource,
                             expected: String,
@@ -808,15 +979,38 @@ impl Replayer {
                     recent: src.recent.iter().cloned().collect(),
                 })
             };
-            if in_user {
-                // The kernel is not running: the next event must enter it.
+            if let LogEvent::Startup { vector, .. } = event {
+                src.pop();
+                if let Err(e) = self.start_ap(cpu, vector) {
+                    return Err(ReplayError::Setup(format!("starting vCPU {cpu}: {e}")));
+                }
+                progress[cpu].in_user = false;
+                continue;
+            }
+            if progress[cpu].in_user {
+                // The kernel is not running on this vCPU: the next event
+                // must enter it, or end the vCPU's slice in user mode.
+                if let LogEvent::Slice { at, .. } = &event {
+                    if at.cpl != 3 || at.kernel_icount != kernel_now {
+                        break diverged(
+                            &self.symbols,
+                            &src,
+                            format!("#{index} {event}"),
+                            format!("vCPU {cpu} in user mode at kernel instruction {kernel_now}"),
+                            self.rip(cpu),
+                        );
+                    }
+                    src.pop();
+                    segment_reads_due = true;
+                    continue;
+                }
                 let Some(seq) = entry_seq(&event) else {
                     break diverged(
                         &self.symbols,
                         &src,
                         format!("#{index} {event}"),
                         "a kernel entry from user mode (the kernel returned to user mode)".into(),
-                        self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                        self.rip(cpu),
                     );
                 };
                 src.pop();
@@ -824,7 +1018,7 @@ impl Replayer {
                     "replay: entry #{index} at kernel instruction {kernel_now} (recorded {})",
                     position_of(&event).map_or(0, |p| p.kernel_icount)
                 );
-                let end_seq = src.next_entry_seq();
+                let end_seq = src.next_boundary_seq();
                 let Some(reads) = src.agent_before(end_seq) else {
                     break ReplayEnd::LogEnded {
                         events: src.consumed,
@@ -834,54 +1028,9 @@ impl Replayer {
                         ),
                     };
                 };
-                self.apply_user_reads(&reads, &mut written, &mut unmapped);
-                let entered = match &event {
-                    LogEvent::Syscall {
-                        regs,
-                        fs_base,
-                        gs_base,
-                        ..
-                    } => self.enter_syscall(regs, *fs_base, *gs_base),
-                    LogEvent::Exception {
-                        vector,
-                        error_code,
-                        cr2,
-                        software,
-                        regs,
-                        ..
-                    } => {
-                        if *software {
-                            break ReplayEnd::Unsupported {
-                                why: format!(
-                                    "event #{index}: a software interrupt (int {vector}) from user mode"
-                                ),
-                            };
-                        }
-                        match regs {
-                            Some(r) => self.set_user_regs(r).and_then(|()| {
-                                self.vcpu
-                                    .inject(Injection::Exception {
-                                        vector: *vector,
-                                        error_code: *error_code,
-                                        cr2: *cr2,
-                                    })
-                                    .map_err(|e| e.to_string())
-                            }),
-                            None => Err("the exception event has no user registers".into()),
-                        }
-                    }
-                    LogEvent::Interrupt {
-                        kind, vector, regs, ..
-                    } => self.set_user_regs(regs).and_then(|()| {
-                        let inj = match kind {
-                            InterruptKind::Nmi => Injection::Nmi,
-                            InterruptKind::External => Injection::Interrupt(*vector),
-                        };
-                        self.vcpu.inject(inj).map_err(|e| e.to_string())
-                    }),
-                    _ => unreachable!("entry_seq matched a kernel entry"),
-                };
-                if let Err(e) = entered {
+                self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
+                segment_reads_due = false;
+                if let Err(e) = self.enter_kernel(cpu, &event) {
                     break diverged(
                         &self.symbols,
                         &src,
@@ -891,59 +1040,104 @@ impl Replayer {
                     );
                 }
                 entries += 1;
-                in_user = false;
+                progress[cpu].in_user = false;
                 continue;
             }
-            // In the kernel: an interrupt is the only event the replay must
-            // stop for; everything else the kernel meets by itself.
-            let target = match &event {
-                LogEvent::Interrupt { at, .. } if at.cpl != 3 => Some(at.kernel_icount),
-                _ => src.next_kernel_interrupt(),
-            };
-            if let (
-                Some(target),
-                LogEvent::Interrupt {
-                    at,
-                    kind,
-                    vector,
-                    regs,
-                    ..
-                },
-            ) = (target, &event)
-            {
-                if kernel_now == target {
-                    let now = match self.vcpu.regs() {
-                        Ok(r) => r,
-                        Err(e) => return Err(ReplayError::Setup(e.to_string())),
-                    };
-                    let found = now;
-                    if found != *regs || now.rip != at.rip {
-                        break diverged(
-                            &self.symbols,
-                            &src,
-                            format!("#{index} {event}; registers {regs:x?}"),
-                            format!("registers {found:x?}"),
-                            now.rip,
-                        );
-                    }
-                    src.pop();
-                    let inj = match kind {
-                        InterruptKind::Nmi => Injection::Nmi,
-                        InterruptKind::External => Injection::Interrupt(*vector),
-                    };
-                    if let Err(e) = self.vcpu.inject(inj) {
-                        return Err(ReplayError::Setup(e.to_string()));
-                    }
-                    continue;
+            // In the kernel: interrupts, slice ends and checkpoints are the
+            // events the replay must stop for; everything else the kernel
+            // meets by itself.
+            let stop_here = match &event {
+                LogEvent::Interrupt { at, .. }
+                | LogEvent::Slice { at, .. }
+                | LogEvent::Checkpoint { at, .. }
+                    if at.cpl != 3 =>
+                {
+                    Some(at.kernel_icount)
                 }
+                _ => None,
+            };
+            let target = stop_here.or_else(|| src.next_stop());
+            if stop_here == Some(kernel_now) {
+                let now = match self.vcpus[cpu].regs() {
+                    Ok(r) => r,
+                    Err(e) => return Err(ReplayError::Setup(e.to_string())),
+                };
+                match &event {
+                    LogEvent::Interrupt {
+                        at,
+                        kind,
+                        vector,
+                        regs,
+                        ..
+                    } => {
+                        if now != *regs || now.rip != at.rip {
+                            break diverged(
+                                &self.symbols,
+                                &src,
+                                format!("#{index} {event}; registers {regs:x?}"),
+                                format!("registers {now:x?}"),
+                                now.rip,
+                            );
+                        }
+                        src.pop();
+                        if let Err(e) = self.vcpus[cpu].inject(interrupt_injection(*kind, *vector))
+                        {
+                            return Err(ReplayError::Setup(e.to_string()));
+                        }
+                    }
+                    LogEvent::Slice { at, .. } => {
+                        if now.rip != at.rip {
+                            break diverged(
+                                &self.symbols,
+                                &src,
+                                format!("#{index} {event}"),
+                                format!("vCPU {cpu} at rip {:#x}", now.rip),
+                                now.rip,
+                            );
+                        }
+                        src.pop();
+                        segment_reads_due = true;
+                    }
+                    LogEvent::Checkpoint { regs, sha256, .. } => {
+                        let total = kernel_total(&self.vcpus);
+                        if checkpoints.due(opts.verify_every, total) {
+                            if let Some((expected, found)) =
+                                self.check_checkpoint(cpu, regs, sha256)
+                            {
+                                break diverged(
+                                    &self.symbols,
+                                    &src,
+                                    format!("#{index} {event}: {expected}"),
+                                    found,
+                                    now.rip,
+                                );
+                            }
+                            checkpoints.verified(total, self.kernel_image.is_some());
+                        } else {
+                            checkpoints.skipped += 1;
+                        }
+                        src.pop();
+                    }
+                    _ => unreachable!("stop_here is set for these events only"),
+                }
+                continue;
+            }
+            if let Some(target) = target {
                 if kernel_now > target {
                     break diverged(
                         &self.symbols,
                         &src,
                         format!("#{index} {event}"),
                         format!("the replay is already at kernel instruction {kernel_now}"),
-                        self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                        self.rip(cpu),
                     );
+                }
+            }
+            if segment_reads_due {
+                segment_reads_due = false;
+                let end_seq = src.next_boundary_seq();
+                if let Some(reads) = src.agent_before(end_seq) {
+                    self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
                 }
             }
             let budget = target.map(|t| t - kernel_now);
@@ -957,6 +1151,7 @@ impl Replayer {
                     vcpus: self.header.vcpus as u32,
                 },
                 ring_phys,
+                cpu,
                 at: Position::default(),
                 divergence: None,
                 log_end: false,
@@ -967,7 +1162,12 @@ impl Replayer {
             };
             // Positions the bus sees count from this VM's start: rebase the
             // recorded ones by comparing with the rebased count.
-            let exit = run_rebased(self.vcpu.as_mut(), &mut bus, budget, base_kernel);
+            let exit = run_rebased(
+                self.vcpus[cpu].as_mut(),
+                &mut bus,
+                budget,
+                progress[cpu].base_kernel,
+            );
             console = std::mem::take(&mut bus.console);
             serial_lcr = bus.serial_lcr;
             dma_reader = bus.dma.take();
@@ -979,14 +1179,14 @@ impl Replayer {
                 let _ = self.vm.invalidate_code(gpa, len);
             }
             if let Some((i, expected, found)) = divergence {
-                let rip = self.vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                let rip = self.rip(cpu);
                 break ReplayEnd::Diverged(Divergence {
                     event: i,
                     expected,
                     found,
                     rip: self.symbolize(rip),
-                    kernel_icount: base_kernel
-                        + self.vcpu.kernel_instructions_retired().unwrap_or(0),
+                    kernel_icount: progress[cpu].base_kernel
+                        + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0),
                     recent: src.recent.iter().cloned().collect(),
                 });
             }
@@ -995,7 +1195,7 @@ impl Replayer {
                 continue;
             }
             match exit {
-                Ok(VmExit::UserMode { .. }) => in_user = true,
+                Ok(VmExit::UserMode { .. }) => progress[cpu].in_user = true,
                 Ok(VmExit::BudgetExhausted) | Ok(VmExit::Hlt) | Ok(VmExit::IoStop) => {}
                 Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
                 Ok(VmExit::Shutdown) => {
@@ -1004,7 +1204,7 @@ impl Replayer {
                         &src,
                         format!("#{index} {event}"),
                         "a triple fault".into(),
-                        self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                        self.rip(cpu),
                     )
                 }
                 Err(e) => return Err(ReplayError::Setup(format!("the software CPU failed: {e}"))),
@@ -1016,7 +1216,7 @@ impl Replayer {
                     &src,
                     format!("#{index} {event}"),
                     "the kernel halted waiting for an interrupt".into(),
-                    self.vcpu.regs().map(|r| r.rip).unwrap_or(0),
+                    self.rip(cpu),
                 );
             }
         };
@@ -1025,13 +1225,14 @@ impl Replayer {
         let console_matches = console.len() <= src.console.len()
             && src.console[..console.len()] == console[..]
             && (!matches!(end, ReplayEnd::Matched) || console.len() == src.console.len());
+        let kernel_instructions = kernel_total(&self.vcpus);
         let end = match end {
             ReplayEnd::Matched if !console_matches => ReplayEnd::Diverged(Divergence {
                 event: src.consumed,
                 expected: format!("the recorded console output ({} bytes)", src.console.len()),
                 found: format!("{} bytes of console output that differ", console.len()),
                 rip: String::new(),
-                kernel_icount: base_kernel + self.vcpu.kernel_instructions_retired().unwrap_or(0),
+                kernel_icount: kernel_instructions,
                 recent: src.recent.iter().cloned().collect(),
             }),
             other => other,
@@ -1041,7 +1242,11 @@ impl Replayer {
             end,
             events: src.consumed,
             kernel_entries: entries,
-            kernel_instructions: self.vcpu.kernel_instructions_retired().unwrap_or(0),
+            kernel_instructions,
+            vcpus: self.vcpus.len(),
+            checkpoints_verified: checkpoints.registers,
+            checkpoints_memory_verified: checkpoints.memory,
+            checkpoints_skipped: checkpoints.skipped,
             wall_seconds: start.elapsed().as_secs_f64(),
             recorded_wall_seconds: self.recorded_wall,
             user_bytes_written: written,
@@ -1049,6 +1254,43 @@ impl Replayer {
             console_matches,
             console,
         })
+    }
+}
+
+/// The checkpoints a replay verified, and which (`--verify-every`).
+#[derive(Default)]
+struct CheckpointTally {
+    /// Registers compared.
+    registers: u64,
+    /// Kernel data+bss digests compared too.
+    memory: u64,
+    skipped: u64,
+    /// Total kernel instructions at the last one verified.
+    last: Option<u64>,
+}
+
+impl CheckpointTally {
+    /// Whether the checkpoint at `total` kernel instructions is verified:
+    /// all of them without `--verify-every`, else at most one per `every`.
+    fn due(&self, every: Option<u64>, total: u64) -> bool {
+        match (every, self.last) {
+            (None, _) | (Some(_), None) => true,
+            (Some(n), Some(last)) => total >= last.saturating_add(n),
+        }
+    }
+
+    fn verified(&mut self, total: u64, memory: bool) {
+        self.registers += 1;
+        self.memory += u64::from(memory);
+        self.last = Some(total);
+    }
+}
+
+/// The injection of a recorded external interrupt or NMI.
+fn interrupt_injection(kind: InterruptKind, vector: u8) -> Injection {
+    match kind {
+        InterruptKind::Nmi => Injection::Nmi,
+        InterruptKind::External => Injection::Interrupt(vector),
     }
 }
 

@@ -4,10 +4,15 @@
 
 use std::path::Path;
 
-/// Text symbols sorted by address.
+/// Section markers kept besides the text symbols (checkpoints digest the
+/// kernel's data and bss, [`crate::record::checkpoint`]).
+const SECTION_MARKERS: &[&str] = &["_sdata", "_edata", "__bss_start", "__bss_stop"];
+
+/// Text symbols sorted by address, and the section markers.
 #[derive(Debug, Default)]
 pub struct Symbols {
     entries: Vec<(u64, String)>,
+    markers: Vec<(u64, String)>,
 }
 
 impl Symbols {
@@ -15,18 +20,25 @@ impl Symbols {
     /// (`t`/`T`/`w`/`W`) are kept.
     pub fn from_system_map(path: &Path) -> std::io::Result<Symbols> {
         let text = std::fs::read_to_string(path)?;
-        let mut entries: Vec<(u64, String)> = text
-            .lines()
-            .filter_map(|line| {
-                let mut parts = line.split_whitespace();
-                let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
-                let kind = parts.next()?;
-                let name = parts.next()?;
-                matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_string()))
-            })
-            .collect();
+        let mut entries = Vec::new();
+        let mut markers = Vec::new();
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
+            if matches!(kind, "t" | "T" | "w" | "W") {
+                entries.push((addr, name.to_string()));
+            } else if SECTION_MARKERS.contains(&name) {
+                markers.push((addr, name.to_string()));
+            }
+        }
         entries.sort();
-        Ok(Symbols { entries })
+        Ok(Symbols { entries, markers })
     }
 
     /// The `System.map` beside a kernel image or vmlinux, if there is one.
@@ -39,9 +51,13 @@ impl Symbols {
         self.entries.is_empty()
     }
 
-    /// The address of symbol `name`.
+    /// The address of text symbol or section marker `name`.
     pub fn address(&self, name: &str) -> Option<u64> {
-        self.entries.iter().find(|(_, n)| n == name).map(|e| e.0)
+        self.entries
+            .iter()
+            .chain(&self.markers)
+            .find(|(_, n)| n == name)
+            .map(|e| e.0)
     }
 
     /// `function+0xoffset` for `addr`, or the bare address.

@@ -1144,6 +1144,11 @@ impl Vcpu for KvmVcpu {
                 Ok(())
             }
             Injection::Nmi => self.fd.nmi().map_err(kvm_err("KVM_NMI")),
+            // Only replay makes these, and replay runs on the software CPU.
+            Injection::SoftwareInterrupt(vector) => Err(backend_err(
+                "KVM_SET_VCPU_EVENTS",
+                format!("software interrupt {vector:#x}: injected by replay only, which runs on the software CPU"),
+            )),
             Injection::Exception {
                 vector,
                 error_code,

@@ -1385,6 +1385,7 @@ impl UnicornVcpu {
                 (v, EventKind::External)
             }
             Injection::Nmi => (2, EventKind::External),
+            Injection::SoftwareInterrupt(vector) => (vector, EventKind::Software),
             Injection::Exception {
                 vector,
                 error_code,
