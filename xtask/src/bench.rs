@@ -3,13 +3,16 @@
 //! in one run, on the project's own guest kernel and initramfs. Results go to
 //! `results/bench/boot.json` and a Markdown table on stdout.
 
+//!
+//! Each run is one `krr bench-boot` or `krr bench-record` process (see
+//! [`crate::krr_bin`]); its JSON object is kept as it is under `runs`.
+
+use crate::krr_bin::{self, number};
 use crate::{images, repo_root};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use krr_engine::bench::{
-    boot_vs_qemu, record_vs_plain, BootBench, BootBenchConfig, RecordBench, RecordBenchConfig,
-};
-use std::time::Duration;
+use serde_json::Value;
+use std::ffi::OsStr;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Benchmark {
@@ -46,6 +49,7 @@ fn boot(repetitions: usize) -> Result<()> {
     if repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
+    let krr_exe = krr_bin::build()?;
     let files = images::build_files(&[
         ("guest-6.1", "bzImage"),
         ("initramfs-base", "initramfs.cpio.gz"),
@@ -53,19 +57,29 @@ fn boot(repetitions: usize) -> Result<()> {
     let (kernel, initrd) = (files[0].clone(), files[1].clone());
     let mut rows = Vec::new();
     for vcpus in [1usize, 2] {
-        let mut runs: Vec<BootBench> = Vec::new();
+        let mut runs: Vec<BootRun> = Vec::new();
         for rep in 1..=repetitions {
-            let cfg = BootBenchConfig {
-                kernel: kernel.clone(),
-                initrd: initrd.clone(),
-                cmdline: BOOT_CMDLINE.into(),
-                vcpus,
-                mem_bytes: 512 << 20,
-                qemu: "qemu-system-x86_64".into(),
-                qemu_machine: "microvm,acpi=off".into(),
-                timeout: Duration::from_secs(300),
-            };
-            let r = boot_vs_qemu(&cfg)
+            let vcpus_arg = vcpus.to_string();
+            let args: &[&OsStr] = &[
+                "bench-boot".as_ref(),
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+                "--initrd".as_ref(),
+                initrd.as_os_str(),
+                "--append".as_ref(),
+                BOOT_CMDLINE.as_ref(),
+                "--vcpus".as_ref(),
+                vcpus_arg.as_ref(),
+                "--mem".as_ref(),
+                "512M".as_ref(),
+                "--qemu".as_ref(),
+                "qemu-system-x86_64".as_ref(),
+                "--qemu-machine".as_ref(),
+                "microvm,acpi=off".as_ref(),
+                "--json".as_ref(),
+            ];
+            let r = krr_bin::run_json(&krr_exe, args)
+                .and_then(BootRun::from_json)
                 .with_context(|| format!("boot benchmark, {vcpus} vCPU(s), run {rep}"))?;
             eprintln!(
                 "  {vcpus} vCPU(s) run {rep}: krr {:.2} s ({:.0} MIPS), qemu {:.2} s, ratio {:.2}",
@@ -76,6 +90,7 @@ fn boot(repetitions: usize) -> Result<()> {
         let krr = median(runs.iter().map(|r| r.krr_wall_seconds).collect());
         let qemu = median(runs.iter().map(|r| r.qemu_wall_seconds).collect());
         let mips = median(runs.iter().map(|r| r.krr_mips).collect());
+        let runs: Vec<Value> = runs.into_iter().map(|r| r.json).collect();
         rows.push(serde_json::json!({
             "vcpus": vcpus,
             "krr_wall_seconds_median": krr,
@@ -114,6 +129,75 @@ fn boot(repetitions: usize) -> Result<()> {
     Ok(())
 }
 
+/// One `krr bench-boot --json` run: the numbers used here, and the whole
+/// object for the results file.
+struct BootRun {
+    krr_wall_seconds: f64,
+    krr_mips: f64,
+    qemu_wall_seconds: f64,
+    ratio: f64,
+    json: Value,
+}
+
+impl BootRun {
+    fn from_json(json: Value) -> Result<BootRun> {
+        let n = |key| number(&json, key, "krr bench-boot");
+        Ok(BootRun {
+            krr_wall_seconds: n("krr_wall_seconds")?,
+            krr_mips: n("krr_mips")?,
+            qemu_wall_seconds: n("qemu_wall_seconds")?,
+            ratio: n("ratio")?,
+            json,
+        })
+    }
+}
+
+/// One `krr bench-record --json` run: the numbers used here, and the whole
+/// object for the results file.
+struct RecordRun {
+    plain_seconds: f64,
+    recorded_seconds: f64,
+    ratio: f64,
+    ratio_without_snapshot: f64,
+    snapshot_seconds: f64,
+    replay_seconds: f64,
+    bytes_per_event: f64,
+    events: u64,
+    log_bytes: u64,
+    log_bytes_per_second: f64,
+    replay_end: String,
+    json: Value,
+}
+
+impl RecordRun {
+    fn from_json(json: Value) -> Result<RecordRun> {
+        const WHAT: &str = "krr bench-record";
+        let n = |key| number(&json, key, WHAT);
+        let u = |key: &str| {
+            json[key]
+                .as_u64()
+                .with_context(|| format!("`{WHAT}` output has no count `{key}`: {json}"))
+        };
+        Ok(RecordRun {
+            plain_seconds: n("plain_seconds")?,
+            recorded_seconds: n("recorded_seconds")?,
+            ratio: n("ratio")?,
+            ratio_without_snapshot: n("ratio_without_snapshot")?,
+            snapshot_seconds: n("snapshot_seconds")?,
+            replay_seconds: n("replay_seconds")?,
+            bytes_per_event: n("bytes_per_event")?,
+            events: u("events")?,
+            log_bytes: u("log_bytes")?,
+            log_bytes_per_second: n("log_bytes_per_second")?,
+            replay_end: json["replay_end"]
+                .as_str()
+                .with_context(|| format!("`{WHAT}` output has no `replay_end`: {json}"))?
+                .to_string(),
+            json,
+        })
+    }
+}
+
 /// The recording benchmark's workloads: syscall-heavy and CPU-bound.
 const RECORD_WORKLOADS: &[&str] = &["syscall-loop 20000", "cpu-loop 40"];
 
@@ -126,6 +210,7 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
     if repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
+    let krr_exe = krr_bin::build()?;
     let files = images::build_files(&[
         ("guest-6.1-krr", "bzImage"),
         ("initramfs-base", "initramfs.cpio.gz"),
@@ -134,18 +219,28 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
     let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
     let mut rows = Vec::new();
     for workload in RECORD_WORKLOADS {
-        let mut runs: Vec<RecordBench> = Vec::new();
+        let mut runs: Vec<RecordRun> = Vec::new();
         for rep in 1..=repetitions {
-            let cfg = RecordBenchConfig {
-                kernel: kernel.clone(),
-                initrd: initrd.clone(),
-                cmdline: RECORD_CMDLINE.into(),
-                workload: workload.to_string(),
-                vcpus: 1,
-                mem_bytes: 512 << 20,
-                recordings: scratch.path().to_path_buf(),
-            };
-            let r = record_vs_plain(&cfg)
+            let args: &[&OsStr] = &[
+                "bench-record".as_ref(),
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+                "--initrd".as_ref(),
+                initrd.as_os_str(),
+                "--append".as_ref(),
+                RECORD_CMDLINE.as_ref(),
+                "--workload".as_ref(),
+                workload.as_ref(),
+                "--vcpus".as_ref(),
+                "1".as_ref(),
+                "--mem".as_ref(),
+                "512M".as_ref(),
+                "--recordings".as_ref(),
+                scratch.path().as_os_str(),
+                "--json".as_ref(),
+            ];
+            let r = krr_bin::run_json(&krr_exe, args)
+                .and_then(RecordRun::from_json)
                 .with_context(|| format!("record benchmark, `{workload}`, run {rep}"))?;
             eprintln!(
                 "  {workload} run {rep}: plain {:.2} s, recorded {:.2} s, ratio {:.3}, {} events, {:.1} bytes/event; replay {:.2} s ({})",
@@ -160,6 +255,14 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
         let snapshot = median(runs.iter().map(|r| r.snapshot_seconds).collect());
         let replay_s = median(runs.iter().map(|r| r.replay_seconds).collect());
         let last = runs.last().expect("at least one run");
+        let (events, log_bytes, bytes_per_event, log_bytes_per_second) = (
+            last.events,
+            last.log_bytes,
+            last.bytes_per_event,
+            last.log_bytes_per_second,
+        );
+        let replays_matched = runs.iter().filter(|r| r.replay_end == "matched").count();
+        let runs: Vec<Value> = runs.into_iter().map(|r| r.json).collect();
         rows.push(serde_json::json!({
             "workload": workload,
             "plain_seconds_median": plain,
@@ -167,14 +270,14 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             "ratio_median": ratio,
             "ratio_without_snapshot_median": ratio_steady,
             "snapshot_seconds_median": snapshot,
-            "events": last.events,
-            "log_bytes": last.log_bytes,
-            "bytes_per_event": last.bytes_per_event,
-            "log_bytes_per_second": last.log_bytes_per_second,
+            "events": events,
+            "log_bytes": log_bytes,
+            "bytes_per_event": bytes_per_event,
+            "log_bytes_per_second": log_bytes_per_second,
             "replay_seconds_median": replay_s,
             "replay_over_recorded": replay_s / recorded,
             "replay_over_plain": replay_s / plain,
-            "replays_matched": runs.iter().filter(|r| r.replay_end == "matched").count(),
+            "replays_matched": replays_matched,
             "runs": runs,
         }));
     }

@@ -8,6 +8,7 @@
 mod bench;
 mod eval;
 mod images;
+mod krr_bin;
 mod manifests;
 mod setup;
 mod test;

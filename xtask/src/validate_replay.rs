@@ -5,13 +5,15 @@
 //! diverged / unsupported / failed per stressor, as KRR validated its replay
 //! with LTP. Results: `results/validate-replay.json` and a Markdown table on
 //! stdout.
+//!
+//! Each stressor is one `krr validate-replay-one` process (see
+//! [`crate::krr_bin`]): one that crashes or fails is reported as `failed`,
+//! with the reason, and the others go on.
 
-use crate::{images, repo_root};
+use crate::{images, krr_bin, repo_root};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
-use krr_engine::record::recorder::{RecordConfig, StartTrigger};
-use krr_engine::replay::{ReplayEnd, ReplayOptions, Replayer};
+use std::ffi::OsStr;
 use std::path::Path;
 
 /// Stressor classes tried by default: processes, memory, files, IPC,
@@ -102,10 +104,9 @@ pub const DEFAULT_STRESSORS: &[&str] = &[
     "udp",
 ];
 
-const CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 root=/dev/vda rw init=/init";
-
 /// The outcome of one stressor.
-#[derive(Debug, Clone, serde::Serialize)]
+/// (What `krr validate-replay-one --json` prints.)
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StressorResult {
     pub stressor: String,
     /// passed, diverged, unsupported, failed
@@ -136,6 +137,7 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
     {
         bail!("--stressors: {bad:?} is not a stress-ng stressor name");
     }
+    let krr_exe = krr_bin::build()?;
     let files = images::build_files(&[
         ("guest-6.1-krr", "bzImage"),
         ("rootfs-workloads", "rootfs.ext4"),
@@ -150,7 +152,7 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
     let mut results = Vec::new();
     for name in &list {
         bar.set_message(name.clone());
-        let r = one(&kernel, &rootfs, scratch.path(), name, seconds);
+        let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, seconds);
         // (println on a hidden bar, when stderr is not a terminal, prints
         // nothing: suspend it instead.)
         bar.suspend(|| eprintln!("  {:<12} {:<11} {}", r.stressor, r.outcome, r.detail));
@@ -195,94 +197,64 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
     Ok(())
 }
 
-/// Records and replays one stressor.
-fn one(kernel: &Path, rootfs: &Path, scratch: &Path, name: &str, seconds: u32) -> StressorResult {
-    let mut r = StressorResult {
+/// Records and replays one stressor in its own `krr` process; a process
+/// that fails (or prints no result) makes the outcome `failed`, with why.
+fn one(
+    krr: &Path,
+    kernel: &Path,
+    rootfs: &Path,
+    scratch: &Path,
+    name: &str,
+    seconds: u32,
+) -> StressorResult {
+    let seconds_arg = seconds.to_string();
+    let args: &[&OsStr] = &[
+        "validate-replay-one".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--rootfs".as_ref(),
+        rootfs.as_os_str(),
+        "--stressor".as_ref(),
+        name.as_ref(),
+        "--seconds".as_ref(),
+        seconds_arg.as_ref(),
+        "--recordings".as_ref(),
+        scratch.as_os_str(),
+        "--json".as_ref(),
+    ];
+    let result = krr_bin::run_json(krr, args).and_then(|v| {
+        serde_json::from_value::<StressorResult>(v.clone())
+            .with_context(|| format!("`krr validate-replay-one` printed no stressor result: {v}"))
+    });
+    result.unwrap_or_else(|e| StressorResult {
         stressor: name.to_string(),
         outcome: "failed".into(),
-        detail: String::new(),
+        detail: failure_detail(&e),
         events: 0,
         kernel_entries: 0,
         record_seconds: 0.0,
         replay_seconds: 0.0,
-    };
-    // --oom-avoid keeps stress-ng from sizing memory stressors to all of
-    // the guest's RAM; exit status 3 is stress-ng's "not supported here".
-    // The budget stops a stressor that ignores its timeout (guest time:
-    // 1 ns per instruction).
-    let cmd = format!(
-        "stress-ng --{name} 1 --timeout {seconds}s --oom-avoid --quiet; echo stress-ng-status=$?"
-    );
-    let mut cfg = MachineConfig::new(
-        kernel.to_path_buf(),
-        None,
-        format!("{CMDLINE} krr.run=\"{cmd}\""),
-    );
-    cfg.disk = Some(rootfs.to_path_buf());
-    cfg.mem_bytes = 1 << 30;
-    cfg.max_instructions = (u64::from(seconds) + 10) * 1_000_000_000;
-    let mut rc = RecordConfig::new(name.to_string(), scratch.to_path_buf());
-    rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
-    cfg.record = Some(rc);
-    let mut machine = match Machine::new(cfg, Backend::Tcg) {
-        Ok(m) => m,
-        Err(e) => {
-            r.detail = format!("machine: {e}");
-            return r;
-        }
-    };
-    let report = machine.run();
-    r.record_seconds = report.wall_seconds;
-    let console = String::from_utf8_lossy(&report.console).to_string();
-    if report.end != (RunEnd::EndMarker { status: 0 }) {
-        r.detail = format!("recorded run ended with {:?}", report.end);
-        return r;
-    }
-    let status = console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("stress-ng-status="))
-        .next_back()
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    match status {
-        Some(0) => {}
-        Some(3) => {
-            r.outcome = "unsupported".into();
-            r.detail = "stress-ng: not supported by this kernel/system (status 3)".into();
-            return r;
-        }
-        other => {
-            r.detail = format!("stress-ng exit status {other:?} while recording");
-            return r;
-        }
-    }
-    let Some(rec) = machine.recordings().first().cloned() else {
-        r.detail = "no recording was made".into();
-        return r;
-    };
-    let replay = Replayer::open(&rec.dir).and_then(|mut p| p.run(&ReplayOptions::default()));
-    let _ = std::fs::remove_dir_all(&rec.dir);
-    match replay {
-        Err(e) => r.detail = format!("replay could not run: {e}"),
-        Ok(rep) => {
-            r.events = rep.events;
-            r.kernel_entries = rep.kernel_entries;
-            r.replay_seconds = rep.wall_seconds;
-            match rep.end {
-                ReplayEnd::Matched => {
-                    r.outcome = "passed".into();
-                    r.detail = format!("{} kernel instructions", rep.kernel_instructions);
-                }
-                ReplayEnd::Diverged(d) => {
-                    r.outcome = "diverged".into();
-                    r.detail = format!("event #{} at {}: expected {}", d.event, d.rip, d.expected);
-                }
-                ReplayEnd::Unsupported { why } => {
-                    r.outcome = "unsupported".into();
-                    r.detail = format!("replay: {why}");
-                }
-                other => r.detail = format!("{other:?}"),
+    })
+}
+
+/// One line for the table: how the `krr` process failed and the last lines
+/// of its stderr (the whole command line is in the error otherwise).
+fn failure_detail(e: &anyhow::Error) -> String {
+    let text = match e.downcast_ref::<krr_bin::KrrFailed>() {
+        Some(f) => {
+            let start = f.stderr_tail.len().saturating_sub(3);
+            let mut s = format!("krr validate-replay-one failed ({})", f.status);
+            if start < f.stderr_tail.len() {
+                s += ": ";
+                s += &f.stderr_tail[start..].join(" / ");
             }
+            s
         }
-    }
-    r
+        None => format!("{e:#}"),
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" / ")
 }

@@ -45,6 +45,12 @@ enum Command {
     /// Boot benchmark: wall time to the first line of /init on the software
     /// CPU and on `qemu-system-x86_64 -accel tcg`, same kernel and initramfs.
     BenchBoot(BenchArgs),
+    /// Recording benchmark, one run (software CPU): a workload plain, then
+    /// recorded from /init on, then the recording replayed.
+    BenchRecord(krr_engine::harness::BenchRecordArgs),
+    /// Record one stress-ng stressor from /init on (software CPU) and replay
+    /// the kernel alone: passed, diverged, unsupported or failed.
+    ValidateReplayOne(krr_engine::harness::ValidateReplayOneArgs),
 }
 
 #[derive(Parser)]
@@ -449,5 +455,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::BenchBoot(a) => bench(a),
+        Command::BenchRecord(a) => krr_engine::harness::bench_record(a),
+        Command::ValidateReplayOne(a) => krr_engine::harness::validate_replay_one(a),
     }
 }
