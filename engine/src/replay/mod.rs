@@ -617,6 +617,11 @@ pub struct Replayer {
     /// What checkpoints digest (`None`: no `System.map`, registers only).
     kernel_image: Option<KernelImage>,
     recorded_wall: Option<f64>,
+    /// Instructions each vCPU had retired when the recording ended (kernel
+    /// and user): no replayed kernel count can pass them, so a run without
+    /// a stop target is bounded by them (a replay that goes astray and
+    /// spins ends as a divergence instead of running forever).
+    recorded_end_icounts: Vec<u64>,
     complete: bool,
 }
 
@@ -690,7 +695,11 @@ impl Replayer {
         Ok(Replayer {
             dir: dir.to_path_buf(),
             complete: end.is_some(),
-            recorded_wall: end.map(|e| e.wall_seconds),
+            recorded_wall: end.as_ref().map(|e| e.wall_seconds),
+            recorded_end_icounts: end
+                .as_ref()
+                .map(|e| e.instructions_per_vcpu.clone())
+                .unwrap_or_default(),
             kernel_image: KernelImage::from_symbols(&symbols),
             header,
             cpus,
@@ -1140,7 +1149,25 @@ impl Replayer {
                     self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
                 }
             }
-            let budget = target.map(|t| t - kernel_now);
+            let end_icount = self.recorded_end_icounts.get(cpu).copied();
+            if let (None, Some(limit)) = (target, end_icount) {
+                if kernel_now > limit {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        format!(
+                            "vCPU {cpu} ran past the recording's end ({limit} instructions) without meeting the event"
+                        ),
+                        self.rip(cpu),
+                    );
+                }
+            }
+            let budget = match (target, end_icount) {
+                (Some(t), _) => Some(t - kernel_now),
+                (None, Some(limit)) => Some(limit - kernel_now + 1),
+                (None, None) => None,
+            };
             let ring_phys = self.header.ring.map(|r| r.phys);
             let mut bus = ReplayBus {
                 src: &mut src,
