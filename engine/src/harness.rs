@@ -22,7 +22,9 @@ pub const TEST_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off ts
 /// The command line of a root-filesystem guest (no `krr.run=`).
 pub const ROOTFS_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 root=/dev/vda rw init=/init";
 
-fn parse_size(s: &str) -> Result<u64, String> {
+/// A byte count with an optional K, M or G suffix (`512M`, `1G`), for
+/// command-line sizes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),

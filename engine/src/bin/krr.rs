@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use krr_engine::devices::serial::ConsoleSink;
+use krr_engine::harness::parse_size;
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
 use krr_engine::record::recorder::{RecordConfig, StartTrigger, StopTrigger};
 use std::path::PathBuf;
@@ -166,18 +167,6 @@ struct RecordArgs {
     /// compares both there (0: none).
     #[arg(long, value_name = "N", default_value_t = 0)]
     checkpoint_every: u64,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512M, 1G or a byte count)"))
 }
 
 fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
