@@ -520,7 +520,9 @@ impl Machine {
         let Some(recorder) = &mut self.platform.recorder else {
             return Ok(());
         };
-        if !recorder.is_recording() {
+        // One vCPU and no checkpoints: nothing to log (spare the register
+        // reads after every run).
+        if !recorder.is_recording() || (self.vcpus.len() == 1 && self.checkpoints.is_none()) {
             return Ok(());
         }
         let (at, regs) = position(self.vcpus[id].as_ref())?;
