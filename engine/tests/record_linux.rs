@@ -106,6 +106,7 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
     }
     // Each iteration writes 64 bytes into a pipe: one copy_from_user at least.
     assert!(count(&stats, "copy_from_user") >= 2000);
+    string_reads_carry_the_word_with_the_nul(&dir.path().join("loop"));
 
     let dump = log_cmd(
         dir.path(),
@@ -119,6 +120,48 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
         "{text}"
     );
     assert!(text.contains("#10 "), "{text}");
+}
+
+/// strncpy_from_user and strnlen_user read a word at a time: the agent logs
+/// the word the NUL was found in from the NUL to the word's end (replay must
+/// put the bytes after the NUL back, they reach the kernel's registers).
+fn string_reads_carry_the_word_with_the_nul(recording: &Path) {
+    use krr_engine::record::abi::EventBody;
+    let mut reader = krr_engine::record::log::EventLogReader::open(
+        &recording.join(krr_engine::record::recording::EVENTS_FILE),
+    )
+    .unwrap();
+    let (mut strncpy_words, mut strnlen_words) = (0, 0);
+    while let Some(read) = reader.next_event().unwrap() {
+        let Some(Ok(e)) = read.event.agent_event() else {
+            continue;
+        };
+        let (info, data, words) = match &e.body {
+            EventBody::StrncpyFromUser { info, data } => (info, data, &mut strncpy_words),
+            EventBody::StrnlenUser { info, data } => (info, data, &mut strnlen_words),
+            _ => continue,
+        };
+        // strncpy: the NUL is at `result`, words count from the string's
+        // start; strnlen: at `result - 1`, words are aligned.
+        let (nul, word_base) = match e.body {
+            EventBody::StrncpyFromUser { .. } => (info.result, 0),
+            _ => (info.result - 1, info.user_addr),
+        };
+        if data.is_empty() || info.offset != nul as u64 {
+            continue;
+        }
+        *words += 1;
+        assert_eq!(data[0], 0, "the word's logged bytes start at the NUL: {e}");
+        let end = word_base.wrapping_add(info.offset + data.len() as u64);
+        assert!(
+            (1..=8).contains(&data.len()) && end % 8 == 0,
+            "the logged bytes end with the word: {e}"
+        );
+    }
+    assert!(
+        strncpy_words > 0 && strnlen_words > 0,
+        "words with a NUL: strncpy {strncpy_words}, strnlen {strnlen_words}"
+    );
 }
 
 /// (offset, compressed payload length) of the valid chunks of a `.krrlog`.

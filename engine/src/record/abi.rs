@@ -76,7 +76,10 @@
 //!   [`MAX_DATA_PER_EVENT`] ([`UserCopyEvent`]).
 //! - `strncpy_from_user` (result and bytes) and `strnlen_user` (result)
 //!   ([`UserStringEvent`]); the word reads they make internally are not
-//!   recorded twice.
+//!   recorded twice. Both read a word at a time, so the word holding the NUL
+//!   brings the bytes after it into the kernel's registers (the copy has
+//!   them masked out): a last chunk at the NUL's offset carries them, from
+//!   the NUL to the end of that word, as loaded (ABI 3).
 //! - `get_user`/`__get_user` (value and error) and `unsafe_get_user` (value;
 //!   a faulting `unsafe_get_user` jumps to its error label and is not recorded)
 //!   ([`GetUserEvent`]); the futex word's old value read by the x86 futex
@@ -110,7 +113,7 @@ use std::mem::{offset_of, size_of};
 /// `magic` of a formatted ring: the bytes `"KRRRING\0"`.
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"KRRRING\0");
 /// ABI version; bumped on any incompatible change of this module.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// Bytes from the start of the region to the data area (one page).
 pub const RING_HEADER_SIZE: u32 = 4096;
 /// The I/O port the agent writes a doorbell reason to (`outl`).
@@ -425,8 +428,10 @@ abi_struct! {
 }
 
 abi_struct! {
-    /// EVENT_STRNCPY_FROM_USER / EVENT_STRNLEN_USER payload. strncpy is followed
-    /// by `data_len` bytes (the copied string without its NUL, padded to 8).
+    /// EVENT_STRNCPY_FROM_USER / EVENT_STRNLEN_USER payload, followed by
+    /// `data_len` bytes (padded to 8): for strncpy the copied string without
+    /// its NUL; for either, a last chunk at the NUL's offset with the bytes
+    /// from the NUL to the end of the word the NUL was read in.
     UserStringEvent => "krr_user_string_event" {
         user_addr: u64,
         /// Kernel destination (0 for strnlen_user).
@@ -896,7 +901,10 @@ pub enum EventBody {
         info: UserStringEvent,
         data: Vec<u8>,
     },
-    StrnlenUser(UserStringEvent),
+    StrnlenUser {
+        info: UserStringEvent,
+        data: Vec<u8>,
+    },
     GetUser(GetUserEvent),
     Rdtsc(RdtscEvent),
     Random {
@@ -916,7 +924,7 @@ impl EventBody {
             EventBody::Syscall(_) => EVENT_SYSCALL,
             EventBody::CopyFromUser { .. } => EVENT_COPY_FROM_USER,
             EventBody::StrncpyFromUser { .. } => EVENT_STRNCPY_FROM_USER,
-            EventBody::StrnlenUser(_) => EVENT_STRNLEN_USER,
+            EventBody::StrnlenUser { .. } => EVENT_STRNLEN_USER,
             EventBody::GetUser(_) => EVENT_GET_USER,
             EventBody::Rdtsc(_) => EVENT_RDTSC,
             EventBody::Random { .. } => EVENT_RANDOM,
@@ -982,11 +990,14 @@ impl fmt::Display for Event {
                 info.result,
                 String::from_utf8_lossy(data)
             ),
-            EventBody::StrnlenUser(s) => {
+            EventBody::StrnlenUser { info, data } => {
                 write!(
                     f,
-                    "strnlen_user {:#x} limit={} result={}",
-                    s.user_addr, s.limit, s.result
+                    "strnlen_user {:#x} limit={} result={} {:?}",
+                    info.user_addr,
+                    info.limit,
+                    info.result,
+                    String::from_utf8_lossy(data)
                 )
             }
             EventBody::GetUser(g) => write!(
@@ -1213,7 +1224,14 @@ fn decode_body(event_type: u16, bytes: &[u8]) -> Result<EventBody, String> {
             EventBody::StrncpyFromUser { info, data }
         }
         EVENT_STRNLEN_USER => {
-            EventBody::StrnlenUser(payload(bytes, UserStringEvent::read_from, "strnlen_user")?)
+            let info = payload(bytes, UserStringEvent::read_from, "strnlen_user")?;
+            let data = trailing(
+                bytes,
+                size_of::<UserStringEvent>(),
+                info.data_len,
+                "strnlen_user",
+            )?;
+            EventBody::StrnlenUser { info, data }
         }
         EVENT_GET_USER => EventBody::GetUser(payload(bytes, GetUserEvent::read_from, "get_user")?),
         EVENT_RDTSC => EventBody::Rdtsc(payload(bytes, RdtscEvent::read_from, "rdtsc")?),
@@ -1240,7 +1258,7 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
         EventBody::Syscall(p) => (p.to_bytes(), &[]),
         EventBody::CopyFromUser { info, data } => (info.to_bytes(), data),
         EventBody::StrncpyFromUser { info, data } => (info.to_bytes(), data),
-        EventBody::StrnlenUser(p) => (p.to_bytes(), &[]),
+        EventBody::StrnlenUser { info, data } => (info.to_bytes(), data),
         EventBody::GetUser(p) => (p.to_bytes(), &[]),
         EventBody::Rdtsc(p) => (p.to_bytes(), &[]),
         EventBody::Random { info, data } => (info.to_bytes(), data),

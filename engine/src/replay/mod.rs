@@ -199,6 +199,11 @@ struct EventSource {
     /// The last events consumed, for divergence reports.
     recent: VecDeque<String>,
     consumed: u64,
+    /// The last [`Self::next_stop`] answer and the log index of the event
+    /// that decided it: still the answer while that event is queued (a
+    /// syscall storm has tens of thousands of events between two
+    /// interrupts, and each entry asks again).
+    next_stop_seen: Option<(u64, Option<u64>)>,
 }
 
 impl EventSource {
@@ -298,15 +303,27 @@ impl EventSource {
     /// fault on fetching the first user instruction) happen inside the run,
     /// by themselves.
     fn next_stop(&mut self) -> Option<u64> {
+        if let (Some((decided_by, stop)), Some((front, _))) =
+            (self.next_stop_seen, self.engine.front())
+        {
+            if *front <= decided_by {
+                return stop;
+            }
+        }
         let mut i = 0;
         loop {
-            match self.ahead(i)? {
+            let stop = match self.ahead(i)? {
                 LogEvent::Interrupt { at, .. } | LogEvent::Checkpoint { at, .. } if at.cpl != 3 => {
-                    return Some(at.kernel_icount)
+                    Some(at.kernel_icount)
                 }
-                LogEvent::Slice { at, .. } => return (at.cpl != 3).then_some(at.kernel_icount),
-                _ => i += 1,
-            }
+                LogEvent::Slice { at, .. } => (at.cpl != 3).then_some(at.kernel_icount),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            self.next_stop_seen = Some((self.engine[i].0, stop));
+            return stop;
         }
     }
 
@@ -866,13 +883,25 @@ impl Replayer {
                 }
                 EventBody::StrncpyFromUser { info, data } => {
                     let mut d = data.clone();
-                    // The string ended inside the limit: its NUL was read too.
+                    // The string ended inside the limit: its NUL was read
+                    // too. The agent logs it (with the rest of its word)
+                    // where the NUL came in a word read; a last chunk that
+                    // ends at the result is a string read byte by byte.
                     let whole = info.result >= 0 && info.result < info.limit;
-                    if whole && info.flags & abi::DATA_FLAG_MORE == 0 {
+                    let ends_at_result =
+                        info.offset.wrapping_add(data.len() as u64) == info.result as u64;
+                    if whole && info.flags & abi::DATA_FLAG_MORE == 0 && ends_at_result {
                         d.push(0);
                     }
-                    (space(info.cr3), info.user_addr + info.offset, d)
+                    (space(info.cr3), info.user_addr.wrapping_add(info.offset), d)
                 }
+                // The word the NUL was found in (the string itself comes
+                // with the copy that follows a strnlen_user).
+                EventBody::StrnlenUser { info, data } if !data.is_empty() => (
+                    space(info.cr3),
+                    info.user_addr.wrapping_add(info.offset),
+                    data.clone(),
+                ),
                 EventBody::GetUser(g) if g.err == 0 => (
                     space(g.cr3),
                     g.user_addr,
@@ -913,6 +942,7 @@ impl Replayer {
             broken: None,
             recent: VecDeque::new(),
             consumed: 0,
+            next_stop_seen: None,
         };
         let dma = DmaLogReader::open(&dma_path).ok();
         let mut progress: Vec<CpuProgress> = self
