@@ -204,7 +204,18 @@ struct EventSource {
     /// syscall storm has tens of thousands of events between two
     /// interrupts, and each entry asks again).
     next_stop_seen: Option<(u64, Option<u64>)>,
+    /// Per vCPU, the log index and agent seq of its next kernel entry from
+    /// user mode as last found by [`Self::cpu_next_entry_seq`]: still the
+    /// answer while that event is queued.
+    entry_seen: Vec<Option<(u64, u64)>>,
 }
+
+/// How many engine events [`EventSource::cpu_next_entry_seq`] reads ahead
+/// for a vCPU's next kernel entry before giving up. A vCPU that was cut in
+/// the middle of a user read resumes within the other vCPUs' next slices;
+/// one that is idle (halted in the kernel) may not enter for the rest of the
+/// log, and reading the whole log into memory for it would be absurd.
+const ENTRY_LOOKAHEAD_EVENTS: usize = 4096;
 
 impl EventSource {
     /// Reads one more event; false at the end of the log.
@@ -267,8 +278,15 @@ impl EventSource {
     /// Agent records with `seq` below `end`, reading ahead until one at or
     /// past `end` was read (or the log ends). `None` when the log is cut
     /// (or damaged) before all of them: the stint cannot be replayed.
-    fn agent_before(&mut self, end: u64) -> Option<Vec<abi::Event>> {
-        while self.agent.back().is_none_or(|e| e.seq < end) && self.read_one() {}
+    ///
+    /// Also (copied, left queued) the records of vCPU `cpu` from `end` up to
+    /// its next kernel entry from user mode: a slice can end between a read
+    /// of user memory and the agent's record of it, and the read must find
+    /// the bytes. Writing them early is harmless (user code does not run in
+    /// replay); the next stretch writes them again, after any other vCPU's.
+    fn agent_before(&mut self, end: u64, cpu: usize) -> Option<Vec<abi::Event>> {
+        let ahead_end = self.cpu_next_entry_seq(cpu).unwrap_or(end).max(end);
+        while self.agent.back().is_none_or(|e| e.seq < ahead_end) && self.read_one() {}
         if self.broken.is_some()
             && self
                 .agent
@@ -281,7 +299,39 @@ impl EventSource {
         while self.agent.front().is_some_and(|e| e.seq < end) {
             out.extend(self.agent.pop_front());
         }
+        out.extend(
+            self.agent
+                .iter()
+                .take_while(|e| e.seq < ahead_end)
+                .filter(|e| usize::from(e.cpu) == cpu)
+                .cloned(),
+        );
         Some(out)
+    }
+
+    /// The `agent_seq` of vCPU `cpu`'s next kernel entry from user mode
+    /// (reading ahead at most [`ENTRY_LOOKAHEAD_EVENTS`]); `None` when
+    /// there is none that close.
+    fn cpu_next_entry_seq(&mut self, cpu: usize) -> Option<u64> {
+        if self.entry_seen.len() <= cpu {
+            self.entry_seen.resize(cpu + 1, None);
+        }
+        if let (Some((index, seq)), Some((front, _))) = (self.entry_seen[cpu], self.engine.front())
+        {
+            if *front <= index {
+                return Some(seq);
+            }
+        }
+        for i in 0..ENTRY_LOOKAHEAD_EVENTS {
+            let e = self.ahead(i)?;
+            if usize::from(e.cpu()) == cpu {
+                if let Some(seq) = entry_seq(e) {
+                    self.entry_seen[cpu] = Some((self.engine[i].0, seq));
+                    return Some(seq);
+                }
+            }
+        }
+        None
     }
 
     /// The `i`-th queued engine event, reading ahead as needed.
@@ -884,13 +934,14 @@ impl Replayer {
                 EventBody::StrncpyFromUser { info, data } => {
                     let mut d = data.clone();
                     // The string ended inside the limit: its NUL was read
-                    // too. The agent logs it (with the rest of its word)
-                    // where the NUL came in a word read; a last chunk that
-                    // ends at the result is a string read byte by byte.
+                    // too. Written with the string's last chunk even where
+                    // the agent logs the NUL's word in a chunk of its own
+                    // (which rewrites it): that chunk may fall into the next
+                    // stretch when a vCPU's slice ended between the two.
                     let whole = info.result >= 0 && info.result < info.limit;
                     let ends_at_result =
                         info.offset.wrapping_add(data.len() as u64) == info.result as u64;
-                    if whole && info.flags & abi::DATA_FLAG_MORE == 0 && ends_at_result {
+                    if whole && ends_at_result {
                         d.push(0);
                     }
                     (space(info.cr3), info.user_addr.wrapping_add(info.offset), d)
@@ -943,6 +994,7 @@ impl Replayer {
             recent: VecDeque::new(),
             consumed: 0,
             next_stop_seen: None,
+            entry_seen: Vec::new(),
         };
         let dma = DmaLogReader::open(&dma_path).ok();
         let mut progress: Vec<CpuProgress> = self
@@ -1058,7 +1110,7 @@ impl Replayer {
                     position_of(&event).map_or(0, |p| p.kernel_icount)
                 );
                 let end_seq = src.next_boundary_seq();
-                let Some(reads) = src.agent_before(end_seq) else {
+                let Some(reads) = src.agent_before(end_seq, cpu) else {
                     break ReplayEnd::LogEnded {
                         events: src.consumed,
                         why: format!(
@@ -1175,7 +1227,7 @@ impl Replayer {
             if segment_reads_due {
                 segment_reads_due = false;
                 let end_seq = src.next_boundary_seq();
-                if let Some(reads) = src.agent_before(end_seq) {
+                if let Some(reads) = src.agent_before(end_seq, cpu) {
                     self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
                 }
             }
