@@ -196,9 +196,13 @@ pub struct RecordBench {
     pub recorded_seconds: f64,
     /// recorded / plain (target on the software CPU: at most 1.10).
     pub ratio: f64,
-    /// Of `recorded_seconds`, the start snapshot (guest memory compressed
-    /// and synced to disk): a one-time cost per recording.
+    /// Of `recorded_seconds`, the start snapshot with the guest stopped
+    /// (RAM pages copied, vCPU and device state written): a one-time cost
+    /// per recording.
     pub snapshot_seconds: f64,
+    /// Seconds the memory image took to compress and sync on a background
+    /// thread while the guest ran on.
+    pub snapshot_write_seconds: f64,
     /// (recorded - snapshot) / plain: the cost of recording while it runs.
     pub ratio_without_snapshot: f64,
     pub plain_instructions: u64,
@@ -292,6 +296,7 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
         recorded_seconds,
         ratio: recorded_seconds / plain_seconds.max(1e-9),
         snapshot_seconds: rec.snapshot_seconds,
+        snapshot_write_seconds: rec.snapshot_write_seconds,
         ratio_without_snapshot: (recorded_seconds - rec.snapshot_seconds) / plain_seconds.max(1e-9),
         plain_instructions: plain.instructions,
         recorded_instructions: recorded.instructions,

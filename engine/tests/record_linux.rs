@@ -95,7 +95,7 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
         "copy_from_user",
         "strncpy_from_user",
         "get_user",
-        "rdtsc",
+        "rdtsc_engine",
         "pte_read",
         "interrupt",
         "exception",
@@ -104,6 +104,13 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
     ] {
         assert!(count(&stats, class) > 0, "no {class} events: {stats:#}");
     }
+    // The software CPU's engine logs every RDTSC (with its position) and
+    // tells the agent so: the agent logs none of its own.
+    assert_eq!(
+        count(&stats, "rdtsc"),
+        0,
+        "the agent logged RDTSC twice: {stats:#}"
+    );
     // Each iteration writes 64 bytes into a pipe: one copy_from_user at least.
     assert!(count(&stats, "copy_from_user") >= 2000);
     string_reads_carry_the_word_with_the_nul(&dir.path().join("loop"));
@@ -126,7 +133,7 @@ fn records_a_syscall_heavy_program_with_every_event_class() {
 /// the word the NUL was found in from the NUL to the word's end (replay must
 /// put the bytes after the NUL back, they reach the kernel's registers).
 fn string_reads_carry_the_word_with_the_nul(recording: &Path) {
-    use krr_engine::record::abi::EventBody;
+    use krr_engine::record::abi::{EventBody, MAX_DATA_PER_EVENT};
     let mut reader = krr_engine::record::log::EventLogReader::open(
         &recording.join(krr_engine::record::recording::EVENTS_FILE),
     )
@@ -147,16 +154,30 @@ fn string_reads_carry_the_word_with_the_nul(recording: &Path) {
             EventBody::StrncpyFromUser { .. } => (info.result, 0),
             _ => (info.result - 1, info.user_addr),
         };
-        if data.is_empty() || info.offset != nul as u64 {
+        // The chunk that holds the NUL (strncpy: the string's last chunk
+        // with the word appended; strnlen: the word alone).
+        let (from, to) = (info.offset, info.offset + data.len() as u64);
+        if !(from..to).contains(&(nul as u64)) {
             continue;
         }
         *words += 1;
-        assert_eq!(data[0], 0, "the word's logged bytes start at the NUL: {e}");
-        let end = word_base.wrapping_add(info.offset + data.len() as u64);
-        assert!(
-            (1..=8).contains(&data.len()) && end % 8 == 0,
-            "the logged bytes end with the word: {e}"
+        assert_eq!(
+            data[(nul as u64 - from) as usize],
+            0,
+            "no NUL at the result: {e}"
         );
+        assert!(
+            (1..=8).contains(&(to - nul as u64)) && word_base.wrapping_add(to) % 8 == 0,
+            "the logged bytes end with the NUL's word: {e}"
+        );
+        // One record per string (up to the longest a record holds): the
+        // string's bytes and the NUL's word together.
+        if matches!(e.body, EventBody::StrncpyFromUser { .. }) {
+            assert!(
+                from == 0 || info.result as u64 + 8 > u64::from(MAX_DATA_PER_EVENT),
+                "a short string's NUL word is in a record of its own: {e}"
+            );
+        }
     }
     assert!(
         strncpy_words > 0 && strnlen_words > 0,

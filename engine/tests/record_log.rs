@@ -7,6 +7,7 @@ use krr_engine::record::abi::{self, Event, EventBody};
 use krr_engine::record::cli::{self, LogCommand};
 use krr_engine::record::event::{GprSnapshot, InterruptKind, LogEvent, Position};
 use krr_engine::record::log::{self, StreamEnd, CHUNK_HEADER_LEN, FILE_HEADER_LEN};
+use krr_engine::record::memory_image::MemoryCopy;
 use krr_engine::record::recording::{
     self, CpuSnapshot, RecordingEnd, RecordingHeader, RecordingWriter, VerifyStatus,
 };
@@ -228,6 +229,14 @@ fn agent(seq: &mut u64, cpu: u16, body: EventBody) -> LogEvent {
     LogEvent::Agent { record }
 }
 
+/// Writes the start snapshot and waits for its memory image (written in the
+/// background): these tests look at the event streams.
+fn write_snapshot(w: &mut RecordingWriter, devices: serde_json::Value) {
+    w.write_snapshot(MemoryCopy::take(&memory()).unwrap(), &cpus(), devices)
+        .unwrap();
+    w.wait_for_snapshot().unwrap();
+}
+
 fn memory() -> GuestMemoryMmap {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES as usize)]).unwrap();
     for page in 0..(MEM_BYTES / 4096) {
@@ -291,12 +300,7 @@ struct Built {
 /// `finish`.
 fn build(dir: &Path, iterations: u64, flush_every: usize, finish: bool) -> Built {
     let mut w = RecordingWriter::create(dir, &header("synthetic")).unwrap();
-    w.write_snapshot(
-        &memory(),
-        &cpus(),
-        serde_json::json!({"serial": {"ier": 0}}),
-    )
-    .unwrap();
+    write_snapshot(&mut w, serde_json::json!({"serial": {"ier": 0}}));
     let mut mix = Mix::new();
     let mut events = Vec::new();
     let mut counts = BTreeMap::new();
@@ -564,8 +568,7 @@ fn semantic_checks_catch_a_seq_gap_and_dma_past_the_log() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("rec");
     let mut w = RecordingWriter::create(&dir, &header("gaps")).unwrap();
-    w.write_snapshot(&memory(), &cpus(), serde_json::Value::Null)
-        .unwrap();
+    write_snapshot(&mut w, serde_json::Value::Null);
     let rdtsc = |seq| LogEvent::Agent {
         record: abi::encode_event(&Event {
             cpu: 0,
@@ -703,8 +706,7 @@ fn writer_child_process() {
     };
     let dir = Path::new(&dir);
     let mut w = RecordingWriter::create(dir, &header("killed")).unwrap();
-    w.write_snapshot(&memory(), &cpus(), serde_json::Value::Null)
-        .unwrap();
+    write_snapshot(&mut w, serde_json::Value::Null);
     let mut mix = Mix::new();
     let started = Instant::now();
     let mut n = 0u64;

@@ -299,7 +299,7 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             );
         }
     } else {
-        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | snapshot (s) | ratio without snapshot | events | log bytes | bytes/event | log MB/s |");
+        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | snapshot, guest stopped (s) | ratio without snapshot | events | log bytes | bytes/event | log MB/s |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     for row in rows.iter().filter(|_| !replay) {

@@ -403,7 +403,10 @@ impl Machine {
                 });
             }
             let mut rc = rc.clone();
+            // The software CPU executes SYSCALL and RDTSC in the engine,
+            // which logs them with exact positions; the agent need not.
             rc.engine_syscalls = backend == Backend::Tcg;
+            rc.engine_rdtsc = backend == Backend::Tcg;
             let header =
                 crate::record::recorder::header_for_machine(&cfg, &rc, backend_name(backend), phys)
                     .map_err(|e| MachineError::Config(format!("recording header: {e:#}")))?;
@@ -612,6 +615,11 @@ impl Machine {
             .iter()
             .map(|v| v.instructions_retired().unwrap_or(0))
             .collect();
+        let kernel_icounts: Vec<u64> = self
+            .vcpus
+            .iter()
+            .map(|v| v.kernel_instructions_retired().unwrap_or(0))
+            .collect();
         let virtual_ns = (0..self.vcpus.len())
             .map(|i| self.now(i))
             .max()
@@ -620,7 +628,7 @@ impl Machine {
         if let Some(recorder) = &mut self.platform.recorder {
             if recorder.is_recording() {
                 recorder.between_runs(self.platform.current, &console);
-                recorder.stop(reason, ok, icounts, virtual_ns);
+                recorder.stop(reason, ok, icounts, kernel_icounts, virtual_ns);
             }
         }
     }

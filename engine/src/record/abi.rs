@@ -78,15 +78,17 @@
 //!   ([`UserStringEvent`]); the word reads they make internally are not
 //!   recorded twice. Both read a word at a time, so the word holding the NUL
 //!   brings the bytes after it into the kernel's registers (the copy has
-//!   them masked out): a last chunk at the NUL's offset carries them, from
-//!   the NUL to the end of that word, as loaded (ABI 3).
+//!   them masked out): the record carries them, from the NUL to the end of
+//!   that word, as loaded (ABI 3); strncpy appends them to the string's last
+//!   chunk (one record per string).
 //! - `get_user`/`__get_user` (value and error) and `unsafe_get_user` (value;
 //!   a faulting `unsafe_get_user` jumps to its error label and is not recorded)
 //!   ([`GetUserEvent`]); the futex word's old value read by the x86 futex
 //!   atomics (`arch_futex_atomic_op_inuser`, `futex_atomic_cmpxchg_inatomic`)
 //!   is recorded the same way, as a 4-byte [`EVENT_GET_USER`].
 //! - `rdtsc()`, `rdtsc_ordered()` in the kernel proper (not the vDSO, not the
-//!   decompressor) ([`RdtscEvent`]). With every kernel TSC read replayed, the
+//!   decompressor) ([`RdtscEvent`]); skipped while [`CONTROL_ENGINE_RDTSC`] is
+//!   set (the software CPU's engine logs every RDTSC itself). With every kernel TSC read replayed, the
 //!   CRNG (seeded from TSC/jiffies and interrupt timing) is deterministic too.
 //! - `get_random_bytes()` and `get_random_u8/16/32/64()` output
 //!   ([`RandomEvent`]; for validation of replay and for KRR's "random" class),
@@ -131,6 +133,12 @@ pub const CONTROL_RECORD: u32 = 1;
 /// CPU performs SYSCALL in the engine and sees the user registers, with an
 /// exact position); the agent then emits no [`EVENT_SYSCALL`].
 pub const CONTROL_ENGINE_SYSCALLS: u32 = 2;
+/// `control` bit: the engine records every RDTSC/RDTSCP the guest executes
+/// (the software CPU performs them in the engine, with exact positions); the
+/// agent then emits no [`EVENT_RDTSC`]: the same value logged twice cost the
+/// guest about 190 instructions per read. Added in ABI 3 without a version
+/// change: an agent that ignores it only logs the reads twice.
+pub const CONTROL_ENGINE_RDTSC: u32 = 4;
 
 /// `agent_state`: no agent has touched the ring (unpatched kernel, or not yet).
 pub const AGENT_STATE_ABSENT: u32 = 0;
@@ -430,8 +438,11 @@ abi_struct! {
 abi_struct! {
     /// EVENT_STRNCPY_FROM_USER / EVENT_STRNLEN_USER payload, followed by
     /// `data_len` bytes (padded to 8): for strncpy the copied string without
-    /// its NUL; for either, a last chunk at the NUL's offset with the bytes
-    /// from the NUL to the end of the word the NUL was read in.
+    /// its NUL; for either, the bytes from the NUL to the end of the word the
+    /// NUL was read in. strncpy carries those after the string's last bytes
+    /// in its last chunk (they are contiguous in user memory), or in a chunk
+    /// of their own at the NUL's offset where that chunk would exceed
+    /// [`MAX_DATA_PER_EVENT`]; strnlen_user logs only them.
     UserStringEvent => "krr_user_string_event" {
         user_addr: u64,
         /// Kernel destination (0 for strnlen_user).
@@ -564,6 +575,7 @@ pub fn constants() -> Vec<(&'static str, u64, &'static str)> {
             CONTROL_ENGINE_SYSCALLS.into(),
             "U",
         ),
+        c("KRR_CONTROL_ENGINE_RDTSC", CONTROL_ENGINE_RDTSC.into(), "U"),
         c("KRR_AGENT_STATE_ABSENT", AGENT_STATE_ABSENT.into(), "U"),
         c("KRR_AGENT_STATE_READY", AGENT_STATE_READY.into(), "U"),
         c("KRR_AGENT_STATE_REFUSED", AGENT_STATE_REFUSED.into(), "U"),

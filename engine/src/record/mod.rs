@@ -9,5 +9,6 @@ pub mod checkpoint;
 pub mod cli;
 pub mod event;
 pub mod log;
+pub mod memory_image;
 pub mod recorder;
 pub mod recording;

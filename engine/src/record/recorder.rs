@@ -22,6 +22,7 @@
 
 use super::abi::{self, Doorbell, RingHeader};
 use super::event::{GprSnapshot, InterruptKind, LogEvent, Position};
+use super::memory_image::MemoryCopy;
 use super::recording::{
     CpuSnapshot, FileDigest, RecordingEnd, RecordingHeader, RecordingWriter, RingInfo,
 };
@@ -127,6 +128,10 @@ pub struct RecordConfig {
     /// records syscall entries and the agent does not
     /// (`abi::CONTROL_ENGINE_SYSCALLS`). Set by the machine.
     pub engine_syscalls: bool,
+    /// The backend performs RDTSC itself (the software CPU) and the engine
+    /// logs every value: the agent logs none (`abi::CONTROL_ENGINE_RDTSC`).
+    /// Set by the machine.
+    pub engine_rdtsc: bool,
     /// Guest instructions between two checkpoints (0: none); each is taken
     /// at the first vCPU stop in the kernel after that many.
     pub checkpoint_every: u64,
@@ -135,11 +140,14 @@ pub struct RecordConfig {
 impl RecordConfig {
     /// The ring's `control` value while recording.
     pub fn recording_control(&self) -> u32 {
+        let mut control = abi::CONTROL_RECORD;
         if self.engine_syscalls {
-            abi::CONTROL_RECORD | abi::CONTROL_ENGINE_SYSCALLS
-        } else {
-            abi::CONTROL_RECORD
+            control |= abi::CONTROL_ENGINE_SYSCALLS;
         }
+        if self.engine_rdtsc {
+            control |= abi::CONTROL_ENGINE_RDTSC;
+        }
+        control
     }
 
     pub fn new(name: String, parent: PathBuf) -> RecordConfig {
@@ -152,6 +160,7 @@ impl RecordConfig {
             vmlinux: None,
             flush_every: Duration::from_millis(200),
             engine_syscalls: false,
+            engine_rdtsc: false,
             checkpoint_every: 0,
         }
     }
@@ -189,7 +198,10 @@ struct Active {
 pub struct FinishedRecording {
     pub dir: PathBuf,
     pub events: u64,
+    /// Seconds the guest stopped for the start snapshot.
     pub snapshot_seconds: f64,
+    /// Seconds the memory image took on its background thread.
+    pub snapshot_write_seconds: f64,
     pub reason: String,
     pub ok: bool,
 }
@@ -447,8 +459,10 @@ impl Recorder {
         let mut writer = RecordingWriter::create(&dir, &header)
             .map_err(|e| format!("creating recording {}: {e:#}", dir.display()))?;
         let snapshot_started = Instant::now();
+        let memory = MemoryCopy::take(&self.mem)
+            .map_err(|e| format!("the start snapshot of {}: {e}", dir.display()))?;
         writer
-            .write_snapshot(&self.mem, cpus, devices)
+            .write_snapshot(memory, cpus, devices)
             .map_err(|e| format!("writing the start snapshot of {}: {e:#}", dir.display()))?;
         let agent_written = self
             .ring_header()
@@ -471,7 +485,16 @@ impl Recorder {
 
     /// Stops the running recording (everything stopped): reads what the
     /// agent published, clears `control` and writes the end record.
-    pub fn stop(&mut self, reason: &str, ok: bool, icounts: Vec<u64>, virtual_ns: u64) {
+    /// `icounts` and `kernel_icounts`: each vCPU's instructions retired in
+    /// all and in the kernel.
+    pub fn stop(
+        &mut self,
+        reason: &str,
+        ok: bool,
+        icounts: Vec<u64>,
+        kernel_icounts: Vec<u64>,
+        virtual_ns: u64,
+    ) {
         self.collect();
         self.set_control(0);
         let Some(active) = self.active.take() else {
@@ -490,6 +513,7 @@ impl Recorder {
             ok,
             events: active.events,
             instructions_per_vcpu: icounts,
+            kernel_instructions_per_vcpu: kernel_icounts,
             virtual_ns,
             wall_seconds: active.started.elapsed().as_secs_f64(),
             agent_events_written: ring
@@ -501,8 +525,10 @@ impl Recorder {
             ..RecordingEnd::default()
         };
         let events = active.events;
-        if let Err(e) = active.writer.finish(end) {
-            self.fail(format!("finishing {}: {e:#}", active.dir.display()));
+        let mut snapshot_write_seconds = 0.0;
+        match active.writer.finish(end) {
+            Ok(end) => snapshot_write_seconds = end.snapshot_write_seconds,
+            Err(e) => self.fail(format!("finishing {}: {e:#}", active.dir.display())),
         }
         tracing::info!(
             "recording {} stopped: {events} events ({reason})",
@@ -510,6 +536,7 @@ impl Recorder {
         );
         self.finished.push(FinishedRecording {
             snapshot_seconds: active.snapshot_seconds,
+            snapshot_write_seconds,
             dir: active.dir,
             events,
             reason,

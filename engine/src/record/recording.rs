@@ -31,13 +31,14 @@ use super::log::{
     self, DmaLogWriter, EventLogReader, EventLogWriter, LogError, StreamEnd, StreamScan,
     StreamTotals,
 };
+use super::memory_image::MemoryCopy;
 use crate::hypervisor::{DebugRegs, Regs, Sregs};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -55,8 +56,8 @@ pub const MEMORY_FILE: &str = "memory.zst";
 pub const CPUS_FILE: &str = "cpus.json";
 pub const DEVICES_FILE: &str = "devices.json";
 /// Magic and version of the memory image inside `memory.zst`.
-const MEMORY_MAGIC: [u8; 8] = *b"KRRMEM\0\0";
-const MEMORY_VERSION: u32 = 1;
+pub(super) const MEMORY_MAGIC: [u8; 8] = *b"KRRMEM\0\0";
+pub(super) const MEMORY_VERSION: u32 = 1;
 
 /// Errors of the recording directory.
 #[derive(Debug, thiserror::Error)]
@@ -311,15 +312,24 @@ pub struct RecordingEnd {
     pub dma_bytes: u64,
     pub dma_bytes_compressed: u64,
     pub instructions_per_vcpu: Vec<u64>,
+    /// Of `instructions_per_vcpu`, those of kernel code: replay runs the
+    /// kernel alone and stops there at the latest.
+    #[serde(default)]
+    pub kernel_instructions_per_vcpu: Vec<u64>,
     /// Guest (virtual clock) time the recording covers.
     pub virtual_ns: u64,
     pub wall_seconds: f64,
     pub agent_events_written: u64,
     pub agent_dropped_events: u64,
     pub agent_doorbells: u64,
-    /// Wall seconds the start snapshot took (memory compressed and synced).
+    /// Wall seconds the start snapshot stopped the guest (RAM copied, vCPU
+    /// and device state written).
     #[serde(default)]
     pub snapshot_seconds: f64,
+    /// Wall seconds the memory image took to compress and sync, on a
+    /// background thread while the guest ran.
+    #[serde(default)]
+    pub snapshot_write_seconds: f64,
     /// Unix seconds at the end.
     pub finished: u64,
 }
@@ -500,6 +510,8 @@ pub struct RecordingWriter {
     dir: PathBuf,
     events: EventLogWriter,
     dma: DmaLogWriter,
+    /// The start snapshot's memory image being written (seconds it took).
+    memory_writer: Option<std::thread::JoinHandle<Result<f64, RecordingError>>>,
 }
 
 impl RecordingWriter {
@@ -522,6 +534,7 @@ impl RecordingWriter {
             dir: dir.to_path_buf(),
             events: EventLogWriter::create(&dir.join(EVENTS_FILE))?,
             dma: DmaLogWriter::create(&dir.join(DMA_FILE))?,
+            memory_writer: None,
         })
     }
 
@@ -530,17 +543,34 @@ impl RecordingWriter {
         &self.dir
     }
 
-    /// Writes the start snapshot: all of guest RAM, the vCPUs, the devices.
-    pub fn write_snapshot<M: GuestMemoryBackend>(
+    /// Writes the start snapshot: the vCPUs and devices now, and guest RAM
+    /// from `memory` on a background thread ([`RecordingWriter::finish`]
+    /// waits for it).
+    pub fn write_snapshot(
         &mut self,
-        mem: &M,
+        memory: MemoryCopy,
         cpus: &[CpuSnapshot],
         devices: serde_json::Value,
     ) -> Result<(), RecordingError> {
         let snap = self.dir.join(SNAPSHOT_DIR);
-        write_memory(&snap.join(MEMORY_FILE), mem)?;
         write_json(&snap.join(CPUS_FILE), &cpus)?;
-        write_json(&snap.join(DEVICES_FILE), &devices)
+        write_json(&snap.join(DEVICES_FILE), &devices)?;
+        self.memory_writer = Some(memory.write_in_background(snap.join(MEMORY_FILE)));
+        Ok(())
+    }
+
+    /// Waits for the start snapshot's memory image to be on disk; returns
+    /// the seconds its background write took (0 if there was none).
+    pub fn wait_for_snapshot(&mut self) -> Result<f64, RecordingError> {
+        match self.memory_writer.take() {
+            None => Ok(0.0),
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                Err(invalid(
+                    &self.dir.join(SNAPSHOT_DIR).join(MEMORY_FILE),
+                    "the snapshot writer thread panicked",
+                ))
+            }),
+        }
     }
 
     /// Appends one event; returns its index. When the events chunk is full
@@ -580,9 +610,11 @@ impl RecordingWriter {
         self.dma.totals()
     }
 
-    /// Flushes and syncs both streams and writes `end.json`, its stream
-    /// totals taken from the writer's own counts.
-    pub fn finish(mut self, mut end: RecordingEnd) -> Result<(), RecordingError> {
+    /// Waits for the snapshot's memory image, flushes and syncs both
+    /// streams and writes `end.json`, its stream totals taken from the
+    /// writer's own counts; returns what it wrote.
+    pub fn finish(mut self, mut end: RecordingEnd) -> Result<RecordingEnd, RecordingError> {
+        end.snapshot_write_seconds = self.wait_for_snapshot()?;
         self.dma.sync()?;
         self.events.sync()?;
         let ev = self.events.totals();
@@ -599,44 +631,9 @@ impl RecordingWriter {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
         }
-        write_json(&self.dir.join(END_FILE), &end)
+        write_json(&self.dir.join(END_FILE), &end)?;
+        Ok(end)
     }
-}
-
-fn write_memory<M: GuestMemoryBackend>(path: &Path, mem: &M) -> Result<(), RecordingError> {
-    let tmp = tmp_name(path);
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
-    let mut enc =
-        zstd::stream::write::Encoder::new(BufWriter::new(file), 1).map_err(io_err(&tmp))?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    enc.multithread(threads).map_err(io_err(&tmp))?;
-    enc.include_checksum(true).map_err(io_err(&tmp))?;
-    let regions: Vec<&M::R> = mem.iter().collect();
-    let mut head = Vec::with_capacity(16 + 16 * regions.len());
-    head.extend_from_slice(&MEMORY_MAGIC);
-    head.extend_from_slice(&MEMORY_VERSION.to_le_bytes());
-    head.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-    for r in &regions {
-        head.extend_from_slice(&r.start_addr().0.to_le_bytes());
-        head.extend_from_slice(&r.len().to_le_bytes());
-    }
-    enc.write_all(&head).map_err(io_err(&tmp))?;
-    let mut buf = vec![0u8; 4 << 20];
-    for (i, r) in regions.iter().enumerate() {
-        let mut at = 0u64;
-        while at < r.len() {
-            let n = (r.len() - at).min(buf.len() as u64) as usize;
-            r.read_slice(&mut buf[..n], MemoryRegionAddress(at))
-                .map_err(|e| invalid(path, format!("reading guest region {i} at {at:#x}: {e}")))?;
-            enc.write_all(&buf[..n]).map_err(io_err(&tmp))?;
-            at += n as u64;
-        }
-    }
-    let mut out = enc.finish().map_err(io_err(&tmp))?;
-    out.flush().map_err(io_err(&tmp))?;
-    out.get_ref().sync_data().map_err(io_err(&tmp))?;
-    drop(out);
-    fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Overall verdict of [`verify`].

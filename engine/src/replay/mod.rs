@@ -684,10 +684,13 @@ pub struct Replayer {
     /// What checkpoints digest (`None`: no `System.map`, registers only).
     kernel_image: Option<KernelImage>,
     recorded_wall: Option<f64>,
-    /// Instructions each vCPU had retired when the recording ended (kernel
-    /// and user): no replayed kernel count can pass them, so a run without
-    /// a stop target is bounded by them (a replay that goes astray and
-    /// spins ends as a divergence instead of running forever).
+    /// Kernel instructions each vCPU had retired when the recording ended
+    /// (all instructions, for recordings made before end.json had kernel
+    /// counts): no replayed kernel count can pass them, so a run without a
+    /// stop target is bounded by them. A replay that goes astray ends as a
+    /// divergence instead of running on, and the kernel's last stretch
+    /// (after the last read it makes, e.g. a power-off delay loop polling
+    /// the TSC) stops where the recording stopped.
     recorded_end_icounts: Vec<u64>,
     complete: bool,
 }
@@ -763,9 +766,17 @@ impl Replayer {
             dir: dir.to_path_buf(),
             complete: end.is_some(),
             recorded_wall: end.as_ref().map(|e| e.wall_seconds),
+            // Recordings of log format 3 before the kernel counts were
+            // added give only the total counts: a looser bound.
             recorded_end_icounts: end
                 .as_ref()
-                .map(|e| e.instructions_per_vcpu.clone())
+                .map(|e| {
+                    if e.kernel_instructions_per_vcpu.is_empty() {
+                        e.instructions_per_vcpu.clone()
+                    } else {
+                        e.kernel_instructions_per_vcpu.clone()
+                    }
+                })
                 .unwrap_or_default(),
             kernel_image: KernelImage::from_symbols(&symbols),
             header,
