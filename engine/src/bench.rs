@@ -208,6 +208,12 @@ pub struct RecordBench {
     pub plain_instructions: u64,
     /// More than plain: the agent's own code runs in the guest.
     pub recorded_instructions: u64,
+    /// Guest instructions retired when the recording started (the same
+    /// point of the plain run: execution up to there is identical).
+    pub window_start_instructions: u64,
+    /// Guest instructions over the window, recorded / plain: what the
+    /// agent adds in the guest. Exact and repeatable, unlike wall time.
+    pub instruction_ratio: f64,
     pub events: u64,
     /// Bytes of the event log on disk (zstd chunks with headers).
     pub log_bytes: u64,
@@ -280,6 +286,11 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
             rec.reason
         )));
     }
+    let window_start: u64 = crate::record::recording::load_cpus(&rec.dir)
+        .map_err(|e| BenchError::Workload(format!("the snapshot of {}: {e}", rec.dir.display())))?
+        .iter()
+        .map(|c| c.icount)
+        .sum();
     let stats = crate::record::recording::stats(&rec.dir)
         .map_err(|e| BenchError::Workload(format!("statistics of {}: {e}", rec.dir.display())))?;
     let replay = crate::replay::Replayer::open(&rec.dir)
@@ -300,6 +311,9 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
         ratio_without_snapshot: (recorded_seconds - rec.snapshot_seconds) / plain_seconds.max(1e-9),
         plain_instructions: plain.instructions,
         recorded_instructions: recorded.instructions,
+        window_start_instructions: window_start,
+        instruction_ratio: recorded.instructions.saturating_sub(window_start) as f64
+            / plain.instructions.saturating_sub(window_start).max(1) as f64,
         events: stats.events,
         log_bytes: stats.file_bytes,
         bytes_per_event: stats.bytes_per_event,

@@ -159,6 +159,7 @@ struct RecordRun {
     recorded_seconds: f64,
     ratio: f64,
     ratio_without_snapshot: f64,
+    instruction_ratio: f64,
     snapshot_seconds: f64,
     replay_seconds: f64,
     bytes_per_event: f64,
@@ -183,6 +184,7 @@ impl RecordRun {
             recorded_seconds: n("recorded_seconds")?,
             ratio: n("ratio")?,
             ratio_without_snapshot: n("ratio_without_snapshot")?,
+            instruction_ratio: n("instruction_ratio")?,
             snapshot_seconds: n("snapshot_seconds")?,
             replay_seconds: n("replay_seconds")?,
             bytes_per_event: n("bytes_per_event")?,
@@ -252,6 +254,13 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
         let recorded = median(runs.iter().map(|r| r.recorded_seconds).collect());
         let ratio = median(runs.iter().map(|r| r.ratio).collect());
         let ratio_steady = median(runs.iter().map(|r| r.ratio_without_snapshot).collect());
+        let ratio_min = runs.iter().map(|r| r.ratio).fold(f64::INFINITY, f64::min);
+        let ratio_max = runs
+            .iter()
+            .map(|r| r.ratio)
+            .fold(f64::NEG_INFINITY, f64::max);
+        // Deterministic: the same in every run.
+        let instruction_ratio = median(runs.iter().map(|r| r.instruction_ratio).collect());
         let snapshot = median(runs.iter().map(|r| r.snapshot_seconds).collect());
         let replay_s = median(runs.iter().map(|r| r.replay_seconds).collect());
         let last = runs.last().expect("at least one run");
@@ -269,6 +278,9 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             "recorded_seconds_median": recorded,
             "ratio_median": ratio,
             "ratio_without_snapshot_median": ratio_steady,
+            "ratio_min": ratio_min,
+            "ratio_max": ratio_max,
+            "instruction_ratio": instruction_ratio,
             "snapshot_seconds_median": snapshot,
             "events": events,
             "log_bytes": log_bytes,
@@ -299,19 +311,22 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             );
         }
     } else {
-        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | snapshot, guest stopped (s) | ratio without snapshot | events | log bytes | bytes/event | log MB/s |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| workload | plain (s) | recorded (s) | ratio (target <= 1.10) | ratio range | snapshot, guest stopped (s) | ratio without snapshot | guest instructions, recorded/plain | events | log bytes | bytes/event | log MB/s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for row in rows.iter().filter(|_| !replay) {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {:.2} | {:.2} | {:.3} | {:.2} | {:.3} | {} | {} | {:.1} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.3} | {:.3}-{:.3} | {:.2} | {:.3} | {:.3} | {} | {} | {:.1} | {:.2} |",
             row["workload"].as_str().unwrap_or("?"),
             f("plain_seconds_median"),
             f("recorded_seconds_median"),
             f("ratio_median"),
+            f("ratio_min"),
+            f("ratio_max"),
             f("snapshot_seconds_median"),
             f("ratio_without_snapshot_median"),
+            f("instruction_ratio"),
             row["events"],
             row["log_bytes"],
             f("bytes_per_event"),
