@@ -403,10 +403,7 @@ impl Machine {
                 });
             }
             let mut rc = rc.clone();
-            // The software CPU executes SYSCALL and RDTSC in the engine,
-            // which logs them with exact positions; the agent need not.
-            rc.engine_syscalls = backend == Backend::Tcg;
-            rc.engine_rdtsc = backend == Backend::Tcg;
+            rc.engine_executes_cpu = backend == Backend::Tcg;
             let header =
                 crate::record::recorder::header_for_machine(&cfg, &rc, backend_name(backend), phys)
                     .map_err(|e| MachineError::Config(format!("recording header: {e:#}")))?;

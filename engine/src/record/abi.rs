@@ -88,8 +88,9 @@
 //!   is recorded the same way, as a 4-byte [`EVENT_GET_USER`].
 //! - `rdtsc()`, `rdtsc_ordered()` in the kernel proper (not the vDSO, not the
 //!   decompressor) ([`RdtscEvent`]); skipped while [`CONTROL_ENGINE_RDTSC`] is
-//!   set (the software CPU's engine logs every RDTSC itself). With every kernel TSC read replayed, the
-//!   CRNG (seeded from TSC/jiffies and interrupt timing) is deterministic too.
+//!   set (the software CPU's engine logs every RDTSC itself). With every
+//!   kernel TSC read replayed, the CRNG (seeded from TSC/jiffies and
+//!   interrupt timing) is deterministic too.
 //! - `get_random_bytes()` and `get_random_u8/16/32/64()` output
 //!   ([`RandomEvent`]; for validation of replay and for KRR's "random" class),
 //!   `rdrand_long()`/`rdseed_long()` results ([`RdrandEvent`]; the engine's
@@ -135,9 +136,9 @@ pub const CONTROL_RECORD: u32 = 1;
 pub const CONTROL_ENGINE_SYSCALLS: u32 = 2;
 /// `control` bit: the engine records every RDTSC/RDTSCP the guest executes
 /// (the software CPU performs them in the engine, with exact positions); the
-/// agent then emits no [`EVENT_RDTSC`]: the same value logged twice cost the
-/// guest about 190 instructions per read. Added in ABI 3 without a version
-/// change: an agent that ignores it only logs the reads twice.
+/// agent then emits no [`EVENT_RDTSC`] (the same value logged twice cost the
+/// guest a ring record per read). Added in ABI 3 without a version change:
+/// an agent that ignores it only logs the reads twice.
 pub const CONTROL_ENGINE_RDTSC: u32 = 4;
 
 /// `agent_state`: no agent has touched the ring (unpatched kernel, or not yet).

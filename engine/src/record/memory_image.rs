@@ -13,7 +13,7 @@
 //! one [`super::recording`] reads; a recording whose image is not written yet
 //! lacks `snapshot/memory.zst`, which `krr log verify` reports.
 
-use super::recording::{RecordingError, MEMORY_MAGIC, MEMORY_VERSION};
+use super::recording::{io_err, tmp_name, RecordingError, MEMORY_MAGIC, MEMORY_VERSION};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -40,8 +40,6 @@ struct RegionCopy {
 /// Guest RAM as it was when [`MemoryCopy::take`] ran.
 pub struct MemoryCopy {
     regions: Vec<RegionCopy>,
-    /// Seconds `take` ran (the machine stopped).
-    pub copy_seconds: f64,
 }
 
 impl MemoryCopy {
@@ -49,7 +47,6 @@ impl MemoryCopy {
     /// the host never backed are left out (they are zeros); where pagemap
     /// cannot be read, every page is copied.
     pub fn take<M: GuestMemoryBackend>(mem: &M) -> Result<MemoryCopy, String> {
-        let started = Instant::now();
         let mut pagemap = File::open("/proc/self/pagemap").ok();
         let mut regions = Vec::new();
         for (i, r) in mem.iter().enumerate() {
@@ -82,10 +79,7 @@ impl MemoryCopy {
                 data,
             });
         }
-        Ok(MemoryCopy {
-            regions,
-            copy_seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(MemoryCopy { regions })
     }
 
     /// Bytes copied (the pages with data).
@@ -95,33 +89,29 @@ impl MemoryCopy {
 
     /// Writes the image to `path` (through `path.tmp`, synced, then
     /// renamed) on a new thread; the handle yields the seconds it took.
-    pub fn write_in_background(self, path: PathBuf) -> JoinHandle<Result<f64, RecordingError>> {
+    pub fn write_in_background(
+        self,
+        path: PathBuf,
+    ) -> Result<JoinHandle<Result<f64, RecordingError>>, RecordingError> {
+        let thread_path = path.clone();
         std::thread::Builder::new()
             .name("krr-snapshot".into())
             .spawn(move || {
                 let started = Instant::now();
-                self.write(&path)?;
+                self.write(&thread_path)?;
                 Ok(started.elapsed().as_secs_f64())
             })
-            .expect("spawning the snapshot writer thread")
+            .map_err(io_err(&path))
     }
 
     /// Writes the image to `path` through a temporary file and a rename.
-    pub fn write(&self, path: &Path) -> Result<(), RecordingError> {
-        let tmp = {
-            let mut name = path.file_name().unwrap_or_default().to_os_string();
-            name.push(".tmp");
-            path.with_file_name(name)
-        };
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source: io::Error| RecordingError::Io { path: p, source }
-        };
-        let file = File::create(&tmp).map_err(io(&tmp))?;
+    fn write(&self, path: &Path) -> Result<(), RecordingError> {
+        let tmp = tmp_name(path);
+        let file = File::create(&tmp).map_err(io_err(&tmp))?;
         // One thread: the guest runs on the others.
         let mut enc =
-            zstd::stream::write::Encoder::new(BufWriter::new(file), 1).map_err(io(&tmp))?;
-        enc.include_checksum(true).map_err(io(&tmp))?;
+            zstd::stream::write::Encoder::new(BufWriter::new(file), 1).map_err(io_err(&tmp))?;
+        enc.include_checksum(true).map_err(io_err(&tmp))?;
         let mut head = Vec::with_capacity(16 + 16 * self.regions.len());
         head.extend_from_slice(&MEMORY_MAGIC);
         head.extend_from_slice(&MEMORY_VERSION.to_le_bytes());
@@ -130,7 +120,7 @@ impl MemoryCopy {
             head.extend_from_slice(&r.guest_start.to_le_bytes());
             head.extend_from_slice(&r.len.to_le_bytes());
         }
-        enc.write_all(&head).map_err(io(&tmp))?;
+        enc.write_all(&head).map_err(io_err(&tmp))?;
         let zeros = vec![0u8; 1 << 20];
         let write_zeros = |enc: &mut zstd::stream::write::Encoder<_>, mut n: u64| {
             while n > 0 {
@@ -145,19 +135,19 @@ impl MemoryCopy {
             for &(first, count) in &r.runs {
                 let from = first * PAGE;
                 let n = (count * PAGE).min(r.len - from) as usize;
-                write_zeros(&mut enc, from - at).map_err(io(&tmp))?;
+                write_zeros(&mut enc, from - at).map_err(io_err(&tmp))?;
                 enc.write_all(&r.data[data_at..data_at + n])
-                    .map_err(io(&tmp))?;
+                    .map_err(io_err(&tmp))?;
                 data_at += n;
                 at = from + n as u64;
             }
-            write_zeros(&mut enc, r.len - at).map_err(io(&tmp))?;
+            write_zeros(&mut enc, r.len - at).map_err(io_err(&tmp))?;
         }
-        let mut out = enc.finish().map_err(io(&tmp))?;
-        out.flush().map_err(io(&tmp))?;
-        out.get_ref().sync_data().map_err(io(&tmp))?;
+        let mut out = enc.finish().map_err(io_err(&tmp))?;
+        out.flush().map_err(io_err(&tmp))?;
+        out.get_ref().sync_data().map_err(io_err(&tmp))?;
         drop(out);
-        fs::rename(&tmp, path).map_err(io(path))
+        fs::rename(&tmp, path).map_err(io_err(path))
     }
 }
 
@@ -215,6 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory.zst");
         copy.write_in_background(path.clone())
+            .unwrap()
             .join()
             .unwrap()
             .unwrap();

@@ -124,14 +124,11 @@ pub struct RecordConfig {
     pub vmlinux: Option<PathBuf>,
     /// Wall time between two flushes of the log (crash safety).
     pub flush_every: Duration,
-    /// The backend performs SYSCALL itself (the software CPU): the engine
-    /// records syscall entries and the agent does not
-    /// (`abi::CONTROL_ENGINE_SYSCALLS`). Set by the machine.
-    pub engine_syscalls: bool,
-    /// The backend performs RDTSC itself (the software CPU) and the engine
-    /// logs every value: the agent logs none (`abi::CONTROL_ENGINE_RDTSC`).
+    /// The backend executes the guest's SYSCALL and RDTSC in the engine (the
+    /// software CPU), which logs both with exact positions: the agent logs
+    /// neither (`abi::CONTROL_ENGINE_SYSCALLS | abi::CONTROL_ENGINE_RDTSC`).
     /// Set by the machine.
-    pub engine_rdtsc: bool,
+    pub engine_executes_cpu: bool,
     /// Guest instructions between two checkpoints (0: none); each is taken
     /// at the first vCPU stop in the kernel after that many.
     pub checkpoint_every: u64,
@@ -140,14 +137,11 @@ pub struct RecordConfig {
 impl RecordConfig {
     /// The ring's `control` value while recording.
     pub fn recording_control(&self) -> u32 {
-        let mut control = abi::CONTROL_RECORD;
-        if self.engine_syscalls {
-            control |= abi::CONTROL_ENGINE_SYSCALLS;
+        if self.engine_executes_cpu {
+            abi::CONTROL_RECORD | abi::CONTROL_ENGINE_SYSCALLS | abi::CONTROL_ENGINE_RDTSC
+        } else {
+            abi::CONTROL_RECORD
         }
-        if self.engine_rdtsc {
-            control |= abi::CONTROL_ENGINE_RDTSC;
-        }
-        control
     }
 
     pub fn new(name: String, parent: PathBuf) -> RecordConfig {
@@ -159,8 +153,7 @@ impl RecordConfig {
             ring_size: DEFAULT_RING_SIZE,
             vmlinux: None,
             flush_every: Duration::from_millis(200),
-            engine_syscalls: false,
-            engine_rdtsc: false,
+            engine_executes_cpu: false,
             checkpoint_every: 0,
         }
     }

@@ -83,7 +83,7 @@ pub enum RecordingError {
     Log(#[from] LogError),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RecordingError + '_ {
+pub(super) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RecordingError + '_ {
     move |source| RecordingError::Io {
         path: path.to_path_buf(),
         source,
@@ -344,7 +344,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RecordingError> {
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-fn tmp_name(path: &Path) -> PathBuf {
+pub(super) fn tmp_name(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
@@ -555,7 +555,7 @@ impl RecordingWriter {
         let snap = self.dir.join(SNAPSHOT_DIR);
         write_json(&snap.join(CPUS_FILE), &cpus)?;
         write_json(&snap.join(DEVICES_FILE), &devices)?;
-        self.memory_writer = Some(memory.write_in_background(snap.join(MEMORY_FILE)));
+        self.memory_writer = Some(memory.write_in_background(snap.join(MEMORY_FILE))?);
         Ok(())
     }
 
