@@ -273,7 +273,7 @@ pub fn validate_stressor(
                     r.outcome = "passed".into();
                     r.detail = format!("{} kernel instructions", rep.kernel_instructions);
                 }
-                ReplayEnd::Diverged(d) => {
+                ReplayEnd::Diverged(d) | ReplayEnd::Stalled(d) => {
                     r.outcome = "diverged".into();
                     r.detail = format!("event #{} at {}: expected {}", d.event, d.rip, d.expected);
                 }

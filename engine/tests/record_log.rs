@@ -629,6 +629,18 @@ fn refusals_and_lookups_name_what_is_wrong() {
             && err.contains("KRR_RECORDINGS"),
         "{err}"
     );
+    // One rule for names and paths: a '/' makes a path, a plain name is
+    // looked up under the recordings directory only.
+    let path = dir.display().to_string();
+    assert_eq!(recording::find(&path).unwrap(), dir);
+    assert_eq!(
+        recording::resolve("rec"),
+        recording::recordings_dir().join("rec")
+    );
+    assert_eq!(
+        recording::resolve("./rec"),
+        std::path::PathBuf::from("./rec")
+    );
     let err = recording::verify(tmp.path()).unwrap_err().to_string();
     assert!(err.contains("has no header.json"), "{err}");
     // An unknown format version in the header is damage, named.

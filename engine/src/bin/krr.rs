@@ -120,7 +120,8 @@ struct RunArgs {
 
 #[derive(Parser)]
 struct ReplayArgs {
-    /// Recording name (under $KRR_RECORDINGS) or directory.
+    /// Recording: a name (a directory under $KRR_RECORDINGS) or a path
+    /// with a `/` (`./NAME`, `/abs/dir`).
     name: String,
     /// Stop after this many events of the log.
     #[arg(long)]
@@ -130,6 +131,10 @@ struct ReplayArgs {
     /// kernel instructions; without it, every checkpoint is verified.
     #[arg(long, value_name = "N")]
     verify_every: Option<u64>,
+    /// Report the replay as stalled when it consumes no event of the log
+    /// for this many wall seconds (default 300).
+    #[arg(long, value_name = "SECONDS")]
+    stall_seconds: Option<u64>,
     /// Print one JSON object on stdout (the console is not echoed).
     #[arg(long)]
     json: bool,
@@ -217,6 +222,9 @@ fn print_summary(r: &RunReport) {
         (None, Some(w)) => eprintln!("krr: /init started after {w:.3} s wall"),
         _ => {}
     }
+    if let Some(s) = r.virtual_seconds_of_command {
+        eprintln!("krr: krr.run command: {s:.3} virtual s (KRR-START to KRR-END)");
+    }
     let e = &r.exits;
     eprintln!(
         "krr: exits: hlt {} budget {} io-stop {} irq-injected {} pio {} mmio {} exceptions {} syscalls {} cpuid {} rdtsc {}",
@@ -285,6 +293,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         until_event: a.until_event,
         echo_console: !a.json && !a.quiet,
         verify_every: a.verify_every,
+        stall_seconds: a.stall_seconds,
     };
     let report = replayer.run(&opts)?;
     if a.json {
@@ -303,6 +312,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
             eprintln!("krr: replay stopped at event {event} as asked; everything matched so far")
         }
         ReplayEnd::Diverged(d) => eprint!("krr: replay {d}"),
+        ReplayEnd::Stalled(d) => eprint!("krr: replay {}", d.with_verdict("STALLED")),
         ReplayEnd::LogEnded { events, why } => eprintln!(
             "krr: the log ends after {events} events, before the recording's end ({why}): NOT a complete replay"
         ),

@@ -47,6 +47,13 @@ pub trait IoBus {
     fn stop_requested(&self) -> bool {
         false
     }
+    /// Asked by backends that count instructions after each write access:
+    /// the vCPU's instruction count by which its run must end, because the
+    /// write armed a device timer that falls due then, or made an interrupt
+    /// pending for it. The run then ends at the first block boundary there.
+    fn run_end(&self, _vcpu: usize) -> Option<u64> {
+        None
+    }
     /// CPUID, answered by the engine so that every backend shows the guest
     /// the same CPU (a recording made on one backend replays on another).
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4];

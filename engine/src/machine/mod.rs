@@ -171,6 +171,9 @@ pub struct RunReport {
     pub instructions: u64,
     pub instructions_per_vcpu: Vec<u64>,
     pub virtual_ns: u64,
+    /// Virtual seconds from `/init`'s `KRR-START` line to its `KRR-END`
+    /// line (the `krr.run` command), when both were printed.
+    pub virtual_seconds_of_command: Option<f64>,
     pub wall_seconds: f64,
     pub mips: f64,
     pub exits: ExitStats,
@@ -209,6 +212,8 @@ pub fn create_memory(bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
 
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const END_MARKER: &str = "KRR-END status=";
+/// What `/init` prints right before it runs `krr.run`.
+const START_MARKER: &str = "KRR-START";
 /// The kernel's last line before it starts `/init`.
 pub const INIT_MARKER: &str = "Run /init as init process";
 
@@ -247,6 +252,8 @@ pub struct Machine {
     trigger_scan: usize,
     /// Recorded runs from boot: whether the agent was checked at /init.
     agent_checked: bool,
+    /// The vCPU whose triple fault ended the run, if one did.
+    triple_fault_vcpu: Option<usize>,
     /// Recorded runs with `checkpoint_every`: what they digest and when.
     checkpoints: Option<Checkpoints>,
     mem: GuestMemoryMmap,
@@ -434,6 +441,7 @@ impl Machine {
             state,
             trigger_scan: 0,
             agent_checked: false,
+            triple_fault_vcpu: None,
             checkpoints,
             mem,
         })
@@ -441,6 +449,14 @@ impl Machine {
 
     fn now(&self, vcpu: usize) -> u64 {
         self.vcpus[vcpu].instructions_retired().unwrap_or(0) + self.platform.idle_ns[vcpu]
+    }
+
+    /// The machine's virtual time: its most advanced vCPU's clock.
+    fn virtual_now(&self) -> u64 {
+        (0..self.vcpus.len())
+            .map(|i| self.now(i))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Starts application processor `id` in real mode at the SIPI vector's
@@ -625,7 +641,14 @@ impl Machine {
         if let Some(recorder) = &mut self.platform.recorder {
             if recorder.is_recording() {
                 recorder.between_runs(self.platform.current, &console);
-                recorder.stop(reason, ok, icounts, kernel_icounts, virtual_ns);
+                recorder.stop(
+                    reason,
+                    ok,
+                    icounts,
+                    kernel_icounts,
+                    virtual_ns,
+                    self.triple_fault_vcpu,
+                );
             }
         }
     }
@@ -830,6 +853,10 @@ impl Machine {
                     };
                 }
                 self.platform.current = id;
+                // The platform's clock of this vCPU moves with its accesses;
+                // code that makes none (a user loop) must still reach its
+                // timers' deadlines.
+                self.platform.retired[id] = self.vcpus[id].instructions_retired().unwrap_or(0);
                 self.platform.advance(id);
                 let pending = match self.inject_for(id, &mut stats) {
                     Ok(p) => p,
@@ -853,10 +880,14 @@ impl Machine {
                 if now >= round_end {
                     continue;
                 }
-                let mut budget = (round_end - now).min(self.cfg.max_instructions - total);
-                if pending == Pending::Masked {
-                    // Poll for the guest enabling interrupts.
-                    budget = budget.min(10_000);
+                let budget = (round_end - now).min(self.cfg.max_instructions - total);
+                // A masked interrupt is taken at the block where the guest
+                // enables interrupts (a block boundary, so replay stops there too).
+                if let Err(e) = self.vcpus[id].request_interrupt_window(pending == Pending::Masked)
+                {
+                    break 'run RunEnd::BackendError {
+                        reason: e.to_string(),
+                    };
                 }
                 self.platform.irq_raised = false;
                 self.platform.irq_pending_at_start = pending == Pending::Masked;
@@ -866,8 +897,9 @@ impl Machine {
                 // (replay of the kernel alone cannot stop there); on the
                 // software CPU only the run's end (reset, power-off) and
                 // recording start/stop requests make one, and no slice is
-                // needed after those.
-                if !matches!(exit, Ok(VmExit::IoStop)) {
+                // needed after those, nor after the triple fault that ends
+                // a run.
+                if !matches!(exit, Ok(VmExit::IoStop) | Ok(VmExit::Shutdown)) {
                     if let Err(e) = self.record_after_run(id) {
                         break 'run RunEnd::BackendError {
                             reason: e.to_string(),
@@ -901,9 +933,13 @@ impl Machine {
                 }
                 // Console checks: /init start, end marker, panic.
                 let instructions = self.total_instructions();
-                if let Some(panic) =
-                    console.scan(self.platform.serial.output(), instructions, start.elapsed())
-                {
+                let virtual_ns = self.virtual_now();
+                if let Some(panic) = console.scan(
+                    self.platform.serial.output(),
+                    instructions,
+                    virtual_ns,
+                    start.elapsed(),
+                ) {
                     break 'run panic;
                 }
                 if let Some(end) = self.between_runs(id, &console) {
@@ -934,6 +970,7 @@ impl Machine {
                         }
                     }
                     Ok(VmExit::Shutdown) => {
+                        self.triple_fault_vcpu = Some(id);
                         break 'run match console.end_status {
                             // `reboot=t`: the guest ends its run with a
                             // triple fault after the marker.
@@ -957,6 +994,7 @@ impl Machine {
         self.record_finish(&end);
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
+        report.virtual_seconds_of_command = console.command_seconds();
         report
     }
 
@@ -1111,9 +1149,12 @@ impl Machine {
                         }
                     }
                     // KVM counts no instructions.
-                    if let Some(panic) =
-                        console.scan(self.platform.serial.output(), 0, start.elapsed())
-                    {
+                    if let Some(panic) = console.scan(
+                        self.platform.serial.output(),
+                        0,
+                        clock.now_ns(),
+                        start.elapsed(),
+                    ) {
                         break 'run panic;
                     }
                     if let Some(end) = self.between_runs(id, &console) {
@@ -1140,6 +1181,7 @@ impl Machine {
                             }
                         }
                         Ok(VmExit::Shutdown) => {
+                            self.triple_fault_vcpu = Some(id);
                             break 'run match console.end_status {
                                 Some(status) => RunEnd::EndMarker { status },
                                 None => RunEnd::TripleFault {
@@ -1185,6 +1227,7 @@ impl Machine {
         self.record_finish(&end);
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
+        report.virtual_seconds_of_command = console.command_seconds();
         report.instructions_to_init = None;
         report.virtual_ns = clock.now_ns();
         report
@@ -1224,10 +1267,8 @@ impl Machine {
             end,
             instructions,
             instructions_per_vcpu: per_vcpu,
-            virtual_ns: (0..self.vcpus.len())
-                .map(|i| self.now(i))
-                .max()
-                .unwrap_or(0),
+            virtual_ns: self.virtual_now(),
+            virtual_seconds_of_command: None,
             wall_seconds: wall.as_secs_f64(),
             mips: instructions as f64 / wall.as_secs_f64().max(1e-9) / 1e6,
             exits: stats,
@@ -1282,13 +1323,27 @@ struct ConsoleWatch {
     to_init: Option<(u64, Duration)>,
     first_init_line: Option<Duration>,
     end_status: Option<i32>,
+    /// Virtual time (ns) when `/init` printed its start and end markers.
+    command_started_ns: Option<u64>,
+    command_ended_ns: Option<u64>,
 }
 
 impl ConsoleWatch {
+    fn command_seconds(&self) -> Option<f64> {
+        let (from, to) = (self.command_started_ns?, self.command_ended_ns?);
+        Some(to.saturating_sub(from) as f64 / 1e9)
+    }
+
     /// Scans the output added since the last call (with some overlap, so a
     /// marker split across two calls is found); returns the run's end when
     /// the kernel panicked.
-    fn scan(&mut self, out: &[u8], instructions: u64, elapsed: Duration) -> Option<RunEnd> {
+    fn scan(
+        &mut self,
+        out: &[u8],
+        instructions: u64,
+        virtual_ns: u64,
+        elapsed: Duration,
+    ) -> Option<RunEnd> {
         if out.len() <= self.scanned {
             return None;
         }
@@ -1304,9 +1359,13 @@ impl ConsoleWatch {
         {
             self.first_init_line = Some(elapsed);
         }
+        if self.command_started_ns.is_none() && parse_marker(&text, START_MARKER).is_some() {
+            self.command_started_ns = Some(virtual_ns);
+        }
         if self.end_status.is_none() {
             if let Some(s) = parse_marker(&text, END_MARKER) {
                 self.end_status = s.trim().parse().ok();
+                self.command_ended_ns = Some(virtual_ns);
             }
         }
         parse_marker(&text, PANIC_MARKER).map(|line| RunEnd::Panic {

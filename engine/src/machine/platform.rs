@@ -380,6 +380,14 @@ impl IoBus for Platform {
             || self.recorder.as_ref().is_some_and(Recorder::wants_stop)
     }
 
+    fn run_end(&self, vcpu: usize) -> Option<u64> {
+        // Clocks read `retired + idle_ns`; the run ends in retired units.
+        let idle = self.idle_ns[vcpu];
+        let timer = self.next_deadline().map(|d| d.saturating_sub(idle));
+        let raised = self.irq_raised.then_some(self.retired[vcpu]);
+        timer.into_iter().chain(raised).min()
+    }
+
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
         cpuid(&self.cpuid, vcpu, leaf, subleaf)
     }

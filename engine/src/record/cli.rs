@@ -13,8 +13,8 @@ pub enum LogCommand {
     /// intact; 1: a valid prefix (truncated, or the recorder did not
     /// finish); 2: damaged.
     Verify {
-        /// Recording name (under $KRR_RECORDINGS, default
-        /// results/recordings) or path.
+        /// Recording: a name (a directory under $KRR_RECORDINGS, default
+        /// results/recordings) or a path with a `/`.
         name: String,
         /// Print the report as JSON.
         #[arg(long)]
@@ -22,7 +22,7 @@ pub enum LogCommand {
     },
     /// Event counts per type, bytes, duration and rate.
     Stats {
-        /// Recording name or path.
+        /// Recording: a name, or a path with a `/`.
         name: String,
         /// Print as JSON.
         #[arg(long)]
@@ -30,7 +30,7 @@ pub enum LogCommand {
     },
     /// Print events, one per line.
     Dump {
-        /// Recording name or path.
+        /// Recording: a name, or a path with a `/`.
         name: String,
         /// Index of the first event.
         #[arg(long, default_value_t = 0)]

@@ -487,6 +487,7 @@ impl Recorder {
         icounts: Vec<u64>,
         kernel_icounts: Vec<u64>,
         virtual_ns: u64,
+        triple_fault_vcpu: Option<usize>,
     ) {
         self.collect();
         self.set_control(0);
@@ -507,6 +508,7 @@ impl Recorder {
             events: active.events,
             instructions_per_vcpu: icounts,
             kernel_instructions_per_vcpu: kernel_icounts,
+            triple_fault_vcpu,
             virtual_ns,
             wall_seconds: active.started.elapsed().as_secs_f64(),
             agent_events_written: ring

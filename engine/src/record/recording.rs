@@ -75,8 +75,14 @@ pub enum RecordingError {
          (pick another name or remove it)"
     )]
     Exists { path: PathBuf },
-    #[error("no recording named {name} under {parent} (set {RECORDINGS_ENV} or pass a path)")]
-    NotFound { name: String, parent: PathBuf },
+    #[error(
+        "no recording named {name} under {parent} (set {RECORDINGS_ENV}, or pass a path with a '/'){hint}"
+    )]
+    NotFound {
+        name: String,
+        parent: PathBuf,
+        hint: String,
+    },
     #[error("{path} is not a recording: it has no {HEADER_FILE}")]
     NotARecording { path: PathBuf },
     #[error(transparent)]
@@ -106,12 +112,13 @@ pub fn recordings_dir() -> PathBuf {
     }
 }
 
-/// An existing path is used as is, anything else is a name under
-/// [`recordings_dir`].
+/// The one rule for naming a recording (`krr replay`, `krr log`, the
+/// harness): an argument with a `/` is a path (`./NAME`, `/abs/dir`); a
+/// plain name, which is what `krr record --name` accepts, is a directory
+/// under [`recordings_dir`], whatever the current directory holds.
 pub fn resolve(name_or_path: &str) -> PathBuf {
-    let path = Path::new(name_or_path);
-    if path.exists() {
-        path.to_path_buf()
+    if name_or_path.contains('/') {
+        PathBuf::from(name_or_path)
     } else {
         recordings_dir().join(name_or_path)
     }
@@ -121,9 +128,16 @@ pub fn resolve(name_or_path: &str) -> PathBuf {
 pub fn find(name_or_path: &str) -> Result<PathBuf, RecordingError> {
     let dir = resolve(name_or_path);
     if !dir.exists() {
+        let local = Path::new(name_or_path);
+        let hint = if !name_or_path.contains('/') && local.join(HEADER_FILE).exists() {
+            format!("; ./{name_or_path} is a recording: a path needs a '/', as in ./{name_or_path}")
+        } else {
+            String::new()
+        };
         return Err(RecordingError::NotFound {
             name: name_or_path.to_string(),
             parent: recordings_dir(),
+            hint,
         });
     }
     if !dir.join(HEADER_FILE).exists() {
@@ -316,6 +330,10 @@ pub struct RecordingEnd {
     /// kernel alone and stops there at the latest.
     #[serde(default)]
     pub kernel_instructions_per_vcpu: Vec<u64>,
+    /// The vCPU whose triple fault ended the run (`reboot=t`, or an
+    /// exception that could not be delivered): replay ends there too.
+    #[serde(default)]
+    pub triple_fault_vcpu: Option<usize>,
     /// Guest (virtual clock) time the recording covers.
     pub virtual_ns: u64,
     pub wall_seconds: f64,

@@ -75,7 +75,19 @@ pub struct ReplayOptions {
     /// Verify the recording's checkpoints at most once per this many
     /// kernel instructions (`None`: every one).
     pub verify_every: Option<u64>,
+    /// A replay that consumes no event for this long is reported as
+    /// stalled (`None`: [`DEFAULT_STALL_SECONDS`]).
+    pub stall_seconds: Option<u64>,
 }
+
+/// Wall seconds without a consumed event after which a replay is stalled.
+/// The longest stretches between events (a timer tick's 4 ms of kernel
+/// code, a few million instructions) replay in well under a second.
+pub const DEFAULT_STALL_SECONDS: u64 = 300;
+
+/// Consecutive vCPU runs that neither consume an event nor retire a kernel
+/// instruction before a replay is stalled.
+const STALL_RUNS: u32 = 1000;
 
 /// The first point where the replay did not do what the recording says.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -88,6 +100,14 @@ pub struct Divergence {
     pub kernel_icount: u64,
     /// The last events consumed before it.
     pub recent: Vec<String>,
+}
+
+impl Divergence {
+    /// The report under another verdict than DIVERGED (a stall).
+    pub fn with_verdict(&self, verdict: &str) -> String {
+        let text = self.to_string();
+        text.replacen("DIVERGED", verdict, 1)
+    }
 }
 
 impl std::fmt::Display for Divergence {
@@ -119,6 +139,11 @@ pub enum ReplayEnd {
         event: u64,
     },
     Diverged(Divergence),
+    /// The replay stopped making progress: no event consumed and no kernel
+    /// instruction retired over many runs, or no event consumed for
+    /// [`ReplayOptions::stall_seconds`]. `found` describes the state it is
+    /// stuck in.
+    Stalled(Divergence),
     /// The log ends before the recording's end (killed recorder, truncated
     /// or damaged chunk): everything up to there matched, but this is not a
     /// complete replay.
@@ -167,7 +192,7 @@ impl ReplayReport {
         match self.end {
             ReplayEnd::Matched => 0,
             ReplayEnd::StoppedAt { .. } | ReplayEnd::LogEnded { .. } => 1,
-            ReplayEnd::Diverged(_) => 2,
+            ReplayEnd::Diverged(_) | ReplayEnd::Stalled(_) => 2,
             ReplayEnd::Unsupported { .. } => 3,
         }
     }
@@ -692,6 +717,8 @@ pub struct Replayer {
     /// (after the last read it makes, e.g. a power-off delay loop polling
     /// the TSC) stops where the recording stopped.
     recorded_end_icounts: Vec<u64>,
+    /// The vCPU whose triple fault ended the recording, if one did.
+    recorded_triple_fault: Option<usize>,
     complete: bool,
 }
 
@@ -778,6 +805,7 @@ impl Replayer {
                     }
                 })
                 .unwrap_or_default(),
+            recorded_triple_fault: end.as_ref().and_then(|e| e.triple_fault_vcpu),
             kernel_image: KernelImage::from_symbols(&symbols),
             header,
             cpus,
@@ -1033,6 +1061,9 @@ impl Replayer {
                 .map(|v| v.kernel_instructions_retired().unwrap_or(0))
                 .sum()
         };
+        let stall_after =
+            std::time::Duration::from_secs(opts.stall_seconds.unwrap_or(DEFAULT_STALL_SECONDS));
+        let mut watchdog = (src.consumed, 0u64, 0u32, Instant::now());
         let end = loop {
             if src.consumed >= until {
                 break ReplayEnd::StoppedAt {
@@ -1067,6 +1098,51 @@ impl Replayer {
             // The replay's kernel count on this vCPU, as the recording counts it.
             let kernel_now = progress[cpu].base_kernel
                 + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+            // Progress watchdog: every turn of this loop consumes an event
+            // or runs kernel code; one that keeps doing neither is stuck.
+            let retired = kernel_total(&self.vcpus);
+            let (seen, seen_retired, idle_runs, since) = &mut watchdog;
+            if src.consumed != *seen {
+                *seen = src.consumed;
+                *since = Instant::now();
+                *idle_runs = 0;
+            } else if retired == *seen_retired {
+                *idle_runs += 1;
+            } else {
+                *idle_runs = 0;
+            }
+            *seen_retired = retired;
+            let stalled = if *idle_runs >= STALL_RUNS {
+                Some(format!(
+                    "no progress: {STALL_RUNS} runs of vCPU {cpu} consumed no event and retired no kernel instruction"
+                ))
+            } else if since.elapsed() >= stall_after {
+                Some(format!(
+                    "no progress: no event consumed for {} s",
+                    stall_after.as_secs()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = stalled {
+                let rip = self.rip(cpu);
+                let mode = if progress[cpu].in_user {
+                    "user mode"
+                } else {
+                    "the kernel"
+                };
+                break ReplayEnd::Stalled(Divergence {
+                    event: index,
+                    expected: format!("#{index} {event}"),
+                    found: format!(
+                        "{why}; vCPU {cpu} in {mode} at kernel instruction {kernel_now}, next stop {:?}",
+                        src.next_stop()
+                    ),
+                    rip: symbolize(&self.symbols, rip),
+                    kernel_icount: kernel_now,
+                    recent: src.recent.iter().cloned().collect(),
+                });
+            }
             let diverged = |symbols: &Symbols,
                             src: &EventSource,
                             expected: String,
@@ -1319,18 +1395,57 @@ impl Replayer {
                 Ok(VmExit::BudgetExhausted) | Ok(VmExit::Hlt) | Ok(VmExit::IoStop) => {}
                 Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
                 Ok(VmExit::Shutdown) => {
-                    break diverged(
-                        &self.symbols,
-                        &src,
-                        format!("#{index} {event}"),
-                        "a triple fault".into(),
-                        self.rip(cpu),
-                    )
+                    // The recording's own end, if it ended with this
+                    // vCPU's triple fault at this count with nothing left.
+                    let at = progress[cpu].base_kernel
+                        + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+                    let recorded_end = self.recorded_end_icounts.get(cpu) == Some(&at);
+                    let remaining = src.peek().cloned();
+                    if self.recorded_triple_fault == Some(cpu) && recorded_end {
+                        if let Some((i, e)) = remaining {
+                            break diverged(
+                                &self.symbols,
+                                &src,
+                                format!("#{i} {e}"),
+                                "the recording's ending triple fault, before this event".into(),
+                                self.rip(cpu),
+                            );
+                        }
+                        continue;
+                    }
+                    let (i, expected) = match remaining {
+                        Some((i, e)) => (i, format!("#{i} {e}")),
+                        None => (src.consumed, "the recording's end".into()),
+                    };
+                    let recorded = match self.recorded_triple_fault {
+                        Some(c) => format!(
+                            "the recording ended with vCPU {c}'s triple fault at kernel instruction {}",
+                            self.recorded_end_icounts.get(c).copied().unwrap_or(0)
+                        ),
+                        None => "the recording has no triple fault".into(),
+                    };
+                    break ReplayEnd::Diverged(Divergence {
+                        event: i,
+                        expected,
+                        found: format!(
+                            "a triple fault on vCPU {cpu} at kernel instruction {at} ({recorded})"
+                        ),
+                        rip: self.symbolize(self.rip(cpu)),
+                        kernel_icount: at,
+                        recent: src.recent.iter().cloned().collect(),
+                    });
                 }
                 Err(e) => return Err(ReplayError::Setup(format!("the software CPU failed: {e}"))),
             }
-            // A halted kernel with no interrupt to come would spin here.
+            // A halted kernel with no interrupt to come would spin here,
+            // unless that is how the recording ended (every vCPU halted
+            // for good: a power-off without ACPI, `halt -f`).
             if matches!(exit, Ok(VmExit::Hlt)) && target.is_none() {
+                let at = progress[cpu].base_kernel
+                    + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+                if src.peek().is_none() && self.recorded_end_icounts.get(cpu) == Some(&at) {
+                    continue;
+                }
                 break diverged(
                     &self.symbols,
                     &src,

@@ -317,6 +317,11 @@ impl HookState {
             value,
         });
         let stop = self.bus().stop_requested();
+        if matches!(kind, AccessKind::PioOut | AccessKind::MmioWrite) {
+            if let Some(end) = self.bus().run_end(vcpu) {
+                self.stop_at = self.stop_at.min(end);
+            }
+        }
         if stop {
             if let Some(step) = &mut self.stepping {
                 // The step ends after this instruction anyway.
@@ -398,12 +403,15 @@ extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void)
             st.stop(Stop::Window);
             return;
         }
-        if st.executed >= st.stop_at {
-            st.stop(Stop::Budget);
-            return;
-        }
+        // Before the budget: a budget that runs out exactly where the
+        // kernel returns to user mode ends the run in user mode, which is
+        // what replay needs to know.
         if st.stop_at_user && st.env.cpl() == 3 {
             st.stop(Stop::UserMode);
+            return;
+        }
+        if st.executed >= st.stop_at {
+            st.stop(Stop::Budget);
             return;
         }
         st.recent.clear();
