@@ -127,6 +127,10 @@ pub struct ValidateReplayOneArgs {
     /// Guest seconds the stressor runs (stress-ng --timeout).
     #[arg(long, default_value_t = 1)]
     pub seconds: u32,
+    /// vCPUs of the guest; stress-ng runs one instance of the stressor
+    /// per vCPU.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
     /// Where the recording goes (it is deleted after the replay); default
     /// $KRR_RECORDINGS.
     #[arg(long)]
@@ -147,6 +151,9 @@ pub struct StressorResult {
     pub kernel_entries: u64,
     pub record_seconds: f64,
     pub replay_seconds: f64,
+    /// Guest (virtual) seconds the stress-ng command took while recorded.
+    #[serde(default)]
+    pub virtual_seconds: Option<f64>,
 }
 
 /// Whether `name` can be a stress-ng stressor (it goes into a guest shell
@@ -171,19 +178,31 @@ pub fn validate_replay_one(a: ValidateReplayOneArgs) -> anyhow::Result<()> {
     let recordings = a
         .recordings
         .unwrap_or_else(crate::record::recording::recordings_dir);
-    let r = validate_stressor(&a.kernel, &a.rootfs, &recordings, &a.stressor, a.seconds);
+    if !(1..=8).contains(&a.vcpus) {
+        bail!("--vcpus {}: expected 1 to 8", a.vcpus);
+    }
+    let r = validate_stressor(
+        &a.kernel,
+        &a.rootfs,
+        &recordings,
+        &a.stressor,
+        a.seconds,
+        a.vcpus,
+    );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{}: {} ({}); {} events, {} kernel entries, record {:.1} s, replay {:.1} s",
+            "{}: {} ({}); {} events, {} kernel entries, record {:.1} s, replay {:.1} s, command {} virtual s",
             r.stressor,
             r.outcome,
             r.detail,
             r.events,
             r.kernel_entries,
             r.record_seconds,
-            r.replay_seconds
+            r.replay_seconds,
+            r.virtual_seconds
+                .map_or("?".to_string(), |v| format!("{v:.3}"))
         );
     }
     Ok(())
@@ -197,6 +216,7 @@ pub fn validate_stressor(
     recordings: &Path,
     name: &str,
     seconds: u32,
+    vcpus: usize,
 ) -> StressorResult {
     let mut r = StressorResult {
         stressor: name.to_string(),
@@ -206,13 +226,14 @@ pub fn validate_stressor(
         kernel_entries: 0,
         record_seconds: 0.0,
         replay_seconds: 0.0,
+        virtual_seconds: None,
     };
     // --oom-avoid keeps stress-ng from sizing memory stressors to all of
     // the guest's RAM; exit status 3 is stress-ng's "not supported here".
     // The budget stops a stressor that ignores its timeout (guest time:
     // 1 ns per instruction).
     let cmd = format!(
-        "stress-ng --{name} 1 --timeout {seconds}s --oom-avoid --quiet; echo stress-ng-status=$?"
+        "stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid --quiet; echo stress-ng-status=$?"
     );
     let mut cfg = MachineConfig::new(
         kernel.to_path_buf(),
@@ -220,8 +241,9 @@ pub fn validate_stressor(
         format!("{ROOTFS_CMDLINE} krr.run=\"{cmd}\""),
     );
     cfg.disk = Some(rootfs.to_path_buf());
+    cfg.vcpus = vcpus;
     cfg.mem_bytes = 1 << 30;
-    cfg.max_instructions = (u64::from(seconds) + 10) * 1_000_000_000;
+    cfg.max_instructions = (u64::from(seconds) + 10) * 1_000_000_000 * vcpus as u64;
     let mut rc = RecordConfig::new(name.to_string(), recordings.to_path_buf());
     rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
     cfg.record = Some(rc);
@@ -234,6 +256,7 @@ pub fn validate_stressor(
     };
     let report = machine.run();
     r.record_seconds = report.wall_seconds;
+    r.virtual_seconds = report.virtual_seconds_of_command;
     let console = String::from_utf8_lossy(&report.console).to_string();
     if report.end != (RunEnd::EndMarker { status: 0 }) {
         r.detail = format!("recorded run ended with {:?}", report.end);

@@ -6,7 +6,10 @@
 //! at its index; a truncated log is reported as such; a 2-vCPU run from boot
 //! (the second vCPU's startup included) with user-space threads on both
 //! vCPUs replays in its recorded order; checkpoints are verified, and a
-//! changed one is caught at its index.
+//! changed one is caught at its index; every way a run ends (reset through
+//! the i8042, triple fault, power-off, panic, budget, Ctrl-C) replays to
+//! its end on 1 and 2 vCPUs; a 2-vCPU recording of a single-threaded
+//! program replays to its end.
 //!
 //! Needs `KRR_AGENT_KERNEL` (the `-krr` bzImage) and `KRR_TEST_INITRD` (set
 //! by `cargo xtask test`).
@@ -45,6 +48,19 @@ fn record_with(
     append: &str,
     extra: &[&str],
 ) {
+    let out = krr(dir, &record_args(name, run, start, vcpus, append, extra));
+    assert!(out.status.success(), "krr record {name} failed");
+}
+
+/// The `krr record` arguments of [`record_with`].
+fn record_args(
+    name: &str,
+    run: &str,
+    start: Option<&str>,
+    vcpus: usize,
+    append: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let (kernel, initrd) = images().expect("images checked by the caller");
     let vmlinux = kernel.with_file_name("vmlinux");
     let append = format!("{append} krr.run=\"{run}\"");
@@ -72,8 +88,7 @@ fn record_with(
         args.extend(["--start", start]);
     }
     args.extend(extra);
-    let out = krr(dir, &args);
-    assert!(out.status.success(), "krr record {name} failed");
+    args.into_iter().map(String::from).collect()
 }
 
 /// `krr replay NAME --json`: (exit code, report).
@@ -297,4 +312,140 @@ fn checkpoints_are_verified_and_a_changed_one_is_caught() {
             .contains("data+bss"),
         "{report:#}"
     );
+}
+
+/// Every way a guest's run can end, recorded from /init on 1 and 2 vCPUs:
+/// the recording replays to its end with zero divergence.
+#[test]
+fn every_way_a_guest_ends_records_and_replays_to_its_end() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // (name, vCPUs, extra command-line words, krr.run, krr record args,
+    // how the run ends)
+    let cases: &[(&str, usize, &str, &str, &[&str], &str)] = &[
+        // `reboot -f` after the end marker: the i8042 reset line.
+        ("i8042-reset", 1, "", "echo bye", &[], "end_marker"),
+        ("i8042-reset-2", 2, "", "echo bye", &[], "end_marker"),
+        // `reboot=t`: straight to a triple fault.
+        ("triple-fault", 1, "reboot=t", "echo bye", &[], "end_marker"),
+        (
+            "triple-fault-2",
+            2,
+            "reboot=t",
+            "echo bye",
+            &[],
+            "end_marker",
+        ),
+        // Without ACPI, halting every vCPU for good is the power-off.
+        ("power-off", 1, "", "echo bye; halt -f", &[], "power_off"),
+        ("power-off-2", 2, "", "echo bye; halt -f", &[], "power_off"),
+        ("panic", 1, "", "echo c > /proc/sysrq-trigger", &[], "panic"),
+        (
+            "panic-2",
+            2,
+            "",
+            "echo c > /proc/sysrq-trigger",
+            &[],
+            "panic",
+        ),
+        (
+            "budget",
+            1,
+            "",
+            "while :; do :; done",
+            &["--max-instructions", "600000000"],
+            "budget_exhausted",
+        ),
+        (
+            "budget-2",
+            2,
+            "",
+            "while :; do :; done",
+            &["--max-instructions", "1200000000"],
+            "budget_exhausted",
+        ),
+    ];
+    for (name, vcpus, words, run, extra, ends) in cases {
+        let append = format!("{APPEND_SMP} {words}");
+        let mut args = record_args(name, run, Some(FROM_INIT), *vcpus, &append, extra);
+        args.push("--json".into());
+        let out = krr(dir.path(), &args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["run"]["end"]["kind"], *ends, "{name}: {v:#}");
+        assert_eq!(v["recordings"][0]["ok"], true, "{name}: {v:#}");
+        let end: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(name).join("end.json")).unwrap())
+                .unwrap();
+        if words.contains("reboot=t") {
+            assert_eq!(end["triple_fault_vcpu"], 0, "{name}: {end:#}");
+        } else {
+            assert!(end["triple_fault_vcpu"].is_null(), "{name}: {end:#}");
+        }
+        let report = assert_matched(dir.path(), name);
+        assert_eq!(report["vcpus"], *vcpus, "{name}");
+    }
+}
+
+#[test]
+fn a_recording_stopped_by_ctrl_c_replays_to_its_end() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = record_args(
+        "sigint",
+        "syscall-loop 10000000",
+        Some(FROM_INIT),
+        1,
+        APPEND_SMP,
+        &["--json"],
+    );
+    let child = krr_command::krr_command(dir.path())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the recording has run a while.
+    let header = dir.path().join("sigint").join("header.json");
+    let started = std::time::Instant::now();
+    while !header.exists() && started.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(header.exists(), "the recording never started");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["run"]["end"]["kind"], "interrupted", "{v:#}");
+    assert_eq!(out.status.code(), Some(130));
+    assert_eq!(v["recordings"][0]["ok"], true, "{v:#}");
+    let report = assert_matched(dir.path(), "sigint");
+    assert!(report["kernel_entries"].as_u64().unwrap() > 1000);
+}
+
+#[test]
+fn a_two_vcpu_recording_of_a_single_threaded_program_replays_to_its_end() {
+    if images().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // One vCPU busy with syscalls, the other mostly idle: a slice often
+    // ends right where the kernel returns to user mode.
+    record_with(
+        dir.path(),
+        "single",
+        "syscall-loop 20000",
+        None,
+        2,
+        APPEND_SMP,
+        &[],
+    );
+    let report = assert_matched(dir.path(), "single");
+    assert!(report["kernel_entries"].as_u64().unwrap() >= 240_000);
 }

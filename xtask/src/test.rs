@@ -48,6 +48,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         ("KRR_TEST_VMLINUX", ("guest-6.1", "vmlinux")),
         ("KRR_TEST_INITRD", ("initramfs-base", "initramfs.cpio.gz")),
         ("KRR_AGENT_KERNEL", ("guest-6.1-krr", "bzImage")),
+        // stress-ng and the other Debian workloads.
+        ("KRR_TEST_ROOTFS", ("rootfs-workloads", "rootfs.ext4")),
     ];
     let files = images::build_files(&vars.map(|(_, file)| file))?;
     let mut envs: Vec<(String, String)> = vars

@@ -728,6 +728,10 @@ struct CpuProgress {
     in_user: bool,
     /// The recording's kernel count at the snapshot (replay counts from 0).
     base_kernel: u64,
+    /// An exception or interrupt from user mode was injected and is
+    /// delivered by the vCPU's next run: until then it stands at the user
+    /// instruction, not at the kernel's entry point.
+    delivery_pending: bool,
 }
 
 impl Replayer {
@@ -1042,6 +1046,7 @@ impl Replayer {
             .map(|c| CpuProgress {
                 in_user: c.sregs.cs.dpl == 3,
                 base_kernel: c.kernel_icount,
+                delivery_pending: false,
             })
             .collect();
         let mut entries = 0u64;
@@ -1219,6 +1224,7 @@ impl Replayer {
                 }
                 entries += 1;
                 progress[cpu].in_user = false;
+                progress[cpu].delivery_pending = !matches!(event, LogEvent::Syscall { .. });
                 continue;
             }
             // In the kernel: interrupts, slice ends and checkpoints are the
@@ -1235,7 +1241,9 @@ impl Replayer {
                 _ => None,
             };
             let target = stop_here.or_else(|| src.next_stop());
-            if stop_here == Some(kernel_now) {
+            // A stop right at a kernel entry's first instruction: the entry
+            // is delivered first, by a run of no instruction.
+            if stop_here == Some(kernel_now) && !progress[cpu].delivery_pending {
                 let now = match self.vcpus[cpu].regs() {
                     Ok(r) => r,
                     Err(e) => return Err(ReplayError::Setup(e.to_string())),
@@ -1364,6 +1372,7 @@ impl Replayer {
                 budget,
                 progress[cpu].base_kernel,
             );
+            progress[cpu].delivery_pending = false;
             console = std::mem::take(&mut bus.console);
             serial_lcr = bus.serial_lcr;
             dma_reader = bus.dma.take();

@@ -13,9 +13,10 @@ pub fn krr_command(recordings: &Path) -> Command {
 }
 
 /// Runs `krr ARGS` to its end and prints what it said.
-pub fn krr(recordings: &Path, args: &[&str]) -> Output {
+pub fn krr<S: AsRef<str>>(recordings: &Path, args: &[S]) -> Output {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = krr_command(recordings)
-        .args(args)
+        .args(&args)
         .output()
         .expect("running krr");
     eprintln!(
