@@ -322,15 +322,35 @@ fn every_way_a_guest_ends_records_and_replays_to_its_end() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // (name, vCPUs, extra command-line words, krr.run, krr record args,
-    // how the run ends)
-    let cases: &[(&str, usize, &str, &str, &[&str], &str)] = &[
+    struct Ending {
+        name: &'static str,
+        vcpus: usize,
+        /// Extra kernel command-line words.
+        words: &'static str,
+        run: &'static str,
+        /// Extra `krr record` arguments.
+        extra: &'static [&'static str],
+        /// How the run ends (`RunEnd`'s kind).
+        ends: &'static str,
+    }
+    let ending = |name, vcpus, words, run, extra, ends| Ending {
+        name,
+        vcpus,
+        words,
+        run,
+        extra,
+        ends,
+    };
+    let budget_1: &[&str] = &["--max-instructions", "600000000"];
+    let budget_2: &[&str] = &["--max-instructions", "1200000000"];
+    let panic = "echo c > /proc/sysrq-trigger";
+    let cases = [
         // `reboot -f` after the end marker: the i8042 reset line.
-        ("i8042-reset", 1, "", "echo bye", &[], "end_marker"),
-        ("i8042-reset-2", 2, "", "echo bye", &[], "end_marker"),
+        ending("i8042-reset", 1, "", "echo bye", &[], "end_marker"),
+        ending("i8042-reset-2", 2, "", "echo bye", &[], "end_marker"),
         // `reboot=t`: straight to a triple fault.
-        ("triple-fault", 1, "reboot=t", "echo bye", &[], "end_marker"),
-        (
+        ending("triple-fault", 1, "reboot=t", "echo bye", &[], "end_marker"),
+        ending(
             "triple-fault-2",
             2,
             "reboot=t",
@@ -339,35 +359,36 @@ fn every_way_a_guest_ends_records_and_replays_to_its_end() {
             "end_marker",
         ),
         // Without ACPI, halting every vCPU for good is the power-off.
-        ("power-off", 1, "", "echo bye; halt -f", &[], "power_off"),
-        ("power-off-2", 2, "", "echo bye; halt -f", &[], "power_off"),
-        ("panic", 1, "", "echo c > /proc/sysrq-trigger", &[], "panic"),
-        (
-            "panic-2",
-            2,
-            "",
-            "echo c > /proc/sysrq-trigger",
-            &[],
-            "panic",
-        ),
-        (
+        ending("power-off", 1, "", "echo bye; halt -f", &[], "power_off"),
+        ending("power-off-2", 2, "", "echo bye; halt -f", &[], "power_off"),
+        ending("panic", 1, "", panic, &[], "panic"),
+        ending("panic-2", 2, "", panic, &[], "panic"),
+        ending(
             "budget",
             1,
             "",
             "while :; do :; done",
-            &["--max-instructions", "600000000"],
+            budget_1,
             "budget_exhausted",
         ),
-        (
+        ending(
             "budget-2",
             2,
             "",
             "while :; do :; done",
-            &["--max-instructions", "1200000000"],
+            budget_2,
             "budget_exhausted",
         ),
     ];
-    for (name, vcpus, words, run, extra, ends) in cases {
+    for Ending {
+        name,
+        vcpus,
+        words,
+        run,
+        extra,
+        ends,
+    } in &cases
+    {
         let append = format!("{APPEND_SMP} {words}");
         let mut args = record_args(name, run, Some(FROM_INIT), *vcpus, &append, extra);
         args.push("--json".into());

@@ -16,7 +16,7 @@ mod krr_command;
 
 use krr_command::krr;
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// With the local APIC: its timer is the kernel's clock event device.
 const APPEND: &str = "console=ttyS0 nokaslr acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
@@ -159,7 +159,7 @@ fn kernel_hz(kernel: &Path) -> f64 {
 
 /// Runs `timeout 1 cpu-loop` between two readings of the uptime and of
 /// the `label` line of /proc/interrupts; asserts every vCPU's rate.
-fn assert_timer_rate(kernel: &PathBuf, initrd: &PathBuf, extra: &str, vcpus: usize, label: &str) {
+fn assert_timer_rate(kernel: &Path, initrd: &Path, extra: &str, vcpus: usize, label: &str) {
     let hz = kernel_hz(kernel);
     let read = "cat /proc/uptime; grep -E '^ *(LOC|0):' /proc/interrupts";
     let append = format!("{APPEND} {extra} krr.run=\"{read}; {TIMEOUT_CMD}; {read}\"");
