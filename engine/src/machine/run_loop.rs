@@ -493,3 +493,181 @@ impl Machine {
         report
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The shared loop under KVM's pacing, with fake vCPUs (no KVM needed):
+    //! a startup IPI and the slices of a 2-vCPU recorded run are logged as
+    //! on the software CPU.
+
+    use super::super::{platform::Platform, KvmDrive, Machine, MachineConfig, RunEnd};
+    use super::CpuState;
+    use crate::devices::lapic::LAPIC_BASE;
+    use crate::hypervisor::kvm::{HostFeatures, VcpuKicker};
+    use crate::hypervisor::{
+        DebugRegs, FpuState, Injection, IoBus, Regs, Result, Sregs, Vcpu, Vm, VmExit,
+    };
+    use crate::machine::clock::HostClock;
+    use crate::record::event::LogEvent;
+    use crate::record::log::EventLogReader;
+    use crate::record::recorder::{header_for_machine, RecordConfig, Recorder};
+    use std::sync::Arc;
+
+    /// vCPU 0 sends INIT and a startup IPI to vCPU 1 in its first run and
+    /// powers the machine off in its third; vCPU 1 only runs.
+    struct FakeVcpu {
+        id: usize,
+        runs: usize,
+        regs: Regs,
+        sregs: Sregs,
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn run(&mut self, bus: &mut dyn IoBus, _budget: Option<u64>) -> Result<VmExit> {
+            self.runs += 1;
+            let icr = |bus: &mut dyn IoBus, low: u32| {
+                bus.mmio_write(0, LAPIC_BASE + 0x310, &(1u32 << 24).to_le_bytes());
+                bus.mmio_write(0, LAPIC_BASE + 0x300, &low.to_le_bytes());
+            };
+            match (self.id, self.runs) {
+                (0, 1) => {
+                    icr(bus, 0x4500); // INIT
+                    icr(bus, 0x4610); // startup IPI, vector 0x10
+                    Ok(VmExit::BudgetExhausted)
+                }
+                (0, 3) => {
+                    bus.pio_write(0, 0x501, &[0]);
+                    Ok(VmExit::IoStop)
+                }
+                _ => Ok(VmExit::BudgetExhausted),
+            }
+        }
+        fn regs(&self) -> Result<Regs> {
+            Ok(self.regs)
+        }
+        fn set_regs(&mut self, regs: &Regs) -> Result<()> {
+            self.regs = *regs;
+            Ok(())
+        }
+        fn sregs(&self) -> Result<Sregs> {
+            Ok(self.sregs)
+        }
+        fn set_sregs(&mut self, sregs: &Sregs) -> Result<()> {
+            self.sregs = *sregs;
+            Ok(())
+        }
+        fn fpu(&self) -> Result<FpuState> {
+            Ok(FpuState {
+                xsave: vec![0; 512],
+            })
+        }
+        fn set_fpu(&mut self, _fpu: &FpuState) -> Result<()> {
+            Ok(())
+        }
+        fn msr(&self, _index: u32) -> Result<u64> {
+            Ok(0)
+        }
+        fn set_msr(&mut self, _index: u32, _value: u64) -> Result<()> {
+            Ok(())
+        }
+        fn debug_regs(&self) -> Result<DebugRegs> {
+            Ok(DebugRegs::default())
+        }
+        fn set_debug_regs(&mut self, _regs: &DebugRegs) -> Result<()> {
+            Ok(())
+        }
+        fn inject(&mut self, _event: Injection) -> Result<()> {
+            Ok(())
+        }
+        fn interrupt_window_open(&self) -> Result<bool> {
+            Ok(true)
+        }
+        fn request_interrupt_window(&mut self, _enable: bool) -> Result<()> {
+            Ok(())
+        }
+        fn set_single_step(&mut self, _enable: bool) -> Result<()> {
+            Ok(())
+        }
+        fn set_breakpoints(&mut self, _addrs: &[u64]) -> Result<()> {
+            Ok(())
+        }
+        fn instructions_retired(&self) -> Option<u64> {
+            None
+        }
+    }
+
+    struct FakeVm;
+
+    impl Vm for FakeVm {
+        fn backend_name(&self) -> &'static str {
+            "kvm"
+        }
+        fn create_vcpu(&mut self, id: usize) -> Result<Box<dyn Vcpu>> {
+            Ok(Box::new(FakeVcpu {
+                id,
+                runs: 0,
+                regs: Regs::default(),
+                sregs: Sregs::default(),
+            }))
+        }
+    }
+
+    #[test]
+    fn kvm_pacing_logs_startup_and_slices_in_the_shared_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, b"not a kernel: the fake vCPUs run nothing").unwrap();
+        let mut cfg = MachineConfig::new(kernel, None, String::new());
+        cfg.vcpus = 2;
+        cfg.mem_bytes = 64 << 20;
+        let rc = RecordConfig::new("fake".into(), dir.path().to_path_buf());
+        let ring_phys = cfg.mem_bytes - rc.ring_size;
+        cfg.record = Some(rc.clone());
+        let mem = super::super::create_memory(cfg.mem_bytes).unwrap();
+        let mut vm = FakeVm;
+        let vcpus: Vec<Box<dyn Vcpu>> = (0..2).map(|id| vm.create_vcpu(id).unwrap()).collect();
+        let mut platform = Platform::new(&cfg, mem.clone(), 2, None);
+        platform.stop_on_irq = true;
+        let header = header_for_machine(&cfg, &rc, "kvm", ring_phys).unwrap();
+        platform.recorder = Some(Recorder::new(rc, mem.clone(), ring_phys, header).unwrap());
+        let mut m = Machine {
+            cfg,
+            vcpus,
+            vm: Box::new(vm),
+            kvm: Some(KvmDrive {
+                kickers: vec![VcpuKicker::default(), VcpuKicker::default()],
+                features: HostFeatures::new(Arc::new(Vec::new())),
+                clock: HostClock::start(),
+            }),
+            platform,
+            state: vec![CpuState::Running, CpuState::WaitForSipi],
+            trigger_scan: 0,
+            agent_checked: false,
+            triple_fault_vcpu: None,
+            checkpoints: None,
+            mem,
+        };
+        let report = m.run();
+        assert_eq!(report.end, RunEnd::PowerOff, "{report:?}");
+        let events: Vec<LogEvent> = EventLogReader::open(&dir.path().join("fake/events.krrlog"))
+            .unwrap()
+            .map(|r| r.unwrap().1)
+            .collect();
+        let order: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                LogEvent::Slice { cpu, .. } => Some(format!("slice {cpu}")),
+                LogEvent::Startup { cpu, vector } => Some(format!("startup {cpu} {vector:#x}")),
+                _ => None,
+            })
+            .collect();
+        // vCPU 0's first run sends INIT, its second the startup IPI is
+        // taken (one AP event per turn); vCPU 1 then runs in the same
+        // round; the power-off run ends mid-instruction, with no slice.
+        assert_eq!(
+            order,
+            ["slice 0", "slice 0", "startup 1 0x10", "slice 1"],
+            "{events:?}"
+        );
+    }
+}
