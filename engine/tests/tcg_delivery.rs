@@ -396,3 +396,48 @@ fn budget_stops_a_spinning_guest_deterministically() {
     // Three instructions per iteration, two of them increment RAX/RBX.
     assert!(incs * 3 <= n && n <= incs * 3 + 3, "rax {incs} n {n}");
 }
+
+/// A block patched in place with code of the same length but fewer
+/// instructions (as the kernel's alternatives and static keys do) is
+/// counted as it is now: the per-block count cache follows retranslation.
+#[test]
+fn a_block_patched_in_place_is_counted_as_patched() {
+    const PATCH: u64 = 0x14000;
+    // Four one-byte NOPs, or `lea eax, [rax]` (3 bytes) and a NOP.
+    const FOUR_NOPS: u32 = 0x9090_9090;
+    const LEA_NOP: u32 = 0x9000_408d;
+    let run = |second: u32| -> u64 {
+        let code = assemble(CODE, |a| {
+            let mut again = a.create_label();
+            let mut back = a.create_label();
+            a.mov(ecx, 2)?;
+            a.set_label(&mut again)?;
+            a.mov(rax, PATCH)?;
+            a.jmp(rax)?;
+            a.set_label(&mut back)?;
+            // The second pass runs what this stores.
+            a.mov(dword_ptr(PATCH), second as i32)?;
+            a.dec(ecx)?;
+            a.jnz(again)?;
+            a.hlt()
+        });
+        let back = CODE + 5 + 10 + 2;
+        let patch = assemble(PATCH, |a| {
+            a.db(&FOUR_NOPS.to_le_bytes())?;
+            a.mov(rdx, back)?;
+            a.jmp(rdx)
+        });
+        let mut g = Guest::new(&code, 0);
+        g.mem.write_slice(&patch, GuestAddress(PATCH)).unwrap();
+        assert_eq!(g.run(1_000_000), VmExit::Hlt);
+        g.vcpu().instructions_retired().unwrap()
+    };
+    let unchanged = run(FOUR_NOPS);
+    let patched = run(LEA_NOP);
+    // The second pass ran two instructions where it had run four.
+    assert_eq!(
+        unchanged - patched,
+        2,
+        "unchanged {unchanged}, patched {patched}"
+    );
+}

@@ -237,8 +237,18 @@ impl HookState {
         }
     }
 
+    fn icount_slot(pc: u64, size: u32) -> usize {
+        ((pc ^ (pc >> 13) ^ ((size as u64) << 7)) as usize) & (ICOUNT_CACHE - 1)
+    }
+
+    /// A block was (re)translated: its cached count, if any, describes the
+    /// code it was translated from before and is replaced.
+    fn block_translated(&mut self, pc: u64, size: u32, icount: u32) {
+        self.icounts[Self::icount_slot(pc, size)] = (pc, size, icount);
+    }
+
     fn icount(&mut self, pc: u64, size: u32) -> u64 {
-        let slot = ((pc ^ (pc >> 13) ^ ((size as u64) << 7)) as usize) & (ICOUNT_CACHE - 1);
+        let slot = Self::icount_slot(pc, size);
         let e = self.icounts[slot];
         if e.0 == pc && e.1 == size {
             return e.2 as u64;
@@ -424,6 +434,23 @@ extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void)
         }
         st.kernel_executed += n;
     }
+}
+
+/// Called when unicorn translates a block, before it first runs: guest
+/// code patched in place (alternatives, static keys, text_poke) is
+/// retranslated, and the block's count must follow, or a recording and its
+/// replay (whose caches see different blocks) could count it differently.
+extern "C" fn on_block_translated(
+    _uc: *mut uc_engine,
+    cur: *const TranslationBlock,
+    _prev: *const TranslationBlock,
+    ud: *mut c_void,
+) {
+    let st = unsafe { state(ud) };
+    // SAFETY: unicorn passes a pointer to its copy of the new block's
+    // description, valid for the duration of the call.
+    let tb = unsafe { &*cur };
+    st.block_translated(tb.pc, u32::from(tb.size), u32::from(tb.icount));
 }
 
 /// A code hook bounded to the breakpoint addresses of all vCPUs: unicorn
@@ -948,6 +975,11 @@ impl UnicornVm {
             check("hook_add", err)
         };
         add(HookType::BLOCK, on_block as *mut c_void, None)?;
+        add(
+            HookType::EDGE_GENERATED,
+            on_block_translated as *mut c_void,
+            None,
+        )?;
         add(HookType::INTR, on_intr as *mut c_void, None)?;
         add(HookType::INSN_INVALID, on_invalid as *mut c_void, None)?;
         add(HookType::INSN, on_in as *mut c_void, Some(X86Insn::IN))?;
