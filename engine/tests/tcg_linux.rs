@@ -2,7 +2,8 @@
 //! The machine runs the project's Linux 6.1 guest on the software CPU:
 //! boot to the initramfs's end marker with 1 and 2 vCPUs, identically twice;
 //! read from the virtio block device; report a panic with its line; stop a
-//! guest that spins forever with the instruction budget.
+//! guest that spins forever with the instruction budget; report the guest's
+//! exit status apart from the engine's own codes.
 //!
 //! Images: see `common/guest_images.rs`.
 
@@ -126,4 +127,15 @@ fn a_guest_that_spins_forever_is_stopped_by_the_budget() {
         r.instructions
     );
     assert!(console(&r).contains("Run /init"));
+}
+
+#[test]
+fn the_guest_status_is_reported_apart_from_the_engine_codes() {
+    // Status 4 is also the engine's code for a kernel panic.
+    let Some(r) = boot(r#"krr.run="exit 4""#, 1, None, 5_000_000_000) else {
+        return;
+    };
+    assert_eq!(r.end, RunEnd::EndMarker { status: 4 }, "{}", console(&r));
+    assert_eq!(r.guest_status, Some(4));
+    assert_eq!(r.exit_status, krr_engine::machine::EXIT_GUEST_FAILED);
 }

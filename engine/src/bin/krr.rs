@@ -12,7 +12,17 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "krr", version, about = "Kernel record-replay engine")]
+#[command(
+    name = "krr",
+    version,
+    about = "Kernel record-replay engine",
+    after_help = "Exit status of `krr run` and `krr record`: 0 the guest's command exited 0 (or the guest \
+powered off); 1 krr failed (the message says why); 2 usage; 3 reset without an end marker; 4 kernel \
+panic; 5 triple fault; 6 instruction budget spent; 7 backend error; 8 wall-time limit; 9 recording \
+failed; 10 the guest's command exited non-zero (its status is printed, and `guest_status` in --json); \
+11 (`krr record`) a recording is not replayable; 130 interrupted (Ctrl-C). `krr replay`: 0 matched, \
+1 stopped early or the log ends first, 2 diverged or stalled, 3 unsupported."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -202,6 +212,9 @@ fn print_summary(r: &RunReport) {
         "krr: run ended: {:?} (exit status {})",
         r.end, r.exit_status
     );
+    if let Some(status) = r.guest_status.filter(|s| *s != 0) {
+        eprintln!("krr: the guest's command exited with status {status}");
+    }
     if r.instructions == 0 && r.virtual_ns > 0 {
         eprintln!(
             "krr: instructions not counted (KVM); host-clock time {:.3} s, wall {:.3} s",
@@ -279,7 +292,11 @@ fn record(a: RecordArgs) -> anyhow::Result<i32> {
         }
     }
     if let RunEnd::RecordingFailed { reason } = &report.end {
-        bail!("recording failed: {reason}");
+        eprintln!("krr: recording failed: {reason}");
+        return Ok(report.exit_status);
+    }
+    if recordings.iter().any(|r| !r.ok) {
+        return Ok(krr_engine::machine::EXIT_NOT_REPLAYABLE);
     }
     Ok(report.exit_status)
 }

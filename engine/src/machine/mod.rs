@@ -131,12 +131,21 @@ pub enum RunEnd {
     Interrupted,
 }
 
+/// `krr run`/`krr record` exit status when the guest's command exited
+/// non-zero (its own status is in the report, apart from the engine's
+/// codes, which it could otherwise be taken for).
+pub const EXIT_GUEST_FAILED: i32 = 10;
+/// `krr record` exit status when a recording is not replayable.
+pub const EXIT_NOT_REPLAYABLE: i32 = 11;
+
 impl RunEnd {
-    /// Process exit status for `krr run`: the guest's own status for an end
-    /// marker, otherwise a distinct non-zero value per kind.
+    /// Process exit status for `krr run`: 0 when the guest's command
+    /// exited 0 (or the guest powered off), [`EXIT_GUEST_FAILED`] when it
+    /// exited non-zero, otherwise a distinct value per kind of end.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunEnd::EndMarker { status } => *status,
+            RunEnd::EndMarker { status: 0 } => 0,
+            RunEnd::EndMarker { .. } => EXIT_GUEST_FAILED,
             RunEnd::PowerOff => 0,
             RunEnd::Reset => 3,
             RunEnd::Panic { .. } => 4,
@@ -169,6 +178,9 @@ pub struct ExitStats {
 pub struct RunReport {
     pub end: RunEnd,
     pub exit_status: i32,
+    /// The exit status of the guest's `krr.run` command (`KRR-END
+    /// status=N`), when it printed one.
+    pub guest_status: Option<i32>,
     pub instructions: u64,
     pub instructions_per_vcpu: Vec<u64>,
     pub virtual_ns: u64,
@@ -823,6 +835,10 @@ impl Machine {
             .collect();
         RunReport {
             exit_status: end.exit_code(),
+            guest_status: match end {
+                RunEnd::EndMarker { status } => Some(status),
+                _ => None,
+            },
             end,
             instructions,
             instructions_per_vcpu: per_vcpu,
