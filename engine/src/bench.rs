@@ -247,6 +247,7 @@ fn workload_window(report: &crate::machine::RunReport, what: &str) -> Result<f64
 /// Runs `cfg.workload` plainly and then recorded (from /init on).
 pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchError> {
     use crate::record::recorder::{RecordConfig, StartTrigger};
+    use crate::record::session::RecordingSession;
     let cmdline = format!("{} krr.run=\"{}\"", cfg.cmdline, cfg.workload);
     let machine_cfg = || {
         let mut m = MachineConfig::new(
@@ -269,13 +270,10 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
     );
     let mut rc = RecordConfig::new(name, cfg.recordings.clone());
     rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
-    let mut recorded_cfg = machine_cfg();
-    recorded_cfg.record = Some(rc);
-    let mut machine = Machine::new(recorded_cfg, Backend::Tcg)?;
+    let mut machine = RecordingSession::machine(machine_cfg(), rc, Backend::Tcg)?;
     let recorded = machine.run();
     let recorded_seconds = workload_window(&recorded, "recorded")?;
-    let rec = machine
-        .recordings()
+    let rec = RecordingSession::take(&mut machine)
         .first()
         .cloned()
         .ok_or_else(|| BenchError::Workload("the recorded run made no recording".into()))?;

@@ -9,8 +9,9 @@
 //! medians, tables and results files stay in xtask.
 
 use crate::bench::{record_vs_plain, RecordBenchConfig};
-use crate::machine::{Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
+use crate::machine::{Backend, MachineConfig, RunEnd, INIT_MARKER};
 use crate::record::recorder::{RecordConfig, StartTrigger};
+use crate::record::session::RecordingSession;
 use crate::replay::{ReplayEnd, ReplayOptions, Replayer};
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -246,8 +247,7 @@ pub fn validate_stressor(
     cfg.max_instructions = (u64::from(seconds) + 10) * 1_000_000_000 * vcpus as u64;
     let mut rc = RecordConfig::new(name.to_string(), recordings.to_path_buf());
     rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
-    cfg.record = Some(rc);
-    let mut machine = match Machine::new(cfg, Backend::Tcg) {
+    let mut machine = match RecordingSession::machine(cfg, rc, Backend::Tcg) {
         Ok(m) => m,
         Err(e) => {
             r.detail = format!("machine: {e}");
@@ -279,7 +279,7 @@ pub fn validate_stressor(
             return r;
         }
     }
-    let Some(rec) = machine.recordings().first().cloned() else {
+    let Some(rec) = RecordingSession::take(&mut machine).first().cloned() else {
         r.detail = "no recording was made".into();
         return r;
     };

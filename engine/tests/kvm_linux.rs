@@ -88,7 +88,8 @@ fn a_tiny_guest_prints_its_end_marker_and_powers_off() {
     code.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp back
     let r = run_tiny("print", &code);
     assert_eq!(r.end, RunEnd::EndMarker { status: 3 });
-    assert_eq!(r.exit_status, 3);
+    assert_eq!(r.guest_status, Some(3));
+    assert_eq!(r.exit_status, krr_engine::machine::EXIT_GUEST_FAILED);
     assert_eq!(String::from_utf8_lossy(&r.console), text);
     // One port exit per byte, and the power-off write.
     assert_eq!(r.exits.pio, text.len() as u64 + 1);

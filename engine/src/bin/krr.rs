@@ -7,6 +7,7 @@ use krr_engine::devices::serial::ConsoleSink;
 use krr_engine::harness::parse_size;
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
 use krr_engine::record::recorder::{RecordConfig, StartTrigger, StopTrigger};
+use krr_engine::record::session::RecordingSession;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -399,17 +400,19 @@ fn run_machine(
         (false, true) => ConsoleSink::Stderr,
         (false, false) => ConsoleSink::Stdout,
     };
-    cfg.record = record;
     // Ctrl-C ends the run at the next point where every vCPU is stopped,
     // so that a recording is finished, not cut.
     let interrupt = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())
         .context("installing the SIGINT handler")?;
     cfg.interrupt = Some(interrupt);
-    let mut machine = Machine::new(cfg, backend)
-        .with_context(|| format!("cannot start the machine for kernel {}", a.kernel.display()))?;
+    let mut machine = match record {
+        Some(rc) => RecordingSession::machine(cfg, rc, backend),
+        None => Machine::new(cfg, backend),
+    }
+    .with_context(|| format!("cannot start the machine for kernel {}", a.kernel.display()))?;
     let report = machine.run();
-    let recordings = machine.recordings().to_vec();
+    let recordings = RecordingSession::take(&mut machine);
     Ok((report, recordings))
 }
 

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod cpuid;
 pub mod device_state;
 pub mod mptable;
+pub mod observer;
 pub mod platform;
 mod run_loop;
 
@@ -24,12 +25,9 @@ use crate::devices::serial::ConsoleSink;
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{VirtioMmio, VIRTIO_MMIO_WINDOW_SIZE};
 use crate::hypervisor::kvm::{HostFeatures, KvmVm, VcpuKicker};
-use crate::hypervisor::{self, HypervisorError, Injection, Position, Vcpu, Vm};
-use crate::record::checkpoint::KernelImage;
-use crate::record::event::InterruptKind;
-use crate::record::recorder::{GuestRequest, RecordConfig, Recorder, StartTrigger, StopTrigger};
-use crate::record::recording::CpuSnapshot;
+use crate::hypervisor::{self, HypervisorError, Injection, Vcpu, Vm};
 use clock::HostClock;
+use observer::{MachineView, RunObserver};
 use platform::Platform;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,8 +64,9 @@ pub struct MachineConfig {
     /// Stop the run after this much host time (KVM runs have no
     /// instruction counts for `max_instructions`); `None`: no limit.
     pub max_wall: Option<Duration>,
-    /// Record the run (`krr record`): reserves the agent's ring and logs.
-    pub record: Option<RecordConfig>,
+    /// Bytes at the top of RAM kept from the kernel (a recorded run's
+    /// agent ring; see `record::session`).
+    pub reserved_top: u64,
     /// Set asynchronously (SIGINT) to end the run cleanly at the next
     /// point where every vCPU is stopped; a recording is finished first.
     pub interrupt: Option<Arc<AtomicBool>>,
@@ -87,7 +86,7 @@ impl MachineConfig {
             quantum: 200_000,
             kvm_slice: Duration::from_millis(2),
             max_wall: None,
-            record: None,
+            reserved_top: 0,
             interrupt: None,
         }
     }
@@ -261,23 +260,9 @@ pub struct Machine {
     kvm: Option<KvmDrive>,
     platform: Platform,
     state: Vec<CpuState>,
-    /// Recorded runs: console bytes already searched for a trigger marker.
-    trigger_scan: usize,
-    /// Recorded runs from boot: whether the agent was checked at /init.
-    agent_checked: bool,
     /// The vCPU whose triple fault ended the run, if one did.
     triple_fault_vcpu: Option<usize>,
-    /// Recorded runs with `checkpoint_every`: what they digest and when.
-    checkpoints: Option<Checkpoints>,
     mem: GuestMemoryMmap,
-}
-
-/// When the next checkpoint of a recorded run is due, and what it digests.
-struct Checkpoints {
-    image: KernelImage,
-    every: u64,
-    /// Total instructions (all vCPUs) at which the next one is due.
-    next: u64,
 }
 
 /// What a KVM run needs beside the vCPUs.
@@ -323,35 +308,19 @@ impl Machine {
             None => None,
         };
         let mem = create_memory(cfg.mem_bytes)?;
-        // A recorded run reserves the agent's ring at the top of RAM and
-        // tells the agent where it is.
-        let ring = match &cfg.record {
-            Some(r) => {
-                if r.ring_size % 4096 != 0
-                    || r.ring_size < 4096 + crate::record::abi::MIN_DATA_SIZE
-                    || r.ring_size > cfg.mem_bytes / 4
-                {
-                    return Err(MachineError::Config(format!(
-                        "ring size {} bytes: expected a multiple of 4096 between {} bytes and a quarter of guest memory",
-                        r.ring_size,
-                        4096 + crate::record::abi::MIN_DATA_SIZE
-                    )));
-                }
-                let phys = cfg.mem_bytes - r.ring_size;
-                cfg.cmdline.push(' ');
-                cfg.cmdline.push_str(&crate::record::abi::kernel_cmdline(
-                    phys,
-                    r.ring_size,
-                    false,
-                ));
-                Some((phys, r.ring_size))
-            }
-            None => None,
-        };
+        // RAM kept from the kernel at the top (a recorded run's agent ring).
+        if !cfg.reserved_top.is_multiple_of(4096) || cfg.reserved_top > cfg.mem_bytes / 4 {
+            return Err(MachineError::Config(format!(
+                "{} bytes reserved at the top of RAM: expected a multiple of 4096, at most a quarter of guest memory",
+                cfg.reserved_top
+            )));
+        }
+        let reserved =
+            (cfg.reserved_top > 0).then(|| (cfg.mem_bytes - cfg.reserved_top, cfg.reserved_top));
         let info = boot::load_linux(
             &mem,
-            ring.map_or(cfg.mem_bytes, |(phys, _)| phys),
-            &ring.into_iter().collect::<Vec<_>>(),
+            reserved.map_or(cfg.mem_bytes, |(phys, _)| phys),
+            &reserved.into_iter().collect::<Vec<_>>(),
             &cfg.kernel,
             cfg.initrd.as_deref(),
             &cfg.cmdline,
@@ -402,35 +371,6 @@ impl Machine {
         state[0] = CpuState::Running;
         let mut platform = Platform::new(&cfg, mem.clone(), mp.ioapic_id, disk);
         platform.stop_on_irq = backend == Backend::Kvm;
-        let mut checkpoints = None;
-        if let (Some(rc), Some((phys, _))) = (&cfg.record, ring) {
-            if rc.checkpoint_every > 0 {
-                let image = rc
-                    .vmlinux
-                    .as_deref()
-                    .and_then(crate::replay::symbols::Symbols::beside)
-                    .or_else(|| crate::replay::symbols::Symbols::beside(&cfg.kernel))
-                    .and_then(|s| KernelImage::from_symbols(&s))
-                    .ok_or_else(|| {
-                        MachineError::Config(
-                            "--checkpoint-every: checkpoints digest the kernel's data and bss, found through a System.map (with _sdata, _edata, __bss_start, __bss_stop) beside --vmlinux or --kernel; there is none".into(),
-                        )
-                    })?;
-                checkpoints = Some(Checkpoints {
-                    image,
-                    every: rc.checkpoint_every,
-                    next: rc.checkpoint_every,
-                });
-            }
-            let mut rc = rc.clone();
-            rc.engine_executes_cpu = backend == Backend::Tcg;
-            let header =
-                crate::record::recorder::header_for_machine(&cfg, &rc, backend_name(backend), phys)
-                    .map_err(|e| MachineError::Config(format!("recording header: {e:#}")))?;
-            let recorder = Recorder::new(rc, mem.clone(), phys, header)
-                .map_err(|e| MachineError::Config(format!("recorder: {e}")))?;
-            platform.recorder = Some(recorder);
-        }
         let kvm = host_features.map(|features| {
             let removed = features.removed(|l, s| cpuid::cpuid(&platform.cpuid, 0, l, s));
             if !removed.is_empty() {
@@ -452,10 +392,7 @@ impl Machine {
             kvm,
             platform,
             state,
-            trigger_scan: 0,
-            agent_checked: false,
             triple_fault_vcpu: None,
-            checkpoints,
             mem,
         })
     }
@@ -483,8 +420,8 @@ impl Machine {
             self.platform.idle_ns[id] += now - own;
         }
         self.state[id] = CpuState::Running;
-        if let Some(recorder) = &mut self.platform.recorder {
-            recorder.startup(id, vector);
+        if let Some(o) = &mut self.platform.observer {
+            o.startup(id, vector);
         }
         Ok(())
     }
@@ -492,7 +429,7 @@ impl Machine {
     /// Delivers what vCPU `id` can take now.
     fn inject_for(&mut self, id: usize, stats: &mut ExitStats) -> Result<Pending, HypervisorError> {
         if self.platform.apics[id].take_nmi() {
-            self.log_interrupt(id, InterruptKind::Nmi, 2)?;
+            self.observe_injection(id, Injection::Nmi)?;
             self.vcpus[id].inject(Injection::Nmi)?;
             stats.interrupts_injected += 1;
             return Ok(Pending::Injected);
@@ -503,7 +440,7 @@ impl Machine {
                 return Ok(Pending::Masked);
             }
             let vector = self.platform.apics[id].acknowledge();
-            self.log_interrupt(id, InterruptKind::External, vector)?;
+            self.observe_injection(id, Injection::Interrupt(vector))?;
             self.vcpus[id].inject(Injection::Interrupt(vector))?;
             stats.interrupts_injected += 1;
             return Ok(Pending::Injected);
@@ -513,7 +450,7 @@ impl Machine {
                 return Ok(Pending::Masked);
             }
             if let Some(vector) = self.platform.pic.acknowledge() {
-                self.log_interrupt(id, InterruptKind::External, vector)?;
+                self.observe_injection(id, Injection::Interrupt(vector))?;
                 self.vcpus[id].inject(Injection::Interrupt(vector))?;
                 stats.interrupts_injected += 1;
                 return Ok(Pending::Injected);
@@ -522,154 +459,49 @@ impl Machine {
         Ok(Pending::None)
     }
 
-    /// Logs an interrupt about to be injected into vCPU `id` (recorded
-    /// runs): its position is the instruction it will be taken before.
-    fn log_interrupt(
+    /// Runs `f` with the observer, if there is one, and a view of the
+    /// machine (every vCPU stopped).
+    fn observe<R>(
+        &mut self,
+        init_started: bool,
+        f: impl FnOnce(&mut dyn RunObserver, &mut MachineView<'_>) -> R,
+    ) -> Option<R> {
+        let mut observer = self.platform.observer.take()?;
+        let mut view = MachineView {
+            cfg: &self.cfg,
+            vcpus: &self.vcpus,
+            vm: self.vm.as_mut(),
+            platform: &self.platform,
+            mem: &self.mem,
+            states: &self.state,
+            init_started,
+            triple_fault_vcpu: self.triple_fault_vcpu,
+        };
+        let r = f(observer.as_mut(), &mut view);
+        self.platform.observer = Some(observer);
+        Some(r)
+    }
+
+    /// Tells the observer that `injection` is about to be made into vCPU
+    /// `id`.
+    fn observe_injection(
         &mut self,
         id: usize,
-        kind: InterruptKind,
-        vector: u8,
+        injection: Injection,
     ) -> Result<(), HypervisorError> {
-        let Some(recorder) = &mut self.platform.recorder else {
-            return Ok(());
-        };
-        if !recorder.is_recording() {
-            return Ok(());
-        }
-        let (at, regs) = position(self.vcpus[id].as_ref())?;
-        recorder.interrupt(id, at, kind, vector, regs);
-        Ok(())
+        self.observe(false, |o, m| o.interrupt(m, id, injection))
+            .unwrap_or(Ok(()))
     }
 
-    /// Recorded runs, after each run of vCPU `id` (every vCPU stopped): on
-    /// machines of several vCPUs the end of its slice (the global order of
-    /// the vCPUs' execution, which replay follows), and a checkpoint when
-    /// one is due and the vCPU stopped in the kernel.
-    fn record_after_run(&mut self, id: usize) -> Result<(), HypervisorError> {
-        let Some(recorder) = &mut self.platform.recorder else {
-            return Ok(());
-        };
-        // One vCPU and no checkpoints: nothing to log (spare the register
-        // reads after every run).
-        if !recorder.is_recording() || (self.vcpus.len() == 1 && self.checkpoints.is_none()) {
-            return Ok(());
-        }
-        let (at, regs) = position(self.vcpus[id].as_ref())?;
-        if self.vcpus.len() > 1 {
-            recorder.slice(id, at);
-        }
-        if let Some(c) = &mut self.checkpoints {
-            let total: u64 = self
-                .vcpus
-                .iter()
-                .map(|v| v.instructions_retired().unwrap_or(0))
-                .sum();
-            if total >= c.next && at.cpl == 0 {
-                let cr3 = self.vcpus[id].sregs()?.cr3;
-                recorder.checkpoint(id, at, regs, c.image.digest(&self.mem, cr3));
-                c.next = total + c.every;
-            }
-        }
-        Ok(())
+    /// After a run of vCPU `id` that ended at a block boundary.
+    fn after_run(&mut self, id: usize) -> Result<(), HypervisorError> {
+        self.observe(false, |o, m| o.after_run(m, id))
+            .unwrap_or(Ok(()))
     }
 
-    /// Every vCPU's state for a recording's start snapshot.
-    fn cpu_snapshots(&self) -> Result<Vec<CpuSnapshot>, HypervisorError> {
-        // The MSRs a 64-bit Linux kernel programs and replay must restore.
-        const MSRS: &[u32] = &[
-            0x1b,        // IA32_APIC_BASE
-            0x174,       // SYSENTER_CS
-            0x175,       // SYSENTER_ESP
-            0x176,       // SYSENTER_EIP
-            0x277,       // PAT
-            0xc000_0080, // EFER
-            0xc000_0081, // STAR
-            0xc000_0082, // LSTAR
-            0xc000_0083, // CSTAR
-            0xc000_0084, // FMASK
-            0xc000_0100, // FS_BASE
-            0xc000_0101, // GS_BASE
-            0xc000_0102, // KERNEL_GS_BASE
-            0xc000_0103, // TSC_AUX
-        ];
-        self.vcpus
-            .iter()
-            .enumerate()
-            .map(|(id, vcpu)| {
-                Ok(CpuSnapshot {
-                    id,
-                    state: match self.state[id] {
-                        CpuState::WaitForSipi => "wait-for-sipi",
-                        CpuState::Running => "running",
-                        CpuState::Halted => "halted",
-                        CpuState::Stopped => "stopped",
-                    }
-                    .to_string(),
-                    icount: vcpu.instructions_retired().unwrap_or(0),
-                    kernel_icount: vcpu.kernel_instructions_retired().unwrap_or(0),
-                    regs: vcpu.regs()?,
-                    sregs: vcpu.sregs()?,
-                    fpu: vcpu.fpu()?.xsave,
-                    msrs: MSRS
-                        .iter()
-                        .filter_map(|&m| vcpu.msr(m).ok().map(|v| (m, v)))
-                        .collect(),
-                    debug: vcpu.debug_regs()?,
-                })
-            })
-            .collect()
-    }
-
-    /// Starts a recording now (every vCPU stopped).
-    fn record_start(&mut self) -> Result<(), String> {
-        let cpus = self.cpu_snapshots().map_err(|e| e.to_string())?;
-        let devices = serde_json::to_value(self.platform.device_state())
-            .map_err(|e| format!("device state: {e}"))?;
-        let console_len = self.platform.serial.output().len();
-        let Some(recorder) = &mut self.platform.recorder else {
-            return Ok(());
-        };
-        recorder.start(&cpus, devices, console_len)?;
-        self.vm.forget_block_counts();
-        Ok(())
-    }
-
-    /// Stops the running recording, if any (every vCPU stopped).
-    fn record_stop(&mut self, reason: &str, ok: bool) {
-        let icounts: Vec<u64> = self
-            .vcpus
-            .iter()
-            .map(|v| v.instructions_retired().unwrap_or(0))
-            .collect();
-        let kernel_icounts: Vec<u64> = self
-            .vcpus
-            .iter()
-            .map(|v| v.kernel_instructions_retired().unwrap_or(0))
-            .collect();
-        let virtual_ns = (0..self.vcpus.len())
-            .map(|i| self.now(i))
-            .max()
-            .unwrap_or(0);
-        let console = self.platform.serial.output().to_vec();
-        if let Some(recorder) = &mut self.platform.recorder {
-            if recorder.is_recording() {
-                recorder.between_runs(self.platform.current, &console);
-                recorder.stop(
-                    reason,
-                    ok,
-                    icounts,
-                    kernel_icounts,
-                    virtual_ns,
-                    self.triple_fault_vcpu,
-                );
-            }
-        }
-    }
-
-    /// Recorder work between two vCPU runs (every vCPU stopped at an
-    /// instruction boundary): SIGINT, guest start/stop requests, console
-    /// triggers, the agent check, the periodic flush. Returns the run's end
-    /// when the run must stop.
+    /// Between two vCPU runs (every vCPU stopped at an instruction
+    /// boundary): SIGINT, then the observer. Returns the run's end when the
+    /// run must stop.
     fn between_runs(&mut self, id: usize, console: &ConsoleWatch) -> Option<RunEnd> {
         if self
             .cfg
@@ -679,124 +511,41 @@ impl Machine {
         {
             return Some(RunEnd::Interrupted);
         }
-        let recorder = self.platform.recorder.as_mut()?;
-        if let Some(e) = recorder.error() {
-            return Some(RunEnd::RecordingFailed {
-                reason: e.to_string(),
-            });
-        }
-        let (start, stop) = (
-            recorder.config().start.clone(),
-            recorder.config().stop.clone(),
-        );
-        let recording = recorder.is_recording();
-        let request = recorder.take_request();
-        // With recording on from boot, the agent must have come up by the
-        // time the kernel starts /init, or nothing of user space's kernel
-        // entries gets recorded.
-        if start == StartTrigger::Boot && console.to_init.is_some() && !self.agent_checked {
-            self.agent_checked = true;
-            if let Err(e) = recorder.check_agent() {
-                return Some(RunEnd::RecordingFailed { reason: e });
-            }
-        }
-        let out = self.platform.serial.output();
-        let new_output = |scan: &mut usize, marker: &str| -> bool {
-            let from = (*scan).min(out.len());
-            let hit = out[from..]
-                .windows(marker.len())
-                .position(|w| w == marker.as_bytes());
-            match hit {
-                Some(i) => {
-                    *scan = from + i + marker.len();
-                    true
-                }
-                None => {
-                    *scan = out.len().saturating_sub(marker.len());
-                    false
-                }
-            }
-        };
-        let mut do_start = false;
-        let mut do_stop = None;
-        if recording {
-            match (&stop, request) {
-                (StopTrigger::Guest, Some(GuestRequest::Stop)) => {
-                    do_stop = Some("stopped by the guest (/proc/krr_agent)".to_string())
-                }
-                (StopTrigger::Marker(m), _) if new_output(&mut self.trigger_scan, m) => {
-                    do_stop = Some(format!("console marker {m:?}"))
-                }
-                _ => {}
-            }
-        } else {
-            match (&start, request) {
-                (StartTrigger::Guest, Some(GuestRequest::Start)) => do_start = true,
-                (StartTrigger::Marker(m), _) if new_output(&mut self.trigger_scan, m) => {
-                    do_start = true
-                }
-                _ => {}
-            }
-        }
-        if let Some(reason) = do_stop {
-            self.record_stop(&reason, true);
-        } else if do_start {
-            let agent = self
-                .platform
-                .recorder
-                .as_ref()
-                .map(|r| r.check_agent())
-                .unwrap_or(Ok(()));
-            if let Err(e) = agent.and_then(|()| self.record_start()) {
-                return Some(RunEnd::RecordingFailed { reason: e });
-            }
-        }
-        let console_out = self.platform.serial.output().to_vec();
-        let recorder = self.platform.recorder.as_mut()?;
-        recorder.between_runs(id, &console_out);
-        recorder.error().map(|e| RunEnd::RecordingFailed {
-            reason: e.to_string(),
-        })
+        self.observe(console.to_init.is_some(), |o, m| o.between_runs(m, id))
+            .flatten()
     }
 
-    /// Starts the recording of a run recorded from boot, before its first
-    /// instruction (called at the top of every round; acts once).
-    fn record_from_boot(&mut self) -> Option<RunEnd> {
-        let recorder = self.platform.recorder.as_ref()?;
-        if recorder.config().start != StartTrigger::Boot
-            || recorder.is_recording()
-            || !recorder.finished().is_empty()
-        {
-            return None;
-        }
-        self.record_start()
+    /// At the top of every round of turns.
+    fn round_start(&mut self) -> Option<RunEnd> {
+        self.observe(false, |o, m| o.round_start(m))?
             .err()
             .map(|reason| RunEnd::RecordingFailed { reason })
     }
 
-    /// The recordings this run wrote, in order.
-    pub fn recordings(&self) -> &[crate::record::recorder::FinishedRecording] {
-        self.platform
-            .recorder
-            .as_ref()
-            .map(|r| r.finished())
-            .unwrap_or(&[])
+    /// The run ended: the observer finishes its work.
+    fn finish(&mut self, end: &RunEnd) {
+        self.observe(false, |o, m| o.finished(m, end));
     }
 
-    /// Finishes a recording still running when the run ends.
-    fn record_finish(&mut self, end: &RunEnd) {
-        let ok = !matches!(
-            end,
-            RunEnd::BackendError { .. } | RunEnd::RecordingFailed { .. }
-        );
-        let reason = match end {
-            RunEnd::Interrupted => "interrupted (SIGINT)".to_string(),
-            other => format!(
-                "run ended: {}",
-                serde_json::to_string(other).unwrap_or_default()
-            ),
-        };
-        self.record_stop(&reason, ok);
+    /// Installs the run's observer (before [`Machine::run`]).
+    pub fn set_observer(&mut self, observer: Box<dyn RunObserver>) {
+        self.platform.observer = Some(observer);
+    }
+
+    /// Takes the observer back (after the run), to read what it gathered.
+    pub fn take_observer(&mut self) -> Option<Box<dyn RunObserver>> {
+        self.platform.observer.take()
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The configuration the machine was built from (its command line
+    /// completed with what the machine added).
+    pub fn config(&self) -> &MachineConfig {
+        &self.cfg
     }
 
     fn deliverable(&self, id: usize) -> bool {
@@ -947,19 +696,6 @@ impl ConsoleWatch {
             line: format!("{PANIC_MARKER}{line}"),
         })
     }
-}
-
-/// Where `vcpu` stands (for events logged between runs), and its registers.
-fn position(vcpu: &dyn Vcpu) -> Result<(Position, hypervisor::Regs), HypervisorError> {
-    let regs = vcpu.regs()?;
-    let at = Position {
-        icount: vcpu.instructions_retired().unwrap_or(0),
-        kernel_icount: vcpu.kernel_instructions_retired().unwrap_or(0),
-        rip: regs.rip,
-        rcx: regs.rcx,
-        cpl: vcpu.sregs()?.cs.dpl,
-    };
-    Ok((at, regs))
 }
 
 /// Whether `out` holds a complete line after the line containing `marker`.

@@ -9,6 +9,7 @@
 //! same routing.
 
 use super::cpuid::{cpuid, CpuidConfig};
+use super::observer::RunObserver;
 use super::MachineConfig;
 use crate::devices::cmos::{Cmos, DEFAULT_EPOCH};
 use crate::devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
@@ -21,8 +22,6 @@ use crate::devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use crate::devices::virtio_blk::VirtioBlk;
 use crate::devices::virtio_mmio::{GuestRange, VirtioMmio, WriteEffect, VIRTIO_MMIO_WINDOW_SIZE};
 use crate::hypervisor::{DeliveredException, IoBus, Position, UserEntry};
-use crate::record::abi::DOORBELL_PORT;
-use crate::record::recorder::Recorder;
 use vm_memory::GuestMemoryMmap;
 
 /// Guest-physical base of the virtio-mmio block device window.
@@ -72,13 +71,14 @@ pub struct Platform {
     pub device_errors: Vec<String>,
     /// Where each vCPU stood at its last bus access (see [`Position`]).
     pub at: Vec<Position>,
-    /// Set for `krr record` runs: logs what enters the guest kernel.
-    pub recorder: Option<Recorder>,
+    /// Whoever watches the run (`krr record`'s recorder); see
+    /// [`RunObserver`].
+    pub observer: Option<Box<dyn RunObserver>>,
     /// Stop the running vCPU when an interrupt becomes deliverable during
     /// its run (KVM: host time runs on). The software CPU leaves this off:
-    /// the interrupt waits for the end of the run (a timer deadline or the
-    /// quantum), so that runs stop only at block boundaries and replay of
-    /// the kernel alone meets the same blocks.
+    /// its run ends at the next block boundary instead ([`IoBus::run_end`]),
+    /// so that runs stop only at block boundaries and replay of the kernel
+    /// alone meets the same blocks.
     pub stop_on_irq: bool,
 }
 
@@ -121,7 +121,7 @@ impl Platform {
             dma: Vec::new(),
             device_errors: Vec::new(),
             at: vec![Position::default(); cfg.vcpus],
-            recorder: None,
+            observer: None,
             stop_on_irq: true,
         }
     }
@@ -245,7 +245,7 @@ impl Platform {
         match disk.write(offset, data) {
             Ok(WriteEffect::QueueNotify { queue }) => match disk.process_queue(queue, &self.mem) {
                 Ok(done) => {
-                    if let Some(r) = &mut self.recorder {
+                    if let Some(r) = &mut self.observer {
                         let cpu = self.current;
                         for range in &done.dma_writes {
                             r.dma(cpu, self.at[cpu], range.addr, range.len);
@@ -292,7 +292,7 @@ impl IoBus for Platform {
         };
         data.fill(0xff);
         data[0] = v;
-        if let Some(r) = &mut self.recorder {
+        if let Some(r) = &mut self.observer {
             r.pio_read(vcpu, self.at[vcpu], port, data);
         }
     }
@@ -318,13 +318,10 @@ impl IoBus for Platform {
             0xcf9 if v & 0x04 != 0 => self.power = Some(PowerEvent::Reset),
             // QEMU's isa-debug-exit style port, for test guests.
             0x501 => self.power = Some(PowerEvent::PowerOff),
-            DOORBELL_PORT if data.len() == 4 => {
-                if let Some(r) = &mut self.recorder {
-                    let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                    r.doorbell(vcpu, self.at[vcpu], value);
-                }
-            }
             _ => {}
+        }
+        if let Some(o) = &mut self.observer {
+            o.pio_write(vcpu, self.at[vcpu], port, data);
         }
     }
 
@@ -351,7 +348,7 @@ impl IoBus for Platform {
         if let Err(e) = r {
             self.device_errors.push(e);
         }
-        if let Some(r) = &mut self.recorder {
+        if let Some(r) = &mut self.observer {
             r.mmio_read(vcpu, self.at[vcpu], addr, data);
         }
     }
@@ -377,7 +374,7 @@ impl IoBus for Platform {
     fn stop_requested(&self) -> bool {
         self.power.is_some()
             || (self.irq_raised && self.stop_on_irq)
-            || self.recorder.as_ref().is_some_and(Recorder::wants_stop)
+            || self.observer.as_ref().is_some_and(|o| o.wants_stop())
     }
 
     fn run_end(&self, vcpu: usize) -> Option<u64> {
@@ -394,20 +391,20 @@ impl IoBus for Platform {
 
     fn rdtsc(&mut self, vcpu: usize) -> u64 {
         let value = self.now(vcpu);
-        if let Some(r) = &mut self.recorder {
+        if let Some(r) = &mut self.observer {
             r.rdtsc(vcpu, self.at[vcpu], value);
         }
         value
     }
 
     fn exception(&mut self, vcpu: usize, at: Position, exception: &DeliveredException) {
-        if let Some(r) = &mut self.recorder {
+        if let Some(r) = &mut self.observer {
             r.exception(vcpu, at, exception);
         }
     }
 
     fn syscall(&mut self, vcpu: usize, at: Position, entry: &UserEntry) {
-        if let Some(r) = &mut self.recorder {
+        if let Some(r) = &mut self.observer {
             r.syscall(vcpu, at, entry);
         }
     }

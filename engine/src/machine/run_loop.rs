@@ -314,7 +314,7 @@ impl Machine {
                 ) {
                     Ok(p) => Box::new(p),
                     Err(end) => {
-                        self.record_finish(&end);
+                        self.finish(&end);
                         return self.report(end, ExitStats::default(), start.elapsed(), None);
                     }
                 }
@@ -333,7 +333,7 @@ impl Machine {
             None => RunEnd::PowerOff,
         };
         let end = 'run: loop {
-            if let Some(end) = self.record_from_boot() {
+            if let Some(end) = self.round_start() {
                 break end;
             }
             let active: Vec<usize> = (0..n)
@@ -395,7 +395,7 @@ impl Machine {
                 // needed after those, nor after the triple fault that ends
                 // a run.
                 if !matches!(exit, Ok(VmExit::IoStop) | Ok(VmExit::Shutdown)) {
-                    if let Err(e) = self.record_after_run(id) {
+                    if let Err(e) = self.after_run(id) {
                         break 'run RunEnd::BackendError {
                             reason: e.to_string(),
                         };
@@ -485,7 +485,7 @@ impl Machine {
                 Err(Stop::End(end)) => break end,
             }
         };
-        self.record_finish(&end);
+        self.finish(&end);
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report.virtual_seconds_of_command = console.command_seconds();
@@ -500,7 +500,7 @@ mod tests {
     //! a startup IPI and the slices of a 2-vCPU recorded run are logged as
     //! on the software CPU.
 
-    use super::super::{platform::Platform, KvmDrive, Machine, MachineConfig, RunEnd};
+    use super::super::{platform::Platform, Backend, KvmDrive, Machine, MachineConfig, RunEnd};
     use super::CpuState;
     use crate::devices::lapic::LAPIC_BASE;
     use crate::hypervisor::kvm::{HostFeatures, VcpuKicker};
@@ -510,7 +510,8 @@ mod tests {
     use crate::machine::clock::HostClock;
     use crate::record::event::LogEvent;
     use crate::record::log::EventLogReader;
-    use crate::record::recorder::{header_for_machine, RecordConfig, Recorder};
+    use crate::record::recorder::RecordConfig;
+    use crate::record::session::RecordingSession;
     use std::sync::Arc;
 
     /// vCPU 0 sends INIT and a startup IPI to vCPU 1 in its first run and
@@ -621,15 +622,12 @@ mod tests {
         cfg.vcpus = 2;
         cfg.mem_bytes = 64 << 20;
         let rc = RecordConfig::new("fake".into(), dir.path().to_path_buf());
-        let ring_phys = cfg.mem_bytes - rc.ring_size;
-        cfg.record = Some(rc.clone());
+        let prepared = RecordingSession::prepare(&mut cfg, rc).unwrap();
         let mem = super::super::create_memory(cfg.mem_bytes).unwrap();
         let mut vm = FakeVm;
         let vcpus: Vec<Box<dyn Vcpu>> = (0..2).map(|id| vm.create_vcpu(id).unwrap()).collect();
         let mut platform = Platform::new(&cfg, mem.clone(), 2, None);
         platform.stop_on_irq = true;
-        let header = header_for_machine(&cfg, &rc, "kvm", ring_phys).unwrap();
-        platform.recorder = Some(Recorder::new(rc, mem.clone(), ring_phys, header).unwrap());
         let mut m = Machine {
             cfg,
             vcpus,
@@ -641,12 +639,10 @@ mod tests {
             }),
             platform,
             state: vec![CpuState::Running, CpuState::WaitForSipi],
-            trigger_scan: 0,
-            agent_checked: false,
             triple_fault_vcpu: None,
-            checkpoints: None,
             mem,
         };
+        RecordingSession::attach(prepared, &mut m, Backend::Kvm).unwrap();
         let report = m.run();
         assert_eq!(report.end, RunEnd::PowerOff, "{report:?}");
         let events: Vec<LogEvent> = EventLogReader::open(&dir.path().join("fake/events.krrlog"))

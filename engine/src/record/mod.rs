@@ -12,3 +12,4 @@ pub mod log;
 pub mod memory_image;
 pub mod recorder;
 pub mod recording;
+pub mod session;
