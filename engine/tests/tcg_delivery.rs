@@ -441,3 +441,41 @@ fn a_block_patched_in_place_is_counted_as_patched() {
         "unchanged {unchanged}, patched {patched}"
     );
 }
+
+/// A device model that panics inside a hook ends the run with a backend
+/// error naming the panic; the process (and a recording in progress) is not
+/// aborted by a panic unwinding into unicorn's C frames.
+#[test]
+fn a_panic_in_a_hook_ends_the_run_with_an_error() {
+    struct PanickingBus;
+    impl IoBus for PanickingBus {
+        fn pio_read(&mut self, _: usize, port: u16, _: &mut [u8]) {
+            panic!("device model bug at port {port:#x}");
+        }
+        fn pio_write(&mut self, _: usize, _: u16, _: &[u8]) {}
+        fn mmio_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+        fn cpuid(&mut self, _: usize, _: u32, _: u32) -> [u32; 4] {
+            [0; 4]
+        }
+        fn rdtsc(&mut self, _: usize) -> u64 {
+            0
+        }
+    }
+    let code = assemble(CODE, |a| {
+        a.in_(al, 0x80)?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 0);
+    let err = g
+        .vcpu()
+        .run(&mut PanickingBus, Some(1_000_000))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("panicked") && err.contains("device model bug at port 0x80"),
+        "{err}"
+    );
+}

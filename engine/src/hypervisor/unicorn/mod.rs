@@ -99,6 +99,8 @@ enum Stop {
     /// The next block is user code (replay of the kernel alone).
     UserMode,
     Shutdown(String),
+    /// A hook panicked ([`HookState::hook_panic`] says how).
+    HookPanic,
 }
 
 /// See [`HookState::block_trace`].
@@ -214,6 +216,8 @@ struct HookState {
     /// "count pc" lines, to compare a recording's run with its replay.
     block_trace: Option<BlockTrace>,
     exits_by_kind: ExitCounters,
+    /// A hook's panic, caught before it reached unicorn ([`guarded`]).
+    hook_panic: Option<String>,
 }
 
 const ICOUNT_CACHE: usize = 1 << 14;
@@ -392,48 +396,81 @@ impl HookState {
     }
 }
 
+/// Runs the body of a hook. A panic must not unwind into unicorn's C
+/// frames (the process would abort, and a recording in progress with it):
+/// it is caught here, the run is stopped, and `run` fails with its message.
+fn guarded<R>(st: *mut HookState, fallback: R, body: impl FnOnce() -> R) -> R {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            // SAFETY: `st` is the hook state this hook was registered with;
+            // the body's reference to it ended with the unwinding.
+            let st = unsafe { &mut *st };
+            st.hook_panic.get_or_insert(what);
+            st.stop(Stop::HookPanic);
+            fallback
+        }
+    }
+}
+
+/// The error of a run whose hook panicked.
+fn hook_panicked(what: String) -> HypervisorError {
+    HypervisorError::Backend {
+        backend: BACKEND,
+        op: "hook",
+        reason: format!("a hook of the software CPU panicked: {what}"),
+    }
+}
+
 unsafe fn state<'a>(ud: *mut c_void) -> &'a mut HookState {
     &mut *(ud as *mut HookState)
 }
 
 extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void) {
-    let st = unsafe { state(ud) };
-    if let Some(step) = &mut st.stepping {
-        step.blocks += 1;
-        if step.blocks > 1 {
-            st.stop(Stop::Step);
-            return;
+    guarded(ud as *mut HookState, (), || {
+        let st = unsafe { state(ud) };
+        if let Some(step) = &mut st.stepping {
+            step.blocks += 1;
+            if step.blocks > 1 {
+                st.stop(Stop::Step);
+                return;
+            }
+        } else {
+            // IF only becomes 1 by an instruction that ends its block (STI,
+            // POPF, IRET, SYSRET), and the STI/MOV SS shadow covers exactly the
+            // next block (QEMU gives it one instruction), so checking here is
+            // exact.
+            if st.window_requested && st.window_open() {
+                st.stop(Stop::Window);
+                return;
+            }
+            // Before the budget: a budget that runs out exactly where the
+            // kernel returns to user mode ends the run in user mode, which is
+            // what replay needs to know.
+            if st.stop_at_user && st.env.cpl() == 3 {
+                st.stop(Stop::UserMode);
+                return;
+            }
+            if st.executed >= st.stop_at {
+                st.stop(Stop::Budget);
+                return;
+            }
+            st.recent.clear();
         }
-    } else {
-        // IF only becomes 1 by an instruction that ends its block (STI,
-        // POPF, IRET, SYSRET), and the STI/MOV SS shadow covers exactly the
-        // next block (QEMU gives it one instruction), so checking here is
-        // exact.
-        if st.window_requested && st.window_open() {
-            st.stop(Stop::Window);
-            return;
+        let n = st.icount(pc, size);
+        st.executed += n;
+        if st.env.cpl() != 3 {
+            if let Some(t) = &mut st.block_trace {
+                t.block(st.kernel_executed, pc);
+            }
+            st.kernel_executed += n;
         }
-        // Before the budget: a budget that runs out exactly where the
-        // kernel returns to user mode ends the run in user mode, which is
-        // what replay needs to know.
-        if st.stop_at_user && st.env.cpl() == 3 {
-            st.stop(Stop::UserMode);
-            return;
-        }
-        if st.executed >= st.stop_at {
-            st.stop(Stop::Budget);
-            return;
-        }
-        st.recent.clear();
-    }
-    let n = st.icount(pc, size);
-    st.executed += n;
-    if st.env.cpl() != 3 {
-        if let Some(t) = &mut st.block_trace {
-            t.block(st.kernel_executed, pc);
-        }
-        st.kernel_executed += n;
-    }
+    })
 }
 
 /// Called when unicorn translates a block, before it first runs: guest
@@ -446,20 +483,24 @@ extern "C" fn on_block_translated(
     _prev: *const TranslationBlock,
     ud: *mut c_void,
 ) {
-    let st = unsafe { state(ud) };
-    // SAFETY: unicorn passes a pointer to its copy of the new block's
-    // description, valid for the duration of the call.
-    let tb = unsafe { &*cur };
-    st.block_translated(tb.pc, u32::from(tb.size), u32::from(tb.icount));
+    guarded(ud as *mut HookState, (), || {
+        let st = unsafe { state(ud) };
+        // SAFETY: unicorn passes a pointer to its copy of the new block's
+        // description, valid for the duration of the call.
+        let tb = unsafe { &*cur };
+        st.block_translated(tb.pc, u32::from(tb.size), u32::from(tb.icount));
+    })
 }
 
 /// A code hook bounded to the breakpoint addresses of all vCPUs: unicorn
 /// checks for a stop right after it, before the instruction executes.
 extern "C" fn on_breakpoint(_uc: *mut uc_engine, addr: u64, _size: u32, ud: *mut c_void) {
-    let st = unsafe { state(ud) };
-    if st.lifted_breakpoint != Some(addr) && st.breakpoints.contains(&addr) {
-        st.stop(Stop::Breakpoint);
-    }
+    guarded(ud as *mut HookState, (), || {
+        let st = unsafe { state(ud) };
+        if st.lifted_breakpoint != Some(addr) && st.breakpoints.contains(&addr) {
+            st.stop(Stop::Breakpoint);
+        }
+    })
 }
 
 /// During a step, an exception of the stepped instruction: the TF the
@@ -474,109 +515,127 @@ fn drop_step_tf(uc: *mut uc_engine, st: &HookState) {
 }
 
 extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
-    let st = unsafe { state(ud) };
-    if let Some(step) = st.stepping {
-        if intno == 1 && !st.env.exception_is_int() && !step.trapped {
-            // The single-step trap: the instruction retired.
-            st.env.reset_old_exception();
-            if let Some(s) = &mut st.stepping {
-                s.trapped = true;
-            }
-            if step.guest_tf {
-                st.exits_by_kind.exceptions += 1;
-                if let Err(e) = deliver(uc, &st.env, 1, EventKind::Exception { error_code: None }) {
-                    st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
-                }
+    guarded(ud as *mut HookState, (), || {
+        let st = unsafe { state(ud) };
+        if let Some(step) = st.stepping {
+            if intno == 1 && !st.env.exception_is_int() && !step.trapped {
+                // The single-step trap: the instruction retired.
                 st.env.reset_old_exception();
+                if let Some(s) = &mut st.stepping {
+                    s.trapped = true;
+                }
+                if step.guest_tf {
+                    st.exits_by_kind.exceptions += 1;
+                    if let Err(e) =
+                        deliver(uc, &st.env, 1, EventKind::Exception { error_code: None })
+                    {
+                        st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
+                    }
+                    st.env.reset_old_exception();
+                }
+                st.stop(Stop::Step);
+                return;
             }
+            drop_step_tf(uc, st);
+        }
+        st.exits_by_kind.exceptions += 1;
+        let vector = intno as u8;
+        let software = st.env.exception_is_int();
+        let kind = if software {
+            EventKind::Software
+        } else {
+            EventKind::Exception {
+                error_code: has_error_code(vector).then(|| st.env.error_code()),
+            }
+        };
+        let error_code = match kind {
+            EventKind::Exception { error_code } => error_code,
+            _ => None,
+        };
+        let cpl = st.env.cpl();
+        let delivered = DeliveredException {
+            vector,
+            error_code,
+            cr2: (vector == 14 && !software).then(|| read_reg(uc, RegisterX86::CR2)),
+            software,
+            cpl,
+            user_regs: (cpl == 3)
+                .then(|| env_regs(&st.env, st.env.eip(), read_reg(uc, RegisterX86::RFLAGS))),
+        };
+        let (vcpu, at) = (st.vcpu, st.position());
+        st.bus().exception(vcpu, at, &delivered);
+        if let Err(e) = deliver(uc, &st.env, vector, kind) {
+            st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
+        }
+        st.env.reset_old_exception();
+        if st.stepping.is_some() {
+            // The stepped instruction ended in an exception: the step is over.
             st.stop(Stop::Step);
-            return;
         }
-        drop_step_tf(uc, st);
-    }
-    st.exits_by_kind.exceptions += 1;
-    let vector = intno as u8;
-    let software = st.env.exception_is_int();
-    let kind = if software {
-        EventKind::Software
-    } else {
-        EventKind::Exception {
-            error_code: has_error_code(vector).then(|| st.env.error_code()),
-        }
-    };
-    let error_code = match kind {
-        EventKind::Exception { error_code } => error_code,
-        _ => None,
-    };
-    let cpl = st.env.cpl();
-    let delivered = DeliveredException {
-        vector,
-        error_code,
-        cr2: (vector == 14 && !software).then(|| read_reg(uc, RegisterX86::CR2)),
-        software,
-        cpl,
-        user_regs: (cpl == 3)
-            .then(|| env_regs(&st.env, st.env.eip(), read_reg(uc, RegisterX86::RFLAGS))),
-    };
-    let (vcpu, at) = (st.vcpu, st.position());
-    st.bus().exception(vcpu, at, &delivered);
-    if let Err(e) = deliver(uc, &st.env, vector, kind) {
-        st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
-    }
-    st.env.reset_old_exception();
-    if st.stepping.is_some() {
-        // The stepped instruction ended in an exception: the step is over.
-        st.stop(Stop::Step);
-    }
+    })
 }
 
 extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
-    let st = unsafe { state(ud) };
-    st.exits_by_kind.exceptions += 1;
-    drop_step_tf(uc, st);
-    let cpl = st.env.cpl();
-    let delivered = DeliveredException {
-        vector: 6,
-        error_code: None,
-        cr2: None,
-        software: false,
-        cpl,
-        user_regs: (cpl == 3)
-            .then(|| env_regs(&st.env, st.env.eip(), read_reg(uc, RegisterX86::RFLAGS))),
-    };
-    let (vcpu, at) = (st.vcpu, st.position());
-    st.bus().exception(vcpu, at, &delivered);
-    if let Err(e) = deliver(uc, &st.env, 6, EventKind::Exception { error_code: None }) {
-        st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
-    }
-    st.env.reset_old_exception();
-    if st.stepping.is_some() {
-        st.stop(Stop::Step);
-    }
-    true
+    guarded(ud as *mut HookState, true, || {
+        let st = unsafe { state(ud) };
+        st.exits_by_kind.exceptions += 1;
+        drop_step_tf(uc, st);
+        let cpl = st.env.cpl();
+        let delivered = DeliveredException {
+            vector: 6,
+            error_code: None,
+            cr2: None,
+            software: false,
+            cpl,
+            user_regs: (cpl == 3)
+                .then(|| env_regs(&st.env, st.env.eip(), read_reg(uc, RegisterX86::RFLAGS))),
+        };
+        let (vcpu, at) = (st.vcpu, st.position());
+        st.bus().exception(vcpu, at, &delivered);
+        if let Err(e) = deliver(uc, &st.env, 6, EventKind::Exception { error_code: None }) {
+            st.stop(Stop::Shutdown(format!("triple fault: {}", e.0)));
+        }
+        st.env.reset_old_exception();
+        if st.stepping.is_some() {
+            st.stop(Stop::Step);
+        }
+        true
+    })
 }
 
 extern "C" fn on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32 {
-    let st = unsafe { state(ud) };
-    st.exits_by_kind.pio += 1;
-    let n = (size as usize).clamp(1, 4);
-    let (value, stop) = st.access(AccessKind::PioIn, port as u64, n, 0);
+    let (value, stop) = guarded(ud as *mut HookState, (u64::MAX, false), || {
+        let st = unsafe { state(ud) };
+        st.exits_by_kind.pio += 1;
+        let n = (size as usize).clamp(1, 4);
+        let (value, stop) = st.access(AccessKind::PioIn, port as u64, n, 0);
+        if stop {
+            st.io_stop();
+        }
+        (value, stop)
+    });
     if stop {
-        st.io_stop();
-        // SAFETY: an IN hook, nothing left to drop in this frame.
+        // SAFETY: an IN hook, nothing left to drop in this frame (the
+        // guarded body has returned).
         unsafe { internals::leave_translated_code(uc) }
     }
     value as u32
 }
 
 extern "C" fn on_out(uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *mut c_void) {
-    let st = unsafe { state(ud) };
-    st.exits_by_kind.pio += 1;
-    let n = (size as usize).clamp(1, 4);
-    let (_, stop) = st.access(AccessKind::PioOut, port as u64, n, value as u64);
+    let stop = guarded(ud as *mut HookState, false, || {
+        let st = unsafe { state(ud) };
+        st.exits_by_kind.pio += 1;
+        let n = (size as usize).clamp(1, 4);
+        let (_, stop) = st.access(AccessKind::PioOut, port as u64, n, value as u64);
+        if stop {
+            st.io_stop();
+        }
+        stop
+    });
     if stop {
-        st.io_stop();
-        // SAFETY: an OUT hook, nothing left to drop in this frame.
+        // SAFETY: an OUT hook, nothing left to drop in this frame (the
+        // guarded body has returned).
         unsafe { internals::leave_translated_code(uc) }
     }
 }
@@ -601,38 +660,44 @@ fn read_msr(uc: *mut uc_engine, index: u32) -> u64 {
 }
 
 extern "C" fn on_cpuid(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
-    let st = unsafe { state(ud) };
-    st.exits_by_kind.cpuid += 1;
-    let leaf = read_reg(uc, RegisterX86::RAX) as u32;
-    let subleaf = read_reg(uc, RegisterX86::RCX) as u32;
-    let vcpu = st.vcpu;
-    let r = st.bus().cpuid(vcpu, leaf, subleaf);
-    write_reg(uc, RegisterX86::RAX, r[0] as u64);
-    write_reg(uc, RegisterX86::RBX, r[1] as u64);
-    write_reg(uc, RegisterX86::RCX, r[2] as u64);
-    write_reg(uc, RegisterX86::RDX, r[3] as u64);
-    1
+    guarded(ud as *mut HookState, 1, || {
+        let st = unsafe { state(ud) };
+        st.exits_by_kind.cpuid += 1;
+        let leaf = read_reg(uc, RegisterX86::RAX) as u32;
+        let subleaf = read_reg(uc, RegisterX86::RCX) as u32;
+        let vcpu = st.vcpu;
+        let r = st.bus().cpuid(vcpu, leaf, subleaf);
+        write_reg(uc, RegisterX86::RAX, r[0] as u64);
+        write_reg(uc, RegisterX86::RBX, r[1] as u64);
+        write_reg(uc, RegisterX86::RCX, r[2] as u64);
+        write_reg(uc, RegisterX86::RDX, r[3] as u64);
+        1
+    })
 }
 
 extern "C" fn on_rdtsc(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
-    let st = unsafe { state(ud) };
-    st.exits_by_kind.rdtsc += 1;
-    let vcpu = st.vcpu;
-    let t = st.bus().rdtsc(vcpu);
-    write_reg(uc, RegisterX86::RAX, t & 0xffff_ffff);
-    write_reg(uc, RegisterX86::RDX, t >> 32);
-    1
+    guarded(ud as *mut HookState, 1, || {
+        let st = unsafe { state(ud) };
+        st.exits_by_kind.rdtsc += 1;
+        let vcpu = st.vcpu;
+        let t = st.bus().rdtsc(vcpu);
+        write_reg(uc, RegisterX86::RAX, t & 0xffff_ffff);
+        write_reg(uc, RegisterX86::RDX, t >> 32);
+        1
+    })
 }
 
 extern "C" fn on_rdtscp(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
-    on_rdtsc(uc, ud);
-    // IA32_TSC_AUX: Linux stores the CPU number there.
-    write_reg(
-        uc,
-        RegisterX86::RCX,
-        read_msr(uc, 0xc000_0103) & 0xffff_ffff,
-    );
-    1
+    guarded(ud as *mut HookState, 1, || {
+        on_rdtsc(uc, ud);
+        // IA32_TSC_AUX: Linux stores the CPU number there.
+        write_reg(
+            uc,
+            RegisterX86::RCX,
+            read_msr(uc, 0xc000_0103) & 0xffff_ffff,
+        );
+        1
+    })
 }
 
 /// The general-purpose registers straight from QEMU's CPU state (cheaper
@@ -663,21 +728,23 @@ fn env_regs(env: &EnvLayout, rip: u64, rflags: u64) -> Regs {
 /// SYSCALL: unicorn only calls the hook; perform the instruction here.
 /// Unicorn adds the instruction length to RIP after the hook returns.
 extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
-    let st = unsafe { state(ud) };
-    st.exits_by_kind.syscalls += 1;
-    let env = st.env;
-    let rip = env.eip();
-    let rflags = read_reg(uc, RegisterX86::RFLAGS);
-    let entry = UserEntry {
-        regs: env_regs(&env, rip, rflags),
-        fs_base: env.segment(R_FS).base,
-        gs_base: env.segment(R_GS).base,
-    };
-    let (vcpu, at) = (st.vcpu, st.position());
-    st.bus().syscall(vcpu, at, &entry);
-    perform_syscall(uc, &env, rip, rflags);
-    // Unicorn adds the SYSCALL's length to RIP when the hook returns.
-    env.set_eip(env.eip().wrapping_sub(2));
+    guarded(ud as *mut HookState, (), || {
+        let st = unsafe { state(ud) };
+        st.exits_by_kind.syscalls += 1;
+        let env = st.env;
+        let rip = env.eip();
+        let rflags = read_reg(uc, RegisterX86::RFLAGS);
+        let entry = UserEntry {
+            regs: env_regs(&env, rip, rflags),
+            fs_base: env.segment(R_FS).base,
+            gs_base: env.segment(R_GS).base,
+        };
+        let (vcpu, at) = (st.vcpu, st.position());
+        st.bus().syscall(vcpu, at, &entry);
+        perform_syscall(uc, &env, rip, rflags);
+        // Unicorn adds the SYSCALL's length to RIP when the hook returns.
+        env.set_eip(env.eip().wrapping_sub(2));
+    })
 }
 
 /// What SYSCALL does, from user state with the instruction at `rip`:
@@ -723,17 +790,23 @@ fn perform_syscall(uc: *mut uc_engine, env: &EnvLayout, rip: u64, rflags: u64) {
 }
 
 extern "C" fn on_mmio_read(_uc: *mut uc_engine, offset: u64, size: u32, ud: *mut c_void) -> u64 {
-    let region = unsafe { &*(ud as *const MmioRegion) };
-    let st = unsafe { &mut *region.state };
-    st.exits_by_kind.mmio += 1;
-    let n = (size as usize).clamp(1, 8);
-    let (value, stop) = st.access(AccessKind::MmioRead, region.base + offset, n, 0);
-    if stop {
-        // Unicorn leaves the block right after this access, at the start
-        // of the accessing instruction.
-        st.io_stop();
-    }
-    value
+    guarded(
+        unsafe { (*(ud as *const MmioRegion)).state },
+        u64::MAX,
+        || {
+            let region = unsafe { &*(ud as *const MmioRegion) };
+            let st = unsafe { &mut *region.state };
+            st.exits_by_kind.mmio += 1;
+            let n = (size as usize).clamp(1, 8);
+            let (value, stop) = st.access(AccessKind::MmioRead, region.base + offset, n, 0);
+            if stop {
+                // Unicorn leaves the block right after this access, at the start
+                // of the accessing instruction.
+                st.io_stop();
+            }
+            value
+        },
+    )
 }
 
 extern "C" fn on_mmio_write(
@@ -743,14 +816,16 @@ extern "C" fn on_mmio_write(
     value: u64,
     ud: *mut c_void,
 ) {
-    let region = unsafe { &*(ud as *const MmioRegion) };
-    let st = unsafe { &mut *region.state };
-    st.exits_by_kind.mmio += 1;
-    let n = (size as usize).clamp(1, 8);
-    let (_, stop) = st.access(AccessKind::MmioWrite, region.base + offset, n, value);
-    if stop {
-        st.io_stop();
-    }
+    guarded(unsafe { (*(ud as *const MmioRegion)).state }, (), || {
+        let region = unsafe { &*(ud as *const MmioRegion) };
+        let st = unsafe { &mut *region.state };
+        st.exits_by_kind.mmio += 1;
+        let n = (size as usize).clamp(1, 8);
+        let (_, stop) = st.access(AccessKind::MmioWrite, region.base + offset, n, value);
+        if stop {
+            st.io_stop();
+        }
+    })
 }
 
 struct MmioRegion {
@@ -925,6 +1000,7 @@ impl UnicornVm {
             icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
             block_trace: BlockTrace::from_env(),
             exits_by_kind: ExitCounters::default(),
+            hook_panic: None,
         }));
         let mut reset_context = std::ptr::null_mut();
         check("context_alloc", unsafe {
@@ -1294,8 +1370,15 @@ impl UnicornVcpu {
             None => u64::MAX,
         };
         let rip = st.env.eip();
+        // SAFETY: `uc` is this engine's live handle; the hooks reach the
+        // hook state through their own pointer while it runs, so no
+        // reference to it is held across the call (`st` is taken anew).
         let err = unsafe { uc_emu_start(uc, rip, 0, 0, 0) };
+        let st = e.st();
         st.window_requested = false;
+        if let Some(what) = st.hook_panic.take() {
+            return Err(hook_panicked(what));
+        }
         let stop = st.stop.take();
         let new_rip = st.env.eip();
         if let Some(Stop::Shutdown(msg)) = stop {
@@ -1324,7 +1407,7 @@ impl UnicornVcpu {
             }
             Some(Stop::Breakpoint) => return Ok(VmExit::Debug { rip: new_rip }),
             Some(Stop::UserMode) => return Ok(VmExit::UserMode { rip: new_rip }),
-            Some(Stop::Step) | Some(Stop::Shutdown(_)) | None => {}
+            Some(Stop::Step) | Some(Stop::Shutdown(_)) | Some(Stop::HookPanic) | None => {}
         }
         // Otherwise emulation stopped on its own: HLT.
         if halted_after(uc, &e.st().env, new_rip) {
@@ -1361,8 +1444,17 @@ impl UnicornVcpu {
         st.stop = None;
         let stop_at = st.stop_at;
         st.stop_at = u64::MAX;
+        // SAFETY: as in `run_with_bus`: no reference to the hook state is
+        // held across the call.
         let err = unsafe { uc_emu_start(uc, rip, 0, 0, 0) };
+        let st = e.st();
         st.stop_at = stop_at;
+        if let Some(what) = st.hook_panic.take() {
+            st.stepping = None;
+            st.replay.clear();
+            st.lifted_breakpoint = None;
+            return Err(hook_panicked(what));
+        }
         let step = st.stepping.take().unwrap_or_default();
         st.replay.clear();
         let stop = st.stop.take();
