@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! CPU backends behind one trait, after cloud-hypervisor's `hypervisor` crate:
-//! one [`Vcpu`] trait, one [`VmExit`] enum, a module per backend. Nothing
-//! backend-specific leaks out of its module.
+//! one [`Vcpu`] trait, one [`VmExit`] enum, a module per backend. The KVM
+//! module also exports what only a KVM run needs (its vCPU kickers and the
+//! host's features), which the machine's KVM pacing uses.
 //!
 //! Port I/O and MMIO are not exits here: a backend forwards each access to the
 //! [`IoBus`] it was given for the run, synchronously, the way the access

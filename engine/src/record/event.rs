@@ -109,8 +109,8 @@ pub enum LogEvent {
     /// A checkpoint taken between two vCPU runs (every vCPU stopped) with
     /// vCPU `cpu` stopped in the kernel at `at` (`krr record
     /// --checkpoint-every`): its registers and the sha256 of the kernel
-    /// image's memory (text, data and bss, read through the vCPU's page
-    /// tables; see [`crate::replay::kernel_image_digest`]), for replay's
+    /// kernel's data and bss, read through the vCPU's page tables (see
+    /// [`crate::record::checkpoint::KernelImage::digest`]), for replay's
     /// divergence checks between events.
     Checkpoint {
         cpu: u16,

@@ -48,11 +48,8 @@ pub const CHUNK_MAGIC: [u8; 4] = *b"KRCK";
 pub const CHUNK_HEADER_LEN: usize = 36;
 /// Raw bytes at which a chunk is closed automatically.
 pub const DEFAULT_CHUNK_TARGET: usize = 256 * 1024;
-/// zstd level of chunk payloads. Measured on a real recording (the `-krr`
-/// kernel running `syscall-loop 2000` on tcg: 1.98M events, 256 KiB
-/// chunks): level 1 gave 4.17 bytes/event in 80 ms, level 3 4.01 in 98 ms,
-/// level 6 3.72 in 390 ms. Level 3 costs ~10 ns/event more than level 1
-/// (well under 1% of that recording's wall time) for 4% less log.
+/// zstd level of chunk payloads: a few percent less log than level 1 for a
+/// cost per event far below the recording's own (see docs/benchmarks.md).
 pub const ZSTD_LEVEL: i32 = 3;
 /// Largest raw or compressed chunk the reader accepts (a bound against a
 /// corrupt length asking for gigabytes; the writer stays far below it).

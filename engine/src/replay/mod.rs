@@ -68,7 +68,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// What `krr replay` asks for.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayOptions {
-    /// Stop after this many events of the log (0: all).
+    /// Stop after this many events of the log (`None`: all).
     pub until_event: Option<u64>,
     /// Print the guest's console output as the replay produces it.
     pub echo_console: bool,
