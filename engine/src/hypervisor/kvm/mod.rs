@@ -1052,8 +1052,11 @@ impl Vcpu for KvmVcpu {
             w[..chunk.len()].copy_from_slice(chunk);
             x.region[i] = u32::from_le_bytes(w);
         }
-        // SAFETY: `x` is a full kvm_xsave of the legacy 4 KiB size, which
-        // every KVM accepts.
+        // SAFETY: `x` is a full kvm_xsave of the legacy 4 KiB size. KVM
+        // reads the vCPU's uabi XSAVE size from it, which exceeds 4 KiB only
+        // when dynamically enabled XSTATE features (AMX) were granted with
+        // arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM); this process never asks for
+        // them, so every byte read is inside `x`.
         unsafe { self.fd.set_xsave(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))
     }
 

@@ -53,13 +53,21 @@ const RFLAGS_NT: u64 = 1 << 14;
 const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_VM: u64 = 1 << 17;
 
+// The helpers below take the engine's raw handle: every `uc` in this module
+// comes from `deliver`, whose callers pass the open handle of the engine
+// whose hook or vCPU is delivering.
+
 fn reg_read(uc: *mut uc_engine, reg: RegisterX86) -> u64 {
     let mut v = 0u64;
+    // SAFETY: `uc` is the engine's open handle (see above) and `v` is a live
+    // u64, the size unicorn writes for RFLAGS, the one register read here.
     unsafe { uc_reg_read(uc, reg as i32, &mut v as *mut u64 as *mut c_void) };
     v
 }
 
 fn reg_write(uc: *mut uc_engine, reg: RegisterX86, v: u64) {
+    // SAFETY: `uc` is the engine's open handle (see above) and `v` is a live
+    // u64, the size unicorn reads for RFLAGS, the one register written here.
     unsafe { uc_reg_write(uc, reg as i32, &v as *const u64 as *const c_void) };
 }
 
@@ -70,11 +78,17 @@ fn table(uc: *mut uc_engine, reg: RegisterX86) -> uc_x86_mmr {
         limit: 0,
         flags: 0,
     };
+    // SAFETY: `uc` is the engine's open handle (see above) and `t` is a live
+    // uc_x86_mmr, the type unicorn writes for IDTR, GDTR and TR, the
+    // registers read here.
     unsafe { uc_reg_read(uc, reg as i32, &mut t as *mut uc_x86_mmr as *mut c_void) };
     t
 }
 
 fn vread(uc: *mut uc_engine, addr: u64, buf: &mut [u8]) -> bool {
+    // SAFETY: `uc` is the engine's open handle (see above); `buf` is a live,
+    // exclusively borrowed buffer of exactly the `buf.len()` bytes unicorn is
+    // asked to copy into it.
     unsafe {
         uc_vmem_read(
             uc,
@@ -87,6 +101,9 @@ fn vread(uc: *mut uc_engine, addr: u64, buf: &mut [u8]) -> bool {
 }
 
 fn vwrite(uc: *mut uc_engine, addr: u64, buf: &[u8]) -> bool {
+    // SAFETY: `uc` is the engine's open handle (see above); `buf` is a live
+    // buffer of exactly the `buf.len()` bytes passed, which uc_vmem_write
+    // only reads (the `*mut` is its C prototype's missing `const`).
     unsafe {
         uc_vmem_write(
             uc,

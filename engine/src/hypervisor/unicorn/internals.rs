@@ -16,7 +16,8 @@ use std::ffi::c_void;
 use unicorn_engine::unicorn_const::{uc_engine, uc_reg_write, RegisterX86};
 
 /// `offsetof(struct uc_struct, cpu)` in unicorn 2.1.5: 16 bytes of enums, two
-/// 56-byte `AddressSpace`s, then 37 function pointers.
+/// 56-byte `AddressSpace`s, then 39 function pointers. `uc_struct` goes on
+/// well past it, so every 8-byte read at or below this offset is inside it.
 const UC_CPU_OFFSET: usize = 440;
 /// `offsetof(struct uc_struct, address_space_memory.uc)` and
 /// `address_space_io.uc`: both point back at the engine, which confirms the
@@ -36,7 +37,6 @@ const SEGMENT_CACHE_SIZE: usize = 24;
 const ENV_CR: usize = 424;
 /// cr[9], a20_mask, bnd_regs[4], bndcs_regs and msr_bndcfgs precede it.
 const ENV_EFER: usize = 592;
-pub const HF_PE_MASK: u32 = 1 << 7;
 
 /// QEMU's segment register indices.
 pub const R_ES: usize = 0;
@@ -77,6 +77,15 @@ pub struct SegmentCache {
 }
 
 /// Where the fields this backend touches are, for one engine.
+///
+/// Invariant relied on by the `unsafe` blocks below: `env` points at the
+/// `CPUX86State` of an open engine (found by [`EnvLayout::locate`]); it lives
+/// inside the `X86CPU` that unicorn allocated and zeroed at `uc_open` and
+/// frees at `uc_close`. The backend keeps every `EnvLayout` inside (or
+/// borrowed from) the `Engine` that owns that handle, so it is never used
+/// after `uc_close`. `EnvLayout` holds a raw pointer and is neither `Send`
+/// nor `Sync`: its reads and writes happen on the engine's thread, either
+/// between runs or inside a hook, while unicorn's own code is paused.
 #[derive(Debug, Clone, Copy)]
 pub struct EnvLayout {
     env: *mut u8,
@@ -91,11 +100,25 @@ pub struct EnvLayout {
 )]
 pub struct SelfTestError(pub String);
 
+/// Reads the 8 bytes at `p` as a native-endian u64; `p` need not be aligned.
+///
+/// # Safety
+/// `p` must be valid for reads of 8 bytes, all of them initialised.
 unsafe fn read_u64(p: *const u8) -> u64 {
-    std::ptr::read_unaligned(p as *const u64)
+    // SAFETY: the caller guarantees 8 readable, initialised bytes at `p`;
+    // read_unaligned has no alignment requirement and every bit pattern is
+    // a valid u64.
+    unsafe { std::ptr::read_unaligned(p as *const u64) }
 }
 
 fn write_reg(uc: *mut uc_engine, reg: RegisterX86, value: u64) -> Result<(), SelfTestError> {
+    // SAFETY: (unverified) `uc` is the handle `locate` was given; its one
+    // caller in this crate, `UnicornVm::new`, passes the engine it has just
+    // opened with uc_open, but `locate` is a safe fn of a `pub` module, so a
+    // caller outside the crate could pass any pointer. `value` is a live
+    // u64, and 64-bit mode's reg_write reads at most 8 bytes for every
+    // register written here (GPRs, RIP, RFLAGS, DR0-DR3, CR2, GS_BASE: 8;
+    // CS: 2).
     let err = unsafe { uc_reg_write(uc, reg as i32, &value as *const u64 as *const c_void) };
     if err != unicorn_engine::unicorn_const::uc_error::OK {
         return Err(SelfTestError(format!("writing {reg:?} failed: {err:?}")));
@@ -107,7 +130,12 @@ impl EnvLayout {
     /// Finds `CPUX86State` of a freshly opened 64-bit x86 engine and checks
     /// the layout. Clobbers general and debug registers (the caller sets up
     /// the CPU afterwards).
-    pub fn locate(uc: *mut uc_engine) -> Result<EnvLayout, SelfTestError> {
+    ///
+    /// # Safety
+    ///
+    /// `uc` must be an open 64-bit x86 unicorn engine of the pinned version,
+    /// not closed while the returned layout is used.
+    pub unsafe fn locate(uc: *mut uc_engine) -> Result<EnvLayout, SelfTestError> {
         // Unicorn initialises the engine lazily, on the first API call; the
         // register writes below are that call. CPUX86State is embedded in
         // X86CPU after CPUState; it is found by these distinctive values.
@@ -129,7 +157,10 @@ impl EnvLayout {
             write_reg(uc, reg, value)?;
         }
         let base = uc as *const u8;
-        // SAFETY: uc_struct is far larger than these offsets.
+        // SAFETY: `uc` points at the engine's `struct uc_struct` (see
+        // `write_reg`), which uc_open allocated with calloc (all bytes initialised). In 2.1.5
+        // offsets 64 and 120 are the `uc` fields of its two AddressSpaces
+        // and 440 is its `cpu` field, so each 8-byte read is inside it.
         let (as_mem_uc, as_io_uc, cpu) = unsafe {
             (
                 read_u64(base.add(UC_AS_MEMORY_UC_OFFSET)),
@@ -148,10 +179,16 @@ impl EnvLayout {
         let cpu = cpu as *mut u8;
         let mut env = None;
         for off in (0..0x10000).step_by(8) {
-            // SAFETY: X86CPU holds CPUState followed by CPUX86State; the scan
-            // stops at the first match, which lies inside that allocation.
+            // SAFETY: `cpu` is uc_struct.cpu, the X86CPU that cpu_x86_init
+            // allocated and zeroed (qemu_memalign + memset), so its bytes
+            // are initialised. X86CPU holds CPUState followed by CPUX86State,
+            // whose regs[0..4] the writes above set to `magic`. The scan
+            // stops at the first match, at the latest at those registers
+            // (and if they lay beyond 64 KiB, every read would still lie
+            // before them), so each read is inside the X86CPU.
             let hit = unsafe { (0..4).all(|i| read_u64(cpu.add(off + i * 8)) == magic[i]) };
             if hit {
+                // SAFETY: `cpu + off` was just read from, inside the X86CPU.
                 env = Some(unsafe { cpu.add(off) });
                 break;
             }
@@ -179,8 +216,12 @@ impl EnvLayout {
         }
         let mut dr = None;
         for off in (ENV_CR..0x8000).step_by(8) {
-            // SAFETY: CPUX86State is larger than 32 KiB in this version; the
-            // scan stops at the debug registers, well inside it.
+            // SAFETY: `env` is the CPUX86State found above, inside the zeroed
+            // X86CPU. The writes above put `dr_magic` in its dr[0..4], which
+            // in 2.1.5 come after cr[] (ENV_CR); the scan stops at the first
+            // match, at the latest at dr[0] (and if dr[] lay beyond the scan,
+            // every read would still lie before it), so each read is inside
+            // CPUX86State.
             let hit = unsafe { (0..4).all(|i| read_u64(env.add(off + i * 8)) == dr_magic[i]) };
             if hit {
                 dr = Some(off);
@@ -225,7 +266,9 @@ impl EnvLayout {
         write_reg(uc, RegisterX86::CS, 0)?;
         write_reg(uc, RegisterX86::GS_BASE, 0)?;
         write_reg(uc, RegisterX86::CR2, 0x5151_0000)?;
-        // SAFETY: cr[] lies inside CPUX86State.
+        // SAFETY: `self.env` is CPUX86State (`locate`); the dr[] block found
+        // there starts at or after ENV_CR and is 32 bytes long, so the 8
+        // bytes of cr[2] at ENV_CR + 16 lie inside it.
         if unsafe { read_u64(self.env.add(ENV_CR + 16)) } != 0x5151_0000 {
             return Err(SelfTestError("CPUX86State.cr offset".into()));
         }
@@ -235,6 +278,11 @@ impl EnvLayout {
                 rid: 0xc000_0080,
                 value: 0,
             };
+            // SAFETY: `uc` is the open engine (see `write_reg`); `m` is a live
+            // uc_x86_msr, the type unicorn reads `rid` from and writes
+            // `value` to for UC_X86_REG_MSR. helper_rdmsr returns normally:
+            // it only leaves by longjmp for an SVM intercept, and a fresh
+            // engine is not in SVM guest mode.
             unsafe {
                 unicorn_engine::unicorn_const::uc_reg_read(
                     uc,
@@ -272,48 +320,78 @@ impl EnvLayout {
         Ok(())
     }
 
+    /// A pointer to the field at `off` of CPUX86State. Every `off` passed
+    /// must name a field inside CPUX86State; that is not checked here.
     fn field<T>(&self, off: usize) -> *mut T {
-        // SAFETY: every offset used is checked to lie inside CPUX86State.
+        // SAFETY: (unverified) `env + off` stays inside CPUX86State only if
+        // `off` does. The fixed offsets (ENV_*) are 2.1.5's and checked by
+        // `check`; error_code/exception_is_int/old_exception were located
+        // next to dr[]; regs[index] and segs[seg] are in bounds for
+        // index < 16 and seg <= R_GS, which every caller in this crate
+        // passes (constants), but nothing enforces it for a caller outside
+        // the crate (`internals` is a `pub` module).
         unsafe { self.env.add(off) as *mut T }
     }
 
     pub fn reg(&self, index: usize) -> u64 {
+        // SAFETY: regs[index] (index < 16, see `field`) is a u64 inside the
+        // live, initialised CPUX86State (the invariant on `EnvLayout`);
+        // read_unaligned needs no alignment.
         unsafe { self.field::<u64>(ENV_REGS + index * 8).read_unaligned() }
     }
     pub fn set_reg(&self, index: usize, value: u64) {
+        // SAFETY: regs[index] (index < 16, see `field`) is a u64 inside the
+        // live CPUX86State, which unicorn is not using while this runs (the
+        // invariant on `EnvLayout`).
         unsafe {
             self.field::<u64>(ENV_REGS + index * 8)
                 .write_unaligned(value)
         }
     }
     pub fn eip(&self) -> u64 {
+        // SAFETY: `eip` (ENV_EIP, checked by `check`) is a u64 inside the
+        // live, initialised CPUX86State (the invariant on `EnvLayout`).
         unsafe { self.field::<u64>(ENV_EIP).read_unaligned() }
     }
     /// Sets RIP without the public API's side effect (a forced exit from
     /// the translation loop), for use inside hooks.
     pub fn set_eip(&self, value: u64) {
+        // SAFETY: `eip` (ENV_EIP, checked by `check`) is a u64 inside the
+        // live CPUX86State, not in use by unicorn while this runs.
         unsafe { self.field::<u64>(ENV_EIP).write_unaligned(value) }
     }
     /// The system part of RFLAGS (IF, TF, ...), readable inside hooks
     /// without recomputing the arithmetic flags.
     pub fn eflags(&self) -> u64 {
+        // SAFETY: `eflags` (ENV_EFLAGS, checked by `check`) is a u64 inside
+        // the live, initialised CPUX86State.
         unsafe { self.field::<u64>(ENV_EFLAGS).read_unaligned() }
     }
     pub fn hflags(&self) -> u32 {
+        // SAFETY: `hflags` (ENV_HFLAGS, checked by `check`) is a u32 inside
+        // the live, initialised CPUX86State.
         unsafe { self.field::<u32>(ENV_HFLAGS).read_unaligned() }
     }
     pub fn set_hflags(&self, value: u32) {
+        // SAFETY: `hflags` (ENV_HFLAGS, checked by `check`) is a u32 inside
+        // the live CPUX86State, not in use by unicorn while this runs.
         unsafe { self.field::<u32>(ENV_HFLAGS).write_unaligned(value) }
     }
     pub fn efer(&self) -> u64 {
+        // SAFETY: `efer` (ENV_EFER, checked by `check`) is a u64 inside the
+        // live, initialised CPUX86State.
         unsafe { self.field::<u64>(ENV_EFER).read_unaligned() }
     }
     pub fn cr0(&self) -> u64 {
+        // SAFETY: cr[0] (ENV_CR, cr[2] checked by `check`) is a u64 inside
+        // the live, initialised CPUX86State.
         unsafe { self.field::<u64>(ENV_CR).read_unaligned() }
     }
     /// Sets EFER with its derived long-mode flag. WRMSR cannot clear LMA
     /// (the processor owns it), but loading a saved or reset state must.
     pub fn set_efer(&self, value: u64) {
+        // SAFETY: `efer` (ENV_EFER, checked by `check`) is a u64 inside the
+        // live CPUX86State, not in use by unicorn while this runs.
         unsafe { self.field::<u64>(ENV_EFER).write_unaligned(value) };
         let mut hflags = self.hflags() & !HF_LMA_MASK;
         if value & (1 << 10) != 0 {
@@ -333,22 +411,35 @@ impl EnvLayout {
         self.set_hflags(self.hflags() & !HF_INHIBIT_IRQ_MASK);
     }
     pub fn error_code(&self) -> u32 {
+        // SAFETY: `error_code` (the int 16 bytes before dr[], located by
+        // `locate`) is 4 bytes inside the live, initialised CPUX86State.
         unsafe { self.field::<u32>(self.error_code).read_unaligned() }
     }
     pub fn exception_is_int(&self) -> bool {
+        // SAFETY: `exception_is_int` (the int 12 bytes before dr[], located
+        // by `locate`) is 4 bytes inside the live, initialised CPUX86State.
         unsafe { self.field::<i32>(self.exception_is_int).read_unaligned() != 0 }
     }
     pub fn old_exception(&self) -> i32 {
+        // SAFETY: `old_exception` (the int after dr[8] and the four
+        // breakpoint pointers, located by `locate`) is 4 bytes inside the
+        // live, initialised CPUX86State.
         unsafe { self.field::<i32>(self.old_exception).read_unaligned() }
     }
     /// Marks the pending exception as delivered, as QEMU's own delivery
     /// does; otherwise the next fault is promoted to a double fault.
     pub fn reset_old_exception(&self) {
+        // SAFETY: `old_exception` is 4 bytes inside the live CPUX86State
+        // (see `old_exception`), not in use by unicorn while this runs.
         unsafe { self.field::<i32>(self.old_exception).write_unaligned(-1) }
     }
 
     pub fn segment(&self, seg: usize) -> SegmentCache {
         let p = ENV_SEGS + seg * SEGMENT_CACHE_SIZE;
+        // SAFETY: segs[seg] (seg <= R_GS, see `field`) is a 24-byte QEMU
+        // SegmentCache {u32 selector; u64 base; u32 limit; u32 flags} at
+        // ENV_SEGS (checked by `check`), inside the live, initialised
+        // CPUX86State; read_unaligned needs no alignment.
         unsafe {
             SegmentCache {
                 selector: self.field::<u32>(p).read_unaligned() as u16,
@@ -364,6 +455,9 @@ impl EnvLayout {
     /// mode (CS: 64-bit code flags; SS: the CPL).
     pub fn load_segment(&self, seg: usize, cache: SegmentCache) {
         let p = ENV_SEGS + seg * SEGMENT_CACHE_SIZE;
+        // SAFETY: segs[seg] (seg <= R_GS, see `field`) is a 24-byte QEMU
+        // SegmentCache inside the live CPUX86State (see `segment` for the
+        // field offsets), not in use by unicorn while this runs.
         unsafe {
             self.field::<u32>(p).write_unaligned(cache.selector as u32);
             self.field::<u64>(p + 8).write_unaligned(cache.base);
@@ -429,12 +523,21 @@ extern "C" {
 /// not retired.
 ///
 /// # Safety
-/// Must be called from inside an IN/OUT instruction hook of a running
-/// engine, as the hook's last action: the `siglongjmp` skips the hook's
+/// Must be called from inside an IN/OUT instruction hook of the running
+/// engine `uc`, as the hook's last action: the `siglongjmp` skips the hook's
 /// frame, which must hold nothing that needs dropping.
 pub unsafe fn leave_translated_code(uc: *mut uc_engine) -> ! {
-    let cpu = read_u64((uc as *const u8).add(UC_CPU_OFFSET)) as *mut c_void;
-    cpu_loop_exit_noexc_x86_64(cpu)
+    // SAFETY: `uc` is a running engine (caller); UC_CPU_OFFSET is its
+    // uc_struct's `cpu` field, 8 initialised bytes inside the struct.
+    let cpu = unsafe { read_u64((uc as *const u8).add(UC_CPU_OFFSET)) } as *mut c_void;
+    // SAFETY: `cpu` is the engine's CPUState. The caller is an IN/OUT hook,
+    // which unicorn calls from an instruction helper of translated code
+    // inside cpu_exec, so cpu->jmp_env holds cpu_exec's live sigsetjmp;
+    // leaving a helper through cpu_loop_exit is how QEMU's helpers raise
+    // exceptions, unicorn's IN/OUT hook dispatch (cpu_inb/cpu_outb, ...)
+    // keeps no state across the hook call on this host, and the hook's
+    // Rust frame holds nothing that needs dropping (caller's obligation).
+    unsafe { cpu_loop_exit_noexc_x86_64(cpu) }
 }
 
 /// Drops translated code of guest-physical `[start, end)`.
@@ -444,7 +547,12 @@ pub unsafe fn leave_translated_code(uc: *mut uc_engine) -> ! {
 /// as a single block at GPA 0 (so RAM offsets equal guest-physical
 /// addresses).
 pub unsafe fn invalidate_physical(uc: *mut uc_engine, start: u64, end: u64) {
-    tb_invalidate_phys_range_x86_64(uc, start, end)
+    // SAFETY: the caller guarantees a live engine that is not emulating
+    // (no translated code of the range is running) and RAM offsets equal to
+    // guest-physical addresses, so `[start, end)` is the ram_addr_t range
+    // tb_invalidate_phys_range(uc, start, end) expects; pages in it that
+    // hold no code are skipped.
+    unsafe { tb_invalidate_phys_range_x86_64(uc, start, end) }
 }
 
 extern "C" {
@@ -476,6 +584,11 @@ extern "C" fn memory_map_io_capturing(
     user_data_read: *mut c_void,
     user_data_write: *mut c_void,
 ) -> *mut u8 {
+    // SAFETY: unicorn calls this through uc_struct.memory_map_io (installed
+    // only for one uc_mmio_map call by `mmio_map_with_8_byte_accesses`),
+    // with the arguments of uc_memory_map_io_t; they are passed on unchanged
+    // to the function that slot held, memory_map_io_x86_64, which has the
+    // same C signature.
     let mr = unsafe {
         memory_map_io_x86_64(
             uc,
@@ -529,18 +642,28 @@ pub unsafe fn mmio_map_with_8_byte_accesses(
     // The hook sits among uc_struct's function pointers, before `cpu`.
     let slots: Vec<usize> = (0..UC_CPU_OFFSET)
         .step_by(8)
-        .filter(|&off| read_u64(engine.add(off)) == original)
+        // SAFETY: `uc` is a live engine (caller); its uc_struct is calloc'd
+        // (initialised) and extends past UC_CPU_OFFSET, so each 8-byte read
+        // below that offset is inside it.
+        .filter(|&off| unsafe { read_u64(engine.add(off)) } == original)
         .collect();
     let [slot] = slots[..] else {
         return Err(format!(
             "uc_struct.memory_map_io not found (candidates at {slots:?}); this engine supports unicorn-engine =2.1.5 only"
         ));
     };
-    let hook = engine.add(slot) as *mut u64;
+    // SAFETY: `slot` < UC_CPU_OFFSET, inside uc_struct (above).
+    let hook = unsafe { engine.add(slot) } as *mut u64;
     MAPPED_IO_REGION.with(|c| c.set(std::ptr::null_mut()));
-    hook.write_unaligned(memory_map_io_capturing as *const () as u64);
+    // SAFETY: `hook` is the one function-pointer slot of uc_struct that
+    // holds memory_map_io_x86_64, i.e. `memory_map_io`; the engine is not
+    // emulating (caller), so nothing calls through the slot concurrently,
+    // and the replacement has the same C signature (uc_memory_map_io_t)
+    // and forwards to the original.
+    unsafe { hook.write_unaligned(memory_map_io_capturing as *const () as u64) };
     let err = uc_mmio_map();
-    hook.write_unaligned(original);
+    // SAFETY: as above; this puts the original function back.
+    unsafe { hook.write_unaligned(original) };
     if err != unicorn_engine::unicorn_const::uc_error::OK {
         return Err(format!("uc_mmio_map failed: {err:?}"));
     }
@@ -548,20 +671,38 @@ pub unsafe fn mmio_map_with_8_byte_accesses(
     if mr.is_null() {
         return Err("uc_mmio_map did not go through uc_struct.memory_map_io".into());
     }
-    let opaque = read_u64(mr.add(MR_OPAQUE)) as *mut u8;
-    let ops = read_u64(mr.add(MR_OPS)) as *mut u8;
-    let layout_ok = !opaque.is_null()
-        && ops == opaque.add(CBS_OPS)
-        && read_u64(opaque) == read_cb as u64
-        && read_u64(opaque.add(8)) == user_data as u64
-        && read_u64(opaque.add(16)) == write_cb as u64
-        && read_u64(opaque.add(24)) == user_data as u64
-        && OPS_TAIL.clone().all(|i| *ops.add(i) == 0);
+    // SAFETY: `mr` is the MemoryRegion memory_map_io just returned (a
+    // live g_new allocation owned by the engine); in 2.1.5's MemoryRegion
+    // (exec/memory.h) `ops` is the pointer at 16 and `opaque` the one at
+    // 24, both set by memory_region_init_io.
+    let (opaque, ops) = unsafe {
+        (
+            read_u64(mr.add(MR_OPAQUE)) as *mut u8,
+            read_u64(mr.add(MR_OPS)) as *mut u8,
+        )
+    };
+    // SAFETY: in 2.1.5 memory_map_io allocates `opaque` as an mmio_cbs
+    // (read, user_data_read, write, user_data_write at 0..32, then the
+    // 80-byte MemoryRegionOps at 32, memset to 0 before its pointers are
+    // set), so `opaque + CBS_OPS` and every read below are inside that
+    // allocation and initialised. `&&` stops at the first mismatch.
+    let layout_ok = unsafe {
+        !opaque.is_null()
+            && ops == opaque.add(CBS_OPS)
+            && read_u64(opaque) == read_cb as u64
+            && read_u64(opaque.add(8)) == user_data as u64
+            && read_u64(opaque.add(16)) == write_cb as u64
+            && read_u64(opaque.add(24)) == user_data as u64
+            && OPS_TAIL.clone().all(|i| *ops.add(i) == 0)
+    };
     if !layout_ok {
         return Err(
             "the new MMIO region's MemoryRegion/mmio_cbs layout is not unicorn 2.1.5's".into(),
         );
     }
-    (ops.add(OPS_IMPL_MAX_ACCESS_SIZE) as *mut u32).write_unaligned(8);
+    // SAFETY: `ops` is the region's MemoryRegionOps inside its mmio_cbs
+    // (layout checked just above); impl.max_access_size is the u32 at 68.
+    // The engine is not emulating (caller), so nothing reads it meanwhile.
+    unsafe { (ops.add(OPS_IMPL_MAX_ACCESS_SIZE) as *mut u32).write_unaligned(8) };
     Ok(())
 }

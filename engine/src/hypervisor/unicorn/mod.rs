@@ -40,7 +40,7 @@
 //! there takes effect at the next check instead. Guests do not do this.
 
 mod delivery;
-pub mod internals;
+pub(crate) mod internals;
 
 pub use super::ExitCounters;
 use super::{
@@ -177,6 +177,9 @@ struct StepState {
 
 /// State shared with the C hooks through a stable pointer.
 struct HookState {
+    /// The engine's handle: opened by `UnicornVm::new`, closed by `Engine`'s
+    /// `Drop`. `Engine` owns this state too, so the handle is open whenever
+    /// the state can be reached.
     uc: *mut uc_engine,
     env: EnvLayout,
     /// The bus of the run in progress; only valid during `run`.
@@ -224,8 +227,11 @@ const ICOUNT_CACHE: usize = 1 << 14;
 
 impl HookState {
     fn bus(&mut self) -> &mut dyn IoBus {
-        // SAFETY: hooks only run inside `run`, which set the pointer from a
-        // live `&mut dyn IoBus` for its duration.
+        // SAFETY: (unverified, see `Vcpu::run` about unwinding) `self.bus`
+        // is `Some` only while `Vcpu::run` runs `run_with_bus`: `run` set it
+        // from its live `&mut dyn IoBus`, does not use that reference
+        // itself meanwhile, and clears it afterwards. Outside that window
+        // `expect` panics instead.
         let bus = unsafe { &mut *self.bus.expect("I/O hook outside a run") };
         bus.position(self.vcpu, self.position());
         bus
@@ -265,6 +271,10 @@ impl HookState {
         let ctl = ControlType(
             ControlType::TB_REQUEST_CACHE.0 | ControlType::IO_READ.0 | ControlType::IO_WRITE.0,
         );
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`). A
+        // READ_WRITE TB_REQUEST_CACHE takes a uint64_t address and a `uc_tb *`
+        // as variadic arguments: `pc` is a u64 and `tb` a live
+        // TranslationBlock (bindgen's uc_tb), which unicorn fills in.
         let err = unsafe { uc_ctl(self.uc, ctl, pc, &mut tb as *mut TranslationBlock) };
         let n = if err == uc_error::OK && tb.pc == pc && tb.size as u32 == size {
             tb.icount as u32
@@ -281,6 +291,10 @@ impl HookState {
         if self.stop.is_none() {
             self.stop = Some(why);
         }
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`);
+        // uc_emu_stop takes nothing else and may be called from a hook or
+        // while the engine is idle (the request it then records is cleared
+        // by the next uc_emu_start).
         unsafe { uc_emu_stop(self.uc) };
     }
 
@@ -427,12 +441,32 @@ fn hook_panicked(what: String) -> HypervisorError {
     }
 }
 
+/// The hook state behind a hook's `user_data`.
+///
+/// # Safety
+/// `ud` must be the `user_data` the hook was registered with, i.e. the
+/// engine's `Engine.state` cell (live as long as the engine), and no other
+/// reference to the hook state may be used while the returned one lives.
+///
+/// The hooks below meet this as follows: unicorn calls a hook on the thread
+/// that called `uc_emu_start` and one at a time; the engine holds no
+/// reference to the state across `uc_emu_start` (see `run_with_bus` and
+/// `step`), and a hook's body takes one reference, at its start. (No hook
+/// calls another, except `on_rdtscp`, which calls `on_rdtsc` and takes no
+/// reference of its own; for MMIO callbacks nested inside unicorn calls
+/// made while a reference is held, see `on_mmio_read`.)
 unsafe fn state<'a>(ud: *mut c_void) -> &'a mut HookState {
-    &mut *(ud as *mut HookState)
+    // SAFETY: per the caller's obligations, `ud` points at the live hook
+    // state (an `UnsafeCell<HookState>`, whose pointer is the state's) and
+    // the reference is unique while it lives.
+    unsafe { &mut *(ud as *mut HookState) }
 }
 
 extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *mut c_void) {
     guarded(ud as *mut HookState, (), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         if let Some(step) = &mut st.stepping {
             step.blocks += 1;
@@ -484,6 +518,9 @@ extern "C" fn on_block_translated(
     ud: *mut c_void,
 ) {
     guarded(ud as *mut HookState, (), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         // SAFETY: unicorn passes a pointer to its copy of the new block's
         // description, valid for the duration of the call.
@@ -496,6 +533,9 @@ extern "C" fn on_block_translated(
 /// checks for a stop right after it, before the instruction executes.
 extern "C" fn on_breakpoint(_uc: *mut uc_engine, addr: u64, _size: u32, ud: *mut c_void) {
     guarded(ud as *mut HookState, (), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `Engine::sync_breakpoint_hooks`; see `state` for why this
+        // is the only live reference to it.
         let st = unsafe { state(ud) };
         if st.lifted_breakpoint != Some(addr) && st.breakpoints.contains(&addr) {
             st.stop(Stop::Breakpoint);
@@ -516,6 +556,9 @@ fn drop_step_tf(uc: *mut uc_engine, st: &HookState) {
 
 extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
     guarded(ud as *mut HookState, (), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         if let Some(step) = st.stepping {
             if intno == 1 && !st.env.exception_is_int() && !step.trapped {
@@ -577,6 +620,9 @@ extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void) {
 
 extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
     guarded(ud as *mut HookState, true, || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.exceptions += 1;
         drop_step_tf(uc, st);
@@ -605,6 +651,9 @@ extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool {
 
 extern "C" fn on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32 {
     let (value, stop) = guarded(ud as *mut HookState, (u64::MAX, false), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.pio += 1;
         let n = (size as usize).clamp(1, 4);
@@ -624,6 +673,9 @@ extern "C" fn on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -
 
 extern "C" fn on_out(uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *mut c_void) {
     let stop = guarded(ud as *mut HookState, false, || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.pio += 1;
         let n = (size as usize).clamp(1, 4);
@@ -640,12 +692,22 @@ extern "C" fn on_out(uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *
     }
 }
 
+// Register helpers. Every caller passes as `uc` the engine's open handle:
+// `Engine::uc`, `HookState::uc`, or the handle unicorn passed to the hook.
+// Only registers whose 64-bit-mode value is at most 8 bytes are passed to
+// `read_reg`/`write_reg`: GPRs, RIP, RFLAGS, CR0-CR4, CR8, DR0-DR7 (8 bytes),
+// MXCSR (4), FPCW and FPSW (2).
+
 fn write_reg(uc: *mut uc_engine, reg: RegisterX86, v: u64) {
+    // SAFETY: `uc` is the engine's open handle and `v` is a live u64, at
+    // least the size unicorn reads for each register passed (see above).
     unsafe { uc_reg_write(uc, reg as i32, &v as *const u64 as *const c_void) };
 }
 
 fn read_reg(uc: *mut uc_engine, reg: RegisterX86) -> u64 {
     let mut v = 0u64;
+    // SAFETY: `uc` is the engine's open handle and `v` is a live u64, at
+    // least the size unicorn writes for each register passed (see above).
     unsafe { uc_reg_read(uc, reg as i32, &mut v as *mut u64 as *mut c_void) };
     v
 }
@@ -655,12 +717,24 @@ fn read_msr(uc: *mut uc_engine, index: u32) -> u64 {
         rid: index,
         value: 0,
     };
+    // SAFETY: (unverified) `uc` is the engine's open handle (see above) and
+    // `m` a live uc_x86_msr, the type UC_X86_REG_MSR reads `rid` from and
+    // writes `value` to. helper_rdmsr returns normally unless an SVM MSR
+    // intercept is active; otherwise it longjmps (cpu_vmexit) out of this
+    // call. That needs SVM guest mode, which only VMRUN enters, and VMRUN
+    // needs EFER.SVME loaded through cpu_load_efer: the emulated CPU model
+    // has no SVM, so a guest WRMSR cannot set it, but it keeps an SVME bit
+    // that a state loaded by `set_sregs` (raw `set_efer`) already had. This
+    // assumes loaded states never have EFER.SVME set.
     unsafe { uc_reg_read(uc, RegisterX86::MSR as i32, &mut m as *mut _ as *mut c_void) };
     m.value
 }
 
 extern "C" fn on_cpuid(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
     guarded(ud as *mut HookState, 1, || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.cpuid += 1;
         let leaf = read_reg(uc, RegisterX86::RAX) as u32;
@@ -677,6 +751,9 @@ extern "C" fn on_cpuid(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
 
 extern "C" fn on_rdtsc(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
     guarded(ud as *mut HookState, 1, || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.rdtsc += 1;
         let vcpu = st.vcpu;
@@ -729,6 +806,9 @@ fn env_regs(env: &EnvLayout, rip: u64, rflags: u64) -> Regs {
 /// Unicorn adds the instruction length to RIP after the hook returns.
 extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
     guarded(ud as *mut HookState, (), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `UnicornVm::new`; see `state` for why this is the only
+        // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.syscalls += 1;
         let env = st.env;
@@ -791,10 +871,26 @@ fn perform_syscall(uc: *mut uc_engine, env: &EnvLayout, rip: u64, rflags: u64) {
 
 extern "C" fn on_mmio_read(_uc: *mut uc_engine, offset: u64, size: u32, ud: *mut c_void) -> u64 {
     guarded(
+        // SAFETY: `ud` is the `MmioRegion` box registered with this region
+        // in `add_mmio_region`, kept in `Engine::mmio` for the engine's life
+        // (see the (unverified) note there) and never mutated.
         unsafe { (*(ud as *const MmioRegion)).state },
         u64::MAX,
         || {
+            // SAFETY: as above: `ud` is the live, immutable `MmioRegion`.
             let region = unsafe { &*(ud as *const MmioRegion) };
+            // SAFETY: (unverified) `region.state` is the engine's live hook
+            // state. Guest MMIO accesses reach this callback from inside
+            // `uc_emu_start`, where no other reference to the state is live
+            // (see `state`). But unicorn also runs MMIO callbacks for the
+            // guest-physical accesses of its own API calls: page-table walks
+            // (uc_vmem_read/write, uc_ctl TB_REQUEST_CACHE) and
+            // uc_vmem_write's store. A guest whose page tables, or whose
+            // interrupt stack for `delivery::deliver`'s uc_vmem_write, lie in
+            // an MMIO region would get this callback while `on_intr`,
+            // `on_invalid`, `on_block`, `try_deliver_pending` or
+            // `halted_after`'s caller holds a reference to the state: two
+            // live `&mut HookState`. No guest this engine runs does that.
             let st = unsafe { &mut *region.state };
             st.exits_by_kind.mmio += 1;
             let n = (size as usize).clamp(1, 8);
@@ -816,8 +912,16 @@ extern "C" fn on_mmio_write(
     value: u64,
     ud: *mut c_void,
 ) {
+    // SAFETY: `ud` is the `MmioRegion` box registered with this region in
+    // `add_mmio_region`, kept in `Engine::mmio` for the engine's life (see
+    // the (unverified) note there) and never mutated.
     guarded(unsafe { (*(ud as *const MmioRegion)).state }, (), || {
+        // SAFETY: as above: `ud` is the live, immutable `MmioRegion`.
         let region = unsafe { &*(ud as *const MmioRegion) };
+        // SAFETY: (unverified) `region.state` is the engine's live hook
+        // state; the reference is unique except in the nesting described in
+        // `on_mmio_read` (an MMIO callback run by a unicorn call that a
+        // holder of the state makes).
         let st = unsafe { &mut *region.state };
         st.exits_by_kind.mmio += 1;
         let n = (size as usize).clamp(1, 8);
@@ -865,6 +969,13 @@ struct Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        // SAFETY: every slot's context and `reset_context` were allocated by
+        // uc_context_alloc on this engine and are freed exactly once, here
+        // (Drop runs once; nothing else frees them; with CPU-only context
+        // content their `fv` is NULL, so uc_context_free is a plain free).
+        // `uc` is open and is closed once, last; the hook state and MMIO
+        // regions its hooks point to are dropped after this body, when no
+        // hook can run any more.
         unsafe {
             for s in &self.slots {
                 uc_context_free(s.context);
@@ -881,8 +992,13 @@ impl Engine {
     // Rust code reaches it.
     #[allow(clippy::mut_from_ref)]
     fn st(&self) -> &mut HookState {
-        // SAFETY: single-threaded; hooks and the engine never hold a
-        // reference across a call into the other.
+        // SAFETY: `self.state` is a live box. `Engine` is neither `Send`
+        // nor `Sync` (raw pointers), so this runs on the engine's thread,
+        // and hooks run only inside unicorn calls on that thread. Callers
+        // use each returned reference briefly and do not hold one across
+        // `uc_emu_start` (where hooks take their own; see `state`), nor
+        // across another `st()` call they still use it after; see
+        // `on_mmio_read` for the (unverified) MMIO nesting exception.
         unsafe { &mut *self.state.get() }
     }
 
@@ -902,11 +1018,20 @@ impl Engine {
             return Ok(());
         }
         for (_, h) in self.breakpoint_hooks.drain(..) {
+            // SAFETY: `self.uc` is the open engine, idle (this runs under
+            // the engine's `RefCell` borrow, which `run` holds while
+            // emulating); `h` is a handle uc_hook_add returned on it,
+            // deleted once as it is drained.
             check("hook_del", unsafe { uc_hook_del(self.uc, h) })?;
         }
         let ud = self.state.get() as *mut c_void;
         for addr in wanted {
             let mut h: uc_hook = 0;
+            // SAFETY: `self.uc` is the open, idle engine; `h` is a live
+            // out-parameter; `on_breakpoint` has the uc_cb_hookcode_t
+            // signature CODE hooks are called with; `ud` is the engine's
+            // hook state, a box freed only after uc_close (see `Drop`).
+            // CODE hooks take no variadic arguments after begin/end.
             check("hook_add", unsafe {
                 uc_hook_add(
                     self.uc,
@@ -921,6 +1046,8 @@ impl Engine {
             self.breakpoint_hooks.push((addr, h));
         }
         let ctl = ControlType(ControlType::TB_FLUSH.0 | ControlType::IO_WRITE.0);
+        // SAFETY: `self.uc` is the open, idle engine; a write of TB_FLUSH
+        // takes no variadic arguments.
         check("tb_flush", unsafe { uc_ctl(self.uc, ctl) })
     }
 
@@ -930,6 +1057,9 @@ impl Engine {
             return Ok(());
         }
         if let Some(prev) = self.active {
+            // SAFETY: `self.uc` is the open, idle engine; the slot's context
+            // was allocated by uc_context_alloc on it (`create_vcpu`), so it
+            // has room for what uc_context_save writes.
             check("context_save", unsafe {
                 uc_context_save(self.uc, self.slots[prev].context)
             })?;
@@ -937,6 +1067,9 @@ impl Engine {
             self.slots[prev].kernel_executed = self.st().kernel_executed;
             self.slots[prev].stop_at_user = self.st().stop_at_user;
         }
+        // SAFETY: `self.uc` is the open, idle engine; the slot's context was
+        // allocated by uc_context_alloc on it and filled by uc_context_save
+        // or copied from `reset_context` (`create_vcpu`).
         check("context_restore", unsafe {
             uc_context_restore(self.uc, self.slots[id].context)
         })?;
@@ -948,6 +1081,8 @@ impl Engine {
         self.active = Some(id);
         // Translations are shared; cached address translations are not.
         let ctl = ControlType(ControlType::TLB_FLUSH.0 | ControlType::IO_WRITE.0);
+        // SAFETY: `self.uc` is the open, idle engine; a write of TLB_FLUSH
+        // takes no variadic arguments.
         check("tlb_flush", unsafe { uc_ctl(self.uc, ctl) })?;
         Ok(())
     }
@@ -966,12 +1101,18 @@ impl UnicornVm {
     /// regions of `mem` at their guest-physical addresses.
     pub fn new(mem: &GuestMemoryMmap) -> Result<UnicornVm> {
         let mut uc: *mut uc_engine = std::ptr::null_mut();
+        // SAFETY: `uc` is a live out-parameter that uc_open fills in; the
+        // arch and mode are valid constants.
         check("uc_open", unsafe {
             uc_open(Arch::X86, Mode::MODE_64, &mut uc)
         })?;
-        let env = match EnvLayout::locate(uc) {
+        // SAFETY: `uc` was just opened as a 64-bit x86 engine; the engine
+        // that owns the layout from here on closes it last.
+        let env = match unsafe { EnvLayout::locate(uc) } {
             Ok(env) => env,
             Err(e) => {
+                // SAFETY: `uc` was opened above, nothing else refers to it
+                // (no `Engine` owns it yet), and it is not used again.
                 unsafe { uc_close(uc) };
                 return Err(HypervisorError::Unavailable {
                     backend: BACKEND,
@@ -1003,6 +1144,7 @@ impl UnicornVm {
             hook_panic: None,
         }));
         let mut reset_context = std::ptr::null_mut();
+        // SAFETY: `uc` is open; `reset_context` is a live out-parameter.
         check("context_alloc", unsafe {
             uc_context_alloc(uc, &mut reset_context)
         })?;
@@ -1025,6 +1167,13 @@ impl UnicornVm {
                     op: "guest memory",
                     reason: e.to_string(),
                 })?;
+            // SAFETY: (unverified) `uc` is open and `host` is the start of
+            // vm-memory's mapping of `region`, `region.len()` bytes long
+            // (unicorn checks the size and alignment). Unicorn keeps using
+            // those pages until uc_close, but this engine does not keep
+            // `mem` (or a clone) alive: that `mem` outlives the VM is a
+            // documented obligation of the caller of this safe function,
+            // not enforced. `Machine` and `Replayer` meet it by field order.
             check("mem_map_ptr", unsafe {
                 uc_mem_map_ptr(
                     uc,
@@ -1038,10 +1187,21 @@ impl UnicornVm {
         // Exits mechanism on (with no exits): avoids the phantom translation
         // of the `until` address after every run.
         let ctl = ControlType(ControlType::UC_USE_EXITS.0 | ControlType::IO_WRITE.0);
+        // SAFETY: `uc` is open; a write of UC_USE_EXITS takes one variadic
+        // `int`, passed as an i32.
         check("use_exits", unsafe { uc_ctl(uc, ctl, 1i32) })?;
         let ud = engine.state.get() as *mut c_void;
         let add = |ty: HookType, cb: *mut c_void, insn: Option<X86Insn>| -> Result<()> {
             let mut h: uc_hook = 0;
+            // SAFETY: `uc` is open; `h` is a live out-parameter. Each `cb`
+            // passed below has the C signature of its hook type (BLOCK:
+            // uc_cb_hookcode_t; EDGE_GENERATED: uc_hook_edge_gen_t; INTR:
+            // uc_cb_hookintr_t; INSN_INVALID: uc_cb_hookinsn_invalid_t; IN,
+            // OUT: uc_cb_insn_in_t, uc_cb_insn_out_t; CPUID, RDTSC, RDTSCP:
+            // uc_cb_insn_cpuid_t; SYSCALL: uc_cb_insn_syscall_t), and INSN
+            // hooks get their instruction id as the variadic `int`. `ud` is
+            // the hook state box that the engine owns and frees only after
+            // uc_close (see `Drop for Engine`).
             let err = unsafe {
                 match insn {
                     Some(i) => uc_hook_add(uc, &mut h, ty.0 as i32, cb, ud, 1, 0, i as i32),
@@ -1080,6 +1240,8 @@ impl UnicornVm {
             on_syscall as *mut c_void,
             Some(X86Insn::SYSCALL),
         )?;
+        // SAFETY: `uc` is open and idle; `reset_context` was allocated by
+        // uc_context_alloc on it above.
         check("context_save", unsafe {
             uc_context_save(uc, engine.reset_context)
         })?;
@@ -1116,11 +1278,19 @@ impl super::Vm for UnicornVm {
             });
         }
         let mut context = std::ptr::null_mut();
+        // SAFETY: `e.uc` is the open, idle engine; `context` is a live
+        // out-parameter.
         check("context_alloc", unsafe {
             uc_context_alloc(e.uc, &mut context)
         })?;
         // A new vCPU starts from the reset state saved at creation.
+        // SAFETY: `e.uc` is the open engine.
         let size = unsafe { unicorn_engine::unicorn_const::uc_context_size(e.uc) };
+        // SAFETY: both contexts were allocated by uc_context_alloc on this
+        // engine, i.e. with uc_context_size(e.uc) bytes each, and are
+        // distinct allocations. The copy duplicates only plain data: with
+        // CPU-only context content (never changed here) the header's `fv`
+        // pointer is NULL in both, so nothing is owned twice.
         unsafe {
             std::ptr::copy_nonoverlapping(e.reset_context as *const u8, context as *mut u8, size)
         };
@@ -1151,7 +1321,15 @@ impl super::Vm for UnicornVm {
         });
         let ud = &*region as *const MmioRegion as *mut c_void;
         let uc = e.uc;
-        // SAFETY: between runs; the region box lives as long as the engine.
+        // SAFETY: (unverified) `uc` is the open engine, idle: this runs under
+        // the engine's `RefCell` borrow, which `run` holds while emulating.
+        // The callbacks have the uc_cb_mmio_read_t/uc_cb_mmio_write_t
+        // signatures, and `ud` (the region box) is pushed onto `e.mmio`
+        // below, which keeps it as long as the engine. But if uc_mmio_map
+        // succeeds and the layout check after it fails, this returns an
+        // error and drops the box while unicorn keeps the region and `ud`:
+        // a later guest access to it would use freed memory. The callers in
+        // this crate (`Machine`, `Replayer`) drop the VM on that error.
         unsafe {
             internals::mmio_map_with_8_byte_accesses(
                 uc,
@@ -1189,7 +1367,9 @@ impl super::Vm for UnicornVm {
                 "code invalidation with guest RAM not in one region at 0",
             ));
         }
-        // SAFETY: between runs; RAM is one block at 0 (checked above).
+        // SAFETY: `e.uc` is the open engine and idle: this runs under the
+        // engine's `RefCell` borrow, which `run` holds while emulating. RAM
+        // is one block at GPA 0 (checked above).
         unsafe { internals::invalidate_physical(e.uc, gpa, gpa + len) };
         Ok(())
     }
@@ -1265,11 +1445,17 @@ fn mmr(uc: *mut uc_engine, reg: RegisterX86) -> uc_x86_mmr {
         limit: 0,
         flags: 0,
     };
+    // SAFETY: `uc` is the engine's open handle and `t` a live uc_x86_mmr, the
+    // type unicorn writes for GDTR, IDTR, TR and LDTR, the only registers
+    // passed.
     unsafe { uc_reg_read(uc, reg as i32, &mut t as *mut uc_x86_mmr as *mut c_void) };
     t
 }
 
 fn set_mmr(uc: *mut uc_engine, reg: RegisterX86, t: uc_x86_mmr) {
+    // SAFETY: `uc` is the engine's open handle and `t` a live uc_x86_mmr, the
+    // type unicorn reads for GDTR, IDTR, TR and LDTR, the only registers
+    // passed.
     unsafe { uc_reg_write(uc, reg as i32, &t as *const uc_x86_mmr as *const c_void) };
 }
 
@@ -1318,6 +1504,8 @@ fn is_breakpoint(e: &Engine, id: usize, rip: u64) -> bool {
 fn halted_after(uc: *mut uc_engine, env: &EnvLayout, rip: u64) -> bool {
     let mut b = [0u8; 1];
     let at = linear_rip(env, rip).wrapping_sub(1);
+    // SAFETY: `uc` is the engine's open handle (`Engine::uc`); `b` is a live
+    // 1-byte buffer and the size passed is 1.
     let ok = unsafe { uc_vmem_read(uc, at, Prot::EXEC, b.as_mut_ptr() as *mut c_void, 1) }
         == uc_error::OK;
     ok && b[0] == 0xf4
@@ -1502,6 +1690,10 @@ impl UnicornVcpu {
     }
 
     fn try_deliver_pending(&self, e: &mut Engine) -> Option<String> {
+        // SAFETY: `e.state` is the engine's live hook state; `e` is borrowed
+        // exclusively, so no other engine code holds a reference to it, and
+        // no hook runs (the engine is not inside uc_emu_start), except the
+        // (unverified) MMIO nesting described in `on_mmio_read`.
         let st = unsafe { &mut *e.state.get() };
         let slot = &mut e.slots[self.id];
         if slot.pending.is_empty() {
@@ -1548,9 +1740,16 @@ impl Vcpu for UnicornVcpu {
         let breakpoints = e.slots[self.id].breakpoints.clone();
         let st = e.st();
         st.breakpoints = breakpoints;
-        // SAFETY: the pointer is only used by hooks during this call, while
-        // `bus` is borrowed. The lifetime is erased for storage.
+        // The lifetime is erased for storage in the hook state.
         let bus_ptr: *mut (dyn IoBus + '_) = bus;
+        // SAFETY: (unverified) the transmute changes only the trait object's
+        // lifetime bound (same pointer, same vtable). The pointer is used
+        // only by hooks, through `HookState::bus`, during `run_with_bus`
+        // below, while `bus` is borrowed by this call and not otherwise
+        // used, and is cleared right after. If `run_with_bus` unwound, it
+        // would stay set; a later `run` replaces it before emulating, but an
+        // MMIO callback during that run's `try_deliver_pending` (see
+        // `on_mmio_read`) could still see the stale pointer.
         st.bus =
             Some(unsafe { std::mem::transmute::<*mut (dyn IoBus + '_), *mut dyn IoBus>(bus_ptr) });
         let result = self.run_with_bus(&mut e, budget);
@@ -1721,6 +1920,10 @@ impl Vcpu for UnicornVcpu {
                     rid: 0x1b,
                     value: s.apic_base,
                 };
+                // SAFETY: (unverified) `uc` is the open, idle engine and
+                // `msr` a live uc_x86_msr, the type UC_X86_REG_MSR reads.
+                // helper_wrmsr returns normally outside SVM guest mode, which
+                // this assumes as `read_msr` explains.
                 unsafe {
                     uc_reg_write(
                         uc,
@@ -1747,6 +1950,11 @@ impl Vcpu for UnicornVcpu {
             for i in 0..16 {
                 let reg = RegisterX86::XMM0 as i32 + i as i32;
                 let mut v = [0u8; 16];
+                // SAFETY: (unverified) `e.uc` is the open engine and `v` is
+                // a live 16-byte buffer, the size unicorn writes for XMM0-15
+                // (uint64_t[2]). Unicorn stores it through a `uint64_t *`,
+                // but `v` is only byte-aligned: this relies on the C side's
+                // unaligned stores being harmless on the x86-64 host.
                 unsafe { uc_reg_read(e.uc, reg, v.as_mut_ptr() as *mut c_void) };
                 x[160 + i * 16..176 + i * 16].copy_from_slice(&v);
             }
@@ -1781,6 +1989,13 @@ impl Vcpu for UnicornVcpu {
             );
             for i in 0..16 {
                 let reg = RegisterX86::XMM0 as i32 + i as i32;
+                // SAFETY: (unverified) `e.uc` is the open engine, and
+                // `x[160 + i * 16..]` holds at least the 16 bytes unicorn
+                // reads for XMM0-15 (i < 16 and `x` has at least 512 bytes,
+                // checked above). Unicorn loads them through a
+                // `const uint64_t *`, but the slice is only byte-aligned:
+                // this relies on the C side's unaligned loads being harmless
+                // on the x86-64 host.
                 unsafe { uc_reg_write(e.uc, reg, x[160 + i * 16..].as_ptr() as *const c_void) };
             }
             Ok(())
@@ -1794,6 +2009,10 @@ impl Vcpu for UnicornVcpu {
     fn set_msr(&mut self, index: u32, value: u64) -> Result<()> {
         self.with(|e| {
             let msr = uc_x86_msr { rid: index, value };
+            // SAFETY: (unverified) `e.uc` is the open, idle engine and `msr`
+            // a live uc_x86_msr, the type UC_X86_REG_MSR reads. helper_wrmsr
+            // returns normally outside SVM guest mode, which this assumes as
+            // `read_msr` explains.
             check("msr write", unsafe {
                 uc_reg_write(
                     e.uc,
