@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod devices;
+pub mod guest;
 pub mod harness;
 pub mod hypervisor;
 pub mod machine;

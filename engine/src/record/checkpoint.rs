@@ -13,8 +13,8 @@
 //! The sections are read through the vCPU's page tables (its CR3), so the
 //! digest does not depend on where the kernel was loaded (KASLR).
 
-use crate::replay::paging;
-use crate::replay::symbols::Symbols;
+use crate::guest::paging;
+use crate::guest::symbols::Symbols;
 use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -79,8 +79,8 @@ impl RecordingSession {
             let image = rc
                 .vmlinux
                 .as_deref()
-                .and_then(crate::replay::symbols::Symbols::beside)
-                .or_else(|| crate::replay::symbols::Symbols::beside(&cfg.kernel))
+                .and_then(crate::guest::symbols::Symbols::beside)
+                .or_else(|| crate::guest::symbols::Symbols::beside(&cfg.kernel))
                 .and_then(|s| KernelImage::from_symbols(&s))
                 .ok_or_else(|| {
                     "--checkpoint-every: checkpoints digest the kernel's data and bss, found through a System.map (with _sdata, _edata, __bss_start, __bss_stop) beside --vmlinux or --kernel; there is none".to_string()

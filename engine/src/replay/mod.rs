@@ -43,10 +43,8 @@
 //! and bss are compared ([`crate::record::checkpoint`]).
 
 mod bus;
-pub mod paging;
 mod report;
 mod source;
-pub mod symbols;
 
 use bus::{run_rebased, ReplayBus};
 use report::{CheckpointTally, STALL_RUNS};
@@ -58,6 +56,8 @@ use source::{entry_seq, position_of, EventSource};
 use crate::devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
 use crate::devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use crate::devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
+use crate::guest::paging;
+use crate::guest::symbols::Symbols;
 use crate::hypervisor::{unicorn::UnicornVm, Injection, Position, UserEntry, Vcpu, Vm, VmExit};
 use crate::machine::cpuid::CpuidConfig;
 use crate::machine::platform::VIRTIO_BASE;
@@ -69,7 +69,6 @@ use crate::record::recording::{self, CpuSnapshot, RecordingHeader};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use symbols::Symbols;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// A loaded recording, ready to replay.
