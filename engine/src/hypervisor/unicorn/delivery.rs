@@ -9,13 +9,14 @@
 //! doing so becomes a double fault; a fault while delivering that is a
 //! triple fault, which the caller turns into a machine shutdown.
 
+use super::hooks::{read_reg, write_reg};
 use super::internals::{
     EnvLayout, SegmentCache, DESC_DPL_SHIFT, DESC_L_MASK, DESC_P_MASK, R_CS, R_SS,
 };
+use super::vcpu::mmr;
 use std::ffi::c_void;
 use unicorn_engine::unicorn_const::{
-    uc_engine, uc_error, uc_reg_read, uc_reg_write, uc_vmem_read, uc_vmem_write, uc_x86_mmr, Prot,
-    RegisterX86,
+    uc_engine, uc_error, uc_vmem_read, uc_vmem_write, Prot, RegisterX86,
 };
 
 /// How the event arose, which decides the error code and the gate DPL check.
@@ -56,34 +57,6 @@ const RFLAGS_VM: u64 = 1 << 17;
 // The helpers below take the engine's raw handle: every `uc` in this module
 // comes from `deliver`, whose callers pass the open handle of the engine
 // whose hook or vCPU is delivering.
-
-fn reg_read(uc: *mut uc_engine, reg: RegisterX86) -> u64 {
-    let mut v = 0u64;
-    // SAFETY: `uc` is the engine's open handle (see above) and `v` is a live
-    // u64, the size unicorn writes for RFLAGS, the one register read here.
-    unsafe { uc_reg_read(uc, reg as i32, &mut v as *mut u64 as *mut c_void) };
-    v
-}
-
-fn reg_write(uc: *mut uc_engine, reg: RegisterX86, v: u64) {
-    // SAFETY: `uc` is the engine's open handle (see above) and `v` is a live
-    // u64, the size unicorn reads for RFLAGS, the one register written here.
-    unsafe { uc_reg_write(uc, reg as i32, &v as *const u64 as *const c_void) };
-}
-
-fn table(uc: *mut uc_engine, reg: RegisterX86) -> uc_x86_mmr {
-    let mut t = uc_x86_mmr {
-        selector: 0,
-        base: 0,
-        limit: 0,
-        flags: 0,
-    };
-    // SAFETY: `uc` is the engine's open handle (see above) and `t` is a live
-    // uc_x86_mmr, the type unicorn writes for IDTR, GDTR and TR, the
-    // registers read here.
-    unsafe { uc_reg_read(uc, reg as i32, &mut t as *mut uc_x86_mmr as *mut c_void) };
-    t
-}
 
 fn vread(uc: *mut uc_engine, addr: u64, buf: &mut [u8]) -> bool {
     // SAFETY: `uc` is the engine's open handle (see above); `buf` is a live,
@@ -158,7 +131,7 @@ fn deliver_at_cpl(
         // enables interrupts.
         return Err(idt_fault);
     }
-    let idt = table(uc, RegisterX86::IDTR);
+    let idt = mmr(uc, RegisterX86::IDTR);
     if (vector as u64) * 16 + 15 > idt.limit as u64 {
         return Err(idt_fault);
     }
@@ -196,7 +169,7 @@ fn deliver_at_cpl(
             error_code: (selector & 0xfffc) as u32,
         });
     }
-    let gdt = table(uc, RegisterX86::GDTR);
+    let gdt = mmr(uc, RegisterX86::GDTR);
     let index = (selector & !7) as u64;
     if index + 7 > gdt.limit as u64 {
         return Err(Fault {
@@ -219,11 +192,11 @@ fn deliver_at_cpl(
 
     let old_rip = env.eip();
     let old_rsp = env.reg(4);
-    let old_rflags = reg_read(uc, RegisterX86::RFLAGS);
+    let old_rflags = read_reg(uc, RegisterX86::RFLAGS);
     let old_cs = env.segment(R_CS);
     let old_ss = env.segment(R_SS);
 
-    let tss = table(uc, RegisterX86::TR);
+    let tss = mmr(uc, RegisterX86::TR);
     let tss_fault = Fault {
         vector: 10,
         error_code: (tss.selector & 0xfffc) as u32,
@@ -292,7 +265,7 @@ fn deliver_at_cpl(
     if gate_type == 0xe {
         rflags &= !RFLAGS_IF;
     }
-    reg_write(uc, RegisterX86::RFLAGS, rflags);
+    write_reg(uc, RegisterX86::RFLAGS, rflags);
     env.set_eip(offset);
     env.set_hflags((env.hflags() & !super::internals::HF_CPL_MASK) | new_cpl as u32);
     env.clear_interrupt_shadow();
