@@ -500,7 +500,8 @@ mod tests {
     //! a startup IPI and the slices of a 2-vCPU recorded run are logged as
     //! on the software CPU.
 
-    use super::super::{platform::Platform, Backend, KvmDrive, Machine, MachineConfig, RunEnd};
+    use super::super::observer::{MachineView, RunObserver};
+    use super::super::{platform::Platform, KvmDrive, Machine, MachineConfig, RunEnd};
     use super::CpuState;
     use crate::devices::lapic::LAPIC_BASE;
     use crate::hypervisor::kvm::{HostFeatures, VcpuKicker};
@@ -508,10 +509,6 @@ mod tests {
         DebugRegs, FpuState, Injection, IoBus, Regs, Result, Sregs, Vcpu, Vm, VmExit,
     };
     use crate::machine::clock::HostClock;
-    use crate::record::event::LogEvent;
-    use crate::record::log::EventLogReader;
-    use crate::record::recorder::RecordConfig;
-    use crate::record::session::RecordingSession;
     use std::sync::Arc;
 
     /// vCPU 0 sends INIT and a startup IPI to vCPU 1 in its first run and
@@ -613,16 +610,34 @@ mod tests {
         }
     }
 
+    /// Notes what the loop reports, as the recorder would log it.
+    #[derive(Default)]
+    struct Notes(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+
+    impl RunObserver for Notes {
+        fn startup(&mut self, cpu: usize, vector: u8) {
+            self.0
+                .borrow_mut()
+                .push(format!("startup {cpu} {vector:#x}"));
+        }
+        fn after_run(&mut self, _m: &MachineView<'_>, cpu: usize) -> Result<()> {
+            // Where the recorder logs the end of the vCPU's slice.
+            self.0.borrow_mut().push(format!("slice {cpu}"));
+            Ok(())
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+            self
+        }
+    }
+
     #[test]
-    fn kvm_pacing_logs_startup_and_slices_in_the_shared_loop() {
+    fn kvm_pacing_reports_startup_and_slices_in_the_shared_loop() {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("bzImage");
         std::fs::write(&kernel, b"not a kernel: the fake vCPUs run nothing").unwrap();
         let mut cfg = MachineConfig::new(kernel, None, String::new());
         cfg.vcpus = 2;
         cfg.mem_bytes = 64 << 20;
-        let rc = RecordConfig::new("fake".into(), dir.path().to_path_buf());
-        let prepared = RecordingSession::prepare(&mut cfg, rc).unwrap();
         let mem = super::super::create_memory(cfg.mem_bytes).unwrap();
         let mut vm = FakeVm;
         let vcpus: Vec<Box<dyn Vcpu>> = (0..2).map(|id| vm.create_vcpu(id).unwrap()).collect();
@@ -642,28 +657,17 @@ mod tests {
             triple_fault_vcpu: None,
             mem,
         };
-        RecordingSession::attach(prepared, &mut m, Backend::Kvm).unwrap();
+        let notes = Notes::default();
+        let seen = notes.0.clone();
+        m.set_observer(Box::new(notes));
         let report = m.run();
         assert_eq!(report.end, RunEnd::PowerOff, "{report:?}");
-        let events: Vec<LogEvent> = EventLogReader::open(&dir.path().join("fake/events.krrlog"))
-            .unwrap()
-            .map(|r| r.unwrap().1)
-            .collect();
-        let order: Vec<String> = events
-            .iter()
-            .filter_map(|e| match e {
-                LogEvent::Slice { cpu, .. } => Some(format!("slice {cpu}")),
-                LogEvent::Startup { cpu, vector } => Some(format!("startup {cpu} {vector:#x}")),
-                _ => None,
-            })
-            .collect();
         // vCPU 0's first run sends INIT, its second the startup IPI is
         // taken (one AP event per turn); vCPU 1 then runs in the same
         // round; the power-off run ends mid-instruction, with no slice.
         assert_eq!(
-            order,
-            ["slice 0", "slice 0", "startup 1 0x10", "slice 1"],
-            "{events:?}"
+            *seen.borrow(),
+            ["slice 0", "slice 0", "startup 1 0x10", "slice 1"]
         );
     }
 }
