@@ -52,7 +52,7 @@ enum Command {
     /// Inspect recordings: verify, stats, dump.
     Log {
         #[command(subcommand)]
-        command: krr_engine::record::cli::LogCommand,
+        command: krr_engine::log_cli::LogCommand,
     },
     /// Boot benchmark: wall time to the first line of /init on the software
     /// CPU and on `qemu-system-x86_64 -accel tcg`, same kernel and initramfs.
@@ -470,7 +470,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::Log { command } => {
-            let code = krr_engine::record::cli::run(command)?;
+            let code = krr_engine::log_cli::run(command)?;
             std::process::exit(code);
         }
         Command::BenchBoot(a) => bench(a),

@@ -1,0 +1,405 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! A recorded run: the [`Recorder`] as the machine's [`RunObserver`], with
+//! what recording adds between vCPU runs (start and stop triggers, the
+//! agent check, slices, checkpoints, the start snapshot).
+//!
+//! Use: [`RecordingSession::prepare`] on the configuration (it reserves the
+//! agent's ring), [`Machine::new`], [`RecordingSession::attach`], run, then
+//! [`RecordingSession::take`] for the recordings written.
+
+use super::checkpoint::KernelImage;
+use super::event::InterruptKind;
+use super::recorder::{
+    header_for_machine, FinishedRecording, GuestRequest, RecordConfig, Recorder, StartTrigger,
+    StopTrigger,
+};
+use super::recording::CpuSnapshot;
+use krr_hypervisor::{DeliveredException, HypervisorError, Injection, Position, UserEntry};
+use krr_machine::observer::{position, MachineView, RunObserver};
+use krr_machine::{backend_name, Backend, Machine, MachineConfig, MachineError, RunEnd};
+use std::any::Any;
+
+/// When the next checkpoint is due, and what it digests.
+struct Checkpoints {
+    image: KernelImage,
+    every: u64,
+    /// Total instructions (all vCPUs) at which the next one is due.
+    next: u64,
+}
+
+/// The recorder of one run, watching it.
+pub struct RecordingSession {
+    recorder: Recorder,
+    checkpoints: Option<Checkpoints>,
+    /// Console bytes already searched for a trigger marker.
+    trigger_scan: usize,
+    /// Recorded from boot: whether the agent was checked at /init.
+    agent_checked: bool,
+}
+
+/// A configuration prepared for recording: where the ring is.
+pub struct Prepared {
+    rc: RecordConfig,
+    ring_phys: u64,
+}
+
+impl RecordingSession {
+    /// Reserves the agent's ring at the top of the guest's RAM and tells
+    /// the agent where it is (kernel command line). Call before
+    /// [`Machine::new`].
+    pub fn prepare(cfg: &mut MachineConfig, rc: RecordConfig) -> Result<Prepared, String> {
+        let min = 4096 + super::abi::MIN_DATA_SIZE;
+        if !rc.ring_size.is_multiple_of(4096)
+            || rc.ring_size < min
+            || rc.ring_size > cfg.mem_bytes / 4
+        {
+            return Err(format!(
+                "ring size {} bytes: expected a multiple of 4096 between {min} bytes and a quarter of guest memory",
+                rc.ring_size
+            ));
+        }
+        let ring_phys = cfg.mem_bytes - rc.ring_size;
+        cfg.reserved_top = rc.ring_size;
+        cfg.cmdline.push(' ');
+        cfg.cmdline
+            .push_str(&super::abi::kernel_cmdline(ring_phys, rc.ring_size, false));
+        Ok(Prepared { rc, ring_phys })
+    }
+
+    /// Makes the recorder of `machine` (built from the prepared
+    /// configuration) and installs it as the machine's observer.
+    pub fn attach(
+        prepared: Prepared,
+        machine: &mut Machine,
+        backend: Backend,
+    ) -> Result<(), String> {
+        let Prepared { mut rc, ring_phys } = prepared;
+        let cfg = machine.config();
+        let checkpoints = if rc.checkpoint_every > 0 {
+            let image = rc
+                .vmlinux
+                .as_deref()
+                .and_then(krr_guest::symbols::Symbols::beside)
+                .or_else(|| krr_guest::symbols::Symbols::beside(&cfg.kernel))
+                .and_then(|s| KernelImage::from_symbols(&s))
+                .ok_or_else(|| {
+                    "--checkpoint-every: checkpoints digest the kernel's data and bss, found through a System.map (with _sdata, _edata, __bss_start, __bss_stop) beside --vmlinux or --kernel; there is none".to_string()
+                })?;
+            Some(Checkpoints {
+                image,
+                every: rc.checkpoint_every,
+                next: rc.checkpoint_every,
+            })
+        } else {
+            None
+        };
+        rc.engine_executes_cpu = backend == Backend::Tcg;
+        let header = header_for_machine(cfg, &rc, backend_name(backend), ring_phys)
+            .map_err(|e| format!("recording header: {e:#}"))?;
+        let recorder = Recorder::new(rc, machine.memory().clone(), ring_phys, header)
+            .map_err(|e| format!("recorder: {e}"))?;
+        machine.set_observer(Box::new(RecordingSession {
+            recorder,
+            checkpoints,
+            trigger_scan: 0,
+            agent_checked: false,
+        }));
+        Ok(())
+    }
+
+    /// A machine that records its run: [`Self::prepare`], [`Machine::new`],
+    /// [`Self::attach`].
+    pub fn machine(
+        mut cfg: MachineConfig,
+        rc: RecordConfig,
+        backend: Backend,
+    ) -> Result<Machine, MachineError> {
+        let prepared = Self::prepare(&mut cfg, rc).map_err(MachineError::Config)?;
+        let mut machine = Machine::new(cfg, backend)?;
+        Self::attach(prepared, &mut machine, backend).map_err(MachineError::Config)?;
+        Ok(machine)
+    }
+
+    /// The recordings `machine`'s run wrote, in order (the session is
+    /// taken off the machine).
+    pub fn take(machine: &mut Machine) -> Vec<FinishedRecording> {
+        machine
+            .take_observer()
+            .and_then(|o| o.into_any().downcast::<RecordingSession>().ok())
+            .map(|s| s.recorder.finished().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Starts a recording now (every vCPU stopped).
+    fn start(&mut self, m: &mut MachineView<'_>) -> Result<(), String> {
+        let cpus = cpu_snapshots(m).map_err(|e| e.to_string())?;
+        let devices = serde_json::to_value(m.platform.device_state())
+            .map_err(|e| format!("device state: {e}"))?;
+        self.recorder.start(&cpus, devices, m.console().len())?;
+        m.vm.forget_block_counts();
+        Ok(())
+    }
+
+    /// Stops the running recording, if any (every vCPU stopped).
+    fn stop(&mut self, m: &MachineView<'_>, reason: &str, ok: bool) {
+        if !self.recorder.is_recording() {
+            return;
+        }
+        let icounts = m
+            .vcpus
+            .iter()
+            .map(|v| v.instructions_retired().unwrap_or(0))
+            .collect();
+        let kernel_icounts = m
+            .vcpus
+            .iter()
+            .map(|v| v.kernel_instructions_retired().unwrap_or(0))
+            .collect();
+        self.recorder.between_runs(m.platform.current, m.console());
+        self.recorder.stop(
+            reason,
+            ok,
+            icounts,
+            kernel_icounts,
+            m.virtual_now(),
+            m.triple_fault_vcpu,
+        );
+    }
+}
+
+/// Every vCPU's state for a recording's start snapshot.
+fn cpu_snapshots(m: &MachineView<'_>) -> Result<Vec<CpuSnapshot>, HypervisorError> {
+    // The MSRs a 64-bit Linux kernel programs and replay must restore.
+    const MSRS: &[u32] = &[
+        0x1b,        // IA32_APIC_BASE
+        0x174,       // SYSENTER_CS
+        0x175,       // SYSENTER_ESP
+        0x176,       // SYSENTER_EIP
+        0x277,       // PAT
+        0xc000_0080, // EFER
+        0xc000_0081, // STAR
+        0xc000_0082, // LSTAR
+        0xc000_0083, // CSTAR
+        0xc000_0084, // FMASK
+        0xc000_0100, // FS_BASE
+        0xc000_0101, // GS_BASE
+        0xc000_0102, // KERNEL_GS_BASE
+        0xc000_0103, // TSC_AUX
+    ];
+    m.vcpus
+        .iter()
+        .enumerate()
+        .map(|(id, vcpu)| {
+            Ok(CpuSnapshot {
+                id,
+                state: m.state_name(id).to_string(),
+                icount: vcpu.instructions_retired().unwrap_or(0),
+                kernel_icount: vcpu.kernel_instructions_retired().unwrap_or(0),
+                regs: vcpu.regs()?,
+                sregs: vcpu.sregs()?,
+                fpu: vcpu.fpu()?.xsave,
+                msrs: MSRS
+                    .iter()
+                    .filter_map(|&msr| vcpu.msr(msr).ok().map(|v| (msr, v)))
+                    .collect(),
+                debug: vcpu.debug_regs()?,
+            })
+        })
+        .collect()
+}
+
+impl RunObserver for RecordingSession {
+    fn pio_read(&mut self, cpu: usize, at: Position, port: u16, data: &[u8]) {
+        self.recorder.pio_read(cpu, at, port, data);
+    }
+
+    fn pio_write(&mut self, cpu: usize, at: Position, port: u16, data: &[u8]) {
+        if let (super::abi::DOORBELL_PORT, &[a, b, c, d]) = (port, data) {
+            self.recorder
+                .doorbell(cpu, at, u32::from_le_bytes([a, b, c, d]));
+        }
+    }
+
+    fn mmio_read(&mut self, cpu: usize, at: Position, addr: u64, data: &[u8]) {
+        self.recorder.mmio_read(cpu, at, addr, data);
+    }
+
+    fn rdtsc(&mut self, cpu: usize, at: Position, value: u64) {
+        self.recorder.rdtsc(cpu, at, value);
+    }
+
+    fn exception(&mut self, cpu: usize, at: Position, exception: &DeliveredException) {
+        self.recorder.exception(cpu, at, exception);
+    }
+
+    fn syscall(&mut self, cpu: usize, at: Position, entry: &UserEntry) {
+        self.recorder.syscall(cpu, at, entry);
+    }
+
+    fn dma(&mut self, cpu: usize, at: Position, gpa: u64, len: u64) {
+        self.recorder.dma(cpu, at, gpa, len);
+    }
+
+    fn wants_stop(&self) -> bool {
+        self.recorder.wants_stop()
+    }
+
+    /// A run recorded from boot starts recording before its first
+    /// instruction (acts once).
+    fn round_start(&mut self, m: &mut MachineView<'_>) -> Result<(), String> {
+        if self.recorder.config().start != StartTrigger::Boot
+            || self.recorder.is_recording()
+            || !self.recorder.finished().is_empty()
+        {
+            return Ok(());
+        }
+        self.start(m)
+    }
+
+    fn interrupt(
+        &mut self,
+        m: &MachineView<'_>,
+        cpu: usize,
+        injection: Injection,
+    ) -> Result<(), HypervisorError> {
+        if !self.recorder.is_recording() {
+            return Ok(());
+        }
+        let (kind, vector) = match injection {
+            Injection::Nmi => (InterruptKind::Nmi, 2),
+            Injection::Interrupt(vector) => (InterruptKind::External, vector),
+            // The machine injects only interrupts and NMIs.
+            Injection::Exception { .. } | Injection::SoftwareInterrupt(_) => return Ok(()),
+        };
+        let (at, regs) = position(m.vcpus[cpu].as_ref())?;
+        self.recorder.interrupt(cpu, at, kind, vector, regs);
+        Ok(())
+    }
+
+    fn startup(&mut self, cpu: usize, vector: u8) {
+        self.recorder.startup(cpu, vector);
+    }
+
+    /// On machines of several vCPUs the end of the vCPU's slice (the
+    /// global order of the vCPUs' execution, which replay follows), and a
+    /// checkpoint when one is due and the vCPU stopped in the kernel.
+    fn after_run(&mut self, m: &MachineView<'_>, cpu: usize) -> Result<(), HypervisorError> {
+        // One vCPU and no checkpoints: nothing to log (spare the register
+        // reads after every run).
+        if !self.recorder.is_recording() || (m.vcpus.len() == 1 && self.checkpoints.is_none()) {
+            return Ok(());
+        }
+        let (at, regs) = position(m.vcpus[cpu].as_ref())?;
+        if m.vcpus.len() > 1 {
+            self.recorder.slice(cpu, at);
+        }
+        if let Some(c) = &mut self.checkpoints {
+            let total: u64 = m
+                .vcpus
+                .iter()
+                .map(|v| v.instructions_retired().unwrap_or(0))
+                .sum();
+            if total >= c.next && at.cpl == 0 {
+                let cr3 = m.vcpus[cpu].sregs()?.cr3;
+                self.recorder
+                    .checkpoint(cpu, at, regs, c.image.digest(m.mem, cr3));
+                c.next = total + c.every;
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest start/stop requests, console triggers, the agent check, the
+    /// periodic flush.
+    fn between_runs(&mut self, m: &mut MachineView<'_>, cpu: usize) -> Option<RunEnd> {
+        if let Some(e) = self.recorder.error() {
+            return Some(RunEnd::RecordingFailed {
+                reason: e.to_string(),
+            });
+        }
+        let (start, stop) = (
+            self.recorder.config().start.clone(),
+            self.recorder.config().stop.clone(),
+        );
+        let recording = self.recorder.is_recording();
+        let request = self.recorder.take_request();
+        // With recording on from boot, the agent must have come up by the
+        // time the kernel starts /init, or nothing of user space's kernel
+        // entries gets recorded.
+        if start == StartTrigger::Boot && m.init_started && !self.agent_checked {
+            self.agent_checked = true;
+            if let Err(e) = self.recorder.check_agent() {
+                return Some(RunEnd::RecordingFailed { reason: e });
+            }
+        }
+        let out = m.console();
+        let new_output = |scan: &mut usize, marker: &str| -> bool {
+            let from = (*scan).min(out.len());
+            let hit = out[from..]
+                .windows(marker.len())
+                .position(|w| w == marker.as_bytes());
+            match hit {
+                Some(i) => {
+                    *scan = from + i + marker.len();
+                    true
+                }
+                None => {
+                    *scan = out.len().saturating_sub(marker.len());
+                    false
+                }
+            }
+        };
+        let mut do_start = false;
+        let mut do_stop = None;
+        if recording {
+            match (&stop, request) {
+                (StopTrigger::Guest, Some(GuestRequest::Stop)) => {
+                    do_stop = Some("stopped by the guest (/proc/krr_agent)".to_string())
+                }
+                (StopTrigger::Marker(marker), _) if new_output(&mut self.trigger_scan, marker) => {
+                    do_stop = Some(format!("console marker {marker:?}"))
+                }
+                _ => {}
+            }
+        } else {
+            match (&start, request) {
+                (StartTrigger::Guest, Some(GuestRequest::Start)) => do_start = true,
+                (StartTrigger::Marker(marker), _) if new_output(&mut self.trigger_scan, marker) => {
+                    do_start = true
+                }
+                _ => {}
+            }
+        }
+        if let Some(reason) = do_stop {
+            self.stop(m, &reason, true);
+        } else if do_start {
+            if let Err(e) = self.recorder.check_agent().and_then(|()| self.start(m)) {
+                return Some(RunEnd::RecordingFailed { reason: e });
+            }
+        }
+        self.recorder.between_runs(cpu, m.console());
+        self.recorder.error().map(|e| RunEnd::RecordingFailed {
+            reason: e.to_string(),
+        })
+    }
+
+    /// Finishes a recording still running when the run ends.
+    fn finished(&mut self, m: &mut MachineView<'_>, end: &RunEnd) {
+        let ok = !matches!(
+            end,
+            RunEnd::BackendError { .. } | RunEnd::RecordingFailed { .. }
+        );
+        let reason = match end {
+            RunEnd::Interrupted => "interrupted (SIGINT)".to_string(),
+            other => format!(
+                "run ended: {}",
+                serde_json::to_string(other).unwrap_or_default()
+            ),
+        };
+        self.stop(m, &reason, ok);
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}

@@ -1,0 +1,893 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Replay of a recording's kernel alone, on the software CPU.
+//!
+//! The start snapshot (memory, registers) is loaded into a fresh software
+//! CPU with no devices; only kernel code runs. The engine's events are
+//! consumed strictly in their recorded order, each where the kernel meets
+//! it, and each is checked against what the replay does:
+//!
+//! - port/MMIO reads and RDTSC get the recorded values (kind, port or
+//!   address, size and position must match);
+//! - interrupts are injected at their recorded position (kernel instruction
+//!   count and RIP), after comparing every general-purpose register;
+//! - exceptions the kernel raises itself must be the recorded ones, at the
+//!   recorded position;
+//! - agent doorbells get the recorded `tail` write, virtio notifications
+//!   the recorded DMA bytes;
+//! - when the kernel returns to user mode, the next event must be a kernel
+//!   entry from user mode (a syscall with the user's registers, an
+//!   exception or an interrupt taken in user mode): the user's registers
+//!   are set and the entry is performed; user code never runs. Before the
+//!   entry, the user memory the kernel is about to read (the agent's
+//!   copy_from_user / strncpy_from_user / get_user records of this kernel
+//!   stint) is written at its user addresses, so the kernel reads what it
+//!   read when recorded.
+//!
+//! Engine events made in user mode (RDTSC in the vDSO) are skipped. Console
+//! output is collected and compared with the recorded output.
+//!
+//! The first mismatch stops the replay with a [`Divergence`]: the event's
+//! index, what was expected and found, the RIP symbolized from `System.map`,
+//! and the last events before it. A log that ends early (no `end.json`, a
+//! truncated or damaged chunk) makes the replay end as [`ReplayEnd::LogEnded`],
+//! never as success.
+//!
+//! Several vCPUs: the software CPU records them one at a time, and the log
+//! marks where each vCPU's turn ended (`LogEvent::Slice`, with its kernel
+//! instruction count). Replay runs the same vCPUs for the same stretches in
+//! the same order, so kernel code on different vCPUs interleaves exactly as
+//! it did, shared memory included (see [`Replayer::run`]).
+//!
+//! Checkpoints (`krr record --checkpoint-every`) are stops at a recorded
+//! kernel instruction where the registers and a digest of the kernel's data
+//! and bss are compared ([`krr_record::checkpoint`]).
+
+mod bus;
+mod report;
+mod source;
+
+use bus::{run_rebased, ReplayBus};
+use report::{CheckpointTally, STALL_RUNS};
+pub use report::{
+    Divergence, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,
+};
+use source::{entry_seq, position_of, EventSource};
+
+use krr_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use krr_devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
+use krr_devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
+use krr_guest::paging;
+use krr_guest::symbols::Symbols;
+use krr_hypervisor::{unicorn::UnicornVm, Injection, Position, UserEntry, Vcpu, Vm, VmExit};
+use krr_machine::cpuid::CpuidConfig;
+use krr_machine::platform::VIRTIO_BASE;
+use krr_record::abi::{self, EventBody};
+use krr_record::checkpoint::KernelImage;
+use krr_record::event::{GprSnapshot, InterruptKind, LogEvent};
+use krr_record::log::{DmaLogReader, EventLogReader};
+use krr_record::recording::{self, CpuSnapshot, RecordingHeader};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// A loaded recording, ready to replay.
+pub struct Replayer {
+    dir: PathBuf,
+    header: RecordingHeader,
+    cpus: Vec<CpuSnapshot>,
+    // Field order matters for drop: vCPUs and VM before the memory.
+    vcpus: Vec<Box<dyn Vcpu>>,
+    vm: Box<dyn Vm>,
+    mem: GuestMemoryMmap,
+    symbols: Symbols,
+    /// What checkpoints digest (`None`: no `System.map`, registers only).
+    kernel_image: Option<KernelImage>,
+    recorded_wall: Option<f64>,
+    /// Kernel instructions each vCPU had retired when the recording ended
+    /// (all instructions, for recordings made before end.json had kernel
+    /// counts): no replayed kernel count can pass them, so a run without a
+    /// stop target is bounded by them. A replay that goes astray ends as a
+    /// divergence instead of running on, and the kernel's last stretch
+    /// (after the last read it makes, e.g. a power-off delay loop polling
+    /// the TSC) stops where the recording stopped.
+    recorded_end_icounts: Vec<u64>,
+    /// The vCPU whose triple fault ended the recording, if one did.
+    recorded_triple_fault: Option<usize>,
+    complete: bool,
+}
+
+/// Where each vCPU of a replay stands.
+struct CpuProgress {
+    /// In user mode: the kernel waits for the vCPU's next recorded entry.
+    in_user: bool,
+    /// The recording's kernel count at the snapshot (replay counts from 0).
+    base_kernel: u64,
+    /// An exception or interrupt from user mode was injected and is
+    /// delivered by the vCPU's next run: until then it stands at the user
+    /// instruction, not at the kernel's entry point.
+    delivery_pending: bool,
+}
+
+impl Replayer {
+    /// Loads the recording at `dir` (snapshot into a fresh software CPU).
+    pub fn open(dir: &Path) -> Result<Replayer, ReplayError> {
+        let header = recording::load_header(dir)?;
+        let end = recording::load_end(dir)?;
+        let cpus = recording::load_cpus(dir)?;
+        if cpus.len() != header.vcpus || cpus.iter().enumerate().any(|(i, c)| c.id != i) {
+            return Err(ReplayError::Setup(format!(
+                "{}: the snapshot holds vCPUs {:?}; the header says {} vCPUs",
+                dir.display(),
+                cpus.iter().map(|c| c.id).collect::<Vec<_>>(),
+                header.vcpus
+            )));
+        }
+        let mem = krr_machine::create_memory(header.mem_bytes)
+            .map_err(|e| ReplayError::Setup(e.to_string()))?;
+        recording::load_memory_into(dir, &mem)?;
+        let setup = |e: krr_hypervisor::HypervisorError| ReplayError::Setup(e.to_string());
+        let mut vm: Box<dyn Vm> = Box::new(UnicornVm::new(&mem).map_err(setup)?);
+        vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE).map_err(setup)?;
+        vm.add_mmio_region(IOAPIC_BASE, IOAPIC_SIZE)
+            .map_err(setup)?;
+        if header.disk.is_some() {
+            vm.add_mmio_region(VIRTIO_BASE, VIRTIO_MMIO_WINDOW_SIZE)
+                .map_err(setup)?;
+        }
+        let mut vcpus = Vec::new();
+        for cpu in &cpus {
+            let mut vcpu = vm.create_vcpu(cpu.id).map_err(setup)?;
+            vcpu.set_sregs(&cpu.sregs).map_err(setup)?;
+            vcpu.set_regs(&cpu.regs).map_err(setup)?;
+            vcpu.set_fpu(&krr_hypervisor::FpuState {
+                xsave: cpu.fpu.clone(),
+            })
+            .map_err(setup)?;
+            for &(msr, value) in &cpu.msrs {
+                vcpu.set_msr(msr, value).map_err(setup)?;
+            }
+            vcpu.set_stop_at_user_mode(true).map_err(setup)?;
+            vcpus.push(vcpu);
+        }
+        // The ring's control as it was while recording (the snapshot may
+        // predate the engine setting it).
+        if let (Some(ring), Some(control)) = (
+            header.ring,
+            header.machine.get("ring_control").and_then(|v| v.as_u64()),
+        ) {
+            mem.write_obj(
+                control as u32,
+                GuestAddress(ring.phys + abi::CONTROL_OFFSET as u64),
+            )
+            .map_err(|e| ReplayError::Setup(format!("ring control: {e}")))?;
+        }
+        let symbols = header
+            .vmlinux
+            .as_ref()
+            .and_then(|v| Symbols::beside(Path::new(&v.path)))
+            .or_else(|| Symbols::beside(Path::new(&header.kernel.path)))
+            .unwrap_or_default();
+        Ok(Replayer {
+            dir: dir.to_path_buf(),
+            complete: end.is_some(),
+            recorded_wall: end.as_ref().map(|e| e.wall_seconds),
+            // Recordings of log format 3 before the kernel counts were
+            // added give only the total counts: a looser bound.
+            recorded_end_icounts: end
+                .as_ref()
+                .map(|e| {
+                    if e.kernel_instructions_per_vcpu.is_empty() {
+                        e.instructions_per_vcpu.clone()
+                    } else {
+                        e.kernel_instructions_per_vcpu.clone()
+                    }
+                })
+                .unwrap_or_default(),
+            recorded_triple_fault: end.as_ref().and_then(|e| e.triple_fault_vcpu),
+            kernel_image: KernelImage::from_symbols(&symbols),
+            header,
+            cpus,
+            vcpus,
+            vm,
+            mem,
+            symbols,
+        })
+    }
+
+    /// Symbolizes `rip`.
+    pub fn symbolize(&self, rip: u64) -> String {
+        symbolize(&self.symbols, rip)
+    }
+
+    /// The RIP of vCPU `cpu` (0 where it cannot be read), for reports.
+    fn rip(&self, cpu: usize) -> u64 {
+        self.vcpus[cpu].regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Recreates the recorded kernel entry `event` from user mode on vCPU
+    /// `cpu`: a SYSCALL from the user's registers, or an exception or
+    /// interrupt delivered with the user's registers set (the delivery
+    /// itself switches to the kernel).
+    fn enter_kernel(&mut self, cpu: usize, event: &LogEvent) -> Result<(), String> {
+        let vcpu = &mut self.vcpus[cpu];
+        let err = |e: krr_hypervisor::HypervisorError| e.to_string();
+        match event {
+            LogEvent::Syscall {
+                regs,
+                fs_base,
+                gs_base,
+                ..
+            } => vcpu
+                .enter_syscall(&UserEntry {
+                    regs: *regs,
+                    fs_base: *fs_base,
+                    gs_base: *gs_base,
+                })
+                .map_err(err),
+            LogEvent::Exception {
+                vector,
+                error_code,
+                cr2,
+                software,
+                regs,
+                ..
+            } => {
+                let regs = regs.ok_or("the exception event has no user registers")?;
+                vcpu.set_regs(&regs).map_err(err)?;
+                // INT n: the registers are those after the instruction.
+                let injection = if *software {
+                    Injection::SoftwareInterrupt(*vector)
+                } else {
+                    Injection::Exception {
+                        vector: *vector,
+                        error_code: *error_code,
+                        cr2: *cr2,
+                    }
+                };
+                vcpu.inject(injection).map_err(err)
+            }
+            LogEvent::Interrupt {
+                kind, vector, regs, ..
+            } => {
+                vcpu.set_regs(regs).map_err(err)?;
+                vcpu.inject(interrupt_injection(*kind, *vector))
+                    .map_err(err)
+            }
+            other => Err(format!("{other} is not a kernel entry from user mode")),
+        }
+    }
+
+    /// Starts vCPU `cpu` as a startup IPI with `vector` did when recorded.
+    fn start_ap(&mut self, cpu: usize, vector: u8) -> Result<(), String> {
+        let (regs, sregs) = krr_machine::boot::real_mode_state(vector, LAPIC_BASE | (1 << 11));
+        let vcpu = &mut self.vcpus[cpu];
+        vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
+        vcpu.set_regs(&regs).map_err(|e| e.to_string())
+    }
+
+    /// Compares vCPU `cpu`, stopped at a recorded checkpoint, with it:
+    /// registers, then the kernel image digest. `None`: they match.
+    fn check_checkpoint(
+        &self,
+        cpu: usize,
+        regs: &GprSnapshot,
+        sha256: &[u8; 32],
+    ) -> Option<(String, String)> {
+        let now = match self.vcpus[cpu].regs() {
+            Ok(r) => r,
+            Err(e) => return Some(("registers".into(), e.to_string())),
+        };
+        if now != *regs {
+            return Some((
+                format!("registers {regs:x?}"),
+                format!("registers {now:x?}"),
+            ));
+        }
+        let image = self.kernel_image.as_ref()?;
+        let cr3 = match self.vcpus[cpu].sregs() {
+            Ok(s) => s.cr3,
+            Err(e) => return Some(("CR3".into(), e.to_string())),
+        };
+        let found = image.digest(&self.mem, cr3);
+        (found != *sha256).then(|| {
+            (
+                format!("kernel data+bss sha256 {}", hex::encode(sha256)),
+                format!("kernel data+bss sha256 {}", hex::encode(found)),
+            )
+        })
+    }
+
+    /// Writes the user memory the kernel read during the coming kernel
+    /// stint (agent records), at its user addresses, in the address space
+    /// each was read from (a stint can switch tasks: a parent's wait lets
+    /// its child run and exit, reading the child's memory).
+    fn apply_user_reads(
+        &mut self,
+        cpu: usize,
+        events: &[abi::Event],
+        written: &mut u64,
+        unmapped: &mut u64,
+    ) {
+        let entry_cr3 = match self.vcpus[cpu].sregs() {
+            Ok(s) => s.cr3,
+            Err(_) => return,
+        };
+        let space = |cr3: u64| if cr3 == 0 { entry_cr3 } else { cr3 };
+        // Accessed/dirty bits of user page-table entries, as the kernel
+        // first found them in this stint (later reads see its own writes).
+        let mut ptes_seen = std::collections::HashSet::new();
+        for e in events {
+            if let EventBody::PteRead(p) = &e.body {
+                // Only where the entry maps the same page as the one the
+                // kernel read (the read may concern another address space,
+                // e.g. the new one of an execve) and only the first read of
+                // an entry (later ones see the kernel's own writes).
+                const AD: u64 = 0x60;
+                const PFN_PRESENT: u64 = 0x000f_ffff_ffff_f001;
+                // The agent's CR3 is the running address space, which is not
+                // always the one whose table is read (execve tears down the
+                // old one after switching): try it, then the entry's.
+                let found = [space(p.cr3), entry_cr3].into_iter().find_map(|cr3| {
+                    let at = paging::pte_location(&self.mem, cr3, p.user_addr)?;
+                    let cur = self.mem.read_obj::<u64>(GuestAddress(at)).ok()?;
+                    (cur & PFN_PRESENT == p.pte & PFN_PRESENT && cur & 1 != 0).then_some((at, cur))
+                });
+                let Some((at, cur)) = found else {
+                    continue;
+                };
+                if ptes_seen.insert(at) {
+                    let _ = self
+                        .mem
+                        .write_obj((cur & !AD) | (p.pte & AD), GuestAddress(at));
+                }
+                continue;
+            }
+        }
+        for e in events {
+            let (cr3, addr, bytes): (u64, u64, Vec<u8>) = match &e.body {
+                EventBody::CopyFromUser { info, data } => {
+                    (space(info.cr3), info.user_addr + info.offset, data.clone())
+                }
+                EventBody::StrncpyFromUser { info, data } => {
+                    let mut d = data.clone();
+                    // The string ended inside the limit: its NUL was read
+                    // too. Written with the string's last chunk even where
+                    // the agent logs the NUL's word in a chunk of its own
+                    // (which rewrites it): that chunk may fall into the next
+                    // stretch when a vCPU's slice ended between the two.
+                    let whole = info.result >= 0 && info.result < info.limit;
+                    let ends_at_result =
+                        info.offset.wrapping_add(data.len() as u64) == info.result as u64;
+                    if whole && ends_at_result {
+                        d.push(0);
+                    }
+                    (space(info.cr3), info.user_addr.wrapping_add(info.offset), d)
+                }
+                // The word the NUL was found in (the string itself comes
+                // with the copy that follows a strnlen_user).
+                EventBody::StrnlenUser { info, data } if !data.is_empty() => (
+                    space(info.cr3),
+                    info.user_addr.wrapping_add(info.offset),
+                    data.clone(),
+                ),
+                EventBody::GetUser(g) if g.err == 0 => (
+                    space(g.cr3),
+                    g.user_addr,
+                    g.value.to_le_bytes()[..(g.size as usize).min(8)].to_vec(),
+                ),
+                _ => continue,
+            };
+            let missed = paging::write_virtual(&self.mem, cr3, addr, &bytes);
+            if missed > 0 {
+                tracing::debug!(
+                    "replay: {missed} of {} bytes at {addr:#x} not written (page not present): agent #{}",
+                    bytes.len(),
+                    e.seq
+                );
+            }
+            *written += (bytes.len() - missed) as u64;
+            *unmapped += missed as u64;
+        }
+    }
+
+    /// Replays to the end of the log (or `--until-event`).
+    ///
+    /// Several vCPUs: the log's `Slice` events give the order in which the
+    /// recording ran them (one at a time). The vCPU of the next engine
+    /// event is the one to run; it runs to the end of its slice (a kernel
+    /// instruction count, or its return to user mode), meeting its own
+    /// events on the way, and then the next slice's vCPU takes over.
+    pub fn run(&mut self, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+        let start = Instant::now();
+        let events_path = self.dir.join(recording::EVENTS_FILE);
+        let dma_path = self.dir.join(recording::DMA_FILE);
+        let mut src = EventSource {
+            reader: EventLogReader::open(&events_path)?,
+            engine: VecDeque::new(),
+            agent: VecDeque::new(),
+            console: Vec::new(),
+            exhausted: false,
+            broken: None,
+            recent: VecDeque::new(),
+            consumed: 0,
+            next_stop_seen: None,
+            entry_seen: Vec::new(),
+        };
+        let dma = DmaLogReader::open(&dma_path).ok();
+        let mut progress: Vec<CpuProgress> = self
+            .cpus
+            .iter()
+            .map(|c| CpuProgress {
+                in_user: c.sregs.cs.dpl == 3,
+                base_kernel: c.kernel_icount,
+                delivery_pending: false,
+            })
+            .collect();
+        let mut entries = 0u64;
+        let (mut written, mut unmapped) = (0u64, 0u64);
+        let mut dma_reader = dma;
+        let mut console = Vec::new();
+        let mut serial_lcr = 0u8;
+        let until = opts.until_event.unwrap_or(u64::MAX);
+        // The user memory read in a stretch of kernel execution that did
+        // not start with a kernel entry (the snapshot's, a resumed slice's)
+        // is still to be written.
+        let mut segment_reads_due = true;
+        let mut checkpoints = CheckpointTally::default();
+        let kernel_total = |vcpus: &[Box<dyn Vcpu>]| -> u64 {
+            vcpus
+                .iter()
+                .map(|v| v.kernel_instructions_retired().unwrap_or(0))
+                .sum()
+        };
+        let stall_after =
+            std::time::Duration::from_secs(opts.stall_seconds.unwrap_or(DEFAULT_STALL_SECONDS));
+        let mut watchdog = (src.consumed, 0u64, 0u32, Instant::now());
+        let end = loop {
+            if src.consumed >= until {
+                break ReplayEnd::StoppedAt {
+                    event: src.consumed,
+                };
+            }
+            let next = src.peek().cloned();
+            let Some((index, event)) = next else {
+                break match (&src.broken, self.complete) {
+                    (None, true) => ReplayEnd::Matched,
+                    (Some(why), _) => ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: why.clone(),
+                    },
+                    (None, false) => ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: "the recording did not finish (no end.json): the recorder was killed or is still running".into(),
+                    },
+                };
+            };
+            let cpu = usize::from(event.cpu());
+            if cpu >= self.vcpus.len() {
+                break ReplayEnd::Diverged(Divergence {
+                    event: index,
+                    expected: format!("#{index} {event}"),
+                    found: format!("a machine of {} vCPUs", self.vcpus.len()),
+                    rip: String::new(),
+                    kernel_icount: 0,
+                    recent: src.recent.iter().cloned().collect(),
+                });
+            }
+            // The replay's kernel count on this vCPU, as the recording counts it.
+            let kernel_now = progress[cpu].base_kernel
+                + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+            // Progress watchdog: every turn of this loop consumes an event
+            // or runs kernel code; one that keeps doing neither is stuck.
+            let retired = kernel_total(&self.vcpus);
+            let (seen, seen_retired, idle_runs, since) = &mut watchdog;
+            if src.consumed != *seen {
+                *seen = src.consumed;
+                *since = Instant::now();
+                *idle_runs = 0;
+            } else if retired == *seen_retired {
+                *idle_runs += 1;
+            } else {
+                *idle_runs = 0;
+            }
+            *seen_retired = retired;
+            let stalled = if *idle_runs >= STALL_RUNS {
+                Some(format!(
+                    "no progress: {STALL_RUNS} runs of vCPU {cpu} consumed no event and retired no kernel instruction"
+                ))
+            } else if since.elapsed() >= stall_after {
+                Some(format!(
+                    "no progress: no event consumed for {} s",
+                    stall_after.as_secs()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = stalled {
+                let rip = self.rip(cpu);
+                let mode = if progress[cpu].in_user {
+                    "user mode"
+                } else {
+                    "the kernel"
+                };
+                break ReplayEnd::Stalled(Divergence {
+                    event: index,
+                    expected: format!("#{index} {event}"),
+                    found: format!(
+                        "{why}; vCPU {cpu} in {mode} at kernel instruction {kernel_now}, next stop {:?}",
+                        src.next_stop()
+                    ),
+                    rip: symbolize(&self.symbols, rip),
+                    kernel_icount: kernel_now,
+                    recent: src.recent.iter().cloned().collect(),
+                });
+            }
+            let diverged = |symbols: &Symbols,
+                            src: &EventSource,
+                            expected: String,
+                            found: String,
+                            rip: u64| {
+                ReplayEnd::Diverged(Divergence {
+                    event: index,
+                    expected,
+                    found,
+                    rip: symbolize(symbols, rip),
+                    kernel_icount: kernel_now,
+                    recent: src.recent.iter().cloned().collect(),
+                })
+            };
+            if let LogEvent::Startup { vector, .. } = event {
+                src.pop();
+                if let Err(e) = self.start_ap(cpu, vector) {
+                    return Err(ReplayError::Setup(format!("starting vCPU {cpu}: {e}")));
+                }
+                progress[cpu].in_user = false;
+                continue;
+            }
+            if progress[cpu].in_user {
+                // The kernel is not running on this vCPU: the next event
+                // must enter it, or end the vCPU's slice in user mode.
+                if let LogEvent::Slice { at, .. } = &event {
+                    if at.cpl != 3 || at.kernel_icount != kernel_now {
+                        break diverged(
+                            &self.symbols,
+                            &src,
+                            format!("#{index} {event}"),
+                            format!("vCPU {cpu} in user mode at kernel instruction {kernel_now}"),
+                            self.rip(cpu),
+                        );
+                    }
+                    src.pop();
+                    segment_reads_due = true;
+                    continue;
+                }
+                let Some(seq) = entry_seq(&event) else {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        "a kernel entry from user mode (the kernel returned to user mode)".into(),
+                        self.rip(cpu),
+                    );
+                };
+                src.pop();
+                tracing::debug!(
+                    "replay: entry #{index} at kernel instruction {kernel_now} (recorded {})",
+                    position_of(&event).map_or(0, |p| p.kernel_icount)
+                );
+                let end_seq = src.next_boundary_seq();
+                let Some(reads) = src.agent_before(end_seq, cpu) else {
+                    break ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: format!(
+                            "{}; the agent records the kernel stint after event #{index} needs (from seq {seq}) are not in the valid part of the log",
+                            src.broken.clone().unwrap_or_default()
+                        ),
+                    };
+                };
+                self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
+                segment_reads_due = false;
+                if let Err(e) = self.enter_kernel(cpu, &event) {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        format!("cannot enter the kernel: {e}"),
+                        0,
+                    );
+                }
+                entries += 1;
+                progress[cpu].in_user = false;
+                progress[cpu].delivery_pending = !matches!(event, LogEvent::Syscall { .. });
+                continue;
+            }
+            // In the kernel: interrupts, slice ends and checkpoints are the
+            // events the replay must stop for; everything else the kernel
+            // meets by itself.
+            let stop_here = match &event {
+                LogEvent::Interrupt { at, .. }
+                | LogEvent::Slice { at, .. }
+                | LogEvent::Checkpoint { at, .. }
+                    if at.cpl != 3 =>
+                {
+                    Some(at.kernel_icount)
+                }
+                _ => None,
+            };
+            let target = stop_here.or_else(|| src.next_stop());
+            // A stop right at a kernel entry's first instruction: the entry
+            // is delivered first, by a run of no instruction.
+            if stop_here == Some(kernel_now) && !progress[cpu].delivery_pending {
+                let now = match self.vcpus[cpu].regs() {
+                    Ok(r) => r,
+                    Err(e) => return Err(ReplayError::Setup(e.to_string())),
+                };
+                match &event {
+                    LogEvent::Interrupt {
+                        at,
+                        kind,
+                        vector,
+                        regs,
+                        ..
+                    } => {
+                        if now != *regs || now.rip != at.rip {
+                            break diverged(
+                                &self.symbols,
+                                &src,
+                                format!("#{index} {event}; registers {regs:x?}"),
+                                format!("registers {now:x?}"),
+                                now.rip,
+                            );
+                        }
+                        src.pop();
+                        if let Err(e) = self.vcpus[cpu].inject(interrupt_injection(*kind, *vector))
+                        {
+                            return Err(ReplayError::Setup(e.to_string()));
+                        }
+                    }
+                    LogEvent::Slice { at, .. } => {
+                        if now.rip != at.rip {
+                            break diverged(
+                                &self.symbols,
+                                &src,
+                                format!("#{index} {event}"),
+                                format!("vCPU {cpu} at rip {:#x}", now.rip),
+                                now.rip,
+                            );
+                        }
+                        src.pop();
+                        segment_reads_due = true;
+                    }
+                    LogEvent::Checkpoint { regs, sha256, .. } => {
+                        let total = kernel_total(&self.vcpus);
+                        if checkpoints.due(opts.verify_every, total) {
+                            if let Some((expected, found)) =
+                                self.check_checkpoint(cpu, regs, sha256)
+                            {
+                                break diverged(
+                                    &self.symbols,
+                                    &src,
+                                    format!("#{index} {event}: {expected}"),
+                                    found,
+                                    now.rip,
+                                );
+                            }
+                            checkpoints.verified(total, self.kernel_image.is_some());
+                        } else {
+                            checkpoints.skipped += 1;
+                        }
+                        src.pop();
+                    }
+                    _ => unreachable!("stop_here is set for these events only"),
+                }
+                continue;
+            }
+            if let Some(target) = target {
+                if kernel_now > target {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        format!("the replay is already at kernel instruction {kernel_now}"),
+                        self.rip(cpu),
+                    );
+                }
+            }
+            if segment_reads_due {
+                segment_reads_due = false;
+                let end_seq = src.next_boundary_seq();
+                if let Some(reads) = src.agent_before(end_seq, cpu) {
+                    self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
+                }
+            }
+            let end_icount = self.recorded_end_icounts.get(cpu).copied();
+            if let (None, Some(limit)) = (target, end_icount) {
+                if kernel_now > limit {
+                    break diverged(
+                        &self.symbols,
+                        &src,
+                        format!("#{index} {event}"),
+                        format!(
+                            "vCPU {cpu} ran past the recording's end ({limit} instructions) without meeting the event"
+                        ),
+                        self.rip(cpu),
+                    );
+                }
+            }
+            let budget = match (target, end_icount) {
+                (Some(t), _) => Some(t - kernel_now),
+                (None, Some(limit)) => Some(limit - kernel_now + 1),
+                (None, None) => None,
+            };
+            let ring_phys = self.header.ring.map(|r| r.phys);
+            let mut bus = ReplayBus {
+                src: &mut src,
+                mem: self.mem.clone(),
+                dma: dma_reader.take(),
+                cpuid: CpuidConfig {
+                    apic: true,
+                    vcpus: self.header.vcpus as u32,
+                },
+                ring_phys,
+                cpu,
+                at: Position::default(),
+                divergence: None,
+                log_end: false,
+                dma_ranges: Vec::new(),
+                console: std::mem::take(&mut console),
+                serial_lcr,
+                echo: opts.echo_console,
+            };
+            // Positions the bus sees count from this VM's start: rebase the
+            // recorded ones by comparing with the rebased count.
+            let exit = run_rebased(
+                self.vcpus[cpu].as_mut(),
+                &mut bus,
+                budget,
+                progress[cpu].base_kernel,
+            );
+            progress[cpu].delivery_pending = false;
+            console = std::mem::take(&mut bus.console);
+            serial_lcr = bus.serial_lcr;
+            dma_reader = bus.dma.take();
+            let ranges = std::mem::take(&mut bus.dma_ranges);
+            let divergence = bus.divergence.take();
+            let log_end = bus.log_end;
+            drop(bus);
+            for (gpa, len) in ranges {
+                let _ = self.vm.invalidate_code(gpa, len);
+            }
+            if let Some((i, expected, found)) = divergence {
+                let rip = self.rip(cpu);
+                break ReplayEnd::Diverged(Divergence {
+                    event: i,
+                    expected,
+                    found,
+                    rip: self.symbolize(rip),
+                    kernel_icount: progress[cpu].base_kernel
+                        + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0),
+                    recent: src.recent.iter().cloned().collect(),
+                });
+            }
+            if log_end {
+                // The loop's next look at the log ends the replay.
+                continue;
+            }
+            match exit {
+                Ok(VmExit::UserMode { .. }) => progress[cpu].in_user = true,
+                Ok(VmExit::BudgetExhausted) | Ok(VmExit::Hlt) | Ok(VmExit::IoStop) => {}
+                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                Ok(VmExit::Shutdown) => {
+                    // The recording's own end, if it ended with this
+                    // vCPU's triple fault at this count with nothing left.
+                    let at = progress[cpu].base_kernel
+                        + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+                    let recorded_end = self.recorded_end_icounts.get(cpu) == Some(&at);
+                    let remaining = src.peek().cloned();
+                    if self.recorded_triple_fault == Some(cpu) && recorded_end {
+                        if let Some((i, e)) = remaining {
+                            break diverged(
+                                &self.symbols,
+                                &src,
+                                format!("#{i} {e}"),
+                                "the recording's ending triple fault, before this event".into(),
+                                self.rip(cpu),
+                            );
+                        }
+                        continue;
+                    }
+                    let (i, expected) = match remaining {
+                        Some((i, e)) => (i, format!("#{i} {e}")),
+                        None => (src.consumed, "the recording's end".into()),
+                    };
+                    let recorded = match self.recorded_triple_fault {
+                        Some(c) => format!(
+                            "the recording ended with vCPU {c}'s triple fault at kernel instruction {}",
+                            self.recorded_end_icounts.get(c).copied().unwrap_or(0)
+                        ),
+                        None => "the recording has no triple fault".into(),
+                    };
+                    break ReplayEnd::Diverged(Divergence {
+                        event: i,
+                        expected,
+                        found: format!(
+                            "a triple fault on vCPU {cpu} at kernel instruction {at} ({recorded})"
+                        ),
+                        rip: self.symbolize(self.rip(cpu)),
+                        kernel_icount: at,
+                        recent: src.recent.iter().cloned().collect(),
+                    });
+                }
+                Err(e) => return Err(ReplayError::Setup(format!("the software CPU failed: {e}"))),
+            }
+            // A halted kernel with no interrupt to come would spin here,
+            // unless that is how the recording ended (every vCPU halted
+            // for good: a power-off without ACPI, `halt -f`).
+            if matches!(exit, Ok(VmExit::Hlt)) && target.is_none() {
+                let at = progress[cpu].base_kernel
+                    + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+                if src.peek().is_none() && self.recorded_end_icounts.get(cpu) == Some(&at) {
+                    continue;
+                }
+                break diverged(
+                    &self.symbols,
+                    &src,
+                    format!("#{index} {event}"),
+                    "the kernel halted waiting for an interrupt".into(),
+                    self.rip(cpu),
+                );
+            }
+        };
+        // The replay's console must reproduce the recorded one (up to where
+        // the replay got).
+        let console_matches = console.len() <= src.console.len()
+            && src.console[..console.len()] == console[..]
+            && (!matches!(end, ReplayEnd::Matched) || console.len() == src.console.len());
+        let kernel_instructions = kernel_total(&self.vcpus);
+        let end = match end {
+            ReplayEnd::Matched if !console_matches => ReplayEnd::Diverged(Divergence {
+                event: src.consumed,
+                expected: format!("the recorded console output ({} bytes)", src.console.len()),
+                found: format!("{} bytes of console output that differ", console.len()),
+                rip: String::new(),
+                kernel_icount: kernel_instructions,
+                recent: src.recent.iter().cloned().collect(),
+            }),
+            other => other,
+        };
+        Ok(ReplayReport {
+            recording: self.dir.clone(),
+            end,
+            events: src.consumed,
+            kernel_entries: entries,
+            kernel_instructions,
+            vcpus: self.vcpus.len(),
+            checkpoints_verified: checkpoints.registers,
+            checkpoints_memory_verified: checkpoints.memory,
+            checkpoints_skipped: checkpoints.skipped,
+            wall_seconds: start.elapsed().as_secs_f64(),
+            recorded_wall_seconds: self.recorded_wall,
+            user_bytes_written: written,
+            user_bytes_unmapped: unmapped,
+            console_matches,
+            console,
+        })
+    }
+}
+
+/// The injection of a recorded external interrupt or NMI.
+fn interrupt_injection(kind: InterruptKind, vector: u8) -> Injection {
+    match kind {
+        InterruptKind::Nmi => Injection::Nmi,
+        InterruptKind::External => Injection::Interrupt(vector),
+    }
+}
+
+fn symbolize(symbols: &Symbols, rip: u64) -> String {
+    if symbols.is_empty() {
+        format!("{rip:#x}")
+    } else {
+        symbols.name(rip)
+    }
+}

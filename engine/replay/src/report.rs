@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! What a replay is asked for and what it reports: options, how it ended,
+//! the first divergence, the checkpoints it verified.
+
+use krr_record::recording;
+use std::path::PathBuf;
+
+/// What `krr replay` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Stop after this many events of the log (`None`: all).
+    pub until_event: Option<u64>,
+    /// Print the guest's console output as the replay produces it.
+    pub echo_console: bool,
+    /// Verify the recording's checkpoints at most once per this many
+    /// kernel instructions (`None`: every one).
+    pub verify_every: Option<u64>,
+    /// A replay that consumes no event for this long is reported as
+    /// stalled (`None`: [`DEFAULT_STALL_SECONDS`]).
+    pub stall_seconds: Option<u64>,
+}
+
+/// Wall seconds without a consumed event after which a replay is stalled.
+/// The longest stretches between events (a timer tick's 4 ms of kernel
+/// code, a few million instructions) replay in well under a second.
+pub const DEFAULT_STALL_SECONDS: u64 = 300;
+
+/// Consecutive vCPU runs that neither consume an event nor retire a kernel
+/// instruction before a replay is stalled.
+pub(super) const STALL_RUNS: u32 = 1000;
+
+/// The first point where the replay did not do what the recording says.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Divergence {
+    /// Index of the event in events.krrlog.
+    pub event: u64,
+    pub expected: String,
+    pub found: String,
+    pub rip: String,
+    pub kernel_icount: u64,
+    /// The last events consumed before it.
+    pub recent: Vec<String>,
+}
+
+impl Divergence {
+    /// The report under another verdict than DIVERGED (a stall).
+    pub fn with_verdict(&self, verdict: &str) -> String {
+        let text = self.to_string();
+        text.replacen("DIVERGED", verdict, 1)
+    }
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "DIVERGED at event #{} (kernel instruction {}), rip {}",
+            self.event, self.kernel_icount, self.rip
+        )?;
+        writeln!(f, "  expected: {}", self.expected)?;
+        writeln!(f, "  found:    {}", self.found)?;
+        writeln!(f, "  events before it:")?;
+        for e in &self.recent {
+            writeln!(f, "    {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a replay ended.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReplayEnd {
+    /// Every event of a complete recording was replayed and matched, and
+    /// the kernel's console output equals the recorded one.
+    Matched,
+    /// `--until-event` reached, everything matched so far.
+    StoppedAt {
+        event: u64,
+    },
+    Diverged(Divergence),
+    /// The replay stopped making progress: no event consumed and no kernel
+    /// instruction retired over many runs, or no event consumed for
+    /// [`ReplayOptions::stall_seconds`]. `found` describes the state it is
+    /// stuck in.
+    Stalled(Divergence),
+    /// The log ends before the recording's end (killed recorder, truncated
+    /// or damaged chunk): everything up to there matched, but this is not a
+    /// complete replay.
+    LogEnded {
+        events: u64,
+        why: String,
+    },
+    /// The recording cannot be replayed by this replayer.
+    Unsupported {
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayReport {
+    pub recording: PathBuf,
+    pub end: ReplayEnd,
+    /// Events of the log consumed.
+    pub events: u64,
+    /// Kernel entries from user mode performed (syscalls, exceptions,
+    /// interrupts).
+    pub kernel_entries: u64,
+    pub kernel_instructions: u64,
+    pub vcpus: usize,
+    /// Checkpoints of the recording compared (registers), of those with
+    /// the kernel's data+bss digest too, and checkpoints passed over
+    /// (`--verify-every`).
+    pub checkpoints_verified: u64,
+    pub checkpoints_memory_verified: u64,
+    pub checkpoints_skipped: u64,
+    pub wall_seconds: f64,
+    /// The recording's own wall time (end.json), for the ratio.
+    pub recorded_wall_seconds: Option<f64>,
+    /// Bytes of user memory written before kernel entries, and bytes that
+    /// could not be (page not present then).
+    pub user_bytes_written: u64,
+    pub user_bytes_unmapped: u64,
+    pub console_matches: bool,
+    #[serde(skip)]
+    pub console: Vec<u8>,
+}
+
+impl ReplayReport {
+    /// 0 matched, 1 log ended early / stopped on request, 2 diverged, 3 unsupported.
+    pub fn exit_code(&self) -> i32 {
+        match self.end {
+            ReplayEnd::Matched => 0,
+            ReplayEnd::StoppedAt { .. } | ReplayEnd::LogEnded { .. } => 1,
+            ReplayEnd::Diverged(_) | ReplayEnd::Stalled(_) => 2,
+            ReplayEnd::Unsupported { .. } => 3,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Recording(#[from] recording::RecordingError),
+    #[error(transparent)]
+    Log(#[from] krr_record::log::LogError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The checkpoints a replay verified, and which (`--verify-every`).
+#[derive(Default)]
+pub(super) struct CheckpointTally {
+    /// Registers compared.
+    pub(super) registers: u64,
+    /// Kernel data+bss digests compared too.
+    pub(super) memory: u64,
+    pub(super) skipped: u64,
+    /// Total kernel instructions at the last one verified.
+    pub(super) last: Option<u64>,
+}
+
+impl CheckpointTally {
+    /// Whether the checkpoint at `total` kernel instructions is verified:
+    /// all of them without `--verify-every`, else at most one per `every`.
+    pub(super) fn due(&self, every: Option<u64>, total: u64) -> bool {
+        match (every, self.last) {
+            (None, _) | (Some(_), None) => true,
+            (Some(n), Some(last)) => total >= last.saturating_add(n),
+        }
+    }
+
+    pub(super) fn verified(&mut self, total: u64, memory: bool) {
+        self.registers += 1;
+        self.memory += u64::from(memory);
+        self.last = Some(total);
+    }
+}
