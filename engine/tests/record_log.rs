@@ -3,8 +3,8 @@
 //! events with `RecordingWriter`, then checked, damaged, cut and killed.
 
 use krr_engine::hypervisor::{DebugRegs, Regs, Sregs};
-use krr_engine::record::abi::{self, Event, EventBody};
 use krr_engine::log_cli::{self as cli, LogCommand};
+use krr_engine::record::abi::{self, Event, EventBody};
 use krr_engine::record::event::{GprSnapshot, InterruptKind, LogEvent, Position};
 use krr_engine::record::log::{self, StreamEnd, CHUNK_HEADER_LEN, FILE_HEADER_LEN};
 use krr_engine::record::memory_image::MemoryCopy;
