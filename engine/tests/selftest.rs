@@ -802,7 +802,7 @@ fn auto_backend_choice_has_a_reason() {
     let choice = kvm::select_backend("auto").unwrap();
     println!("--backend auto: {:?}: {}", choice.backend, choice.reason);
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        assert_eq!(choice.backend, kvm::Backend::Software);
+        assert_eq!(choice.backend, krr_engine::hypervisor::Backend::Tcg);
     }
 }
 

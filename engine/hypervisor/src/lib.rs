@@ -256,19 +256,28 @@ pub enum HypervisorError {
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
-/// Exits taken inside the backend, by kind (reported in run summaries).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What a run did, by kind, for its summary: the run loop counts its own
+/// (HLT exits, budget stops, I/O stops, injections), and a backend that
+/// handles exits itself counts the rest (the machine counts them at its bus
+/// where the backend does not).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ExitCounters {
-    pub pio: u64,
-    pub mmio: u64,
-    pub exceptions: u64,
-    pub interrupts: u64,
-    pub syscalls: u64,
-    pub cpuid: u64,
-    pub rdtsc: u64,
+    pub hlt: u64,
+    /// Runs that ended at their instruction budget (or time slice).
+    pub budget: u64,
     /// Runs that ended in [`VmExit::IoStop`] (each completed the
     /// interrupted instruction with a step).
     pub io_stops: u64,
+    /// Interrupts and NMIs the machine injected.
+    pub interrupts_injected: u64,
+    /// Interrupts and exceptions the backend delivered from its queue.
+    pub interrupts: u64,
+    pub pio: u64,
+    pub mmio: u64,
+    pub exceptions: u64,
+    pub syscalls: u64,
+    pub cpuid: u64,
+    pub rdtsc: u64,
 }
 
 /// A virtual machine of one backend: guest memory is registered with it, and
@@ -369,3 +378,23 @@ pub trait Vcpu {
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod unicorn;
+
+/// Which CPU backend runs a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The software CPU (unicorn/TCG): deterministic, exact instruction
+    /// counts; named `tcg` on the command line.
+    Tcg,
+    /// Hardware virtualization (`/dev/kvm`).
+    Kvm,
+}
+
+impl Backend {
+    /// The name the CLI and recording headers use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tcg => "tcg",
+            Backend::Kvm => "kvm",
+        }
+    }
+}

@@ -15,7 +15,7 @@
 //! end of its time slice or at the next timer deadline, whichever is first.
 
 use super::platform::Platform;
-use super::ExitStats;
+use super::ExitCounters;
 use krr_hypervisor::kvm::{HostFeatures, VcpuKicker};
 use krr_hypervisor::IoBus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +65,7 @@ pub struct HostClockBus<'a> {
     /// Set by the [`SliceTimer`] (before it kicks) when the slice ends.
     pub slice_over: Arc<AtomicBool>,
     /// Exit counters of the run (KVM counts nothing itself).
-    pub stats: &'a mut ExitStats,
+    pub stats: &'a mut ExitCounters,
     /// The engine's CPU is shown without what the host's KVM lacks.
     pub features: &'a HostFeatures,
     /// The slice timer and the running vCPU's kicker: an access that

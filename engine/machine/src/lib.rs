@@ -35,14 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-/// Which CPU backend runs the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// The software CPU (unicorn/TCG): deterministic, exact counts.
-    Tcg,
-    /// Hardware virtualization.
-    Kvm,
-}
+pub use krr_hypervisor::Backend;
 
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -158,20 +151,7 @@ impl RunEnd {
     }
 }
 
-/// Counts of run-loop and backend events, for the summary.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct ExitStats {
-    pub hlt: u64,
-    pub budget: u64,
-    pub io_stop: u64,
-    pub interrupts_injected: u64,
-    pub pio: u64,
-    pub mmio: u64,
-    pub exceptions: u64,
-    pub syscalls: u64,
-    pub cpuid: u64,
-    pub rdtsc: u64,
-}
+pub use krr_hypervisor::ExitCounters;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunReport {
@@ -188,7 +168,7 @@ pub struct RunReport {
     pub virtual_seconds_of_command: Option<f64>,
     pub wall_seconds: f64,
     pub mips: f64,
-    pub exits: ExitStats,
+    pub exits: ExitCounters,
     /// Instructions retired when `/init` was started (the kernel's
     /// "Run /init as init process" line), if seen.
     pub instructions_to_init: Option<u64>,
@@ -270,14 +250,6 @@ struct KvmDrive {
     kickers: Vec<VcpuKicker>,
     features: HostFeatures,
     clock: HostClock,
-}
-
-/// The backend's name as the CLI and recording headers spell it.
-pub fn backend_name(backend: Backend) -> &'static str {
-    match backend {
-        Backend::Tcg => "tcg",
-        Backend::Kvm => "kvm",
-    }
 }
 
 /// Guest-physical address of the local APICs and the IA32_APIC_BASE value
@@ -427,7 +399,11 @@ impl Machine {
     }
 
     /// Delivers what vCPU `id` can take now.
-    fn inject_for(&mut self, id: usize, stats: &mut ExitStats) -> Result<Pending, HypervisorError> {
+    fn inject_for(
+        &mut self,
+        id: usize,
+        stats: &mut ExitCounters,
+    ) -> Result<Pending, HypervisorError> {
         if self.platform.apics[id].take_nmi() {
             self.observe_injection(id, Injection::Nmi)?;
             self.vcpus[id].inject(Injection::Nmi)?;
@@ -556,7 +532,7 @@ impl Machine {
     fn report(
         &mut self,
         end: RunEnd,
-        mut stats: ExitStats,
+        mut stats: ExitCounters,
         wall: Duration,
         to_init: Option<(u64, Duration)>,
     ) -> RunReport {

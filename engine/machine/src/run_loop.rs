@@ -19,7 +19,7 @@
 
 use super::clock::{HostClock, HostClockBus, SliceTimer};
 use super::platform::PowerEvent;
-use super::{ConsoleWatch, CpuState, ExitStats, Machine, Pending, RunEnd, RunReport};
+use super::{ConsoleWatch, CpuState, ExitCounters, Machine, Pending, RunEnd, RunReport};
 use krr_devices::lapic::ApEvent;
 use krr_hypervisor::kvm::{HostFeatures, VcpuKicker};
 use krr_hypervisor::{HypervisorError, VmExit};
@@ -46,7 +46,7 @@ pub(super) trait Pacer {
         m: &mut Machine,
         id: usize,
         pending: Pending,
-        stats: &mut ExitStats,
+        stats: &mut ExitCounters,
     ) -> Option<Result<VmExit, HypervisorError>>;
     /// After a round: waits while every vCPU sleeps, or ends the run.
     fn end_round(&mut self, m: &Machine, start: Instant) -> Result<(), Stop>;
@@ -128,7 +128,7 @@ impl Pacer for InstructionPacer {
         m: &mut Machine,
         id: usize,
         _pending: Pending,
-        _stats: &mut ExitStats,
+        _stats: &mut ExitCounters,
     ) -> Option<Result<VmExit, HypervisorError>> {
         let now = m.now(id);
         if now >= self.round_end {
@@ -213,7 +213,7 @@ impl Pacer for HostTimePacer {
         m: &mut Machine,
         id: usize,
         pending: Pending,
-        stats: &mut ExitStats,
+        stats: &mut ExitCounters,
     ) -> Option<Result<VmExit, HypervisorError>> {
         // The slice ends when another vCPU needs the thread, or at the next
         // timer deadline; with neither, the vCPU runs until it exits by
@@ -315,7 +315,7 @@ impl Machine {
                     Ok(p) => Box::new(p),
                     Err(end) => {
                         self.finish(&end);
-                        return self.report(end, ExitStats::default(), start.elapsed(), None);
+                        return self.report(end, ExitCounters::default(), start.elapsed(), None);
                     }
                 }
             }
@@ -325,7 +325,7 @@ impl Machine {
 
     /// The run loop proper, paced by `pacer`.
     pub(super) fn run_with(&mut self, pacer: &mut dyn Pacer, start: Instant) -> RunReport {
-        let mut stats = ExitStats::default();
+        let mut stats = ExitCounters::default();
         let mut console = ConsoleWatch::default();
         let n = self.vcpus.len();
         let idle_end = |console: &ConsoleWatch| match console.end_status {
@@ -446,7 +446,7 @@ impl Machine {
                     }
                     Ok(VmExit::BudgetExhausted) => stats.budget += 1,
                     Ok(VmExit::IoStop) => {
-                        stats.io_stop += 1;
+                        stats.io_stops += 1;
                         match self.platform.power.take() {
                             Some(PowerEvent::Reset) => {
                                 break 'run match console.end_status {

@@ -16,7 +16,7 @@ use super::recorder::{
 use super::recording::CpuSnapshot;
 use krr_hypervisor::{DeliveredException, HypervisorError, Injection, Position, UserEntry};
 use krr_machine::observer::{position, MachineView, RunObserver};
-use krr_machine::{backend_name, Backend, Machine, MachineConfig, MachineError, RunEnd};
+use krr_machine::{Backend, Machine, MachineConfig, MachineError, RunEnd};
 use std::any::Any;
 
 /// When the next checkpoint is due, and what it digests.
@@ -94,7 +94,7 @@ impl RecordingSession {
             None
         };
         rc.engine_executes_cpu = backend == Backend::Tcg;
-        let header = header_for_machine(cfg, &rc, backend_name(backend), ring_phys)
+        let header = header_for_machine(cfg, &rc, backend.name(), ring_phys)
             .map_err(|e| format!("recording header: {e:#}"))?;
         let recorder = Recorder::new(rc, machine.memory().clone(), ring_phys, header)
             .map_err(|e| format!("recorder: {e}"))?;

@@ -199,10 +199,7 @@ fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
             let choice = krr_engine::hypervisor::kvm::select_backend(requested)
                 .map_err(|reason| anyhow::anyhow!(reason))?;
             eprintln!("krr: {}", choice.reason);
-            Ok(match choice.backend {
-                krr_engine::hypervisor::kvm::Backend::Software => Backend::Tcg,
-                krr_engine::hypervisor::kvm::Backend::Kvm => Backend::Kvm,
-            })
+            Ok(choice.backend)
         }
     }
 }
@@ -242,7 +239,7 @@ fn print_summary(r: &RunReport) {
     let e = &r.exits;
     eprintln!(
         "krr: exits: hlt {} budget {} io-stop {} irq-injected {} pio {} mmio {} exceptions {} syscalls {} cpuid {} rdtsc {}",
-        e.hlt, e.budget, e.io_stop, e.interrupts_injected, e.pio, e.mmio, e.exceptions, e.syscalls, e.cpuid, e.rdtsc
+        e.hlt, e.budget, e.io_stops, e.interrupts_injected, e.pio, e.mmio, e.exceptions, e.syscalls, e.cpuid, e.rdtsc
     );
 }
 

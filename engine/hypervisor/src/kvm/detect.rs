@@ -17,6 +17,7 @@
 //! `auto` must never pick KVM when it may be the slow path; the software CPU
 //! always works.
 
+use crate::Backend;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::path::Path;
@@ -179,14 +180,6 @@ impl AsyncEventMode {
     }
 }
 
-/// A CPU backend the CLI can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Kvm,
-    /// The software CPU (unicorn), named `tcg` on the command line.
-    Software,
-}
-
 /// The outcome of `--backend`: which backend, and the one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendChoice {
@@ -204,7 +197,7 @@ pub fn select_backend(requested: &str) -> Result<BackendChoice, String> {
 pub(crate) fn select_with(requested: &str, kvm: &KvmAvailability) -> Result<BackendChoice, String> {
     match requested {
         "tcg" | "software" => Ok(BackendChoice {
-            backend: Backend::Software,
+            backend: Backend::Tcg,
             reason: "software CPU requested".into(),
         }),
         "kvm" => match kvm {
@@ -224,7 +217,7 @@ pub(crate) fn select_with(requested: &str, kvm: &KvmAvailability) -> Result<Back
                 reason: format!("auto: KVM, {}", kvm.reason()),
             },
             other => BackendChoice {
-                backend: Backend::Software,
+                backend: Backend::Tcg,
                 reason: format!("auto: software CPU, {}", other.reason()),
             },
         }),
@@ -314,7 +307,7 @@ mod tests {
             reason: "PVM".into(),
         };
         let c = select_with("auto", &pvm).unwrap();
-        assert_eq!(c.backend, Backend::Software);
+        assert_eq!(c.backend, Backend::Tcg);
         assert_eq!(c.reason, "auto: software CPU, PVM");
         let hw = KvmAvailability::HardwareBacked {
             vendor: "AMD-V",
@@ -329,10 +322,7 @@ mod tests {
             select_with("kvm", &absent).unwrap_err(),
             "--backend kvm: gone"
         );
-        assert_eq!(
-            select_with("auto", &absent).unwrap().backend,
-            Backend::Software
-        );
+        assert_eq!(select_with("auto", &absent).unwrap().backend, Backend::Tcg);
         assert!(select_with("qemu", &hw)
             .unwrap_err()
             .contains("expected one of kvm, tcg, auto"));

@@ -50,7 +50,7 @@ use crate::{
     DebugRegs, FpuState, HypervisorError, Injection, IoBus, Regs, Result, Sregs, Vcpu, Vm, VmExit,
 };
 pub use cpuid::HostFeatures;
-pub use detect::{detect, select_backend, AsyncEventMode, Backend, BackendChoice, KvmAvailability};
+pub use detect::{detect, select_backend, AsyncEventMode, BackendChoice, KvmAvailability};
 pub use kick::{kick_signal, VcpuKicker};
 pub use pmu::{pmu_available, CountedEvent, GuestCounter, StopPlanner, StopStep};
 
