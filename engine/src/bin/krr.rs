@@ -71,9 +71,13 @@ struct BenchArgs {
     kernel: PathBuf,
     #[arg(long)]
     initrd: PathBuf,
+    /// Kernel command line. The guest must end by itself once /init has
+    /// printed its first line (hence `krr.run=`): without a command the
+    /// initramfs waits for a shell's input and the run lasts until the
+    /// instruction budget.
     #[arg(
         long,
-        default_value = "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1"
+        default_value = "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1 krr.run=\"echo hello\""
     )]
     append: String,
     #[arg(long, default_value_t = 1)]
