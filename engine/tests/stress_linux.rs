@@ -8,26 +8,16 @@
 //! Needs `KRR_AGENT_KERNEL` (the `-krr` bzImage) and `KRR_TEST_ROOTFS` (the
 //! `rootfs-workloads` image), both set by `cargo xtask test`.
 
+#[path = "common/guest_images.rs"]
+mod guest_images;
+
 use krr_engine::harness::validate_stressor;
 use std::path::PathBuf;
 
-/// The `-krr` kernel and the workloads rootfs, or `None` after printing
-/// why the test is skipped (a failure under `KRR_TEST_REQUIRE_IMAGES`).
+/// The `-krr` kernel and the workloads rootfs.
 fn images() -> Option<(PathBuf, PathBuf)> {
-    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    match (var("KRR_AGENT_KERNEL"), var("KRR_TEST_ROOTFS")) {
-        (Some(k), Some(r)) if k.is_file() && r.is_file() => Some((k, r)),
-        (k, r) => {
-            let problem = format!(
-                "KRR_AGENT_KERNEL={k:?} and KRR_TEST_ROOTFS={r:?} must both name files (cargo xtask test sets them)"
-            );
-            if std::env::var_os("KRR_TEST_REQUIRE_IMAGES").is_some() {
-                panic!("guest images required (KRR_TEST_REQUIRE_IMAGES is set): {problem}");
-            }
-            println!("SKIPPED: {problem}");
-            None
-        }
-    }
+    let [kernel, rootfs] = guest_images::image_files(["KRR_AGENT_KERNEL", "KRR_TEST_ROOTFS"])?;
+    Some((kernel, rootfs))
 }
 
 fn stops_in_time_and_replays(stressor: &str, vcpus: usize) {

@@ -242,6 +242,8 @@ pub struct Machine {
     state: Vec<CpuState>,
     /// The vCPU whose triple fault ended the run, if one did.
     triple_fault_vcpu: Option<usize>,
+    /// The kernel has started `/init` (the console watch saw its line).
+    init_started: bool,
     mem: GuestMemoryMmap,
 }
 
@@ -365,20 +367,18 @@ impl Machine {
             platform,
             state,
             triple_fault_vcpu: None,
+            init_started: false,
             mem,
         })
     }
 
     fn now(&self, vcpu: usize) -> u64 {
-        self.vcpus[vcpu].instructions_retired().unwrap_or(0) + self.platform.idle_ns[vcpu]
+        observer::vcpu_clock(&self.vcpus, &self.platform, vcpu)
     }
 
     /// The machine's virtual time: its most advanced vCPU's clock.
     fn virtual_now(&self) -> u64 {
-        (0..self.vcpus.len())
-            .map(|i| self.now(i))
-            .max()
-            .unwrap_or(0)
+        observer::machine_clock(&self.vcpus, &self.platform)
     }
 
     /// Starts application processor `id` in real mode at the SIPI vector's
@@ -439,7 +439,6 @@ impl Machine {
     /// machine (every vCPU stopped).
     fn observe<R>(
         &mut self,
-        init_started: bool,
         f: impl FnOnce(&mut dyn RunObserver, &mut MachineView<'_>) -> R,
     ) -> Option<R> {
         let mut observer = self.platform.observer.take()?;
@@ -450,7 +449,7 @@ impl Machine {
             platform: &self.platform,
             mem: &self.mem,
             states: &self.state,
-            init_started,
+            init_started: self.init_started,
             triple_fault_vcpu: self.triple_fault_vcpu,
         };
         let r = f(observer.as_mut(), &mut view);
@@ -465,14 +464,13 @@ impl Machine {
         id: usize,
         injection: Injection,
     ) -> Result<(), HypervisorError> {
-        self.observe(false, |o, m| o.interrupt(m, id, injection))
+        self.observe(|o, m| o.interrupt(m, id, injection))
             .unwrap_or(Ok(()))
     }
 
     /// After a run of vCPU `id` that ended at a block boundary.
     fn after_run(&mut self, id: usize) -> Result<(), HypervisorError> {
-        self.observe(false, |o, m| o.after_run(m, id))
-            .unwrap_or(Ok(()))
+        self.observe(|o, m| o.after_run(m, id)).unwrap_or(Ok(()))
     }
 
     /// Between two vCPU runs (every vCPU stopped at an instruction
@@ -487,20 +485,20 @@ impl Machine {
         {
             return Some(RunEnd::Interrupted);
         }
-        self.observe(console.to_init.is_some(), |o, m| o.between_runs(m, id))
-            .flatten()
+        self.init_started = console.to_init.is_some();
+        self.observe(|o, m| o.between_runs(m, id)).flatten()
     }
 
     /// At the top of every round of turns.
     fn round_start(&mut self) -> Option<RunEnd> {
-        self.observe(false, |o, m| o.round_start(m))?
+        self.observe(|o, m| o.round_start(m))?
             .err()
             .map(|reason| RunEnd::RecordingFailed { reason })
     }
 
     /// The run ended: the observer finishes its work.
     fn finish(&mut self, end: &RunEnd) {
-        self.observe(false, |o, m| o.finished(m, end));
+        self.observe(|o, m| o.finished(m, end));
     }
 
     /// Installs the run's observer (before [`Machine::run`]).

@@ -88,18 +88,23 @@ pub struct MachineView<'a> {
     pub triple_fault_vcpu: Option<usize>,
 }
 
-impl MachineView<'_> {
-    /// vCPU `id`'s virtual clock (ns): instructions retired plus time halted.
-    pub fn now(&self, id: usize) -> u64 {
-        self.vcpus[id].instructions_retired().unwrap_or(0) + self.platform.idle_ns[id]
-    }
+/// vCPU `id`'s virtual clock (ns): instructions retired plus time halted.
+pub(super) fn vcpu_clock(vcpus: &[Box<dyn Vcpu>], platform: &Platform, id: usize) -> u64 {
+    vcpus[id].instructions_retired().unwrap_or(0) + platform.idle_ns[id]
+}
 
+/// The machine's virtual time: its most advanced vCPU's clock.
+pub(super) fn machine_clock(vcpus: &[Box<dyn Vcpu>], platform: &Platform) -> u64 {
+    (0..vcpus.len())
+        .map(|i| vcpu_clock(vcpus, platform, i))
+        .max()
+        .unwrap_or(0)
+}
+
+impl MachineView<'_> {
     /// The machine's virtual time: its most advanced vCPU's clock.
     pub fn virtual_now(&self) -> u64 {
-        (0..self.vcpus.len())
-            .map(|i| self.now(i))
-            .max()
-            .unwrap_or(0)
+        machine_clock(self.vcpus, self.platform)
     }
 
     /// vCPU `id`'s scheduling state: `wait-for-sipi`, `running`, `halted`

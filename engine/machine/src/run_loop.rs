@@ -655,6 +655,7 @@ mod tests {
             platform,
             state: vec![CpuState::Running, CpuState::WaitForSipi],
             triple_fault_vcpu: None,
+            init_started: false,
             mem,
         };
         let notes = Notes::default();

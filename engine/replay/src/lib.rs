@@ -758,6 +758,13 @@ impl Replayer {
             for (gpa, len) in ranges {
                 let _ = self.vm.invalidate_code(gpa, len);
             }
+            let kernel_after = progress[cpu].base_kernel
+                + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+            // Where the recording ended on this vCPU, with nothing left to
+            // replay: a triple fault or a halt there is the recorded end.
+            let at_recorded_end = |src: &mut EventSource| {
+                self.recorded_end_icounts.get(cpu) == Some(&kernel_after) && src.peek().is_none()
+            };
             if let Some((i, expected, found)) = divergence {
                 let rip = self.rip(cpu);
                 break ReplayEnd::Diverged(Divergence {
@@ -765,8 +772,7 @@ impl Replayer {
                     expected,
                     found,
                     rip: self.symbolize(rip),
-                    kernel_icount: progress[cpu].base_kernel
-                        + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0),
+                    kernel_icount: kernel_after,
                     recent: src.recent.iter().cloned().collect(),
                 });
             }
@@ -780,24 +786,11 @@ impl Replayer {
                 Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
                 Ok(VmExit::Shutdown) => {
                     // The recording's own end, if it ended with this
-                    // vCPU's triple fault at this count with nothing left.
-                    let at = progress[cpu].base_kernel
-                        + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
-                    let recorded_end = self.recorded_end_icounts.get(cpu) == Some(&at);
-                    let remaining = src.peek().cloned();
-                    if self.recorded_triple_fault == Some(cpu) && recorded_end {
-                        if let Some((i, e)) = remaining {
-                            break diverged(
-                                &self.symbols,
-                                &src,
-                                format!("#{i} {e}"),
-                                "the recording's ending triple fault, before this event".into(),
-                                self.rip(cpu),
-                            );
-                        }
+                    // vCPU's triple fault here.
+                    if self.recorded_triple_fault == Some(cpu) && at_recorded_end(&mut src) {
                         continue;
                     }
-                    let (i, expected) = match remaining {
+                    let (i, expected) = match src.peek().cloned() {
                         Some((i, e)) => (i, format!("#{i} {e}")),
                         None => (src.consumed, "the recording's end".into()),
                     };
@@ -812,10 +805,10 @@ impl Replayer {
                         event: i,
                         expected,
                         found: format!(
-                            "a triple fault on vCPU {cpu} at kernel instruction {at} ({recorded})"
+                            "a triple fault on vCPU {cpu} at kernel instruction {kernel_after} ({recorded})"
                         ),
                         rip: self.symbolize(self.rip(cpu)),
-                        kernel_icount: at,
+                        kernel_icount: kernel_after,
                         recent: src.recent.iter().cloned().collect(),
                     });
                 }
@@ -825,9 +818,7 @@ impl Replayer {
             // unless that is how the recording ended (every vCPU halted
             // for good: a power-off without ACPI, `halt -f`).
             if matches!(exit, Ok(VmExit::Hlt)) && target.is_none() {
-                let at = progress[cpu].base_kernel
-                    + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
-                if src.peek().is_none() && self.recorded_end_icounts.get(cpu) == Some(&at) {
+                if at_recorded_end(&mut src) {
                     continue;
                 }
                 break diverged(

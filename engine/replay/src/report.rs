@@ -43,27 +43,22 @@ pub struct Divergence {
 }
 
 impl Divergence {
-    /// The report under another verdict than DIVERGED (a stall).
-    pub fn with_verdict(&self, verdict: &str) -> String {
-        let text = self.to_string();
-        text.replacen("DIVERGED", verdict, 1)
+    /// The report, headed by `verdict` (DIVERGED, or STALLED for a stall).
+    pub fn report(&self, verdict: &str) -> String {
+        let mut text = format!(
+            "{verdict} at event #{} (kernel instruction {}), rip {}\n  expected: {}\n  found:    {}\n  events before it:\n",
+            self.event, self.kernel_icount, self.rip, self.expected, self.found
+        );
+        for e in &self.recent {
+            text.push_str(&format!("    {e}\n"));
+        }
+        text
     }
 }
 
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "DIVERGED at event #{} (kernel instruction {}), rip {}",
-            self.event, self.kernel_icount, self.rip
-        )?;
-        writeln!(f, "  expected: {}", self.expected)?;
-        writeln!(f, "  found:    {}", self.found)?;
-        writeln!(f, "  events before it:")?;
-        for e in &self.recent {
-            writeln!(f, "    {e}")?;
-        }
-        Ok(())
+        f.write_str(&self.report("DIVERGED"))
     }
 }
 

@@ -331,7 +331,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
             eprintln!("krr: replay stopped at event {event} as asked; everything matched so far")
         }
         ReplayEnd::Diverged(d) => eprint!("krr: replay {d}"),
-        ReplayEnd::Stalled(d) => eprint!("krr: replay {}", d.with_verdict("STALLED")),
+        ReplayEnd::Stalled(d) => eprint!("krr: replay {}", d.report("STALLED")),
         ReplayEnd::LogEnded { events, why } => eprintln!(
             "krr: the log ends after {events} events, before the recording's end ({why}): NOT a complete replay"
         ),

@@ -13,21 +13,33 @@ use std::path::PathBuf;
 
 /// The kernel and initramfs named by `kernel_var` and `KRR_TEST_INITRD`, or
 /// `None` after printing why the test is skipped.
+#[allow(dead_code)] // not every test binary uses both helpers
 pub fn guest_images(kernel_var: &str) -> Option<(PathBuf, PathBuf)> {
-    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let problem = match (var(kernel_var), var("KRR_TEST_INITRD")) {
-        (Some(kernel), Some(initrd)) if kernel.is_file() && initrd.is_file() => {
-            return Some((kernel, initrd))
-        }
-        (Some(kernel), Some(initrd)) => format!(
-            "{kernel_var}={} or KRR_TEST_INITRD={} is not a file",
-            kernel.display(),
-            initrd.display()
-        ),
-        _ => format!(
-            "{kernel_var} and KRR_TEST_INITRD are not both set (cargo xtask test sets them)"
-        ),
-    };
+    let [kernel, initrd] = image_files([kernel_var, "KRR_TEST_INITRD"])?;
+    Some((kernel, initrd))
+}
+
+/// The files named by the environment variables `vars`, or `None` after
+/// printing why the test is skipped (a failure under
+/// `KRR_TEST_REQUIRE_IMAGES`).
+pub fn image_files<const N: usize>(vars: [&str; N]) -> Option<[PathBuf; N]> {
+    let files = vars.map(|v| std::env::var_os(v).map(PathBuf::from));
+    if files
+        .iter()
+        .all(|f| f.as_ref().is_some_and(|f| f.is_file()))
+    {
+        return Some(files.map(|f| f.unwrap_or_default()));
+    }
+    let problem = vars
+        .iter()
+        .zip(&files)
+        .map(|(v, f)| match f {
+            Some(f) => format!("{v}={}", f.display()),
+            None => format!("{v} unset"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let problem = format!("{problem}: each must name a file (cargo xtask test sets them)");
     if std::env::var_os("KRR_TEST_REQUIRE_IMAGES").is_some() {
         panic!("guest images required (KRR_TEST_REQUIRE_IMAGES is set): {problem}");
     }

@@ -150,15 +150,25 @@ pub(super) struct HookState {
 pub(super) const ICOUNT_CACHE: usize = 1 << 14;
 
 impl HookState {
+    /// The run's bus, told first where the vCPU stands (every access,
+    /// CPUID, RDTSC, exception and SYSCALL goes through here).
     pub(super) fn bus(&mut self) -> &mut dyn IoBus {
+        let at = self.position();
+        let vcpu = self.vcpu;
+        let bus = self.positioned_bus();
+        bus.position(vcpu, at);
+        bus
+    }
+
+    /// The run's bus without a new position: for the questions asked right
+    /// after an access, which [`Self::bus`] already positioned.
+    fn positioned_bus(&mut self) -> &mut dyn IoBus {
         // SAFETY: (unverified, see `Vcpu::run` about unwinding) `self.bus`
         // is `Some` only while `Vcpu::run` runs `run_with_bus`: `run` set it
         // from its live `&mut dyn IoBus`, does not use that reference
         // itself meanwhile, and clears it afterwards. Outside that window
         // `expect` panics instead.
-        let bus = unsafe { &mut *self.bus.expect("I/O hook outside a run") };
-        bus.position(self.vcpu, self.position());
-        bus
+        unsafe { &mut *self.bus.expect("I/O hook outside a run") }
     }
 
     pub(super) fn position(&self) -> Position {
@@ -274,9 +284,9 @@ impl HookState {
             size: size as u8,
             value,
         });
-        let stop = self.bus().stop_requested();
+        let stop = self.positioned_bus().stop_requested();
         if matches!(kind, AccessKind::PioOut | AccessKind::MmioWrite) {
-            if let Some(end) = self.bus().run_end(vcpu) {
+            if let Some(end) = self.positioned_bus().run_end(vcpu) {
                 self.stop_at = self.stop_at.min(end);
             }
         }
