@@ -266,7 +266,7 @@ fn one_file_with_every_class_of_problem_reports_them_all_at_once() {
             "multi-error.yaml:26:5: workloads[0].priority: unknown field `priority`, expected one of `name`, `description`, `kernel`, `initramfs`, `rootfs`, `disks`, `setup`, `command`, `metrics`, `repetitions`, `vcpus`, `memory_mib`, `timeout_s`",
             "multi-error.yaml:28:5: bugs[0]: missing field `id`",
             "multi-error.yaml:34:40: bugs[0].timeouts.trigger_s: timeouts.trigger_s must be at least 1, got 0",
-            "multi-error.yaml:39:23: suites[0].schemes[1]: unknown variant `rr`, expected one of `native`, `krr`, `whole-vm-rr`, `krr-upstream`",
+            "multi-error.yaml:39:23: suites[0].schemes[1]: unknown variant `rr`, expected one of `native`, `krr`, `whole-vm-rr`, `qemu-tcg`, `krr-upstream`",
         ],
     );
 }
@@ -587,6 +587,7 @@ fn repository_metrics_match_real_benchmark_output() {
         manifest::load_dir(&root, &root.join("manifests")).unwrap_or_else(|d| panic!("{d}"));
     let expected: &[(&str, &str, f64)] = &[
         ("syscall-loop", "syscalls_per_sec", 473789.5),
+        ("syscall-loop-quick", "syscalls_per_sec", 473789.5),
         ("stress-ng-fork-pipe", "fork_bogo_ops_per_sec", 251.44),
         ("stress-ng-fork-pipe", "pipe_bogo_ops_per_sec", 456654.26),
         ("rocksdb-db-bench", "fillrandom_ops_per_sec", 33287.0),

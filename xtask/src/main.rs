@@ -58,10 +58,7 @@ enum Command {
         sha256: Option<String>,
     },
     /// Run an experiment from manifests/suites (record-perf is the main job).
-    Eval {
-        #[arg(value_enum)]
-        experiment: eval::Experiment,
-    },
+    Eval(eval::EvalArgs),
     /// Benchmarks, measured side by side in one run.
     Bench {
         #[arg(value_enum)]
@@ -122,7 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch { name, url, sha256 } => {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
-        Command::Eval { experiment } => eval::run(experiment),
+        Command::Eval(args) => eval::run(args),
         Command::ValidateReplay { stressors, seconds } => validate_replay::run(stressors, seconds),
         Command::Bench {
             benchmark,

@@ -99,6 +99,10 @@ pub const PACKAGES: &[HostPackage] = &[
         name: "gdb",
         why: "debugging replays",
     },
+    HostPackage {
+        name: "fonts-dejavu-core",
+        why: "text in the eval's figures",
+    },
 ];
 
 /// Names of the packages in [`PACKAGES`] that dpkg does not report installed.

@@ -66,6 +66,14 @@ pub fn run(extra: &[String]) -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     cargo(&args, &envs)?;
     if extra.is_empty() {
+        // The main job, end to end on its smallest matrix: every scheme.
+        eprintln!("== cargo xtask eval record-perf --quick");
+        let out = repo_root().join("target/eval-quick");
+        let _ = std::fs::remove_dir_all(&out);
+        crate::eval::run(crate::eval::EvalArgs::quick(out.clone()))?;
+        crate::eval::check_results(&out)?;
+        eprintln!("   {}: every cell ran and checks out", out.display());
+
         // The guest agent's tests boot the -krr kernel under QEMU; they are
         // `#[ignore]`d for plain `cargo test` (they need the images above).
         eprintln!("== guest agent in a real guest (QEMU)");

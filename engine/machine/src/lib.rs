@@ -166,6 +166,9 @@ pub struct RunReport {
     /// Virtual seconds from `/init`'s `KRR-START` line to its `KRR-END`
     /// line (the `krr.run` command), when both were printed.
     pub virtual_seconds_of_command: Option<f64>,
+    /// The measured window between the `KRR-WINDOW-BEGIN` and
+    /// `KRR-WINDOW-END` console lines, when the guest printed both.
+    pub window: Option<MeasuredWindow>,
     pub wall_seconds: f64,
     pub mips: f64,
     pub exits: ExitCounters,
@@ -184,6 +187,19 @@ pub struct RunReport {
     pub last_console_lines: Vec<String>,
     /// Device model errors (bad register accesses and the like).
     pub device_errors: Vec<String>,
+}
+
+/// What a run spent between the guest's `KRR-WINDOW-BEGIN` and
+/// `KRR-WINDOW-END` lines (the harness prints them around the command it
+/// measures). Taken where the run loop scans the console, so at the end of
+/// the vCPU run that printed the line.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MeasuredWindow {
+    /// Guest instructions of every vCPU (0 where the backend does not
+    /// count them).
+    pub instructions: u64,
+    pub virtual_seconds: f64,
+    pub wall_seconds: f64,
 }
 
 /// Creates guest RAM: one region from 0 (at most 3 GiB, below the 32-bit
@@ -206,6 +222,11 @@ const PANIC_MARKER: &str = "Kernel panic - not syncing";
 const END_MARKER: &str = "KRR-END status=";
 /// What `/init` prints right before it runs `krr.run`.
 const START_MARKER: &str = "KRR-START";
+/// The lines a harness prints around the command it measures (a guest
+/// writes them so that the kernel's echo of its command line does not
+/// contain them, e.g. `echo KRR-WINDOW''-BEGIN`).
+pub const WINDOW_BEGIN_MARKER: &str = "KRR-WINDOW-BEGIN";
+pub const WINDOW_END_MARKER: &str = "KRR-WINDOW-END";
 /// The kernel's last line before it starts `/init`.
 pub const INIT_MARKER: &str = "Run /init as init process";
 
@@ -567,6 +588,7 @@ impl Machine {
             instructions_per_vcpu: per_vcpu,
             virtual_ns: self.virtual_now(),
             virtual_seconds_of_command: None,
+            window: None,
             wall_seconds: wall.as_secs_f64(),
             mips: instructions as f64 / wall.as_secs_f64().max(1e-9) / 1e6,
             exits: stats,
@@ -624,12 +646,26 @@ struct ConsoleWatch {
     /// Virtual time (ns) when `/init` printed its start and end markers.
     command_started_ns: Option<u64>,
     command_ended_ns: Option<u64>,
+    /// Instructions, virtual time (ns) and wall time at the window's
+    /// begin and end lines.
+    window_begin: Option<(u64, u64, Duration)>,
+    window_end: Option<(u64, u64, Duration)>,
 }
 
 impl ConsoleWatch {
     fn command_seconds(&self) -> Option<f64> {
         let (from, to) = (self.command_started_ns?, self.command_ended_ns?);
         Some(to.saturating_sub(from) as f64 / 1e9)
+    }
+
+    fn window(&self) -> Option<MeasuredWindow> {
+        let (i0, v0, w0) = self.window_begin?;
+        let (i1, v1, w1) = self.window_end?;
+        Some(MeasuredWindow {
+            instructions: i1.saturating_sub(i0),
+            virtual_seconds: v1.saturating_sub(v0) as f64 / 1e9,
+            wall_seconds: w1.saturating_sub(w0).as_secs_f64(),
+        })
     }
 
     /// Scans the output added since the last call (with some overlap, so a
@@ -659,6 +695,16 @@ impl ConsoleWatch {
         }
         if self.command_started_ns.is_none() && parse_marker(&text, START_MARKER).is_some() {
             self.command_started_ns = Some(virtual_ns);
+        }
+        let at = Some((instructions, virtual_ns, elapsed));
+        if self.window_begin.is_none() && parse_marker(&text, WINDOW_BEGIN_MARKER).is_some() {
+            self.window_begin = at;
+        }
+        if self.window_begin.is_some()
+            && self.window_end.is_none()
+            && parse_marker(&text, WINDOW_END_MARKER).is_some()
+        {
+            self.window_end = at;
         }
         if self.end_status.is_none() {
             if let Some(s) = parse_marker(&text, END_MARKER) {
@@ -707,6 +753,32 @@ mod tests {
         assert_eq!(
             parse_marker("[ 1.0] Kernel panic - not syncing: VFS\n", PANIC_MARKER),
             Some(": VFS".into())
+        );
+    }
+
+    #[test]
+    fn the_window_is_taken_between_its_two_lines() {
+        let mut watch = ConsoleWatch::default();
+        let mut out = b"Command line: krr.run=\"echo KRR-WINDOW''-BEGIN; w\"\n".to_vec();
+        watch.scan(&out, 10, 1_000, Duration::from_secs(1));
+        assert_eq!(
+            watch.window_begin, None,
+            "the command line's echo is not the line"
+        );
+        out.extend_from_slice(b"KRR-WINDOW-BEGIN\n");
+        watch.scan(&out, 100, 2_000_000_000, Duration::from_secs(2));
+        out.extend_from_slice(b"work\nKRR-WINDOW-");
+        watch.scan(&out, 500, 2_500_000_000, Duration::from_secs(3));
+        assert_eq!(watch.window(), None, "no end before its line is complete");
+        out.extend_from_slice(b"END\n");
+        watch.scan(&out, 1_100, 3_500_000_000, Duration::from_secs(7));
+        assert_eq!(
+            watch.window(),
+            Some(MeasuredWindow {
+                instructions: 1_000,
+                virtual_seconds: 1.5,
+                wall_seconds: 5.0
+            })
         );
     }
 

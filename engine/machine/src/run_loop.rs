@@ -489,6 +489,7 @@ impl Machine {
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report.virtual_seconds_of_command = console.command_seconds();
+        report.window = console.window();
         pacer.finish_report(&mut report);
         report
     }

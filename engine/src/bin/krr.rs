@@ -63,6 +63,14 @@ enum Command {
     /// Record one stress-ng stressor from /init on (software CPU) and replay
     /// the kernel alone: passed, diverged, unsupported or failed.
     ValidateReplayOne(krr_engine::harness::ValidateReplayOneArgs),
+    /// Which CPU backend `--backend` picks on this host, and why; prints
+    /// `{"backend": ..., "reason": ...}` with --json.
+    Backend {
+        #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+        backend: BackendArg,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Parser)]
@@ -105,12 +113,14 @@ struct RunArgs {
     /// Disk image for the virtio-mmio block device (never modified).
     #[arg(long)]
     disk: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(
-        long,
-        default_value = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init"
-    )]
-    append: String,
+    /// Kernel command line (default: the project's, booting the initramfs's
+    /// /init, or with --disk and no --initrd the disk's).
+    #[arg(long)]
+    append: Option<String>,
+    /// The command the guest's /init runs, added to the command line as
+    /// `krr.run="CMD"` (no double quotes inside CMD).
+    #[arg(long, value_name = "CMD")]
+    run: Option<String>,
     #[arg(long, default_value_t = 1)]
     vcpus: usize,
     /// Guest memory, e.g. 512M or 1G.
@@ -190,8 +200,17 @@ struct RecordArgs {
 }
 
 fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
+    let (backend, reason) = choose_backend(arg)?;
+    if let Some(reason) = reason {
+        eprintln!("krr: {reason}");
+    }
+    Ok(backend)
+}
+
+/// The backend `--backend` resolves to, with the reason for `kvm` and `auto`.
+fn choose_backend(arg: BackendArg) -> anyhow::Result<(Backend, Option<String>)> {
     match arg {
-        BackendArg::Tcg => Ok(Backend::Tcg),
+        BackendArg::Tcg => Ok((Backend::Tcg, None)),
         // `kvm` is honoured wherever /dev/kvm works (on PVM too, with its
         // note); `auto` picks KVM only when it is hardware-backed.
         BackendArg::Kvm | BackendArg::Auto => {
@@ -202,8 +221,7 @@ fn pick_backend(arg: BackendArg) -> anyhow::Result<Backend> {
             };
             let choice = krr_engine::hypervisor::kvm::select_backend(requested)
                 .map_err(|reason| anyhow::anyhow!(reason))?;
-            eprintln!("krr: {}", choice.reason);
-            Ok(choice.backend)
+            Ok((choice.backend, Some(choice.reason)))
         }
     }
 }
@@ -239,6 +257,12 @@ fn print_summary(r: &RunReport) {
     }
     if let Some(s) = r.virtual_seconds_of_command {
         eprintln!("krr: krr.run command: {s:.3} virtual s (KRR-START to KRR-END)");
+    }
+    if let Some(w) = r.window {
+        eprintln!(
+            "krr: measured window: {} instructions, {:.3} virtual s, {:.3} s wall (KRR-WINDOW-BEGIN to KRR-WINDOW-END)",
+            w.instructions, w.virtual_seconds, w.wall_seconds
+        );
     }
     let e = &r.exits;
     eprintln!(
@@ -374,6 +398,24 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
     Ok(report.exit_status)
 }
 
+/// The kernel command line of a run: `--append` or the project's default
+/// for the guest's root (initramfs, or the disk), plus `--run`.
+fn command_line(a: &RunArgs) -> anyhow::Result<String> {
+    use krr_engine::harness::{ROOTFS_CMDLINE, TEST_CMDLINE};
+    let base = match (&a.append, &a.initrd, &a.disk) {
+        (Some(append), _, _) => append.clone(),
+        (None, None, Some(_)) => ROOTFS_CMDLINE.to_string(),
+        (None, _, _) => TEST_CMDLINE.to_string(),
+    };
+    match &a.run {
+        None => Ok(base),
+        Some(cmd) if cmd.contains('"') => bail!(
+            "--run {cmd:?}: the command may not contain double quotes (it goes into krr.run=\"...\" on the kernel command line); use single quotes"
+        ),
+        Some(cmd) => Ok(format!("{base} krr.run=\"{cmd}\"")),
+    }
+}
+
 fn run_machine(
     a: &RunArgs,
     record: Option<RecordConfig>,
@@ -385,7 +427,7 @@ fn run_machine(
         bail!("--vcpus must be at least 1");
     }
     let backend = pick_backend(a.backend)?;
-    let mut cfg = MachineConfig::new(a.kernel.clone(), a.initrd.clone(), a.append.clone());
+    let mut cfg = MachineConfig::new(a.kernel.clone(), a.initrd.clone(), command_line(a)?);
     cfg.mem_bytes = a.mem;
     cfg.vcpus = a.vcpus;
     cfg.disk = a.disk.clone();
@@ -477,5 +519,19 @@ fn main() -> anyhow::Result<()> {
         Command::BenchBoot(a) => bench(a),
         Command::BenchRecord(a) => krr_engine::harness::bench_record(a),
         Command::ValidateReplayOne(a) => krr_engine::harness::validate_replay_one(a),
+        Command::Backend { backend, json } => {
+            let (chosen, reason) = choose_backend(backend)?;
+            let reason = reason.unwrap_or_else(|| "requested with --backend tcg".into());
+            let name = chosen.name();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "backend": name, "reason": reason })
+                );
+            } else {
+                println!("{name}: {reason}");
+            }
+            Ok(())
+        }
     }
 }

@@ -533,6 +533,24 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
                 );
             }
         }
+        for (i, name) in suite.quick.iter().enumerate() {
+            if !workloads.contains(name.as_str()) {
+                checker.report(
+                    entry,
+                    &[key("quick"), Seg::Index(i)],
+                    Target::Value,
+                    format!("workload `{name}` is not defined in any manifest"),
+                );
+            }
+        }
+        if suite.kind == SuiteKind::BugRepro && !suite.quick.is_empty() {
+            checker.report(
+                entry,
+                &[key("quick")],
+                Target::Key,
+                "`quick` lists workloads for a `record-perf` suite: remove it from a `bug-repro` suite",
+            );
+        }
         for (i, id) in suite.bugs.iter().enumerate() {
             if !bugs.contains(id.as_str()) {
                 checker.report(

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 pub use model::{
     Backend, Better, BugCase, BugKind, BuildRecipe, BuildSpec, DebianPackage, Expect, Fetch,
     FileSource, FileSpec, Image, ImageKind, ImageSource, ImageSpec, InitramfsRecipe, KernelRecipe,
-    Manifests, Metric, RecipeName, RootfsRecipe, Scheme, Suite, SuiteKind, Timeouts, Trigger,
-    UnpackFormat, Workload,
+    Manifests, Metric, RecipeName, RootfsRecipe, Scheme, Suite, SuiteKind, Targets, Timeouts,
+    Trigger, UnpackFormat, Workload,
 };
 
 /// One problem in a manifest file.

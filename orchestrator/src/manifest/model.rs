@@ -537,8 +537,11 @@ pub enum Scheme {
     Native,
     /// This project's kernel record/replay.
     Krr,
-    /// Classic whole-VM record/replay.
+    /// Classic whole-VM record/replay (QEMU's `-icount rr=record`).
     WholeVmRr,
+    /// QEMU without recording (`-accel tcg,thread=single`): the baseline of
+    /// the whole-VM peer.
+    QemuTcg,
     /// The KRR authors' artifact.
     KrrUpstream,
 }
@@ -570,10 +573,32 @@ pub struct Suite {
     /// Bug ids (`bug-repro` only).
     #[serde(default)]
     pub bugs: Vec<String>,
+    /// Workloads that `eval --quick` runs instead of `workloads`: small
+    /// ones, on one vCPU, once (`record-perf` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quick: Vec<String>,
     #[schemars(length(min = 1))]
     pub schemes: Vec<Scheme>,
     #[serde(default)]
     pub backend: Backend,
+    /// Ratios the report checks the measured medians against.
+    #[serde(default)]
+    pub targets: Targets,
+}
+
+/// Wall-time ratios a `record-perf` report checks (medians of the measured
+/// window); each is met when the measured ratio is at most the target.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// `krr` over `native`: the cost of recording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0))]
+    pub krr_vs_native: Option<f64>,
+    /// `krr` over `whole-vm-rr`: kernel-only against whole-VM recording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub krr_vs_whole_vm_rr: Option<f64>,
 }
 
 /// A problem found while converting a spec, at a path relative to the spec.
