@@ -23,6 +23,13 @@ pub const TEST_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off ts
 /// The command line of a root-filesystem guest (no `krr.run=`).
 pub const ROOTFS_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 root=/dev/vda rw init=/init";
 
+/// `cmdline` with the local APICs and I/O APIC on (without `noapic
+/// nolapic`): what a guest with several vCPUs needs (the kernel disables
+/// SMP without them), and what QEMU's microvm machine offers.
+pub fn with_apics(cmdline: &str) -> String {
+    cmdline.replace(" noapic nolapic", "")
+}
+
 /// A byte count with an optional K, M or G suffix (`512M`, `1G`), for
 /// command-line sizes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -239,7 +246,11 @@ pub fn validate_stressor(
     let mut cfg = MachineConfig::new(
         kernel.to_path_buf(),
         None,
-        format!("{ROOTFS_CMDLINE} krr.run=\"{cmd}\""),
+        // Several vCPUs need the APICs (SMP is disabled without them).
+        match vcpus {
+            1 => format!("{ROOTFS_CMDLINE} krr.run=\"{cmd}\""),
+            _ => format!("{} krr.run=\"{cmd}\"", with_apics(ROOTFS_CMDLINE)),
+        },
     );
     cfg.disk = Some(rootfs.to_path_buf());
     cfg.vcpus = vcpus;

@@ -595,6 +595,7 @@ fn repository_metrics_match_real_benchmark_output() {
         ("redis-benchmark", "set_requests_per_sec", 3056.23),
         ("redis-benchmark", "get_requests_per_sec", 2950.72),
         ("nginx-wrk", "requests_per_sec", 19525.14),
+        ("make-project", "build_seconds", 2.33),
     ];
     let mut checked = 0;
     for workload in &manifests.workloads {

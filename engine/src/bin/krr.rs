@@ -113,8 +113,9 @@ struct RunArgs {
     /// Disk image for the virtio-mmio block device (never modified).
     #[arg(long)]
     disk: Option<PathBuf>,
-    /// Kernel command line (default: the project's, booting the initramfs's
-    /// /init, or with --disk and no --initrd the disk's).
+    /// Kernel command line (default: the project's with the APICs on, as on
+    /// QEMU's microvm, booting the initramfs's /init, or with --disk and no
+    /// --initrd the disk's).
     #[arg(long)]
     append: Option<String>,
     /// The command the guest's /init runs, added to the command line as
@@ -401,11 +402,11 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
 /// The kernel command line of a run: `--append` or the project's default
 /// for the guest's root (initramfs, or the disk), plus `--run`.
 fn command_line(a: &RunArgs) -> anyhow::Result<String> {
-    use krr_engine::harness::{ROOTFS_CMDLINE, TEST_CMDLINE};
+    use krr_engine::harness::{with_apics, ROOTFS_CMDLINE, TEST_CMDLINE};
     let base = match (&a.append, &a.initrd, &a.disk) {
         (Some(append), _, _) => append.clone(),
-        (None, None, Some(_)) => ROOTFS_CMDLINE.to_string(),
-        (None, _, _) => TEST_CMDLINE.to_string(),
+        (None, None, Some(_)) => with_apics(ROOTFS_CMDLINE),
+        (None, _, _) => with_apics(TEST_CMDLINE),
     };
     match &a.run {
         None => Ok(base),

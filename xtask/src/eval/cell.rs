@@ -593,6 +593,15 @@ mod tests {
     }
 
     #[test]
+    fn every_repository_workload_makes_a_guest_command() {
+        let m = crate::manifests::load_repo().unwrap();
+        for w in &m.workloads {
+            let cmd = guest_command(w).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(cmd.contains(w.command.trim()), "{}", w.name);
+        }
+    }
+
+    #[test]
     fn the_guest_command_brackets_the_measured_command() {
         let w = workload(&["rm -rf /tmp/x", "mkdir /tmp/x"], "run a; run b");
         assert_eq!(
