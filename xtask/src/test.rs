@@ -73,6 +73,14 @@ pub fn run(extra: &[String]) -> Result<()> {
         crate::eval::run(crate::eval::EvalArgs::quick(out.clone()))?;
         crate::eval::check_results(&out)?;
         eprintln!("   {}: every cell ran and checks out", out.display());
+        eprintln!("== cargo xtask eval bug-repro --quick");
+        let out = repo_root().join("target/eval-bug-quick");
+        let _ = std::fs::remove_dir_all(&out);
+        let mut args = crate::eval::EvalArgs::quick(out.clone());
+        args.experiment = crate::eval::Experiment::BugRepro;
+        crate::eval::run(args)?;
+        crate::eval::check_bug_results(&out)?;
+        eprintln!("   {}: every bug reproduced", out.display());
 
         // The guest agent's tests boot the -krr kernel under QEMU; they are
         // `#[ignore]`d for plain `cargo test` (they need the images above).

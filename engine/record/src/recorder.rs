@@ -199,6 +199,19 @@ pub struct FinishedRecording {
     pub ok: bool,
 }
 
+/// Where the machine stands when a recording stops: what `end.json`
+/// records of it.
+#[derive(Debug, Default)]
+pub struct StopPoint {
+    /// Each vCPU's instructions retired, in all and in the kernel.
+    pub instructions_per_vcpu: Vec<u64>,
+    pub kernel_instructions_per_vcpu: Vec<u64>,
+    pub virtual_ns: u64,
+    pub triple_fault_vcpu: Option<usize>,
+    /// The kernel's crash report, when the run ended in a panic.
+    pub crash: Option<krr_crash::CrashReport>,
+}
+
 /// The recorder of one VM run.
 pub struct Recorder {
     cfg: RecordConfig,
@@ -478,17 +491,7 @@ impl Recorder {
 
     /// Stops the running recording (everything stopped): reads what the
     /// agent published, clears `control` and writes the end record.
-    /// `icounts` and `kernel_icounts`: each vCPU's instructions retired in
-    /// all and in the kernel.
-    pub fn stop(
-        &mut self,
-        reason: &str,
-        ok: bool,
-        icounts: Vec<u64>,
-        kernel_icounts: Vec<u64>,
-        virtual_ns: u64,
-        triple_fault_vcpu: Option<usize>,
-    ) {
+    pub fn stop(&mut self, reason: &str, ok: bool, at: StopPoint) {
         self.collect();
         self.set_control(0);
         let Some(active) = self.active.take() else {
@@ -506,10 +509,10 @@ impl Recorder {
             reason: reason.clone(),
             ok,
             events: active.events,
-            instructions_per_vcpu: icounts,
-            kernel_instructions_per_vcpu: kernel_icounts,
-            triple_fault_vcpu,
-            virtual_ns,
+            instructions_per_vcpu: at.instructions_per_vcpu,
+            kernel_instructions_per_vcpu: at.kernel_instructions_per_vcpu,
+            triple_fault_vcpu: at.triple_fault_vcpu,
+            virtual_ns: at.virtual_ns,
             wall_seconds: active.started.elapsed().as_secs_f64(),
             agent_events_written: ring
                 .events_written
@@ -517,6 +520,7 @@ impl Recorder {
             agent_dropped_events: lost,
             agent_doorbells: ring.doorbells,
             snapshot_seconds: active.snapshot_seconds,
+            crash: at.crash,
             ..RecordingEnd::default()
         };
         let events = active.events;

@@ -350,6 +350,9 @@ pub struct RecordingEnd {
     pub snapshot_write_seconds: f64,
     /// Unix seconds at the end.
     pub finished: u64,
+    /// The kernel's crash report, when the run ended in a panic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<krr_crash::CrashReport>,
 }
 
 /// Writes `data` to `path` through a temporary file and a rename, so the

@@ -11,7 +11,7 @@ use super::checkpoint::KernelImage;
 use super::event::InterruptKind;
 use super::recorder::{
     header_for_machine, FinishedRecording, GuestRequest, RecordConfig, Recorder, StartTrigger,
-    StopTrigger,
+    StopPoint, StopTrigger,
 };
 use super::recording::CpuSnapshot;
 use krr_hypervisor::{DeliveredException, HypervisorError, Injection, Position, UserEntry};
@@ -141,29 +141,33 @@ impl RecordingSession {
     }
 
     /// Stops the running recording, if any (every vCPU stopped).
-    fn stop(&mut self, m: &MachineView<'_>, reason: &str, ok: bool) {
+    fn stop(
+        &mut self,
+        m: &MachineView<'_>,
+        reason: &str,
+        ok: bool,
+        crash: Option<krr_crash::CrashReport>,
+    ) {
         if !self.recorder.is_recording() {
             return;
         }
-        let icounts = m
-            .vcpus
-            .iter()
-            .map(|v| v.instructions_retired().unwrap_or(0))
-            .collect();
-        let kernel_icounts = m
-            .vcpus
-            .iter()
-            .map(|v| v.kernel_instructions_retired().unwrap_or(0))
-            .collect();
+        let at = StopPoint {
+            instructions_per_vcpu: m
+                .vcpus
+                .iter()
+                .map(|v| v.instructions_retired().unwrap_or(0))
+                .collect(),
+            kernel_instructions_per_vcpu: m
+                .vcpus
+                .iter()
+                .map(|v| v.kernel_instructions_retired().unwrap_or(0))
+                .collect(),
+            virtual_ns: m.virtual_now(),
+            triple_fault_vcpu: m.triple_fault_vcpu,
+            crash,
+        };
         self.recorder.between_runs(m.platform.current, m.console());
-        self.recorder.stop(
-            reason,
-            ok,
-            icounts,
-            kernel_icounts,
-            m.virtual_now(),
-            m.triple_fault_vcpu,
-        );
+        self.recorder.stop(reason, ok, at);
     }
 }
 
@@ -371,7 +375,7 @@ impl RunObserver for RecordingSession {
             }
         }
         if let Some(reason) = do_stop {
-            self.stop(m, &reason, true);
+            self.stop(m, &reason, true, None);
         } else if do_start {
             if let Err(e) = self.recorder.check_agent().and_then(|()| self.start(m)) {
                 return Some(RunEnd::RecordingFailed { reason: e });
@@ -396,7 +400,13 @@ impl RunObserver for RecordingSession {
                 serde_json::to_string(other).unwrap_or_default()
             ),
         };
-        self.stop(m, &reason, ok);
+        // A panic's report goes into end.json (title, RIP, call trace), so
+        // that a replay can be checked against the failure it recorded.
+        let crash = match end {
+            RunEnd::Panic { .. } => krr_crash::parse(&String::from_utf8_lossy(m.console())),
+            _ => None,
+        };
+        self.stop(m, &reason, ok, crash);
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {

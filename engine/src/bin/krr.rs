@@ -167,6 +167,10 @@ struct ReplayArgs {
     /// Do not echo the kernel's console output.
     #[arg(long)]
     quiet: bool,
+    /// Write the replayed kernel's console output to FILE (with --json
+    /// too), e.g. to parse its crash report.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -340,6 +344,10 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         stall_seconds: a.stall_seconds,
     };
     let report = replayer.run(&opts)?;
+    if let Some(path) = &a.console {
+        std::fs::write(path, &report.console)
+            .with_context(|| format!("writing the replayed console to {}", path.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(report.exit_code());

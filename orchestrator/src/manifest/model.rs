@@ -573,8 +573,8 @@ pub struct Suite {
     /// Bug ids (`bug-repro` only).
     #[serde(default)]
     pub bugs: Vec<String>,
-    /// Workloads that `eval --quick` runs instead of `workloads`: small
-    /// ones, on one vCPU, once (`record-perf` only).
+    /// What `eval --quick` runs instead: small workloads, on one vCPU,
+    /// once (`record-perf`), or bug ids (`bug-repro`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quick: Vec<String>,
     #[schemars(length(min = 1))]

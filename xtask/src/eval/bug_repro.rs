@@ -1,39 +1,637 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-//! `cargo xtask eval bug-repro`: the planned runs only. Recording a bug's
-//! trigger, replaying to the crash and comparing the failures is not built
-//! yet; the command says so and fails rather than report anything.
+//! `cargo xtask eval bug-repro`: per bug, boot its kernel, record from
+//! just before the trigger, let the crash end the run (the recorder writes
+//! the crash report's title, RIP and call trace into `end.json`), replay
+//! the recording and compare: zero divergence, the same title, the same
+//! faulting RIP and the same call trace. One verdict per bug, journaled in
+//! `bugs.jsonl` as it is reached (`--resume` continues), then `report.md`
+//! and `summary.csv`.
+//!
+//! Not yet: bug kernels built from patches (`patches`), triggers that are C
+//! programs, chaos seeds for races, `expect.reaches`; such a bug gets the
+//! verdict `unsupported` with the reason.
 
-use crate::manifests::load_repo;
-use anyhow::{anyhow, bail, Result};
-use krr_orchestrator::manifest::SuiteKind;
+use super::cell::GuestImages;
+use super::journal::{self, Journal};
+use super::process::{self, Finished};
+use super::{ctrl_c_flag, output_dir, project_commit, recordings_dir, resume_dir, EvalArgs};
+use crate::{images, krr_bin, manifests, repo_root, setup};
+use anyhow::{bail, Context, Result};
+use krr_orchestrator::manifest::{BugCase, Manifests, SuiteKind};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-pub fn run() -> Result<()> {
-    let manifests = load_repo()?;
-    let suites: Vec<_> = manifests
-        .suites
-        .iter()
-        .filter(|s| s.kind == SuiteKind::BugRepro)
-        .collect();
-    if suites.is_empty() {
-        bail!("no suite of kind `bug-repro` in manifests/");
-    }
-    println!(
-        "{:<14} {:<20} {:>5} {:>8}",
-        "suite", "bug", "vcpus", "attempts"
-    );
-    for suite in suites {
-        for id in &suite.bugs {
-            let bug = manifests
-                .bug(id)
-                .ok_or_else(|| anyhow!("suite `{}` names unknown bug `{id}`", suite.name))?;
-            println!(
-                "{:<14} {:<20} {:>5} {:>8}",
-                suite.name, bug.id, bug.vcpus, bug.attempts
-            );
+pub const BUGS_FILE: &str = "bugs.jsonl";
+const REPORT_FILE: &str = "report.md";
+const SUMMARY_FILE: &str = "summary.csv";
+const WINDOW_BEGIN: &str = "KRR-WINDOW-BEGIN";
+
+/// How a bug's reproduction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Reproduced,
+    NotTriggered,
+    BuildFailed,
+    RecordFailed,
+    ReplayDiverged,
+    ReplayTimeout,
+    ReplayDifferentCrash,
+    /// The case needs what the harness does not do yet.
+    Unsupported,
+}
+
+impl Verdict {
+    fn name(self) -> &'static str {
+        match self {
+            Verdict::Reproduced => "reproduced",
+            Verdict::NotTriggered => "not-triggered",
+            Verdict::BuildFailed => "build-failed",
+            Verdict::RecordFailed => "record-failed",
+            Verdict::ReplayDiverged => "replay-diverged",
+            Verdict::ReplayTimeout => "replay-timeout",
+            Verdict::ReplayDifferentCrash => "replay-different-crash",
+            Verdict::Unsupported => "unsupported",
         }
     }
-    bail!(
-        "`eval bug-repro` cannot execute these runs yet: recording a bug's trigger, replaying \
-         to the crash and comparing the two failures are not implemented; nothing was measured"
-    )
+}
+
+/// One line of `bugs.jsonl`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BugRecord {
+    pub id: String,
+    pub title: String,
+    pub kind: String,
+    pub vcpus: u32,
+    pub nondeterministic: bool,
+    pub verdict: Option<Verdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub kernel_sha256: Option<String>,
+    pub attempts: u32,
+    pub record_seconds: Option<f64>,
+    pub recording_bytes: Option<u64>,
+    pub events: Option<u64>,
+    pub replay_seconds: Option<f64>,
+    pub title_expected: Option<String>,
+    /// The crash of the recording (from its `end.json`).
+    pub title_recorded: Option<String>,
+    pub rip_recorded: Option<String>,
+    pub call_trace_recorded: Vec<String>,
+    /// The crash the replayed kernel printed.
+    pub title_replayed: Option<String>,
+    pub rip_replayed: Option<String>,
+    pub call_trace_replayed: Vec<String>,
+    /// The replay's end when it did not match (the divergence report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_end: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_console_lines: Vec<String>,
+    pub project_commit: String,
+    pub finished_at: String,
+}
+
+fn results_root() -> PathBuf {
+    repo_root().join("results/bug-repro")
+}
+
+/// The bugs to run: `--bugs`, `--quick`'s, or the suite's.
+fn chosen_bugs<'m>(manifests: &'m Manifests, args: &EvalArgs) -> Result<Vec<&'m BugCase>> {
+    let suite = manifests
+        .suites
+        .iter()
+        .find(|s| s.kind == SuiteKind::BugRepro)
+        .context("no suite of kind `bug-repro` in the manifests")?;
+    let ids = match (&args.bugs, args.quick) {
+        (Some(ids), _) => ids.clone(),
+        (None, true) if suite.quick.is_empty() => {
+            bail!("suite `{}` lists no `quick` bugs", suite.name)
+        }
+        (None, true) => suite.quick.clone(),
+        (None, false) => suite.bugs.clone(),
+    };
+    ids.iter()
+        .map(|id| {
+            manifests.bug(id).with_context(|| {
+                let known: Vec<&str> = manifests.bugs.iter().map(|b| b.id.as_str()).collect();
+                format!(
+                    "--bugs: unknown bug `{id}` (the manifests define {})",
+                    known.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    if args.workloads.is_some() || args.schemes.is_some() || args.vcpus.is_some() {
+        bail!("bug-repro takes --bugs, not --workloads, --schemes or --vcpus");
+    }
+    setup::ensure()?;
+    let manifests = manifests::load_repo()?;
+    let bugs = chosen_bugs(&manifests, args)?;
+    let dir = match &args.resume {
+        Some(arg) => resume_dir(arg, &results_root(), BUGS_FILE)?,
+        None => output_dir(args.out.as_deref(), &results_root(), BUGS_FILE)?,
+    };
+    let krr = krr_bin::build()?;
+    let done: HashSet<String> = if dir.join(BUGS_FILE).exists() {
+        journal::read_lines::<BugRecord>(&dir.join(BUGS_FILE))?
+            .into_iter()
+            .map(|b| b.id)
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let mut journal = Journal::open_file(&dir.join(BUGS_FILE))?;
+    let interrupt = ctrl_c_flag()?;
+    let recordings = recordings_dir(&dir)?;
+    let commit = project_commit();
+    eprintln!(
+        "bug-repro: {} bug(s), {} to run, results in {}",
+        bugs.len(),
+        bugs.iter().filter(|b| !done.contains(&b.id)).count(),
+        dir.display()
+    );
+    for bug in bugs.iter().filter(|b| !done.contains(&b.id)) {
+        eprintln!("bug-repro: {} ({})", bug.id, bug.title);
+        let mut rec = BugRecord {
+            id: bug.id.clone(),
+            title: bug.title.clone(),
+            kind: format!("{:?}", bug.kind).to_lowercase(),
+            vcpus: bug.vcpus,
+            nondeterministic: bug.nondeterministic,
+            title_expected: bug.expect.title.clone(),
+            project_commit: commit.clone(),
+            ..BugRecord::default()
+        };
+        let outcome = reproduce(&krr, &recordings, bug, &mut rec, &interrupt);
+        if interrupt.load(Ordering::SeqCst) {
+            eprintln!("bug-repro: {}: interrupted; not journaled", bug.id);
+            break;
+        }
+        match outcome {
+            Ok(()) => {}
+            Err(Failure { verdict, reason }) => {
+                rec.verdict = Some(verdict);
+                rec.reason = Some(reason);
+            }
+        }
+        rec.finished_at =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        eprintln!(
+            "bug-repro: {}: {}{}",
+            rec.id,
+            rec.verdict.map_or("?", Verdict::name),
+            rec.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        journal.append(&rec)?;
+    }
+    let _ = std::fs::remove_dir(&recordings);
+    let all = latest_per_bug(journal::read_lines::<BugRecord>(&dir.join(BUGS_FILE))?);
+    write_results(&dir, &all)?;
+    eprintln!("bug-repro: report {}", dir.join(REPORT_FILE).display());
+    if interrupt.load(Ordering::SeqCst) {
+        bail!(
+            "interrupted; continue with `cargo xtask eval bug-repro --resume {}`",
+            dir.display()
+        );
+    }
+    let failed: Vec<String> = all
+        .iter()
+        .filter(|b| b.verdict != Some(Verdict::Reproduced))
+        .map(|b| format!("{} ({})", b.id, b.verdict.map_or("?", Verdict::name)))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} bug(s) not reproduced: {}; see {}",
+            failed.len(),
+            failed.join(", "),
+            dir.join(REPORT_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+fn latest_per_bug(records: Vec<BugRecord>) -> Vec<BugRecord> {
+    let mut out: Vec<BugRecord> = Vec::new();
+    for r in records {
+        match out.iter_mut().find(|o| o.id == r.id) {
+            Some(o) => *o = r,
+            None => out.push(r),
+        }
+    }
+    out
+}
+
+struct Failure {
+    verdict: Verdict,
+    reason: String,
+}
+
+fn fail(verdict: Verdict, reason: impl Into<String>) -> Failure {
+    Failure {
+        verdict,
+        reason: reason.into(),
+    }
+}
+
+fn images_of(bug: &BugCase, rec: &mut BugRecord) -> Result<GuestImages, Failure> {
+    let mut names = vec![bug.kernel.clone()];
+    names.extend(bug.initramfs.clone());
+    names.extend(bug.rootfs.clone());
+    let built =
+        images::build(&names, false).map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))?;
+    let file = |image: &str, f: &str| {
+        built
+            .iter()
+            .find(|b| b.name == image)
+            .and_then(|b| b.files.get(f))
+            .cloned()
+            .ok_or_else(|| {
+                fail(
+                    Verdict::BuildFailed,
+                    format!("image `{image}` has no `{f}`"),
+                )
+            })
+    };
+    let kernel = file(&bug.kernel, "bzImage")?;
+    rec.kernel_sha256 = Some(kernel.sha256.clone());
+    Ok(GuestImages {
+        kernel: kernel.path,
+        vmlinux: file(&bug.kernel, "vmlinux")?.path,
+        initrd: match &bug.initramfs {
+            Some(i) => Some(file(i, "initramfs.cpio.gz")?.path),
+            None => None,
+        },
+        rootfs: match &bug.rootfs {
+            Some(r) => Some(file(r, "rootfs.ext4")?.path),
+            None => None,
+        },
+    })
+}
+
+/// The JSON object on the last non-empty line of stdout.
+fn json_of(f: &Finished) -> Option<serde_json::Value> {
+    let last = f.stdout.iter().rev().find(|l| !l.text.trim().is_empty())?;
+    serde_json::from_str(&last.text).ok()
+}
+
+fn reproduce(
+    krr: &Path,
+    recordings: &Path,
+    bug: &BugCase,
+    rec: &mut BugRecord,
+    interrupt: &AtomicBool,
+) -> Result<(), Failure> {
+    if !bug.patches.is_empty() {
+        return Err(fail(
+            Verdict::Unsupported,
+            "bug kernels built from `patches` are not built by the harness yet",
+        ));
+    }
+    let Some(trigger) = &bug.trigger.command else {
+        return Err(fail(
+            Verdict::Unsupported,
+            "triggers that are C programs are not built by the harness yet",
+        ));
+    };
+    if trigger.contains('"') {
+        return Err(fail(
+            Verdict::RecordFailed,
+            "the trigger may not contain double quotes (it goes into krr.run=\"...\")",
+        ));
+    }
+    let images = images_of(bug, rec)?;
+    let expect_console = match &bug.expect.console {
+        Some(re) => Some(
+            Regex::new(re)
+                .map_err(|e| fail(Verdict::RecordFailed, format!("expect.console `{re}`: {e}")))?,
+        ),
+        None => None,
+    };
+    let run_cmd = format!("echo KRR-WINDOW''-BEGIN && {trigger}");
+    let record_limit = bug.timeouts.boot_s + bug.timeouts.trigger_s;
+    for attempt in 1..=bug.attempts {
+        rec.attempts = attempt;
+        let name = format!("{}-attempt{attempt}", bug.id);
+        let dir = recordings.join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cmd = Command::new(krr);
+        cmd.env("KRR_RECORDINGS", recordings)
+            .args(["record", "--json", "--name", &name])
+            .arg("--kernel")
+            .arg(&images.kernel)
+            .arg("--vmlinux")
+            .arg(&images.vmlinux);
+        if let Some(i) = &images.initrd {
+            cmd.arg("--initrd").arg(i);
+        }
+        if let Some(r) = &images.rootfs {
+            cmd.arg("--disk").arg(r);
+        }
+        cmd.args(["--vcpus", &bug.vcpus.to_string()])
+            .args(["--max-seconds", &record_limit.to_string()])
+            .arg(format!("--start=marker:{WINDOW_BEGIN}"))
+            .args(["--run", &run_cmd]);
+        let f = process::run(cmd, Duration::from_secs(record_limit + 30), interrupt)
+            .map_err(|e| fail(Verdict::RecordFailed, format!("{e:#}")))?;
+        rec.record_seconds = Some(f.wall_seconds);
+        rec.last_console_lines = f.last_lines(20);
+        let console = f.text();
+        let end: Option<serde_json::Value> = std::fs::read_to_string(dir.join("end.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let crash = end.as_ref().map(|e| &e["crash"]).filter(|c| c.is_object());
+        let Some(crash) = crash else {
+            let report = json_of(&f);
+            let ended = report
+                .as_ref()
+                .map(|r| r["run"]["end"].to_string())
+                .unwrap_or_else(|| f.describe());
+            if end.is_none() {
+                return Err(fail(
+                    Verdict::RecordFailed,
+                    format!("no recording was finished (run ended: {ended})"),
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            if attempt == bug.attempts {
+                return Err(fail(
+                    Verdict::NotTriggered,
+                    format!("no crash after {attempt} attempt(s) (last run ended: {ended})"),
+                ));
+            }
+            continue;
+        };
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
+        let trace = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|f| f.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        rec.title_recorded = text(&crash["title"]);
+        rec.rip_recorded = text(&crash["rip"]);
+        rec.call_trace_recorded = trace(&crash["call_trace"]);
+        rec.events = end.as_ref().and_then(|e| e["events"].as_u64());
+        rec.recording_bytes = dir_size(&dir);
+        rec.recording = Some(dir.clone());
+        if let Some(re) = &expect_console {
+            if !re.is_match(&console) {
+                return Err(fail(
+                    Verdict::NotTriggered,
+                    format!("the console never matched expect.console `{re}`"),
+                ));
+            }
+        }
+        if let (Some(want), Some(got)) = (&bug.expect.title, &rec.title_recorded) {
+            if want != got {
+                return Err(fail(
+                    Verdict::NotTriggered,
+                    format!("the kernel crashed with `{got}`, not the expected `{want}`"),
+                ));
+            }
+        }
+        if end.as_ref().and_then(|e| e["ok"].as_bool()) != Some(true) {
+            return Err(fail(
+                Verdict::RecordFailed,
+                format!(
+                    "the recording is not replayable: {}",
+                    end.as_ref()
+                        .map(|e| e["reason"].to_string())
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        return replay_and_compare(krr, &dir, bug, rec, interrupt);
+    }
+    Err(fail(Verdict::NotTriggered, "no attempt was made"))
+}
+
+fn replay_and_compare(
+    krr: &Path,
+    dir: &Path,
+    bug: &BugCase,
+    rec: &mut BugRecord,
+    interrupt: &AtomicBool,
+) -> Result<(), Failure> {
+    let console_file = dir.join("replay-console.txt");
+    let mut cmd = Command::new(krr);
+    cmd.args(["replay", "--json", "--console"])
+        .arg(&console_file)
+        .arg(dir);
+    let f = process::run(cmd, Duration::from_secs(bug.timeouts.replay_s), interrupt)
+        .map_err(|e| fail(Verdict::ReplayDiverged, format!("{e:#}")))?;
+    rec.replay_seconds = Some(f.wall_seconds);
+    if f.timed_out {
+        return Err(fail(
+            Verdict::ReplayTimeout,
+            format!(
+                "replay ran past timeouts.replay_s = {} s",
+                bug.timeouts.replay_s
+            ),
+        ));
+    }
+    let report = json_of(&f);
+    let end = report.as_ref().map(|r| r["end"].clone());
+    if end.as_ref().map(|e| &e["kind"]) != Some(&serde_json::Value::from("matched")) {
+        rec.replay_end = Some(
+            end.map(|e| e.to_string())
+                .unwrap_or_else(|| format!("no report ({})", f.describe())),
+        );
+        return Err(fail(
+            Verdict::ReplayDiverged,
+            "the replay did not match the recording (see replay_end)",
+        ));
+    }
+    let replayed = std::fs::read(&console_file)
+        .map(|b| String::from_utf8_lossy(&b).to_string())
+        .unwrap_or_default();
+    let crash = krr_crash::parse(&replayed);
+    rec.title_replayed = crash.as_ref().map(|c| c.title.clone());
+    rec.rip_replayed = crash.as_ref().and_then(|c| c.rip.clone());
+    rec.call_trace_replayed = crash.map(|c| c.call_trace).unwrap_or_default();
+    let same = rec.title_replayed == rec.title_recorded
+        && rec.rip_replayed == rec.rip_recorded
+        && rec.call_trace_replayed == rec.call_trace_recorded;
+    if !same {
+        return Err(fail(
+            Verdict::ReplayDifferentCrash,
+            format!(
+                "the replay ended with {:?} at {:?}, the recording with {:?} at {:?}",
+                rec.title_replayed, rec.rip_replayed, rec.title_recorded, rec.rip_recorded
+            ),
+        ));
+    }
+    rec.verdict = Some(Verdict::Reproduced);
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> Option<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let meta = e.metadata().ok()?;
+        total += if meta.is_dir() {
+            dir_size(&e.path()).unwrap_or(0)
+        } else {
+            meta.len()
+        };
+    }
+    Some(total)
+}
+
+fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_default();
+    let mut csv = String::from(
+        "bug,kind,vcpus,nondeterministic,attempts,record_s,replay_s,recording_bytes,events,verdict,title_expected,title_recorded,title_replayed\n",
+    );
+    for b in bugs {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{},{},\"{}\",\"{}\",\"{}\"",
+            b.id,
+            b.kind,
+            b.vcpus,
+            b.nondeterministic,
+            b.attempts,
+            num(b.record_seconds),
+            num(b.replay_seconds),
+            b.recording_bytes.map(|v| v.to_string()).unwrap_or_default(),
+            b.events.map(|v| v.to_string()).unwrap_or_default(),
+            b.verdict.map_or("", Verdict::name),
+            b.title_expected.as_deref().unwrap_or(""),
+            b.title_recorded.as_deref().unwrap_or(""),
+            b.title_replayed.as_deref().unwrap_or(""),
+        );
+    }
+    let path = dir.join(SUMMARY_FILE);
+    std::fs::write(&path, csv).with_context(|| format!("writing {}", path.display()))?;
+
+    let mut md = String::from("# bug-repro: record a kernel bug, replay it to the same crash\n\n");
+    let _ = writeln!(
+        md,
+        "{} of {} bug(s) reproduced. A bug is `reproduced` when its recording ends in the \
+         expected crash and the replay of the kernel matches the recording with zero \
+         divergence and reaches the same crash: same title, same faulting RIP, same call \
+         trace.\n",
+        bugs.iter()
+            .filter(|b| b.verdict == Some(Verdict::Reproduced))
+            .count(),
+        bugs.len()
+    );
+    let _ = writeln!(
+        md,
+        "| bug | kind | vCPUs | deterministic? | attempts | record s | replay s | recording | verdict | title |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for b in bugs {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            b.id,
+            b.kind,
+            b.vcpus,
+            if b.nondeterministic { "no" } else { "yes" },
+            b.attempts,
+            num(b.record_seconds),
+            num(b.replay_seconds),
+            b.recording_bytes
+                .map(|v| format!("{:.1} MB, {} events", v as f64 / 1e6, b.events.unwrap_or(0)))
+                .unwrap_or_else(|| "-".into()),
+            b.verdict.map_or("?", Verdict::name),
+            b.title_recorded
+                .as_deref()
+                .or(b.title_expected.as_deref())
+                .unwrap_or("-"),
+        );
+    }
+    for b in bugs {
+        let _ = writeln!(md, "\n## {}\n\n{}\n", b.id, b.title);
+        let _ = writeln!(md, "- verdict: {}", b.verdict.map_or("?", Verdict::name));
+        if let Some(r) = &b.reason {
+            let _ = writeln!(md, "- reason: {r}");
+        }
+        let _ = writeln!(md, "- expected: {:?}", b.title_expected);
+        let _ = writeln!(
+            md,
+            "- recorded: {:?} at {:?}",
+            b.title_recorded, b.rip_recorded
+        );
+        let _ = writeln!(
+            md,
+            "- replayed: {:?} at {:?}",
+            b.title_replayed, b.rip_replayed
+        );
+        if !b.call_trace_recorded.is_empty() {
+            let _ = writeln!(md, "- call trace: {}", b.call_trace_recorded.join(" < "));
+        }
+        if let Some(e) = &b.replay_end {
+            let _ = writeln!(md, "- replay ended: {e}");
+        }
+        if let Some(r) = &b.recording {
+            let _ = writeln!(md, "- recording: `{}`", r.display());
+        }
+        let _ = writeln!(
+            md,
+            "- kernel sha256: {}",
+            b.kernel_sha256.as_deref().unwrap_or("-")
+        );
+        let _ = writeln!(md, "- commit: {}", b.project_commit);
+        if b.verdict != Some(Verdict::Reproduced) && !b.last_console_lines.is_empty() {
+            let _ = writeln!(md, "\n```");
+            for l in &b.last_console_lines {
+                let _ = writeln!(md, "{l}");
+            }
+            let _ = writeln!(md, "```");
+        }
+    }
+    let path = dir.join(REPORT_FILE);
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Checks a finished `bug-repro` eval in `dir`: every bug journaled and
+/// reproduced with the same title, RIP and call trace in recording and
+/// replay. `cargo xtask test` runs it on `eval bug-repro --quick`.
+pub fn check_results(dir: &Path) -> Result<()> {
+    let bugs = latest_per_bug(journal::read_lines::<BugRecord>(&dir.join(BUGS_FILE))?);
+    if bugs.is_empty() {
+        bail!("{}: no bug in {BUGS_FILE}", dir.display());
+    }
+    let report = std::fs::read_to_string(dir.join(REPORT_FILE))
+        .with_context(|| format!("reading {}", dir.join(REPORT_FILE).display()))?;
+    for b in &bugs {
+        if b.verdict != Some(Verdict::Reproduced) {
+            bail!("{}: {:?}: {:?}", b.id, b.verdict, b.reason);
+        }
+        if b.title_recorded.is_none() || b.title_recorded != b.title_replayed {
+            bail!(
+                "{}: titles {:?} vs {:?}",
+                b.id,
+                b.title_recorded,
+                b.title_replayed
+            );
+        }
+        if b.call_trace_recorded.is_empty() {
+            bail!("{}: no call trace in the recorded crash", b.id);
+        }
+        if !report.contains(&format!("## {}", b.id)) {
+            bail!("{}: not in the report", b.id);
+        }
+    }
+    Ok(())
 }

@@ -102,7 +102,12 @@ pub struct Journal {
 impl Journal {
     /// Opens (creating) `dir/runs.jsonl` for appending.
     pub fn open(dir: &Path) -> Result<Journal> {
-        let path = dir.join(JOURNAL_FILE);
+        Journal::open_file(&dir.join(JOURNAL_FILE))
+    }
+
+    /// Opens (creating) a JSON-lines file for appending.
+    pub fn open_file(path: &Path) -> Result<Journal> {
+        let path = path.to_path_buf();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,7 +117,7 @@ impl Journal {
     }
 
     /// Appends one line and syncs it, so a crash loses no finished cell.
-    pub fn append(&mut self, entry: &Entry) -> Result<()> {
+    pub fn append(&mut self, entry: &impl Serialize) -> Result<()> {
         let mut line = serde_json::to_string(entry)?;
         line.push('\n');
         self.file
@@ -126,8 +131,12 @@ impl Journal {
 /// dropped (its cell runs again); a broken line elsewhere is an error
 /// naming it.
 pub fn read(dir: &Path) -> Result<Vec<Entry>> {
-    let path = dir.join(JOURNAL_FILE);
-    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    read_lines(&dir.join(JOURNAL_FILE))
+}
+
+/// Every line of a JSON-lines journal at `path` (see [`read`]).
+pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let lines: Vec<String> = BufReader::new(file)
         .lines()
         .collect::<std::io::Result<_>>()
@@ -137,7 +146,7 @@ pub fn read(dir: &Path) -> Result<Vec<Entry>> {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Entry>(line) {
+        match serde_json::from_str::<T>(line) {
             Ok(e) => entries.push(e),
             Err(_) if i + 1 == lines.len() && !line.ends_with('}') => break,
             Err(e) => bail!("{}:{}: not a journal entry: {e}", path.display(), i + 1),

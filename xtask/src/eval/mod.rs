@@ -51,6 +51,9 @@ pub struct EvalArgs {
     /// Workloads to run (default: the suite's).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Option<Vec<String>>,
+    /// Bugs to reproduce (`bug-repro`; default: the suite's).
+    #[arg(long, value_delimiter = ',')]
+    pub bugs: Option<Vec<String>>,
     /// vCPU counts (default: 1 and 2 on the software CPU, each workload's
     /// own axis with hardware KVM or --full).
     #[arg(long, value_delimiter = ',')]
@@ -85,6 +88,7 @@ impl EvalArgs {
         EvalArgs {
             experiment: Experiment::RecordPerf,
             workloads: None,
+            bugs: None,
             vcpus: None,
             schemes: None,
             repetitions: None,
@@ -100,7 +104,7 @@ impl EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     match args.experiment {
         Experiment::RecordPerf => record_perf(&args),
-        Experiment::BugRepro => bug_repro::run(),
+        Experiment::BugRepro => bug_repro::run(&args),
     }
 }
 
@@ -116,32 +120,40 @@ fn backend_name(b: BackendArg) -> &'static str {
     }
 }
 
-/// `--resume DIR|latest` as a directory holding a journal.
-fn resume_dir(arg: &str) -> Result<PathBuf> {
+/// `--resume DIR|latest` (`latest` under `root`) as a directory holding
+/// `journal_file`.
+fn resume_dir(arg: &str, root: &Path, journal_file: &str) -> Result<PathBuf> {
     let dir = if arg == "latest" {
-        let link = results_root().join("latest");
+        let link = root.join("latest");
         std::fs::canonicalize(&link)
             .with_context(|| format!("--resume latest: {} does not exist", link.display()))?
     } else {
         PathBuf::from(arg)
     };
-    if !dir.join(journal::JOURNAL_FILE).is_file() {
-        bail!(
-            "--resume {arg}: {} holds no {}",
-            dir.display(),
-            journal::JOURNAL_FILE
-        );
+    if !dir.join(journal_file).is_file() {
+        bail!("--resume {arg}: {} holds no {journal_file}", dir.display());
     }
     Ok(dir)
 }
 
-/// A new results directory named by the UTC time, with `latest` pointing
-/// at it.
-fn new_results_dir() -> Result<PathBuf> {
+/// The results directory of a new eval: `--out DIR` (which must not hold
+/// an eval already), or a new one under `root` named by the UTC time, with
+/// `root/latest` pointing at it.
+fn output_dir(out: Option<&Path>, root: &Path, journal_file: &str) -> Result<PathBuf> {
+    if let Some(out) = out {
+        if out.join(journal_file).exists() {
+            bail!(
+                "--out {}: it holds an eval already; continue it with --resume {}",
+                out.display(),
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        return Ok(out.to_path_buf());
+    }
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
         .replace([':', '-'], "");
-    let root = results_root();
     let dir = root.join(&stamp);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let latest = root.join("latest");
@@ -149,6 +161,24 @@ fn new_results_dir() -> Result<PathBuf> {
     std::os::unix::fs::symlink(&stamp, &latest)
         .with_context(|| format!("linking {}", latest.display()))?;
     Ok(dir)
+}
+
+/// Set by Ctrl-C. The running guest process gets it forwarded to its
+/// process group (a recording is closed properly; anything still running a
+/// minute later is killed), and the eval stops with a resumable journal.
+fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())
+        .context("installing the SIGINT handler")?;
+    Ok(interrupt)
+}
+
+/// `dir/recordings`, created.
+fn recordings_dir(dir: &Path) -> Result<PathBuf> {
+    let recordings = dir.join("recordings");
+    std::fs::create_dir_all(&recordings)
+        .with_context(|| format!("creating {}", recordings.display()))?;
+    Ok(recordings)
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
@@ -279,7 +309,7 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
             {
                 bail!("--resume continues the eval's own matrix: drop --workloads, --vcpus, --schemes, --repetitions, --quick and --full");
             }
-            let dir = resume_dir(arg)?;
+            let dir = resume_dir(arg, &results_root(), journal::JOURNAL_FILE)?;
             let entries = journal::read(&dir)?;
             let matrix = journal::first_provenance(&entries)
                 .with_context(|| format!("{}: the journal has no provenance line", dir.display()))?
@@ -298,21 +328,7 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
                 hardware_kvm: backend == "kvm",
             };
             let matrix = plan::plan(&manifests, &req)?;
-            let dir = match &args.out {
-                Some(out) => {
-                    if out.join(journal::JOURNAL_FILE).exists() {
-                        bail!(
-                            "--out {}: it holds an eval already; continue it with --resume {}",
-                            out.display(),
-                            out.display()
-                        );
-                    }
-                    std::fs::create_dir_all(out)
-                        .with_context(|| format!("creating {}", out.display()))?;
-                    out.clone()
-                }
-                None => new_results_dir()?,
-            };
+            let dir = output_dir(args.out.as_deref(), &results_root(), journal::JOURNAL_FILE)?;
             (dir, matrix, false)
         }
     };
@@ -366,16 +382,8 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
         dir.display()
     );
 
-    // Ctrl-C is forwarded to the running cell's process group (a recording
-    // is closed properly; anything still running a minute later is
-    // killed), and the eval stops with a resumable journal.
-    let interrupt = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())
-        .context("installing the SIGINT handler")?;
-
-    let recordings = dir.join("recordings");
-    std::fs::create_dir_all(&recordings)
-        .with_context(|| format!("creating {}", recordings.display()))?;
+    let interrupt = ctrl_c_flag()?;
+    let recordings = recordings_dir(&dir)?;
     let ctx = cell::Harness {
         krr: krr.clone(),
         qemu: PathBuf::from(QEMU),
@@ -513,6 +521,8 @@ fn write_results(
     report::write(dir, provenance, cells, planned, &suite.targets, &shown)?;
     Ok(figures)
 }
+
+pub use bug_repro::check_results as check_bug_results;
 
 /// Checks the files of a finished `record-perf` eval in `dir`: the journal
 /// parses and holds every planned cell, each succeeded (or its scheme
