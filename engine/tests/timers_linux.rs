@@ -194,3 +194,50 @@ fn timer_interrupts_arrive_at_hz_on_busy_and_idle_vcpus() {
     // The PIT alone (8259 PIC, uniprocessor).
     assert_timer_rate(&kernel, &initrd, "noapic nolapic", 1, "0:");
 }
+
+/// `--max-seconds` ends a software-CPU run that would compute for minutes
+/// (it was checked only on KVM's host-time slices), and `--run` with the
+/// window lines gives the window's instructions in the report.
+#[test]
+fn max_seconds_stops_a_software_cpu_run_and_the_window_is_reported() {
+    let Some((kernel, initrd)) = guest_images::guest_images("KRR_TEST_KERNEL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (k, i) = (kernel.display().to_string(), initrd.display().to_string());
+    let base = [
+        "run",
+        "--json",
+        "--backend",
+        "tcg",
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+    ];
+    let out = krr(
+        dir.path(),
+        &[
+            &base[..],
+            &["--max-seconds", "2", "--run", "cpu-loop 100000"],
+        ]
+        .concat(),
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("a JSON report on stdout");
+    assert_eq!(out.status.code(), Some(8), "{report}");
+    assert_eq!(
+        report["end"],
+        serde_json::json!({"kind": "wall_time_exhausted", "millis": 2000})
+    );
+    let window = "echo KRR-WINDOW''-BEGIN; syscall-loop 1000; echo KRR-WINDOW''-END";
+    let out = krr(dir.path(), &[&base[..], &["--run", window]].concat());
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("a JSON report on stdout");
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let instructions = report["window"]["instructions"].as_u64().unwrap_or(0);
+    assert!(
+        instructions > 1_000_000 && instructions < report["instructions"].as_u64().unwrap(),
+        "{report}"
+    );
+}

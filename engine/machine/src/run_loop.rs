@@ -64,12 +64,25 @@ pub(super) enum Stop {
 /// The software CPU's pacing: instruction quanta.
 pub(super) struct InstructionPacer {
     round_end: u64,
+    /// The wall-time limit (`--max-seconds`), checked after every round.
+    max_wall: Option<Duration>,
 }
 
 impl InstructionPacer {
-    pub(super) fn new() -> InstructionPacer {
-        InstructionPacer { round_end: 0 }
+    pub(super) fn new(max_wall: Option<Duration>) -> InstructionPacer {
+        InstructionPacer {
+            round_end: 0,
+            max_wall,
+        }
     }
+}
+
+/// The run's end when `max_wall` has passed since `start`.
+fn wall_exhausted(max_wall: Option<Duration>, start: Instant) -> Option<RunEnd> {
+    let limit = max_wall?;
+    (start.elapsed() >= limit).then(|| RunEnd::WallTimeExhausted {
+        millis: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+    })
 }
 
 impl Pacer for InstructionPacer {
@@ -139,8 +152,11 @@ impl Pacer for InstructionPacer {
         Some(m.vcpus[id].run(&mut m.platform, Some(budget)))
     }
 
-    fn end_round(&mut self, _m: &Machine, _start: Instant) -> Result<(), Stop> {
-        Ok(())
+    fn end_round(&mut self, _m: &Machine, start: Instant) -> Result<(), Stop> {
+        match wall_exhausted(self.max_wall, start) {
+            Some(end) => Err(Stop::End(end)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -178,13 +194,6 @@ impl HostTimePacer {
             timer,
             wall_end,
             max_wall,
-        })
-    }
-
-    fn wall_exhausted(&self, start: Instant) -> Option<RunEnd> {
-        let limit = self.max_wall?;
-        (start.elapsed() >= limit).then(|| RunEnd::WallTimeExhausted {
-            millis: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
         })
     }
 }
@@ -264,7 +273,7 @@ impl Pacer for HostTimePacer {
     }
 
     fn end_round(&mut self, m: &Machine, start: Instant) -> Result<(), Stop> {
-        if let Some(end) = self.wall_exhausted(start) {
+        if let Some(end) = wall_exhausted(self.max_wall, start) {
             return Err(Stop::End(end));
         }
         // Every vCPU halted with nothing to take: wait for the next timer
@@ -304,7 +313,7 @@ impl Machine {
     pub fn run(&mut self) -> RunReport {
         let start = Instant::now();
         let mut pacer: Box<dyn Pacer> = match &self.kvm {
-            None => Box::new(InstructionPacer::new()),
+            None => Box::new(InstructionPacer::new(self.cfg.max_wall)),
             Some(kvm) => {
                 match HostTimePacer::new(
                     kvm.kickers.clone(),
