@@ -99,7 +99,7 @@ pub fn run(ctx: &Harness, w: &Workload, images: &GuestImages, cell: &Cell) -> Re
     let outcome = match cell.scheme {
         Scheme::Native => {
             let cmd = krr_machine(ctx, "run", images, &command, cell.vcpus, mem_mib, w);
-            let f = process::run(cmd, timeout, ctx.interrupt)?;
+            let f = process::run(cmd, krr_timeout(w), ctx.interrupt)?;
             engine_run(&mut rec, &f, w).map(|_| f)
         }
         Scheme::Krr => record_and_replay(ctx, &mut rec, w, images, &command, cell, mem_mib),
@@ -153,6 +153,14 @@ enum Outcome {
 
 fn failed(reason: impl Into<String>, f: &Finished) -> Outcome {
     Outcome::Failed(reason.into(), f.last_lines(15))
+}
+
+/// Time for a `krr` process: its own `--max-seconds` (the workload's
+/// timeout) ends the run first, writing its report and finishing its
+/// recording, which stays replayable up to there; the harness kills only
+/// a process that does not.
+fn krr_timeout(w: &Workload) -> Duration {
+    Duration::from_secs(w.timeout_s + 60)
 }
 
 /// `krr run|record` with the machine arguments of a cell.
@@ -245,7 +253,9 @@ fn guest_finished(rec: &mut CellRecord, f: &Finished, w: &Workload) -> Result<()
     if f.interrupted {
         return Err(failed("interrupted (Ctrl-C)", f));
     }
-    if f.timed_out {
+    // krr's exit status 8: its --max-seconds (the workload's timeout) ran
+    // out.
+    if f.timed_out || rec.exit_status == Some(8) {
         return Err(failed(
             format!(
                 "timed out after {} s (the workload's timeout_s)",
@@ -477,7 +487,7 @@ fn record_and_replay(
 /// Runs a process of the krr scheme; an interruption or a harness error
 /// fails the cell.
 fn run_process(cmd: Command, w: &Workload, ctx: &Harness) -> Result<Finished, Outcome> {
-    process::run(cmd, Duration::from_secs(w.timeout_s), ctx.interrupt)
+    process::run(cmd, krr_timeout(w), ctx.interrupt)
         .map_err(|e| Outcome::Failed(format!("{e:#}"), Vec::new()))
 }
 
