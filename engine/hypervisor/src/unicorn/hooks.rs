@@ -117,6 +117,9 @@ pub(super) struct HookState {
     pub(super) kernel_executed: u64,
     /// Stop before the first block of user code (replay).
     pub(super) stop_at_user: bool,
+    /// CR2 when the run started: restored when a fault fetching user code
+    /// is the stop at user mode.
+    pub(super) cr2_at_run_start: u64,
     pub(super) stop_at: u64,
     pub(super) stop: Option<Stop>,
     /// Stop before a block once IF=1 and there is no interrupt shadow.
@@ -532,9 +535,19 @@ pub(super) extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void
             }
             drop_step_tf(uc, st);
         }
+        let software = st.env.exception_is_int();
+        if st.stop_at_user && st.env.cpl() == 3 && !software {
+            // Replay of the kernel alone reached user code, and fetching it
+            // faulted (the block after the kernel's return spans a user
+            // page replay never had): that is the stop at user mode, not
+            // an exception of the guest. CR2 keeps the kernel's value.
+            write_reg(uc, RegisterX86::CR2, st.cr2_at_run_start);
+            st.env.reset_old_exception();
+            st.stop(Stop::UserMode);
+            return;
+        }
         st.exits_by_kind.exceptions += 1;
         let vector = intno as u8;
-        let software = st.env.exception_is_int();
         let kind = if software {
             EventKind::Software
         } else {

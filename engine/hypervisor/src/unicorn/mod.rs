@@ -281,6 +281,7 @@ impl UnicornVm {
             executed: 0,
             kernel_executed: 0,
             stop_at_user: false,
+            cr2_at_run_start: 0,
             stop_at: u64::MAX,
             stop: None,
             window_requested: false,

@@ -173,6 +173,9 @@ impl UnicornVcpu {
         st.window_requested = window_requested;
         st.stop = None;
         st.recent.clear();
+        if st.stop_at_user {
+            st.cr2_at_run_start = read_reg(uc, RegisterX86::CR2);
+        }
         st.stop_at = match budget {
             Some(b) => st.executed.saturating_add(b),
             None => u64::MAX,
