@@ -167,7 +167,8 @@ where
             (Some(a), Some(b)) => (a, b),
             _ => (1.0, 2.0),
         };
-        let x_range = 0.5..x_max + 0.5;
+        // Room on the right for the legend.
+        let x_range = 0.5..x_max + 1.5;
         let mut chart = ChartBuilder::on(&area);
         chart
             .caption(title, ("sans-serif", 18))
@@ -177,13 +178,13 @@ where
         if log {
             let range = (y_min.min(1.0) * 0.8)..(y_max * 1.25);
             let mut c = chart
-                .build_cartesian_2d(x_range, range.log_scale())
+                .build_cartesian_2d(x_range, range.log_scale().base(2.0))
                 .map_err(err)?;
             c.configure_mesh()
                 .x_desc("vCPUs")
                 .y_desc(y_label)
-                .x_labels(x_max as usize + 1)
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_labels(x_max as usize + 2)
+                .x_label_formatter(&|x| vcpu_label(*x, x_max))
                 .y_labels(12)
                 .y_label_formatter(&|y| format!("{y:.2}"))
                 .draw()
@@ -195,8 +196,8 @@ where
             c.configure_mesh()
                 .x_desc("vCPUs")
                 .y_desc(y_label)
-                .x_labels(x_max as usize + 1)
-                .x_label_formatter(&|x| format!("{x:.0}"))
+                .x_labels(x_max as usize + 2)
+                .x_label_formatter(&|x| vcpu_label(*x, x_max))
                 .y_labels(8)
                 .y_label_formatter(&|y| compact(*y))
                 .draw()
@@ -206,6 +207,16 @@ where
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// A vCPU count on the x axis; the room right of the last one, where the
+/// legend goes, has no labels.
+fn vcpu_label(x: f64, x_max: f64) -> String {
+    if x.fract().abs() < 1e-9 && x <= x_max {
+        format!("{x:.0}")
+    } else {
+        String::new()
+    }
 }
 
 /// 1.5k, 2.3M: axis labels that fit beside the axis.
@@ -242,7 +253,7 @@ where
         let grey = RGBColor(120, 120, 120);
         chart
             .draw_series(LineSeries::new(
-                vec![(0.5, t), (x_max + 0.5, t)],
+                vec![(0.5, t), (x_max + 1.5, t)],
                 grey.stroke_width(1),
             ))?
             .label(format!("krr target {t}x"))
@@ -252,7 +263,7 @@ where
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .label_font(("sans-serif", 13))
         .draw()
 }
