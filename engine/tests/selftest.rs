@@ -787,8 +787,21 @@ fn kernel_mode_kick_waits_for_the_next_io_exit() {
         );
     }
     let stats = vcpu.async_delivery_stats();
-    assert_eq!(stats.delivered_after_io, rounds);
-    assert_eq!(stats.delivered_imprecise, 0);
+    // Each round stopped right after the OUT (checked above). A round whose
+    // OUT comes between the flag and the kick stops on the flag alone, and
+    // its kick finds the run over: it is not counted as delivered, so the
+    // count may fall short of the rounds, but no kick may stop the guest
+    // anywhere else.
+    assert!(
+        (1..=rounds).contains(&stats.delivered_after_io),
+        "{} kicks delivered after I/O in {rounds} rounds",
+        stats.delivered_after_io
+    );
+    assert_eq!(
+        stats.delivered_total(),
+        stats.delivered_after_io,
+        "{stats:?}"
+    );
     println!(
         "deterministic-point delivery: {} kicks, mean added latency {:?}, max {:?}",
         stats.requests,
