@@ -134,7 +134,6 @@ fn is_infrastructure(func: &str) -> bool {
         "check_region",
         "panic",
         "warn",
-        "warn_slowpath",
         "report_bug",
         "handle_bug",
         "exc_",
@@ -193,7 +192,6 @@ fn is_waiting(func: &str) -> bool {
         "kthread",
         "synchronize",
         "rcu_barrier",
-        "msleep",
         "sleep",
     ];
     is_infrastructure(func) || WORDS.iter().any(|w| func.contains(w))
@@ -232,8 +230,8 @@ fn first_culprit(trace: &[String]) -> Option<&str> {
         .find(|f| !is_infrastructure(f))
 }
 
-/// The call trace after line `from` of `lines`: frames up to `</TASK>` or
-/// the first line that is not a frame.
+/// The first call trace in `lines`: its frames up to `</TASK>` or the first
+/// line that is not a frame.
 fn call_trace(lines: &[String]) -> Vec<String> {
     let Some(start) = lines.iter().position(|l| l.trim() == "Call Trace:") else {
         return Vec::new();

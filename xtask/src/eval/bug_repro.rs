@@ -11,9 +11,9 @@
 //! programs, chaos seeds for races, `expect.reaches`; such a bug gets the
 //! verdict `unsupported` with the reason.
 
-use super::cell::GuestImages;
+use super::cell::{size_of, GuestImages, ECHO_WINDOW_BEGIN, WINDOW_BEGIN};
 use super::journal::{self, Journal};
-use super::process::{self, Finished};
+use super::process;
 use super::{ctrl_c_flag, output_dir, project_commit, recordings_dir, resume_dir, EvalArgs};
 use crate::{images, krr_bin, manifests, repo_root, setup};
 use anyhow::{bail, Context, Result};
@@ -30,7 +30,6 @@ use std::time::Duration;
 pub const BUGS_FILE: &str = "bugs.jsonl";
 const REPORT_FILE: &str = "report.md";
 const SUMMARY_FILE: &str = "summary.csv";
-const WINDOW_BEGIN: &str = "KRR-WINDOW-BEGIN";
 
 /// How a bug's reproduction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,39 +252,18 @@ fn images_of(bug: &BugCase, rec: &mut BugRecord) -> Result<GuestImages, Failure>
     names.extend(bug.rootfs.clone());
     let built =
         images::build(&names, false).map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))?;
-    let file = |image: &str, f: &str| {
-        built
-            .iter()
-            .find(|b| b.name == image)
-            .and_then(|b| b.files.get(f))
-            .cloned()
-            .ok_or_else(|| {
-                fail(
-                    Verdict::BuildFailed,
-                    format!("image `{image}` has no `{f}`"),
-                )
-            })
-    };
-    let kernel = file(&bug.kernel, "bzImage")?;
-    rec.kernel_sha256 = Some(kernel.sha256.clone());
-    Ok(GuestImages {
-        kernel: kernel.path,
-        vmlinux: file(&bug.kernel, "vmlinux")?.path,
-        initrd: match &bug.initramfs {
-            Some(i) => Some(file(i, "initramfs.cpio.gz")?.path),
-            None => None,
-        },
-        rootfs: match &bug.rootfs {
-            Some(r) => Some(file(r, "rootfs.ext4")?.path),
-            None => None,
-        },
-    })
-}
-
-/// The JSON object on the last non-empty line of stdout.
-fn json_of(f: &Finished) -> Option<serde_json::Value> {
-    let last = f.stdout.iter().rev().find(|l| !l.text.trim().is_empty())?;
-    serde_json::from_str(&last.text).ok()
+    rec.kernel_sha256 = built
+        .iter()
+        .find(|b| b.name == bug.kernel)
+        .and_then(|b| b.files.get("bzImage"))
+        .map(|f| f.sha256.clone());
+    GuestImages::from_built(
+        &built,
+        &bug.kernel,
+        bug.initramfs.as_deref(),
+        bug.rootfs.as_deref(),
+    )
+    .map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))
 }
 
 fn reproduce(
@@ -321,7 +299,7 @@ fn reproduce(
         ),
         None => None,
     };
-    let run_cmd = format!("echo KRR-WINDOW''-BEGIN && {trigger}");
+    let run_cmd = format!("{ECHO_WINDOW_BEGIN} && {trigger}");
     let record_limit = bug.timeouts.boot_s + bug.timeouts.trigger_s;
     for attempt in 1..=bug.attempts {
         rec.attempts = attempt;
@@ -355,7 +333,7 @@ fn reproduce(
             .and_then(|t| serde_json::from_str(&t).ok());
         let crash = end.as_ref().map(|e| &e["crash"]).filter(|c| c.is_object());
         let Some(crash) = crash else {
-            let report = json_of(&f);
+            let report = f.json();
             let ended = report
                 .as_ref()
                 .map(|r| r["run"]["end"].to_string())
@@ -389,7 +367,7 @@ fn reproduce(
         rec.rip_recorded = text(&crash["rip"]);
         rec.call_trace_recorded = trace(&crash["call_trace"]);
         rec.events = end.as_ref().and_then(|e| e["events"].as_u64());
-        rec.recording_bytes = dir_size(&dir);
+        rec.recording_bytes = size_of(&dir, &|_| true);
         rec.recording = Some(dir.clone());
         if let Some(re) = &expect_console {
             if !re.is_match(&console) {
@@ -447,7 +425,7 @@ fn replay_and_compare(
             ),
         ));
     }
-    let report = json_of(&f);
+    let report = f.json();
     let end = report.as_ref().map(|r| r["end"].clone());
     if end.as_ref().map(|e| &e["kind"]) != Some(&serde_json::Value::from("matched")) {
         rec.replay_end = Some(
@@ -480,19 +458,6 @@ fn replay_and_compare(
     }
     rec.verdict = Some(Verdict::Reproduced);
     Ok(())
-}
-
-fn dir_size(dir: &Path) -> Option<u64> {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let meta = e.metadata().ok()?;
-        total += if meta.is_dir() {
-            dir_size(&e.path()).unwrap_or(0)
-        } else {
-            meta.len()
-        };
-    }
-    Some(total)
 }
 
 fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {

@@ -8,6 +8,7 @@ use super::journal::{CellRecord, Status};
 use super::plan::{scheme_name, Cell};
 use super::process::{self, Finished};
 use anyhow::{bail, Result};
+use krr_orchestrator::images::BuiltImage;
 use krr_orchestrator::manifest::{Scheme, Workload};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,10 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-const WINDOW_BEGIN: &str = "KRR-WINDOW-BEGIN";
+pub(super) const WINDOW_BEGIN: &str = "KRR-WINDOW-BEGIN";
+/// The guest command that prints [`WINDOW_BEGIN`] (the `''` keeps the
+/// marker itself out of the kernel's echo of its command line).
+pub(super) const ECHO_WINDOW_BEGIN: &str = "echo KRR-WINDOW''-BEGIN";
 const WINDOW_END: &str = "KRR-WINDOW-END";
 
 /// The x86 kernel's command-line limit (COMMAND_LINE_SIZE), less room for
@@ -40,6 +44,34 @@ pub struct GuestImages {
     pub rootfs: Option<PathBuf>,
 }
 
+impl GuestImages {
+    /// The files of a guest booting `kernel` with `initramfs` or `rootfs`,
+    /// from the images `built`.
+    pub fn from_built(
+        built: &[BuiltImage],
+        kernel: &str,
+        initramfs: Option<&str>,
+        rootfs: Option<&str>,
+    ) -> Result<GuestImages> {
+        let file = |image: &str, f: &str| -> Result<PathBuf> {
+            built
+                .iter()
+                .find(|b| b.name == image)
+                .and_then(|b| b.file(f))
+                .map(Path::to_path_buf)
+                .ok_or_else(|| anyhow::anyhow!("image `{image}` has no `{f}`"))
+        };
+        Ok(GuestImages {
+            kernel: file(kernel, "bzImage")?,
+            vmlinux: file(kernel, "vmlinux")?,
+            initrd: initramfs
+                .map(|i| file(i, "initramfs.cpio.gz"))
+                .transpose()?,
+            rootfs: rootfs.map(|r| file(r, "rootfs.ext4")).transpose()?,
+        })
+    }
+}
+
 /// What every cell of an eval shares.
 pub struct Harness<'a> {
     pub krr: PathBuf,
@@ -57,7 +89,7 @@ pub struct Harness<'a> {
 /// this command) does not contain them.
 pub fn guest_command(w: &Workload) -> Result<String> {
     let mut parts: Vec<String> = w.setup.iter().map(|s| s.trim().to_string()).collect();
-    parts.push("echo KRR-WINDOW''-BEGIN".into());
+    parts.push(ECHO_WINDOW_BEGIN.into());
     let mut cmd = parts.join(" && ");
     cmd.push_str(&format!(
         " && {{ {}; }}; krr_status=$?; echo KRR-WINDOW''-END; exit $krr_status",
@@ -94,13 +126,12 @@ pub fn run(ctx: &Harness, w: &Workload, images: &GuestImages, cell: &Cell) -> Re
         ..CellRecord::default()
     };
     let command = guest_command(w)?;
-    let timeout = Duration::from_secs(w.timeout_s);
     let mem_mib = w.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
     let outcome = match cell.scheme {
         Scheme::Native => {
             let cmd = krr_machine(ctx, "run", images, &command, cell.vcpus, mem_mib, w);
-            let f = process::run(cmd, krr_timeout(w), ctx.interrupt)?;
-            engine_run(&mut rec, &f, w).map(|_| f)
+            run_process(cmd, krr_timeout(w), ctx)
+                .and_then(|f| engine_run(&mut rec, &f, w).map(|_| f))
         }
         Scheme::Krr => record_and_replay(ctx, &mut rec, w, images, &command, cell, mem_mib),
         Scheme::WholeVmRr | Scheme::QemuTcg => {
@@ -114,13 +145,13 @@ pub fn run(ctx: &Harness, w: &Workload, images: &GuestImages, cell: &Cell) -> Re
                 mem_mib,
                 record.then_some(&rr_file),
             );
-            let f = process::run(cmd, timeout, ctx.interrupt)?;
-            let r = qemu_run(&mut rec, &f, w);
+            let r = run_process(cmd, Duration::from_secs(w.timeout_s), ctx)
+                .and_then(|f| qemu_run(&mut rec, &f, w).map(|()| f));
             if record {
                 rec.log_bytes = std::fs::metadata(&rr_file).ok().map(|m| m.len());
                 let _ = std::fs::remove_file(&rr_file);
             }
-            r.map(|_| f)
+            r
         }
         Scheme::KrrUpstream => Err(Outcome::Unsupported(
             "KRR's own artifact needs its patched host kernel with hardware KVM; the harness \
@@ -190,14 +221,6 @@ fn krr_machine(
         .args(["--max-seconds", &w.timeout_s.to_string()])
         .args(["--run", command]);
     cmd
-}
-
-/// The JSON object on the last non-empty line of the process's stdout.
-fn json_of(f: &Finished) -> Option<Value> {
-    let last = f.stdout.iter().rev().find(|l| !l.text.trim().is_empty())?;
-    serde_json::from_str::<Value>(&last.text)
-        .ok()
-        .filter(Value::is_object)
 }
 
 /// The window's wall time from the stamped console lines.
@@ -296,7 +319,7 @@ fn guest_finished(rec: &mut CellRecord, f: &Finished, w: &Workload) -> Result<()
 /// A `krr run` or `krr record` process: its checks and numbers.
 fn engine_run(rec: &mut CellRecord, f: &Finished, w: &Workload) -> Result<Value, Outcome> {
     guest_finished(rec, f, w)?;
-    let json = json_of(f).ok_or_else(|| {
+    let json = f.json().ok_or_else(|| {
         failed(
             format!("krr printed no JSON report; process: {}", f.describe()),
             f,
@@ -389,8 +412,9 @@ fn qemu(
     cmd
 }
 
-/// Total size of the files directly in `dir` whose names pass `keep`.
-fn size_of(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Option<u64> {
+/// Total size of the entries of `dir` whose names pass `keep` (a
+/// directory with all it holds).
+pub(super) fn size_of(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Option<u64> {
     let mut total = 0;
     for e in std::fs::read_dir(dir).ok()?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -426,7 +450,7 @@ fn record_and_replay(
         .arg(format!("--stop=marker:{WINDOW_END}"))
         .arg("--vmlinux")
         .arg(&images.vmlinux);
-    let f = run_process(cmd, w, ctx)?;
+    let f = run_process(cmd, krr_timeout(w), ctx)?;
     let keep = |rec: &mut CellRecord| rec.kept_recording = dir.exists().then(|| dir.clone());
     let json = match engine_run(rec, &f, w) {
         Ok(json) => json,
@@ -462,9 +486,9 @@ fn record_and_replay(
     }
     let mut replay = Command::new(&ctx.krr);
     replay.arg("replay").arg("--json").arg(&dir);
-    let r = run_process(replay, w, ctx)?;
+    let r = run_process(replay, krr_timeout(w), ctx)?;
     rec.replay_seconds = Some(r.wall_seconds);
-    let report = json_of(&r);
+    let report = r.json();
     // `end` is `{"kind": "matched"}` or the kind with its details.
     let verdict = match report.as_ref().map(|j| &j["end"]) {
         Some(end) if end["kind"] == "matched" => "matched".to_string(),
@@ -484,10 +508,10 @@ fn record_and_replay(
     Ok(f)
 }
 
-/// Runs a process of the krr scheme; an interruption or a harness error
-/// fails the cell.
-fn run_process(cmd: Command, w: &Workload, ctx: &Harness) -> Result<Finished, Outcome> {
-    process::run(cmd, krr_timeout(w), ctx.interrupt)
+/// Runs a guest process of a cell; one that cannot start (a missing QEMU)
+/// fails the cell, and the eval goes on.
+fn run_process(cmd: Command, timeout: Duration, ctx: &Harness) -> Result<Finished, Outcome> {
+    process::run(cmd, timeout, ctx.interrupt)
         .map_err(|e| Outcome::Failed(format!("{e:#}"), Vec::new()))
 }
 

@@ -245,31 +245,15 @@ fn workload_images(
         }
     }
     let built = images::build(&names, false)?;
-    let file = |image: &str, f: &str| -> Result<PathBuf> {
-        built
-            .iter()
-            .find(|b| b.name == image)
-            .and_then(|b| b.file(f))
-            .map(Path::to_path_buf)
-            .with_context(|| format!("image `{image}` has no `{f}`"))
-    };
     let mut out = BTreeMap::new();
     for w in workloads {
-        out.insert(
-            w.name.clone(),
-            cell::GuestImages {
-                kernel: file(&w.kernel, "bzImage")?,
-                vmlinux: file(&w.kernel, "vmlinux")?,
-                initrd: match &w.initramfs {
-                    Some(i) => Some(file(i, "initramfs.cpio.gz")?),
-                    None => None,
-                },
-                rootfs: match &w.rootfs {
-                    Some(r) => Some(file(r, "rootfs.ext4")?),
-                    None => None,
-                },
-            },
-        );
+        let images = cell::GuestImages::from_built(
+            &built,
+            &w.kernel,
+            w.initramfs.as_deref(),
+            w.rootfs.as_deref(),
+        )?;
+        out.insert(w.name.clone(), images);
     }
     let shas = built
         .iter()

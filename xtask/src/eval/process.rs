@@ -62,6 +62,19 @@ impl Finished {
         lines[lines.len().saturating_sub(n)..].to_vec()
     }
 
+    /// The JSON object on the last non-empty line of stdout (what `krr
+    /// ... --json` prints).
+    pub fn json(&self) -> Option<serde_json::Value> {
+        let last = self
+            .stdout
+            .iter()
+            .rev()
+            .find(|l| !l.text.trim().is_empty())?;
+        serde_json::from_str::<serde_json::Value>(&last.text)
+            .ok()
+            .filter(serde_json::Value::is_object)
+    }
+
     pub fn text(&self) -> String {
         let mut s = String::new();
         for l in self.lines() {
