@@ -11,6 +11,10 @@
 #[path = "common/guest_images.rs"]
 mod guest_images;
 
+#[path = "common/krr_command.rs"]
+mod krr_command;
+
+use krr_command::krr;
 use krr_engine::harness::validate_stressor;
 use std::path::PathBuf;
 
@@ -53,4 +57,68 @@ fn stress_ng_hsearch_stops_at_its_timeout() {
 #[test]
 fn stress_ng_pipe_on_two_vcpus_stops_at_its_timeout() {
     stops_in_time_and_replays("pipe", 2);
+}
+
+/// Recording two vCPUs that fork and pipe costs about what running them
+/// does: a vCPU that spins on a lock (the guest agent's ring lock, taken
+/// on every recorded kernel entry) held by a vCPU whose turn has ended
+/// yields its own turn. Before that, the spinner spun out its quantum:
+/// 3.4 times the instructions, and the eval's 2-vCPU cells timed out.
+/// Instruction counts of the software CPU are exact, so the ratio is the
+/// same on every host.
+#[test]
+fn recording_two_vcpus_that_fork_costs_about_what_running_does() {
+    let Some((kernel, rootfs)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (k, d) = (kernel.display().to_string(), rootfs.display().to_string());
+    let command = "echo KRR-WINDOW''-BEGIN; stress-ng --fork 2 --fork-ops 300 --pipe 2 \
+                   --pipe-ops 20000; echo KRR-WINDOW''-END";
+    let machine = [
+        "--json",
+        "--quiet",
+        "--backend",
+        "tcg",
+        "--kernel",
+        &k,
+        "--disk",
+        &d,
+        "--vcpus",
+        "2",
+        "--max-seconds",
+        "300",
+        "--run",
+        command,
+    ];
+    let window = |out: &std::process::Output| -> u64 {
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("a JSON report on stdout");
+        assert_eq!(out.status.code(), Some(0), "{report}");
+        report["run"]["window"]["instructions"]
+            .as_u64()
+            .or_else(|| report["window"]["instructions"].as_u64())
+            .unwrap_or_else(|| panic!("no window in {report}"))
+    };
+    let run = window(&krr(dir.path(), &[&["run"][..], &machine].concat()));
+    let recorded = window(&krr(
+        dir.path(),
+        &[
+            &[
+                "record",
+                "--name",
+                "fork",
+                "--start=marker:KRR-WINDOW-BEGIN",
+            ][..],
+            &["--stop=marker:KRR-WINDOW-END"],
+            &machine,
+        ]
+        .concat(),
+    ));
+    let ratio = recorded as f64 / run as f64;
+    println!("window instructions: run {run}, recorded {recorded} ({ratio:.2}x)");
+    assert!(ratio < 1.5, "recording took {ratio:.2}x the instructions");
+    let out = krr(dir.path(), &["replay", "--json", "--quiet", "fork"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("replay JSON");
+    assert_eq!(report["end"]["kind"], "matched", "{report}");
 }

@@ -397,6 +397,62 @@ fn budget_stops_a_spinning_guest_deterministically() {
     assert!(incs * 3 <= n && n <= incs * 3 + 3, "rax {incs} n {n}");
 }
 
+/// A spinlock's wait loop: load a flag nobody sets, PAUSE, test, loop.
+fn pause_loop() -> Vec<u8> {
+    assemble(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.mov(eax, dword_ptr(0x12000u64))?;
+        a.pause()?;
+        a.test(eax, eax)?;
+        a.jz(top)
+    })
+}
+
+#[test]
+fn a_kernel_pause_loop_yields_the_turn_when_asked() {
+    let runs: Vec<(VmExit, u64)> = (0..2)
+        .map(|_| {
+            let mut g = Guest::new(&pause_loop(), 0);
+            g.vcpu().set_yield_on_spin(true).unwrap();
+            let exit = g.run(1_000_000);
+            (exit, g.vcpu().instructions_retired().unwrap())
+        })
+        .collect();
+    assert_eq!(runs[0], runs[1], "the spin stop is deterministic");
+    let (exit, n) = runs[0];
+    assert_eq!(exit, VmExit::Spin);
+    // 64 turns of the loop's one block (4 instructions), not the budget.
+    assert!((4 * 60..=4 * 70).contains(&n), "{n} instructions");
+    // The next run goes on spinning from where the last one stopped.
+    let mut g = Guest::new(&pause_loop(), 0);
+    g.vcpu().set_yield_on_spin(true).unwrap();
+    assert_eq!(g.run(1_000_000), VmExit::Spin);
+    assert_eq!(g.run(1_000_000), VmExit::Spin);
+    let n2 = g.vcpu().instructions_retired().unwrap();
+    assert!(n2 > n, "{n2} after two runs, {n} after one");
+}
+
+#[test]
+fn a_pause_loop_runs_its_budget_without_yield_or_in_user_mode() {
+    let mut g = Guest::new(&pause_loop(), 0);
+    assert_eq!(g.run(100_000), VmExit::BudgetExhausted);
+    // User code is preempted by the timer, not by the spin stop.
+    let mut g = Guest::new(&pause_loop(), 3);
+    g.vcpu().set_yield_on_spin(true).unwrap();
+    assert_eq!(g.run(100_000), VmExit::BudgetExhausted);
+    // A kernel loop without PAUSE does work: no stop either.
+    let busy = assemble(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.jmp(top)
+    });
+    let mut g = Guest::new(&busy, 0);
+    g.vcpu().set_yield_on_spin(true).unwrap();
+    assert_eq!(g.run(100_000), VmExit::BudgetExhausted);
+}
+
 /// A block patched in place with code of the same length but fewer
 /// instructions (as the kernel's alternatives and static keys do) is
 /// counted as it is now: the per-block count cache follows retranslation.

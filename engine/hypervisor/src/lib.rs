@@ -31,6 +31,10 @@ pub enum VmExit {
     /// The next instruction is user code, at `rip`; returned only after
     /// [`Vcpu::set_stop_at_user_mode`] (replay of the kernel alone).
     UserMode { rip: u64 },
+    /// The vCPU spins in the kernel (the same block over and over, as a
+    /// spinlock's wait loop does); returned only after
+    /// [`Vcpu::set_yield_on_spin`], so that the lock's holder can run.
+    Spin,
 }
 
 /// Width of a port or MMIO access, in bytes (1, 2, 4 or 8).
@@ -278,6 +282,8 @@ pub struct ExitCounters {
     pub syscalls: u64,
     pub cpuid: u64,
     pub rdtsc: u64,
+    /// Runs that ended in [`VmExit::Spin`].
+    pub spins: u64,
 }
 
 /// A virtual machine of one backend: guest memory is registered with it, and
@@ -372,6 +378,14 @@ pub trait Vcpu {
     /// of user code (replay of the kernel alone).
     fn set_stop_at_user_mode(&mut self, _enable: bool) -> Result<()> {
         Err(HypervisorError::Unsupported("stopping at user mode"))
+    }
+    /// Makes `run` return [`VmExit::Spin`] when the vCPU spins in the
+    /// kernel: vCPUs that take turns on one thread must hand the turn to
+    /// the others, one of which holds the lock. The software CPU detects
+    /// PAUSE loops; KVM does not (its pause-loop exits stay in the host
+    /// kernel), so there a spinner spins to the end of its slice.
+    fn set_yield_on_spin(&mut self, _enable: bool) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -357,6 +357,11 @@ impl Machine {
             for id in 0..cfg.vcpus {
                 vcpus.push(vm.create_vcpu(id)?);
             }
+            // vCPUs take turns on one thread: one that spins on a lock held
+            // by another would spin through its whole quantum.
+            if cfg.vcpus > 1 {
+                vcpus[0].set_yield_on_spin(true)?;
+            }
         }
         let mut sregs = info.sregs;
         sregs.apic_base = APIC_BASE_BSP;

@@ -454,6 +454,11 @@ impl Machine {
                         self.state[id] = self.state_after_hlt(id);
                     }
                     Ok(VmExit::BudgetExhausted) => stats.budget += 1,
+                    // The spinner's turn ends here, its clock where its
+                    // instructions put it: the vCPU holding the lock runs
+                    // next, and no clock jumps ahead of the instructions
+                    // that drive it.
+                    Ok(VmExit::Spin) => stats.spins += 1,
                     Ok(VmExit::IoStop) => {
                         stats.io_stops += 1;
                         match self.platform.power.take() {

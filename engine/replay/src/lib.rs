@@ -783,7 +783,9 @@ impl Replayer {
             match exit {
                 Ok(VmExit::UserMode { .. }) => progress[cpu].in_user = true,
                 Ok(VmExit::BudgetExhausted) | Ok(VmExit::Hlt) | Ok(VmExit::IoStop) => {}
-                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) => {}
+                // Replay does not ask for spin stops: it follows the
+                // recording's slices.
+                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) | Ok(VmExit::Spin) => {}
                 Ok(VmExit::Shutdown) => {
                     // The recording's own end, if it ended with this
                     // vCPU's triple fault here.

@@ -22,6 +22,9 @@ pub(super) enum Stop {
     Breakpoint,
     /// The next block is user code (replay of the kernel alone).
     UserMode,
+    /// The same kernel block ran [`SPIN_REPEATS`] times in a row: a wait
+    /// loop, most likely for a lock another vCPU holds.
+    Spin,
     Shutdown(String),
     /// A hook panicked ([`HookState::hook_panic`] says how).
     HookPanic,
@@ -99,6 +102,14 @@ pub(super) struct StepState {
     pub(super) io_stop: bool,
 }
 
+/// Executions in a row of one small kernel block that make a spin: a
+/// spinlock's wait loop (load, test, PAUSE, branch) is one block; 64 turns
+/// of it are a few hundred instructions, far less than a quantum.
+pub(super) const SPIN_REPEATS: u32 = 64;
+/// The most bytes such a wait loop's block has (`mov; test; pause; jne` is
+/// about 10): larger loops do work.
+const SPIN_BLOCK_BYTES: u32 = 24;
+
 /// State shared with the C hooks through a stable pointer.
 pub(super) struct HookState {
     /// The engine's handle: opened by `UnicornVm::new`, closed by `Engine`'s
@@ -120,6 +131,11 @@ pub(super) struct HookState {
     /// CR2 when the run started: restored when a fault fetching user code
     /// is the stop at user mode.
     pub(super) cr2_at_run_start: u64,
+    /// Stop when the vCPU spins in the kernel ([`Stop::Spin`]).
+    pub(super) yield_on_spin: bool,
+    /// The last kernel block entered and how many times in a row.
+    pub(super) spin_pc: u64,
+    pub(super) spin_repeats: u32,
     pub(super) stop_at: u64,
     pub(super) stop: Option<Stop>,
     /// Stop before a block once IF=1 and there is no interrupt shadow.
@@ -141,6 +157,9 @@ pub(super) struct HookState {
     pub(super) lifted_breakpoint: Option<u64>,
     /// Direct-mapped cache: (block pc, block size) -> instruction count.
     pub(super) icounts: Vec<(u64, u32, u32)>,
+    /// Per small kernel block (same slots as `icounts`): whether its code
+    /// holds a PAUSE, i.e. it is a wait loop.
+    pub(super) pause_blocks: Vec<(u64, u32, bool)>,
     /// Debugging aid (`KRR_TRACE_KERNEL_BLOCKS=FROM-TO:FILE`): every kernel
     /// block entered while the kernel count is in [FROM, TO), as
     /// "count pc" lines, to compare a recording's run with its replay.
@@ -191,7 +210,29 @@ impl HookState {
     /// A block was (re)translated: its cached count, if any, describes the
     /// code it was translated from before and is replaced.
     pub(super) fn block_translated(&mut self, pc: u64, size: u32, icount: u32) {
-        self.icounts[Self::icount_slot(pc, size)] = (pc, size, icount);
+        let slot = Self::icount_slot(pc, size);
+        self.icounts[slot] = (pc, size, icount);
+        self.pause_blocks[slot] = (u64::MAX, 0, false);
+    }
+
+    /// Whether the block at `pc` (`size` bytes, at most
+    /// [`SPIN_BLOCK_BYTES`]) holds a PAUSE (`f3 90`), read from guest
+    /// memory once per translation.
+    fn has_pause(&mut self, pc: u64, size: u32) -> bool {
+        let slot = Self::icount_slot(pc, size);
+        let e = self.pause_blocks[slot];
+        if e.0 == pc && e.1 == size {
+            return e.2;
+        }
+        let mut code = [0u8; SPIN_BLOCK_BYTES as usize];
+        let len = (size as usize).min(code.len());
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`), called
+        // from a block hook on the emulating thread; `code` has room for
+        // `len` bytes.
+        let err = unsafe { uc_vmem_read(self.uc, pc, Prot::EXEC, code.as_mut_ptr().cast(), len) };
+        let pause = err == uc_error::OK && code[..len].windows(2).any(|w| w == [0xf3, 0x90]);
+        self.pause_blocks[slot] = (pc, size, pause);
+        pause
     }
 
     pub(super) fn icount(&mut self, pc: u64, size: u32) -> u64 {
@@ -442,6 +483,23 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
             if st.executed >= st.stop_at {
                 st.stop(Stop::Budget);
                 return;
+            }
+            if st.yield_on_spin
+                && size <= SPIN_BLOCK_BYTES
+                && st.env.cpl() != 3
+                && st.has_pause(pc, size)
+            {
+                if pc == st.spin_pc {
+                    st.spin_repeats += 1;
+                    if st.spin_repeats >= SPIN_REPEATS {
+                        st.spin_repeats = 0;
+                        st.stop(Stop::Spin);
+                        return;
+                    }
+                } else {
+                    st.spin_pc = pc;
+                    st.spin_repeats = 0;
+                }
             }
             st.recent.clear();
         }

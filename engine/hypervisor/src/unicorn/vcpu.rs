@@ -173,6 +173,10 @@ impl UnicornVcpu {
         st.window_requested = window_requested;
         st.stop = None;
         st.recent.clear();
+        // A spin is counted within one run: where a run starts does not
+        // depend on the runs of other vCPUs.
+        st.spin_pc = u64::MAX;
+        st.spin_repeats = 0;
         if st.stop_at_user {
             st.cr2_at_run_start = read_reg(uc, RegisterX86::CR2);
         }
@@ -218,6 +222,7 @@ impl UnicornVcpu {
             }
             Some(Stop::Breakpoint) => return Ok(VmExit::Debug { rip: new_rip }),
             Some(Stop::UserMode) => return Ok(VmExit::UserMode { rip: new_rip }),
+            Some(Stop::Spin) => return Ok(VmExit::Spin),
             Some(Stop::Step) | Some(Stop::Shutdown(_)) | Some(Stop::HookPanic) | None => {}
         }
         // Otherwise emulation stopped on its own: HLT.
@@ -741,6 +746,14 @@ impl Vcpu for UnicornVcpu {
                 env.load_segment(seg, cache);
             }
             perform_syscall(e.uc, &env, r.rip, r.rflags);
+            Ok(())
+        })
+    }
+
+    fn set_yield_on_spin(&mut self, enable: bool) -> Result<()> {
+        // One setting for the engine: every vCPU of a machine yields, or none.
+        self.with(|e| {
+            e.st().yield_on_spin = enable;
             Ok(())
         })
     }
