@@ -369,3 +369,60 @@ fn kasan_kernel_boots_in_qemu() {
     );
     assert!(!result.console.contains("BUG: KASAN"), "{}", result.console);
 }
+
+/// A kernel that extends another (a bug kernel over its flavour) is built
+/// in the base's tree: the bug's patch applies over the base's sources,
+/// kbuild recompiles what it touches, and afterwards the base's sources
+/// and configuration are back as they were, with no derived-build state
+/// left. Rebuilds on every run (`force`): about a minute (one file and the
+/// link).
+#[test]
+fn a_derived_kernel_is_built_in_its_base_tree_and_the_base_is_put_back() {
+    let base_image = built("guest-6.1");
+    let ImageRecipe::Kernel(base) = spec("guest-6.1").recipe else {
+        panic!("guest-6.1 is not a kernel");
+    };
+    let root = repo_root();
+    let store = Store::open_default().unwrap();
+    let mut ctx = BuildContext::new(&root, &store, hidden()).unwrap();
+    ctx.force = true;
+    let derived = ImageSpec {
+        name: "guest-6.1-derived-test".into(),
+        recipe: ImageRecipe::Kernel(KernelBuild {
+            fragments: vec![],
+            patches: vec!["images/bugs/cve-2022-0185/revert-fix.patch".into()],
+            base: Some(Box::new(base.clone())),
+            ..base
+        }),
+    };
+    let image = build(&ctx, &derived).unwrap_or_else(|e| panic!("derived build: {e}"));
+    let vmlinux = |i: &BuiltImage| i.files["vmlinux"].sha256.clone();
+    assert_ne!(
+        vmlinux(&image),
+        vmlinux(&base_image),
+        "the patch changed nothing"
+    );
+    assert_eq!(
+        image.files["config"].sha256, base_image.files["config"].sha256,
+        "no fragment: the same configuration"
+    );
+
+    let hash = images::recipe_hash(&root, &spec("guest-6.1")).unwrap();
+    let tree = ctx.dirs.build.join(format!("kernel-{}", &hash[..16]));
+    let source = std::fs::read_to_string(tree.join("src/fs/fs_context.c")).unwrap();
+    assert!(
+        source.contains("if (size + len + 2 > PAGE_SIZE)")
+            && !source.contains("PAGE_SIZE - 2 - size"),
+        "the base's source is not back"
+    );
+    assert!(
+        !tree.join("derived").exists(),
+        "derived-build state left behind"
+    );
+    let config = std::fs::read(tree.join("out/.config")).unwrap();
+    assert_eq!(
+        config,
+        std::fs::read(&base_image.files["config"].path).unwrap()
+    );
+    images::clean(&ctx.dirs, &["guest-6.1-derived-test".to_string()]).unwrap();
+}

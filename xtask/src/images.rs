@@ -5,7 +5,10 @@ use crate::{repo_root, setup};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use indicatif::MultiProgress;
-use krr_orchestrator::images::{self, BuildContext, BuiltImage, ImageDirs};
+use krr_orchestrator::images::{
+    self, BuildContext, BuiltImage, ImageDirs, ImageRecipe, ImageSpec, KernelBuild,
+};
+use krr_orchestrator::manifest::BugCase;
 use krr_orchestrator::store::Store;
 use std::path::{Path, PathBuf};
 
@@ -26,6 +29,9 @@ pub enum ImagesCommand {
     },
     /// Remove built images (all, or the named ones) from the cache.
     Clean { names: Vec<String> },
+    /// Check that every bug case's patches apply over its kernel's, without
+    /// building (what `cargo xtask test` checks).
+    CheckPatches,
     /// Build a one-off initramfs around static binaries.
     Initramfs {
         /// SRC[:DEST] (DEST defaults to /usr/local/bin/<name of SRC>).
@@ -62,14 +68,119 @@ pub fn build_files(wanted: &[(&str, &str)]) -> Result<Vec<PathBuf>> {
 /// Builds (or takes from the cache) the named images.
 pub fn build(names: &[String], force: bool) -> Result<Vec<BuiltImage>> {
     setup::ensure()?;
+    let specs = images::specs_from_repo(&repo_root())?;
+    let chosen = images::select(&specs, names)?;
+    build_specs(&chosen, force)
+}
+
+/// The images a bug case boots: its kernel, or (with `patches` or
+/// `fragments`) the bug's kernel over it, named `<kernel>-<bug id>`; its
+/// initramfs, or (with a trigger `program`) the initramfs plus that
+/// program, named `<initramfs>-<bug id>`; its rootfs. Returns them built,
+/// in that order, with the names to boot them by.
+pub fn build_bug_images(bug: &BugCase) -> Result<(Vec<BuiltImage>, BugImageNames)> {
+    setup::ensure()?;
+    let specs = images::specs_from_repo(&repo_root())?;
+    let mut wanted: Vec<String> = vec![bug.kernel.clone()];
+    wanted.extend(bug.initramfs.clone());
+    wanted.extend(bug.rootfs.clone());
+    let mut chosen = images::select(&specs, &wanted)?;
+    let mut names = BugImageNames {
+        kernel: bug.kernel.clone(),
+        initramfs: bug.initramfs.clone(),
+        rootfs: bug.rootfs.clone(),
+    };
+    if let Some(spec) = bug_kernel_spec(&chosen[0], bug)? {
+        names.kernel = spec.name.clone();
+        chosen[0] = spec;
+    }
+    if let (Some(program), Some(initramfs)) = (&bug.trigger.program, &bug.initramfs) {
+        let slot = chosen
+            .iter_mut()
+            .find(|s| &s.name == initramfs)
+            .context("the bug's initramfs among the chosen images")?;
+        let ImageRecipe::Initramfs(base) = &slot.recipe else {
+            anyhow::bail!("bug `{}`: image `{initramfs}` is not an initramfs", bug.id);
+        };
+        let mut with_trigger = base.clone();
+        with_trigger.programs.push(program.clone());
+        names.initramfs = Some(format!("{initramfs}-{}", bug.id));
+        *slot = ImageSpec {
+            name: format!("{initramfs}-{}", bug.id),
+            recipe: ImageRecipe::Initramfs(with_trigger),
+        };
+    }
+    Ok((build_specs(&chosen, false)?, names))
+}
+
+/// The kernel of a bug case with `patches` or `fragments`: `kernel` (the
+/// spec of the bug's `kernel` image) extended by them.
+fn bug_kernel_spec(kernel: &ImageSpec, bug: &BugCase) -> Result<Option<ImageSpec>> {
+    if bug.patches.is_empty() && bug.fragments.is_empty() {
+        return Ok(None);
+    }
+    let ImageRecipe::Kernel(base) = &kernel.recipe else {
+        anyhow::bail!("bug `{}`: image `{}` is not a kernel", bug.id, bug.kernel);
+    };
+    Ok(Some(ImageSpec {
+        name: format!("{}-{}", bug.kernel, bug.id),
+        recipe: ImageRecipe::Kernel(KernelBuild {
+            fragments: bug.fragments.clone(),
+            patches: bug.patches.clone(),
+            base: Some(Box::new(base.clone())),
+            ..base.clone()
+        }),
+    }))
+}
+
+/// Checks that every bug case's patches apply over its kernel's (without
+/// building): the source moves on, and a patch that stopped applying
+/// should fail the tests, not the eval an hour in.
+pub fn check_bug_patches(bugs: &[BugCase]) -> Result<usize> {
+    setup::ensure()?;
+    let specs = images::specs_from_repo(&repo_root())?;
+    let mut kernels = Vec::new();
+    for bug in bugs {
+        let base = images::select(&specs, std::slice::from_ref(&bug.kernel))?;
+        if let Some(spec) = bug_kernel_spec(&base[0], bug)? {
+            kernels.push(spec);
+        }
+    }
+    let recipes: Vec<(&str, &KernelBuild)> = kernels
+        .iter()
+        .filter_map(|s| match &s.recipe {
+            ImageRecipe::Kernel(k) => Some((s.name.as_str(), k)),
+            _ => None,
+        })
+        .collect();
     let root = repo_root();
     let store = Store::open_default()?;
-    let specs = images::specs_from_repo(&root)?;
-    let chosen = images::select(&specs, names)?;
+    let ctx = BuildContext::new(&root, &store, MultiProgress::new())?;
+    let results = krr_orchestrator::images::kernel::check_patches(&ctx, &recipes)?;
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!("bug patches that do not apply:\n{}", failed.join("\n"));
+    }
+    Ok(results.len())
+}
+
+/// The names [`build_bug_images`] built a bug's images under.
+pub struct BugImageNames {
+    pub kernel: String,
+    pub initramfs: Option<String>,
+    pub rootfs: Option<String>,
+}
+
+fn build_specs(chosen: &[ImageSpec], force: bool) -> Result<Vec<BuiltImage>> {
+    let root = repo_root();
+    let store = Store::open_default()?;
     let mut ctx = BuildContext::new(&root, &store, MultiProgress::new())?;
     ctx.force = force;
     let mut built = Vec::new();
-    for spec in &chosen {
+    for spec in chosen {
         let image =
             images::build(&ctx, spec).with_context(|| format!("building image `{}`", spec.name))?;
         if image.build_seconds > 0.0 {
@@ -92,6 +203,11 @@ pub fn run(command: ImagesCommand) -> Result<()> {
     match command {
         ImagesCommand::Build { names, force } => {
             build(&names, force)?;
+        }
+        ImagesCommand::CheckPatches => {
+            let bugs = crate::manifests::load_repo()?.bugs;
+            let n = check_bug_patches(&bugs)?;
+            println!("{n} bug kernel(s): every patch applies");
         }
         ImagesCommand::List { json } => {
             let store = Store::open_default()?;

@@ -61,6 +61,10 @@ pub fn run(extra: &[String]) -> Result<()> {
     for (k, v) in &envs {
         eprintln!("   {k}={v}");
     }
+    eprintln!("== bug patches apply over their kernels (patch, no build)");
+    let bugs = crate::manifests::load_repo()?.bugs;
+    let checked = images::check_bug_patches(&bugs)?;
+    eprintln!("   {checked} bug kernel(s): every patch applies");
     eprintln!("== cargo test");
     let mut args = vec!["test", "--release", "--workspace"];
     args.extend(extra.iter().map(String::as_str));

@@ -118,6 +118,10 @@ struct RunArgs {
     /// --initrd the disk's).
     #[arg(long)]
     append: Option<String>,
+    /// Kernel parameters added to the command line (the default one, or
+    /// --append), e.g. `panic_on_warn=1 kasan.fault=panic`.
+    #[arg(long, value_name = "PARAMS")]
+    kernel_args: Option<String>,
     /// The command the guest's /init runs, added to the command line as
     /// `krr.run="CMD"` (no double quotes inside CMD).
     #[arg(long, value_name = "CMD")]
@@ -411,11 +415,19 @@ fn run(a: RunArgs) -> anyhow::Result<i32> {
 /// for the guest's root (initramfs, or the disk), plus `--run`.
 fn command_line(a: &RunArgs) -> anyhow::Result<String> {
     use krr_engine::harness::{with_apics, ROOTFS_CMDLINE, TEST_CMDLINE};
-    let base = match (&a.append, &a.initrd, &a.disk) {
+    let mut base = match (&a.append, &a.initrd, &a.disk) {
         (Some(append), _, _) => append.clone(),
         (None, None, Some(_)) => with_apics(ROOTFS_CMDLINE),
         (None, _, _) => with_apics(TEST_CMDLINE),
     };
+    if let Some(extra) = &a.kernel_args {
+        if extra.contains('"') {
+            bail!(
+                "--kernel-args {extra:?}: no double quotes (use --append for a whole command line)"
+            );
+        }
+        base = format!("{base} {}", extra.trim());
+    }
     match &a.run {
         None => Ok(base),
         Some(cmd) if cmd.contains('"') => bail!(

@@ -43,6 +43,7 @@ pub fn spec_from_manifest(image: &manifest::Image) -> Result<Option<ImageSpec>> 
                 source_tarball: k.source.path.clone(),
                 fragments: k.fragments.clone(),
                 patches: k.patches.clone(),
+                base: None,
             })
         }
         BuildRecipe::Initramfs(i) => ImageRecipe::Initramfs(InitramfsBuild {

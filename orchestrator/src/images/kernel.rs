@@ -42,6 +42,34 @@ pub struct KernelBuild {
     pub fragments: Vec<PathBuf>,
     /// Patches (`-p1`, unified diff), applied in order.
     pub patches: Vec<PathBuf>,
+    /// A kernel this one extends: `fragments` and `patches` come after the
+    /// base's, and the build reuses the base's finished tree, so only what
+    /// they touch recompiles (a bug kernel over its flavour).
+    pub base: Option<Box<KernelBuild>>,
+}
+
+impl KernelBuild {
+    /// Every fragment, the base's first.
+    pub fn all_fragments(&self) -> Vec<PathBuf> {
+        let mut all = self
+            .base
+            .as_ref()
+            .map(|b| b.all_fragments())
+            .unwrap_or_default();
+        all.extend(self.fragments.iter().cloned());
+        all
+    }
+
+    /// Every patch, the base's first.
+    pub fn all_patches(&self) -> Vec<PathBuf> {
+        let mut all = self
+            .base
+            .as_ref()
+            .map(|b| b.all_patches())
+            .unwrap_or_default();
+        all.extend(self.patches.iter().cloned());
+        all
+    }
 }
 
 /// The files a kernel image consists of, by name inside the image directory.
@@ -91,7 +119,7 @@ fn build_in(
         .source_tarball
         .clone()
         .unwrap_or_else(|| format!("usr/src/{}.tar.xz", recipe.source.package));
-    extract_source(&deb, &recipe.source.package, &member, &src, &bar)?;
+    extract_source(&deb, &recipe.source.package, &member, &src, None, &bar)?;
     ctx.finish(&bar, format!("{} extracted", recipe.source.package));
 
     let bar = ctx.spinner("patch");
@@ -101,9 +129,19 @@ fn build_in(
     }
     ctx.finish(&bar, format!("{} patch(es) applied", recipe.patches.len()));
 
+    configure(ctx, &recipe.fragments, build_dir)?;
+    compile(ctx, build_dir)?;
+    copy_outputs(&obj, out)
+}
+
+/// Configures the tree in `build_dir` with `fragments` (`allnoconfig` over
+/// their concatenation, then `olddefconfig`) and checks that every option
+/// they set survived.
+fn configure(ctx: &BuildContext<'_>, fragments: &[PathBuf], build_dir: &Path) -> Result<()> {
+    let (src, obj, log) = tree(build_dir);
     let bar = ctx.spinner("configure");
     let merged = build_dir.join("fragments.config");
-    let wanted = merge_fragments(ctx.root, &recipe.fragments, &merged)?;
+    let wanted = merge_fragments(ctx.root, fragments, &merged)?;
     let allconfig = format!("KCONFIG_ALLCONFIG={}", merged.display());
     run_logged(
         "kernel configure (allnoconfig)",
@@ -123,7 +161,12 @@ fn build_in(
     )?;
     check_config(&wanted, &obj.join(".config"))?;
     ctx.finish(&bar, format!("{} options checked", wanted.len()));
+    Ok(())
+}
 
+/// `make all` in the tree of `build_dir`, with progress.
+fn compile(ctx: &BuildContext<'_>, build_dir: &Path) -> Result<()> {
+    let (src, obj, log) = tree(build_dir);
     let bar = ctx.spinner("compile");
     let mut steps = 0u64;
     let mut next_note = 500u64;
@@ -146,7 +189,11 @@ fn build_in(
         },
     )?;
     ctx.finish(&bar, format!("compiled ({steps} steps)"));
+    Ok(())
+}
 
+/// Copies the image's files out of the object tree `obj`.
+fn copy_outputs(obj: &Path, out: &Path) -> Result<()> {
     for (from, to) in [
         (obj.join("arch/x86/boot/bzImage"), "bzImage"),
         (obj.join("vmlinux"), "vmlinux"),
@@ -156,6 +203,117 @@ fn build_in(
         std::fs::copy(&from, out.join(to)).map_err(io_err(&from, "copy kernel output"))?;
     }
     Ok(())
+}
+
+/// The source tree, object tree and build log of a build directory.
+fn tree(build_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        build_dir.join("src"),
+        build_dir.join("out"),
+        build_dir.join("build.log"),
+    )
+}
+
+/// Where a derived build keeps the patches it applied to its base's tree
+/// (copies, so the tree can be restored even if the files change), with an
+/// `applied` count: present only while the base's tree is not its own.
+const DERIVED_STATE: &str = "derived";
+
+/// Builds `derived` (whose `base` is `base`) in the base's tree at
+/// `base_dir`: applies the derived patches, configures with every fragment,
+/// compiles what changed, copies the image into `out`, then puts the base's
+/// sources and configuration back. The caller holds the base's build lock.
+pub(crate) fn build_derived(
+    ctx: &BuildContext<'_>,
+    base: &KernelBuild,
+    derived: &KernelBuild,
+    base_dir: &Path,
+    out: &Path,
+) -> Result<()> {
+    // An interrupted derived build left its patches in the tree.
+    restore_base(ctx, base, base_dir)?;
+    let (src, obj, log) = tree(base_dir);
+    if !obj.join("vmlinux").is_file() || !src.join("Makefile").is_file() {
+        ctx.note(
+            "base",
+            "the base kernel's build tree is gone: building it first",
+        );
+        let scratch = base_dir.with_extension("base-image");
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(io_err(&scratch, "create directory"))?;
+        let built = build(ctx, base, base_dir, &scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        built?;
+    }
+    let state = base_dir.join(DERIVED_STATE);
+    std::fs::create_dir_all(&state).map_err(io_err(&state, "create directory"))?;
+    let result = (|| {
+        let bar = ctx.spinner("patch");
+        for (i, patch) in derived.patches.iter().enumerate() {
+            bar.set_message(patch.display().to_string());
+            let copy = state.join(format!("{i:03}.patch"));
+            let from = ctx.root.join(patch);
+            std::fs::copy(&from, &copy).map_err(io_err(&from, "copy patch"))?;
+            apply_patch(&copy, patch, &src, &log)?;
+            let applied = state.join("applied");
+            std::fs::write(&applied, (i + 1).to_string()).map_err(io_err(&applied, "write"))?;
+        }
+        ctx.finish(
+            &bar,
+            format!("{} patch(es) applied over the base", derived.patches.len()),
+        );
+        let mut fragments = base.all_fragments();
+        fragments.extend(derived.fragments.iter().cloned());
+        configure(ctx, &fragments, base_dir)?;
+        compile(ctx, base_dir)?;
+        copy_outputs(&obj, out)
+    })();
+    let restored = restore_base(ctx, base, base_dir);
+    result.and(restored)
+}
+
+/// Puts the base's sources and configuration back after a derived build
+/// (or one that was interrupted): reverses the patches it applied, newest
+/// first, and configures with the base's fragments. Objects stay: the next
+/// build recompiles what differs. A tree that cannot be restored is
+/// removed, and the next derived build builds the base again.
+fn restore_base(ctx: &BuildContext<'_>, base: &KernelBuild, base_dir: &Path) -> Result<()> {
+    let state = base_dir.join(DERIVED_STATE);
+    if !state.is_dir() {
+        return Ok(());
+    }
+    let (src, _, log) = tree(base_dir);
+    let applied: usize = std::fs::read_to_string(state.join("applied"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let mut reversed = true;
+    for i in (0..applied).rev() {
+        let copy = state.join(format!("{i:03}.patch"));
+        let ok = Command::new("patch")
+            .args(["-p1", "-R", "--batch", "--no-backup-if-mismatch", "-d"])
+            .arg(&src)
+            .arg("-i")
+            .arg(&copy)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        reversed &= ok;
+    }
+    let configured = reversed && configure(ctx, &base.all_fragments(), base_dir).is_ok();
+    if !configured {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| {
+                use std::io::Write;
+                writeln!(f, "restoring the base tree failed: removing it")
+            });
+        for t in ["src", "out"] {
+            let _ = std::fs::remove_dir_all(base_dir.join(t));
+        }
+    }
+    std::fs::remove_dir_all(&state).map_err(io_err(&state, "remove derived-build state"))
 }
 
 /// `make` with the fixed build identity, in `src` with objects in `obj`.
@@ -188,6 +346,7 @@ fn extract_source(
     package: &str,
     member: &str,
     dest: &Path,
+    only: Option<&std::collections::BTreeSet<PathBuf>>,
     bar: &ProgressBar,
 ) -> Result<()> {
     let member = member.trim_start_matches('/');
@@ -207,7 +366,7 @@ fn extract_source(
             let mut parts = path.components();
             parts.next(); // the top directory
             let rest: PathBuf = parts.collect();
-            if rest.as_os_str().is_empty() {
+            if rest.as_os_str().is_empty() || only.is_some_and(|o| !o.contains(&rest)) {
                 continue;
             }
             if !rest.components().all(|c| matches!(c, Component::Normal(_))) {
@@ -217,6 +376,12 @@ fn extract_source(
                 });
             }
             let target = dest.join(&rest);
+            if only.is_some() {
+                // The tarball's directory entries were skipped.
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(io_err(parent, "create directory"))?;
+                }
+            }
             entry
                 .unpack(&target)
                 .map_err(io_err(&target, "extract source file"))?;
@@ -236,6 +401,91 @@ fn extract_source(
         }
         other => other,
     }
+}
+
+/// Checks that the patches of each recipe (a base's, then its own) apply
+/// to the pristine source, without building: only the files the patches
+/// touch are extracted, once for all recipes (which share one source).
+/// Returns each recipe's name with its result.
+pub fn check_patches<'r>(
+    ctx: &BuildContext<'_>,
+    recipes: &[(&'r str, &KernelBuild)],
+) -> Result<Vec<(&'r str, Result<()>)>> {
+    let Some((_, first)) = recipes.first() else {
+        return Ok(Vec::new());
+    };
+    let mut touched = std::collections::BTreeSet::new();
+    for (_, recipe) in recipes {
+        for patch in recipe.all_patches() {
+            let path = ctx.root.join(&patch);
+            let text = std::fs::read_to_string(&path).map_err(io_err(&path, "read patch"))?;
+            touched.extend(patched_files(&text));
+        }
+    }
+    let scratch = ctx
+        .dirs
+        .build
+        .join(format!("patch-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let pristine = scratch.join("pristine");
+    std::fs::create_dir_all(&pristine).map_err(io_err(&pristine, "create directory"))?;
+    let result = (|| {
+        let bar = ctx.bytes_bar("extract");
+        let deb = debian::fetch(&first.source, ctx.store, &bar)?;
+        let member = first
+            .source_tarball
+            .clone()
+            .unwrap_or_else(|| format!("usr/src/{}.tar.xz", first.source.package));
+        extract_source(
+            &deb,
+            &first.source.package,
+            &member,
+            &pristine,
+            Some(&touched),
+            &bar,
+        )?;
+        ctx.finish(
+            &bar,
+            format!("{} file(s) patched by the recipes", touched.len()),
+        );
+        let mut results = Vec::new();
+        for (i, (name, recipe)) in recipes.iter().enumerate() {
+            let work = scratch.join(format!("{i}"));
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(&pristine)
+                .arg(&work)
+                .status()
+                .map_err(|source| ImageError::MissingTool {
+                    program: "cp".into(),
+                    source,
+                })?;
+            if !copied.success() {
+                return Err(io_err(&work, "copy pristine files")(std::io::Error::other(
+                    "cp -a failed",
+                )));
+            }
+            let log = scratch.join(format!("{i}.log"));
+            let applied = recipe
+                .all_patches()
+                .iter()
+                .try_for_each(|p| apply_patch(&ctx.root.join(p), p, &work, &log));
+            results.push((*name, applied));
+        }
+        Ok(results)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// The files a unified diff changes (paths after `+++ b/`).
+fn patched_files(patch: &str) -> Vec<PathBuf> {
+    patch
+        .lines()
+        .filter_map(|l| l.strip_prefix("+++ "))
+        .filter_map(|p| p.split_whitespace().next())
+        .filter_map(|p| p.split_once('/').map(|(_, rest)| PathBuf::from(rest)))
+        .collect()
 }
 
 /// Applies one `-p1` patch; on failure names the patch and the hunks that
@@ -431,6 +681,20 @@ pub(crate) fn compare_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patched_files_are_read_from_the_new_file_headers() {
+        let patch =
+            "header text\n--- a/fs/fs_context.c\n+++ b/fs/fs_context.c\t2024-01-01\n@@ -1 +1 @@\n\
+                     -x\n+y\n--- /dev/null\n+++ b/kernel/krr/agent.c\n@@ -0,0 +1 @@\n+z\n";
+        assert_eq!(
+            patched_files(patch),
+            vec![
+                PathBuf::from("fs/fs_context.c"),
+                PathBuf::from("kernel/krr/agent.c")
+            ]
+        );
+    }
 
     #[test]
     fn fragment_parsing_and_override_order() {

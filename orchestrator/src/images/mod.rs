@@ -266,8 +266,24 @@ fn validate(spec: &ImageSpec) -> Result<()> {
     match &spec.recipe {
         ImageRecipe::Kernel(k) => {
             k.source.validate(&spec.name)?;
-            if k.fragments.is_empty() {
+            if k.fragments.is_empty() && k.base.is_none() {
                 return Err(bad("fragments", "[]", "at least one config fragment"));
+            }
+            if let Some(base) = &k.base {
+                if base.base.is_some() {
+                    return Err(bad(
+                        "base",
+                        "a kernel that has a base itself",
+                        "a kernel built from its source (one level of bases)",
+                    ));
+                }
+                if base.source != k.source || base.source_tarball != k.source_tarball {
+                    return Err(bad(
+                        "base",
+                        &base.source.package,
+                        "a kernel built from the same source package",
+                    ));
+                }
             }
             relative("fragments", &k.fragments)?;
             relative("patches", &k.patches)?;
@@ -342,6 +358,11 @@ pub fn recipe_hash(root: &Path, spec: &ImageSpec) -> Result<String> {
             for p in &k.patches {
                 inputs.files.push(file_input(root, "patch", p)?);
             }
+            if let Some(base) = &k.base {
+                inputs
+                    .settings
+                    .insert("base", recipe_hash(root, &base_spec(spec, base))?);
+            }
             inputs.settings.insert("gcc", process::gcc_identity()?);
             inputs
                 .settings
@@ -385,6 +406,15 @@ pub fn recipe_hash(root: &Path, spec: &ImageSpec) -> Result<String> {
     }
     let json = serde_json::to_vec(&inputs).expect("recipe inputs serialize");
     Ok(hex::encode(Sha256::digest(json)))
+}
+
+/// The spec of a derived kernel's base (its hash does not depend on the
+/// name).
+fn base_spec(spec: &ImageSpec, base: &KernelBuild) -> ImageSpec {
+    ImageSpec {
+        name: format!("{}-base", spec.name),
+        recipe: ImageRecipe::Kernel(base.clone()),
+    }
 }
 
 fn image_dir(dirs: &ImageDirs, name: &str, hash: &str) -> PathBuf {
@@ -468,10 +498,19 @@ pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
     ));
     header.tick();
     let built = match &spec.recipe {
-        ImageRecipe::Kernel(k) => {
-            let build_dir = ctx.dirs.build.join(format!("kernel-{}", &hash[..16]));
-            kernel::build(ctx, k, &build_dir, &partial)
-        }
+        ImageRecipe::Kernel(k) => match &k.base {
+            None => {
+                let build_dir = ctx.dirs.build.join(format!("kernel-{}", &hash[..16]));
+                kernel::build(ctx, k, &build_dir, &partial)
+            }
+            // Built in the base's tree, under the base's lock: a build of
+            // the base itself would start that tree over.
+            Some(base) => recipe_hash(ctx.root, &base_spec(spec, base)).and_then(|base_hash| {
+                let _base_lock = ctx.store.lock(&format!("image-{}", &base_hash[..16]))?;
+                let base_dir = ctx.dirs.build.join(format!("kernel-{}", &base_hash[..16]));
+                kernel::build_derived(ctx, base, k, &base_dir, &partial)
+            }),
+        },
         ImageRecipe::Initramfs(i) => initramfs::build(ctx, i, &partial),
         ImageRecipe::Rootfs(r) => {
             let build_dir = ctx.dirs.build.join(format!("rootfs-{}", &hash[..16]));

@@ -393,6 +393,22 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
             "bug case needs an `initramfs` or a `rootfs` image to run its trigger in",
         );
         checker.files(entry, &[key("patches")], &bug.patches, "patch");
+        checker.files(
+            entry,
+            &[key("fragments")],
+            &bug.fragments,
+            "config fragment",
+        );
+        if let Some(cmdline) = &bug.cmdline {
+            if cmdline.contains('"') {
+                checker.report(
+                    entry,
+                    &[key("cmdline")],
+                    Target::Value,
+                    "cmdline may not contain double quotes (the run's command is quoted on the same line)",
+                );
+            }
+        }
         match (&bug.trigger.command, &bug.trigger.program) {
             (Some(_), Some(_)) => checker.report(
                 entry,

@@ -497,9 +497,18 @@ pub struct BugCase {
     pub reference: Option<String>,
     /// Image of kind `kernel`.
     pub kernel: String,
-    /// Patches applied over `kernel`'s sources to reintroduce the bug.
+    /// Patches applied over `kernel`'s sources to reintroduce the bug: the
+    /// bug's kernel is `kernel` plus these and `fragments`, compiled in
+    /// `kernel`'s build tree.
     #[serde(default)]
     pub patches: Vec<PathBuf>,
+    /// Config fragments the bug's path needs, applied after `kernel`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fragments: Vec<PathBuf>,
+    /// Kernel parameters added to the default command line, e.g.
+    /// `kasan.fault=panic panic_on_warn=1` so that the bug ends the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
     #[serde(default)]
     pub initramfs: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,9 +7,14 @@
 //! `bugs.jsonl` as it is reached (`--resume` continues), then `report.md`
 //! and `summary.csv`.
 //!
-//! Not yet: bug kernels built from patches (`patches`), triggers that are C
-//! programs, chaos seeds for races, `expect.reaches`; such a bug gets the
-//! verdict `unsupported` with the reason.
+//! A bug's kernel is its `kernel` image plus the bug's `patches` and
+//! `fragments`, compiled in that image's build tree (only what they touch
+//! recompiles); a trigger `program` is compiled into a copy of the bug's
+//! initramfs; `cmdline` adds the parameters that make the bug end the run.
+//!
+//! Not yet: chaos seeds for races, `expect.reaches`, ending a run on a
+//! report that does not panic; such a bug gets the verdict `unsupported`
+//! or `not-triggered` with the reason.
 
 use super::cell::{size_of, GuestImages, ECHO_WINDOW_BEGIN, WINDOW_BEGIN};
 use super::journal::{self, Journal};
@@ -247,23 +252,54 @@ fn fail(verdict: Verdict, reason: impl Into<String>) -> Failure {
 }
 
 fn images_of(bug: &BugCase, rec: &mut BugRecord) -> Result<GuestImages, Failure> {
-    let mut names = vec![bug.kernel.clone()];
-    names.extend(bug.initramfs.clone());
-    names.extend(bug.rootfs.clone());
-    let built =
-        images::build(&names, false).map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))?;
+    let (built, names) =
+        images::build_bug_images(bug).map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))?;
     rec.kernel_sha256 = built
         .iter()
-        .find(|b| b.name == bug.kernel)
+        .find(|b| b.name == names.kernel)
         .and_then(|b| b.files.get("bzImage"))
         .map(|f| f.sha256.clone());
     GuestImages::from_built(
         &built,
-        &bug.kernel,
-        bug.initramfs.as_deref(),
-        bug.rootfs.as_deref(),
+        &names.kernel,
+        names.initramfs.as_deref(),
+        names.rootfs.as_deref(),
     )
     .map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))
+}
+
+/// The shell command that runs the trigger: its `command`, or its
+/// `program` (installed in the initramfs as `/usr/local/bin/<file stem>`)
+/// with its `args`.
+fn trigger_command(bug: &BugCase) -> Result<String, Failure> {
+    let command = match (&bug.trigger.command, &bug.trigger.program) {
+        (Some(command), _) => command.clone(),
+        (None, Some(program)) => {
+            if bug.initramfs.is_none() {
+                return Err(fail(
+                    Verdict::Unsupported,
+                    "a trigger `program` is installed into the bug's initramfs; this case boots \
+                     a rootfs only",
+                ));
+            }
+            let stem = program
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            std::iter::once(stem)
+                .chain(bug.trigger.args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        (None, None) => return Err(fail(Verdict::RecordFailed, "the trigger is empty")),
+    };
+    if command.contains('"') {
+        return Err(fail(
+            Verdict::RecordFailed,
+            "the trigger may not contain double quotes (it goes into krr.run=\"...\")",
+        ));
+    }
+    Ok(command)
 }
 
 fn reproduce(
@@ -273,24 +309,7 @@ fn reproduce(
     rec: &mut BugRecord,
     interrupt: &AtomicBool,
 ) -> Result<(), Failure> {
-    if !bug.patches.is_empty() {
-        return Err(fail(
-            Verdict::Unsupported,
-            "bug kernels built from `patches` are not built by the harness yet",
-        ));
-    }
-    let Some(trigger) = &bug.trigger.command else {
-        return Err(fail(
-            Verdict::Unsupported,
-            "triggers that are C programs are not built by the harness yet",
-        ));
-    };
-    if trigger.contains('"') {
-        return Err(fail(
-            Verdict::RecordFailed,
-            "the trigger may not contain double quotes (it goes into krr.run=\"...\")",
-        ));
-    }
+    let trigger = trigger_command(bug)?;
     let images = images_of(bug, rec)?;
     let expect_console = match &bug.expect.console {
         Some(re) => Some(
@@ -318,6 +337,9 @@ fn reproduce(
         }
         if let Some(r) = &images.rootfs {
             cmd.arg("--disk").arg(r);
+        }
+        if let Some(params) = &bug.cmdline {
+            cmd.args(["--kernel-args", params]);
         }
         cmd.args(["--vcpus", &bug.vcpus.to_string()])
             .args(["--max-seconds", &record_limit.to_string()])
@@ -531,16 +553,29 @@ fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
         if let Some(r) = &b.reason {
             let _ = writeln!(md, "- reason: {r}");
         }
-        let _ = writeln!(md, "- expected: {:?}", b.title_expected);
+        let crash = |title: &Option<String>, rip: &Option<String>| match (title, rip) {
+            (None, _) => "no crash report".to_string(),
+            (Some(t), Some(r)) => format!("`{t}`, RIP {r}"),
+            // KASAN and lockdep reports print no register dump.
+            (Some(t), None) => format!("`{t}` (the report has no RIP line)"),
+        };
         let _ = writeln!(
             md,
-            "- recorded: {:?} at {:?}",
-            b.title_recorded, b.rip_recorded
+            "- expected: {}",
+            b.title_expected.as_deref().map_or(
+                "any crash matching expect.console".to_string(),
+                |t| format!("`{t}`")
+            )
         );
         let _ = writeln!(
             md,
-            "- replayed: {:?} at {:?}",
-            b.title_replayed, b.rip_replayed
+            "- recorded: {}",
+            crash(&b.title_recorded, &b.rip_recorded)
+        );
+        let _ = writeln!(
+            md,
+            "- replayed: {}",
+            crash(&b.title_replayed, &b.rip_replayed)
         );
         if !b.call_trace_recorded.is_empty() {
             let _ = writeln!(md, "- call trace: {}", b.call_trace_recorded.join(" < "));
