@@ -21,9 +21,20 @@ fn images() -> Option<(PathBuf, PathBuf)> {
 }
 
 fn boot(cmdline: &str, vcpus: usize, disk: Option<PathBuf>, max: u64) -> Option<RunReport> {
+    boot_with(cmdline, vcpus, disk, max, None)
+}
+
+fn boot_with(
+    cmdline: &str,
+    vcpus: usize,
+    disk: Option<PathBuf>,
+    max: u64,
+    chaos_seed: Option<u64>,
+) -> Option<RunReport> {
     let (kernel, initrd) = images()?;
     let mut cfg = MachineConfig::new(kernel, Some(initrd), format!("{BASE_CMDLINE} {cmdline}"));
     cfg.vcpus = vcpus;
+    cfg.chaos_seed = chaos_seed;
     cfg.disk = disk;
     cfg.max_instructions = max;
     let mut m = Machine::new(cfg, Backend::Tcg).expect("machine");
@@ -68,6 +79,39 @@ fn boots_to_end_marker_twice_identically_1_vcpu() {
 #[test]
 fn boots_to_end_marker_twice_identically_2_vcpus() {
     boots_twice_identically(2);
+}
+
+/// Chaos mode: one seed gives one run (the same instructions on each vCPU
+/// and the same console); another seed schedules the vCPUs differently.
+#[test]
+fn a_chaos_seed_gives_one_schedule_and_another_seed_another() {
+    let cmd = r#"krr.run="echo cpus=$(nproc)""#;
+    let run = |seed| boot_with(cmd, 2, None, 20_000_000_000, Some(seed));
+    let Some(first) = run(1) else {
+        return;
+    };
+    assert_eq!(
+        first.end,
+        RunEnd::EndMarker { status: 0 },
+        "{}",
+        console(&first)
+    );
+    assert!(console(&first).contains("cpus=2"));
+    assert_eq!(first.chaos_seed, Some(1));
+    let again = run(1).unwrap();
+    assert_eq!(again.instructions_per_vcpu, first.instructions_per_vcpu);
+    assert_eq!(again.console, first.console);
+    let other = run(2).unwrap();
+    assert_eq!(
+        other.end,
+        RunEnd::EndMarker { status: 0 },
+        "{}",
+        console(&other)
+    );
+    assert_ne!(
+        other.instructions_per_vcpu, first.instructions_per_vcpu,
+        "seeds 1 and 2 scheduled the vCPUs alike"
+    );
 }
 
 #[test]

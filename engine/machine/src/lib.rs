@@ -51,6 +51,12 @@ pub struct MachineConfig {
     pub max_instructions: u64,
     /// Instructions a vCPU runs before the next one gets its turn (SMP).
     pub quantum: u64,
+    /// Chaos mode (software CPU): each round's quantum drawn from a PCG
+    /// seeded with this, between 50% and 150% of `quantum`, so that the
+    /// vCPUs' turns end at other points and races find other
+    /// interleavings. One seed always gives the same run; replay needs no
+    /// seed (the recording holds the slices).
+    pub chaos_seed: Option<u64>,
     /// KVM runs: host time a vCPU runs before the next one gets its turn
     /// (and timers are looked at), at most.
     pub kvm_slice: Duration,
@@ -77,6 +83,7 @@ impl MachineConfig {
             console: ConsoleSink::None,
             max_instructions: 50_000_000_000,
             quantum: 200_000,
+            chaos_seed: None,
             kvm_slice: Duration::from_millis(2),
             max_wall: None,
             reserved_top: 0,
@@ -162,6 +169,9 @@ pub struct RunReport {
     pub guest_status: Option<i32>,
     pub instructions: u64,
     pub instructions_per_vcpu: Vec<u64>,
+    /// The chaos-mode seed the run was scheduled with, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos_seed: Option<u64>,
     pub virtual_ns: u64,
     /// Virtual seconds from `/init`'s `KRR-START` line to its `KRR-END`
     /// line (the `krr.run` command), when both were printed.
@@ -591,6 +601,7 @@ impl Machine {
             end,
             instructions,
             instructions_per_vcpu: per_vcpu,
+            chaos_seed: self.cfg.chaos_seed,
             virtual_ns: self.virtual_now(),
             virtual_seconds_of_command: None,
             window: None,

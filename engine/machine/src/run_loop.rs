@@ -23,6 +23,8 @@ use super::{ConsoleWatch, CpuState, ExitCounters, Machine, Pending, RunEnd, RunR
 use krr_devices::lapic::ApEvent;
 use krr_hypervisor::kvm::{HostFeatures, VcpuKicker};
 use krr_hypervisor::{HypervisorError, VmExit};
+use rand_core::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +40,13 @@ pub(super) trait Pacer {
     fn start_round(&mut self, m: &Machine, active: &[usize]) -> Result<(), Stop>;
     /// Before vCPU `id`'s turn: ends the run when a budget is spent.
     fn before_turn(&self, m: &Machine) -> Result<(), RunEnd>;
+    /// Whether vCPU `id` runs at all this round: an interrupt is injected
+    /// only into a vCPU that runs right after (an injection the vCPU does
+    /// not take before the next one replaces it is lost, and the recording
+    /// would log a vector the guest never saw).
+    fn has_turn(&self, _m: &Machine, _id: usize) -> bool {
+        true
+    }
     /// A halted vCPU with nothing to take skips its turn.
     fn skip_halted(&mut self, m: &mut Machine, id: usize);
     /// Runs vCPU `id` for its turn; `None` when its turn is already over.
@@ -66,13 +75,28 @@ pub(super) struct InstructionPacer {
     round_end: u64,
     /// The wall-time limit (`--max-seconds`), checked after every round.
     max_wall: Option<Duration>,
+    /// Chaos mode's generator of quantum lengths
+    /// ([`MachineConfig::chaos_seed`](super::MachineConfig::chaos_seed)).
+    chaos: Option<Pcg64Mcg>,
 }
 
 impl InstructionPacer {
-    pub(super) fn new(max_wall: Option<Duration>) -> InstructionPacer {
+    pub(super) fn new(max_wall: Option<Duration>, chaos_seed: Option<u64>) -> InstructionPacer {
         InstructionPacer {
             round_end: 0,
             max_wall,
+            chaos: chaos_seed.map(Pcg64Mcg::seed_from_u64),
+        }
+    }
+
+    /// The next round's quantum: `quantum`, or in chaos mode a draw in
+    /// [quantum / 2, 3 * quantum / 2). Shorter turns would make a vCPU
+    /// that spins on a lock wait longer, in tiny turns, for a holder whose
+    /// clock is ahead (a boot then ran 70 times the instructions).
+    fn quantum(&mut self, quantum: u64) -> u64 {
+        match &mut self.chaos {
+            None => quantum,
+            Some(rng) => quantum / 2 + rng.next_u64() % quantum.max(1),
         }
     }
 }
@@ -110,7 +134,7 @@ impl Pacer for InstructionPacer {
                 None => return Err(Stop::Idle),
             }
         } else {
-            let q = floor + m.cfg.quantum;
+            let q = floor + self.quantum(m.cfg.quantum);
             match deadline {
                 Some(d) if d > floor => q.min(d),
                 _ => q,
@@ -127,6 +151,10 @@ impl Pacer for InstructionPacer {
             });
         }
         Ok(())
+    }
+
+    fn has_turn(&self, m: &Machine, id: usize) -> bool {
+        m.now(id) < self.round_end
     }
 
     fn skip_halted(&mut self, m: &mut Machine, id: usize) {
@@ -313,7 +341,10 @@ impl Machine {
     pub fn run(&mut self) -> RunReport {
         let start = Instant::now();
         let mut pacer: Box<dyn Pacer> = match &self.kvm {
-            None => Box::new(InstructionPacer::new(self.cfg.max_wall)),
+            None => Box::new(InstructionPacer::new(
+                self.cfg.max_wall,
+                self.cfg.chaos_seed,
+            )),
             Some(kvm) => {
                 match HostTimePacer::new(
                     kvm.kickers.clone(),
@@ -362,6 +393,9 @@ impl Machine {
                 }
                 if let Err(end) = pacer.before_turn(self) {
                     break 'run end;
+                }
+                if !pacer.has_turn(self, id) {
+                    continue;
                 }
                 self.platform.current = id;
                 pacer.sync(self, id);

@@ -35,6 +35,9 @@ pub struct RecordingSession {
     trigger_scan: usize,
     /// Recorded from boot: whether the agent was checked at /init.
     agent_checked: bool,
+    /// Console bytes before the recording started: a crash report before
+    /// that (a soft lockup while booting) is not the recording's.
+    console_at_start: usize,
 }
 
 /// A configuration prepared for recording: where the ring is.
@@ -103,6 +106,7 @@ impl RecordingSession {
             checkpoints,
             trigger_scan: 0,
             agent_checked: false,
+            console_at_start: 0,
         }));
         Ok(())
     }
@@ -135,6 +139,7 @@ impl RecordingSession {
         let cpus = cpu_snapshots(m).map_err(|e| e.to_string())?;
         let devices = serde_json::to_value(m.platform.device_state())
             .map_err(|e| format!("device state: {e}"))?;
+        self.console_at_start = m.console().len();
         self.recorder.start(&cpus, devices, m.console().len())?;
         m.vm.forget_block_counts();
         Ok(())
@@ -403,7 +408,11 @@ impl RunObserver for RecordingSession {
         // A panic's report goes into end.json (title, RIP, call trace), so
         // that a replay can be checked against the failure it recorded.
         let crash = match end {
-            RunEnd::Panic { .. } => krr_crash::parse(&String::from_utf8_lossy(m.console())),
+            RunEnd::Panic { .. } => {
+                let console = m.console();
+                let since_start = &console[self.console_at_start.min(console.len())..];
+                krr_crash::parse(&String::from_utf8_lossy(since_start))
+            }
             _ => None,
         };
         self.stop(m, &reason, ok, crash);

@@ -118,6 +118,10 @@ struct RunArgs {
     /// --initrd the disk's).
     #[arg(long)]
     append: Option<String>,
+    /// Chaos mode (software CPU): vary the vCPUs' turn lengths from this
+    /// seed, so races find other interleavings; one seed gives one run.
+    #[arg(long, value_name = "SEED")]
+    chaos: Option<u64>,
     /// Kernel parameters added to the command line (the default one, or
     /// --append), e.g. `panic_on_warn=1 kasan.fault=panic`.
     #[arg(long, value_name = "PARAMS")]
@@ -458,6 +462,12 @@ fn run_machine(
             bail!("--max-seconds {s}: expected a positive number of seconds");
         }
         cfg.max_wall = Some(std::time::Duration::from_secs_f64(s));
+    }
+    if let Some(seed) = a.chaos {
+        if backend != Backend::Tcg {
+            bail!("--chaos {seed}: chaos mode varies the software CPU's turns; add --backend tcg");
+        }
+        cfg.chaos_seed = Some(seed);
     }
     cfg.console = match (a.quiet, a.json) {
         (true, _) => ConsoleSink::None,

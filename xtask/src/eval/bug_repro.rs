@@ -79,6 +79,11 @@ pub struct BugRecord {
     pub reason: Option<String>,
     pub kernel_sha256: Option<String>,
     pub attempts: u32,
+    /// Chaos-mode seeds tried, in order (nondeterministic bugs: attempt k
+    /// records with seed k); the last one is the one that fired when the
+    /// bug was reproduced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chaos_seeds: Vec<u64>,
     pub record_seconds: Option<f64>,
     pub recording_bytes: Option<u64>,
     pub events: Option<u64>,
@@ -341,6 +346,13 @@ fn reproduce(
         if let Some(params) = &bug.cmdline {
             cmd.args(["--kernel-args", params]);
         }
+        // A race needs other interleavings than the default schedule's:
+        // each attempt runs the software CPU with its own chaos seed.
+        if bug.nondeterministic {
+            let seed = u64::from(attempt);
+            rec.chaos_seeds.push(seed);
+            cmd.args(["--backend", "tcg", "--chaos", &seed.to_string()]);
+        }
         cmd.args(["--vcpus", &bug.vcpus.to_string()])
             .args(["--max-seconds", &record_limit.to_string()])
             .arg(format!("--start=marker:{WINDOW_BEGIN}"))
@@ -482,20 +494,30 @@ fn replay_and_compare(
     Ok(())
 }
 
+/// The chaos seeds a bug was recorded with, joined by `sep`.
+fn seeds(b: &BugRecord, sep: &str) -> String {
+    b.chaos_seeds
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
 fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
     let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_default();
     let mut csv = String::from(
-        "bug,kind,vcpus,nondeterministic,attempts,record_s,replay_s,recording_bytes,events,verdict,title_expected,title_recorded,title_replayed\n",
+        "bug,kind,vcpus,nondeterministic,attempts,chaos_seeds,record_s,replay_s,recording_bytes,events,verdict,title_expected,title_recorded,title_replayed\n",
     );
     for b in bugs {
         let _ = writeln!(
             csv,
-            "{},{},{},{},{},{},{},{},{},{},\"{}\",\"{}\",\"{}\"",
+            "{},{},{},{},{},{},{},{},{},{},{},\"{}\",\"{}\",\"{}\"",
             b.id,
             b.kind,
             b.vcpus,
             b.nondeterministic,
             b.attempts,
+            seeds(b, ";"),
             num(b.record_seconds),
             num(b.replay_seconds),
             b.recording_bytes.map(|v| v.to_string()).unwrap_or_default(),
@@ -534,7 +556,11 @@ fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
             b.kind,
             b.vcpus,
             if b.nondeterministic { "no" } else { "yes" },
-            b.attempts,
+            if b.chaos_seeds.is_empty() {
+                b.attempts.to_string()
+            } else {
+                format!("{} (chaos seeds {})", b.attempts, seeds(b, ", "))
+            },
             num(b.record_seconds),
             num(b.replay_seconds),
             b.recording_bytes
