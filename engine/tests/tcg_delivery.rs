@@ -453,6 +453,41 @@ fn a_pause_loop_runs_its_budget_without_yield_or_in_user_mode() {
     assert_eq!(g.run(100_000), VmExit::BudgetExhausted);
 }
 
+/// A watched block address counts each entry of a block there, and the
+/// run is the same as without the watch (replay's `--reaches`).
+#[test]
+fn a_watched_block_is_counted_without_changing_the_run() {
+    let code = assemble(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.jmp(top)
+    });
+    let mut plain = Guest::new(&code, 0);
+    assert_eq!(plain.run(10_000), VmExit::BudgetExhausted);
+    let mut watched = Guest::new(&code, 0);
+    watched.vcpu().watch_block(Some(CODE)).unwrap();
+    assert_eq!(watched.run(10_000), VmExit::BudgetExhausted);
+    let increments = watched.vcpu().regs().unwrap().rax;
+    assert_eq!(increments, plain.vcpu().regs().unwrap().rax);
+    assert_eq!(
+        watched.vcpu().instructions_retired().unwrap(),
+        plain.vcpu().instructions_retired().unwrap()
+    );
+    assert_eq!(
+        watched.vcpu().watch_hits().unwrap(),
+        increments,
+        "one entry per iteration"
+    );
+    watched.vcpu().watch_block(Some(CODE + 0x100)).unwrap();
+    watched.run(10_000);
+    assert_eq!(
+        watched.vcpu().watch_hits().unwrap(),
+        0,
+        "nothing runs there"
+    );
+}
+
 /// A block patched in place with code of the same length but fewer
 /// instructions (as the kernel's alternatives and static keys do) is
 /// counted as it is now: the per-block count cache follows retranslation.

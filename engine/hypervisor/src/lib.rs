@@ -379,6 +379,17 @@ pub trait Vcpu {
     fn set_stop_at_user_mode(&mut self, _enable: bool) -> Result<()> {
         Err(HypervisorError::Unsupported("stopping at user mode"))
     }
+    /// Counts the kernel blocks that start at `pc` (`None`: stops
+    /// counting), without stopping there: replay notes that the kernel
+    /// reached a function without changing how it runs (a breakpoint
+    /// splits the translated blocks replay counts by).
+    fn watch_block(&mut self, _pc: Option<u64>) -> Result<()> {
+        Err(HypervisorError::Unsupported("watching a block address"))
+    }
+    /// How many times a block at the [`Vcpu::watch_block`] address ran.
+    fn watch_hits(&self) -> Result<u64> {
+        Err(HypervisorError::Unsupported("watching a block address"))
+    }
     /// Makes `run` return [`VmExit::Spin`] when the vCPU spins in the
     /// kernel: vCPUs that take turns on one thread must hand the turn to
     /// the others, one of which holds the lock. The software CPU detects

@@ -49,7 +49,7 @@ mod source;
 use bus::{run_rebased, ReplayBus};
 use report::{CheckpointTally, STALL_RUNS};
 pub use report::{
-    Divergence, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,
+    Divergence, Reached, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,
 };
 use source::{entry_seq, position_of, EventSource};
 
@@ -430,6 +430,20 @@ impl Replayer {
         let mut console = Vec::new();
         let mut serial_lcr = 0u8;
         let until = opts.until_event.unwrap_or(u64::MAX);
+        // `reaches`: blocks entered at the symbol are counted (a breakpoint
+        // would split the blocks replay counts by); the first run after
+        // which the count is non-zero is where the kernel got there.
+        if let Some(symbol) = &opts.reaches {
+            let addr = self.symbols.address(symbol).ok_or_else(|| {
+                ReplayError::Setup(format!(
+                    "--reaches {symbol}: no such symbol in the kernel's System.map"
+                ))
+            })?;
+            self.vcpus[0]
+                .watch_block(Some(addr))
+                .map_err(|e| ReplayError::Setup(format!("watching {symbol}: {e}")))?;
+        }
+        let mut reached: Option<Reached> = None;
         // The user memory read in a stretch of kernel execution that did
         // not start with a kernel entry (the snapshot's, a resumed slice's)
         // is still to be written.
@@ -776,6 +790,15 @@ impl Replayer {
                     recent: src.recent.iter().cloned().collect(),
                 });
             }
+            if let (None, Some(symbol)) = (&reached, &opts.reaches) {
+                if self.vcpus[cpu].watch_hits().unwrap_or(0) > 0 {
+                    reached = Some(Reached {
+                        symbol: symbol.clone(),
+                        cpu,
+                        kernel_icount: kernel_after,
+                    });
+                }
+            }
             if log_end {
                 // The loop's next look at the log ends the replay.
                 continue;
@@ -864,6 +887,7 @@ impl Replayer {
             user_bytes_written: written,
             user_bytes_unmapped: unmapped,
             console_matches,
+            reached,
             console,
         })
     }

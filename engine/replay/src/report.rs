@@ -18,6 +18,20 @@ pub struct ReplayOptions {
     /// A replay that consumes no event for this long is reported as
     /// stalled (`None`: [`DEFAULT_STALL_SECONDS`]).
     pub stall_seconds: Option<u64>,
+    /// A kernel symbol whose address the replay must execute
+    /// (`expect.reaches` of a bug with no crash); the first vCPU to get
+    /// there is reported in [`ReplayReport::reached`].
+    pub reaches: Option<String>,
+}
+
+/// Where the replay first executed the symbol of [`ReplayOptions::reaches`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reached {
+    pub symbol: String,
+    pub cpu: usize,
+    /// The vCPU's kernel instruction count at the end of the run in which
+    /// it got there.
+    pub kernel_icount: u64,
 }
 
 /// Wall seconds without a consumed event after which a replay is stalled.
@@ -117,6 +131,10 @@ pub struct ReplayReport {
     pub user_bytes_written: u64,
     pub user_bytes_unmapped: u64,
     pub console_matches: bool,
+    /// With [`ReplayOptions::reaches`]: where the symbol was executed
+    /// (`None`: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached: Option<Reached>,
     #[serde(skip)]
     pub console: Vec<u8>,
 }

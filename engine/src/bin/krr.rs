@@ -169,6 +169,10 @@ struct ReplayArgs {
     /// for this many wall seconds (default 300).
     #[arg(long, value_name = "SECONDS")]
     stall_seconds: Option<u64>,
+    /// Note where the replayed kernel first executes this symbol (a bug
+    /// with no crash must reach its function): `reached` in the report.
+    #[arg(long, value_name = "SYMBOL")]
+    reaches: Option<String>,
     /// Print one JSON object on stdout (the console is not echoed).
     #[arg(long)]
     json: bool,
@@ -350,6 +354,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         echo_console: !a.json && !a.quiet,
         verify_every: a.verify_every,
         stall_seconds: a.stall_seconds,
+        reaches: a.reaches.clone(),
     };
     let report = replayer.run(&opts)?;
     if let Some(path) = &a.console {

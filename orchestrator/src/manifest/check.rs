@@ -463,11 +463,11 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
             );
         }
         match (&bug.expect.title, &bug.expect.console) {
-            (None, None) => checker.report(
+            (None, None) if bug.expect.marker.is_none() => checker.report(
                 entry,
                 &[key("expect")],
                 Target::Value,
-                "expect needs a crash `title`, a `console` regex, or both",
+                "expect needs a crash `title`, a `console` regex, or (a bug with no crash) a `marker`",
             ),
             (title, console) => {
                 if title

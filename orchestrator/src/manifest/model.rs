@@ -454,7 +454,7 @@ pub struct Trigger {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
-    expecting = "an expected failure: a mapping with `title` and/or `console`"
+    expecting = "an expected failure: a mapping with `title`, `console`, `marker` and/or `reaches`"
 )]
 pub struct Expect {
     /// The crash title as syzkaller's pkg/report normalizes it.
@@ -463,6 +463,14 @@ pub struct Expect {
     /// A regex over the guest console.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// A bug with no crash: the console line (literal text) its trigger
+    /// prints when the bug happened; the recording stops there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+    /// A kernel function the replay must execute (checked by counting the
+    /// blocks entered at its address; no debugger needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reaches: Option<String>,
 }
 
 /// Limits for each phase of a bug reproduction, in seconds.

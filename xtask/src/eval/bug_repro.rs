@@ -12,9 +12,13 @@
 //! recompiles); a trigger `program` is compiled into a copy of the bug's
 //! initramfs; `cmdline` adds the parameters that make the bug end the run.
 //!
-//! Not yet: chaos seeds for races, `expect.reaches`, ending a run on a
-//! report that does not panic; such a bug gets the verdict `unsupported`
-//! or `not-triggered` with the reason.
+//! A race (`nondeterministic`) records attempt k with chaos seed k. A bug
+//! with no crash stops its recording at `expect.marker` and must reach
+//! `expect.reaches` in replay.
+//!
+//! Not yet: ending a run on a report that does not panic (a lockdep splat
+//! without `panic_on_warn`); such a bug gets `not-triggered` with the
+//! reason.
 
 use super::cell::{size_of, GuestImages, ECHO_WINDOW_BEGIN, WINDOW_BEGIN};
 use super::journal::{self, Journal};
@@ -97,6 +101,9 @@ pub struct BugRecord {
     pub title_replayed: Option<String>,
     pub rip_replayed: Option<String>,
     pub call_trace_replayed: Vec<String>,
+    /// Where the replay executed `expect.reaches`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<String>,
     /// The replay's end when it did not match (the divergence report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_end: Option<String>,
@@ -355,8 +362,11 @@ fn reproduce(
         }
         cmd.args(["--vcpus", &bug.vcpus.to_string()])
             .args(["--max-seconds", &record_limit.to_string()])
-            .arg(format!("--start=marker:{WINDOW_BEGIN}"))
-            .args(["--run", &run_cmd]);
+            .arg(format!("--start=marker:{WINDOW_BEGIN}"));
+        if let Some(marker) = &bug.expect.marker {
+            cmd.arg(format!("--stop=marker:{marker}"));
+        }
+        cmd.args(["--run", &run_cmd]);
         let f = process::run(cmd, Duration::from_secs(record_limit + 30), interrupt)
             .map_err(|e| fail(Verdict::RecordFailed, format!("{e:#}")))?;
         rec.record_seconds = Some(f.wall_seconds);
@@ -366,26 +376,39 @@ fn reproduce(
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
         let crash = end.as_ref().map(|e| &e["crash"]).filter(|c| c.is_object());
-        let Some(crash) = crash else {
-            let report = f.json();
-            let ended = report
+        // A bug with no crash happened when its trigger printed the marker
+        // (the recording stopped there).
+        let happened_without_crash = crash.is_none()
+            && bug
+                .expect
+                .marker
                 .as_ref()
-                .map(|r| r["run"]["end"].to_string())
-                .unwrap_or_else(|| f.describe());
-            if end.is_none() {
-                return Err(fail(
-                    Verdict::RecordFailed,
-                    format!("no recording was finished (run ended: {ended})"),
-                ));
+                .is_some_and(|m| console.contains(m.as_str()));
+        let no_crash = serde_json::Value::Null;
+        let crash = match crash {
+            Some(c) => c,
+            None if happened_without_crash => &no_crash,
+            None => {
+                let report = f.json();
+                let ended = report
+                    .as_ref()
+                    .map(|r| r["run"]["end"].to_string())
+                    .unwrap_or_else(|| f.describe());
+                if end.is_none() {
+                    return Err(fail(
+                        Verdict::RecordFailed,
+                        format!("no recording was finished (run ended: {ended})"),
+                    ));
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                if attempt == bug.attempts {
+                    return Err(fail(
+                        Verdict::NotTriggered,
+                        format!("no crash after {attempt} attempt(s) (last run ended: {ended})"),
+                    ));
+                }
+                continue;
             }
-            let _ = std::fs::remove_dir_all(&dir);
-            if attempt == bug.attempts {
-                return Err(fail(
-                    Verdict::NotTriggered,
-                    format!("no crash after {attempt} attempt(s) (last run ended: {ended})"),
-                ));
-            }
-            continue;
         };
         let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
         let trace = |v: &serde_json::Value| -> Vec<String> {
@@ -447,6 +470,9 @@ fn replay_and_compare(
     cmd.args(["replay", "--json", "--console"])
         .arg(&console_file)
         .arg(dir);
+    if let Some(symbol) = &bug.expect.reaches {
+        cmd.args(["--reaches", symbol]);
+    }
     let f = process::run(cmd, Duration::from_secs(bug.timeouts.replay_s), interrupt)
         .map_err(|e| fail(Verdict::ReplayDiverged, format!("{e:#}")))?;
     rec.replay_seconds = Some(f.wall_seconds);
@@ -489,6 +515,22 @@ fn replay_and_compare(
                 rec.title_replayed, rec.rip_replayed, rec.title_recorded, rec.rip_recorded
             ),
         ));
+    }
+    if let Some(symbol) = &bug.expect.reaches {
+        rec.reached = report.as_ref().and_then(|r| {
+            r["reached"]["kernel_icount"].as_u64().map(|k| {
+                format!(
+                    "{symbol} on vCPU {} by kernel instruction {k}",
+                    r["reached"]["cpu"]
+                )
+            })
+        });
+        if rec.reached.is_none() {
+            return Err(fail(
+                Verdict::ReplayDifferentCrash,
+                format!("the replay matched but never executed {symbol} (expect.reaches)"),
+            ));
+        }
     }
     rec.verdict = Some(Verdict::Reproduced);
     Ok(())
@@ -603,6 +645,9 @@ fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
             "- replayed: {}",
             crash(&b.title_replayed, &b.rip_replayed)
         );
+        if let Some(r) = &b.reached {
+            let _ = writeln!(md, "- replay reached {r}");
+        }
         if !b.call_trace_recorded.is_empty() {
             let _ = writeln!(md, "- call trace: {}", b.call_trace_recorded.join(" < "));
         }

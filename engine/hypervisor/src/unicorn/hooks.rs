@@ -133,6 +133,11 @@ pub(super) struct HookState {
     pub(super) cr2_at_run_start: u64,
     /// Stop when the vCPU spins in the kernel ([`Stop::Spin`]).
     pub(super) yield_on_spin: bool,
+    /// A block address counted in `watch_hits` ([`Vcpu::watch_block`]).
+    ///
+    /// [`Vcpu::watch_block`]: crate::Vcpu::watch_block
+    pub(super) watch_pc: Option<u64>,
+    pub(super) watch_hits: u64,
     /// The last kernel block entered and how many times in a row.
     pub(super) spin_pc: u64,
     pub(super) spin_repeats: u32,
@@ -502,6 +507,9 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
                 }
             }
             st.recent.clear();
+        }
+        if st.watch_pc == Some(pc) {
+            st.watch_hits += 1;
         }
         let n = st.icount(pc, size);
         st.executed += n;

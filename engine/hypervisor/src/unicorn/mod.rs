@@ -282,6 +282,8 @@ impl UnicornVm {
             kernel_executed: 0,
             stop_at_user: false,
             yield_on_spin: false,
+            watch_pc: None,
+            watch_hits: 0,
             cr2_at_run_start: 0,
             spin_pc: u64::MAX,
             spin_repeats: 0,

@@ -750,6 +750,20 @@ impl Vcpu for UnicornVcpu {
         })
     }
 
+    fn watch_block(&mut self, pc: Option<u64>) -> Result<()> {
+        // One watch for the engine, as for the spin stop.
+        self.with(|e| {
+            let st = e.st();
+            st.watch_pc = pc;
+            st.watch_hits = 0;
+            Ok(())
+        })
+    }
+
+    fn watch_hits(&self) -> Result<u64> {
+        self.with(|e| Ok(e.st().watch_hits))
+    }
+
     fn set_yield_on_spin(&mut self, enable: bool) -> Result<()> {
         // One setting for the engine: every vCPU of a machine yields, or none.
         self.with(|e| {
