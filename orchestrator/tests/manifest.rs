@@ -189,7 +189,7 @@ fn impossible_values_are_reported() {
             "impossible-values.yaml:22:16: workloads[1].timeout_s: invalid value: integer `-5`, expected a whole number, 0 or more",
             "impossible-values.yaml:30:12: bugs[0].vcpus: vcpus must be at least 1, got 0",
             "impossible-values.yaml:31:15: bugs[0].attempts: attempts is 3 but the bug is not `nondeterministic`: a deterministic bug fails on the first attempt (set `nondeterministic: true` or `attempts: 1`)",
-            "impossible-values.yaml:32:13: bugs[0].expect: expect needs a crash `title`, a `console` regex, or both",
+            "impossible-values.yaml:32:13: bugs[0].expect: expect needs a crash `title`, a `console` regex, or (a bug with no crash) a `marker`",
             "impossible-values.yaml:33:24: bugs[0].timeouts.boot_s: timeouts.boot_s must be at least 1, got 0",
             "impossible-values.yaml:33:51: bugs[0].timeouts.replay_s: invalid value: integer `-1`, expected a whole number, 0 or more",
         ],
