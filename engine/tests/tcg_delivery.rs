@@ -6,7 +6,7 @@
 
 use iced_x86::code_asm::*;
 use krr_engine::hypervisor::unicorn::UnicornVm;
-use krr_engine::hypervisor::{Injection, IoBus, Segment, Vcpu, Vm, VmExit};
+use krr_engine::hypervisor::{Injection, IoBus, RunEvents, Segment, Vcpu, Vm, VmExit};
 use krr_engine::machine::boot::long_mode_state;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -41,6 +41,8 @@ impl IoBus for NullBus {
         0
     }
 }
+
+impl RunEvents for NullBus {}
 
 fn handler(vector: u8) -> u64 {
     HANDLERS + vector as u64 * 16
@@ -555,6 +557,8 @@ fn a_panic_in_a_hook_ends_the_run_with_an_error() {
             0
         }
     }
+
+    impl RunEvents for PanickingBus {}
     let code = assemble(CODE, |a| {
         a.in_(al, 0x80)?;
         a.hlt()

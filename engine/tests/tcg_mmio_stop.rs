@@ -12,7 +12,7 @@
 mod selftest_guests;
 
 use iced_x86::code_asm::*;
-use krr_engine::hypervisor::{IoBus, Vcpu, VmExit};
+use krr_engine::hypervisor::{IoBus, RunEvents, Vcpu, VmExit};
 use selftest_guests::*;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -78,14 +78,17 @@ impl IoBus for StopBus {
     fn mmio_write(&mut self, _: usize, addr: u64, data: &[u8]) {
         self.note(Seen::MmioWrite(addr, le(data)));
     }
-    fn stop_requested(&self) -> bool {
-        self.stop_now
-    }
     fn cpuid(&mut self, _: usize, _: u32, _: u32) -> [u32; 4] {
         [0; 4]
     }
     fn rdtsc(&mut self, _: usize) -> u64 {
         0
+    }
+}
+
+impl RunEvents for StopBus {
+    fn stop_requested(&self) -> bool {
+        self.stop_now
     }
 }
 

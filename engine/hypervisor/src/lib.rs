@@ -5,7 +5,8 @@
 //! host's features), which the machine's KVM pacing uses.
 //!
 //! Port I/O and MMIO are not exits here: a backend forwards each access to the
-//! [`IoBus`] it was given for the run, synchronously, the way the access
+//! [`IoBus`] of the [`RunContext`] it was given for the run, synchronously,
+//! the way the access
 //! happens in the guest (inside a unicorn hook, or between two `KVM_RUN`s).
 //! Exits report only what the run loop itself has to act on.
 
@@ -40,13 +41,25 @@ pub enum VmExit {
 /// Width of a port or MMIO access, in bytes (1, 2, 4 or 8).
 pub type AccessSize = u8;
 
-/// What the guest's port and MMIO accesses reach. Implemented by the machine
-/// model; a backend calls it while the guest executes.
+/// Device I/O: what the guest's port and MMIO accesses, CPUID and RDTSC
+/// reach. Implemented by the machine model; a backend calls it while the
+/// guest executes, the way cloud-hypervisor's `VmOps` is called.
 pub trait IoBus {
     fn pio_read(&mut self, vcpu: usize, port: u16, data: &mut [u8]);
     fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]);
     fn mmio_read(&mut self, vcpu: usize, addr: u64, data: &mut [u8]);
     fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]);
+    /// CPUID, answered by the engine so that every backend shows the guest
+    /// the same CPU (a recording made on one backend replays on another).
+    fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// RDTSC/RDTSCP value; the engine's virtual clock.
+    fn rdtsc(&mut self, vcpu: usize) -> u64;
+}
+
+/// What a backend reports about the run itself, apart from device I/O, and
+/// the run-control questions it asks after an access. Every method has a
+/// default, so a host that needs none of it (a test bus) implements it empty.
+pub trait RunEvents {
     /// Asked by the backend after each access: stop the vCPU with
     /// [`VmExit::IoStop`] now?
     fn stop_requested(&self) -> bool {
@@ -59,15 +72,10 @@ pub trait IoBus {
     fn run_end(&self, _vcpu: usize) -> Option<u64> {
         None
     }
-    /// CPUID, answered by the engine so that every backend shows the guest
-    /// the same CPU (a recording made on one backend replays on another).
-    fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4];
-    /// RDTSC/RDTSCP value; the engine's virtual clock.
-    fn rdtsc(&mut self, vcpu: usize) -> u64;
-    /// Called by backends that count instructions, before each access above
-    /// (port, MMIO, CPUID, RDTSC), with where vCPU `vcpu` stands: the
-    /// instructions it has retired so far (the input of the virtual clock)
-    /// and the instruction's landmarks (the recorder logs them).
+    /// Called by backends that count instructions, before each access of
+    /// [`IoBus`] (port, MMIO, CPUID, RDTSC), with where vCPU `vcpu` stands:
+    /// the instructions it has retired so far (the input of the virtual
+    /// clock) and the instruction's landmarks (the recorder logs them).
     fn position(&mut self, _vcpu: usize, _at: Position) {}
     /// Called by backends that deliver exceptions themselves (the software
     /// CPU), right before the delivery through the guest IDT; the recorder
@@ -77,6 +85,12 @@ pub trait IoBus {
     /// CPU), before the kernel entry, with the user's state.
     fn syscall(&mut self, _vcpu: usize, _at: Position, _entry: &UserEntry) {}
 }
+
+/// What a vCPU's run reaches: device I/O and the run's events, usually one
+/// object (the machine's platform, replay's log-answering bus).
+pub trait RunContext: IoBus + RunEvents {}
+
+impl<T: IoBus + RunEvents + ?Sized> RunContext for T {}
 
 /// The user's state at a kernel entry the backend performs itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,7 +345,7 @@ pub trait Vcpu {
     /// Runs the guest until an exit, or until `budget` instructions have
     /// executed where the backend counts instructions exactly (`None`: no
     /// budget). Port and MMIO accesses go to `bus` while it runs.
-    fn run(&mut self, bus: &mut dyn IoBus, budget: Option<u64>) -> Result<VmExit>;
+    fn run(&mut self, bus: &mut dyn RunContext, budget: Option<u64>) -> Result<VmExit>;
 
     fn regs(&self) -> Result<Regs>;
     fn set_regs(&mut self, regs: &Regs) -> Result<()>;

@@ -17,7 +17,7 @@
 use super::platform::Platform;
 use super::ExitCounters;
 use krr_hypervisor::kvm::{HostFeatures, VcpuKicker};
-use krr_hypervisor::IoBus;
+use krr_hypervisor::{IoBus, RunEvents};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -123,16 +123,6 @@ impl IoBus for HostClockBus<'_> {
         self.follow_deadline();
     }
 
-    fn stop_requested(&self) -> bool {
-        self.platform.stop_requested()
-            || self.slice_over.load(Ordering::SeqCst)
-            // A device timer fell due: this access is the stopping point.
-            || self
-                .platform
-                .next_deadline()
-                .is_some_and(|d| d <= self.clock.now_ns())
-    }
-
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
         self.stats.cpuid += 1;
         let full = self.platform.cpuid(vcpu, leaf, subleaf);
@@ -143,6 +133,18 @@ impl IoBus for HostClockBus<'_> {
         self.stats.rdtsc += 1;
         self.clock.sync(self.platform, vcpu);
         self.platform.rdtsc(vcpu)
+    }
+}
+
+impl RunEvents for HostClockBus<'_> {
+    fn stop_requested(&self) -> bool {
+        self.platform.stop_requested()
+            || self.slice_over.load(Ordering::SeqCst)
+            // A device timer fell due: this access is the stopping point.
+            || self
+                .platform
+                .next_deadline()
+                .is_some_and(|d| d <= self.clock.now_ns())
     }
 }
 

@@ -21,7 +21,7 @@ use krr_devices::pit::Pit;
 use krr_devices::serial::{SerialConsole, COM1_BASE, COM1_IRQ};
 use krr_devices::virtio_blk::VirtioBlk;
 use krr_devices::virtio_mmio::{GuestRange, VirtioMmio, WriteEffect, VIRTIO_MMIO_WINDOW_SIZE};
-use krr_hypervisor::{DeliveredException, IoBus, Position, UserEntry};
+use krr_hypervisor::{DeliveredException, IoBus, Position, RunEvents, UserEntry};
 use vm_memory::GuestMemoryMmap;
 
 /// Guest-physical base of the virtio-mmio block device window.
@@ -76,7 +76,7 @@ pub struct Platform {
     pub observer: Option<Box<dyn RunObserver>>,
     /// Stop the running vCPU when an interrupt becomes deliverable during
     /// its run (KVM: host time runs on). The software CPU leaves this off:
-    /// its run ends at the next block boundary instead ([`IoBus::run_end`]),
+    /// its run ends at the next block boundary instead ([`RunEvents::run_end`]),
     /// so that runs stop only at block boundaries and replay of the kernel
     /// alone meets the same blocks.
     pub stop_on_irq: bool,
@@ -265,11 +265,6 @@ impl Platform {
 }
 
 impl IoBus for Platform {
-    fn position(&mut self, vcpu: usize, at: Position) {
-        self.retired[vcpu] = at.icount;
-        self.at[vcpu] = at;
-    }
-
     fn pio_read(&mut self, vcpu: usize, port: u16, data: &mut [u8]) {
         let now = self.now(vcpu);
         let v = match port {
@@ -371,6 +366,25 @@ impl IoBus for Platform {
         }
     }
 
+    fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid(&self.cpuid, vcpu, leaf, subleaf)
+    }
+
+    fn rdtsc(&mut self, vcpu: usize) -> u64 {
+        let value = self.now(vcpu);
+        if let Some(r) = &mut self.observer {
+            r.rdtsc(vcpu, self.at[vcpu], value);
+        }
+        value
+    }
+}
+
+impl RunEvents for Platform {
+    fn position(&mut self, vcpu: usize, at: Position) {
+        self.retired[vcpu] = at.icount;
+        self.at[vcpu] = at;
+    }
+
     fn stop_requested(&self) -> bool {
         self.power.is_some()
             || (self.irq_raised && self.stop_on_irq)
@@ -383,18 +397,6 @@ impl IoBus for Platform {
         let timer = self.next_deadline().map(|d| d.saturating_sub(idle));
         let raised = self.irq_raised.then_some(self.retired[vcpu]);
         timer.into_iter().chain(raised).min()
-    }
-
-    fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
-        cpuid(&self.cpuid, vcpu, leaf, subleaf)
-    }
-
-    fn rdtsc(&mut self, vcpu: usize) -> u64 {
-        let value = self.now(vcpu);
-        if let Some(r) = &mut self.observer {
-            r.rdtsc(vcpu, self.at[vcpu], value);
-        }
-        value
     }
 
     fn exception(&mut self, vcpu: usize, at: Position, exception: &DeliveredException) {

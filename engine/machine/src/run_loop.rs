@@ -556,7 +556,7 @@ mod tests {
     use krr_devices::lapic::LAPIC_BASE;
     use krr_hypervisor::kvm::{HostFeatures, VcpuKicker};
     use krr_hypervisor::{
-        DebugRegs, FpuState, Injection, IoBus, Regs, Result, Sregs, Vcpu, Vm, VmExit,
+        DebugRegs, FpuState, Injection, Regs, Result, RunContext, Sregs, Vcpu, Vm, VmExit,
     };
     use std::sync::Arc;
 
@@ -570,9 +570,9 @@ mod tests {
     }
 
     impl Vcpu for FakeVcpu {
-        fn run(&mut self, bus: &mut dyn IoBus, _budget: Option<u64>) -> Result<VmExit> {
+        fn run(&mut self, bus: &mut dyn RunContext, _budget: Option<u64>) -> Result<VmExit> {
             self.runs += 1;
-            let icr = |bus: &mut dyn IoBus, low: u32| {
+            let icr = |bus: &mut dyn RunContext, low: u32| {
                 bus.mmio_write(0, LAPIC_BASE + 0x310, &(1u32 << 24).to_le_bytes());
                 bus.mmio_write(0, LAPIC_BASE + 0x300, &low.to_le_bytes());
             };

@@ -4,7 +4,7 @@
 
 use super::source::{position_of, EventSource};
 use krr_devices::serial::COM1_BASE;
-use krr_hypervisor::{DeliveredException, IoBus, Position, UserEntry, Vcpu, VmExit};
+use krr_hypervisor::{DeliveredException, IoBus, Position, RunEvents, UserEntry, Vcpu, VmExit};
 use krr_machine::cpuid::{cpuid, CpuidConfig};
 use krr_record::abi;
 use krr_record::event::LogEvent;
@@ -188,10 +188,6 @@ impl IoBus for ReplayBus<'_> {
         }
     }
 
-    fn stop_requested(&self) -> bool {
-        self.divergence.is_some() || self.log_end
-    }
-
     fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
         cpuid(&self.cpuid, vcpu, leaf, subleaf)
     }
@@ -201,6 +197,12 @@ impl IoBus for ReplayBus<'_> {
             LogEvent::Rdtsc { value, .. } => Some(*value),
             _ => None,
         })
+    }
+}
+
+impl RunEvents for ReplayBus<'_> {
+    fn stop_requested(&self) -> bool {
+        self.divergence.is_some() || self.log_end
     }
 
     fn position(&mut self, vcpu: usize, at: Position) {
@@ -288,14 +290,17 @@ pub(super) fn run_rebased(
         fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]) {
             self.inner.mmio_write(vcpu, addr, data)
         }
-        fn stop_requested(&self) -> bool {
-            self.inner.stop_requested()
-        }
         fn cpuid(&mut self, vcpu: usize, leaf: u32, subleaf: u32) -> [u32; 4] {
             self.inner.cpuid(vcpu, leaf, subleaf)
         }
         fn rdtsc(&mut self, vcpu: usize) -> u64 {
             self.inner.rdtsc(vcpu)
+        }
+    }
+
+    impl RunEvents for Rebased<'_, '_> {
+        fn stop_requested(&self) -> bool {
+            self.inner.stop_requested()
         }
         fn position(&mut self, vcpu: usize, at: Position) {
             let at = self.rebase(at);

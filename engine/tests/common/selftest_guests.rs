@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 use krr_engine::devices::lapic::{self, ApEvent, ApicOutput, LocalApic};
-use krr_engine::hypervisor::{DescriptorTable, IoBus, Regs, Segment, Vcpu, Vm, VmExit};
+use krr_engine::hypervisor::{DescriptorTable, IoBus, Regs, RunEvents, Segment, Vcpu, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const MEM_SIZE: usize = 2 << 20;
@@ -196,14 +196,6 @@ impl IoBus for TestBus {
         }
     }
 
-    fn stop_requested(&self) -> bool {
-        let after_marked_write = matches!(
-            (self.events.last(), self.stop_after_write),
-            (Some(Event::PioWrite { port, value, .. }), Some(stop)) if (*port, *value) == stop
-        );
-        after_marked_write || self.stop_flag.load(Ordering::SeqCst)
-    }
-
     fn cpuid(&mut self, vcpu: usize, leaf: u32, _subleaf: u32) -> [u32; 4] {
         // "KRRSelftest!" and a feature set every x86-64 KVM host gives:
         // FPU TSC MSR PAE CX8 APIC SEP PGE CMOV PAT FXSR SSE SSE2; no
@@ -221,6 +213,16 @@ impl IoBus for TestBus {
     fn rdtsc(&mut self, _vcpu: usize) -> u64 {
         self.tsc += 1000;
         self.tsc
+    }
+}
+
+impl RunEvents for TestBus {
+    fn stop_requested(&self) -> bool {
+        let after_marked_write = matches!(
+            (self.events.last(), self.stop_after_write),
+            (Some(Event::PioWrite { port, value, .. }), Some(stop)) if (*port, *value) == stop
+        );
+        after_marked_write || self.stop_flag.load(Ordering::SeqCst)
     }
 }
 

@@ -59,7 +59,12 @@ fn entry(function: u32, index: u32, flags: u32, r: [u32; 4]) -> kvm_cpuid_entry2
     }
 }
 
-fn push_leaf(out: &mut Vec<kvm_cpuid_entry2>, bus: &mut dyn IoBus, vcpu: usize, leaf: u32) {
+fn push_leaf<B: IoBus + ?Sized>(
+    out: &mut Vec<kvm_cpuid_entry2>,
+    bus: &mut B,
+    vcpu: usize,
+    leaf: u32,
+) {
     let first = bus.cpuid(vcpu, leaf, 0);
     let indexed = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
     match subleaves_of(leaf) {
@@ -100,7 +105,10 @@ fn push_leaf(out: &mut Vec<kvm_cpuid_entry2>, bus: &mut dyn IoBus, vcpu: usize, 
 }
 
 /// Enumerates the engine's CPUID for `vcpu` into KVM's table format.
-pub(crate) fn table_from_bus(bus: &mut dyn IoBus, vcpu: usize) -> Result<Vec<kvm_cpuid_entry2>> {
+pub(crate) fn table_from_bus<B: IoBus + ?Sized>(
+    bus: &mut B,
+    vcpu: usize,
+) -> Result<Vec<kvm_cpuid_entry2>> {
     let mut out = Vec::new();
     for base in [0u32, 0x4000_0000, 0x8000_0000] {
         let max = bus.cpuid(vcpu, base, 0)[0];

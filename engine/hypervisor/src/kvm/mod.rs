@@ -7,8 +7,8 @@
 //! backend injects it with `KVM_INTERRUPT` once the guest can take it
 //! (`request_interrupt_window`), so every interrupt the guest sees passes
 //! through the engine with the vCPU state at injection. Port I/O and MMIO
-//! exits are forwarded to the engine's [`IoBus`] synchronously inside
-//! [`Vcpu::run`]; CPUID is the engine's ([`IoBus::cpuid`]), loaded with
+//! exits are forwarded to the engine's [`IoBus`](crate::IoBus) synchronously inside
+//! [`Vcpu::run`]; CPUID is the engine's ([`IoBus::cpuid`](crate::IoBus::cpuid)), loaded with
 //! `KVM_SET_CPUID2` before the first entry.
 //!
 //! Positions of asynchronous events ([`AsyncEventMode`]): with a PMU, a
@@ -47,7 +47,8 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
 use crate::{
-    DebugRegs, FpuState, HypervisorError, Injection, IoBus, Regs, Result, Sregs, Vcpu, Vm, VmExit,
+    DebugRegs, FpuState, HypervisorError, Injection, Regs, Result, RunContext, Sregs, Vcpu, Vm,
+    VmExit,
 };
 pub use cpuid::HostFeatures;
 pub use detect::{detect, select_backend, AsyncEventMode, BackendChoice, KvmAvailability};
@@ -484,7 +485,7 @@ impl KvmVcpu {
 
     /// A handle other threads use to force this vCPU back to the engine
     /// (timer expiry, device interrupt, recorder). Set the machine model's
-    /// state that makes [`IoBus::stop_requested`] true first, then kick.
+    /// state that makes [`RunEvents::stop_requested`](crate::RunEvents::stop_requested) true first, then kick.
     pub fn kicker(&self) -> VcpuKicker {
         self.kicker.clone()
     }
@@ -515,7 +516,7 @@ impl KvmVcpu {
     }
 
     /// Loads the engine's CPUID into KVM, refusing features the host lacks.
-    fn load_cpuid(&mut self, bus: &mut dyn IoBus) -> Result<()> {
+    fn load_cpuid(&mut self, bus: &mut dyn RunContext) -> Result<()> {
         let table = cpuid::table_from_bus(bus, self.id)?;
         let missing = cpuid::unsupported_features(&table, &self.supported_cpuid);
         if !missing.is_empty() {
@@ -593,7 +594,7 @@ impl KvmVcpu {
     /// go to `bus` like any other, and completion is tried again. While
     /// single-stepping, completion can end with the step's debug exit
     /// instead; a gdb single-step stop is then reported as this I/O stop.
-    fn complete_pending_io(&mut self, bus: &mut dyn IoBus) -> Result<()> {
+    fn complete_pending_io(&mut self, bus: &mut dyn RunContext) -> Result<()> {
         /// More follow-on accesses than any string instruction or emulated
         /// stretch produces: a loop past it is a bug, reported.
         const MAX_FOLLOW_ON: usize = 1 << 16;
@@ -678,7 +679,7 @@ impl KvmVcpu {
     /// one waits. Returns the exit to give the engine, if it is time.
     fn on_async(
         &mut self,
-        bus: &mut dyn IoBus,
+        bus: &mut dyn RunContext,
         new_kick: Option<Instant>,
     ) -> Result<Option<VmExit>> {
         if let Some(since) = new_kick {
@@ -734,7 +735,7 @@ impl KvmVcpu {
         }
     }
 
-    fn run_loop(&mut self, bus: &mut dyn IoBus) -> Result<VmExit> {
+    fn run_loop(&mut self, bus: &mut dyn RunContext) -> Result<VmExit> {
         let id = self.id;
         let mut interrupted = false;
         loop {
@@ -983,7 +984,7 @@ impl Drop for KvmVcpu {
 }
 
 impl Vcpu for KvmVcpu {
-    fn run(&mut self, bus: &mut dyn IoBus, budget: Option<u64>) -> Result<VmExit> {
+    fn run(&mut self, bus: &mut dyn RunContext, budget: Option<u64>) -> Result<VmExit> {
         if !self.cpuid_loaded {
             self.load_cpuid(bus)?;
         }

@@ -118,7 +118,7 @@ pub(super) struct HookState {
     pub(super) uc: *mut uc_engine,
     pub(super) env: EnvLayout,
     /// The bus of the run in progress; only valid during `run`.
-    pub(super) bus: Option<*mut dyn IoBus>,
+    pub(super) bus: Option<*mut dyn RunContext>,
     pub(super) vcpu: usize,
     /// Instructions executed by the active vCPU.
     pub(super) executed: u64,
@@ -179,7 +179,7 @@ pub(super) const ICOUNT_CACHE: usize = 1 << 14;
 impl HookState {
     /// The run's bus, told first where the vCPU stands (every access,
     /// CPUID, RDTSC, exception and SYSCALL goes through here).
-    pub(super) fn bus(&mut self) -> &mut dyn IoBus {
+    pub(super) fn bus(&mut self) -> &mut dyn RunContext {
         let at = self.position();
         let vcpu = self.vcpu;
         let bus = self.positioned_bus();
@@ -189,10 +189,10 @@ impl HookState {
 
     /// The run's bus without a new position: for the questions asked right
     /// after an access, which [`Self::bus`] already positioned.
-    fn positioned_bus(&mut self) -> &mut dyn IoBus {
+    fn positioned_bus(&mut self) -> &mut dyn RunContext {
         // SAFETY: (unverified, see `Vcpu::run` about unwinding) `self.bus`
         // is `Some` only while `Vcpu::run` runs `run_with_bus`: `run` set it
-        // from its live `&mut dyn IoBus`, does not use that reference
+        // from its live `&mut dyn RunContext`, does not use that reference
         // itself meanwhile, and clears it afterwards. Outside that window
         // `expect` panics instead.
         unsafe { &mut *self.bus.expect("I/O hook outside a run") }

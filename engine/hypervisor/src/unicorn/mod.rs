@@ -22,7 +22,7 @@
 //! start-up), this file (the engine shared by the vCPUs, and the VM).
 //!
 //! Exact stops:
-//! - I/O stops ([`IoBus::stop_requested`] after an access) end right after
+//! - I/O stops ([`RunEvents::stop_requested`](crate::RunEvents::stop_requested) after an access) end right after
 //!   the accessing instruction, and every access reaches the bus once: the
 //!   CPU leaves the block at the start of that instruction (unicorn's exit
 //!   check after an MMIO access; [`internals::leave_translated_code`] for
@@ -50,8 +50,8 @@ mod vcpu;
 
 pub use super::ExitCounters;
 use super::{
-    DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection, IoBus,
-    Position, Regs, Result, Segment, Sregs, UserEntry, Vcpu, VmExit,
+    DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection, Position,
+    Regs, Result, RunContext, Segment, Sregs, UserEntry, Vcpu, VmExit,
 };
 use delivery::{deliver, has_error_code, EventKind};
 use hooks::*;

@@ -358,7 +358,7 @@ impl UnicornVcpu {
 }
 
 impl Vcpu for UnicornVcpu {
-    fn run(&mut self, bus: &mut dyn IoBus, budget: Option<u64>) -> Result<VmExit> {
+    fn run(&mut self, bus: &mut dyn RunContext, budget: Option<u64>) -> Result<VmExit> {
         let mut e = self.engine.borrow_mut();
         e.activate(self.id)?;
         if let Some(msg) = self.try_deliver_pending(&mut e) {
@@ -369,7 +369,7 @@ impl Vcpu for UnicornVcpu {
         let st = e.st();
         st.breakpoints = breakpoints;
         // The lifetime is erased for storage in the hook state.
-        let bus_ptr: *mut (dyn IoBus + '_) = bus;
+        let bus_ptr: *mut (dyn RunContext + '_) = bus;
         // SAFETY: (unverified) the transmute changes only the trait object's
         // lifetime bound (same pointer, same vtable). The pointer is used
         // only by hooks, through `HookState::bus`, during `run_with_bus`
@@ -378,8 +378,9 @@ impl Vcpu for UnicornVcpu {
         // would stay set; a later `run` replaces it before emulating, but an
         // MMIO callback during that run's `try_deliver_pending` (see
         // `on_mmio_read`) could still see the stale pointer.
-        st.bus =
-            Some(unsafe { std::mem::transmute::<*mut (dyn IoBus + '_), *mut dyn IoBus>(bus_ptr) });
+        st.bus = Some(unsafe {
+            std::mem::transmute::<*mut (dyn RunContext + '_), *mut dyn RunContext>(bus_ptr)
+        });
         let result = self.run_with_bus(&mut e, budget);
         let st = e.st();
         st.bus = None;
