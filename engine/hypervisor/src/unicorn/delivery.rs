@@ -11,7 +11,7 @@
 
 use super::hooks::{read_reg, write_reg};
 use super::internals::{
-    EnvLayout, SegmentCache, DESC_DPL_SHIFT, DESC_L_MASK, DESC_P_MASK, R_CS, R_SS,
+    EnvLayout, Gpr, Seg, SegmentCache, DESC_DPL_SHIFT, DESC_L_MASK, DESC_P_MASK,
 };
 use super::vcpu::mmr;
 use std::ffi::c_void;
@@ -191,10 +191,10 @@ fn deliver_at_cpl(
     }
 
     let old_rip = env.eip();
-    let old_rsp = env.reg(4);
+    let old_rsp = env.reg(Gpr::Rsp);
     let old_rflags = read_reg(uc, RegisterX86::RFLAGS);
-    let old_cs = env.segment(R_CS);
-    let old_ss = env.segment(R_SS);
+    let old_cs = env.segment(Seg::Cs);
+    let old_ss = env.segment(Seg::Ss);
 
     let tss = mmr(uc, RegisterX86::TR);
     let tss_fault = Fault {
@@ -231,7 +231,7 @@ fn deliver_at_cpl(
     // Switch the privilege level first: the stack is a supervisor page and
     // the write below translates with the current CPL.
     env.load_segment(
-        R_CS,
+        Seg::Cs,
         SegmentCache {
             selector: (selector & 0xfffc) | new_cpl as u16,
             base: 0,
@@ -241,7 +241,7 @@ fn deliver_at_cpl(
     );
     if new_cpl != cpl {
         env.load_segment(
-            R_SS,
+            Seg::Ss,
             SegmentCache {
                 selector: new_cpl as u16,
                 base: 0,
@@ -253,14 +253,14 @@ fn deliver_at_cpl(
     if !vwrite(uc, new_rsp, &bytes) {
         // Undo the segment switch so that the double fault starts from the
         // interrupted context.
-        env.load_segment(R_CS, old_cs);
-        env.load_segment(R_SS, old_ss);
+        env.load_segment(Seg::Cs, old_cs);
+        env.load_segment(Seg::Ss, old_ss);
         return Err(Fault {
             vector: if new_cpl != cpl { 10 } else { 14 },
             error_code: 0,
         });
     }
-    env.set_reg(4, new_rsp);
+    env.set_reg(Gpr::Rsp, new_rsp);
     let mut rflags = old_rflags & !(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM);
     if gate_type == 0xe {
         rflags &= !RFLAGS_IF;

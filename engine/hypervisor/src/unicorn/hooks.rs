@@ -203,7 +203,7 @@ impl HookState {
             icount: self.executed,
             kernel_icount: self.kernel_executed,
             rip: self.env.eip(),
-            rcx: self.env.reg(1),
+            rcx: self.env.reg(Gpr::Rcx),
             cpl: self.env.cpl(),
         }
     }
@@ -288,7 +288,7 @@ impl HookState {
     /// A stop cannot end the instruction that made the access: unicorn
     /// leaves the translated code right after an MMIO access with RIP at
     /// the start of that instruction (its restart point after a fault), and
-    /// the port hooks leave the same way ([`internals::leave_translated_code`]).
+    /// the port hooks leave the same way ([`internals::cpu_state`]).
     /// The instruction is then stepped once more, and the accesses it
     /// already made are replayed from `recent` rather than repeated, so the
     /// bus sees each access exactly once and the vCPU stops after the
@@ -679,8 +679,31 @@ pub(super) extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool
     })
 }
 
-pub(super) extern "C" fn on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32 {
-    let (value, stop) = guarded(ud as *mut HookState, (u64::MAX, false), || {
+extern "C" {
+    /// The IN hook unicorn calls (port_hooks.c, a `uc_cb_insn_in_t`): it
+    /// calls [`krr_port_in`] and leaves translated code when asked to.
+    pub(super) fn krr_on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mut c_void) -> u32;
+    /// The OUT hook unicorn calls (port_hooks.c, a `uc_cb_insn_out_t`).
+    pub(super) fn krr_on_out(uc: *mut uc_engine, port: u32, size: i32, value: u32, ud: *mut c_void);
+}
+
+/// An IN instruction's access, for port_hooks.c: stores the value read in
+/// `*value` and returns the CPU to leave translated code through when the
+/// bus asked the vCPU to stop (null otherwise). The C caller does the
+/// siglongjmp, so it never skips this Rust frame.
+///
+/// # Safety
+/// Called only by `krr_on_in`, with unicorn's arguments of an IN hook whose
+/// `ud` is the engine's hook state, and `value` a live `u32`.
+#[no_mangle]
+pub unsafe extern "C" fn krr_port_in(
+    uc: *mut uc_engine,
+    port: u32,
+    size: i32,
+    ud: *mut c_void,
+    value: *mut u32,
+) -> *mut c_void {
+    let (read, stop) = guarded(ud as *mut HookState, (u64::MAX, false), || {
         // SAFETY: `ud` is the engine's hook state, registered with this
         // hook in `UnicornVm::new`; see `state` for why this is the only
         // live reference to it.
@@ -693,21 +716,25 @@ pub(super) extern "C" fn on_in(uc: *mut uc_engine, port: u32, size: i32, ud: *mu
         }
         (value, stop)
     });
-    if stop {
-        // SAFETY: an IN hook, nothing left to drop in this frame (the
-        // guarded body has returned).
-        unsafe { internals::leave_translated_code(uc) }
-    }
-    value as u32
+    // SAFETY: `value` is the C caller's live u32 (caller's obligation).
+    unsafe { value.write(read as u32) };
+    leave_if(uc, stop)
 }
 
-pub(super) extern "C" fn on_out(
+/// An OUT instruction's access, for port_hooks.c: returns the CPU to leave
+/// translated code through when the bus asked the vCPU to stop.
+///
+/// # Safety
+/// Called only by `krr_on_out`, with unicorn's arguments of an OUT hook
+/// whose `ud` is the engine's hook state.
+#[no_mangle]
+pub unsafe extern "C" fn krr_port_out(
     uc: *mut uc_engine,
     port: u32,
     size: i32,
     value: u32,
     ud: *mut c_void,
-) {
+) -> *mut c_void {
     let stop = guarded(ud as *mut HookState, false, || {
         // SAFETY: `ud` is the engine's hook state, registered with this
         // hook in `UnicornVm::new`; see `state` for why this is the only
@@ -721,10 +748,15 @@ pub(super) extern "C" fn on_out(
         }
         stop
     });
+    leave_if(uc, stop)
+}
+
+fn leave_if(uc: *mut uc_engine, stop: bool) -> *mut c_void {
     if stop {
-        // SAFETY: an OUT hook, nothing left to drop in this frame (the
-        // guarded body has returned).
-        unsafe { internals::leave_translated_code(uc) }
+        // SAFETY: `uc` is the running engine unicorn passed to the hook.
+        unsafe { internals::cpu_state(uc) }
+    } else {
+        std::ptr::null_mut()
     }
 }
 
@@ -817,22 +849,22 @@ pub(super) extern "C" fn on_rdtscp(uc: *mut uc_engine, ud: *mut c_void) -> i32 {
 /// than 16 register reads through the API), with `rip` and `rflags` given.
 pub(super) fn env_regs(env: &EnvLayout, rip: u64, rflags: u64) -> Regs {
     Regs {
-        rax: env.reg(0),
-        rcx: env.reg(1),
-        rdx: env.reg(2),
-        rbx: env.reg(3),
-        rsp: env.reg(4),
-        rbp: env.reg(5),
-        rsi: env.reg(6),
-        rdi: env.reg(7),
-        r8: env.reg(8),
-        r9: env.reg(9),
-        r10: env.reg(10),
-        r11: env.reg(11),
-        r12: env.reg(12),
-        r13: env.reg(13),
-        r14: env.reg(14),
-        r15: env.reg(15),
+        rax: env.reg(Gpr::Rax),
+        rcx: env.reg(Gpr::Rcx),
+        rdx: env.reg(Gpr::Rdx),
+        rbx: env.reg(Gpr::Rbx),
+        rsp: env.reg(Gpr::Rsp),
+        rbp: env.reg(Gpr::Rbp),
+        rsi: env.reg(Gpr::Rsi),
+        rdi: env.reg(Gpr::Rdi),
+        r8: env.reg(Gpr::R8),
+        r9: env.reg(Gpr::R9),
+        r10: env.reg(Gpr::R10),
+        r11: env.reg(Gpr::R11),
+        r12: env.reg(Gpr::R12),
+        r13: env.reg(Gpr::R13),
+        r14: env.reg(Gpr::R14),
+        r15: env.reg(Gpr::R15),
         rip,
         rflags,
     }
@@ -847,17 +879,18 @@ pub(super) extern "C" fn on_syscall(uc: *mut uc_engine, ud: *mut c_void) {
         // live reference to it.
         let st = unsafe { state(ud) };
         st.exits_by_kind.syscalls += 1;
-        let env = st.env;
+        let env = &st.env;
         let rip = env.eip();
         let rflags = read_reg(uc, RegisterX86::RFLAGS);
         let entry = UserEntry {
-            regs: env_regs(&env, rip, rflags),
-            fs_base: env.segment(R_FS).base,
-            gs_base: env.segment(R_GS).base,
+            regs: env_regs(env, rip, rflags),
+            fs_base: env.segment(Seg::Fs).base,
+            gs_base: env.segment(Seg::Gs).base,
         };
         let (vcpu, at) = (st.vcpu, st.position());
         st.bus().syscall(vcpu, at, &entry);
-        perform_syscall(uc, &env, rip, rflags);
+        let env = &st.env;
+        perform_syscall(uc, env, rip, rflags);
         // Unicorn adds the SYSCALL's length to RIP when the hook returns.
         env.set_eip(env.eip().wrapping_sub(2));
     })
@@ -869,12 +902,12 @@ pub(super) fn perform_syscall(uc: *mut uc_engine, env: &EnvLayout, rip: u64, rfl
     let star = read_msr(uc, 0xc000_0081);
     let lstar = read_msr(uc, 0xc000_0082);
     let fmask = read_msr(uc, 0xc000_0084);
-    env.set_reg(1, rip + 2);
-    env.set_reg(11, rflags & !(1 << 16));
+    env.set_reg(Gpr::Rcx, rip + 2);
+    env.set_reg(Gpr::R11, rflags & !(1 << 16));
     write_reg(uc, RegisterX86::RFLAGS, rflags & !(fmask | (1 << 16)));
     let selector = ((star >> 32) & 0xffff) as u16;
     env.load_segment(
-        R_CS,
+        Seg::Cs,
         SegmentCache {
             selector: selector & 0xfffc,
             base: 0,
@@ -889,7 +922,7 @@ pub(super) fn perform_syscall(uc: *mut uc_engine, env: &EnvLayout, rip: u64, rfl
         },
     );
     env.load_segment(
-        R_SS,
+        Seg::Ss,
         SegmentCache {
             selector: selector.wrapping_add(8) & 0xfffc,
             base: 0,

@@ -39,12 +39,63 @@ const ENV_CR: usize = 424;
 const ENV_EFER: usize = 592;
 
 /// QEMU's segment register indices.
-pub const R_ES: usize = 0;
-pub const R_CS: usize = 1;
-pub const R_SS: usize = 2;
-pub const R_DS: usize = 3;
-pub const R_FS: usize = 4;
-pub const R_GS: usize = 5;
+/// A segment register, by its index in `CPUX86State.segs[]` (QEMU's
+/// `Seg::Es`..`Seg::Gs`): only these six exist, so an index is always in bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Seg {
+    Es = 0,
+    Cs = 1,
+    Ss = 2,
+    Ds = 3,
+    Fs = 4,
+    Gs = 5,
+}
+
+/// A general-purpose register, by its index in `CPUX86State.regs[16]`
+/// (QEMU's `R_EAX`..`R_R15` order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Gpr {
+    Rax = 0,
+    Rcx = 1,
+    Rdx = 2,
+    Rbx = 3,
+    Rsp = 4,
+    Rbp = 5,
+    Rsi = 6,
+    Rdi = 7,
+    R8 = 8,
+    R9 = 9,
+    R10 = 10,
+    R11 = 11,
+    R12 = 12,
+    R13 = 13,
+    R14 = 14,
+    R15 = 15,
+}
+
+impl Gpr {
+    /// All sixteen, in `regs[]` order.
+    pub const ALL: [Gpr; 16] = [
+        Gpr::Rax,
+        Gpr::Rcx,
+        Gpr::Rdx,
+        Gpr::Rbx,
+        Gpr::Rsp,
+        Gpr::Rbp,
+        Gpr::Rsi,
+        Gpr::Rdi,
+        Gpr::R8,
+        Gpr::R9,
+        Gpr::R10,
+        Gpr::R11,
+        Gpr::R12,
+        Gpr::R13,
+        Gpr::R14,
+        Gpr::R15,
+    ];
+}
 
 // hflags bits (target/i386/cpu.h).
 pub const HF_CPL_MASK: u32 = 3;
@@ -86,7 +137,10 @@ pub struct SegmentCache {
 /// after `uc_close`. `EnvLayout` holds a raw pointer and is neither `Send`
 /// nor `Sync`: its reads and writes happen on the engine's thread, either
 /// between runs or inside a hook, while unicorn's own code is paused.
-#[derive(Debug, Clone, Copy)]
+///
+/// Not `Clone`: the one layout lives in the engine's hook state, so it cannot
+/// outlive the engine that owns the handle.
+#[derive(Debug)]
 pub struct EnvLayout {
     env: *mut u8,
     error_code: usize,
@@ -111,11 +165,12 @@ unsafe fn read_u64(p: *const u8) -> u64 {
     unsafe { std::ptr::read_unaligned(p as *const u64) }
 }
 
+/// Writes a register through the public API, for the layout self-test.
+/// Private to this module: its only callers are `locate` and `check`.
 fn write_reg(uc: *mut uc_engine, reg: RegisterX86, value: u64) -> Result<(), SelfTestError> {
-    // SAFETY: (unverified) `uc` is the handle `locate` was given; its one
-    // caller in this crate, `UnicornVm::new`, passes the engine it has just
-    // opened with uc_open, but `locate` is a safe fn of a `pub` module, so a
-    // caller outside the crate could pass any pointer. `value` is a live
+    // SAFETY: `uc` is the open engine that `locate`'s caller guarantees
+    // (`locate` is an unsafe fn requiring it, and `check` is called only by
+    // `locate` with that handle). `value` is a live
     // u64, and 64-bit mode's reg_write reads at most 8 bytes for every
     // register written here (GPRs, RIP, RFLAGS, DR0-DR3, CR2, GS_BASE: 8;
     // CS: 2).
@@ -177,24 +232,31 @@ impl EnvLayout {
             return Err(SelfTestError(format!("uc_struct.cpu is {cpu:#x}")));
         }
         let cpu = cpu as *mut u8;
+        // SAFETY: `cpu` is uc_struct.cpu, which cpu_x86_init allocated with
+        // qemu_memalign (posix_memalign in unicorn's build), a pointer
+        // malloc_usable_size accepts.
+        let cpu_size = unsafe { libc::malloc_usable_size(cpu as *mut c_void) };
         let mut env = None;
-        for off in (0..0x10000).step_by(8) {
-            // SAFETY: `cpu` is uc_struct.cpu, the X86CPU that cpu_x86_init
-            // allocated and zeroed (qemu_memalign + memset), so its bytes
-            // are initialised. X86CPU holds CPUState followed by CPUX86State,
-            // whose regs[0..4] the writes above set to `magic`. The scan
-            // stops at the first match, at the latest at those registers
-            // (and if they lay beyond 64 KiB, every read would still lie
-            // before them), so each read is inside the X86CPU.
+        for off in (0..cpu_size.saturating_sub(32)).step_by(8) {
+            // SAFETY: `cpu` is the X86CPU that cpu_x86_init allocated and
+            // zeroed (qemu_memalign + memset of sizeof(X86CPU)); every read
+            // here ends inside the allocation (off + 32 <= its usable size).
+            // X86CPU holds CPUState followed by CPUX86State, whose regs[0..4]
+            // the writes above set to `magic`, and the scan stops at the
+            // first match. (unverified) Only a build whose layout differs
+            // would scan past sizeof(X86CPU) into the allocator's few bytes
+            // of slack, which memset did not initialise.
             let hit = unsafe { (0..4).all(|i| read_u64(cpu.add(off + i * 8)) == magic[i]) };
             if hit {
-                // SAFETY: `cpu + off` was just read from, inside the X86CPU.
-                env = Some(unsafe { cpu.add(off) });
+                env = Some(off);
                 break;
             }
         }
-        let env =
+        let env_offset =
             env.ok_or_else(|| SelfTestError("CPUX86State not found after CPUState".into()))?;
+        // SAFETY: `env_offset` + 32 <= `cpu_size`, inside the allocation.
+        let env = unsafe { cpu.add(env_offset) };
+        let env_size = cpu_size - env_offset;
         // Debug registers follow error_code, exception_is_int and
         // exception_next_eip directly; find them the same way.
         let dr_magic = [
@@ -215,13 +277,13 @@ impl EnvLayout {
             write_reg(uc, reg, value)?;
         }
         let mut dr = None;
-        for off in (ENV_CR..0x8000).step_by(8) {
+        for off in (ENV_CR..env_size.saturating_sub(32)).step_by(8) {
             // SAFETY: `env` is the CPUX86State found above, inside the zeroed
-            // X86CPU. The writes above put `dr_magic` in its dr[0..4], which
-            // in 2.1.5 come after cr[] (ENV_CR); the scan stops at the first
-            // match, at the latest at dr[0] (and if dr[] lay beyond the scan,
-            // every read would still lie before it), so each read is inside
-            // CPUX86State.
+            // X86CPU, and every read ends inside the allocation
+            // (off + 32 <= env_size). The writes above put `dr_magic` in its
+            // dr[0..4], which in 2.1.5 come after cr[] (ENV_CR); the scan
+            // stops at the first match (see the scan above for a build
+            // whose layout differs).
             let hit = unsafe { (0..4).all(|i| read_u64(env.add(off + i * 8)) == dr_magic[i]) };
             if hit {
                 dr = Some(off);
@@ -255,12 +317,12 @@ impl EnvLayout {
             return Err(SelfTestError("CPUX86State.eip offset".into()));
         }
         write_reg(uc, RegisterX86::RSP, 0x7777_0000)?;
-        if self.reg(4) != 0x7777_0000 {
+        if self.reg(Gpr::Rsp) != 0x7777_0000 {
             return Err(SelfTestError("CPUX86State.regs offset".into()));
         }
         write_reg(uc, RegisterX86::CS, 0x33)?;
         write_reg(uc, RegisterX86::GS_BASE, 0xabcd_0000)?;
-        if self.segment(R_CS).selector != 0x33 || self.segment(R_GS).base != 0xabcd_0000 {
+        if self.segment(Seg::Cs).selector != 0x33 || self.segment(Seg::Gs).base != 0xabcd_0000 {
             return Err(SelfTestError("CPUX86State.segs offset".into()));
         }
         write_reg(uc, RegisterX86::CS, 0)?;
@@ -323,28 +385,29 @@ impl EnvLayout {
     /// A pointer to the field at `off` of CPUX86State. Every `off` passed
     /// must name a field inside CPUX86State; that is not checked here.
     fn field<T>(&self, off: usize) -> *mut T {
-        // SAFETY: (unverified) `env + off` stays inside CPUX86State only if
-        // `off` does. The fixed offsets (ENV_*) are 2.1.5's and checked by
+        // SAFETY: `env + off` stays inside CPUX86State because every `off`
+        // passed does: the fixed offsets (ENV_*) are 2.1.5's and checked by
         // `check`; error_code/exception_is_int/old_exception were located
-        // next to dr[]; regs[index] and segs[seg] are in bounds for
-        // index < 16 and seg <= R_GS, which every caller in this crate
-        // passes (constants), but nothing enforces it for a caller outside
-        // the crate (`internals` is a `pub` module).
+        // next to dr[]; regs[] and segs[] are indexed by `Gpr` (< 16) and
+        // `Seg` (< 6), whose values are in bounds by construction.
         unsafe { self.env.add(off) as *mut T }
     }
 
-    pub fn reg(&self, index: usize) -> u64 {
-        // SAFETY: regs[index] (index < 16, see `field`) is a u64 inside the
-        // live, initialised CPUX86State (the invariant on `EnvLayout`);
+    pub fn reg(&self, reg: Gpr) -> u64 {
+        // SAFETY: regs[reg] (a `Gpr` is < 16) is a u64 inside the live,
+        // initialised CPUX86State (the invariant on `EnvLayout`);
         // read_unaligned needs no alignment.
-        unsafe { self.field::<u64>(ENV_REGS + index * 8).read_unaligned() }
+        unsafe {
+            self.field::<u64>(ENV_REGS + reg as usize * 8)
+                .read_unaligned()
+        }
     }
-    pub fn set_reg(&self, index: usize, value: u64) {
-        // SAFETY: regs[index] (index < 16, see `field`) is a u64 inside the
-        // live CPUX86State, which unicorn is not using while this runs (the
+    pub fn set_reg(&self, reg: Gpr, value: u64) {
+        // SAFETY: regs[reg] (a `Gpr` is < 16) is a u64 inside the live
+        // CPUX86State, which unicorn is not using while this runs (the
         // invariant on `EnvLayout`).
         unsafe {
-            self.field::<u64>(ENV_REGS + index * 8)
+            self.field::<u64>(ENV_REGS + reg as usize * 8)
                 .write_unaligned(value)
         }
     }
@@ -434,9 +497,9 @@ impl EnvLayout {
         unsafe { self.field::<i32>(self.old_exception).write_unaligned(-1) }
     }
 
-    pub fn segment(&self, seg: usize) -> SegmentCache {
-        let p = ENV_SEGS + seg * SEGMENT_CACHE_SIZE;
-        // SAFETY: segs[seg] (seg <= R_GS, see `field`) is a 24-byte QEMU
+    pub fn segment(&self, seg: Seg) -> SegmentCache {
+        let p = ENV_SEGS + seg as usize * SEGMENT_CACHE_SIZE;
+        // SAFETY: segs[seg] (a `Seg` is < 6) is a 24-byte QEMU
         // SegmentCache {u32 selector; u64 base; u32 limit; u32 flags} at
         // ENV_SEGS (checked by `check`), inside the live, initialised
         // CPUX86State; read_unaligned needs no alignment.
@@ -453,9 +516,9 @@ impl EnvLayout {
     /// Loads a segment register with its hidden cache and updates the
     /// derived hflags the way QEMU's `cpu_x86_load_seg_cache` does for long
     /// mode (CS: 64-bit code flags; SS: the CPL).
-    pub fn load_segment(&self, seg: usize, cache: SegmentCache) {
-        let p = ENV_SEGS + seg * SEGMENT_CACHE_SIZE;
-        // SAFETY: segs[seg] (seg <= R_GS, see `field`) is a 24-byte QEMU
+    pub fn load_segment(&self, seg: Seg, cache: SegmentCache) {
+        let p = ENV_SEGS + seg as usize * SEGMENT_CACHE_SIZE;
+        // SAFETY: segs[seg] (a `Seg` is < 6) is a 24-byte QEMU
         // SegmentCache inside the live CPUX86State (see `segment` for the
         // field offsets), not in use by unicorn while this runs.
         unsafe {
@@ -465,7 +528,7 @@ impl EnvLayout {
             self.field::<u32>(p + 20).write_unaligned(cache.flags);
         }
         let mut hflags = self.hflags();
-        if seg == R_CS {
+        if seg == Seg::Cs {
             if hflags & HF_LMA_MASK != 0 && cache.flags & DESC_L_MASK != 0 {
                 hflags |= HF_CS32_MASK | HF_SS32_MASK | HF_CS64_MASK;
                 hflags &= !HF_ADDSEG_MASK;
@@ -478,12 +541,12 @@ impl EnvLayout {
                 hflags = (hflags & !(HF_CS32_MASK | HF_CS64_MASK)) | cs32;
             }
         }
-        if seg == R_SS {
+        if seg == Seg::Ss {
             let cpl = (cache.flags >> DESC_DPL_SHIFT) & 3;
             hflags = (hflags & !HF_CPL_MASK) | cpl;
         }
         if hflags & HF_CS64_MASK == 0 {
-            let ss32 = if self.segment(R_SS).flags & DESC_B_MASK != 0 {
+            let ss32 = if self.segment(Seg::Ss).flags & DESC_B_MASK != 0 {
                 HF_SS32_MASK
             } else {
                 0
@@ -493,7 +556,9 @@ impl EnvLayout {
             // 32-bit protected mode only when a data/stack base is nonzero.
             let addseg = self.cr0() & 1 == 0
                 || hflags & HF_CS32_MASK == 0
-                || (self.segment(R_DS).base | self.segment(R_ES).base | self.segment(R_SS).base)
+                || (self.segment(Seg::Ds).base
+                    | self.segment(Seg::Es).base
+                    | self.segment(Seg::Ss).base)
                     != 0;
             if addseg {
                 hflags |= HF_ADDSEG_MASK;
@@ -508,36 +573,23 @@ impl EnvLayout {
 extern "C" {
     /// QEMU's `tb_invalidate_phys_range` (RAM offsets, end exclusive).
     fn tb_invalidate_phys_range_x86_64(uc: *mut uc_engine, start: u64, end: u64);
-    /// QEMU's `cpu_loop_exit_noexc`: leaves the translated code for the CPU
-    /// loop at once (a `siglongjmp`), as a helper raising an exception does.
-    fn cpu_loop_exit_noexc_x86_64(cpu: *mut c_void) -> !;
 }
 
-/// Leaves the translated block being executed immediately and returns to
-/// unicorn's CPU loop, which then honours a pending `uc_emu_stop`. Used by
-/// the port-I/O hooks: unicorn itself only checks for a stop request after
-/// a memory access or at the next block, so without this the instructions
-/// after an IN/OUT would run before the stop. The hook has already synced
-/// RIP to the start of the I/O instruction (unicorn does that before
-/// calling an IN/OUT hook), so the CPU stops there, with that instruction
-/// not retired.
+/// The engine's `CPUState`, which QEMU's `cpu_loop_exit_noexc` takes: the
+/// port hooks (port_hooks.c) leave the translated block being executed
+/// through it and return to unicorn's CPU loop, which then honours a
+/// pending `uc_emu_stop`. Unicorn itself only checks for a stop request
+/// after a memory access or at the next block, so without this the
+/// instructions after an IN/OUT would run before the stop. Unicorn has
+/// synced RIP to the start of the I/O instruction before calling the hook,
+/// so the CPU stops there, with that instruction not retired.
 ///
 /// # Safety
-/// Must be called from inside an IN/OUT instruction hook of the running
-/// engine `uc`, as the hook's last action: the `siglongjmp` skips the hook's
-/// frame, which must hold nothing that needs dropping.
-pub unsafe fn leave_translated_code(uc: *mut uc_engine) -> ! {
-    // SAFETY: `uc` is a running engine (caller); UC_CPU_OFFSET is its
+/// `uc` must be an open engine.
+pub unsafe fn cpu_state(uc: *mut uc_engine) -> *mut c_void {
+    // SAFETY: `uc` is an open engine (caller); UC_CPU_OFFSET is its
     // uc_struct's `cpu` field, 8 initialised bytes inside the struct.
-    let cpu = unsafe { read_u64((uc as *const u8).add(UC_CPU_OFFSET)) } as *mut c_void;
-    // SAFETY: `cpu` is the engine's CPUState. The caller is an IN/OUT hook,
-    // which unicorn calls from an instruction helper of translated code
-    // inside cpu_exec, so cpu->jmp_env holds cpu_exec's live sigsetjmp;
-    // leaving a helper through cpu_loop_exit is how QEMU's helpers raise
-    // exceptions, unicorn's IN/OUT hook dispatch (cpu_inb/cpu_outb, ...)
-    // keeps no state across the hook call on this host, and the hook's
-    // Rust frame holds nothing that needs dropping (caller's obligation).
-    unsafe { cpu_loop_exit_noexc_x86_64(cpu) }
+    unsafe { read_u64((uc as *const u8).add(UC_CPU_OFFSET)) as *mut c_void }
 }
 
 /// Drops translated code of guest-physical `[start, end)`.

@@ -25,7 +25,7 @@
 //! - I/O stops ([`RunEvents::stop_requested`](crate::RunEvents::stop_requested) after an access) end right after
 //!   the accessing instruction, and every access reaches the bus once: the
 //!   CPU leaves the block at the start of that instruction (unicorn's exit
-//!   check after an MMIO access; [`internals::leave_translated_code`] for
+//!   check after an MMIO access; [`internals::cpu_state`] and port_hooks.c for
 //!   port I/O), then the instruction is stepped again with its earlier
 //!   accesses replayed to it instead of sent to the bus.
 //! - Steps (single-step, stepping over a breakpoint, completing an
@@ -56,9 +56,8 @@ use super::{
 use delivery::{deliver, has_error_code, EventKind};
 use hooks::*;
 use internals::{
-    EnvLayout, SegmentCache, DESC_A_MASK, DESC_B_MASK, DESC_CS_MASK, DESC_DPL_SHIFT, DESC_G_MASK,
-    DESC_L_MASK, DESC_P_MASK, DESC_R_MASK, DESC_S_MASK, DESC_W_MASK, R_CS, R_DS, R_ES, R_FS, R_GS,
-    R_SS,
+    EnvLayout, Gpr, Seg, SegmentCache, DESC_A_MASK, DESC_B_MASK, DESC_CS_MASK, DESC_DPL_SHIFT,
+    DESC_G_MASK, DESC_L_MASK, DESC_P_MASK, DESC_R_MASK, DESC_S_MASK, DESC_W_MASK,
 };
 use std::cell::{RefCell, UnsafeCell};
 use std::ffi::c_void;
@@ -378,8 +377,12 @@ impl UnicornVm {
         )?;
         add(HookType::INTR, on_intr as *mut c_void, None)?;
         add(HookType::INSN_INVALID, on_invalid as *mut c_void, None)?;
-        add(HookType::INSN, on_in as *mut c_void, Some(X86Insn::IN))?;
-        add(HookType::INSN, on_out as *mut c_void, Some(X86Insn::OUT))?;
+        add(HookType::INSN, krr_on_in as *mut c_void, Some(X86Insn::IN))?;
+        add(
+            HookType::INSN,
+            krr_on_out as *mut c_void,
+            Some(X86Insn::OUT),
+        )?;
         add(
             HookType::INSN,
             on_cpuid as *mut c_void,

@@ -111,7 +111,7 @@ pub(super) enum StepEnd {
 
 /// CS base + RIP: the address unicorn translates, and exits compare with.
 pub(super) fn linear_rip(env: &EnvLayout, rip: u64) -> u64 {
-    env.segment(R_CS).base.wrapping_add(rip)
+    env.segment(Seg::Cs).base.wrapping_add(rip)
 }
 
 pub(super) fn is_breakpoint(e: &Engine, id: usize, rip: u64) -> bool {
@@ -433,7 +433,7 @@ impl Vcpu for UnicornVcpu {
 
     fn sregs(&self) -> Result<Sregs> {
         self.with(|e| {
-            let env = e.st().env;
+            let env = &e.st().env;
             let gdt = mmr(e.uc, RegisterX86::GDTR);
             let idt = mmr(e.uc, RegisterX86::IDTR);
             let tr = mmr(e.uc, RegisterX86::TR);
@@ -451,12 +451,12 @@ impl Vcpu for UnicornVcpu {
                 flags: ldt.flags,
             };
             Ok(Sregs {
-                cs: seg_to_api(&env.segment(R_CS)),
-                ds: seg_to_api(&env.segment(R_DS)),
-                es: seg_to_api(&env.segment(R_ES)),
-                fs: seg_to_api(&env.segment(R_FS)),
-                gs: seg_to_api(&env.segment(R_GS)),
-                ss: seg_to_api(&env.segment(R_SS)),
+                cs: seg_to_api(&env.segment(Seg::Cs)),
+                ds: seg_to_api(&env.segment(Seg::Ds)),
+                es: seg_to_api(&env.segment(Seg::Es)),
+                fs: seg_to_api(&env.segment(Seg::Fs)),
+                gs: seg_to_api(&env.segment(Seg::Gs)),
+                ss: seg_to_api(&env.segment(Seg::Ss)),
                 tr: seg_to_api(&tr_cache),
                 ldt: seg_to_api(&ldt_cache),
                 gdt: DescriptorTable {
@@ -484,7 +484,7 @@ impl Vcpu for UnicornVcpu {
             // Order matters: paging and long mode first, so that the CS load
             // below sees LMA and sets the 64-bit code flags.
             write_reg(uc, RegisterX86::CR4, s.cr4);
-            let env = e.st().env;
+            let env = &e.st().env;
             // WRMSR cannot clear EFER.LMA; loading a state must.
             env.set_efer(s.efer);
             write_reg(uc, RegisterX86::CR3, s.cr3);
@@ -535,12 +535,12 @@ impl Vcpu for UnicornVcpu {
                 },
             );
             for (idx, seg) in [
-                (R_SS, &s.ss),
-                (R_CS, &s.cs),
-                (R_DS, &s.ds),
-                (R_ES, &s.es),
-                (R_FS, &s.fs),
-                (R_GS, &s.gs),
+                (Seg::Ss, &s.ss),
+                (Seg::Cs, &s.cs),
+                (Seg::Ds, &s.ds),
+                (Seg::Es, &s.es),
+                (Seg::Fs, &s.fs),
+                (Seg::Gs, &s.gs),
             ] {
                 env.load_segment(idx, seg_from_api(seg));
             }
@@ -732,21 +732,21 @@ impl Vcpu for UnicornVcpu {
 
     fn enter_syscall(&mut self, entry: &UserEntry) -> Result<()> {
         self.with(|e| {
-            let env = e.st().env;
+            let env = &e.st().env;
             let r = &entry.regs;
             let v = [
                 r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
                 r.r12, r.r13, r.r14, r.r15,
             ];
-            for (i, val) in v.into_iter().enumerate() {
-                env.set_reg(i, val);
+            for (reg, val) in Gpr::ALL.into_iter().zip(v) {
+                env.set_reg(reg, val);
             }
-            for (seg, base) in [(R_FS, entry.fs_base), (R_GS, entry.gs_base)] {
+            for (seg, base) in [(Seg::Fs, entry.fs_base), (Seg::Gs, entry.gs_base)] {
                 let mut cache = env.segment(seg);
                 cache.base = base;
                 env.load_segment(seg, cache);
             }
-            perform_syscall(e.uc, &env, r.rip, r.rflags);
+            perform_syscall(e.uc, env, r.rip, r.rflags);
             Ok(())
         })
     }
