@@ -120,12 +120,12 @@ pub(super) struct HookState {
     /// The bus of the run in progress; only valid during `run`.
     pub(super) bus: Option<*mut dyn RunContext>,
     pub(super) vcpu: usize,
-    /// Instructions executed by the active vCPU.
-    pub(super) executed: u64,
-    /// Of those, instructions executed at CPL 0-2 (kernel code, the
+    /// Instructions retired by the active vCPU.
+    pub(super) retired: u64,
+    /// Of those, instructions retired at CPL 0-2 (kernel code, the
     /// decompressor and early boot included): the position replay of the
     /// kernel alone can reproduce.
-    pub(super) kernel_executed: u64,
+    pub(super) kernel_retired: u64,
     /// Stop before the first block of user code (replay).
     pub(super) stop_at_user: bool,
     /// CR2 when the run started: restored when a fault fetching user code
@@ -200,8 +200,8 @@ impl HookState {
 
     pub(super) fn position(&self) -> Position {
         Position {
-            icount: self.executed,
-            kernel_icount: self.kernel_executed,
+            icount: self.retired,
+            kernel_icount: self.kernel_retired,
             rip: self.env.eip(),
             rcx: self.env.reg(Gpr::Rcx),
             cpl: self.env.cpl(),
@@ -485,7 +485,7 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
                 st.stop(Stop::UserMode);
                 return;
             }
-            if st.executed >= st.stop_at {
+            if st.retired >= st.stop_at {
                 st.stop(Stop::Budget);
                 return;
             }
@@ -512,12 +512,12 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
             st.watch_hits += 1;
         }
         let n = st.icount(pc, size);
-        st.executed += n;
+        st.retired += n;
         if st.env.cpl() != 3 {
             if let Some(t) = &mut st.block_trace {
-                t.block(st.kernel_executed, pc);
+                t.block(st.kernel_retired, pc);
             }
-            st.kernel_executed += n;
+            st.kernel_retired += n;
         }
     })
 }

@@ -92,8 +92,8 @@ fn check(op: &'static str, e: uc_error) -> Result<()> {
 /// Per-vCPU state kept while another vCPU owns the engine.
 struct VcpuSlot {
     context: *mut uc_context,
-    executed: u64,
-    kernel_executed: u64,
+    retired: u64,
+    kernel_retired: u64,
     stop_at_user: bool,
     pending: Vec<Injection>,
     window_requested: bool,
@@ -215,8 +215,8 @@ impl Engine {
             check("context_save", unsafe {
                 uc_context_save(self.uc, self.slots[prev].context)
             })?;
-            self.slots[prev].executed = self.st().executed;
-            self.slots[prev].kernel_executed = self.st().kernel_executed;
+            self.slots[prev].retired = self.st().retired;
+            self.slots[prev].kernel_retired = self.st().kernel_retired;
             self.slots[prev].stop_at_user = self.st().stop_at_user;
         }
         // SAFETY: `self.uc` is the open, idle engine; the slot's context was
@@ -226,8 +226,8 @@ impl Engine {
             uc_context_restore(self.uc, self.slots[id].context)
         })?;
         let st = self.st();
-        st.executed = self.slots[id].executed;
-        st.kernel_executed = self.slots[id].kernel_executed;
+        st.retired = self.slots[id].retired;
+        st.kernel_retired = self.slots[id].kernel_retired;
         st.stop_at_user = self.slots[id].stop_at_user;
         st.vcpu = id;
         self.active = Some(id);
@@ -277,8 +277,8 @@ impl UnicornVm {
             env,
             bus: None,
             vcpu: 0,
-            executed: 0,
-            kernel_executed: 0,
+            retired: 0,
+            kernel_retired: 0,
             stop_at_user: false,
             yield_on_spin: false,
             watch_pc: None,
@@ -459,8 +459,8 @@ impl super::Vm for UnicornVm {
         };
         e.slots.push(VcpuSlot {
             context,
-            executed: 0,
-            kernel_executed: 0,
+            retired: 0,
+            kernel_retired: 0,
             stop_at_user: false,
             pending: Vec::new(),
             window_requested: false,

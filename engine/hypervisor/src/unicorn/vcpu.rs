@@ -181,7 +181,7 @@ impl UnicornVcpu {
             st.cr2_at_run_start = read_reg(uc, RegisterX86::CR2);
         }
         st.stop_at = match budget {
-            Some(b) => st.executed.saturating_add(b),
+            Some(b) => st.retired.saturating_add(b),
             None => u64::MAX,
         };
         let rip = st.env.eip();
@@ -715,18 +715,18 @@ impl Vcpu for UnicornVcpu {
     fn instructions_retired(&self) -> Option<u64> {
         let e = self.engine.borrow();
         if e.active == Some(self.id) {
-            Some(e.st().executed)
+            Some(e.st().retired)
         } else {
-            Some(e.slots[self.id].executed)
+            Some(e.slots[self.id].retired)
         }
     }
 
     fn kernel_instructions_retired(&self) -> Option<u64> {
         let e = self.engine.borrow();
         if e.active == Some(self.id) {
-            Some(e.st().kernel_executed)
+            Some(e.st().kernel_retired)
         } else {
-            Some(e.slots[self.id].kernel_executed)
+            Some(e.slots[self.id].kernel_retired)
         }
     }
 
