@@ -93,8 +93,9 @@ pub fn run(extra: &[String]) -> Result<()> {
             &[
                 "test",
                 "--release",
-                "-p",
-                "krr-engine",
+                // The workspace, as in the main run: the same features, so
+                // its build is reused instead of redone for one package.
+                "--workspace",
                 "--test",
                 "agent_abi",
                 "--",

@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Tests of the stream files: round trips, truncation and damage.
+
+use super::*;
+use crate::event::{LogEvent, Position};
+
+fn event(i: u64) -> LogEvent {
+    match i % 3 {
+        0 => LogEvent::Rdtsc {
+            cpu: (i % 2) as u16,
+            at: Position {
+                icount: i * 1000,
+                kernel_icount: i * 900,
+                rip: 0xffff_ffff_8100_0000 + i,
+                rcx: i,
+                cpl: 0,
+            },
+            value: 1_000_000 + i * 37,
+        },
+        1 => LogEvent::PioRead {
+            cpu: 0,
+            at: Position {
+                icount: i * 1000 + 5,
+                kernel_icount: i * 900 + 5,
+                rip: 0xffff_ffff_8100_1000,
+                rcx: 0,
+                cpl: 0,
+            },
+            port: 0x3f8 + (i % 8) as u16,
+            size: 1,
+            value: (i & 0xff) as u32,
+        },
+        _ => LogEvent::Console {
+            cpu: 0,
+            bytes: format!("line {i}\n").into_bytes(),
+        },
+    }
+}
+
+fn write_events(path: &Path, n: u64, target: usize) -> Vec<ChunkInfo> {
+    let mut w = EventLogWriter::with_target(path, target).unwrap();
+    for i in 0..n {
+        assert_eq!(w.append(&event(i)).unwrap(), i);
+    }
+    w.flush().unwrap();
+    let totals = w.totals();
+    assert_eq!(totals.items, n);
+    let s = scan(path).unwrap();
+    assert_eq!(s.end, StreamEnd::Complete);
+    assert_eq!(s.items(), n);
+    assert_eq!(s.chunks.len() as u32, totals.chunks);
+    assert_eq!(s.valid_len(), totals.file_bytes);
+    assert_eq!(s.file_len, totals.file_bytes);
+    s.chunks
+}
+
+#[test]
+fn round_trip_many_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    let chunks = write_events(&path, 5000, 4096);
+    assert!(chunks.len() > 10, "{} chunks", chunks.len());
+    let read: Vec<_> = EventLogReader::open(&path)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(read.len(), 5000);
+    for (i, (index, e)) in read.iter().enumerate() {
+        assert_eq!(*index, i as u64);
+        assert_eq!(*e, event(i as u64));
+    }
+    let from: Vec<_> = EventLogReader::open(&path)
+        .unwrap()
+        .seek(4321)
+        .map(|r| r.unwrap().0)
+        .collect();
+    assert_eq!(from, (4321..5000).collect::<Vec<_>>());
+}
+
+#[test]
+fn truncation_anywhere_in_the_last_chunk_keeps_the_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    let chunks = write_events(&path, 600, 2048);
+    let full = std::fs::read(&path).unwrap();
+    let last = *chunks.last().unwrap();
+    let prefix_events = last.first;
+    for cut in last.offset + 1..last.end() {
+        std::fs::write(&path, &full[..cut as usize]).unwrap();
+        let s = scan(&path).unwrap();
+        match &s.end {
+            StreamEnd::Truncated { offset, .. } => assert_eq!(*offset, last.offset),
+            other => panic!("cut at {cut}: {other:?}"),
+        }
+        assert_eq!(s.items(), prefix_events, "cut at {cut}");
+        let read: Vec<_> = EventLogReader::open(&path)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(read.len() as u64, prefix_events);
+    }
+    // Cut exactly at a chunk boundary: a complete, shorter stream.
+    std::fs::write(&path, &full[..last.offset as usize]).unwrap();
+    assert_eq!(scan(&path).unwrap().end, StreamEnd::Complete);
+}
+
+#[test]
+fn a_flipped_byte_names_its_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    let chunks = write_events(&path, 400, 1024);
+    let full = std::fs::read(&path).unwrap();
+    let victim = chunks[3];
+    for at in victim.offset..victim.end() {
+        let mut bytes = full.clone();
+        bytes[at as usize] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let s = scan(&path).unwrap();
+        match &s.end {
+            StreamEnd::Damaged {
+                chunk_index,
+                offset,
+                what,
+            } => {
+                assert_eq!(*chunk_index, 3, "flip at {at}");
+                assert_eq!(*offset, victim.offset, "flip at {at}: {what}");
+                if at >= victim.offset + CHUNK_HEADER_LEN as u64 {
+                    assert!(what.contains("payload crc32"), "{what}");
+                }
+            }
+            other => panic!("flip at {at}: {other:?}"),
+        }
+        assert_eq!(s.items(), victim.first);
+        let mut reader = EventLogReader::open(&path).unwrap();
+        let ok = reader.by_ref().take_while(|r| r.is_ok()).count() as u64;
+        assert_eq!(ok, victim.first);
+    }
+}
+
+#[test]
+fn bad_file_headers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    write_events(&path, 10, 1024);
+    let full = std::fs::read(&path).unwrap();
+    let mut bytes = full.clone();
+    bytes[0] = b'X';
+    std::fs::write(&path, &bytes).unwrap();
+    let e = scan(&path).unwrap_err().to_string();
+    assert!(e.contains("events.krrlog") && e.contains("magic"), "{e}");
+    let mut bytes = full.clone();
+    bytes[8] = 7;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = scan(&path).unwrap_err().to_string();
+    assert!(e.contains("format version 7"), "{e}");
+    std::fs::write(&path, &full[..10]).unwrap();
+    let e = scan(&path).unwrap_err().to_string();
+    assert!(e.contains("shorter than the 16-byte"), "{e}");
+    std::fs::write(&path, &full).unwrap();
+    let e = DmaLogReader::open(&path).err().unwrap().to_string();
+    assert!(e.contains("expected the dma stream"), "{e}");
+}
+
+#[test]
+fn dma_stream_random_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dma.krrlog");
+    let mut w = DmaLogWriter::with_target(&path, 1000).unwrap();
+    let mut all = Vec::new();
+    let mut offsets = Vec::new();
+    for i in 0..50u32 {
+        let buf: Vec<u8> = (0..(i * 97 % 3000)).map(|b| (b ^ i) as u8).collect();
+        offsets.push((w.append(&buf).unwrap(), buf.len()));
+        all.extend_from_slice(&buf);
+    }
+    w.flush().unwrap();
+    let mut r = DmaLogReader::open(&path).unwrap();
+    assert_eq!(r.len(), all.len() as u64);
+    for (off, len) in offsets {
+        let got = r.read(off, len).unwrap();
+        assert_eq!(got, &all[off as usize..off as usize + len]);
+    }
+    let e = r.read(all.len() as u64 - 2, 3).unwrap_err().to_string();
+    assert!(e.contains("past the"), "{e}");
+}
