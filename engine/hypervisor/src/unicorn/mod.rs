@@ -25,7 +25,7 @@
 //! - I/O stops ([`RunEvents::stop_requested`](crate::RunEvents::stop_requested) after an access) end right after
 //!   the accessing instruction, and every access reaches the bus once: the
 //!   CPU leaves the block at the start of that instruction (unicorn's exit
-//!   check after an MMIO access; [`internals::cpu_state`] and port_hooks.c for
+//!   check after an MMIO access; `internals::cpu_state` and port_hooks.c for
 //!   port I/O), then the instruction is stepped again with its earlier
 //!   accesses replayed to it instead of sent to the bus.
 //! - Steps (single-step, stepping over a breakpoint, completing an
