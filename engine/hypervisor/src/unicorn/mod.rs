@@ -46,6 +46,7 @@
 mod delivery;
 mod hooks;
 pub(crate) mod internals;
+mod state;
 mod vcpu;
 
 pub use super::ExitCounters;
@@ -59,6 +60,7 @@ use internals::{
     EnvLayout, Gpr, Seg, SegmentCache, DESC_A_MASK, DESC_B_MASK, DESC_CS_MASK, DESC_DPL_SHIFT,
     DESC_G_MASK, DESC_L_MASK, DESC_P_MASK, DESC_R_MASK, DESC_S_MASK, DESC_W_MASK,
 };
+use state::*;
 use std::cell::{RefCell, UnsafeCell};
 use std::ffi::c_void;
 use std::rc::Rc;

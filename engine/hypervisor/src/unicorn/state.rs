@@ -1,0 +1,435 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! The state the software CPU's hooks share with the engine: instruction
+//! counts and stop targets, stepping, accesses to replay, and why a run stopped.
+
+use super::*;
+
+/// Why the hooks stopped the CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Stop {
+    Budget,
+    /// The bus asked for a stop during an access. The CPU stopped inside
+    /// the accessing instruction, which is then completed by a step that
+    /// replays its accesses (see [`HookState::access`]).
+    Io,
+    /// An interrupt window was requested and is open.
+    Window,
+    /// The instruction being stepped is done.
+    Step,
+    /// A breakpoint of the running vCPU, before its instruction.
+    Breakpoint,
+    /// The next block is user code (replay of the kernel alone).
+    UserMode,
+    /// The same kernel block ran [`SPIN_REPEATS`] times in a row: a wait
+    /// loop, most likely for a lock another vCPU holds.
+    Spin,
+    Shutdown(String),
+    /// A hook panicked ([`HookState::hook_panic`] says how).
+    HookPanic,
+}
+
+/// See [`HookState::block_trace`].
+pub(super) struct BlockTrace {
+    pub(super) from: u64,
+    pub(super) to: u64,
+    pub(super) out: std::io::BufWriter<std::fs::File>,
+}
+
+impl BlockTrace {
+    pub(super) fn from_env() -> Option<BlockTrace> {
+        let spec = std::env::var("KRR_TRACE_KERNEL_BLOCKS").ok()?;
+        let (range, file) = spec.split_once(':')?;
+        let (from, to) = range.split_once('-')?;
+        let out = std::fs::File::create(file).ok()?;
+        Some(BlockTrace {
+            from: from.parse().ok()?,
+            to: to.parse().ok()?,
+            out: std::io::BufWriter::new(out),
+        })
+    }
+
+    pub(super) fn block(&mut self, count: u64, pc: u64) {
+        if (self.from..self.to).contains(&count) {
+            use std::io::Write;
+            let _ = writeln!(self.out, "{count} {pc:#x}");
+        }
+    }
+}
+
+/// RFLAGS bits the backend looks at.
+pub(super) const RFLAGS_TF: u64 = 1 << 8;
+pub(super) const RFLAGS_IF: u64 = 1 << 9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AccessKind {
+    PioIn,
+    PioOut,
+    MmioRead,
+    MmioWrite,
+}
+
+/// A port or MMIO access as the bus saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Access {
+    pub(super) kind: AccessKind,
+    pub(super) addr: u64,
+    pub(super) size: u8,
+    /// Value read, or written.
+    pub(super) value: u64,
+}
+
+impl Access {
+    pub(super) fn is_read(&self) -> bool {
+        matches!(self.kind, AccessKind::PioIn | AccessKind::MmioRead)
+    }
+}
+
+/// One instruction executed with TF set by the backend (a single-step, a
+/// step over a breakpoint, or the completion of an instruction that an I/O
+/// stop interrupted).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct StepState {
+    /// The guest had TF set itself: its #DB is real and is delivered.
+    pub(super) guest_tf: bool,
+    /// The single-step trap arrived: the instruction retired.
+    pub(super) trapped: bool,
+    /// Blocks entered during the step; a second one means the instruction
+    /// retired without a trap (SYSCALL masking TF), and the step ends there.
+    pub(super) blocks: u32,
+    /// An access made by the stepped instruction asked for a stop.
+    pub(super) io_stop: bool,
+}
+
+/// Executions in a row of one small kernel block that make a spin: a
+/// spinlock's wait loop (load, test, PAUSE, branch) is one block; 64 turns
+/// of it are a few hundred instructions, far less than a quantum.
+pub(super) const SPIN_REPEATS: u32 = 64;
+/// The most bytes such a wait loop's block has (`mov; test; pause; jne` is
+/// about 10): larger loops do work.
+pub(super) const SPIN_BLOCK_BYTES: u32 = 24;
+
+/// State shared with the C hooks through a stable pointer.
+pub(super) struct HookState {
+    /// The engine's handle: opened by `UnicornVm::new`, closed by `Engine`'s
+    /// `Drop`. `Engine` owns this state too, so the handle is open whenever
+    /// the state can be reached.
+    pub(super) uc: *mut uc_engine,
+    pub(super) env: EnvLayout,
+    /// The bus of the run in progress; only valid during `run`.
+    pub(super) bus: Option<*mut dyn RunContext>,
+    pub(super) vcpu: usize,
+    /// Instructions retired by the active vCPU.
+    pub(super) retired: u64,
+    /// Of those, instructions retired at CPL 0-2 (kernel code, the
+    /// decompressor and early boot included): the position replay of the
+    /// kernel alone can reproduce.
+    pub(super) kernel_retired: u64,
+    /// Stop before the first block of user code (replay).
+    pub(super) stop_at_user: bool,
+    /// CR2 when the run started: restored when a fault fetching user code
+    /// is the stop at user mode.
+    pub(super) cr2_at_run_start: u64,
+    /// Stop when the vCPU spins in the kernel ([`Stop::Spin`]).
+    pub(super) yield_on_spin: bool,
+    /// A block address counted in `watch_hits` ([`Vcpu::watch_block`]).
+    ///
+    /// [`Vcpu::watch_block`]: crate::Vcpu::watch_block
+    pub(super) watch_pc: Option<u64>,
+    pub(super) watch_hits: u64,
+    /// The last kernel block entered and how many times in a row.
+    pub(super) spin_pc: u64,
+    pub(super) spin_repeats: u32,
+    pub(super) stop_at: u64,
+    pub(super) stop: Option<Stop>,
+    /// Stop before a block once IF=1 and there is no interrupt shadow.
+    pub(super) window_requested: bool,
+    /// Port and MMIO accesses since the current block started: when an I/O
+    /// stop interrupts an instruction, the accesses it already made are the
+    /// last of these.
+    pub(super) recent: Vec<Access>,
+    /// While an interrupted instruction is completed: its accesses so far,
+    /// handed back instead of being made again.
+    pub(super) replay: Vec<Access>,
+    /// Next entry of `replay`; `None` until the first replayed access.
+    pub(super) replay_next: Option<usize>,
+    pub(super) replay_error: Option<String>,
+    pub(super) stepping: Option<StepState>,
+    /// Breakpoints (linear addresses) of the running vCPU.
+    pub(super) breakpoints: Vec<u64>,
+    /// The breakpoint being stepped over, not hit.
+    pub(super) lifted_breakpoint: Option<u64>,
+    /// Direct-mapped cache: (block pc, block size) -> instruction count.
+    pub(super) icounts: Vec<(u64, u32, u32)>,
+    /// Per small kernel block (same slots as `icounts`): whether its code
+    /// holds a PAUSE, i.e. it is a wait loop.
+    pub(super) pause_blocks: Vec<(u64, u32, bool)>,
+    /// Debugging aid (`KRR_TRACE_KERNEL_BLOCKS=FROM-TO:FILE`): every kernel
+    /// block entered while the kernel count is in [FROM, TO), as
+    /// "count pc" lines, to compare a recording's run with its replay.
+    pub(super) block_trace: Option<BlockTrace>,
+    pub(super) exits_by_kind: ExitCounters,
+    /// A hook's panic, caught before it reached unicorn ([`guarded`]).
+    pub(super) hook_panic: Option<String>,
+}
+
+pub(super) const ICOUNT_CACHE: usize = 1 << 14;
+
+impl HookState {
+    /// The run's bus, told first where the vCPU stands (every access,
+    /// CPUID, RDTSC, exception and SYSCALL goes through here).
+    pub(super) fn bus(&mut self) -> &mut dyn RunContext {
+        let at = self.position();
+        let vcpu = self.vcpu;
+        let bus = self.positioned_bus();
+        bus.position(vcpu, at);
+        bus
+    }
+
+    /// The run's bus without a new position: for the questions asked right
+    /// after an access, which [`Self::bus`] already positioned.
+    fn positioned_bus(&mut self) -> &mut dyn RunContext {
+        // SAFETY: (unverified, see `Vcpu::run` about unwinding) `self.bus`
+        // is `Some` only while `Vcpu::run` runs `run_with_bus`: `run` set it
+        // from its live `&mut dyn RunContext`, does not use that reference
+        // itself meanwhile, and clears it afterwards. Outside that window
+        // `expect` panics instead.
+        unsafe { &mut *self.bus.expect("I/O hook outside a run") }
+    }
+
+    pub(super) fn position(&self) -> Position {
+        Position {
+            icount: self.retired,
+            kernel_icount: self.kernel_retired,
+            rip: self.env.eip(),
+            rcx: self.env.reg(Gpr::Rcx),
+            cpl: self.env.cpl(),
+        }
+    }
+
+    pub(super) fn icount_slot(pc: u64, size: u32) -> usize {
+        ((pc ^ (pc >> 13) ^ ((size as u64) << 7)) as usize) & (ICOUNT_CACHE - 1)
+    }
+
+    /// A block was (re)translated: its cached count, if any, describes the
+    /// code it was translated from before and is replaced.
+    pub(super) fn block_translated(&mut self, pc: u64, size: u32, icount: u32) {
+        let slot = Self::icount_slot(pc, size);
+        self.icounts[slot] = (pc, size, icount);
+        self.pause_blocks[slot] = (u64::MAX, 0, false);
+    }
+
+    /// Whether the block at `pc` (`size` bytes, at most
+    /// [`SPIN_BLOCK_BYTES`]) holds a PAUSE (`f3 90`), read from guest
+    /// memory once per translation.
+    pub(super) fn has_pause(&mut self, pc: u64, size: u32) -> bool {
+        let slot = Self::icount_slot(pc, size);
+        let e = self.pause_blocks[slot];
+        if e.0 == pc && e.1 == size {
+            return e.2;
+        }
+        let mut code = [0u8; SPIN_BLOCK_BYTES as usize];
+        let len = (size as usize).min(code.len());
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`), called
+        // from a block hook on the emulating thread; `code` has room for
+        // `len` bytes.
+        let err = unsafe { uc_vmem_read(self.uc, pc, Prot::EXEC, code.as_mut_ptr().cast(), len) };
+        let pause = err == uc_error::OK && code[..len].windows(2).any(|w| w == [0xf3, 0x90]);
+        self.pause_blocks[slot] = (pc, size, pause);
+        pause
+    }
+
+    pub(super) fn icount(&mut self, pc: u64, size: u32) -> u64 {
+        let slot = Self::icount_slot(pc, size);
+        let e = self.icounts[slot];
+        if e.0 == pc && e.1 == size {
+            return e.2 as u64;
+        }
+        let mut tb = TranslationBlock {
+            pc: 0,
+            icount: 0,
+            size: 0,
+        };
+        let ctl = ControlType(
+            ControlType::TB_REQUEST_CACHE.0 | ControlType::IO_READ.0 | ControlType::IO_WRITE.0,
+        );
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`). A
+        // READ_WRITE TB_REQUEST_CACHE takes a uint64_t address and a `uc_tb *`
+        // as variadic arguments: `pc` is a u64 and `tb` a live
+        // TranslationBlock (bindgen's uc_tb), which unicorn fills in.
+        let err = unsafe { uc_ctl(self.uc, ctl, pc, &mut tb as *mut TranslationBlock) };
+        let n = if err == uc_error::OK && tb.pc == pc && tb.size as u32 == size {
+            tb.icount as u32
+        } else {
+            // Should not happen (the block is being executed); count by size
+            // so that counting stays deterministic.
+            size.max(1)
+        };
+        self.icounts[slot] = (pc, size, n);
+        n as u64
+    }
+
+    pub(super) fn stop(&mut self, why: Stop) {
+        if self.stop.is_none() {
+            self.stop = Some(why);
+        }
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`);
+        // uc_emu_stop takes nothing else and may be called from a hook or
+        // while the engine is idle (the request it then records is cleared
+        // by the next uc_emu_start).
+        unsafe { uc_emu_stop(self.uc) };
+    }
+
+    /// One port or MMIO access of `size` bytes (`write`: the value written).
+    /// Returns the value read (or written) and whether the bus asked for a
+    /// stop.
+    ///
+    /// A stop cannot end the instruction that made the access: unicorn
+    /// leaves the translated code right after an MMIO access with RIP at
+    /// the start of that instruction (its restart point after a fault), and
+    /// the port hooks leave the same way ([`internals::cpu_state`]).
+    /// The instruction is then stepped once more, and the accesses it
+    /// already made are replayed from `recent` rather than repeated, so the
+    /// bus sees each access exactly once and the vCPU stops after the
+    /// instruction.
+    pub(super) fn access(
+        &mut self,
+        kind: AccessKind,
+        addr: u64,
+        size: usize,
+        write: u64,
+    ) -> (u64, bool) {
+        if self.stepping.is_some() {
+            if let Some(value) = self.replayed(kind, addr, size, write) {
+                return (value, false);
+            }
+        }
+        let vcpu = self.vcpu;
+        let mut data = [0u8; 8];
+        let value = match kind {
+            AccessKind::PioIn => {
+                self.bus().pio_read(vcpu, addr as u16, &mut data[..size]);
+                u64::from_le_bytes(data)
+            }
+            AccessKind::MmioRead => {
+                self.bus().mmio_read(vcpu, addr, &mut data[..size]);
+                u64::from_le_bytes(data)
+            }
+            AccessKind::PioOut => {
+                self.bus()
+                    .pio_write(vcpu, addr as u16, &write.to_le_bytes()[..size]);
+                write
+            }
+            AccessKind::MmioWrite => {
+                self.bus()
+                    .mmio_write(vcpu, addr, &write.to_le_bytes()[..size]);
+                write
+            }
+        };
+        self.recent.push(Access {
+            kind,
+            addr,
+            size: size as u8,
+            value,
+        });
+        let stop = self.positioned_bus().stop_requested();
+        if matches!(kind, AccessKind::PioOut | AccessKind::MmioWrite) {
+            if let Some(end) = self.positioned_bus().run_end(vcpu) {
+                self.stop_at = self.stop_at.min(end);
+            }
+        }
+        if stop {
+            if let Some(step) = &mut self.stepping {
+                // The step ends after this instruction anyway.
+                step.io_stop = true;
+                return (value, false);
+            }
+        }
+        (value, stop)
+    }
+
+    /// The value of an access the instruction being completed made before
+    /// it was interrupted, or `None` for a new access.
+    pub(super) fn replayed(
+        &mut self,
+        kind: AccessKind,
+        addr: u64,
+        size: usize,
+        write: u64,
+    ) -> Option<u64> {
+        if self.replay.is_empty() {
+            return None;
+        }
+        let same = |a: &Access| {
+            a.kind == kind
+                && a.addr == addr
+                && a.size as usize == size
+                && (a.is_read() || a.value == write)
+        };
+        let next = match self.replay_next {
+            Some(i) => i,
+            // The interrupted instruction's accesses are the last ones made;
+            // its first access is the latest match of this one.
+            None => match self.replay.iter().rposition(same) {
+                Some(i) => i,
+                None => {
+                    self.replay_error = Some(format!(
+                        "the restarted instruction made a {kind:?} access to {addr:#x} ({size} bytes) that it had not made before; made: {:?}",
+                        self.replay
+                    ));
+                    self.replay_next = Some(self.replay.len());
+                    return None;
+                }
+            },
+        };
+        let a = *self.replay.get(next)?;
+        if !same(&a) {
+            self.replay_error = Some(format!(
+                "the restarted instruction made a {kind:?} access to {addr:#x} ({size} bytes) where {a:?} was expected"
+            ));
+            self.replay_next = Some(self.replay.len());
+            return None;
+        }
+        self.replay_next = Some(next + 1);
+        Some(a.value)
+    }
+
+    /// An access asked for a stop outside a step.
+    pub(super) fn io_stop(&mut self) {
+        self.stop(Stop::Io);
+    }
+
+    pub(super) fn window_open(&self) -> bool {
+        self.env.eflags() & RFLAGS_IF != 0 && !self.env.interrupt_shadow()
+    }
+}
+
+/// Runs the body of a hook. A panic must not unwind into unicorn's C
+/// frames (the process would abort, and a recording in progress with it):
+/// it is caught here, the run is stopped, and `run` fails with its message.
+pub(super) fn guarded<R>(st: *mut HookState, fallback: R, body: impl FnOnce() -> R) -> R {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            // SAFETY: `st` is the hook state this hook was registered with;
+            // the body's reference to it ended with the unwinding.
+            let st = unsafe { &mut *st };
+            st.hook_panic.get_or_insert(what);
+            st.stop(Stop::HookPanic);
+            fallback
+        }
+    }
+}
+
+/// The error of a run whose hook panicked.
+pub(super) fn hook_panicked(what: String) -> HypervisorError {
+    HypervisorError::Backend {
+        backend: BACKEND,
+        op: "hook",
+        reason: format!("a hook of the software CPU panicked: {what}"),
+    }
+}
