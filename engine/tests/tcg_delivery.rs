@@ -490,6 +490,57 @@ fn a_watched_block_is_counted_without_changing_the_run() {
     );
 }
 
+/// A breakpoint in the middle of a block stops the vCPU with the exact
+/// count of the instructions before it (the block was counted whole when
+/// entered), and the run resumed from there ends with the count and state
+/// of a run without breakpoints.
+#[test]
+fn a_breakpoint_inside_a_block_stops_at_an_exact_count() {
+    const LOOPS: u64 = 5;
+    let mut at = [0u64; 2];
+    let code = assemble(CODE, |a| {
+        let mut top = a.create_label();
+        let mut mid = a.create_label();
+        a.mov(ecx, LOOPS as u32)?;
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.add(rbx, 3)?;
+        a.set_label(&mut mid)?;
+        a.inc(rdx)?;
+        a.xor(rsi, rdx)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    // The offsets of `top` and `mid`: mov ecx (5 bytes), inc rax (3), add
+    // rbx (4).
+    at[0] = CODE + 5;
+    at[1] = CODE + 5 + 3 + 4;
+    let mut plain = Guest::new(&code, 0);
+    assert_eq!(plain.run(1_000), VmExit::Hlt);
+    let total = plain.vcpu().instructions_retired().unwrap();
+    assert_eq!(total, 1 + LOOPS * 6 + 1, "mov, 6 per loop, hlt");
+
+    let mut g = Guest::new(&code, 0);
+    g.vcpu().set_breakpoints(&[at[1]]).unwrap();
+    for pass in 0..LOOPS {
+        assert_eq!(g.run(1_000), VmExit::Debug { rip: at[1] }, "pass {pass}");
+        // mov, then `pass` whole loops and the two instructions before `mid`.
+        assert_eq!(
+            g.vcpu().instructions_retired().unwrap(),
+            1 + pass * 6 + 2,
+            "pass {pass}"
+        );
+    }
+    assert_eq!(g.run(1_000), VmExit::Hlt);
+    assert_eq!(g.vcpu().instructions_retired().unwrap(), total);
+    let (a, b) = (g.vcpu().regs().unwrap(), plain.vcpu().regs().unwrap());
+    assert_eq!(
+        (a.rax, a.rbx, a.rdx, a.rsi, a.rip),
+        (b.rax, b.rbx, b.rdx, b.rsi, b.rip)
+    );
+}
+
 /// A block patched in place with code of the same length but fewer
 /// instructions (as the kernel's alternatives and static keys do) is
 /// counted as it is now: the per-block count cache follows retranslation.

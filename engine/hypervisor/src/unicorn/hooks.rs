@@ -82,7 +82,14 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
         }
         let n = st.icount(pc, size);
         st.retired += n;
-        if st.env.cpl() != 3 {
+        let kernel = st.env.cpl() != 3;
+        st.block = EnteredBlock {
+            pc,
+            size,
+            insns: n,
+            kernel,
+        };
+        if kernel {
             if let Some(t) = &mut st.block_trace {
                 t.block(st.kernel_retired, pc);
             }

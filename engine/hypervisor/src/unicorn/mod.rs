@@ -298,6 +298,7 @@ impl UnicornVm {
             stepping: None,
             breakpoints: Vec::new(),
             lifted_breakpoint: None,
+            block: EnteredBlock::default(),
             icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
             pause_blocks: vec![(u64::MAX, 0, false); ICOUNT_CACHE],
             block_trace: BlockTrace::from_env(),

@@ -124,6 +124,9 @@ pub(super) struct HookState {
     /// decompressor and early boot included): the position replay of the
     /// kernel alone can reproduce.
     pub(super) kernel_retired: u64,
+    /// The block entered last, as counted then: its address, size and
+    /// instructions, and whether they went to `kernel_retired` too.
+    pub(super) block: EnteredBlock,
     /// Stop before the first block of user code (replay).
     pub(super) stop_at_user: bool,
     /// CR2 when the run started: restored when a fault fetching user code
@@ -173,6 +176,15 @@ pub(super) struct HookState {
 }
 
 pub(super) const ICOUNT_CACHE: usize = 1 << 14;
+
+/// A block as the block hook counted it on entry.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct EnteredBlock {
+    pub(super) pc: u64,
+    pub(super) size: u32,
+    pub(super) insns: u64,
+    pub(super) kernel: bool,
+}
 
 impl HookState {
     /// The run's bus, told first where the vCPU stands (every access,
@@ -236,6 +248,64 @@ impl HookState {
         let pause = err == uc_error::OK && code[..len].windows(2).any(|w| w == [0xf3, 0x90]);
         self.pause_blocks[slot] = (pc, size, pause);
         pause
+    }
+
+    /// A breakpoint stopped the vCPU at `rip`, inside the block entered
+    /// last, which was counted whole on entry: takes back the instructions
+    /// from `rip` to the block's end (they run, and are counted, as a block
+    /// of their own when the vCPU resumes), so that counts are as exact at a
+    /// breakpoint as at a block boundary. The instructions before `rip` are
+    /// found by decoding the block's code.
+    pub(super) fn uncount_rest_of_block(&mut self, rip: u64) -> std::result::Result<(), String> {
+        let b = self.block;
+        let before_len = rip.wrapping_sub(b.pc);
+        if before_len >= u64::from(b.size) {
+            return Err(format!(
+                "breakpoint at {rip:#x} outside the block entered last ({:#x}, {} bytes)",
+                b.pc, b.size
+            ));
+        }
+        let mut code = vec![0u8; before_len as usize];
+        // SAFETY: `self.uc` is the open engine (see `HookState::uc`), idle
+        // (called after `uc_emu_start` returned); `code` has room for the
+        // `code.len()` bytes read.
+        let err = unsafe {
+            uc_vmem_read(
+                self.uc,
+                b.pc,
+                Prot::EXEC,
+                code.as_mut_ptr().cast(),
+                code.len(),
+            )
+        };
+        if err != uc_error::OK {
+            return Err(format!("reading the block at {:#x}: {err:?}", b.pc));
+        }
+        let mut decoder =
+            iced_x86::Decoder::with_ip(64, &code, b.pc, iced_x86::DecoderOptions::NONE);
+        let mut before = 0u64;
+        while decoder.can_decode() {
+            if decoder.decode().is_invalid() {
+                break;
+            }
+            before += 1;
+        }
+        if decoder.ip() != rip || before >= b.insns {
+            return Err(format!(
+                "the block at {:#x} ({} instructions) does not decode to an instruction at {rip:#x}",
+                b.pc, b.insns
+            ));
+        }
+        let rest = b.insns - before;
+        self.retired -= rest;
+        if b.kernel {
+            self.kernel_retired -= rest;
+        }
+        // Counted: a second breakpoint stop in the same block must not
+        // take these back again.
+        self.block.insns = before;
+        self.block.size = before_len as u32;
+        Ok(())
     }
 
     pub(super) fn icount(&mut self, pc: u64, size: u32) -> u64 {

@@ -220,7 +220,15 @@ impl UnicornVcpu {
                     StepEnd::Retired { .. } => Ok(VmExit::IoStop),
                 };
             }
-            Some(Stop::Breakpoint) => return Ok(VmExit::Debug { rip: new_rip }),
+            Some(Stop::Breakpoint) => {
+                st.uncount_rest_of_block(new_rip)
+                    .map_err(|reason| HypervisorError::Backend {
+                        backend: BACKEND,
+                        op: "breakpoint",
+                        reason,
+                    })?;
+                return Ok(VmExit::Debug { rip: new_rip });
+            }
             Some(Stop::UserMode) => return Ok(VmExit::UserMode { rip: new_rip }),
             Some(Stop::Spin) => return Ok(VmExit::Spin),
             Some(Stop::Step) | Some(Stop::Shutdown(_)) | Some(Stop::HookPanic) | None => {}
