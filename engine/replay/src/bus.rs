@@ -33,9 +33,19 @@ pub(super) struct ReplayBus<'a> {
     pub(super) console: Vec<u8>,
     pub(super) serial_lcr: u8,
     pub(super) echo: bool,
+    /// The vCPU executes one instruction (a debugger's step): an access it
+    /// makes is counted at that instruction, not at the end of the block
+    /// it belonged to when recorded, so counts are not compared (the
+    /// event's order, kind, address and RIP still are).
+    pub(super) stepping: bool,
 }
 
 impl ReplayBus<'_> {
+    /// Whether a recorded kernel count matches the replay's.
+    fn same_count(&self, recorded: u64, now: u64) -> bool {
+        self.stepping || recorded == now
+    }
+
     pub(super) fn diverge(&mut self, index: u64, expected: String, found: String) {
         if self.divergence.is_none() {
             self.divergence = Some((index, expected, found));
@@ -61,7 +71,7 @@ impl ReplayBus<'_> {
                 }
                 Some(v) => {
                     if let Some(rec) = position_of(&e) {
-                        if rec.kernel_icount != at.kernel_icount {
+                        if !self.same_count(rec.kernel_icount, at.kernel_icount) {
                             self.diverge(
                                 i,
                                 format!("{e}"),
@@ -157,8 +167,9 @@ impl IoBus for ReplayBus<'_> {
 
     fn mmio_write(&mut self, _vcpu: usize, _addr: u64, _data: &[u8]) {
         // DMA the device made during this access (a queue notification).
+        let (stepping, now) = (self.stepping, self.at);
         while let Some((_, LogEvent::Dma { at, .. })) = self.src.peek() {
-            if at.kernel_icount != self.at.kernel_icount || at.rip != self.at.rip {
+            if !(stepping || at.kernel_icount == now.kernel_icount) || at.rip != now.rip {
                 break;
             }
             let Some((
@@ -229,6 +240,7 @@ impl RunEvents for ReplayBus<'_> {
         // returned to a user page that is not present, and fetching its
         // first instruction faults, as it did when recorded (a kernel entry
         // the CPU makes by itself).
+        let stepping = self.stepping;
         match self.src.pop() {
             Some((
                 _,
@@ -242,7 +254,7 @@ impl RunEvents for ReplayBus<'_> {
             )) if vector == e.vector
                 && from_user == (e.cpl == 3)
                 && cr2 == e.cr2
-                && rec.kernel_icount == at.kernel_icount
+                && (stepping || rec.kernel_icount == at.kernel_icount)
                 && rec.rip == at.rip => {}
             Some((i, other)) => self.diverge(i, format!("{other}"), found),
             None => self.log_end = true,

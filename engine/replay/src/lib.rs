@@ -44,6 +44,7 @@
 
 mod bus;
 mod report;
+mod session;
 mod source;
 
 use bus::{run_rebased, ReplayBus};
@@ -51,6 +52,7 @@ use report::{CheckpointTally, STALL_RUNS};
 pub use report::{
     Divergence, Reached, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,
 };
+pub use session::{DebugControl, DebugStop, ReplaySession, StopAt, Turn};
 use source::{entry_seq, position_of, EventSource};
 
 use krr_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
@@ -98,7 +100,7 @@ pub struct Replayer {
 }
 
 /// Where each vCPU of a replay stands.
-struct CpuProgress {
+pub(crate) struct CpuProgress {
     /// In user mode: the kernel waits for the vCPU's next recorded entry.
     in_user: bool,
     /// The recording's kernel count at the snapshot (replay counts from 0).
@@ -198,6 +200,54 @@ impl Replayer {
     /// Symbolizes `rip`.
     pub fn symbolize(&self, rip: u64) -> String {
         symbolize(&self.symbols, rip)
+    }
+
+    /// The recording's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The recording's header (kernel, vmlinux, vCPUs, memory).
+    pub fn header(&self) -> &RecordingHeader {
+        &self.header
+    }
+
+    /// The kernel's symbols (`System.map` beside the recorded kernel).
+    pub fn symbols(&self) -> &Symbols {
+        &self.symbols
+    }
+
+    /// The replaying vCPUs.
+    pub fn vcpus(&self) -> &[Box<dyn Vcpu>] {
+        &self.vcpus
+    }
+
+    /// The guest's memory as the replay has it.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Kernel instructions vCPU `cpu` has retired, as the recording counts
+    /// them (from the recording's start, not the replay's).
+    pub fn kernel_count(&self, session: &ReplaySession, cpu: usize) -> u64 {
+        session.progress[cpu].base_kernel
+            + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0)
+    }
+
+    /// Sets the breakpoints of every vCPU (guest-virtual addresses): a
+    /// turn whose vCPU gets to one stops there ([`DebugStop::Breakpoint`]).
+    /// They leave guest memory alone, so the replay's checks stay valid.
+    pub fn set_breakpoints(
+        &mut self,
+        session: &mut ReplaySession,
+        addrs: &[u64],
+    ) -> Result<(), ReplayError> {
+        for v in &mut self.vcpus {
+            v.set_breakpoints(addrs)
+                .map_err(|e| ReplayError::Setup(format!("breakpoints: {e}")))?;
+        }
+        session.debug.breakpoints = addrs.to_vec();
+        Ok(())
     }
 
     /// The RIP of vCPU `cpu` (0 where it cannot be read), for reports.
@@ -392,17 +442,22 @@ impl Replayer {
     }
 
     /// Replays to the end of the log (or `--until-event`).
-    ///
-    /// Several vCPUs: the log's `Slice` events give the order in which the
-    /// recording ran them (one at a time). The vCPU of the next engine
-    /// event is the one to run; it runs to the end of its slice (a kernel
-    /// instruction count, or its return to user mode), meeting its own
-    /// events on the way, and then the next slice's vCPU takes over.
     pub fn run(&mut self, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+        let mut session = self.start(opts)?;
+        loop {
+            if let Turn::Ended(end) = self.turn(&mut session, opts)? {
+                return Ok(self.finish(session, end));
+            }
+        }
+    }
+
+    /// Prepares a replay from the recording's start: the log opened, every
+    /// vCPU where the snapshot left it. [`Replayer::turn`] then advances it.
+    pub fn start(&mut self, opts: &ReplayOptions) -> Result<ReplaySession, ReplayError> {
         let start = Instant::now();
         let events_path = self.dir.join(recording::EVENTS_FILE);
         let dma_path = self.dir.join(recording::DMA_FILE);
-        let mut src = EventSource {
+        let src = EventSource {
             reader: EventLogReader::open(&events_path)?,
             engine: VecDeque::new(),
             agent: VecDeque::new(),
@@ -414,8 +469,7 @@ impl Replayer {
             next_stop_seen: None,
             entry_seen: Vec::new(),
         };
-        let dma = DmaLogReader::open(&dma_path).ok();
-        let mut progress: Vec<CpuProgress> = self
+        let progress: Vec<CpuProgress> = self
             .cpus
             .iter()
             .map(|c| CpuProgress {
@@ -424,12 +478,11 @@ impl Replayer {
                 delivery_pending: false,
             })
             .collect();
-        let mut entries = 0u64;
-        let (mut written, mut unmapped) = (0u64, 0u64);
-        let mut dma_reader = dma;
-        let mut console = Vec::new();
-        let mut serial_lcr = 0u8;
-        let until = opts.until_event.unwrap_or(u64::MAX);
+        let entries = 0u64;
+        let (written, unmapped) = (0u64, 0u64);
+        let dma_reader = DmaLogReader::open(&dma_path).ok();
+        let console = Vec::new();
+        let serial_lcr = 0u8;
         // `reaches`: blocks entered at the symbol are counted (a breakpoint
         // would split the blocks replay counts by); the first run after
         // which the count is non-zero is where the kernel got there.
@@ -443,30 +496,77 @@ impl Replayer {
                 .watch_block(Some(addr))
                 .map_err(|e| ReplayError::Setup(format!("watching {symbol}: {e}")))?;
         }
-        let mut reached: Option<Reached> = None;
+        let reached: Option<Reached> = None;
         // The user memory read in a stretch of kernel execution that did
         // not start with a kernel entry (the snapshot's, a resumed slice's)
         // is still to be written.
-        let mut segment_reads_due = true;
-        let mut checkpoints = CheckpointTally::default();
-        let kernel_total = |vcpus: &[Box<dyn Vcpu>]| -> u64 {
-            vcpus
-                .iter()
-                .map(|v| v.kernel_instructions_retired().unwrap_or(0))
-                .sum()
-        };
+        let segment_reads_due = true;
+        let checkpoints = CheckpointTally::default();
         let stall_after =
             std::time::Duration::from_secs(opts.stall_seconds.unwrap_or(DEFAULT_STALL_SECONDS));
-        let mut watchdog = (src.consumed, 0u64, 0u32, Instant::now());
-        let end = loop {
+        let watchdog = (src.consumed, 0u64, 0u32, Instant::now());
+        Ok(ReplaySession {
+            start,
+            src,
+            progress,
+            entries,
+            written,
+            unmapped,
+            dma_reader,
+            console,
+            serial_lcr,
+            reached,
+            segment_reads_due,
+            checkpoints,
+            stall_after,
+            watchdog,
+            debug: DebugControl::default(),
+        })
+    }
+
+    /// Replays to the end of the log (or `--until-event`).
+    ///
+    /// Several vCPUs: the log's `Slice` events give the order in which the
+    /// recording ran them (one at a time). The vCPU of the next engine
+    /// event is the one to run; it runs to the end of its slice (a kernel
+    /// instruction count, or its return to user mode), meeting its own
+    /// events on the way, and then the next slice's vCPU takes over.
+    ///
+    /// One turn: the next event is consumed, or the vCPU it belongs to runs
+    /// toward it. A debugger ([`ReplaySession::debug`]) can make a turn stop
+    /// early, at a breakpoint, after one instruction or at a kernel count.
+    pub fn turn(
+        &mut self,
+        session: &mut ReplaySession,
+        opts: &ReplayOptions,
+    ) -> Result<Turn, ReplayError> {
+        let ReplaySession {
+            src,
+            progress,
+            entries,
+            written,
+            unmapped,
+            dma_reader,
+            console,
+            serial_lcr,
+            reached,
+            segment_reads_due,
+            checkpoints,
+            stall_after,
+            watchdog,
+            debug,
+            ..
+        } = session;
+        let until = opts.until_event.unwrap_or(u64::MAX);
+        let end = 'turn: {
             if src.consumed >= until {
-                break ReplayEnd::StoppedAt {
+                break 'turn ReplayEnd::StoppedAt {
                     event: src.consumed,
                 };
             }
             let next = src.peek().cloned();
             let Some((index, event)) = next else {
-                break match (&src.broken, self.complete) {
+                break 'turn match (&src.broken, self.complete) {
                     (None, true) => ReplayEnd::Matched,
                     (Some(why), _) => ReplayEnd::LogEnded {
                         events: src.consumed,
@@ -480,7 +580,7 @@ impl Replayer {
             };
             let cpu = usize::from(event.cpu());
             if cpu >= self.vcpus.len() {
-                break ReplayEnd::Diverged(Divergence {
+                break 'turn ReplayEnd::Diverged(Divergence {
                     event: index,
                     expected: format!("#{index} {event}"),
                     found: format!("a machine of {} vCPUs", self.vcpus.len()),
@@ -495,7 +595,7 @@ impl Replayer {
             // Progress watchdog: every turn of this loop consumes an event
             // or runs kernel code; one that keeps doing neither is stuck.
             let retired = kernel_total(&self.vcpus);
-            let (seen, seen_retired, idle_runs, since) = &mut watchdog;
+            let (seen, seen_retired, idle_runs, since) = watchdog;
             if src.consumed != *seen {
                 *seen = src.consumed;
                 *since = Instant::now();
@@ -510,7 +610,7 @@ impl Replayer {
                 Some(format!(
                     "no progress: {STALL_RUNS} runs of vCPU {cpu} consumed no event and retired no kernel instruction"
                 ))
-            } else if since.elapsed() >= stall_after {
+            } else if since.elapsed() >= *stall_after {
                 Some(format!(
                     "no progress: no event consumed for {} s",
                     stall_after.as_secs()
@@ -525,7 +625,7 @@ impl Replayer {
                 } else {
                     "the kernel"
                 };
-                break ReplayEnd::Stalled(Divergence {
+                break 'turn ReplayEnd::Stalled(Divergence {
                     event: index,
                     expected: format!("#{index} {event}"),
                     found: format!(
@@ -557,29 +657,29 @@ impl Replayer {
                     return Err(ReplayError::Setup(format!("starting vCPU {cpu}: {e}")));
                 }
                 progress[cpu].in_user = false;
-                continue;
+                return Ok(Turn::Continue);
             }
             if progress[cpu].in_user {
                 // The kernel is not running on this vCPU: the next event
                 // must enter it, or end the vCPU's slice in user mode.
                 if let LogEvent::Slice { at, .. } = &event {
                     if at.cpl != 3 || at.kernel_icount != kernel_now {
-                        break diverged(
+                        break 'turn diverged(
                             &self.symbols,
-                            &src,
+                            src,
                             format!("#{index} {event}"),
                             format!("vCPU {cpu} in user mode at kernel instruction {kernel_now}"),
                             self.rip(cpu),
                         );
                     }
                     src.pop();
-                    segment_reads_due = true;
-                    continue;
+                    *segment_reads_due = true;
+                    return Ok(Turn::Continue);
                 }
                 let Some(seq) = entry_seq(&event) else {
-                    break diverged(
+                    break 'turn diverged(
                         &self.symbols,
-                        &src,
+                        src,
                         format!("#{index} {event}"),
                         "a kernel entry from user mode (the kernel returned to user mode)".into(),
                         self.rip(cpu),
@@ -592,7 +692,7 @@ impl Replayer {
                 );
                 let end_seq = src.next_boundary_seq();
                 let Some(reads) = src.agent_before(end_seq, cpu) else {
-                    break ReplayEnd::LogEnded {
+                    break 'turn ReplayEnd::LogEnded {
                         events: src.consumed,
                         why: format!(
                             "{}; the agent records the kernel stint after event #{index} needs (from seq {seq}) are not in the valid part of the log",
@@ -600,21 +700,21 @@ impl Replayer {
                         ),
                     };
                 };
-                self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
-                segment_reads_due = false;
+                self.apply_user_reads(cpu, &reads, written, unmapped);
+                *segment_reads_due = false;
                 if let Err(e) = self.enter_kernel(cpu, &event) {
-                    break diverged(
+                    break 'turn diverged(
                         &self.symbols,
-                        &src,
+                        src,
                         format!("#{index} {event}"),
                         format!("cannot enter the kernel: {e}"),
                         0,
                     );
                 }
-                entries += 1;
+                *entries += 1;
                 progress[cpu].in_user = false;
                 progress[cpu].delivery_pending = !matches!(event, LogEvent::Syscall { .. });
-                continue;
+                return Ok(Turn::Continue);
             }
             // In the kernel: interrupts, slice ends and checkpoints are the
             // events the replay must stop for; everything else the kernel
@@ -646,9 +746,9 @@ impl Replayer {
                         ..
                     } => {
                         if now != *regs || now.rip != at.rip {
-                            break diverged(
+                            break 'turn diverged(
                                 &self.symbols,
-                                &src,
+                                src,
                                 format!("#{index} {event}; registers {regs:x?}"),
                                 format!("registers {now:x?}"),
                                 now.rip,
@@ -662,16 +762,16 @@ impl Replayer {
                     }
                     LogEvent::Slice { at, .. } => {
                         if now.rip != at.rip {
-                            break diverged(
+                            break 'turn diverged(
                                 &self.symbols,
-                                &src,
+                                src,
                                 format!("#{index} {event}"),
                                 format!("vCPU {cpu} at rip {:#x}", now.rip),
                                 now.rip,
                             );
                         }
                         src.pop();
-                        segment_reads_due = true;
+                        *segment_reads_due = true;
                     }
                     LogEvent::Checkpoint { regs, sha256, .. } => {
                         let total = kernel_total(&self.vcpus);
@@ -679,9 +779,9 @@ impl Replayer {
                             if let Some((expected, found)) =
                                 self.check_checkpoint(cpu, regs, sha256)
                             {
-                                break diverged(
+                                break 'turn diverged(
                                     &self.symbols,
-                                    &src,
+                                    src,
                                     format!("#{index} {event}: {expected}"),
                                     found,
                                     now.rip,
@@ -695,32 +795,32 @@ impl Replayer {
                     }
                     _ => unreachable!("stop_here is set for these events only"),
                 }
-                continue;
+                return Ok(Turn::Continue);
             }
             if let Some(target) = target {
                 if kernel_now > target {
-                    break diverged(
+                    break 'turn diverged(
                         &self.symbols,
-                        &src,
+                        src,
                         format!("#{index} {event}"),
                         format!("the replay is already at kernel instruction {kernel_now}"),
                         self.rip(cpu),
                     );
                 }
             }
-            if segment_reads_due {
-                segment_reads_due = false;
+            if *segment_reads_due {
+                *segment_reads_due = false;
                 let end_seq = src.next_boundary_seq();
                 if let Some(reads) = src.agent_before(end_seq, cpu) {
-                    self.apply_user_reads(cpu, &reads, &mut written, &mut unmapped);
+                    self.apply_user_reads(cpu, &reads, written, unmapped);
                 }
             }
             let end_icount = self.recorded_end_icounts.get(cpu).copied();
             if let (None, Some(limit)) = (target, end_icount) {
                 if kernel_now > limit {
-                    break diverged(
+                    break 'turn diverged(
                         &self.symbols,
-                        &src,
+                        src,
                         format!("#{index} {event}"),
                         format!(
                             "vCPU {cpu} ran past the recording's end ({limit} instructions) without meeting the event"
@@ -729,14 +829,40 @@ impl Replayer {
                     );
                 }
             }
-            let budget = match (target, end_icount) {
+            let mut budget = match (target, end_icount) {
                 (Some(t), _) => Some(t - kernel_now),
                 (None, Some(limit)) => Some(limit - kernel_now + 1),
                 (None, None) => None,
             };
+            // A debugger's limits on this run. A run stops at the first
+            // block boundary at or past its budget, so a count is reached
+            // exactly by running to within a block of it and stepping.
+            let mut step_once = debug.step == Some(cpu);
+            if let Some(at) = debug.stop_at.filter(|at| at.cpu == cpu) {
+                if kernel_now >= at.count {
+                    // Here, or past it without having been there exactly
+                    // (then the debugger says the point was not found).
+                    return Ok(Turn::Stopped(DebugStop::AtCount { cpu }));
+                }
+                let left = at.count - kernel_now;
+                if left <= MAX_BLOCK_INSNS {
+                    step_once = true;
+                } else {
+                    let run = left - MAX_BLOCK_INSNS;
+                    budget = Some(budget.map_or(run, |b| b.min(run)));
+                }
+            }
+            if let Some(most) = debug.max_run {
+                budget = Some(budget.map_or(most, |b| b.min(most)));
+            }
+            if step_once {
+                self.vcpus[cpu]
+                    .set_single_step(true)
+                    .map_err(|e| ReplayError::Setup(e.to_string()))?;
+            }
             let ring_phys = self.header.ring.map(|r| r.phys);
             let mut bus = ReplayBus {
-                src: &mut src,
+                src,
                 mem: self.mem.clone(),
                 dma: dma_reader.take(),
                 cpuid: CpuidConfig {
@@ -749,9 +875,10 @@ impl Replayer {
                 divergence: None,
                 log_end: false,
                 dma_ranges: Vec::new(),
-                console: std::mem::take(&mut console),
-                serial_lcr,
+                console: std::mem::take(console),
+                serial_lcr: *serial_lcr,
                 echo: opts.echo_console,
+                stepping: step_once,
             };
             // Positions the bus sees count from this VM's start: rebase the
             // recorded ones by comparing with the rebased count.
@@ -762,9 +889,14 @@ impl Replayer {
                 progress[cpu].base_kernel,
             );
             progress[cpu].delivery_pending = false;
-            console = std::mem::take(&mut bus.console);
-            serial_lcr = bus.serial_lcr;
-            dma_reader = bus.dma.take();
+            if step_once {
+                self.vcpus[cpu]
+                    .set_single_step(false)
+                    .map_err(|e| ReplayError::Setup(e.to_string()))?;
+            }
+            *console = std::mem::take(&mut bus.console);
+            *serial_lcr = bus.serial_lcr;
+            *dma_reader = bus.dma.take();
             let ranges = std::mem::take(&mut bus.dma_ranges);
             let divergence = bus.divergence.take();
             let log_end = bus.log_end;
@@ -781,7 +913,7 @@ impl Replayer {
             };
             if let Some((i, expected, found)) = divergence {
                 let rip = self.rip(cpu);
-                break ReplayEnd::Diverged(Divergence {
+                break 'turn ReplayEnd::Diverged(Divergence {
                     event: i,
                     expected,
                     found,
@@ -792,7 +924,7 @@ impl Replayer {
             }
             if let (None, Some(symbol)) = (&reached, &opts.reaches) {
                 if self.vcpus[cpu].watch_hits().unwrap_or(0) > 0 {
-                    reached = Some(Reached {
+                    *reached = Some(Reached {
                         symbol: symbol.clone(),
                         cpu,
                         kernel_icount: kernel_after,
@@ -801,7 +933,7 @@ impl Replayer {
             }
             if log_end {
                 // The loop's next look at the log ends the replay.
-                continue;
+                return Ok(Turn::Continue);
             }
             match exit {
                 Ok(VmExit::UserMode { .. }) => progress[cpu].in_user = true,
@@ -812,8 +944,8 @@ impl Replayer {
                 Ok(VmExit::Shutdown) => {
                     // The recording's own end, if it ended with this
                     // vCPU's triple fault here.
-                    if self.recorded_triple_fault == Some(cpu) && at_recorded_end(&mut src) {
-                        continue;
+                    if self.recorded_triple_fault == Some(cpu) && at_recorded_end(src) {
+                        return Ok(Turn::Continue);
                     }
                     let (i, expected) = match src.peek().cloned() {
                         Some((i, e)) => (i, format!("#{i} {e}")),
@@ -826,7 +958,7 @@ impl Replayer {
                         ),
                         None => "the recording has no triple fault".into(),
                     };
-                    break ReplayEnd::Diverged(Divergence {
+                    break 'turn ReplayEnd::Diverged(Divergence {
                         event: i,
                         expected,
                         found: format!(
@@ -843,18 +975,52 @@ impl Replayer {
             // unless that is how the recording ended (every vCPU halted
             // for good: a power-off without ACPI, `halt -f`).
             if matches!(exit, Ok(VmExit::Hlt)) && target.is_none() {
-                if at_recorded_end(&mut src) {
-                    continue;
+                if at_recorded_end(src) {
+                    return Ok(Turn::Continue);
                 }
-                break diverged(
+                break 'turn diverged(
                     &self.symbols,
-                    &src,
+                    src,
                     format!("#{index} {event}"),
                     "the kernel halted waiting for an interrupt".into(),
                     self.rip(cpu),
                 );
             }
+            let rip_after = self.rip(cpu);
+            if let Some(at) = debug.stop_at.filter(|at| at.cpu == cpu) {
+                let here = kernel_after == at.count && at.rip.is_none_or(|r| r == rip_after);
+                if here || kernel_after > at.count {
+                    return Ok(Turn::Stopped(DebugStop::AtCount { cpu }));
+                }
+            }
+            if let Ok(VmExit::Debug { rip }) = exit {
+                if debug.step == Some(cpu) {
+                    debug.step = None;
+                    return Ok(Turn::Stopped(DebugStop::Stepped { cpu }));
+                }
+                if !step_once || debug.breakpoints.contains(&rip) {
+                    return Ok(Turn::Stopped(DebugStop::Breakpoint { cpu, rip }));
+                }
+            }
+            return Ok(Turn::Continue);
         };
+        Ok(Turn::Ended(end))
+    }
+
+    /// The report of a replay that ended with `end`: the console output is
+    /// compared with the recorded one first.
+    pub fn finish(&mut self, session: ReplaySession, end: ReplayEnd) -> ReplayReport {
+        let ReplaySession {
+            start,
+            src,
+            entries,
+            written,
+            unmapped,
+            console,
+            reached,
+            checkpoints,
+            ..
+        } = session;
         // The replay's console must reproduce the recorded one (up to where
         // the replay got).
         let console_matches = console.len() <= src.console.len()
@@ -872,7 +1038,7 @@ impl Replayer {
             }),
             other => other,
         };
-        Ok(ReplayReport {
+        ReplayReport {
             recording: self.dir.clone(),
             end,
             events: src.consumed,
@@ -889,7 +1055,7 @@ impl Replayer {
             console_matches,
             reached,
             console,
-        })
+        }
     }
 }
 
@@ -899,6 +1065,18 @@ fn interrupt_injection(kind: InterruptKind, vector: u8) -> Injection {
         InterruptKind::Nmi => Injection::Nmi,
         InterruptKind::External => Injection::Interrupt(vector),
     }
+}
+
+/// The most instructions the software CPU puts in one block (QEMU's
+/// `TCG_MAX_INSNS`): a run with a budget stops at most this far past it.
+const MAX_BLOCK_INSNS: u64 = 512;
+
+/// Kernel instructions retired by all vCPUs.
+fn kernel_total(vcpus: &[Box<dyn Vcpu>]) -> u64 {
+    vcpus
+        .iter()
+        .map(|v| v.kernel_instructions_retired().unwrap_or(0))
+        .sum()
 }
 
 fn symbolize(symbols: &Symbols, rip: u64) -> String {

@@ -150,6 +150,11 @@ impl UnicornVcpu {
             return Ok(VmExit::InterruptWindow);
         }
         let rip = st.env.eip();
+        // A step, like a run, executes no user code when asked to stop
+        // before it (replay of the kernel alone).
+        if single_step && st.stop_at_user && st.env.cpl() == 3 {
+            return Ok(VmExit::UserMode { rip });
+        }
         let at_breakpoint = is_breakpoint(e, self.id, rip);
         if single_step || at_breakpoint {
             // Single-step, or resume from a breakpoint: execute the
@@ -164,6 +169,9 @@ impl UnicornVcpu {
             }
             if single_step || is_breakpoint(e, self.id, rip) {
                 return Ok(VmExit::Debug { rip });
+            }
+            if st.stop_at_user && st.env.cpl() == 3 {
+                return Ok(VmExit::UserMode { rip });
             }
             if window_requested && e.st().window_open() {
                 return Ok(VmExit::InterruptWindow);
