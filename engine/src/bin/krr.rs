@@ -183,6 +183,15 @@ struct ReplayArgs {
     /// too), e.g. to parse its crash report.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
+    /// Debug the replay in gdb: wait for gdb's `target remote` on ADDR
+    /// (`:PORT`, `HOST:PORT`, or a unix socket path) and replay under its
+    /// control: breakpoints, stepping, reverse-stepi, reverse-continue.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["json", "until_event"])]
+    gdb: Option<String>,
+    /// With --gdb: replay to the recording's end before gdb connects, so
+    /// that a crash can be debugged backwards from where it happened.
+    #[arg(long, requires = "gdb")]
+    at_end: bool,
 }
 
 #[derive(Parser)]
@@ -356,6 +365,10 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         stall_seconds: a.stall_seconds,
         reaches: a.reaches.clone(),
     };
+    if let Some(listen) = &a.gdb {
+        drop(replayer);
+        return debug_replay(&dir, opts, listen, a.at_end);
+    }
     let report = replayer.run(&opts)?;
     if let Some(path) = &a.console {
         std::fs::write(path, &report.console)
@@ -407,6 +420,45 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(report.exit_code())
+}
+
+/// `krr replay --gdb`: the replay under gdb's control.
+fn debug_replay(
+    dir: &std::path::Path,
+    opts: krr_engine::replay::ReplayOptions,
+    listen: &str,
+    at_end: bool,
+) -> anyhow::Result<i32> {
+    use krr_gdb::{describe_end, Listen, ReplayTarget};
+    let mut target = ReplayTarget::open(dir, opts)
+        .with_context(|| format!("cannot replay {}", dir.display()))?;
+    if at_end {
+        eprintln!(
+            "krr: replaying {} to its end before gdb connects",
+            dir.display()
+        );
+        let end = target.run_to_end()?;
+        eprintln!("krr: {}", describe_end(end));
+    }
+    let header = target.replayer().header();
+    let vmlinux = header
+        .vmlinux
+        .as_ref()
+        .map(|v| v.path.clone())
+        .filter(|p| std::path::Path::new(p).exists());
+    let listen = Listen::parse(listen);
+    let outcome = krr_gdb::serve(&mut target, &listen, |addr| {
+        eprintln!("krr: waiting for gdb on {addr}; connect with:");
+        match &vmlinux {
+            Some(v) => eprintln!("  gdb -ex 'target remote {addr}' {v}"),
+            None => eprintln!(
+                "  gdb -ex 'target remote {addr}' VMLINUX\n(the recording names no vmlinux that exists here: use the kernel build's vmlinux for symbols)"
+            ),
+        }
+        eprintln!("krr: vCPUs are gdb threads; breakpoints, stepi, continue, reverse-stepi, reverse-continue and 'monitor help' work; writes to memory and registers are refused");
+    })?;
+    eprintln!("krr: {outcome}");
+    Ok(0)
 }
 
 fn run(a: RunArgs) -> anyhow::Result<i32> {

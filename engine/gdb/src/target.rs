@@ -1,0 +1,698 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! The replay as gdb sees it: vCPUs as threads, memory through the vCPU's
+//! page tables, breakpoints that leave guest memory alone, execution
+//! forwards (turns of the replay) and backwards (re-execution from the
+//! recording's start to an exact point: deterministic replay makes the
+//! past reachable again).
+
+use crate::regs;
+use gdbstub::common::{Signal, Tid};
+use gdbstub::stub::MultiThreadStopReason;
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
+};
+use gdbstub::target::ext::base::reverse_exec::{
+    ReplayLogPosition, ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
+};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, SwBreakpoint, SwBreakpointOps,
+};
+use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::{Target, TargetError, TargetResult};
+use gdbstub_arch::x86::X86_64_SSE;
+use krr_replay::{
+    DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, Replayer, StopAt, Turn,
+};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress};
+
+/// What gdb is told when the replay stops.
+pub type StopReason = MultiThreadStopReason<u64>;
+
+/// The longest run of a vCPU in one turn while gdb waits: Ctrl-C is
+/// noticed between turns.
+const RUN_CHUNK: u64 = 2_000_000;
+/// How long [`ReplayTarget::advance`] works before it lets the stub look
+/// for Ctrl-C.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GdbError {
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What gdb asked for and the replay still has to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Continue,
+    Step(usize),
+    ReverseStep(usize),
+    ReverseContinue,
+}
+
+/// A breakpoint hit met on the way to a point (reverse-continue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hit {
+    cpu: usize,
+    count: u64,
+    rip: u64,
+}
+
+/// A replay under gdb's control.
+pub struct ReplayTarget {
+    dir: PathBuf,
+    opts: ReplayOptions,
+    replayer: Replayer,
+    session: ReplaySession,
+    /// Each vCPU's kernel count at the recording's start.
+    start_counts: Vec<u64>,
+    breakpoints: Vec<u64>,
+    /// The vCPU gdb asked to step, while resume actions are collected.
+    step_request: Option<usize>,
+    pending: Option<Action>,
+    ended: Option<ReplayEnd>,
+    /// The vCPU of the last stop.
+    current: usize,
+}
+
+pub(crate) fn tid(cpu: usize) -> Tid {
+    NonZeroUsize::new(cpu + 1).expect("cpu + 1 is not zero")
+}
+
+fn cpu_of(tid: Tid) -> usize {
+    tid.get() - 1
+}
+
+impl ReplayTarget {
+    /// Opens the recording at `dir`, positioned at its start.
+    pub fn open(dir: &Path, opts: ReplayOptions) -> Result<ReplayTarget, GdbError> {
+        let mut replayer = Replayer::open(dir)?;
+        let session = replayer.start(&opts)?;
+        let start_counts = (0..replayer.vcpus().len())
+            .map(|cpu| replayer.kernel_count(&session, cpu))
+            .collect();
+        Ok(ReplayTarget {
+            dir: dir.to_path_buf(),
+            opts,
+            replayer,
+            session,
+            start_counts,
+            breakpoints: Vec::new(),
+            step_request: None,
+            pending: None,
+            ended: None,
+            current: 0,
+        })
+    }
+
+    /// The replayer (symbols, header, vCPUs).
+    pub fn replayer(&self) -> &Replayer {
+        &self.replayer
+    }
+
+    /// Runs forward to the replay's end (`--at-end`: start debugging a
+    /// crash from where it happened, ready to go backwards).
+    pub fn run_to_end(&mut self) -> Result<&ReplayEnd, GdbError> {
+        self.session.debug.max_run = None;
+        loop {
+            if let Turn::Ended(end) = self.replayer.turn(&mut self.session, &self.opts)? {
+                self.current = self.busiest_cpu();
+                return Ok(self.ended.insert(end));
+            }
+        }
+    }
+
+    /// How the replay ended, once it has.
+    pub fn ended(&self) -> Option<&ReplayEnd> {
+        self.ended.as_ref()
+    }
+
+    /// The vCPU of the last event consumed (where the replay stands).
+    fn busiest_cpu(&self) -> usize {
+        (0..self.replayer.vcpus().len())
+            .max_by_key(|&c| self.replayer.kernel_count(&self.session, c))
+            .unwrap_or(0)
+    }
+
+    fn count(&self, cpu: usize) -> u64 {
+        self.replayer.kernel_count(&self.session, cpu)
+    }
+
+    fn rip(&self, cpu: usize) -> u64 {
+        self.replayer.vcpus()[cpu]
+            .regs()
+            .map(|r| r.rip)
+            .unwrap_or(0)
+    }
+
+    /// Works on what gdb asked for, for about [`POLL_EVERY`] at most when
+    /// going forwards; `Some` when the replay stopped.
+    pub fn advance(&mut self) -> Result<Option<StopReason>, GdbError> {
+        let stop = match self.pending {
+            None => return Ok(None),
+            Some(Action::Continue) => self.forward(None)?,
+            Some(Action::Step(cpu)) => self.forward(Some(cpu))?,
+            Some(Action::ReverseStep(cpu)) => {
+                let stop = self.reverse_step(cpu);
+                Some(self.or_stop_there(stop)?)
+            }
+            Some(Action::ReverseContinue) => {
+                let stop = self.reverse_continue();
+                Some(self.or_stop_there(stop)?)
+            }
+        };
+        if stop.is_some() {
+            self.pending = None;
+        }
+        Ok(stop)
+    }
+
+    /// A point that could not be reached (the replay ended or diverged on
+    /// the way) stops the session where the replay got, with the reason on
+    /// the terminal; the session goes on.
+    fn or_stop_there(
+        &mut self,
+        stop: Result<StopReason, GdbError>,
+    ) -> Result<StopReason, GdbError> {
+        match stop {
+            Err(GdbError::Other(why)) => {
+                eprintln!("krr: {why}");
+                Ok(MultiThreadStopReason::SignalWithThread {
+                    tid: tid(self.current),
+                    signal: Signal::SIGABRT,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// gdb interrupted (Ctrl-C): the replay stays where it is.
+    pub fn interrupt(&mut self) -> StopReason {
+        self.pending = None;
+        self.session.debug.step = None;
+        MultiThreadStopReason::SignalWithThread {
+            tid: tid(self.current),
+            signal: Signal::SIGINT,
+        }
+    }
+
+    fn end_reason(&self) -> StopReason {
+        match &self.ended {
+            Some(ReplayEnd::Diverged(_)) | Some(ReplayEnd::Stalled(_)) => {
+                MultiThreadStopReason::SignalWithThread {
+                    tid: tid(self.current),
+                    signal: Signal::SIGABRT,
+                }
+            }
+            _ => MultiThreadStopReason::ReplayLog {
+                tid: Some(tid(self.current)),
+                pos: ReplayLogPosition::End,
+            },
+        }
+    }
+
+    fn forward(&mut self, step: Option<usize>) -> Result<Option<StopReason>, GdbError> {
+        if self.ended.is_some() {
+            return Ok(Some(self.end_reason()));
+        }
+        self.session.debug.step = step;
+        self.session.debug.max_run = Some(RUN_CHUNK);
+        let began = Instant::now();
+        while began.elapsed() < POLL_EVERY {
+            match self.replayer.turn(&mut self.session, &self.opts)? {
+                Turn::Continue => {}
+                Turn::Stopped(DebugStop::Breakpoint { cpu, .. }) => {
+                    self.current = cpu;
+                    self.session.debug.step = None;
+                    return Ok(Some(MultiThreadStopReason::SwBreak(tid(cpu))));
+                }
+                Turn::Stopped(DebugStop::Stepped { cpu })
+                | Turn::Stopped(DebugStop::AtCount { cpu }) => {
+                    self.current = cpu;
+                    return Ok(Some(MultiThreadStopReason::SignalWithThread {
+                        tid: tid(cpu),
+                        signal: Signal::SIGTRAP,
+                    }));
+                }
+                Turn::Ended(end) => {
+                    self.session.debug.step = None;
+                    eprintln!("krr: {}", describe_end(&end));
+                    self.ended = Some(end);
+                    return Ok(Some(self.end_reason()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// A fresh replay of the recording from its start, with no
+    /// breakpoints applied.
+    fn restart(&mut self) -> Result<(), GdbError> {
+        let mut replayer = Replayer::open(&self.dir)?;
+        let session = replayer.start(&self.opts)?;
+        self.replayer = replayer;
+        self.session = session;
+        self.ended = None;
+        Ok(())
+    }
+
+    fn apply_breakpoints(&mut self) -> Result<(), GdbError> {
+        let bps = self.breakpoints.clone();
+        self.replayer.set_breakpoints(&mut self.session, &bps)?;
+        Ok(())
+    }
+
+    /// Replays from the start to `at`; with `collect`, with the
+    /// breakpoints set, returning the hits on the way.
+    fn goto(&mut self, at: StopAt, collect: bool) -> Result<Vec<Hit>, GdbError> {
+        self.restart()?;
+        if collect {
+            self.apply_breakpoints()?;
+        }
+        self.session.debug.stop_at = Some(at);
+        let mut hits = Vec::new();
+        let outcome = loop {
+            match self.replayer.turn(&mut self.session, &self.opts) {
+                Ok(Turn::Continue) | Ok(Turn::Stopped(DebugStop::Stepped { .. })) => {}
+                Ok(Turn::Stopped(DebugStop::Breakpoint { cpu, rip })) => hits.push(Hit {
+                    cpu,
+                    count: self.count(cpu),
+                    rip,
+                }),
+                Ok(Turn::Stopped(DebugStop::AtCount { .. })) => break Ok(()),
+                Ok(Turn::Ended(end)) => {
+                    let why = format!(
+                        "the replay ended before vCPU {} got to kernel instruction {}: {}",
+                        at.cpu,
+                        at.count,
+                        describe_end(&end)
+                    );
+                    self.ended = Some(end);
+                    break Err(GdbError::Other(why));
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.session.debug.stop_at = None;
+        self.apply_breakpoints()?;
+        self.current = at.cpu;
+        outcome.map(|()| hits)
+    }
+
+    fn at_start(&self, cpu: usize) -> bool {
+        self.count(cpu) <= self.start_counts[cpu]
+    }
+
+    fn reverse_step(&mut self, cpu: usize) -> Result<StopReason, GdbError> {
+        if self.at_start(cpu) {
+            return Ok(MultiThreadStopReason::ReplayLog {
+                tid: Some(tid(cpu)),
+                pos: ReplayLogPosition::Begin,
+            });
+        }
+        let count = self.count(cpu) - 1;
+        self.goto(
+            StopAt {
+                cpu,
+                count,
+                rip: None,
+            },
+            false,
+        )?;
+        Ok(MultiThreadStopReason::SignalWithThread {
+            tid: tid(cpu),
+            signal: Signal::SIGTRAP,
+        })
+    }
+
+    fn reverse_continue(&mut self) -> Result<StopReason, GdbError> {
+        let cpu = self.current;
+        let now = StopAt {
+            cpu,
+            count: self.count(cpu),
+            rip: Some(self.rip(cpu)),
+        };
+        let hits = self.goto(now, true)?;
+        let here = Hit {
+            cpu,
+            count: now.count,
+            rip: self.rip(cpu),
+        };
+        match hits.into_iter().rfind(|h| *h != here) {
+            Some(h) => {
+                self.goto(
+                    StopAt {
+                        cpu: h.cpu,
+                        count: h.count,
+                        rip: Some(h.rip),
+                    },
+                    false,
+                )?;
+                Ok(MultiThreadStopReason::SwBreak(tid(h.cpu)))
+            }
+            None => {
+                self.restart()?;
+                self.apply_breakpoints()?;
+                Ok(MultiThreadStopReason::ReplayLog {
+                    tid: Some(tid(cpu)),
+                    pos: ReplayLogPosition::Begin,
+                })
+            }
+        }
+    }
+
+    /// What `monitor where` prints.
+    fn describe_position(&self) -> Vec<String> {
+        let mut lines = vec![format!(
+            "recording {}: {} events of the log consumed",
+            self.dir.display(),
+            self.session.events_consumed()
+        )];
+        for cpu in 0..self.replayer.vcpus().len() {
+            let mode = if self.session.in_user_mode(cpu) {
+                "in user mode (not replayed)"
+            } else {
+                "in the kernel"
+            };
+            let rip = self.rip(cpu);
+            lines.push(format!(
+                "{} vCPU {cpu} (thread {}): kernel instruction {}, {mode}, rip {rip:#x} {}",
+                if cpu == self.current { "*" } else { " " },
+                cpu + 1,
+                self.count(cpu),
+                self.replayer.symbolize(rip)
+            ));
+        }
+        if let Some(end) = &self.ended {
+            lines.push(format!("the replay has ended: {}", describe_end(end)));
+        }
+        lines
+    }
+}
+
+/// One line on how a replay ended.
+pub fn describe_end(end: &ReplayEnd) -> String {
+    match end {
+        ReplayEnd::Matched => "replay MATCHED to the recording's end".into(),
+        ReplayEnd::StoppedAt { event } => format!("stopped at event {event} as asked"),
+        ReplayEnd::Diverged(d) => d.report("DIVERGED").trim_end().to_string(),
+        ReplayEnd::Stalled(d) => d.report("STALLED").trim_end().to_string(),
+        ReplayEnd::LogEnded { events, why } => {
+            format!("the log ends after {events} events, before the recording's end ({why})")
+        }
+        ReplayEnd::Unsupported { why } => format!("cannot replay: {why}"),
+    }
+}
+
+impl Target for ReplayTarget {
+    type Arch = X86_64_SSE;
+    type Error = GdbError;
+
+    fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
+        BaseOps::MultiThread(self)
+    }
+
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MultiThreadBase for ReplayTarget {
+    fn read_registers(
+        &mut self,
+        out: &mut gdbstub_arch::x86::reg::X86_64CoreRegs,
+        tid: Tid,
+    ) -> TargetResult<(), Self> {
+        let vcpu = self
+            .replayer
+            .vcpus()
+            .get(cpu_of(tid))
+            .ok_or(TargetError::NonFatal)?;
+        let (r, s, f) = match (vcpu.regs(), vcpu.sregs(), vcpu.fpu()) {
+            (Ok(r), Ok(s), Ok(f)) => (r, s, f),
+            _ => return Err(TargetError::NonFatal),
+        };
+        *out = regs::to_gdb(&r, &s, &f);
+        Ok(())
+    }
+
+    fn write_registers(
+        &mut self,
+        _regs: &gdbstub_arch::x86::reg::X86_64CoreRegs,
+        _tid: Tid,
+    ) -> TargetResult<(), Self> {
+        eprintln!("krr: gdb asked to write registers: refused (a replay must stay as recorded)");
+        Err(TargetError::NonFatal)
+    }
+
+    fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
+        let cpu = cpu_of(tid).min(self.replayer.vcpus().len() - 1);
+        let cr3 = self.replayer.vcpus()[cpu]
+            .sregs()
+            .map_err(|_| TargetError::NonFatal)?
+            .cr3;
+        let mem = self.replayer.memory();
+        let mut done = 0;
+        while done < data.len() {
+            let va = start.wrapping_add(done as u64);
+            let Some(gpa) = krr_guest::paging::translate(mem, cr3, va) else {
+                break;
+            };
+            let n = (data.len() - done).min(0x1000 - (va & 0xfff) as usize);
+            if mem
+                .read_slice(&mut data[done..done + n], GuestAddress(gpa))
+                .is_err()
+            {
+                break;
+            }
+            done += n;
+        }
+        if done == 0 {
+            // EFAULT: gdb says "Cannot access memory at address ...".
+            return Err(TargetError::Errno(14));
+        }
+        Ok(done)
+    }
+
+    fn write_addrs(&mut self, start: u64, _data: &[u8], _tid: Tid) -> TargetResult<(), Self> {
+        eprintln!(
+            "krr: gdb asked to write memory at {start:#x}: refused (a replay must stay as recorded)"
+        );
+        Err(TargetError::NonFatal)
+    }
+
+    fn list_active_threads(
+        &mut self,
+        thread_is_active: &mut dyn FnMut(Tid),
+    ) -> Result<(), Self::Error> {
+        for cpu in 0..self.replayer.vcpus().len() {
+            thread_is_active(tid(cpu));
+        }
+        Ok(())
+    }
+
+    fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl MultiThreadResume for ReplayTarget {
+    fn resume(&mut self) -> Result<(), Self::Error> {
+        self.pending = Some(match self.step_request.take() {
+            Some(cpu) => Action::Step(cpu),
+            None => Action::Continue,
+        });
+        Ok(())
+    }
+
+    fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
+        self.step_request = None;
+        Ok(())
+    }
+
+    fn set_resume_action_continue(
+        &mut self,
+        _tid: Tid,
+        _signal: Option<Signal>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, Tid, Self>> {
+        Some(self)
+    }
+
+    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, Tid, Self>> {
+        Some(self)
+    }
+
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+// gdb asks for the other threads to stay put while one steps. Replay runs
+// the vCPUs in their recorded order: a step of one vCPU runs the others
+// only where the recording ran them before that vCPU's next instruction.
+impl MultiThreadSchedulerLocking for ReplayTarget {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl MultiThreadSingleStep for ReplayTarget {
+    fn set_resume_action_step(
+        &mut self,
+        tid: Tid,
+        _signal: Option<Signal>,
+    ) -> Result<(), Self::Error> {
+        self.step_request = Some(cpu_of(tid));
+        Ok(())
+    }
+}
+
+impl ReverseStep<Tid> for ReplayTarget {
+    fn reverse_step(&mut self, tid: Tid) -> Result<(), Self::Error> {
+        self.pending = Some(Action::ReverseStep(cpu_of(tid)));
+        Ok(())
+    }
+}
+
+impl ReverseCont<Tid> for ReplayTarget {
+    fn reverse_cont(&mut self) -> Result<(), Self::Error> {
+        self.pending = Some(Action::ReverseContinue);
+        Ok(())
+    }
+}
+
+impl Breakpoints for ReplayTarget {
+    fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl ReplayTarget {
+    fn add_breakpoint(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        if !self.breakpoints.contains(&addr) {
+            self.breakpoints.push(addr);
+            self.apply_breakpoints().map_err(TargetError::Fatal)?;
+        }
+        Ok(true)
+    }
+
+    fn remove_breakpoint(&mut self, addr: u64) -> TargetResult<bool, Self> {
+        let before = self.breakpoints.len();
+        self.breakpoints.retain(|&a| a != addr);
+        if self.breakpoints.len() == before {
+            return Ok(false);
+        }
+        self.apply_breakpoints().map_err(TargetError::Fatal)?;
+        Ok(true)
+    }
+}
+
+// Both kinds are the backend's breakpoints: they stop the vCPU before the
+// instruction and leave guest memory alone (an INT3 written into the
+// kernel would make the replay diverge).
+impl SwBreakpoint for ReplayTarget {
+    fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.add_breakpoint(addr)
+    }
+
+    fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.remove_breakpoint(addr)
+    }
+}
+
+impl HwBreakpoint for ReplayTarget {
+    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.add_breakpoint(addr)
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        self.remove_breakpoint(addr)
+    }
+}
+
+const MONITOR_HELP: &str = "krr monitor commands:
+  where                      where the replay stands: events consumed, each vCPU's kernel instruction count and RIP
+  events                     the last events of the log consumed
+  goto-instruction N [CPU]   replay from the start to where vCPU CPU (default: the current one) has retired N kernel instructions (then 'flushregs')";
+
+impl MonitorCmd for ReplayTarget {
+    fn handle_monitor_cmd(
+        &mut self,
+        cmd: &[u8],
+        mut out: ConsoleOutput<'_>,
+    ) -> Result<(), Self::Error> {
+        let cmd = String::from_utf8_lossy(cmd);
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        match words.as_slice() {
+            ["where"] | ["when"] => {
+                for line in self.describe_position() {
+                    outputln!(out, "{line}");
+                }
+            }
+            ["events"] => {
+                let recent = self.session.recent_events();
+                if recent.is_empty() {
+                    outputln!(out, "no event consumed yet");
+                }
+                for e in recent {
+                    outputln!(out, "{e}");
+                }
+            }
+            ["goto-instruction", n, rest @ ..] if rest.len() <= 1 => {
+                let parsed = (
+                    n.parse::<u64>(),
+                    rest.first()
+                        .map_or(Ok(self.current), |c| c.parse::<usize>()),
+                );
+                match parsed {
+                    (Ok(count), Ok(cpu)) if cpu < self.replayer.vcpus().len() => {
+                        let at = StopAt {
+                            cpu,
+                            count,
+                            rip: None,
+                        };
+                        match self.goto(at, false) {
+                            Ok(_) => {
+                                for line in self.describe_position() {
+                                    outputln!(out, "{line}");
+                                }
+                                outputln!(out, "(type 'flushregs' for gdb to read the new state)");
+                            }
+                            Err(e) => outputln!(out, "goto-instruction: {e}"),
+                        }
+                    }
+                    _ => outputln!(
+                        out,
+                        "goto-instruction: expected a kernel instruction count and an optional vCPU number below {}",
+                        self.replayer.vcpus().len()
+                    ),
+                }
+            }
+            _ => outputln!(out, "{MONITOR_HELP}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,270 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Debugging a replay in Debian's gdb (batch mode) through `krr replay
+//! --gdb`: a breakpoint at a syscall handler, its argument and the user
+//! string it points to; stepi then reverse-stepi back to identical
+//! registers; reverse-continue from a later breakpoint hit to the earlier
+//! one; malformed packets and a disconnect leave the stub working and the
+//! recording unchanged.
+//!
+//! Needs `KRR_AGENT_KERNEL` (the `-krr` bzImage, with its vmlinux beside
+//! it) and `KRR_TEST_INITRD` (set by `cargo xtask test`), and gdb.
+
+#[path = "common/guest_images.rs"]
+mod guest_images;
+#[path = "common/krr_command.rs"]
+mod krr_command;
+
+use krr_command::{krr, krr_command};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const APPEND: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
+
+/// Records `cat /proc/version` from a marker just before it, as `cat`;
+/// returns the vmlinux.
+fn record_cat(dir: &Path) -> Option<PathBuf> {
+    let (kernel, initrd) = guest_images::guest_images("KRR_AGENT_KERNEL")?;
+    let vmlinux = kernel.with_file_name("vmlinux");
+    assert!(vmlinux.is_file(), "{} missing", vmlinux.display());
+    let append = format!("{APPEND} krr.run=\"echo KRR-GDB''-BEGIN; cat /proc/version\"");
+    let out = krr(
+        dir,
+        &[
+            "record",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--vmlinux",
+            vmlinux.to_str().unwrap(),
+            "--backend",
+            "tcg",
+            "--quiet",
+            "--name",
+            "cat",
+            "--start",
+            "marker:KRR-GDB-BEGIN",
+            "--append",
+            &append,
+        ],
+    );
+    assert!(out.status.success(), "krr record failed");
+    Some(vmlinux)
+}
+
+/// `krr replay cat --gdb SOCKET`, once its socket exists.
+struct Stub {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Stub {
+    fn start(dir: &Path) -> Stub {
+        let socket = dir.join("gdb.sock");
+        let child = krr_command(dir)
+            .args([
+                "replay",
+                "cat",
+                "--quiet",
+                "--gdb",
+                socket.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting krr replay --gdb");
+        let began = Instant::now();
+        while !socket.exists() {
+            assert!(began.elapsed() < Duration::from_secs(60), "no gdb socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Stub { child, socket }
+    }
+
+    /// Waits for the stub to end; its exit status and stderr.
+    fn finish(mut self) -> (bool, String) {
+        let began = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                eprintln!("krr replay --gdb: {status}\n{err}");
+                return (status.success(), err);
+            }
+            if began.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("krr replay --gdb did not end after gdb detached");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs gdb in batch mode against the stub with `commands`; its output.
+fn gdb(vmlinux: &Path, stub: &Stub, commands: &[&str]) -> String {
+    let target = format!("target remote {}", stub.socket.display());
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-batch", "-nx", "-ex", "set pagination off", "-ex", &target]);
+    for c in commands {
+        cmd.args(["-ex", c]);
+    }
+    let out = cmd.arg(vmlinux).output().expect("running gdb");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("gdb {commands:?}:\n{text}");
+    text
+}
+
+/// The values of `info registers` lines (name -> hex value).
+fn registers(text: &str, after: &str) -> Vec<(String, String)> {
+    let start = text.find(after).expect("marker in gdb output") + after.len();
+    text[start..]
+        .lines()
+        .map(str::split_whitespace)
+        .filter_map(|mut w| Some((w.next()?.to_string(), w.next()?.to_string())))
+        .take_while(|(name, value)| {
+            ["rip", "rsp", "rdi", "rax", "rbx", "rcx", "eflags"].contains(&name.as_str())
+                && value.starts_with("0x")
+        })
+        .collect()
+}
+
+fn gdb_available() -> bool {
+    let found = Command::new("gdb").arg("--version").output().is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("KRR_TEST_REQUIRE_IMAGES").is_none(),
+            "gdb is not installed (cargo xtask setup installs it)"
+        );
+        eprintln!("SKIPPED: gdb is not installed");
+    }
+    found
+}
+
+#[test]
+fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
+    if !gdb_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(vmlinux) = record_cat(tmp.path()) else {
+        return;
+    };
+    let events = tmp.path().join("cat/events.krrlog");
+    let recorded = std::fs::read(&events).unwrap();
+
+    let stub = Stub::start(tmp.path());
+    let regs = "info registers rip rsp rdi rax rbx rcx eflags";
+    let out = gdb(
+        &vmlinux,
+        &stub,
+        &[
+            "break __x64_sys_openat",
+            "continue",
+            "x/s ((struct pt_regs *)$rdi)->si",
+            "echo ==AT-BREAK==\\n",
+            regs,
+            "stepi 12",
+            "echo ==STEPPED==\\n",
+            regs,
+            "reverse-stepi 12",
+            "echo ==BACK==\\n",
+            regs,
+            "break do_sys_openat2",
+            "continue",
+            "continue",
+            "echo ==SECOND-OPEN==\\n",
+            "monitor where",
+            "reverse-continue",
+            "echo ==REVERSE-1==\\n",
+            regs,
+            "reverse-continue",
+            "echo ==REVERSE-2==\\n",
+            regs,
+            "monitor where",
+        ],
+    );
+    let (ok, _) = stub.finish();
+    assert!(ok, "the stub failed");
+
+    assert!(
+        out.contains("Breakpoint 1, __x64_sys_openat"),
+        "breakpoint at the handler"
+    );
+    assert!(
+        out.contains("\"/proc/version\""),
+        "the user string the syscall's argument points to"
+    );
+    let at_break = registers(&out, "==AT-BREAK==");
+    let stepped = registers(&out, "==STEPPED==");
+    let back = registers(&out, "==BACK==");
+    assert_eq!(at_break.len(), 7, "{at_break:?}");
+    assert_ne!(stepped, at_break, "stepi moved");
+    assert_eq!(back, at_break, "reverse-stepi came back to the same state");
+    // Forward: openat (1), do_sys_openat2 (2), then the next openat (1).
+    let second = &out[out.find("==SECOND-OPEN==").unwrap()..];
+    assert!(second.contains("__x64_sys_openat"), "{second}");
+    // Backwards: do_sys_openat2 of the first open, then its openat.
+    let rev1 = &out[out.find("==REVERSE-1==").unwrap()..];
+    assert!(rev1.contains("do_sys_openat2"), "{rev1}");
+    assert_eq!(registers(&out, "==REVERSE-2=="), at_break);
+
+    assert_eq!(
+        std::fs::read(&events).unwrap(),
+        recorded,
+        "the recording is never modified"
+    );
+}
+
+/// Raw packets: garbage, a bad checksum, an unknown command and a sudden
+/// disconnect. The stub answers what it can, and ends cleanly when the
+/// connection goes.
+#[test]
+fn the_stub_survives_malformed_packets_and_a_disconnect() {
+    let tmp = tempfile::tempdir().unwrap();
+    if record_cat(tmp.path()).is_none() {
+        return;
+    }
+    let stub = Stub::start(tmp.path());
+    let mut s = UnixStream::connect(&stub.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut ask = |packet: &[u8]| -> String {
+        s.write_all(packet).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        // An answer is `-` (refused), or `+` then `$...#xx`.
+        while !(got == b"-" || got.len() >= 3 && got[got.len() - 3] == b'#') {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the stub closed the connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    assert_eq!(
+        ask(b"garbage$?#00"),
+        "-",
+        "noise dropped, bad checksum refused"
+    );
+    assert_eq!(
+        ask(b"$vKrrNoSuchThing#ef"),
+        "+$#00",
+        "unknown packet: empty reply"
+    );
+    let status = ask(b"$?#3f");
+    assert!(status.starts_with("+$T05thread:01;"), "{status}");
+    drop(s);
+    let (ok, err) = stub.finish();
+    assert!(ok, "{err}");
+    assert!(err.contains("krr: gdb disconnected"), "{err}");
+}
