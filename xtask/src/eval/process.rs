@@ -232,18 +232,21 @@ mod tests {
     #[test]
     fn ctrl_c_is_forwarded() {
         let interrupt = AtomicBool::new(false);
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("trap-set");
+        let script = format!(
+            "trap 'echo got-int; exit 130' INT; touch {}; sleep 20 >/dev/null 2>&1 & wait",
+            ready.display()
+        );
         let f = thread::scope(|s| {
             s.spawn(|| {
-                // Once the shell has set its trap.
-                thread::sleep(Duration::from_millis(500));
+                // Once the shell has set its trap (however loaded the host).
+                while !ready.exists() {
+                    thread::sleep(Duration::from_millis(20));
+                }
                 interrupt.store(true, Ordering::SeqCst);
             });
-            run(
-                sh("trap 'echo got-int; exit 130' INT; sleep 2 & wait"),
-                Duration::from_secs(20),
-                &interrupt,
-            )
-            .unwrap()
+            run(sh(&script), Duration::from_secs(60), &interrupt).unwrap()
         });
         assert!(f.interrupted && !f.timed_out);
         assert_eq!(
