@@ -539,6 +539,100 @@ fn a_breakpoint_inside_a_block_stops_at_an_exact_count() {
         (a.rax, a.rbx, a.rdx, a.rsi, a.rip),
         (b.rax, b.rbx, b.rdx, b.rsi, b.rip)
     );
+
+    // A budget counts from where the run starts, the step over the
+    // breakpoint included: 3 + 4 is the end of the first loop's block.
+    let mut g = Guest::new(&code, 0);
+    g.vcpu().set_breakpoints(&[at[1]]).unwrap();
+    assert_eq!(g.run(1_000), VmExit::Debug { rip: at[1] });
+    assert_eq!(g.run(4), VmExit::BudgetExhausted);
+    assert_eq!(g.vcpu().instructions_retired().unwrap(), 1 + 6);
+    g.vcpu().set_breakpoints(&[]).unwrap();
+    assert_eq!(g.run(1_000), VmExit::Hlt);
+    assert_eq!(g.vcpu().instructions_retired().unwrap(), total);
+    let (a, b) = (g.vcpu().regs().unwrap(), plain.vcpu().regs().unwrap());
+    assert_eq!(
+        (a.rax, a.rbx, a.rdx, a.rsi, a.rip),
+        (b.rax, b.rbx, b.rdx, b.rsi, b.rip)
+    );
+}
+
+/// An exception raised by an instruction a breakpoint stopped at, or one
+/// executed by single steps, is delivered at the instruction count a plain
+/// run gives it, and the count goes on as in a plain run (replay compares
+/// exception positions and every later count).
+#[test]
+fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
+    struct Positions(Vec<(u8, u64)>);
+    impl IoBus for Positions {
+        fn pio_read(&mut self, _: usize, _: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn pio_write(&mut self, _: usize, _: u16, _: &[u8]) {}
+        fn mmio_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+        fn cpuid(&mut self, _: usize, _: u32, _: u32) -> [u32; 4] {
+            [0; 4]
+        }
+        fn rdtsc(&mut self, _: usize) -> u64 {
+            0
+        }
+    }
+    impl RunEvents for Positions {
+        fn exception(
+            &mut self,
+            _: usize,
+            at: krr_engine::hypervisor::Position,
+            e: &krr_engine::hypervisor::DeliveredException,
+        ) {
+            self.0.push((e.vector, at.icount));
+        }
+    }
+    let code = assemble(CODE, |a| {
+        a.mov(rcx, 1u64)?;
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.mov(rbx, qword_ptr(rax))?;
+        a.inc(rdx)?;
+        a.hlt()
+    });
+    // mov rcx (10 bytes), mov rax (10): the faulting load.
+    let load = CODE + 20;
+    #[derive(PartialEq)]
+    enum Stop {
+        None,
+        Breakpoint,
+        Steps,
+    }
+    let exception_at = |stop: Stop| -> Vec<(u8, u64)> {
+        let mut g = Guest::new(&code, 0);
+        let mut bus = Positions(Vec::new());
+        if stop == Stop::Breakpoint {
+            g.vcpu().set_breakpoints(&[load]).unwrap();
+            let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
+            assert_eq!(exit, VmExit::Debug { rip: load });
+            assert_eq!(g.vcpu().instructions_retired().unwrap(), 2);
+        }
+        if stop == Stop::Steps {
+            // Both movs, then the load, which faults into the handler.
+            g.vcpu().set_single_step(true).unwrap();
+            for _ in 0..3 {
+                let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
+                assert!(matches!(exit, VmExit::Debug { .. }), "{exit:?}");
+            }
+            g.vcpu().set_single_step(false).unwrap();
+        }
+        let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
+        assert_eq!(exit, VmExit::Hlt);
+        bus.0.push((0, g.vcpu().instructions_retired().unwrap()));
+        bus.0
+    };
+    // The exception's position, then the count at the handler's HLT.
+    let plain = exception_at(Stop::None);
+    assert_eq!(plain.len(), 2, "{plain:?}");
+    assert_eq!(exception_at(Stop::Breakpoint), plain, "from a breakpoint");
+    assert_eq!(exception_at(Stop::Steps), plain, "single steps");
 }
 
 /// A block patched in place with code of the same length but fewer

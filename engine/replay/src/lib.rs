@@ -564,7 +564,31 @@ impl Replayer {
                     event: src.consumed,
                 };
             }
-            let next = src.peek().cloned();
+            let next = src.peek().cloned().or_else(|| {
+                // The log is exhausted, but a debugger's point lies in a
+                // vCPU's last stretch of kernel code (after its last event,
+                // up to where the recording ended, which a debugger's
+                // limits split into several runs): run on toward it. The
+                // stand-in event is never consumed: none is left.
+                let at = debug.stop_at?;
+                let now = progress[at.cpu].base_kernel
+                    + self.vcpus[at.cpu]
+                        .kernel_instructions_retired()
+                        .unwrap_or(0);
+                let end = *self.recorded_end_icounts.get(at.cpu)?;
+                let open = self.complete && src.broken.is_none() && !progress[at.cpu].in_user;
+                // A run ends at a block boundary, up to a block past the
+                // recorded end.
+                (open && now < at.count && at.count <= end + MAX_BLOCK_INSNS).then(|| {
+                    let placeholder = LogEvent::Rdtsc {
+                        cpu: at.cpu as u16,
+                        at: Position::default(),
+                        value: 0,
+                    };
+                    (src.consumed, placeholder)
+                })
+            });
+            let stand_in = next.is_some() && src.peek().is_none();
             let Some((index, event)) = next else {
                 break 'turn match (&src.broken, self.complete) {
                     (None, true) => ReplayEnd::Matched,
@@ -815,7 +839,13 @@ impl Replayer {
                     self.apply_user_reads(cpu, &reads, written, unmapped);
                 }
             }
-            let end_icount = self.recorded_end_icounts.get(cpu).copied();
+            // The stand-in of a debugger's point in the last stretch: that
+            // point bounds the run (it may lie a block past the recorded
+            // end, where the recording's last run stopped).
+            let end_icount = match stand_in {
+                false => self.recorded_end_icounts.get(cpu).copied(),
+                true => None,
+            };
             if let (None, Some(limit)) = (target, end_icount) {
                 if kernel_now > limit {
                     break 'turn diverged(

@@ -219,6 +219,7 @@ pub(super) extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void
         st.env.reset_old_exception();
         if st.stepping.is_some() {
             // The stepped instruction ended in an exception: the step is over.
+            st.exception_ends_block();
             st.stop(Stop::Step);
         }
     })
@@ -249,6 +250,7 @@ pub(super) extern "C" fn on_invalid(uc: *mut uc_engine, ud: *mut c_void) -> bool
         }
         st.env.reset_old_exception();
         if st.stepping.is_some() {
+            st.exception_ends_block();
             st.stop(Stop::Step);
         }
         true

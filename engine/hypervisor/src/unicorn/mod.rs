@@ -299,6 +299,7 @@ impl UnicornVm {
             breakpoints: Vec::new(),
             lifted_breakpoint: None,
             block: EnteredBlock::default(),
+            position_override: None,
             icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
             pause_blocks: vec![(u64::MAX, 0, false); ICOUNT_CACHE],
             block_trace: BlockTrace::from_env(),

@@ -127,6 +127,9 @@ pub(super) struct HookState {
     /// The block entered last, as counted then: its address, size and
     /// instructions, and whether they went to `kernel_retired` too.
     pub(super) block: EnteredBlock,
+    /// The counts (all, kernel) events are positioned at while an
+    /// instruction is stepped ([`HookState::position_step_as_block`]).
+    pub(super) position_override: Option<(u64, u64)>,
     /// Stop before the first block of user code (replay).
     pub(super) stop_at_user: bool,
     /// CR2 when the run started: restored when a fault fetching user code
@@ -209,12 +212,25 @@ impl HookState {
     }
 
     pub(super) fn position(&self) -> Position {
+        let (icount, kernel_icount) = self
+            .position_override
+            .unwrap_or((self.retired, self.kernel_retired));
         Position {
-            icount: self.retired,
-            kernel_icount: self.kernel_retired,
+            icount,
+            kernel_icount,
             rip: self.env.eip(),
             rcx: self.env.reg(Gpr::Rcx),
             cpl: self.env.cpl(),
+        }
+    }
+
+    /// The stepped instruction raised an exception: the rest of the block a
+    /// run would have executed never runs, but a run counts a block whole
+    /// on entry (as recordings do), so the counts are those of its end.
+    pub(super) fn exception_ends_block(&mut self) {
+        if let Some((all, kernel)) = self.position_override {
+            self.retired = self.retired.max(all);
+            self.kernel_retired = self.kernel_retired.max(kernel);
         }
     }
 
@@ -314,6 +330,21 @@ impl HookState {
         if e.0 == pc && e.1 == size {
             return e.2 as u64;
         }
+        let n = match self.request_block(pc) {
+            Some(tb) if tb.size as u32 == size => tb.icount as u32,
+            _ => {
+                // Should not happen (the block is being executed); count by
+                // size so that counting stays deterministic.
+                size.max(1)
+            }
+        };
+        self.icounts[slot] = (pc, size, n);
+        n as u64
+    }
+
+    /// The block unicorn runs from `pc` with the CPU's current flags
+    /// (translated now if it is not cached).
+    pub(super) fn request_block(&mut self, pc: u64) -> Option<TranslationBlock> {
         let mut tb = TranslationBlock {
             pc: 0,
             icount: 0,
@@ -327,15 +358,19 @@ impl HookState {
         // as variadic arguments: `pc` is a u64 and `tb` a live
         // TranslationBlock (bindgen's uc_tb), which unicorn fills in.
         let err = unsafe { uc_ctl(self.uc, ctl, pc, &mut tb as *mut TranslationBlock) };
-        let n = if err == uc_error::OK && tb.pc == pc && tb.size as u32 == size {
-            tb.icount as u32
-        } else {
-            // Should not happen (the block is being executed); count by size
-            // so that counting stays deterministic.
-            size.max(1)
-        };
-        self.icounts[slot] = (pc, size, n);
-        n as u64
+        (err == uc_error::OK && tb.pc == pc).then_some(tb)
+    }
+
+    /// Before stepping the instruction at `rip`: events it makes are
+    /// positioned, and an exception it raises leaves the counts, where the
+    /// block a run from `rip` would execute ends (a run counts a block whole
+    /// when it enters it, and records and replays count that way).
+    pub(super) fn position_step_as_block(&mut self, rip: u64) {
+        self.position_override = self.request_block(rip).map(|tb| {
+            let n = u64::from(tb.icount);
+            let kernel = if self.env.cpl() != 3 { n } else { 0 };
+            (self.retired + n, self.kernel_retired + kernel)
+        });
     }
 
     pub(super) fn stop(&mut self, why: Stop) {

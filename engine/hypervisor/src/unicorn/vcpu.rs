@@ -150,6 +150,8 @@ impl UnicornVcpu {
             return Ok(VmExit::InterruptWindow);
         }
         let rip = st.env.eip();
+        // The budget counts from here, a step over a breakpoint included.
+        let run_start = st.retired;
         // A step, like a run, executes no user code when asked to stop
         // before it (replay of the kernel alone).
         if single_step && st.stop_at_user && st.env.cpl() == 3 {
@@ -158,8 +160,12 @@ impl UnicornVcpu {
         let at_breakpoint = is_breakpoint(e, self.id, rip);
         if single_step || at_breakpoint {
             // Single-step, or resume from a breakpoint: execute the
-            // instruction there without stopping at it (gdb semantics).
-            let step = self.step(e, Vec::new())?;
+            // instruction there without stopping at it (gdb semantics),
+            // counted as a run from there would count it.
+            e.st().position_step_as_block(rip);
+            let step = self.step(e, Vec::new());
+            e.st().position_override = None;
+            let step = step?;
             let st = e.st();
             let rip = st.env.eip();
             match step {
@@ -189,7 +195,7 @@ impl UnicornVcpu {
             st.cr2_at_run_start = read_reg(uc, RegisterX86::CR2);
         }
         st.stop_at = match budget {
-            Some(b) => st.retired.saturating_add(b),
+            Some(b) => run_start.saturating_add(b),
             None => u64::MAX,
         };
         let rip = st.env.eip();
