@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 const APPEND: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
 
-/// Records `cat /proc/version` from a marker just before it, as `cat`;
-/// returns the vmlinux.
-fn record_cat(dir: &Path) -> Option<PathBuf> {
+/// Records `command` from a marker just before it, as `name`; returns the
+/// vmlinux, and whether `krr record` succeeded.
+fn record(dir: &Path, name: &str, command: &str) -> Option<(PathBuf, bool)> {
     let (kernel, initrd) = guest_images::guest_images("KRR_AGENT_KERNEL")?;
     let vmlinux = kernel.with_file_name("vmlinux");
     assert!(vmlinux.is_file(), "{} missing", vmlinux.display());
-    let append = format!("{APPEND} krr.run=\"echo KRR-GDB''-BEGIN; cat /proc/version\"");
+    let append = format!("{APPEND} krr.run=\"echo KRR-GDB''-BEGIN; {command}\"");
     let out = krr(
         dir,
         &[
@@ -44,14 +44,20 @@ fn record_cat(dir: &Path) -> Option<PathBuf> {
             "tcg",
             "--quiet",
             "--name",
-            "cat",
+            name,
             "--start",
             "marker:KRR-GDB-BEGIN",
             "--append",
             &append,
         ],
     );
-    assert!(out.status.success(), "krr record failed");
+    Some((vmlinux, out.status.success()))
+}
+
+/// Records `cat /proc/version` as `cat`; returns the vmlinux.
+fn record_cat(dir: &Path) -> Option<PathBuf> {
+    let (vmlinux, ok) = record(dir, "cat", "cat /proc/version")?;
+    assert!(ok, "krr record failed");
     Some(vmlinux)
 }
 
@@ -63,15 +69,16 @@ struct Stub {
 
 impl Stub {
     fn start(dir: &Path) -> Stub {
+        Stub::start_with(dir, &["cat"])
+    }
+
+    /// `krr replay ARGS --quiet --gdb SOCKET`.
+    fn start_with(dir: &Path, args: &[&str]) -> Stub {
         let socket = dir.join("gdb.sock");
         let child = krr_command(dir)
-            .args([
-                "replay",
-                "cat",
-                "--quiet",
-                "--gdb",
-                socket.to_str().unwrap(),
-            ])
+            .arg("replay")
+            .args(args)
+            .args(["--quiet", "--gdb", socket.to_str().unwrap()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -224,6 +231,49 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
         std::fs::read(&events).unwrap(),
         recorded,
         "the recording is never modified"
+    );
+}
+
+/// A recording that ends in a kernel panic, opened at its end: the stop is
+/// in the panic's last instructions, and reverse-continue goes back to the
+/// function that forced the crash.
+#[test]
+fn a_crash_is_debugged_backwards_from_where_the_recording_ends() {
+    if !gdb_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((vmlinux, _)) = record(tmp.path(), "crash", "echo c > /proc/sysrq-trigger") else {
+        return;
+    };
+    assert!(
+        tmp.path().join("crash/end.json").is_file(),
+        "the recording of the crash is complete"
+    );
+    let stub = Stub::start_with(tmp.path(), &["crash", "--at-end"]);
+    let out = gdb(
+        &vmlinux,
+        &stub,
+        &[
+            "echo ==AT-END==\\n",
+            "bt",
+            "break sysrq_handle_crash",
+            "reverse-continue",
+            "echo ==BACK==\\n",
+            "bt 3",
+            "monitor where",
+        ],
+    );
+    let (ok, err) = stub.finish();
+    assert!(ok, "{err}");
+    assert!(err.contains("replay MATCHED"), "{err}");
+    let at_end = &out[out.find("==AT-END==").unwrap()..out.find("==BACK==").unwrap()];
+    assert!(at_end.contains("panic"), "stopped in the panic: {at_end}");
+    assert!(out.contains("Breakpoint 1, sysrq_handle_crash"), "{out}");
+    let back = &out[out.find("==BACK==").unwrap()..];
+    assert!(
+        back.contains("#0  sysrq_handle_crash") && back.contains("__handle_sysrq"),
+        "{back}"
     );
 }
 

@@ -217,6 +217,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let _ = std::fs::remove_dir(&recordings);
     let all = latest_per_bug(journal::read_lines::<BugRecord>(&dir.join(BUGS_FILE))?);
     write_results(&dir, &all)?;
+    for b in &all {
+        if let Some((stub, gdb)) = debug_commands(b) {
+            eprintln!("bug-repro: debug {}: {stub}\n    then: {gdb}", b.id);
+        }
+    }
     eprintln!("bug-repro: report {}", dir.join(REPORT_FILE).display());
     if interrupt.load(Ordering::SeqCst) {
         bail!(
@@ -657,6 +662,9 @@ fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
         if let Some(r) = &b.recording {
             let _ = writeln!(md, "- recording: `{}`", r.display());
         }
+        if let Some((stub, gdb)) = debug_commands(b) {
+            let _ = writeln!(md, "- debug it: `{stub}`, then `{gdb}`");
+        }
         let _ = writeln!(
             md,
             "- kernel sha256: {}",
@@ -673,6 +681,40 @@ fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
     }
     let path = dir.join(REPORT_FILE);
     std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))
+}
+
+/// How to open a reproduced bug's recording in gdb, stopped just before its
+/// crash: `krr replay --gdb --at-end` starts at the recording's end, and
+/// gdb goes back to the faulting instruction (its RIP), the KASAN report, or
+/// the panic. `None` without a reproduced recording.
+fn debug_commands(b: &BugRecord) -> Option<(String, String)> {
+    if b.verdict != Some(Verdict::Reproduced) {
+        return None;
+    }
+    let recording = b.recording.as_ref()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(recording.join("header.json")).ok()?).ok()?;
+    let vmlinux = header["vmlinux"]["path"].as_str().unwrap_or("VMLINUX");
+    let stub = format!(
+        "target/release/krr replay {} --gdb :1234 --at-end",
+        recording.display()
+    );
+    // `rawv6_sendmsg+0x26b8/0x3540`: the faulting instruction.
+    let rip = b.rip_recorded.as_deref().and_then(|r| r.split('/').next());
+    let title = b.title_recorded.as_deref().unwrap_or("");
+    let back = match (rip, title) {
+        (Some(rip), _) => format!(" -ex 'break *({rip})' -ex reverse-continue"),
+        (None, t) if t.starts_with("KASAN") => {
+            " -ex 'break kasan_report' -ex reverse-continue".into()
+        }
+        (None, t) if !t.is_empty() => " -ex 'break panic' -ex reverse-continue".into(),
+        // A bug with no crash: its recording ends at the trigger's verdict.
+        (None, _) => String::new(),
+    };
+    Some((
+        stub,
+        format!("gdb -ex 'target remote :1234'{back} {vmlinux}"),
+    ))
 }
 
 /// Checks a finished `bug-repro` eval in `dir`: every bug journaled and
@@ -705,4 +747,52 @@ pub fn check_results(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reproduced(dir: &Path, title: &str, rip: Option<&str>) -> BugRecord {
+        BugRecord {
+            verdict: Some(Verdict::Reproduced),
+            recording: Some(dir.to_path_buf()),
+            title_recorded: Some(title.into()),
+            rip_recorded: rip.map(String::from),
+            ..BugRecord::default()
+        }
+    }
+
+    #[test]
+    fn debug_commands_go_back_to_the_faulting_instruction_or_report() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("header.json"),
+            r#"{"vmlinux": {"path": "/k/vmlinux", "sha256": "00"}}"#,
+        )
+        .unwrap();
+        let gp = reproduced(
+            tmp.path(),
+            "general protection fault in rawv6_sendmsg",
+            Some("rawv6_sendmsg+0x26b8/0x3540"),
+        );
+        let (stub, gdb) = debug_commands(&gp).unwrap();
+        assert!(stub.ends_with("--gdb :1234 --at-end"), "{stub}");
+        assert_eq!(
+            gdb,
+            "gdb -ex 'target remote :1234' -ex 'break *(rawv6_sendmsg+0x26b8)' -ex reverse-continue /k/vmlinux"
+        );
+        let kasan = reproduced(tmp.path(), "KASAN: use-after-free Read in filp_close", None);
+        assert!(debug_commands(&kasan)
+            .unwrap()
+            .1
+            .contains("break kasan_report"));
+        let panic = reproduced(tmp.path(), "kernel panic: sysrq triggered crash", None);
+        assert!(debug_commands(&panic).unwrap().1.contains("break panic"));
+        let failed = BugRecord {
+            verdict: Some(Verdict::ReplayDiverged),
+            ..gp
+        };
+        assert!(debug_commands(&failed).is_none());
+    }
 }
