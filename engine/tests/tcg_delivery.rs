@@ -24,7 +24,12 @@ const CODE: u64 = 0x10000;
 const HANDLERS: u64 = 0x11000;
 const UNMAPPED: u64 = 0x1_0000_0000;
 
-struct NullBus;
+/// No devices; the exceptions delivered, with their positions.
+#[derive(Default)]
+struct NullBus {
+    exceptions: Vec<(u8, u64)>,
+}
+
 impl IoBus for NullBus {
     fn pio_read(&mut self, _: usize, _: u16, data: &mut [u8]) {
         data.fill(0xff);
@@ -42,7 +47,16 @@ impl IoBus for NullBus {
     }
 }
 
-impl RunEvents for NullBus {}
+impl RunEvents for NullBus {
+    fn exception(
+        &mut self,
+        _: usize,
+        at: krr_engine::hypervisor::Position,
+        e: &krr_engine::hypervisor::DeliveredException,
+    ) {
+        self.exceptions.push((e.vector, at.icount));
+    }
+}
 
 fn handler(vector: u8) -> u64 {
     HANDLERS + vector as u64 * 16
@@ -171,7 +185,9 @@ impl Guest {
     }
 
     fn run(&mut self, budget: u64) -> VmExit {
-        self.vcpu().run(&mut NullBus, Some(budget)).unwrap()
+        self.vcpu()
+            .run(&mut NullBus::default(), Some(budget))
+            .unwrap()
     }
 
     /// Runs to the `hlt` of a handler; returns its vector.
@@ -563,33 +579,6 @@ fn a_breakpoint_inside_a_block_stops_at_an_exact_count() {
 /// exception positions and every later count).
 #[test]
 fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
-    struct Positions(Vec<(u8, u64)>);
-    impl IoBus for Positions {
-        fn pio_read(&mut self, _: usize, _: u16, data: &mut [u8]) {
-            data.fill(0xff);
-        }
-        fn pio_write(&mut self, _: usize, _: u16, _: &[u8]) {}
-        fn mmio_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
-            data.fill(0xff);
-        }
-        fn mmio_write(&mut self, _: usize, _: u64, _: &[u8]) {}
-        fn cpuid(&mut self, _: usize, _: u32, _: u32) -> [u32; 4] {
-            [0; 4]
-        }
-        fn rdtsc(&mut self, _: usize) -> u64 {
-            0
-        }
-    }
-    impl RunEvents for Positions {
-        fn exception(
-            &mut self,
-            _: usize,
-            at: krr_engine::hypervisor::Position,
-            e: &krr_engine::hypervisor::DeliveredException,
-        ) {
-            self.0.push((e.vector, at.icount));
-        }
-    }
     let code = assemble(CODE, |a| {
         a.mov(rcx, 1u64)?;
         a.mov(rax, 0x8000_0000_0000_0000u64)?;
@@ -607,7 +596,7 @@ fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
     }
     let exception_at = |stop: Stop| -> Vec<(u8, u64)> {
         let mut g = Guest::new(&code, 0);
-        let mut bus = Positions(Vec::new());
+        let mut bus = NullBus::default();
         if stop == Stop::Breakpoint {
             g.vcpu().set_breakpoints(&[load]).unwrap();
             let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
@@ -625,8 +614,9 @@ fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
         }
         let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
         assert_eq!(exit, VmExit::Hlt);
-        bus.0.push((0, g.vcpu().instructions_retired().unwrap()));
-        bus.0
+        bus.exceptions
+            .push((0, g.vcpu().instructions_retired().unwrap()));
+        bus.exceptions
     };
     // The exception's position, then the count at the handler's HLT.
     let plain = exception_at(Stop::None);
