@@ -234,6 +234,58 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
     );
 }
 
+/// A watchpoint on kernel data (the syscall's return slot in its pt_regs):
+/// going forwards it stops after the write with the new value; going
+/// backwards, reverse-continue stops right at the instruction that wrote
+/// it, then at the one that wrote it before.
+#[test]
+fn a_watchpoint_finds_the_writes_forwards_and_backwards() {
+    if !gdb_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(vmlinux) = record_cat(tmp.path()) else {
+        return;
+    };
+    let stub = Stub::start(tmp.path());
+    let out = gdb(
+        &vmlinux,
+        &stub,
+        &[
+            "break __x64_sys_openat",
+            "continue",
+            "delete 1",
+            "watch -l ((struct pt_regs *)$rdi)->ax",
+            "continue",
+            "echo ==FORWARD==\\n",
+            "reverse-continue",
+            "echo ==WRITER==\\n",
+            "x/i $pc",
+            "reverse-continue",
+            "echo ==EARLIER==\\n",
+            "x/i $pc",
+        ],
+    );
+    let (ok, err) = stub.finish();
+    assert!(ok, "{err}");
+    let forward = &out[..out.find("==FORWARD==").unwrap()];
+    // openat returned file descriptor 3 in place of -ENOSYS.
+    assert!(
+        forward.contains("Old value = 18446744073709551578") && forward.contains("New value = 3"),
+        "{forward}"
+    );
+    let writer = &out[out.find("==WRITER==").unwrap()..out.find("==EARLIER==").unwrap()];
+    assert!(
+        writer.contains("do_syscall_64") && writer.contains("mov    %rax,0x50(%rbx)"),
+        "the store of the return value: {writer}"
+    );
+    let earlier = &out[out.find("==EARLIER==").unwrap()..];
+    assert!(
+        earlier.contains("entry_SYSCALL_64") && earlier.contains("push   $0xffffffffffffffda"),
+        "the entry code's push of -ENOSYS: {earlier}"
+    );
+}
+
 /// A recording that ends in a kernel panic, opened at its end: the stop is
 /// in the panic's last instructions, and reverse-continue goes back to the
 /// function that forced the crash.

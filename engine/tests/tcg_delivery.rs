@@ -625,6 +625,53 @@ fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
     assert_eq!(exception_at(Stop::Steps), plain, "single steps");
 }
 
+/// A write to a watched range stops the run at the end of its block, with
+/// the writing instruction and the exact count before it (a read does
+/// not), and the run resumed from there ends as a plain run does.
+#[test]
+fn a_watched_write_is_caught_with_its_instruction_and_count() {
+    use krr_engine::hypervisor::{WatchKind, Watchpoint};
+    const VAR: u64 = 0x30000;
+    let code = assemble(CODE, |a| {
+        let mut next = a.create_label();
+        a.mov(rax, VAR)?;
+        a.mov(rcx, qword_ptr(rax))?;
+        a.inc(rbx)?;
+        a.mov(qword_ptr(rax), rbx)?;
+        a.jmp(next)?;
+        a.set_label(&mut next)?;
+        a.inc(rdx)?;
+        a.hlt()
+    });
+    // mov rax (10 bytes), the load (3), inc rbx (3): the store.
+    let store = CODE + 16;
+    let mut plain = Guest::new(&code, 0);
+    assert_eq!(plain.run(1_000), VmExit::Hlt);
+    let total = plain.vcpu().instructions_retired().unwrap();
+
+    let mut g = Guest::new(&code, 0);
+    let wp = Watchpoint {
+        addr: VAR,
+        len: 8,
+        kind: WatchKind::Write,
+    };
+    g.vcpu().set_watchpoints(&[wp]).unwrap();
+    assert_eq!(g.run(1_000), VmExit::Watchpoint);
+    let hit = g.vcpu().take_watch_hit().expect("a hit");
+    assert_eq!((hit.rip, hit.write, hit.watchpoint), (store, true, wp));
+    assert_eq!(hit.icount, 3, "mov, load, inc before the store");
+    // Stopped at the end of the store's block, the write done once.
+    assert_eq!(g.vcpu().instructions_retired().unwrap(), 5);
+    assert_eq!(
+        g.mem.read_obj::<u64>(GuestAddress(VAR)).unwrap(),
+        1,
+        "written"
+    );
+    assert_eq!(g.run(1_000), VmExit::Hlt);
+    assert_eq!(g.vcpu().instructions_retired().unwrap(), total);
+    assert!(g.vcpu().take_watch_hit().is_none());
+}
+
 /// A block patched in place with code of the same length but fewer
 /// instructions (as the kernel's alternatives and static keys do) is
 /// counted as it is now: the per-block count cache follows retranslation.

@@ -17,11 +17,13 @@ use gdbstub::target::ext::base::reverse_exec::{
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, SwBreakpoint, SwBreakpointOps,
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
+    SwBreakpoint, SwBreakpointOps, WatchKind as GdbWatchKind,
 };
 use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::X86_64_SSE;
+use krr_hypervisor::{WatchKind, Watchpoint};
 use krr_replay::{
     DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, Replayer, StopAt, Turn,
 };
@@ -57,12 +59,25 @@ enum Action {
     ReverseContinue,
 }
 
-/// A breakpoint hit met on the way to a point (reverse-continue).
+/// A breakpoint hit or watched access met on the way to a point
+/// (reverse-continue): the point right before the instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Hit {
     cpu: usize,
     count: u64,
     rip: u64,
+    /// A watched access: how gdb is told.
+    watch: Option<(GdbWatchKind, u64)>,
+}
+
+/// How gdb is told of a watched access.
+fn watch_reason(hit: &krr_hypervisor::WatchHit) -> (GdbWatchKind, u64) {
+    let kind = if hit.write {
+        GdbWatchKind::Write
+    } else {
+        GdbWatchKind::Read
+    };
+    (kind, hit.watchpoint.addr)
 }
 
 /// A replay under gdb's control.
@@ -74,6 +89,7 @@ pub struct ReplayTarget {
     /// Each vCPU's kernel count at the recording's start.
     start_counts: Vec<u64>,
     breakpoints: Vec<u64>,
+    watchpoints: Vec<Watchpoint>,
     /// The vCPU gdb asked to step, while resume actions are collected.
     step_request: Option<usize>,
     pending: Option<Action>,
@@ -105,6 +121,7 @@ impl ReplayTarget {
             session,
             start_counts,
             breakpoints: Vec::new(),
+            watchpoints: Vec::new(),
             step_request: None,
             pending: None,
             ended: None,
@@ -233,6 +250,16 @@ impl ReplayTarget {
                     self.session.debug.step = None;
                     return Ok(Some(MultiThreadStopReason::SwBreak(tid(cpu))));
                 }
+                Turn::Stopped(DebugStop::Watch { cpu, hit, .. }) => {
+                    self.current = cpu;
+                    self.session.debug.step = None;
+                    let (kind, addr) = watch_reason(&hit);
+                    return Ok(Some(MultiThreadStopReason::Watch {
+                        tid: tid(cpu),
+                        kind,
+                        addr,
+                    }));
+                }
                 Turn::Stopped(DebugStop::Stepped { cpu })
                 | Turn::Stopped(DebugStop::AtCount { cpu }) => {
                     self.current = cpu;
@@ -266,6 +293,7 @@ impl ReplayTarget {
     fn apply_breakpoints(&mut self) -> Result<(), GdbError> {
         let bps = self.breakpoints.clone();
         self.replayer.set_breakpoints(&mut self.session, &bps)?;
+        self.replayer.set_watchpoints(&self.watchpoints)?;
         Ok(())
     }
 
@@ -285,6 +313,13 @@ impl ReplayTarget {
                     cpu,
                     count: self.count(cpu),
                     rip,
+                    watch: None,
+                }),
+                Ok(Turn::Stopped(DebugStop::Watch { hit, before, .. })) => hits.push(Hit {
+                    cpu: before.cpu,
+                    count: before.count,
+                    rip: hit.rip,
+                    watch: Some(watch_reason(&hit)),
                 }),
                 Ok(Turn::Stopped(DebugStop::AtCount { .. })) => break Ok(()),
                 Ok(Turn::Ended(end)) => {
@@ -340,12 +375,8 @@ impl ReplayTarget {
             rip: Some(self.rip(cpu)),
         };
         let hits = self.goto(now, true)?;
-        let here = Hit {
-            cpu,
-            count: now.count,
-            rip: self.rip(cpu),
-        };
-        match hits.into_iter().rfind(|h| *h != here) {
+        let here = (cpu, now.count, self.rip(cpu));
+        match hits.into_iter().rfind(|h| (h.cpu, h.count, h.rip) != here) {
             Some(h) => {
                 self.goto(
                     StopAt {
@@ -355,7 +386,14 @@ impl ReplayTarget {
                     },
                     false,
                 )?;
-                Ok(MultiThreadStopReason::SwBreak(tid(h.cpu)))
+                Ok(match h.watch {
+                    Some((kind, addr)) => MultiThreadStopReason::Watch {
+                        tid: tid(h.cpu),
+                        kind,
+                        addr,
+                    },
+                    None => MultiThreadStopReason::SwBreak(tid(h.cpu)),
+                })
             }
             None => {
                 self.restart()?;
@@ -587,6 +625,50 @@ impl Breakpoints for ReplayTarget {
 
     fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
         Some(self)
+    }
+
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+// Watchpoints are the backend's memory hooks: a watched access stops the
+// vCPU at the end of its block going forwards, and exactly before the
+// accessing instruction going backwards (the point was noted on the way).
+impl HwWatchpoint for ReplayTarget {
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: GdbWatchKind,
+    ) -> TargetResult<bool, Self> {
+        let kind = match kind {
+            GdbWatchKind::Write => WatchKind::Write,
+            GdbWatchKind::Read => WatchKind::Read,
+            GdbWatchKind::ReadWrite => WatchKind::Access,
+        };
+        self.watchpoints.push(Watchpoint { addr, len, kind });
+        if let Err(e) = self.apply_breakpoints() {
+            self.watchpoints.pop();
+            eprintln!("krr: watchpoint at {addr:#x}: {e}");
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        _kind: GdbWatchKind,
+    ) -> TargetResult<bool, Self> {
+        let before = self.watchpoints.len();
+        self.watchpoints.retain(|w| (w.addr, w.len) != (addr, len));
+        if self.watchpoints.len() == before {
+            return Ok(false);
+        }
+        self.apply_breakpoints().map_err(TargetError::Fatal)?;
+        Ok(true)
     }
 }
 

@@ -36,6 +36,39 @@ pub enum VmExit {
     /// spinlock's wait loop does); returned only after
     /// [`Vcpu::set_yield_on_spin`], so that the lock's holder can run.
     Spin,
+    /// The vCPU accessed a range of [`Vcpu::set_watchpoints`]; it stopped at
+    /// the end of that block, and [`Vcpu::take_watch_hit`] says where the
+    /// access was made.
+    Watchpoint,
+}
+
+/// Which accesses a watchpoint catches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchKind {
+    Write,
+    Read,
+    /// Reads and writes.
+    Access,
+}
+
+/// A watched range of guest memory, by guest-virtual address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watchpoint {
+    pub addr: u64,
+    pub len: u64,
+    pub kind: WatchKind,
+}
+
+/// A watched access ([`VmExit::Watchpoint`]): the watchpoint, whether the
+/// access wrote, the accessing instruction and the vCPU's counts right
+/// before it (exact, as at a block boundary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchHit {
+    pub watchpoint: Watchpoint,
+    pub write: bool,
+    pub rip: u64,
+    pub icount: u64,
+    pub kernel_icount: u64,
 }
 
 /// Width of a port or MMIO access, in bytes (1, 2, 4 or 8).
@@ -392,6 +425,16 @@ pub trait Vcpu {
     /// of user code (replay of the kernel alone).
     fn set_stop_at_user_mode(&mut self, _enable: bool) -> Result<()> {
         Err(HypervisorError::Unsupported("stopping at user mode"))
+    }
+    /// Sets the watched ranges (replaces the previous set): an access to
+    /// one ends the run with [`VmExit::Watchpoint`]. Addresses are
+    /// translated through this vCPU's page tables when set.
+    fn set_watchpoints(&mut self, _watchpoints: &[Watchpoint]) -> Result<()> {
+        Err(HypervisorError::Unsupported("watchpoints"))
+    }
+    /// The access that ended the last run with [`VmExit::Watchpoint`].
+    fn take_watch_hit(&mut self) -> Option<WatchHit> {
+        None
     }
     /// Counts the kernel blocks that start at `pc` (`None`: stops
     /// counting), without stopping there: replay notes that the kernel

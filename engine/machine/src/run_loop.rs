@@ -519,6 +519,7 @@ impl Machine {
                     }
                     Ok(VmExit::InterruptWindow)
                     | Ok(VmExit::Debug { .. })
+                    | Ok(VmExit::Watchpoint)
                     | Ok(VmExit::UserMode { .. }) => {}
                     Err(e) => {
                         break 'run RunEnd::BackendError {

@@ -60,7 +60,9 @@ use krr_devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use krr_devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
 use krr_guest::paging;
 use krr_guest::symbols::Symbols;
-use krr_hypervisor::{unicorn::UnicornVm, Injection, Position, UserEntry, Vcpu, Vm, VmExit};
+use krr_hypervisor::{
+    unicorn::UnicornVm, Injection, Position, UserEntry, Vcpu, Vm, VmExit, Watchpoint,
+};
 use krr_machine::cpuid::CpuidConfig;
 use krr_machine::platform::VIRTIO_BASE;
 use krr_record::abi::{self, EventBody};
@@ -232,6 +234,16 @@ impl Replayer {
     pub fn kernel_count(&self, session: &ReplaySession, cpu: usize) -> u64 {
         session.progress[cpu].base_kernel
             + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0)
+    }
+
+    /// Sets the watchpoints (guest-virtual ranges, translated through vCPU
+    /// 0's page tables: kernel data is mapped alike in every address
+    /// space): a turn whose vCPU accesses one stops at the end of that
+    /// block ([`DebugStop::Watch`], with the exact point of the access).
+    pub fn set_watchpoints(&mut self, watchpoints: &[Watchpoint]) -> Result<(), ReplayError> {
+        self.vcpus[0]
+            .set_watchpoints(watchpoints)
+            .map_err(|e| ReplayError::Setup(format!("watchpoints: {e}")))
     }
 
     /// Sets the breakpoints of every vCPU (guest-virtual addresses): a
@@ -970,7 +982,10 @@ impl Replayer {
                 Ok(VmExit::BudgetExhausted) | Ok(VmExit::Hlt) | Ok(VmExit::IoStop) => {}
                 // Replay does not ask for spin stops: it follows the
                 // recording's slices.
-                Ok(VmExit::InterruptWindow) | Ok(VmExit::Debug { .. }) | Ok(VmExit::Spin) => {}
+                Ok(VmExit::InterruptWindow)
+                | Ok(VmExit::Debug { .. })
+                | Ok(VmExit::Spin)
+                | Ok(VmExit::Watchpoint) => {}
                 Ok(VmExit::Shutdown) => {
                     // The recording's own end, if it ended with this
                     // vCPU's triple fault here.
@@ -1021,6 +1036,21 @@ impl Replayer {
                 let here = kernel_after == at.count && at.rip.is_none_or(|r| r == rip_after);
                 if here || kernel_after > at.count {
                     return Ok(Turn::Stopped(DebugStop::AtCount { cpu }));
+                }
+            }
+            // A watched access (a stepped instruction's too).
+            if let Ok(VmExit::Watchpoint) | Ok(VmExit::Debug { .. }) = exit {
+                if let Some(hit) = self.vcpus[cpu].take_watch_hit() {
+                    let base = progress[cpu].base_kernel;
+                    return Ok(Turn::Stopped(DebugStop::Watch {
+                        cpu,
+                        hit,
+                        before: StopAt {
+                            cpu,
+                            count: base + hit.kernel_icount,
+                            rip: Some(hit.rip),
+                        },
+                    }));
                 }
             }
             if let Ok(VmExit::Debug { rip }) = exit {

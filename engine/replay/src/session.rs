@@ -5,6 +5,7 @@
 use super::report::{CheckpointTally, Reached, ReplayEnd};
 use super::source::EventSource;
 use super::CpuProgress;
+use krr_hypervisor::WatchHit;
 use krr_record::log::DmaLogReader;
 use std::time::{Duration, Instant};
 
@@ -103,4 +104,12 @@ pub enum DebugStop {
     Stepped { cpu: usize },
     /// vCPU `cpu` is at the point [`DebugControl::stop_at`] asked for.
     AtCount { cpu: usize },
+    /// vCPU `cpu` accessed a watched range (it stopped at the end of that
+    /// block); `before` is the exact point before the accessing
+    /// instruction.
+    Watch {
+        cpu: usize,
+        hit: WatchHit,
+        before: StopAt,
+    },
 }

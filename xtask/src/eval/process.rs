@@ -4,7 +4,7 @@
 //! arrived at, stopped at its timeout or forwarded a Ctrl-C.
 
 use anyhow::{Context, Result};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{killpg, signal, SigHandler, Signal};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -131,6 +131,17 @@ const GRACE_AFTER_INTERRUPT: Duration = Duration::from_secs(60);
 pub fn run(mut cmd: Command, timeout: Duration, interrupt: &AtomicBool) -> Result<Finished> {
     let shown = format!("{cmd:?}");
     let start = Instant::now();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls signal(2), which is async-signal-safe. A process started with
+    // SIGINT ignored (`nohup ... &`) would pass that on and ignore the
+    // Ctrl-C forwarded below.
+    unsafe {
+        cmd.pre_exec(|| {
+            signal(Signal::SIGINT, SigHandler::SigDfl)
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut child: Child = cmd
         .process_group(0)
         .stdin(Stdio::null())

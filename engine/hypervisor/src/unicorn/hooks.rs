@@ -32,6 +32,14 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
         // hook in `UnicornVm::new`; see `state` for why this is the only
         // live reference to it.
         let st = unsafe { state(ud) };
+        // A watched access in the last block: the run stops here, at a
+        // block boundary (stopping inside the accessing instruction would
+        // leave it half done, to be done again).
+        if st.watch_pending && st.stepping.is_none() {
+            st.watch_pending = false;
+            st.stop(Stop::Watch);
+            return;
+        }
         if let Some(step) = &mut st.stepping {
             step.blocks += 1;
             if step.blocks > 1 {
@@ -117,6 +125,26 @@ pub(super) extern "C" fn on_block_translated(
         // description, valid for the duration of the call.
         let tb = unsafe { &*cur };
         st.block_translated(tb.pc, u32::from(tb.size), u32::from(tb.icount));
+    })
+}
+
+/// A memory hook bounded to a watchpoint's physical range (unicorn calls it
+/// before the access, RIP synchronised to the accessing instruction).
+pub(super) extern "C" fn on_watch(
+    _uc: *mut uc_engine,
+    access: i32,
+    address: u64,
+    size: i32,
+    _value: i64,
+    ud: *mut c_void,
+) {
+    guarded(ud as *mut HookState, (), || {
+        // SAFETY: `ud` is the engine's hook state, registered with this
+        // hook in `Engine::set_watch_hooks`; see `state` for why this is the
+        // only live reference to it.
+        let st = unsafe { state(ud) };
+        let write = access == unicorn_engine::unicorn_const::MemType::WRITE as i32;
+        st.watched_access(address, size.max(1) as u64, write);
     })
 }
 

@@ -52,7 +52,8 @@ mod vcpu;
 pub use super::ExitCounters;
 use super::{
     DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection, Position,
-    Regs, Result, RunContext, Segment, Sregs, UserEntry, Vcpu, VmExit,
+    Regs, Result, RunContext, Segment, Sregs, UserEntry, Vcpu, VmExit, WatchHit, WatchKind,
+    Watchpoint,
 };
 use delivery::{deliver, has_error_code, EventKind};
 use hooks::*;
@@ -67,8 +68,9 @@ use std::rc::Rc;
 use unicorn_engine::unicorn_const::{
     uc_close, uc_context, uc_context_alloc, uc_context_free, uc_context_restore, uc_context_save,
     uc_ctl, uc_emu_start, uc_emu_stop, uc_engine, uc_error, uc_hook, uc_hook_add, uc_hook_del,
-    uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr,
-    uc_x86_msr, Arch, ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
+    uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read,
+    uc_vmem_translate, uc_x86_mmr, uc_x86_msr, Arch, ControlType, HookType, Mode, Prot,
+    RegisterX86, TranslationBlock, X86Insn,
 };
 pub use vcpu::UnicornVcpu;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -119,6 +121,8 @@ struct Engine {
     reset_context: *mut uc_context,
     /// One code hook per breakpoint address of any vCPU.
     breakpoint_hooks: Vec<(u64, uc_hook)>,
+    /// One memory hook per physical range of a watchpoint.
+    watch_hooks: Vec<uc_hook>,
 }
 
 impl Drop for Engine {
@@ -203,6 +207,73 @@ impl Engine {
         // SAFETY: `self.uc` is the open, idle engine; a write of TB_FLUSH
         // takes no variadic arguments.
         check("tb_flush", unsafe { uc_ctl(self.uc, ctl) })
+    }
+
+    /// Replaces the watchpoints: each one's guest-virtual range is
+    /// translated through the active vCPU's page tables, page by page, and
+    /// gets memory hooks on its physical pieces (unicorn bounds memory hooks
+    /// by physical address).
+    fn set_watch_hooks(&mut self, watchpoints: &[Watchpoint]) -> Result<()> {
+        for h in self.watch_hooks.drain(..) {
+            // SAFETY: `self.uc` is the open engine, idle (under the engine's
+            // `RefCell` borrow); `h` is a handle uc_hook_add returned on
+            // it, deleted once as it is drained.
+            check("hook_del", unsafe { uc_hook_del(self.uc, h) })?;
+        }
+        let mut ranges = Vec::new();
+        for wp in watchpoints {
+            let mut va = wp.addr;
+            let end = wp.addr.saturating_add(wp.len.max(1));
+            while va < end {
+                let piece = (end - va).min(0x1000 - (va & 0xfff));
+                let mut pa = 0u64;
+                // SAFETY: `self.uc` is the open, idle engine; `pa` is a live
+                // out-parameter for the translated address.
+                let err = unsafe { uc_vmem_translate(self.uc, va, Prot::READ, &mut pa) };
+                if err != uc_error::OK {
+                    return Err(HypervisorError::Backend {
+                        backend: BACKEND,
+                        op: "watchpoint",
+                        reason: format!("{va:#x} is not mapped: {err:?}"),
+                    });
+                }
+                ranges.push(WatchRange {
+                    start: pa,
+                    end: pa + piece,
+                    watchpoint: *wp,
+                });
+                va += piece;
+            }
+        }
+        let ud = self.state.get() as *mut c_void;
+        for r in &ranges {
+            let types = match r.watchpoint.kind {
+                WatchKind::Write => HookType::MEM_WRITE.0,
+                WatchKind::Read => HookType::MEM_READ.0,
+                WatchKind::Access => HookType::MEM_WRITE.0 | HookType::MEM_READ.0,
+            };
+            let mut h: uc_hook = 0;
+            // SAFETY: `self.uc` is the open, idle engine; `h` is a live
+            // out-parameter; `on_watch` has the uc_cb_hookmem_t signature
+            // MEM_READ/MEM_WRITE hooks are called with; `ud` is the
+            // engine's hook state, a box freed only after uc_close (see
+            // `Drop`). Memory hooks take no variadic arguments after
+            // begin/end (inclusive, physical in unicorn 2.1.5).
+            check("hook_add", unsafe {
+                uc_hook_add(
+                    self.uc,
+                    &mut h,
+                    types as i32,
+                    on_watch as *mut c_void,
+                    ud,
+                    r.start,
+                    r.end - 1,
+                )
+            })?;
+            self.watch_hooks.push(h);
+        }
+        self.st().watch_ranges = ranges;
+        Ok(())
     }
 
     /// Makes `id` the vCPU whose registers are in the CPU.
@@ -300,6 +371,9 @@ impl UnicornVm {
             lifted_breakpoint: None,
             block: EnteredBlock::default(),
             position_override: None,
+            watch_ranges: Vec::new(),
+            watch_hit: None,
+            watch_pending: false,
             icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
             pause_blocks: vec![(u64::MAX, 0, false); ICOUNT_CACHE],
             block_trace: BlockTrace::from_env(),
@@ -321,6 +395,7 @@ impl UnicornVm {
                 && mem.iter().next().map(|r| r.start_addr().0) == Some(0),
             reset_context,
             breakpoint_hooks: Vec::new(),
+            watch_hooks: Vec::new(),
         };
         for region in mem.iter() {
             let host = region

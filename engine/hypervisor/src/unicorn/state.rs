@@ -26,6 +26,8 @@ pub(super) enum Stop {
     Shutdown(String),
     /// A hook panicked ([`HookState::hook_panic`] says how).
     HookPanic,
+    /// A watched range was accessed ([`HookState::watch_hit`]).
+    Watch,
 }
 
 /// See [`HookState::block_trace`].
@@ -130,6 +132,12 @@ pub(super) struct HookState {
     /// The counts (all, kernel) events are positioned at while an
     /// instruction is stepped ([`HookState::position_step_as_block`]).
     pub(super) position_override: Option<(u64, u64)>,
+    /// The physical pieces of the watchpoints.
+    pub(super) watch_ranges: Vec<WatchRange>,
+    /// The first watched access of the run.
+    pub(super) watch_hit: Option<WatchHit>,
+    /// A watched access was made: the run stops before the next block.
+    pub(super) watch_pending: bool,
     /// Stop before the first block of user code (replay).
     pub(super) stop_at_user: bool,
     /// CR2 when the run started: restored when a fault fetching user code
@@ -179,6 +187,14 @@ pub(super) struct HookState {
 }
 
 pub(super) const ICOUNT_CACHE: usize = 1 << 14;
+
+/// A physical piece `[start, end)` of a watchpoint.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WatchRange {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) watchpoint: Watchpoint,
+}
 
 /// A block as the block hook counted it on entry.
 #[derive(Debug, Clone, Copy, Default)]
@@ -266,24 +282,20 @@ impl HookState {
         pause
     }
 
-    /// A breakpoint stopped the vCPU at `rip`, inside the block entered
-    /// last, which was counted whole on entry: takes back the instructions
-    /// from `rip` to the block's end (they run, and are counted, as a block
-    /// of their own when the vCPU resumes), so that counts are as exact at a
-    /// breakpoint as at a block boundary. The instructions before `rip` are
-    /// found by decoding the block's code.
-    pub(super) fn uncount_rest_of_block(&mut self, rip: u64) -> std::result::Result<(), String> {
+    /// How many instructions of the block entered last come before `rip`
+    /// (decoded from the block's code).
+    fn instructions_before(&self, rip: u64) -> std::result::Result<u64, String> {
         let b = self.block;
         let before_len = rip.wrapping_sub(b.pc);
         if before_len >= u64::from(b.size) {
             return Err(format!(
-                "breakpoint at {rip:#x} outside the block entered last ({:#x}, {} bytes)",
+                "{rip:#x} is outside the block entered last ({:#x}, {} bytes)",
                 b.pc, b.size
             ));
         }
         let mut code = vec![0u8; before_len as usize];
         // SAFETY: `self.uc` is the open engine (see `HookState::uc`), idle
-        // (called after `uc_emu_start` returned); `code` has room for the
+        // or inside a hook on the emulating thread; `code` has room for the
         // `code.len()` bytes read.
         let err = unsafe {
             uc_vmem_read(
@@ -312,6 +324,17 @@ impl HookState {
                 b.pc, b.insns
             ));
         }
+        Ok(before)
+    }
+
+    /// A breakpoint stopped the vCPU at `rip`, inside the block entered
+    /// last, which was counted whole on entry: takes back the instructions
+    /// from `rip` to the block's end (they run, and are counted, as a block
+    /// of their own when the vCPU resumes), so that counts are as exact at a
+    /// breakpoint as at a block boundary.
+    pub(super) fn uncount_rest_of_block(&mut self, rip: u64) -> std::result::Result<(), String> {
+        let before = self.instructions_before(rip)?;
+        let b = self.block;
         let rest = b.insns - before;
         self.retired -= rest;
         if b.kernel {
@@ -320,8 +343,43 @@ impl HookState {
         // Counted: a second breakpoint stop in the same block must not
         // take these back again.
         self.block.insns = before;
-        self.block.size = before_len as u32;
+        self.block.size = rip.wrapping_sub(b.pc) as u32;
         Ok(())
+    }
+
+    /// A watched access of `size` bytes at physical `pa` by the instruction
+    /// at RIP (synchronised by unicorn before the hook): notes the first
+    /// one, with the counts right before that instruction; the run stops
+    /// before the next block.
+    pub(super) fn watched_access(&mut self, pa: u64, size: u64, write: bool) {
+        let Some(r) = self
+            .watch_ranges
+            .iter()
+            .find(|r| pa < r.end && pa + size.max(1) > r.start)
+            .copied()
+        else {
+            return;
+        };
+        let caught = match r.watchpoint.kind {
+            WatchKind::Write => write,
+            WatchKind::Read => !write,
+            WatchKind::Access => true,
+        };
+        if !caught || self.watch_hit.is_some() {
+            return;
+        }
+        let rip = self.env.eip();
+        // Inside a stepped instruction the block is that instruction.
+        let before = self.instructions_before(rip).unwrap_or(0);
+        let rest = self.block.insns - before.min(self.block.insns);
+        self.watch_hit = Some(WatchHit {
+            watchpoint: r.watchpoint,
+            write,
+            rip,
+            icount: self.retired - rest,
+            kernel_icount: self.kernel_retired - if self.block.kernel { rest } else { 0 },
+        });
+        self.watch_pending = true;
     }
 
     pub(super) fn icount(&mut self, pc: u64, size: u32) -> u64 {

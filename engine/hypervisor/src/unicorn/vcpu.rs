@@ -244,6 +244,7 @@ impl UnicornVcpu {
                 return Ok(VmExit::Debug { rip: new_rip });
             }
             Some(Stop::UserMode) => return Ok(VmExit::UserMode { rip: new_rip }),
+            Some(Stop::Watch) => return Ok(VmExit::Watchpoint),
             Some(Stop::Spin) => return Ok(VmExit::Spin),
             Some(Stop::Step) | Some(Stop::Shutdown(_)) | Some(Stop::HookPanic) | None => {}
         }
@@ -732,6 +733,20 @@ impl Vcpu for UnicornVcpu {
             e.slots[self.id].breakpoints = addrs.to_vec();
             e.sync_breakpoint_hooks()
         })
+    }
+
+    fn set_watchpoints(&mut self, watchpoints: &[Watchpoint]) -> Result<()> {
+        self.with(|e| e.set_watch_hooks(watchpoints))
+    }
+
+    fn take_watch_hit(&mut self) -> Option<WatchHit> {
+        self.with(|e| {
+            let st = e.st();
+            st.watch_pending = false;
+            Ok(st.watch_hit.take())
+        })
+        .ok()
+        .flatten()
     }
 
     fn instructions_retired(&self) -> Option<u64> {
