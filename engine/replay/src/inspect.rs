@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! What a debugger reads and sets on a replay: its recording, symbols,
+//! vCPUs, memory and counts; breakpoints and watchpoints.
+
+use super::*;
+
+impl Replayer {
+    /// Symbolizes `rip`.
+    pub fn symbolize(&self, rip: u64) -> String {
+        symbolize(&self.symbols, rip)
+    }
+
+    /// The recording's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The recording's header (kernel, vmlinux, vCPUs, memory).
+    pub fn header(&self) -> &RecordingHeader {
+        &self.header
+    }
+
+    /// The kernel's symbols (`System.map` beside the recorded kernel).
+    pub fn symbols(&self) -> &Symbols {
+        &self.symbols
+    }
+
+    /// The replaying vCPUs.
+    pub fn vcpus(&self) -> &[Box<dyn Vcpu>] {
+        &self.vcpus
+    }
+
+    /// The guest's memory as the replay has it.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Kernel instructions vCPU `cpu` has retired, as the recording counts
+    /// them (from the recording's start, not the replay's).
+    pub fn kernel_count(&self, session: &ReplaySession, cpu: usize) -> u64 {
+        session.progress[cpu].base_kernel
+            + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0)
+    }
+
+    /// Sets the watchpoints (guest-virtual ranges, translated through vCPU
+    /// 0's page tables: kernel data is mapped alike in every address
+    /// space): a turn whose vCPU accesses one stops at the end of that
+    /// block ([`DebugStop::Watch`], with the exact point of the access).
+    pub fn set_watchpoints(&mut self, watchpoints: &[Watchpoint]) -> Result<(), ReplayError> {
+        self.vcpus[0]
+            .set_watchpoints(watchpoints)
+            .map_err(|e| ReplayError::Setup(format!("watchpoints: {e}")))
+    }
+
+    /// Sets the breakpoints of every vCPU (guest-virtual addresses): a
+    /// turn whose vCPU gets to one stops there ([`DebugStop::Breakpoint`]).
+    /// They leave guest memory alone, so the replay's checks stay valid.
+    pub fn set_breakpoints(
+        &mut self,
+        session: &mut ReplaySession,
+        addrs: &[u64],
+    ) -> Result<(), ReplayError> {
+        for v in &mut self.vcpus {
+            v.set_breakpoints(addrs)
+                .map_err(|e| ReplayError::Setup(format!("breakpoints: {e}")))?;
+        }
+        session.debug.breakpoints = addrs.to_vec();
+        Ok(())
+    }
+}

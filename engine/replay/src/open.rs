@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+//! Loading a recording for replay: its memory image into a fresh software
+//! CPU, the vCPUs as the snapshot left them, the recording's end counts.
+
+use super::*;
+
+impl Replayer {
+    /// Loads the recording at `dir` (snapshot into a fresh software CPU).
+    pub fn open(dir: &Path) -> Result<Replayer, ReplayError> {
+        let header = recording::load_header(dir)?;
+        let end = recording::load_end(dir)?;
+        let cpus = recording::load_cpus(dir)?;
+        if cpus.len() != header.vcpus || cpus.iter().enumerate().any(|(i, c)| c.id != i) {
+            return Err(ReplayError::Setup(format!(
+                "{}: the snapshot holds vCPUs {:?}; the header says {} vCPUs",
+                dir.display(),
+                cpus.iter().map(|c| c.id).collect::<Vec<_>>(),
+                header.vcpus
+            )));
+        }
+        let mem = krr_machine::create_memory(header.mem_bytes)
+            .map_err(|e| ReplayError::Setup(e.to_string()))?;
+        recording::load_memory_into(dir, &mem)?;
+        let setup = |e: krr_hypervisor::HypervisorError| ReplayError::Setup(e.to_string());
+        let mut vm: Box<dyn Vm> = Box::new(UnicornVm::new(&mem).map_err(setup)?);
+        vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE).map_err(setup)?;
+        vm.add_mmio_region(IOAPIC_BASE, IOAPIC_SIZE)
+            .map_err(setup)?;
+        if header.disk.is_some() {
+            vm.add_mmio_region(VIRTIO_BASE, VIRTIO_MMIO_WINDOW_SIZE)
+                .map_err(setup)?;
+        }
+        let mut vcpus = Vec::new();
+        for cpu in &cpus {
+            let mut vcpu = vm.create_vcpu(cpu.id).map_err(setup)?;
+            vcpu.set_sregs(&cpu.sregs).map_err(setup)?;
+            vcpu.set_regs(&cpu.regs).map_err(setup)?;
+            vcpu.set_fpu(&krr_hypervisor::FpuState {
+                xsave: cpu.fpu.clone(),
+            })
+            .map_err(setup)?;
+            for &(msr, value) in &cpu.msrs {
+                vcpu.set_msr(msr, value).map_err(setup)?;
+            }
+            vcpu.set_stop_at_user_mode(true).map_err(setup)?;
+            vcpus.push(vcpu);
+        }
+        // The ring's control as it was while recording (the snapshot may
+        // predate the engine setting it).
+        if let (Some(ring), Some(control)) = (
+            header.ring,
+            header.machine.get("ring_control").and_then(|v| v.as_u64()),
+        ) {
+            mem.write_obj(
+                control as u32,
+                GuestAddress(ring.phys + abi::CONTROL_OFFSET as u64),
+            )
+            .map_err(|e| ReplayError::Setup(format!("ring control: {e}")))?;
+        }
+        let symbols = header
+            .vmlinux
+            .as_ref()
+            .and_then(|v| Symbols::beside(Path::new(&v.path)))
+            .or_else(|| Symbols::beside(Path::new(&header.kernel.path)))
+            .unwrap_or_default();
+        Ok(Replayer {
+            dir: dir.to_path_buf(),
+            complete: end.is_some(),
+            recorded_wall: end.as_ref().map(|e| e.wall_seconds),
+            // Recordings of log format 3 before the kernel counts were
+            // added give only the total counts: a looser bound.
+            recorded_end_icounts: end
+                .as_ref()
+                .map(|e| {
+                    if e.kernel_instructions_per_vcpu.is_empty() {
+                        e.instructions_per_vcpu.clone()
+                    } else {
+                        e.kernel_instructions_per_vcpu.clone()
+                    }
+                })
+                .unwrap_or_default(),
+            recorded_triple_fault: end.as_ref().and_then(|e| e.triple_fault_vcpu),
+            kernel_image: KernelImage::from_symbols(&symbols),
+            header,
+            cpus,
+            vcpus,
+            vm,
+            mem,
+            symbols,
+        })
+    }
+}
