@@ -24,6 +24,9 @@ pub enum Benchmark {
     /// Replay of the kernel alone against the recording and against the
     /// plain run, same workloads as `record`.
     Replay,
+    /// Debugging a replay in gdb: reverse-stepi, reverse-continue against
+    /// continue, the stub's memory.
+    Gdb,
 }
 
 /// Same command line for both sides: the project's kernel has no ACPI and
@@ -42,6 +45,7 @@ pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
         Benchmark::Boot => boot(repetitions),
         Benchmark::Record => record(repetitions, false),
         Benchmark::Replay => record(repetitions, true),
+        Benchmark::Gdb => crate::bench_gdb::run(repetitions),
     }
 }
 

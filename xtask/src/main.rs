@@ -6,6 +6,7 @@
 //! needs nothing but Rust.
 
 mod bench;
+mod bench_gdb;
 mod eval;
 mod images;
 mod krr_bin;

@@ -25,7 +25,8 @@ use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::X86_64_SSE;
 use krr_hypervisor::{WatchKind, Watchpoint};
 use krr_replay::{
-    DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, Replayer, StopAt, Turn,
+    DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, Replayer, StartImage, StopAt,
+    Turn,
 };
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,8 @@ fn watch_reason(hit: &krr_hypervisor::WatchHit) -> (GdbWatchKind, u64) {
 /// A replay under gdb's control.
 pub struct ReplayTarget {
     dir: PathBuf,
+    /// The recording's start memory, shared by every restart.
+    start: StartImage,
     opts: ReplayOptions,
     replayer: Replayer,
     session: ReplaySession,
@@ -109,13 +112,15 @@ fn cpu_of(tid: Tid) -> usize {
 impl ReplayTarget {
     /// Opens the recording at `dir`, positioned at its start.
     pub fn open(dir: &Path, opts: ReplayOptions) -> Result<ReplayTarget, GdbError> {
-        let mut replayer = Replayer::open(dir)?;
+        let start = StartImage::load(dir)?;
+        let mut replayer = Replayer::open_from(dir, &start)?;
         let session = replayer.start(&opts)?;
         let start_counts = (0..replayer.vcpus().len())
             .map(|cpu| replayer.kernel_count(&session, cpu))
             .collect();
         Ok(ReplayTarget {
             dir: dir.to_path_buf(),
+            start,
             opts,
             replayer,
             session,
@@ -282,7 +287,7 @@ impl ReplayTarget {
     /// A fresh replay of the recording from its start, with no
     /// breakpoints applied.
     fn restart(&mut self) -> Result<(), GdbError> {
-        let mut replayer = Replayer::open(&self.dir)?;
+        let mut replayer = Replayer::open_from(&self.dir, &self.start)?;
         let session = replayer.start(&self.opts)?;
         self.replayer = replayer;
         self.session = session;

@@ -51,6 +51,7 @@ mod session;
 mod source;
 
 use bus::{run_rebased, ReplayBus};
+pub use open::StartImage;
 use report::{CheckpointTally, STALL_RUNS};
 pub use report::{
     Divergence, Reached, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,

@@ -3,10 +3,76 @@
 //! CPU, the vCPUs as the snapshot left them, the recording's end counts.
 
 use super::*;
+use std::fs::File;
+use std::sync::Arc;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+/// The memory image of a recording's start, decompressed once into a
+/// memory-backed file and shared by every replay opened from it
+/// ([`Replayer::open_from`]): each maps it privately, copy-on-write, so a
+/// debugger's restart costs neither decompressing nor copying the guest's
+/// RAM, and only the pages a replay writes take memory of their own.
+pub struct StartImage {
+    file: Arc<File>,
+    bytes: u64,
+}
+
+impl StartImage {
+    /// Decompresses the memory image of the recording at `dir`.
+    pub fn load(dir: &Path) -> Result<StartImage, ReplayError> {
+        let header = recording::load_header(dir)?;
+        let io = |e: std::io::Error| ReplayError::Setup(format!("start memory image: {e}"));
+        let file = tempfile::tempfile_in("/dev/shm")
+            .or_else(|_| tempfile::tempfile())
+            .map_err(io)?;
+        file.set_len(header.mem_bytes).map_err(io)?;
+        let image = StartImage {
+            file: Arc::new(file),
+            bytes: header.mem_bytes,
+        };
+        let shared = image.map(libc::MAP_SHARED)?;
+        recording::load_memory_into(dir, &shared)?;
+        Ok(image)
+    }
+
+    /// A private, copy-on-write view of the image as guest memory.
+    fn private_copy(&self) -> Result<GuestMemoryMmap, ReplayError> {
+        self.map(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+    }
+
+    fn map(&self, flags: i32) -> Result<GuestMemoryMmap, ReplayError> {
+        let err = |e: String| ReplayError::Setup(format!("mapping the start memory image: {e}"));
+        let region = MmapRegionBuilder::new(self.bytes as usize)
+            .with_file_offset(FileOffset::from_arc(self.file.clone(), 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| err("a region at 0 of that size".into()))?;
+        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(e.to_string()))
+    }
+}
 
 impl Replayer {
     /// Loads the recording at `dir` (snapshot into a fresh software CPU).
     pub fn open(dir: &Path) -> Result<Replayer, ReplayError> {
+        let header = recording::load_header(dir)?;
+        let mem = krr_machine::create_memory(header.mem_bytes)
+            .map_err(|e| ReplayError::Setup(e.to_string()))?;
+        recording::load_memory_into(dir, &mem)?;
+        Replayer::open_with(dir, mem)
+    }
+
+    /// [`Replayer::open`] with the start's memory from `image` (loaded once
+    /// for many replays of the same recording).
+    pub fn open_from(dir: &Path, image: &StartImage) -> Result<Replayer, ReplayError> {
+        Replayer::open_with(dir, image.private_copy()?)
+    }
+
+    /// Opens the recording at `dir` with `mem` holding its start's memory.
+    fn open_with(dir: &Path, mem: GuestMemoryMmap) -> Result<Replayer, ReplayError> {
         let header = recording::load_header(dir)?;
         let end = recording::load_end(dir)?;
         let cpus = recording::load_cpus(dir)?;
@@ -18,9 +84,13 @@ impl Replayer {
                 header.vcpus
             )));
         }
-        let mem = krr_machine::create_memory(header.mem_bytes)
-            .map_err(|e| ReplayError::Setup(e.to_string()))?;
-        recording::load_memory_into(dir, &mem)?;
+        if mem.iter().map(|r| r.len()).sum::<u64>() != header.mem_bytes {
+            return Err(ReplayError::Setup(format!(
+                "{}: the header says {} bytes of memory; the image has others",
+                dir.display(),
+                header.mem_bytes
+            )));
+        }
         let setup = |e: krr_hypervisor::HypervisorError| ReplayError::Setup(e.to_string());
         let mut vm: Box<dyn Vm> = Box::new(UnicornVm::new(&mem).map_err(setup)?);
         vm.add_mmio_region(LAPIC_BASE, LAPIC_SIZE).map_err(setup)?;
