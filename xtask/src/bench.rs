@@ -35,7 +35,7 @@ const BOOT_CMDLINE: &str =
     "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1 krr.run=\"echo hello\"";
 
 /// Median of the runs' values.
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

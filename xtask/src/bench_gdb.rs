@@ -7,6 +7,7 @@
 //! and times gdb's commands with gdb's own clock. Results go to
 //! `results/bench/gdb.json` and a table on stdout.
 
+use crate::bench::median;
 use crate::{images, krr_bin, repo_root};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -20,11 +21,6 @@ const WORKLOAD: &str = "syscall-loop 2000";
 const HANDLER: &str = "__x64_sys_getpid";
 const GUEST_MEM: &str = "512M";
 const GUEST_MEM_BYTES: u64 = 512 << 20;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 pub fn run(repetitions: usize) -> Result<()> {
     if repetitions == 0 {
