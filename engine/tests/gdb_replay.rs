@@ -200,6 +200,7 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
             "echo ==REVERSE-2==\\n",
             regs,
             "monitor where",
+            "monitor goto-event 50",
         ],
     );
     let (ok, _) = stub.finish();
@@ -226,6 +227,11 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
     let rev1 = &out[out.find("==REVERSE-1==").unwrap()..];
     assert!(rev1.contains("do_sys_openat2"), "{rev1}");
     assert_eq!(registers(&out, "==REVERSE-2=="), at_break);
+    // gdb prints what `monitor` answers on stderr, after stdout here.
+    assert!(
+        out.contains(": 50 events of the log consumed"),
+        "monitor goto-event: {out}"
+    );
 
     assert_eq!(
         std::fs::read(&events).unwrap(),

@@ -266,7 +266,8 @@ impl ReplayTarget {
                     }));
                 }
                 Turn::Stopped(DebugStop::Stepped { cpu })
-                | Turn::Stopped(DebugStop::AtCount { cpu }) => {
+                | Turn::Stopped(DebugStop::AtCount { cpu })
+                | Turn::Stopped(DebugStop::AtEvent { cpu }) => {
                     self.current = cpu;
                     return Ok(Some(MultiThreadStopReason::SignalWithThread {
                         tid: tid(cpu),
@@ -313,7 +314,9 @@ impl ReplayTarget {
         let mut hits = Vec::new();
         let outcome = loop {
             match self.replayer.turn(&mut self.session, &self.opts) {
-                Ok(Turn::Continue) | Ok(Turn::Stopped(DebugStop::Stepped { .. })) => {}
+                Ok(Turn::Continue)
+                | Ok(Turn::Stopped(DebugStop::Stepped { .. }))
+                | Ok(Turn::Stopped(DebugStop::AtEvent { .. })) => {}
                 Ok(Turn::Stopped(DebugStop::Breakpoint { cpu, rip })) => hits.push(Hit {
                     cpu,
                     count: self.count(cpu),
@@ -344,6 +347,34 @@ impl ReplayTarget {
         self.apply_breakpoints()?;
         self.current = at.cpu;
         outcome.map(|()| hits)
+    }
+
+    /// Replays from the start until `events` events of the log are
+    /// consumed (`monitor goto-event`).
+    fn goto_event(&mut self, events: u64) -> Result<(), GdbError> {
+        self.restart()?;
+        self.session.debug.stop_at_event = Some(events);
+        let outcome = loop {
+            match self.replayer.turn(&mut self.session, &self.opts) {
+                Ok(Turn::Stopped(DebugStop::AtEvent { cpu })) => {
+                    self.current = cpu;
+                    break Ok(());
+                }
+                Ok(Turn::Ended(end)) => {
+                    let why = format!(
+                        "the replay ended before event {events}: {}",
+                        describe_end(&end)
+                    );
+                    self.ended = Some(end);
+                    break Err(GdbError::Other(why));
+                }
+                Ok(_) => {}
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.session.debug.stop_at_event = None;
+        self.apply_breakpoints()?;
+        outcome
     }
 
     fn at_start(&self, cpu: usize) -> bool {
@@ -723,7 +754,8 @@ impl HwBreakpoint for ReplayTarget {
 const MONITOR_HELP: &str = "krr monitor commands:
   where                      where the replay stands: events consumed, each vCPU's kernel instruction count and RIP
   events                     the last events of the log consumed
-  goto-instruction N [CPU]   replay from the start to where vCPU CPU (default: the current one) has retired N kernel instructions (then 'flushregs')";
+  goto-instruction N [CPU]   replay from the start to where vCPU CPU (default: the current one) has retired N kernel instructions (then 'flushregs')
+  goto-event N               replay from the start until N events of the log are consumed (then 'flushregs')";
 
 impl MonitorCmd for ReplayTarget {
     fn handle_monitor_cmd(
@@ -748,6 +780,18 @@ impl MonitorCmd for ReplayTarget {
                     outputln!(out, "{e}");
                 }
             }
+            ["goto-event", n] => match n.parse::<u64>() {
+                Ok(events) => match self.goto_event(events) {
+                    Ok(()) => {
+                        for line in self.describe_position() {
+                            outputln!(out, "{line}");
+                        }
+                        outputln!(out, "(type 'flushregs' for gdb to read the new state)");
+                    }
+                    Err(e) => outputln!(out, "goto-event: {e}"),
+                },
+                Err(_) => outputln!(out, "goto-event: expected a number of events, got {n:?}"),
+            },
             ["goto-instruction", n, rest @ ..] if rest.len() <= 1 => {
                 let parsed = (
                     n.parse::<u64>(),

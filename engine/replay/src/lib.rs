@@ -241,6 +241,11 @@ impl Replayer {
         } = session;
         let until = opts.until_event.unwrap_or(u64::MAX);
         let end = 'turn: {
+            if debug.stop_at_event.is_some_and(|n| src.consumed >= n) {
+                debug.stop_at_event = None;
+                let cpu = src.peek().map_or(0, |(_, e)| usize::from(e.cpu()));
+                return Ok(Turn::Stopped(DebugStop::AtEvent { cpu }));
+            }
             if src.consumed >= until {
                 break 'turn ReplayEnd::StoppedAt {
                     event: src.consumed,

@@ -70,6 +70,9 @@ pub struct DebugControl {
     pub stop_at: Option<StopAt>,
     /// The breakpoints set on every vCPU ([`crate::Replayer::set_breakpoints`]).
     pub breakpoints: Vec<u64>,
+    /// Stop once this many events of the log are consumed, before the next
+    /// one ([`DebugStop::AtEvent`]); cleared when reached.
+    pub stop_at_event: Option<u64>,
 }
 
 /// A point of a vCPU's execution: where it has retired `count` kernel
@@ -104,6 +107,9 @@ pub enum DebugStop {
     Stepped { cpu: usize },
     /// vCPU `cpu` is at the point [`DebugControl::stop_at`] asked for.
     AtCount { cpu: usize },
+    /// The events [`DebugControl::stop_at_event`] asked for are consumed;
+    /// `cpu` is the next event's.
+    AtEvent { cpu: usize },
     /// vCPU `cpu` accessed a watched range (it stopped at the end of that
     /// block); `before` is the exact point before the accessing
     /// instruction.
