@@ -75,6 +75,8 @@ impl Stub {
     /// `krr replay ARGS --quiet --gdb SOCKET`.
     fn start_with(dir: &Path, args: &[&str]) -> Stub {
         let socket = dir.join("gdb.sock");
+        // A socket left by an earlier stub would be taken for this one's.
+        let _ = std::fs::remove_file(&socket);
         let child = krr_command(dir)
             .arg("replay")
             .args(args)
@@ -171,40 +173,49 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
     let events = tmp.path().join("cat/events.krrlog");
     let recorded = std::fs::read(&events).unwrap();
 
-    let stub = Stub::start(tmp.path());
     let regs = "info registers rip rsp rdi rax rbx rcx eflags";
-    let out = gdb(
-        &vmlinux,
-        &stub,
-        &[
-            "break __x64_sys_openat",
-            "continue",
-            "x/s ((struct pt_regs *)$rdi)->si",
-            "echo ==AT-BREAK==\\n",
-            regs,
-            "stepi 12",
-            "echo ==STEPPED==\\n",
-            regs,
-            "reverse-stepi 12",
-            "echo ==BACK==\\n",
-            regs,
-            "break do_sys_openat2",
-            "continue",
-            "continue",
-            "echo ==SECOND-OPEN==\\n",
-            "monitor where",
-            "reverse-continue",
-            "echo ==REVERSE-1==\\n",
-            regs,
-            "reverse-continue",
-            "echo ==REVERSE-2==\\n",
-            regs,
-            "monitor where",
-            "monitor goto-event 50",
-        ],
+    let commands = [
+        "break __x64_sys_openat",
+        "continue",
+        "x/s ((struct pt_regs *)$rdi)->si",
+        "echo ==AT-BREAK==\\n",
+        regs,
+        "stepi 12",
+        "echo ==STEPPED==\\n",
+        regs,
+        "reverse-stepi 12",
+        "echo ==BACK==\\n",
+        regs,
+        "break do_sys_openat2",
+        "continue",
+        "continue",
+        "echo ==SECOND-OPEN==\\n",
+        "monitor where",
+        "reverse-continue",
+        "echo ==REVERSE-1==\\n",
+        regs,
+        "reverse-continue",
+        "echo ==REVERSE-2==\\n",
+        regs,
+        "monitor where",
+        "monitor goto-event 50",
+    ];
+    // Without snapshots (every reverse operation replays from the start),
+    // then with one every 100,000 kernel instructions: the same session.
+    let session = |snapshot_every: &str| {
+        let stub = Stub::start_with(tmp.path(), &["cat", "--snapshot-every", snapshot_every]);
+        let out = gdb(&vmlinux, &stub, &commands);
+        let (ok, err) = stub.finish();
+        assert!(ok, "the stub failed: {err}");
+        (out, err)
+    };
+    let (out, _) = session("0");
+    let (with_snapshots, err) = session("100000");
+    assert_eq!(with_snapshots, out, "the same session with snapshots");
+    assert!(
+        !err.contains("(0 snapshot(s)"),
+        "snapshots were taken: {err}"
     );
-    let (ok, _) = stub.finish();
-    assert!(ok, "the stub failed");
 
     assert!(
         out.contains("Breakpoint 1, __x64_sys_openat"),

@@ -9,7 +9,7 @@
 mod regs;
 mod target;
 
-pub use target::{describe_end, GdbError, ReplayTarget, StopReason};
+pub use target::{describe_end, GdbError, ReplayTarget, StopReason, DEFAULT_SNAPSHOT_EVERY};
 
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};

@@ -25,9 +25,10 @@ use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::X86_64_SSE;
 use krr_hypervisor::{WatchKind, Watchpoint};
 use krr_replay::{
-    DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, Replayer, StartImage, StopAt,
-    Turn,
+    DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, ReplaySnapshot, Replayer,
+    StartImage, StopAt, Turn,
 };
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,6 +40,11 @@ pub type StopReason = MultiThreadStopReason<u64>;
 /// The longest run of a vCPU in one turn while gdb waits: Ctrl-C is
 /// noticed between turns.
 const RUN_CHUNK: u64 = 2_000_000;
+/// Kernel instructions of replay between two snapshots, by default (a
+/// snapshot compares the guest's RAM with the start image: about 0.2 s
+/// for 512 MiB here).
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000_000;
+
 /// How long [`ReplayTarget::advance`] works before it lets the stub look
 /// for Ctrl-C.
 const POLL_EVERY: Duration = Duration::from_millis(50);
@@ -86,6 +92,13 @@ pub struct ReplayTarget {
     dir: PathBuf,
     /// The recording's start memory, shared by every restart.
     start: StartImage,
+    /// Snapshots of the replay, by the sum of the vCPUs' kernel counts
+    /// (which only grows as a replay goes on).
+    snapshots: BTreeMap<u64, ReplaySnapshot>,
+    /// Kernel instructions between two snapshots.
+    snapshot_every: u64,
+    /// Host memory the snapshots may take.
+    snapshot_budget: usize,
     opts: ReplayOptions,
     replayer: Replayer,
     session: ReplaySession,
@@ -118,9 +131,13 @@ impl ReplayTarget {
         let start_counts = (0..replayer.vcpus().len())
             .map(|cpu| replayer.kernel_count(&session, cpu))
             .collect();
+        let snapshot_budget = replayer.header().mem_bytes as usize;
         Ok(ReplayTarget {
             dir: dir.to_path_buf(),
             start,
+            snapshots: BTreeMap::new(),
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
+            snapshot_budget,
             opts,
             replayer,
             session,
@@ -132,6 +149,55 @@ impl ReplayTarget {
             ended: None,
             current: 0,
         })
+    }
+
+    /// Takes a snapshot every `instructions` kernel instructions of
+    /// replay (0: none).
+    pub fn set_snapshot_interval(&mut self, instructions: u64) {
+        self.snapshot_every = instructions;
+    }
+
+    /// Snapshots held, and the host memory they take.
+    pub fn snapshot_usage(&self) -> (usize, usize) {
+        let bytes = self.snapshots.values().map(ReplaySnapshot::bytes).sum();
+        (self.snapshots.len(), bytes)
+    }
+
+    /// The sum of the vCPUs' kernel counts: where the replay stands.
+    fn total(&self) -> u64 {
+        (0..self.replayer.vcpus().len())
+            .map(|c| self.count(c))
+            .sum()
+    }
+
+    /// Takes a snapshot here if the last one before is far enough back and
+    /// the replay is at a point one can be restored exactly; drops the
+    /// oldest ones beyond the memory budget.
+    fn maybe_snapshot(&mut self) -> Result<(), GdbError> {
+        if self.snapshot_every == 0 {
+            return Ok(());
+        }
+        let total = self.total();
+        let since = self
+            .snapshots
+            .range(..=total)
+            .next_back()
+            .map_or(total, |(&at, _)| total - at);
+        let until = self
+            .snapshots
+            .range(total..)
+            .next()
+            .map_or(u64::MAX, |(&at, _)| at - total);
+        if since < self.snapshot_every || until < self.snapshot_every {
+            return Ok(());
+        }
+        if let Some(snap) = self.replayer.snapshot(&self.session, &self.start)? {
+            self.snapshots.insert(total, snap);
+            while self.snapshot_usage().1 > self.snapshot_budget && self.snapshots.len() > 1 {
+                self.snapshots.pop_first();
+            }
+        }
+        Ok(())
     }
 
     /// The replayer (symbols, header, vCPUs).
@@ -249,7 +315,7 @@ impl ReplayTarget {
         let began = Instant::now();
         while began.elapsed() < POLL_EVERY {
             match self.replayer.turn(&mut self.session, &self.opts)? {
-                Turn::Continue => {}
+                Turn::Continue => self.maybe_snapshot()?,
                 Turn::Stopped(DebugStop::Breakpoint { cpu, .. }) => {
                     self.current = cpu;
                     self.session.debug.step = None;
@@ -288,25 +354,65 @@ impl ReplayTarget {
     /// A fresh replay of the recording from its start, with no
     /// breakpoints applied.
     fn restart(&mut self) -> Result<(), GdbError> {
-        let mut replayer = Replayer::open_from(&self.dir, &self.start)?;
-        let session = replayer.start(&self.opts)?;
+        self.restart_from(None)
+    }
+
+    /// A fresh replay from the snapshot at `origin` (a key of
+    /// `snapshots`), or the recording's start, with no breakpoints applied.
+    fn restart_from(&mut self, origin: Option<u64>) -> Result<(), GdbError> {
+        let snap = origin.and_then(|key| self.snapshots.get(&key));
+        let (replayer, session) = match snap {
+            Some(snap) => Replayer::restore(&self.dir, &self.start, snap)?,
+            None => {
+                let mut replayer = Replayer::open_from(&self.dir, &self.start)?;
+                let session = replayer.start(&self.opts)?;
+                (replayer, session)
+            }
+        };
         self.replayer = replayer;
         self.session = session;
         self.ended = None;
         Ok(())
     }
 
+    /// The last snapshot before `at`, going back from `before` (a key) if
+    /// given.
+    fn snapshot_before(&self, at: &StopAt, before: Option<u64>) -> Option<u64> {
+        self.snapshots
+            .range(..before.unwrap_or(u64::MAX))
+            .rev()
+            .find(|(_, s)| s.counts().get(at.cpu).is_some_and(|&c| c < at.count))
+            .map(|(&key, _)| key)
+    }
+
     fn apply_breakpoints(&mut self) -> Result<(), GdbError> {
         let bps = self.breakpoints.clone();
         self.replayer.set_breakpoints(&mut self.session, &bps)?;
-        self.replayer.set_watchpoints(&self.watchpoints)?;
+        // A watched page not mapped at this point of the replay (going back
+        // to before it was) leaves the watchpoints off; gdb is told so when
+        // one is set.
+        if let Err(e) = self.replayer.set_watchpoints(&self.watchpoints) {
+            eprintln!("krr: watchpoints off here: {e}");
+        }
         Ok(())
     }
 
-    /// Replays from the start to `at`; with `collect`, with the
-    /// breakpoints set, returning the hits on the way.
+    /// Replays to `at` from the last snapshot before it (or the start);
+    /// with `collect`, with the breakpoints set, returning the hits on the
+    /// way.
     fn goto(&mut self, at: StopAt, collect: bool) -> Result<Vec<Hit>, GdbError> {
-        self.restart()?;
+        let origin = self.snapshot_before(&at, None);
+        self.goto_from(origin, at, collect)
+    }
+
+    /// [`Self::goto`] from the snapshot `origin` (or the start).
+    fn goto_from(
+        &mut self,
+        origin: Option<u64>,
+        at: StopAt,
+        collect: bool,
+    ) -> Result<Vec<Hit>, GdbError> {
+        self.restart_from(origin)?;
         if collect {
             self.apply_breakpoints()?;
         }
@@ -314,8 +420,8 @@ impl ReplayTarget {
         let mut hits = Vec::new();
         let outcome = loop {
             match self.replayer.turn(&mut self.session, &self.opts) {
-                Ok(Turn::Continue)
-                | Ok(Turn::Stopped(DebugStop::Stepped { .. }))
+                Ok(Turn::Continue) => self.maybe_snapshot()?,
+                Ok(Turn::Stopped(DebugStop::Stepped { .. }))
                 | Ok(Turn::Stopped(DebugStop::AtEvent { .. })) => {}
                 Ok(Turn::Stopped(DebugStop::Breakpoint { cpu, rip })) => hits.push(Hit {
                     cpu,
@@ -410,9 +516,21 @@ impl ReplayTarget {
             count: self.count(cpu),
             rip: Some(self.rip(cpu)),
         };
-        let hits = self.goto(now, true)?;
-        let here = (cpu, now.count, self.rip(cpu));
-        match hits.into_iter().rfind(|h| (h.cpu, h.count, h.rip) != here) {
+        // The last hit before now: from the last snapshot before now, then
+        // from earlier ones while none is found.
+        let here = (cpu, now.count, now.rip.unwrap_or(0));
+        let mut origin = self.snapshot_before(&now, None);
+        let last = loop {
+            let hits = self.goto_from(origin, now, true)?;
+            if let Some(h) = hits.into_iter().rfind(|h| (h.cpu, h.count, h.rip) != here) {
+                break Some(h);
+            }
+            match origin {
+                Some(key) => origin = self.snapshot_before(&now, Some(key)),
+                None => break None,
+            }
+        };
+        match last {
             Some(h) => {
                 self.goto(
                     StopAt {
@@ -684,7 +802,7 @@ impl HwWatchpoint for ReplayTarget {
             GdbWatchKind::ReadWrite => WatchKind::Access,
         };
         self.watchpoints.push(Watchpoint { addr, len, kind });
-        if let Err(e) = self.apply_breakpoints() {
+        if let Err(e) = self.replayer.set_watchpoints(&self.watchpoints) {
             self.watchpoints.pop();
             eprintln!("krr: watchpoint at {addr:#x}: {e}");
             return Ok(false);

@@ -59,6 +59,9 @@ pub struct Watchpoint {
     pub kind: WatchKind,
 }
 
+/// A watchpoint with the guest-physical pieces `[start, end)` of its range.
+pub type PlacedWatchpoint = (Watchpoint, Vec<(u64, u64)>);
+
 /// A watched access ([`VmExit::Watchpoint`]): the watchpoint, whether the
 /// access wrote, the accessing instruction and the vCPU's counts right
 /// before it (exact, as at a block boundary).
@@ -414,6 +417,11 @@ pub trait Vcpu {
     fn kernel_instructions_retired(&self) -> Option<u64> {
         None
     }
+    /// Sets both counts (restoring a snapshot of a replay), where the
+    /// backend counts instructions.
+    fn set_instructions_retired(&mut self, _all: u64, _kernel: u64) -> Result<()> {
+        Err(HypervisorError::Unsupported("setting instruction counts"))
+    }
     /// Performs SYSCALL from the user state `entry` (the instruction at
     /// `entry.regs.rip`): replay recreates recorded syscall entries so.
     fn enter_syscall(&mut self, _entry: &UserEntry) -> Result<()> {
@@ -430,6 +438,13 @@ pub trait Vcpu {
     /// one ends the run with [`VmExit::Watchpoint`]. Addresses are
     /// translated through this vCPU's page tables when set.
     fn set_watchpoints(&mut self, _watchpoints: &[Watchpoint]) -> Result<()> {
+        Err(HypervisorError::Unsupported("watchpoints"))
+    }
+    /// [`Vcpu::set_watchpoints`] with each watchpoint's guest-physical
+    /// pieces `[start, end)` given (the caller walked the page tables: the
+    /// backend's own translation checks the vCPU's privilege, and a vCPU
+    /// in user mode may not read the kernel's pages).
+    fn set_watchpoints_at(&mut self, _watchpoints: &[PlacedWatchpoint]) -> Result<()> {
         Err(HypervisorError::Unsupported("watchpoints"))
     }
     /// The access that ended the last run with [`VmExit::Watchpoint`].

@@ -47,8 +47,27 @@ impl Replayer {
     /// space): a turn whose vCPU accesses one stops at the end of that
     /// block ([`DebugStop::Watch`], with the exact point of the access).
     pub fn set_watchpoints(&mut self, watchpoints: &[Watchpoint]) -> Result<(), ReplayError> {
+        let cr3 = self.vcpus[0]
+            .sregs()
+            .map_err(|e| ReplayError::Setup(format!("watchpoints: {e}")))?
+            .cr3;
+        let mut translated = Vec::new();
+        for wp in watchpoints {
+            let mut pieces = Vec::new();
+            let end = wp.addr.saturating_add(wp.len.max(1));
+            let mut va = wp.addr;
+            while va < end {
+                let piece = (end - va).min(0x1000 - (va & 0xfff));
+                let pa = paging::translate(&self.mem, cr3, va).ok_or_else(|| {
+                    ReplayError::Setup(format!("watchpoint: {va:#x} is not mapped"))
+                })?;
+                pieces.push((pa, pa + piece));
+                va += piece;
+            }
+            translated.push((*wp, pieces));
+        }
         self.vcpus[0]
-            .set_watchpoints(watchpoints)
+            .set_watchpoints_at(&translated)
             .map_err(|e| ReplayError::Setup(format!("watchpoints: {e}")))
     }
 

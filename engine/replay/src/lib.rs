@@ -48,6 +48,7 @@ mod inspect;
 mod open;
 mod report;
 mod session;
+mod snapshot;
 mod source;
 
 use bus::{run_rebased, ReplayBus};
@@ -57,6 +58,7 @@ pub use report::{
     Divergence, Reached, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,
 };
 pub use session::{DebugControl, DebugStop, ReplaySession, StopAt, Turn};
+pub use snapshot::ReplaySnapshot;
 use source::{entry_seq, position_of, EventSource};
 
 use krr_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
@@ -106,6 +108,7 @@ pub struct Replayer {
 }
 
 /// Where each vCPU of a replay stands.
+#[derive(Clone)]
 pub(crate) struct CpuProgress {
     /// In user mode: the kernel waits for the vCPU's next recorded entry.
     in_user: bool,
@@ -150,6 +153,7 @@ impl Replayer {
             consumed: 0,
             next_stop_seen: None,
             entry_seen: Vec::new(),
+            read_next: 0,
         };
         let progress: Vec<CpuProgress> = self
             .cpus

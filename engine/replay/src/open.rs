@@ -16,6 +16,9 @@ use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMm
 pub struct StartImage {
     file: Arc<File>,
     bytes: u64,
+    /// The image itself (shared, never written after loading), which
+    /// snapshots compare guest memory with.
+    view: GuestMemoryMmap,
 }
 
 impl StartImage {
@@ -27,32 +30,43 @@ impl StartImage {
             .or_else(|_| tempfile::tempfile())
             .map_err(io)?;
         file.set_len(header.mem_bytes).map_err(io)?;
-        let image = StartImage {
-            file: Arc::new(file),
+        let file = Arc::new(file);
+        let view = map(&file, header.mem_bytes, libc::MAP_SHARED)?;
+        recording::load_memory_into(dir, &view)?;
+        Ok(StartImage {
+            file,
             bytes: header.mem_bytes,
-        };
-        let shared = image.map(libc::MAP_SHARED)?;
-        recording::load_memory_into(dir, &shared)?;
-        Ok(image)
+            view,
+        })
+    }
+
+    /// The image as guest memory (read it only).
+    pub(crate) fn view(&self) -> &GuestMemoryMmap {
+        &self.view
     }
 
     /// A private, copy-on-write view of the image as guest memory.
     fn private_copy(&self) -> Result<GuestMemoryMmap, ReplayError> {
-        self.map(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        map(
+            &self.file,
+            self.bytes,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
     }
+}
 
-    fn map(&self, flags: i32) -> Result<GuestMemoryMmap, ReplayError> {
-        let err = |e: String| ReplayError::Setup(format!("mapping the start memory image: {e}"));
-        let region = MmapRegionBuilder::new(self.bytes as usize)
-            .with_file_offset(FileOffset::from_arc(self.file.clone(), 0))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or_else(|| err("a region at 0 of that size".into()))?;
-        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(e.to_string()))
-    }
+/// `file` mapped as guest memory at 0 (`flags`: shared, or private).
+fn map(file: &Arc<File>, bytes: u64, flags: i32) -> Result<GuestMemoryMmap, ReplayError> {
+    let err = |e: String| ReplayError::Setup(format!("mapping the start memory image: {e}"));
+    let region = MmapRegionBuilder::new(bytes as usize)
+        .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| err("a region at 0 of that size".into()))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(e.to_string()))
 }
 
 impl Replayer {

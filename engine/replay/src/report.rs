@@ -162,7 +162,7 @@ pub enum ReplayError {
 }
 
 /// The checkpoints a replay verified, and which (`--verify-every`).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct CheckpointTally {
     /// Registers compared.
     pub(super) registers: u64,

@@ -5,8 +5,9 @@
 use krr_hypervisor::Position;
 use krr_record::abi;
 use krr_record::event::LogEvent;
-use krr_record::log::EventLogReader;
+use krr_record::log::{EventLogReader, LogError};
 use std::collections::VecDeque;
+use std::path::Path;
 
 /// The engine events, read in order, with the agent's records kept apart
 /// (indexed by their sequence number).
@@ -33,6 +34,8 @@ pub(super) struct EventSource {
     /// user mode as last found by [`Self::cpu_next_entry_seq`]: still the
     /// answer while that event is queued.
     pub(super) entry_seen: Vec<Option<(u64, u64)>>,
+    /// The log index of the next event the reader returns.
+    pub(super) read_next: u64,
 }
 
 /// How many engine events [`EventSource::cpu_next_entry_seq`] reads ahead
@@ -43,6 +46,25 @@ pub(super) struct EventSource {
 pub(super) const ENTRY_LOOKAHEAD_EVENTS: usize = 4096;
 
 impl EventSource {
+    /// A copy standing where this one stands, with its own reader of the
+    /// log at `path` (a snapshot of a replay keeps one, and each restore
+    /// takes another).
+    pub(super) fn duplicate(&self, path: &Path) -> Result<EventSource, LogError> {
+        Ok(EventSource {
+            reader: EventLogReader::open(path)?.seek(self.read_next),
+            engine: self.engine.clone(),
+            agent: self.agent.clone(),
+            console: self.console.clone(),
+            exhausted: self.exhausted,
+            broken: self.broken.clone(),
+            recent: self.recent.clone(),
+            consumed: self.consumed,
+            next_stop_seen: self.next_stop_seen,
+            entry_seen: self.entry_seen.clone(),
+            read_next: self.read_next,
+        })
+    }
+
     /// Reads one more event; false at the end of the log.
     pub(super) fn read_one(&mut self) -> bool {
         if self.exhausted {
@@ -50,6 +72,7 @@ impl EventSource {
         }
         match self.reader.next_event() {
             Ok(Some(read)) => {
+                self.read_next = read.index + 1;
                 match read.event {
                     LogEvent::Agent { .. } => match read.event.agent_event() {
                         Some(Ok(e)) => self.agent.push_back(e),

@@ -192,6 +192,11 @@ struct ReplayArgs {
     /// that a crash can be debugged backwards from where it happened.
     #[arg(long, requires = "gdb")]
     at_end: bool,
+    /// With --gdb: keep a snapshot of the replay every N kernel
+    /// instructions (in memory, at most the guest's RAM in all), so that
+    /// going backwards replays from the nearest one; 0: none.
+    #[arg(long, value_name = "N", requires = "gdb", default_value_t = krr_gdb::DEFAULT_SNAPSHOT_EVERY)]
+    snapshot_every: u64,
 }
 
 #[derive(Parser)]
@@ -367,7 +372,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
     };
     if let Some(listen) = &a.gdb {
         drop(replayer);
-        return debug_replay(&dir, opts, listen, a.at_end);
+        return debug_replay(&dir, opts, listen, a.at_end, a.snapshot_every);
     }
     let report = replayer.run(&opts)?;
     if let Some(path) = &a.console {
@@ -428,10 +433,12 @@ fn debug_replay(
     opts: krr_engine::replay::ReplayOptions,
     listen: &str,
     at_end: bool,
+    snapshot_every: u64,
 ) -> anyhow::Result<i32> {
     use krr_gdb::{describe_end, Listen, ReplayTarget};
     let mut target = ReplayTarget::open(dir, opts)
         .with_context(|| format!("cannot replay {}", dir.display()))?;
+    target.set_snapshot_interval(snapshot_every);
     if at_end {
         eprintln!(
             "krr: replaying {} to its end before gdb connects",
@@ -457,7 +464,11 @@ fn debug_replay(
         }
         eprintln!("krr: vCPUs are gdb threads; breakpoints, stepi, continue, reverse-stepi, reverse-continue and 'monitor help' work; writes to memory and registers are refused");
     })?;
-    eprintln!("krr: {outcome}");
+    let (snapshots, bytes) = target.snapshot_usage();
+    eprintln!(
+        "krr: {outcome} ({snapshots} snapshot(s) of the replay held, {:.1} MiB)",
+        bytes as f64 / (1 << 20) as f64
+    );
     Ok(0)
 }
 

@@ -51,9 +51,9 @@ mod vcpu;
 
 pub use super::ExitCounters;
 use super::{
-    DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection, Position,
-    Regs, Result, RunContext, Segment, Sregs, UserEntry, Vcpu, VmExit, WatchHit, WatchKind,
-    Watchpoint,
+    DebugRegs, DeliveredException, DescriptorTable, FpuState, HypervisorError, Injection,
+    PlacedWatchpoint, Position, Regs, Result, RunContext, Segment, Sregs, UserEntry, Vcpu, VmExit,
+    WatchHit, WatchKind, Watchpoint,
 };
 use delivery::{deliver, has_error_code, EventKind};
 use hooks::*;
@@ -209,19 +209,15 @@ impl Engine {
         check("tb_flush", unsafe { uc_ctl(self.uc, ctl) })
     }
 
-    /// Replaces the watchpoints: each one's guest-virtual range is
-    /// translated through the active vCPU's page tables, page by page, and
-    /// gets memory hooks on its physical pieces (unicorn bounds memory hooks
-    /// by physical address).
-    fn set_watch_hooks(&mut self, watchpoints: &[Watchpoint]) -> Result<()> {
-        for h in self.watch_hooks.drain(..) {
-            // SAFETY: `self.uc` is the open engine, idle (under the engine's
-            // `RefCell` borrow); `h` is a handle uc_hook_add returned on
-            // it, deleted once as it is drained.
-            check("hook_del", unsafe { uc_hook_del(self.uc, h) })?;
-        }
-        let mut ranges = Vec::new();
+    /// The guest-physical pieces of `watchpoints`, translated through the
+    /// active vCPU's page tables, page by page.
+    fn translate_watchpoints(
+        &mut self,
+        watchpoints: &[Watchpoint],
+    ) -> Result<Vec<PlacedWatchpoint>> {
+        let mut out = Vec::new();
         for wp in watchpoints {
+            let mut pieces = Vec::new();
             let mut va = wp.addr;
             let end = wp.addr.saturating_add(wp.len.max(1));
             while va < end {
@@ -237,14 +233,33 @@ impl Engine {
                         reason: format!("{va:#x} is not mapped: {err:?}"),
                     });
                 }
-                ranges.push(WatchRange {
-                    start: pa,
-                    end: pa + piece,
-                    watchpoint: *wp,
-                });
+                pieces.push((pa, pa + piece));
                 va += piece;
             }
+            out.push((*wp, pieces));
         }
+        Ok(out)
+    }
+
+    /// Replaces the watchpoints with memory hooks on their physical pieces
+    /// (unicorn bounds memory hooks by physical address).
+    fn set_watch_hooks(&mut self, watchpoints: &[PlacedWatchpoint]) -> Result<()> {
+        for h in self.watch_hooks.drain(..) {
+            // SAFETY: `self.uc` is the open engine, idle (under the engine's
+            // `RefCell` borrow); `h` is a handle uc_hook_add returned on
+            // it, deleted once as it is drained.
+            check("hook_del", unsafe { uc_hook_del(self.uc, h) })?;
+        }
+        let ranges: Vec<WatchRange> = watchpoints
+            .iter()
+            .flat_map(|(wp, pieces)| {
+                pieces.iter().map(|&(start, end)| WatchRange {
+                    start,
+                    end,
+                    watchpoint: *wp,
+                })
+            })
+            .collect();
         let ud = self.state.get() as *mut c_void;
         for r in &ranges {
             let types = match r.watchpoint.kind {

@@ -735,7 +735,27 @@ impl Vcpu for UnicornVcpu {
         })
     }
 
+    fn set_instructions_retired(&mut self, all: u64, kernel: u64) -> Result<()> {
+        let mut e = self.engine.borrow_mut();
+        if e.active == Some(self.id) {
+            let st = e.st();
+            st.retired = all;
+            st.kernel_retired = kernel;
+        } else {
+            e.slots[self.id].retired = all;
+            e.slots[self.id].kernel_retired = kernel;
+        }
+        Ok(())
+    }
+
     fn set_watchpoints(&mut self, watchpoints: &[Watchpoint]) -> Result<()> {
+        self.with(|e| {
+            let pieces = e.translate_watchpoints(watchpoints)?;
+            e.set_watch_hooks(&pieces)
+        })
+    }
+
+    fn set_watchpoints_at(&mut self, watchpoints: &[PlacedWatchpoint]) -> Result<()> {
         self.with(|e| e.set_watch_hooks(watchpoints))
     }
 
