@@ -4,8 +4,9 @@
 //! `reverse-continue` over a stretch at most 2x `continue` over the same
 //! stretch, the stub's memory at most 2x the guest's RAM. A syscall-heavy
 //! workload is recorded once; each repetition opens it in `krr replay --gdb`
-//! and times gdb's commands with gdb's own clock. Results go to
-//! `results/bench/gdb.json` and a table on stdout.
+//! and times gdb's commands with gdb's own clock, without snapshots of the
+//! replay and with them. Results go to `results/bench/gdb.json` and a
+//! table on stdout.
 
 use crate::bench::median;
 use crate::{images, krr_bin, repo_root};
@@ -59,48 +60,84 @@ pub fn run(repetitions: usize) -> Result<()> {
         bail!("krr record of `{WORKLOAD}` failed ({status})");
     }
     let instructions = recorded_kernel_instructions(&scratch.path().join("gdb"))?;
-    let mut runs = Vec::new();
-    for rep in 1..=repetitions {
-        let r = one_session(&krr, scratch.path(), &vmlinux)
-            .with_context(|| format!("gdb session {rep}"))?;
-        eprintln!("  run {rep}: {r}");
-        runs.push(r);
-    }
-    let m = |k: &str| {
-        median(
-            runs.iter()
-                .map(|r| r[k].as_f64().unwrap_or(f64::NAN))
-                .collect(),
-        )
-    };
-    let (forward, rstep, rcont, span) = (
-        m("forward_to_end_s"),
-        m("reverse_stepi_s"),
-        m("reverse_continue_s"),
-        m("continue_same_span_s"),
-    );
-    let peak = m("stub_peak_rss_bytes");
-    let targets = [
-        ("one reverse-stepi (s)", rstep, 1.0),
-        (
-            "reverse-continue / continue over the same stretch",
-            rcont / span,
-            2.0,
-        ),
-        (
-            "stub peak memory / guest RAM",
-            peak / GUEST_MEM_BYTES as f64,
-            2.0,
-        ),
-    ];
+    // Without snapshots every reverse operation replays from the start;
+    // with them, from the nearest one (5 M instructions: about 8 here).
+    let configs = [("no snapshots", 0u64), ("a snapshot every 5 M", 5_000_000)];
+    let mut results = Vec::new();
     println!(
-        "| `{WORKLOAD}`, {instructions} kernel instructions replayed | median of {repetitions} | target | |"
+        "| `{WORKLOAD}`, {instructions} kernel instructions replayed, median of {repetitions} | {} | {} | target |",
+        configs[0].0, configs[1].0
     );
     println!("| --- | --- | --- | --- |");
-    println!("| continue from the start to the end (s) | {forward:.2} | | |");
-    for (what, value, target) in targets {
-        let verdict = if value <= target { "met" } else { "missed" };
-        println!("| {what} | {value:.2} | <= {target} | {verdict} |");
+    let mut rows: Vec<(String, Vec<f64>, Option<f64>)> = Vec::new();
+    for (name, every) in configs {
+        let mut runs = Vec::new();
+        for rep in 1..=repetitions {
+            let r = one_session(&krr, scratch.path(), &vmlinux, every)
+                .with_context(|| format!("gdb session {rep}, {name}"))?;
+            eprintln!("  {name}, run {rep}: {r}");
+            runs.push(r);
+        }
+        let m = |k: &str| {
+            median(
+                runs.iter()
+                    .map(|r| r[k].as_f64().unwrap_or(f64::NAN))
+                    .collect(),
+            )
+        };
+        let (forward, rstep, rcont, span, peak) = (
+            m("forward_to_end_s"),
+            m("reverse_stepi_s"),
+            m("reverse_continue_s"),
+            m("continue_same_span_s"),
+            m("stub_peak_rss_bytes"),
+        );
+        let values = [
+            ("continue from the start to the end (s)", forward, None),
+            ("one reverse-stepi at the end (s)", rstep, Some(1.0)),
+            (
+                "reverse-continue / continue over the same stretch",
+                rcont / span,
+                Some(2.0),
+            ),
+            (
+                "stub peak memory / guest RAM",
+                peak / GUEST_MEM_BYTES as f64,
+                Some(2.0),
+            ),
+        ];
+        for (i, (what, value, target)) in values.into_iter().enumerate() {
+            if rows.len() <= i {
+                rows.push((what.to_string(), Vec::new(), target));
+            }
+            rows[i].1.push(value);
+        }
+        results.push(json!({
+            "config": name,
+            "snapshot_every": every,
+            "median": {
+                "forward_to_end_s": forward,
+                "reverse_stepi_s": rstep,
+                "reverse_continue_s": rcont,
+                "continue_same_span_s": span,
+                "reverse_continue_ratio": rcont / span,
+                "stub_peak_rss_bytes": peak,
+            },
+            "runs": runs,
+        }));
+    }
+    for (what, values, target) in rows {
+        let shown = |v: f64| match target {
+            Some(t) if v <= t => format!("{v:.2} (met)"),
+            Some(_) => format!("{v:.2} (missed)"),
+            None => format!("{v:.2}"),
+        };
+        let target = target.map_or(String::new(), |t| format!("<= {t}"));
+        println!(
+            "| {what} | {} | {} | {target} |",
+            shown(values[0]),
+            shown(values[1])
+        );
     }
     let dir = repo_root().join("results/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -111,17 +148,8 @@ pub fn run(repetitions: usize) -> Result<()> {
         "kernel_instructions_replayed": instructions,
         "guest_mem_bytes": GUEST_MEM_BYTES,
         "repetitions": repetitions,
-        "median": {
-            "forward_to_end_s": forward,
-            "reverse_stepi_s": rstep,
-            "reverse_continue_s": rcont,
-            "continue_same_span_s": span,
-            "reverse_continue_ratio": rcont / span,
-            "stub_peak_rss_bytes": peak,
-        },
         "targets": {"reverse_stepi_s": 1.0, "reverse_continue_ratio": 2.0, "memory_ratio": 2.0},
-        "runs": runs,
-        "how": "reverse operations replay the recording from its start to the exact point (no snapshots yet)",
+        "results": results,
     });
     std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
@@ -145,12 +173,19 @@ fn recorded_kernel_instructions(recording: &Path) -> Result<u64> {
 
 /// One gdb session: continue to the end, one reverse-stepi, reverse-continue
 /// to the last syscall, continue from there to the end again.
-fn one_session(krr: &Path, recordings: &Path, vmlinux: &Path) -> Result<Value> {
+fn one_session(
+    krr: &Path,
+    recordings: &Path,
+    vmlinux: &Path,
+    snapshot_every: u64,
+) -> Result<Value> {
     let socket = recordings.join("gdb.sock");
     let _ = std::fs::remove_file(&socket);
     let mut stub = Command::new(krr)
         .env("KRR_RECORDINGS", recordings)
-        .args(["replay", "gdb", "--quiet", "--gdb"])
+        .args(["replay", "gdb", "--quiet", "--snapshot-every"])
+        .arg(snapshot_every.to_string())
+        .arg("--gdb")
         .arg(&socket)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -210,9 +210,13 @@ impl ReplayTarget {
     pub fn run_to_end(&mut self) -> Result<&ReplayEnd, GdbError> {
         self.session.debug.max_run = None;
         loop {
-            if let Turn::Ended(end) = self.replayer.turn(&mut self.session, &self.opts)? {
-                self.current = self.busiest_cpu();
-                return Ok(self.ended.insert(end));
+            match self.replayer.turn(&mut self.session, &self.opts)? {
+                Turn::Ended(end) => {
+                    self.current = self.busiest_cpu();
+                    return Ok(self.ended.insert(end));
+                }
+                Turn::Continue => self.maybe_snapshot()?,
+                Turn::Stopped(_) => {}
             }
         }
     }

@@ -7,8 +7,41 @@
 
 use super::*;
 use crate::open::StartImage;
+use vm_memory::GuestMemoryBackend;
 
 const PAGE: u64 = 4096;
+/// pagemap entry bits: present in RAM, swapped out, a file page (or shared).
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+const PAGEMAP_FILE: u64 = 1 << 61;
+
+/// The guest pages (indices) of `mem`, a private mapping of a file, that
+/// the process wrote: present or swapped, and no longer the file's.
+/// `None` where `/proc/self/pagemap` cannot be read.
+fn written_pages(mem: &GuestMemoryMmap, size: u64) -> Option<Vec<u64>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let host = mem.get_host_address(GuestAddress(0)).ok()? as u64;
+    let mut pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    pagemap.seek(SeekFrom::Start(host / PAGE * 8)).ok()?;
+    let pages = size / PAGE;
+    let mut written = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut page = 0u64;
+    while page < pages {
+        let want = ((pages - page) * 8).min(buf.len() as u64) as usize;
+        pagemap.read_exact(&mut buf[..want]).ok()?;
+        for entry in buf[..want].chunks_exact(8) {
+            let e = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            let private =
+                e & PAGEMAP_SWAPPED != 0 || (e & PAGEMAP_PRESENT != 0 && e & PAGEMAP_FILE == 0);
+            if private {
+                written.push(page);
+            }
+            page += 1;
+        }
+    }
+    Some(written)
+}
 
 /// A vCPU as a snapshot keeps it.
 struct CpuState {
@@ -102,18 +135,22 @@ impl Replayer {
                 kernel_retired: vcpu.kernel_instructions_retired().unwrap_or(0),
             });
         }
+        // The pages this replay wrote are the private ones of its
+        // copy-on-write mapping of the start image (pagemap tells them
+        // apart); the others are the start image's. Without pagemap, every
+        // page is compared.
+        let size = self.header.mem_bytes;
+        let candidates =
+            written_pages(&self.mem, size).unwrap_or_else(|| (0..size / PAGE).collect());
         let mut pages = Vec::new();
         let (mut ours, mut theirs) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
-        let size = self.header.mem_bytes;
-        let mut gpa = 0;
-        while gpa < size {
-            let at = GuestAddress(gpa);
+        for page in candidates {
+            let at = GuestAddress(page * PAGE);
             let read = self.mem.read_slice(&mut ours, at).is_ok()
                 && start.view().read_slice(&mut theirs, at).is_ok();
             if read && ours != theirs {
-                pages.push((gpa, ours.clone().into_boxed_slice()));
+                pages.push((page * PAGE, ours.clone().into_boxed_slice()));
             }
-            gpa += PAGE;
         }
         let counts = (0..self.vcpus.len())
             .map(|c| self.kernel_count(session, c))
