@@ -655,7 +655,10 @@ fn a_watched_write_is_caught_with_its_instruction_and_count() {
         len: 8,
         kind: WatchKind::Write,
     };
-    g.vcpu().set_watchpoints(&[wp]).unwrap();
+    // Identity-mapped: the physical piece is the virtual range.
+    g.vcpu()
+        .set_watchpoints(&[(wp, vec![(VAR, VAR + 8)])])
+        .unwrap();
     assert_eq!(g.run(1_000), VmExit::Watchpoint);
     let hit = g.vcpu().take_watch_hit().expect("a hit");
     assert_eq!((hit.rip, hit.write, hit.watchpoint), (store, true, wp));

@@ -221,15 +221,10 @@ impl ReplayTarget {
         }
     }
 
-    /// How the replay ended, once it has.
-    pub fn ended(&self) -> Option<&ReplayEnd> {
-        self.ended.as_ref()
-    }
-
     /// The vCPU of the last event consumed (where the replay stands).
     fn busiest_cpu(&self) -> usize {
         (0..self.replayer.vcpus().len())
-            .max_by_key(|&c| self.replayer.kernel_count(&self.session, c))
+            .max_by_key(|&c| self.count(c))
             .unwrap_or(0)
     }
 

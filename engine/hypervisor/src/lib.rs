@@ -434,17 +434,12 @@ pub trait Vcpu {
     fn set_stop_at_user_mode(&mut self, _enable: bool) -> Result<()> {
         Err(HypervisorError::Unsupported("stopping at user mode"))
     }
-    /// Sets the watched ranges (replaces the previous set): an access to
-    /// one ends the run with [`VmExit::Watchpoint`]. Addresses are
-    /// translated through this vCPU's page tables when set.
-    fn set_watchpoints(&mut self, _watchpoints: &[Watchpoint]) -> Result<()> {
-        Err(HypervisorError::Unsupported("watchpoints"))
-    }
-    /// [`Vcpu::set_watchpoints`] with each watchpoint's guest-physical
-    /// pieces `[start, end)` given (the caller walked the page tables: the
-    /// backend's own translation checks the vCPU's privilege, and a vCPU
-    /// in user mode may not read the kernel's pages).
-    fn set_watchpoints_at(&mut self, _watchpoints: &[PlacedWatchpoint]) -> Result<()> {
+    /// Sets the watched ranges, each with its guest-physical pieces
+    /// `[start, end)` (replaces the previous set): an access to one ends
+    /// the run with [`VmExit::Watchpoint`]. The caller walks the page
+    /// tables: a backend's own translation would check the vCPU's
+    /// privilege, and a vCPU in user mode may not read the kernel's pages.
+    fn set_watchpoints(&mut self, _watchpoints: &[PlacedWatchpoint]) -> Result<()> {
         Err(HypervisorError::Unsupported("watchpoints"))
     }
     /// The access that ended the last run with [`VmExit::Watchpoint`].

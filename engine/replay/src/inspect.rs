@@ -10,19 +10,9 @@ impl Replayer {
         symbolize(&self.symbols, rip)
     }
 
-    /// The recording's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The recording's header (kernel, vmlinux, vCPUs, memory).
     pub fn header(&self) -> &RecordingHeader {
         &self.header
-    }
-
-    /// The kernel's symbols (`System.map` beside the recorded kernel).
-    pub fn symbols(&self) -> &Symbols {
-        &self.symbols
     }
 
     /// The replaying vCPUs.
@@ -38,8 +28,7 @@ impl Replayer {
     /// Kernel instructions vCPU `cpu` has retired, as the recording counts
     /// them (from the recording's start, not the replay's).
     pub fn kernel_count(&self, session: &ReplaySession, cpu: usize) -> u64 {
-        session.progress[cpu].base_kernel
-            + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0)
+        self.kernel_now(&session.progress, cpu)
     }
 
     /// Sets the watchpoints (guest-virtual ranges, translated through vCPU
@@ -67,7 +56,7 @@ impl Replayer {
             translated.push((*wp, pieces));
         }
         self.vcpus[0]
-            .set_watchpoints_at(&translated)
+            .set_watchpoints(&translated)
             .map_err(|e| ReplayError::Setup(format!("watchpoints: {e}")))
     }
 

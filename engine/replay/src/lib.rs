@@ -210,17 +210,16 @@ impl Replayer {
         })
     }
 
-    /// One turn of the replay.
+    /// One turn of the replay: the next event is consumed, or the vCPU it
+    /// belongs to runs toward it. A debugger ([`ReplaySession::debug`]) can
+    /// make a turn stop early, at a breakpoint, a watched access, after one
+    /// instruction or at an exact point.
     ///
     /// Several vCPUs: the log's `Slice` events give the order in which the
     /// recording ran them (one at a time). The vCPU of the next engine
     /// event is the one to run; it runs to the end of its slice (a kernel
     /// instruction count, or its return to user mode), meeting its own
     /// events on the way, and then the next slice's vCPU takes over.
-    ///
-    /// One turn: the next event is consumed, or the vCPU it belongs to runs
-    /// toward it. A debugger ([`ReplaySession::debug`]) can make a turn stop
-    /// early, at a breakpoint, after one instruction or at a kernel count.
     pub fn turn(
         &mut self,
         session: &mut ReplaySession,
@@ -255,6 +254,7 @@ impl Replayer {
                     event: src.consumed,
                 };
             }
+            let mut stand_in = false;
             let next = src.peek().cloned().or_else(|| {
                 // The log is exhausted, but a debugger's point lies in a
                 // vCPU's last stretch of kernel code (after its last event,
@@ -262,10 +262,7 @@ impl Replayer {
                 // limits split into several runs): run on toward it. The
                 // stand-in event is never consumed: none is left.
                 let at = debug.stop_at?;
-                let now = progress[at.cpu].base_kernel
-                    + self.vcpus[at.cpu]
-                        .kernel_instructions_retired()
-                        .unwrap_or(0);
+                let now = self.kernel_now(progress, at.cpu);
                 let end = *self.recorded_end_icounts.get(at.cpu)?;
                 let open = self.complete && src.broken.is_none() && !progress[at.cpu].in_user;
                 // A run ends at a block boundary, up to a block past the
@@ -276,10 +273,10 @@ impl Replayer {
                         at: Position::default(),
                         value: 0,
                     };
+                    stand_in = true;
                     (src.consumed, placeholder)
                 })
             });
-            let stand_in = next.is_some() && src.peek().is_none();
             let Some((index, event)) = next else {
                 break 'turn match (&src.broken, self.complete) {
                     (None, true) => ReplayEnd::Matched,
@@ -305,8 +302,7 @@ impl Replayer {
                 });
             }
             // The replay's kernel count on this vCPU, as the recording counts it.
-            let kernel_now = progress[cpu].base_kernel
-                + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+            let kernel_now = self.kernel_now(progress, cpu);
             // Progress watchdog: every turn of this loop consumes an event
             // or runs kernel code; one that keeps doing neither is stuck.
             let retired = kernel_total(&self.vcpus);
@@ -625,8 +621,7 @@ impl Replayer {
             for (gpa, len) in ranges {
                 let _ = self.vm.invalidate_code(gpa, len);
             }
-            let kernel_after = progress[cpu].base_kernel
-                + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0);
+            let kernel_after = self.kernel_now(progress, cpu);
             // Where the recording ended on this vCPU, with nothing left to
             // replay: a triple fault or a halt there is the recorded end.
             let at_recorded_end = |src: &mut EventSource| {
@@ -710,9 +705,8 @@ impl Replayer {
                     self.rip(cpu),
                 );
             }
-            let rip_after = self.rip(cpu);
             if let Some(at) = debug.stop_at.filter(|at| at.cpu == cpu) {
-                let here = kernel_after == at.count && at.rip.is_none_or(|r| r == rip_after);
+                let here = kernel_after == at.count && at.rip.is_none_or(|r| r == self.rip(cpu));
                 if here || kernel_after > at.count {
                     return Ok(Turn::Stopped(DebugStop::AtCount { cpu }));
                 }
@@ -809,6 +803,14 @@ fn interrupt_injection(kind: InterruptKind, vector: u8) -> Injection {
 /// The most instructions the software CPU puts in one block (QEMU's
 /// `TCG_MAX_INSNS`): a run with a budget stops at most this far past it.
 const MAX_BLOCK_INSNS: u64 = 512;
+
+impl Replayer {
+    /// vCPU `cpu`'s kernel instruction count as the recording counts it
+    /// (from the recording's start: the replay's vCPUs count from 0).
+    fn kernel_now(&self, progress: &[CpuProgress], cpu: usize) -> u64 {
+        progress[cpu].base_kernel + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0)
+    }
+}
 
 /// Kernel instructions retired by all vCPUs.
 fn kernel_total(vcpus: &[Box<dyn Vcpu>]) -> u64 {

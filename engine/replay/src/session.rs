@@ -50,11 +50,6 @@ impl ReplaySession {
     pub fn recent_events(&self) -> Vec<String> {
         self.src.recent.iter().cloned().collect()
     }
-
-    /// The console output the replay produced so far.
-    pub fn console(&self) -> &[u8] {
-        &self.console
-    }
 }
 
 /// What a debugger asks of the coming turns; the default asks nothing.

@@ -68,9 +68,8 @@ use std::rc::Rc;
 use unicorn_engine::unicorn_const::{
     uc_close, uc_context, uc_context_alloc, uc_context_free, uc_context_restore, uc_context_save,
     uc_ctl, uc_emu_start, uc_emu_stop, uc_engine, uc_error, uc_hook, uc_hook_add, uc_hook_del,
-    uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read,
-    uc_vmem_translate, uc_x86_mmr, uc_x86_msr, Arch, ControlType, HookType, Mode, Prot,
-    RegisterX86, TranslationBlock, X86Insn,
+    uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr,
+    uc_x86_msr, Arch, ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
 };
 pub use vcpu::UnicornVcpu;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -207,38 +206,6 @@ impl Engine {
         // SAFETY: `self.uc` is the open, idle engine; a write of TB_FLUSH
         // takes no variadic arguments.
         check("tb_flush", unsafe { uc_ctl(self.uc, ctl) })
-    }
-
-    /// The guest-physical pieces of `watchpoints`, translated through the
-    /// active vCPU's page tables, page by page.
-    fn translate_watchpoints(
-        &mut self,
-        watchpoints: &[Watchpoint],
-    ) -> Result<Vec<PlacedWatchpoint>> {
-        let mut out = Vec::new();
-        for wp in watchpoints {
-            let mut pieces = Vec::new();
-            let mut va = wp.addr;
-            let end = wp.addr.saturating_add(wp.len.max(1));
-            while va < end {
-                let piece = (end - va).min(0x1000 - (va & 0xfff));
-                let mut pa = 0u64;
-                // SAFETY: `self.uc` is the open, idle engine; `pa` is a live
-                // out-parameter for the translated address.
-                let err = unsafe { uc_vmem_translate(self.uc, va, Prot::READ, &mut pa) };
-                if err != uc_error::OK {
-                    return Err(HypervisorError::Backend {
-                        backend: BACKEND,
-                        op: "watchpoint",
-                        reason: format!("{va:#x} is not mapped: {err:?}"),
-                    });
-                }
-                pieces.push((pa, pa + piece));
-                va += piece;
-            }
-            out.push((*wp, pieces));
-        }
-        Ok(out)
     }
 
     /// Replaces the watchpoints with memory hooks on their physical pieces

@@ -334,17 +334,21 @@ impl HookState {
     /// breakpoint as at a block boundary.
     pub(super) fn uncount_rest_of_block(&mut self, rip: u64) -> std::result::Result<(), String> {
         let before = self.instructions_before(rip)?;
-        let b = self.block;
-        let rest = b.insns - before;
-        self.retired -= rest;
-        if b.kernel {
-            self.kernel_retired -= rest;
-        }
+        (self.retired, self.kernel_retired) = self.counts_with(before);
         // Counted: a second breakpoint stop in the same block must not
         // take these back again.
         self.block.insns = before;
-        self.block.size = rip.wrapping_sub(b.pc) as u32;
+        self.block.size = rip.wrapping_sub(self.block.pc) as u32;
         Ok(())
+    }
+
+    /// The counts (all, kernel) had the block entered last stopped after
+    /// its first `before` instructions (it was counted whole on entry).
+    fn counts_with(&self, before: u64) -> (u64, u64) {
+        let b = self.block;
+        let rest = b.insns - before.min(b.insns);
+        let kernel_rest = if b.kernel { rest } else { 0 };
+        (self.retired - rest, self.kernel_retired - kernel_rest)
     }
 
     /// A watched access of `size` bytes at physical `pa` by the instruction
@@ -371,13 +375,13 @@ impl HookState {
         let rip = self.env.eip();
         // Inside a stepped instruction the block is that instruction.
         let before = self.instructions_before(rip).unwrap_or(0);
-        let rest = self.block.insns - before.min(self.block.insns);
+        let (icount, kernel_icount) = self.counts_with(before);
         self.watch_hit = Some(WatchHit {
             watchpoint: r.watchpoint,
             write,
             rip,
-            icount: self.retired - rest,
-            kernel_icount: self.kernel_retired - if self.block.kernel { rest } else { 0 },
+            icount,
+            kernel_icount,
         });
         self.watch_pending = true;
     }

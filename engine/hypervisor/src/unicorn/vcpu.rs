@@ -748,14 +748,7 @@ impl Vcpu for UnicornVcpu {
         Ok(())
     }
 
-    fn set_watchpoints(&mut self, watchpoints: &[Watchpoint]) -> Result<()> {
-        self.with(|e| {
-            let pieces = e.translate_watchpoints(watchpoints)?;
-            e.set_watch_hooks(&pieces)
-        })
-    }
-
-    fn set_watchpoints_at(&mut self, watchpoints: &[PlacedWatchpoint]) -> Result<()> {
+    fn set_watchpoints(&mut self, watchpoints: &[PlacedWatchpoint]) -> Result<()> {
         self.with(|e| e.set_watch_hooks(watchpoints))
     }
 
