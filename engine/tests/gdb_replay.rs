@@ -305,7 +305,7 @@ fn a_watchpoint_finds_the_writes_forwards_and_backwards() {
 
 /// A recording that ends in a kernel panic, opened at its end: the stop is
 /// in the panic's last instructions, and reverse-continue goes back to the
-/// function that forced the crash.
+/// function that forced the crash, with or without snapshots of the replay.
 #[test]
 fn a_crash_is_debugged_backwards_from_where_the_recording_ends() {
     if !gdb_available() {
@@ -319,23 +319,30 @@ fn a_crash_is_debugged_backwards_from_where_the_recording_ends() {
         tmp.path().join("crash/end.json").is_file(),
         "the recording of the crash is complete"
     );
-    let stub = Stub::start_with(tmp.path(), &["crash", "--at-end"]);
-    let out = gdb(
-        &vmlinux,
-        &stub,
-        &[
-            "echo ==AT-END==\\n",
-            "bt",
-            "break sysrq_handle_crash",
-            "reverse-continue",
-            "echo ==BACK==\\n",
-            "bt 3",
-            "monitor where",
-        ],
-    );
-    let (ok, err) = stub.finish();
-    assert!(ok, "{err}");
-    assert!(err.contains("replay MATCHED"), "{err}");
+    let commands = [
+        "echo ==AT-END==\\n",
+        "bt",
+        "break sysrq_handle_crash",
+        "reverse-continue",
+        "echo ==BACK==\\n",
+        "bt 3",
+        "monitor where",
+        "reverse-stepi",
+        "monitor where",
+    ];
+    // No snapshots, then one wherever the replay can be restored exactly
+    // (every turn that ran an instruction): the same session.
+    let session = |snapshot_every: &str| {
+        let args = ["crash", "--at-end", "--snapshot-every", snapshot_every];
+        let stub = Stub::start_with(tmp.path(), &args);
+        let out = gdb(&vmlinux, &stub, &commands);
+        let (ok, err) = stub.finish();
+        assert!(ok, "{err}");
+        assert!(err.contains("replay MATCHED"), "{err}");
+        out
+    };
+    let out = session("0");
+    assert_eq!(session("1"), out, "the same session with snapshots");
     let at_end = &out[out.find("==AT-END==").unwrap()..out.find("==BACK==").unwrap()];
     assert!(at_end.contains("panic"), "stopped in the panic: {at_end}");
     assert!(out.contains("Breakpoint 1, sysrq_handle_crash"), "{out}");
@@ -386,4 +393,47 @@ fn the_stub_survives_malformed_packets_and_a_disconnect() {
     let (ok, err) = stub.finish();
     assert!(ok, "{err}");
     assert!(err.contains("krr: gdb disconnected"), "{err}");
+}
+
+/// A snapshot holds registers, memory and the log position, not an event
+/// queued for the vCPU's next run: right after replay injects a recorded
+/// interrupt, none is taken (restoring it would lose the interrupt), while
+/// elsewhere snapshots are taken.
+#[test]
+fn no_snapshot_is_taken_while_an_interrupt_waits_for_delivery() {
+    use krr_engine::replay::{ReplayOptions, Replayer, StartImage, Turn};
+    let tmp = tempfile::tempdir().unwrap();
+    if record_cat(tmp.path()).is_none() {
+        return;
+    }
+    let dir = tmp.path().join("cat");
+    let start = StartImage::load(&dir).unwrap();
+    let mut replayer = Replayer::open_from(&dir, &start).unwrap();
+    let opts = ReplayOptions::default();
+    let mut session = replayer.start(&opts).unwrap();
+    let (mut refused_after_interrupt, mut taken) = (0, 0);
+    loop {
+        let consumed = session.events_consumed();
+        if let Turn::Ended(end) = replayer.turn(&mut session, &opts).unwrap() {
+            assert!(
+                matches!(end, krr_engine::replay::ReplayEnd::Matched),
+                "{end:?}"
+            );
+            break;
+        }
+        let snapshot = replayer.snapshot(&session, &start).unwrap();
+        let interrupt_consumed = session.events_consumed() == consumed + 1
+            && session
+                .recent_events()
+                .last()
+                .is_some_and(|e| e.contains(" interrupt "));
+        if interrupt_consumed {
+            assert!(snapshot.is_none(), "a snapshot with an interrupt queued");
+            refused_after_interrupt += 1;
+        } else if snapshot.is_some() {
+            taken += 1;
+        }
+    }
+    assert!(refused_after_interrupt > 0, "no interrupt was injected");
+    assert!(taken > 0, "no snapshot was taken anywhere");
 }

@@ -178,11 +178,13 @@ impl ReplayTarget {
             return Ok(());
         }
         let total = self.total();
+        // From the last snapshot before, or the recording's start.
+        let start: u64 = self.start_counts.iter().sum();
         let since = self
             .snapshots
             .range(..=total)
             .next_back()
-            .map_or(total, |(&at, _)| total - at);
+            .map_or(total - start, |(&at, _)| total - at);
         let until = self
             .snapshots
             .range(total..)

@@ -397,6 +397,13 @@ pub trait Vcpu {
     /// Queues an event for delivery through the guest IDT before the next
     /// instruction.
     fn inject(&mut self, event: Injection) -> Result<()>;
+    /// Whether an event queued by [`Vcpu::inject`] waits for the next run
+    /// (state the registers do not show).
+    fn has_pending_injection(&self) -> Result<bool> {
+        Err(HypervisorError::Unsupported(
+            "asking for pending injections",
+        ))
+    }
     /// Whether an external interrupt could be delivered right now.
     fn interrupt_window_open(&self) -> Result<bool>;
     /// Makes the next `run` return [`VmExit::InterruptWindow`] as soon as an

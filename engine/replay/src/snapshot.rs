@@ -105,9 +105,10 @@ impl ReplaySession {
 
 impl Replayer {
     /// A snapshot of the replay where it stands (between two turns), or
-    /// `None` where it could not be restored exactly: a vCPU has a kernel
-    /// entry injected but not delivered, or is in an interrupt shadow
-    /// (state the registers do not show).
+    /// `None` where it could not be restored exactly: a vCPU has an event
+    /// injected but not delivered (a kernel entry from user mode, or an
+    /// interrupt), or is in an interrupt shadow (state the registers do not
+    /// show).
     pub fn snapshot(
         &self,
         session: &ReplaySession,
@@ -119,7 +120,8 @@ impl Replayer {
             let regs = vcpu.regs().map_err(err)?;
             let shadowed =
                 regs.rflags & (1 << 9) != 0 && !vcpu.interrupt_window_open().map_err(err)?;
-            if session.progress[c].delivery_pending || shadowed {
+            let queued = vcpu.has_pending_injection().map_err(err)?;
+            if session.progress[c].delivery_pending || queued || shadowed {
                 return Ok(None);
             }
             let mut msrs = Vec::new();

@@ -711,6 +711,10 @@ impl Vcpu for UnicornVcpu {
         Ok(())
     }
 
+    fn has_pending_injection(&self) -> Result<bool> {
+        Ok(!self.engine.borrow().slots[self.id].pending.is_empty())
+    }
+
     fn interrupt_window_open(&self) -> Result<bool> {
         self.with(|e| {
             let rflags = read_reg(e.uc, RegisterX86::RFLAGS);
