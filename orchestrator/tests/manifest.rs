@@ -621,3 +621,97 @@ fn repository_metrics_match_real_benchmark_output() {
     }
     assert_eq!(checked, expected.len());
 }
+
+/// A user's manifest outside the repository: its paths start at its own
+/// directory and come back absolute; a missing one is reported with the
+/// directory it was looked for in; the repository's manifests still load
+/// beside it and its items reference theirs.
+#[test]
+fn manifests_outside_the_repository_resolve_paths_from_their_directory() {
+    let root = repo_root();
+    let user = tempfile::tempdir().unwrap();
+    std::fs::create_dir(user.path().join("mine")).unwrap();
+    std::fs::write(user.path().join("mine/fix.patch"), "--- a\n+++ b\n").unwrap();
+    std::fs::write(
+        user.path().join("mine/trigger.c"),
+        "int main(void){return 0;}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        user.path().join("mine/load.c"),
+        "int main(void){return 0;}\n",
+    )
+    .unwrap();
+    let text = r#"
+images:
+  - name: initramfs-mine
+    kind: initramfs
+    build:
+      recipe: initramfs
+      busybox:
+        package: busybox-static
+        version: "1:1.35.0-4+deb12u1+b1"
+        sha256: 3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744
+      programs: [mine/load.c]
+workloads:
+  - name: my-load
+    kernel: guest-6.1-krr
+    initramfs: initramfs-mine
+    command: load
+    vcpus: [1]
+    repetitions: 1
+    timeout_s: 60
+bugs:
+  - id: my-bug
+    title: a bug of my own
+    kind: synthetic
+    kernel: guest-6.1-krr
+    patches: [mine/fix.patch]
+    initramfs: initramfs-base
+    trigger:
+      program: mine/trigger.c
+    vcpus: 1
+    nondeterministic: false
+    attempts: 1
+    expect:
+      title: "kernel panic: mine"
+    timeouts: {boot_s: 60, trigger_s: 60, replay_s: 60}
+"#;
+    let file = user.path().join("mine.yaml");
+    std::fs::write(&file, text).unwrap();
+    let manifests =
+        manifest::load_dir_with(&root, &root.join("manifests"), std::slice::from_ref(&file))
+            .unwrap_or_else(|d| panic!("{d}"));
+    let dir = user.path().canonicalize().unwrap();
+    let bug = manifests.bug("my-bug").expect("the user's bug case");
+    assert_eq!(bug.patches, [dir.join("mine/fix.patch")]);
+    assert_eq!(bug.trigger.program, Some(dir.join("mine/trigger.c")));
+    let Some(ImageSource::Build(BuildRecipe::Initramfs(initramfs))) =
+        manifests.image("initramfs-mine").map(|image| &image.source)
+    else {
+        panic!("the user's initramfs");
+    };
+    assert_eq!(initramfs.programs, [dir.join("mine/load.c")]);
+    assert!(manifests.workload("my-load").is_some());
+    assert!(
+        manifests.bug("sysrq-crash").is_some(),
+        "the repository's own"
+    );
+    // The repository's manifests keep their paths relative to the root.
+    let repo_bug = manifests.bug("cve-2022-0185").unwrap();
+    assert!(repo_bug.patches[0].is_relative());
+
+    std::fs::remove_file(user.path().join("mine/trigger.c")).unwrap();
+    let problems = render(
+        manifest::load_dir_with(&root, &root.join("manifests"), std::slice::from_ref(&file))
+            .unwrap_err(),
+    );
+    assert_eq!(
+        problems,
+        [format!(
+            "{}:28:16: bugs[0].trigger.program: trigger program `mine/trigger.c` does not exist (paths are relative to this manifest's directory {})",
+            file.display(),
+            dir.display()
+        )]
+    );
+}

@@ -8,7 +8,7 @@ use indicatif::MultiProgress;
 use krr_orchestrator::images::{
     self, BuildContext, BuiltImage, ImageDirs, ImageRecipe, ImageSpec, KernelBuild,
 };
-use krr_orchestrator::manifest::BugCase;
+use krr_orchestrator::manifest::{BugCase, Manifests};
 use krr_orchestrator::store::Store;
 use std::path::{Path, PathBuf};
 
@@ -67,8 +67,13 @@ pub fn build_files(wanted: &[(&str, &str)]) -> Result<Vec<PathBuf>> {
 
 /// Builds (or takes from the cache) the named images.
 pub fn build(names: &[String], force: bool) -> Result<Vec<BuiltImage>> {
+    build_from(&crate::manifests::load_repo()?, names, force)
+}
+
+/// Builds (or takes from the cache) the named images of `manifests`.
+pub fn build_from(manifests: &Manifests, names: &[String], force: bool) -> Result<Vec<BuiltImage>> {
     setup::ensure()?;
-    let specs = images::specs_from_repo(&repo_root())?;
+    let specs = images::specs_from_manifests(manifests)?;
     let chosen = images::select(&specs, names)?;
     build_specs(&chosen, force)
 }
@@ -78,9 +83,12 @@ pub fn build(names: &[String], force: bool) -> Result<Vec<BuiltImage>> {
 /// initramfs, or (with a trigger `program`) the initramfs plus that
 /// program, named `<initramfs>-<bug id>`; its rootfs. Returns them built,
 /// in that order, with the names to boot them by.
-pub fn build_bug_images(bug: &BugCase) -> Result<(Vec<BuiltImage>, BugImageNames)> {
+pub fn build_bug_images(
+    manifests: &Manifests,
+    bug: &BugCase,
+) -> Result<(Vec<BuiltImage>, BugImageNames)> {
     setup::ensure()?;
-    let specs = images::specs_from_repo(&repo_root())?;
+    let specs = images::specs_from_manifests(manifests)?;
     let mut wanted: Vec<String> = vec![bug.kernel.clone()];
     wanted.extend(bug.initramfs.clone());
     wanted.extend(bug.rootfs.clone());
@@ -136,9 +144,9 @@ fn bug_kernel_spec(kernel: &ImageSpec, bug: &BugCase) -> Result<Option<ImageSpec
 /// Checks that every bug case's patches apply over its kernel's (without
 /// building): the source moves on, and a patch that stopped applying
 /// should fail the tests, not the eval an hour in.
-pub fn check_bug_patches(bugs: &[BugCase]) -> Result<usize> {
+pub fn check_bug_patches(manifests: &Manifests, bugs: &[BugCase]) -> Result<usize> {
     setup::ensure()?;
-    let specs = images::specs_from_repo(&repo_root())?;
+    let specs = images::specs_from_manifests(manifests)?;
     let mut kernels = Vec::new();
     for bug in bugs {
         let base = images::select(&specs, std::slice::from_ref(&bug.kernel))?;
@@ -205,8 +213,8 @@ pub fn run(command: ImagesCommand) -> Result<()> {
             build(&names, force)?;
         }
         ImagesCommand::CheckPatches => {
-            let bugs = crate::manifests::load_repo()?.bugs;
-            let n = check_bug_patches(&bugs)?;
+            let manifests = crate::manifests::load_repo()?;
+            let n = check_bug_patches(&manifests, &manifests.bugs)?;
             println!("{n} bug kernel(s): every patch applies");
         }
         ImagesCommand::List { json } => {

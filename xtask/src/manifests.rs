@@ -16,13 +16,27 @@ pub fn manifests_dir() -> PathBuf {
 /// Loads and validates the repository's manifests; every problem is printed
 /// as `file:line:col: message` before failing.
 pub fn load_repo() -> Result<Manifests> {
+    load_with(&[])
+}
+
+/// Loads and validates the repository's manifests and `extra` manifest
+/// files or directories (`--manifests`: a user's own workloads and bug
+/// cases, whose paths are relative to their own file).
+pub fn load_with(extra: &[PathBuf]) -> Result<Manifests> {
     let root = repo_root();
-    manifest::load_dir(&root, &manifests_dir()).map_err(|diagnostics| {
+    for path in extra {
+        if !path.exists() {
+            bail!("--manifests {}: no such file or directory", path.display());
+        }
+    }
+    manifest::load_dir_with(&root, &manifests_dir(), extra).map_err(|diagnostics| {
         eprintln!("{diagnostics}");
+        let mut places = vec![manifests_dir().display().to_string()];
+        places.extend(extra.iter().map(|p| p.display().to_string()));
         anyhow!(
             "{} problem(s) in {}",
             diagnostics.0.len(),
-            manifests_dir().display()
+            places.join(", ")
         )
     })
 }

@@ -3,6 +3,7 @@
 
 use crate::{images, repo_root, setup};
 use anyhow::{bail, Context, Result};
+use std::path::Path;
 use std::process::Command;
 
 /// Runs a cargo subcommand in the repository root and fails with its name.
@@ -62,8 +63,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         eprintln!("   {k}={v}");
     }
     eprintln!("== bug patches apply over their kernels (patch, no build)");
-    let bugs = crate::manifests::load_repo()?.bugs;
-    let checked = images::check_bug_patches(&bugs)?;
+    let manifests = crate::manifests::load_repo()?;
+    let checked = images::check_bug_patches(&manifests, &manifests.bugs)?;
     eprintln!("   {checked} bug kernel(s): every patch applies");
     eprintln!("== cargo test");
     let mut args = vec!["test", "--release", "--workspace"];
@@ -85,6 +86,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         crate::eval::run(args)?;
         crate::eval::check_bug_results(&out)?;
         eprintln!("   {}: every bug reproduced", out.display());
+        user_manifests()?;
 
         // The guest agent's tests boot the -krr kernel under QEMU; they are
         // `#[ignore]`d for plain `cargo test` (they need the images above).
@@ -103,6 +105,61 @@ pub fn run(extra: &[String]) -> Result<()> {
             ],
             &envs,
         )?;
+    }
+    Ok(())
+}
+
+/// A user's workload and bug case from a manifest outside the repository
+/// (`docs/examples/user-manifests`, copied out), each run by its eval like
+/// the built-in ones: its own guest program and trigger program compiled
+/// from paths relative to that file.
+fn user_manifests() -> Result<()> {
+    eprintln!("== cargo xtask eval record-perf | bug-repro --manifests (outside the repository)");
+    let example = repo_root().join("docs/examples/user-manifests");
+    let outside = tempfile::Builder::new()
+        .prefix("krr-user-manifests-")
+        .tempdir()?;
+    copy_dir(&example, outside.path())?;
+    let manifest = outside.path().join("mine.yaml");
+
+    let out = repo_root().join("target/eval-user-workload");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut args = crate::eval::EvalArgs::quick(out.clone());
+    args.quick = false;
+    args.workloads = Some(vec!["prime-count".into()]);
+    args.schemes = Some(vec!["native".into(), "krr".into()]);
+    args.manifests = vec![manifest.clone()];
+    crate::eval::run(args)?;
+    crate::eval::check_results(&out)?;
+    eprintln!(
+        "   {}: the user's workload ran and checks out",
+        out.display()
+    );
+
+    let out = repo_root().join("target/eval-user-bug");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut args = crate::eval::EvalArgs::quick(out.clone());
+    args.experiment = crate::eval::Experiment::BugRepro;
+    args.quick = false;
+    args.bugs = Some(vec!["my-sysrq-crash".into()]);
+    args.manifests = vec![manifest];
+    crate::eval::run(args)?;
+    crate::eval::check_bug_results(&out)?;
+    eprintln!("   {}: the user's bug reproduced", out.display());
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
     }
     Ok(())
 }

@@ -128,6 +128,9 @@ pub enum RunEnd {
     RecordingFailed { reason: String },
     /// SIGINT: the run was ended on request.
     Interrupted,
+    /// A recording stopped at a kernel report that did not panic
+    /// (`krr record --stop=report`); its title.
+    Report { title: String },
 }
 
 /// `krr run`/`krr record` exit status when the guest's command exited
@@ -136,6 +139,8 @@ pub enum RunEnd {
 pub const EXIT_GUEST_FAILED: i32 = 10;
 /// `krr record` exit status when a recording is not replayable.
 pub const EXIT_NOT_REPLAYABLE: i32 = 11;
+/// `krr record --stop=report` exit status when a kernel report ended the run.
+pub const EXIT_KERNEL_REPORT: i32 = 12;
 
 impl RunEnd {
     /// Process exit status for `krr run`: 0 when the guest's command
@@ -154,6 +159,7 @@ impl RunEnd {
             RunEnd::WallTimeExhausted { .. } => 8,
             RunEnd::RecordingFailed { .. } => 9,
             RunEnd::Interrupted => 130,
+            RunEnd::Report { .. } => EXIT_KERNEL_REPORT,
         }
     }
 }

@@ -55,6 +55,11 @@ pub enum StopTrigger {
     Marker(String),
     /// When the guest writes `stop` to `/proc/krr_agent`.
     Guest,
+    /// When the console since the start holds a whole kernel report that
+    /// did not panic (a lockdep splat, a WARNING without `panic_on_warn`),
+    /// at the end of its call trace; the run ends there too, since such a
+    /// kernel may go on spinning with interrupts off.
+    Report,
 }
 
 impl std::str::FromStr for StartTrigger {
@@ -79,10 +84,11 @@ impl std::str::FromStr for StopTrigger {
         match s {
             "end" => Ok(StopTrigger::End),
             "guest" => Ok(StopTrigger::Guest),
+            "report" => Ok(StopTrigger::Report),
             _ => match s.strip_prefix("marker:") {
                 Some(text) if !text.is_empty() => Ok(StopTrigger::Marker(text.to_string())),
                 _ => Err(format!(
-                    "stop trigger {s:?}: expected `end`, `guest` or `marker:TEXT`"
+                    "stop trigger {s:?}: expected `end`, `guest`, `report` or `marker:TEXT`"
                 )),
             },
         }
@@ -104,6 +110,7 @@ impl std::fmt::Display for StopTrigger {
         match self {
             StopTrigger::End => write!(f, "end"),
             StopTrigger::Guest => write!(f, "guest"),
+            StopTrigger::Report => write!(f, "report"),
             StopTrigger::Marker(t) => write!(f, "marker:{t}"),
         }
     }

@@ -176,6 +176,26 @@ impl RecordingSession {
     }
 }
 
+/// The kernel report in `console[since..]` once its call trace has ended
+/// (`</TASK>`, or a WARNING's `---[ end trace`) in the output after `scan`,
+/// which moves past what was searched.
+fn whole_report(console: &[u8], scan: &mut usize, since: usize) -> Option<krr_crash::CrashReport> {
+    const TRACE_ENDS: [&[u8]; 2] = [b"</TASK>", b"---[ end trace"];
+    let from = (*scan).min(console.len());
+    let longest = TRACE_ENDS.iter().map(|m| m.len()).max().unwrap_or(0);
+    let ended = TRACE_ENDS
+        .iter()
+        .any(|m| console[from..].windows(m.len()).any(|w| w == *m));
+    // A marker cut by the end of the output is found on the next call.
+    *scan = console.len().saturating_sub(longest - 1).max(from);
+    if !ended {
+        return None;
+    }
+    krr_crash::parse(&String::from_utf8_lossy(
+        &console[since.min(console.len())..],
+    ))
+}
+
 /// Every vCPU's state for a recording's start snapshot.
 fn cpu_snapshots(m: &MachineView<'_>) -> Result<Vec<CpuSnapshot>, HypervisorError> {
     // The MSRs a 64-bit Linux kernel programs and replay must restore.
@@ -360,6 +380,7 @@ impl RunObserver for RecordingSession {
         };
         let mut do_start = false;
         let mut do_stop = None;
+        let mut report = None;
         if recording {
             match (&stop, request) {
                 (StopTrigger::Guest, Some(GuestRequest::Stop)) => {
@@ -367,6 +388,12 @@ impl RunObserver for RecordingSession {
                 }
                 (StopTrigger::Marker(marker), _) if new_output(&mut self.trigger_scan, marker) => {
                     do_stop = Some(format!("console marker {marker:?}"))
+                }
+                (StopTrigger::Report, _) => {
+                    report = whole_report(out, &mut self.trigger_scan, self.console_at_start);
+                    if let Some(r) = &report {
+                        do_stop = Some(format!("kernel report on the console: {}", r.title));
+                    }
                 }
                 _ => {}
             }
@@ -380,7 +407,11 @@ impl RunObserver for RecordingSession {
             }
         }
         if let Some(reason) = do_stop {
-            self.stop(m, &reason, true, None);
+            let title = report.as_ref().map(|r| r.title.clone());
+            self.stop(m, &reason, true, report);
+            if let Some(title) = title {
+                return Some(RunEnd::Report { title });
+            }
         } else if do_start {
             if let Err(e) = self.recorder.check_agent().and_then(|()| self.start(m)) {
                 return Some(RunEnd::RecordingFailed { reason: e });
@@ -420,5 +451,50 @@ impl RunObserver for RecordingSession {
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_report;
+
+    fn testdata(name: &str) -> Vec<u8> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crash/testdata/");
+        std::fs::read(format!("{path}{name}")).unwrap()
+    }
+
+    /// Fed as a console grows, in pieces cut anywhere: no report before its
+    /// call trace ends, the report (lockdep's, which never panics) once it
+    /// has, and none from output before the recording started.
+    #[test]
+    fn a_report_is_taken_once_its_call_trace_ends() {
+        let log = testdata("09-recursive-locking.txt");
+        let trace_end = log.windows(7).position(|w| w == b"</TASK>").unwrap() + 7;
+        for piece in [1, 5, 64, 4096] {
+            let mut scan = 0;
+            let mut found = None;
+            let mut at = 0;
+            while at < log.len() && found.is_none() {
+                at = (at + piece).min(log.len());
+                found = whole_report(&log[..at], &mut scan, 0).map(|r| (at, r));
+            }
+            let (at, report) = found.expect("the report");
+            assert_eq!(report.title, "possible deadlock in rfkill_send_events");
+            assert!(
+                at >= trace_end && at < trace_end + piece,
+                "piece {piece}: at {at}"
+            );
+        }
+        let mut scan = 0;
+        assert!(whole_report(&log, &mut scan, log.len()).is_none());
+        assert_eq!(scan, log.len() - 13);
+    }
+
+    #[test]
+    fn a_warning_that_does_not_panic_is_a_report_too() {
+        let log = testdata("07-warning.txt");
+        let mut scan = 0;
+        let report = whole_report(&log, &mut scan, 0).expect("the warning");
+        assert_eq!(report.title, "WARNING in packet_release");
     }
 }

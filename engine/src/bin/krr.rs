@@ -211,8 +211,10 @@ struct RecordArgs {
     /// (`echo start > /proc/krr_agent` in the guest).
     #[arg(long, default_value = "boot")]
     start: StartTrigger,
-    /// When to stop: `end` (of the run), `marker:TEXT`, or `guest`
-    /// (`echo stop > /proc/krr_agent`).
+    /// When to stop: `end` (of the run), `marker:TEXT`, `guest`
+    /// (`echo stop > /proc/krr_agent`), or `report` (a kernel report that
+    /// does not panic, such as a lockdep splat, at the end of its call
+    /// trace; the run ends there too).
     #[arg(long, default_value = "end")]
     stop: StopTrigger,
     /// The kernel's vmlinux, for the header's sha256 (and later replay's

@@ -78,6 +78,11 @@ pub fn specs_from_repo(root: &Path) -> Result<Vec<ImageSpec>> {
             expected: format!("valid manifests:\n{diagnostics}"),
         }
     })?;
+    specs_from_manifests(&manifests)
+}
+
+/// Every buildable image of `manifests`, in manifest order.
+pub fn specs_from_manifests(manifests: &manifest::Manifests) -> Result<Vec<ImageSpec>> {
     let mut specs = Vec::new();
     for image in &manifests.images {
         if let Some(spec) = spec_from_manifest(image)? {

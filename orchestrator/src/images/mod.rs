@@ -40,7 +40,7 @@ use crate::store::Store;
 
 pub use debian::DebianPackageRef;
 pub use error::{DroppedOption, ImageError, Result};
-pub use from_manifest::{spec_from_manifest, specs_from_repo};
+pub use from_manifest::{spec_from_manifest, specs_from_manifests, specs_from_repo};
 pub use initramfs::{build_adhoc_initramfs, parse_add, InitramfsBuild};
 pub use kernel::KernelBuild;
 pub use rootfs::RootfsBuild;
@@ -251,13 +251,14 @@ fn validate(spec: &ImageSpec) -> Result<()> {
     {
         return Err(bad("name", &spec.name, "letters, digits, '.', '_', '-'"));
     }
+    // Absolute paths come from manifests outside the repository.
     let relative = |field, paths: &[PathBuf]| -> Result<()> {
         for p in paths {
-            if p.is_absolute() || p.components().any(|c| c.as_os_str() == "..") {
+            if !p.is_absolute() && p.components().any(|c| c.as_os_str() == "..") {
                 return Err(bad(
                     field,
                     &p.display().to_string(),
-                    "a path relative to the repository root",
+                    "a path relative to the repository root (without `..`) or an absolute path",
                 ));
             }
         }

@@ -98,41 +98,66 @@ impl Checker<'_> {
         format!("{}:{}:{}", file.path.display(), pos.line, pos.column)
     }
 
-    /// A path from the repository root that must name an existing file.
+    /// A path that must name an existing file: relative to the repository
+    /// root in the repository's manifests, relative to the manifest's own
+    /// directory (or absolute) in a file outside the repository.
     fn file<T>(&mut self, entry: &Entry<T>, rest: &[Seg], path: &Path, what: &str) {
         let shown = path.display();
+        let base = self.collector.files[entry.file].base.clone();
         if path.as_os_str().is_empty() {
             self.report(entry, rest, Target::Value, format!("{what} path is empty"));
-        } else if path.is_absolute() {
-            self.report(
-                entry,
-                rest,
-                Target::Value,
-                format!("{what} `{shown}` must be relative to the repository root"),
-            );
-        } else if path.components().any(|c| c == Component::ParentDir) {
-            self.report(
-                entry,
-                rest,
-                Target::Value,
-                format!("{what} `{shown}` must stay inside the repository (no `..`)"),
-            );
-        } else if self.root.join(path).is_dir() {
+            return;
+        }
+        let (full, relative_to) = match &base {
+            Some(dir) => (
+                dir.join(path),
+                format!("this manifest's directory {}", dir.display()),
+            ),
+            None if path.is_absolute() => {
+                self.report(
+                    entry,
+                    rest,
+                    Target::Value,
+                    format!("{what} `{shown}` must be relative to the repository root"),
+                );
+                return;
+            }
+            None if path.components().any(|c| c == Component::ParentDir) => {
+                self.report(
+                    entry,
+                    rest,
+                    Target::Value,
+                    format!("{what} `{shown}` must stay inside the repository (no `..`)"),
+                );
+                return;
+            }
+            None => (self.root.join(path), "the repository root".to_owned()),
+        };
+        if full.is_dir() {
             self.report(
                 entry,
                 rest,
                 Target::Value,
                 format!("{what} `{shown}` is a directory: expected a file"),
             );
-        } else if !self.root.join(path).is_file() {
+        } else if !full.is_file() {
             self.report(
                 entry,
                 rest,
                 Target::Value,
-                format!(
-                    "{what} `{shown}` does not exist (paths are relative to the repository root)"
-                ),
+                format!("{what} `{shown}` does not exist (paths are relative to {relative_to})"),
             );
+        }
+    }
+
+    /// `paths` as the builders take them: unchanged from a repository
+    /// manifest, made absolute from a file outside the repository.
+    fn resolve<T>(&self, entry: &Entry<T>, paths: &mut [PathBuf]) {
+        if let Some(dir) = &self.collector.files[entry.file].base {
+            for path in paths {
+                let full = dir.join(&*path);
+                *path = full.canonicalize().unwrap_or(full);
+            }
         }
     }
 
@@ -297,8 +322,20 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
             };
             checker.report(entry, &problem.path, target, problem.message);
         }
-        if let Some(image) = image {
+        if let Some(mut image) = image {
             check_image_files(&mut checker, entry, &image);
+            if let ImageSource::Build(recipe) = &mut image.source {
+                match recipe {
+                    BuildRecipe::Kernel(kernel) => {
+                        checker.resolve(entry, &mut kernel.fragments);
+                        checker.resolve(entry, &mut kernel.patches);
+                    }
+                    BuildRecipe::Initramfs(initramfs) => {
+                        checker.resolve(entry, &mut initramfs.programs)
+                    }
+                    BuildRecipe::Rootfs(rootfs) => checker.resolve(entry, &mut rootfs.programs),
+                }
+            }
             manifests.images.push(image);
         }
     }
@@ -486,6 +523,14 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
                 }
             }
         }
+        if bug.expect.without_panic && bug.expect.marker.is_some() {
+            checker.report(
+                entry,
+                &[key("expect"), key("without_panic")],
+                Target::Key,
+                "`without_panic` ends the recording at a report and `marker` at a line of a bug with no report: expected one of them",
+            );
+        }
         let timeouts = &bug.timeouts;
         for (name, value) in [
             ("boot_s", timeouts.boot_s),
@@ -499,7 +544,13 @@ pub(crate) fn check(root: &Path, collector: &mut Collector, loaded: &Loaded) -> 
                 &format!("timeouts.{name}"),
             );
         }
-        manifests.bugs.push(bug.clone());
+        let mut bug = bug.clone();
+        checker.resolve(entry, &mut bug.patches);
+        checker.resolve(entry, &mut bug.fragments);
+        if let Some(program) = &mut bug.trigger.program {
+            checker.resolve(entry, std::slice::from_mut(program));
+        }
+        manifests.bugs.push(bug);
     }
 
     let workloads: HashSet<&str> = loaded

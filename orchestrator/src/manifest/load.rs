@@ -20,6 +20,21 @@ pub(crate) struct SourceFile {
     /// Problems are reported for this file (false for files only loaded so
     /// that references resolve).
     pub report: bool,
+    /// Where the relative paths in this file start: `None` for a file in the
+    /// repository (the repository root), the file's own directory for one
+    /// outside it (a user's workload or bug case, kept with its files).
+    pub base: Option<PathBuf>,
+}
+
+/// The directory relative paths in the manifest at `path` start from when
+/// it lies outside the repository at `root` (see [`SourceFile::base`]).
+pub(crate) fn outside_base(root: &Path, path: &Path) -> Option<PathBuf> {
+    let file = path.canonicalize().ok()?;
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
+    if file.starts_with(&root) {
+        return None;
+    }
+    file.parent().map(Path::to_path_buf)
 }
 
 /// One list item of a section, deserialized if it could be.
@@ -120,7 +135,13 @@ fn syntax_message(error: &serde_norway::Error) -> String {
 }
 
 /// Reads `path` and adds its items to `loaded`.
-pub(crate) fn load_file(collector: &mut Collector, loaded: &mut Loaded, path: &Path, report: bool) {
+pub(crate) fn load_file(
+    collector: &mut Collector,
+    loaded: &mut Loaded,
+    root: &Path,
+    path: &Path,
+    report: bool,
+) {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) => {
@@ -178,6 +199,7 @@ pub(crate) fn load_file(collector: &mut Collector, loaded: &mut Loaded, path: &P
         path: path.to_owned(),
         index,
         report,
+        base: outside_base(root, path),
     });
     let mapping = match document {
         // An empty file declares nothing.

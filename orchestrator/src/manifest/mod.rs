@@ -8,8 +8,10 @@
 //! problem at once, each with its file, line and column: YAML syntax,
 //! unknown fields, missing or duplicate names, dangling references, malformed
 //! SHA-256 digests, invalid regexes, impossible values, and referenced files
-//! (patches, config fragments, guest programs; relative to the repository
-//! root) that do not exist.
+//! (patches, config fragments, guest programs) that do not exist. Those
+//! paths are relative to the repository root in the repository's own
+//! manifests, and relative to the manifest's directory in a file outside the
+//! repository (returned as absolute paths).
 
 mod check;
 mod load;
@@ -109,13 +111,13 @@ fn load(root: &Path, files: &[PathBuf], context: &[PathBuf]) -> Result<Manifests
     let mut collector = load::Collector::default();
     let mut loaded = load::Loaded::default();
     for file in files {
-        load::load_file(&mut collector, &mut loaded, file, true);
+        load::load_file(&mut collector, &mut loaded, root, file, true);
     }
     // Validated files come first so a duplicate name is reported in them
     // rather than in the context that is not reported on.
     let first_context_file = collector.files.len();
     for file in context {
-        load::load_file(&mut collector, &mut loaded, file, false);
+        load::load_file(&mut collector, &mut loaded, root, file, false);
     }
     let mut manifests = check::check(root, &mut collector, &loaded);
     let mut diagnostics = collector.diagnostics;
@@ -148,10 +150,37 @@ fn load(root: &Path, files: &[PathBuf], context: &[PathBuf]) -> Result<Manifests
 }
 
 /// Loads and validates every manifest under `dir`. Paths inside manifests
-/// (patches, fragments, programs) are resolved against `root`, the
-/// repository root.
+/// (patches, fragments, programs) are relative to `root`, the repository
+/// root, in files inside it, and to the file's own directory in files
+/// outside it (returned made absolute).
 pub fn load_dir(root: &Path, dir: &Path) -> Result<Manifests, Diagnostics> {
     let files = list_dir(dir)?;
+    load(root, &files, &[])
+}
+
+/// Loads and validates every manifest under `dir` together with `extra`
+/// manifest files or directories (a user's own, usually outside the
+/// repository; see [`load_dir`] for their paths). Everything is reported
+/// and returned.
+pub fn load_dir_with(root: &Path, dir: &Path, extra: &[PathBuf]) -> Result<Manifests, Diagnostics> {
+    let mut files = list_dir(dir)?;
+    let mut seen: Vec<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
+    for path in extra {
+        let listed = if path.is_dir() {
+            list_dir(path)?
+        } else {
+            vec![path.clone()]
+        };
+        for file in listed {
+            // A missing file is read (and reported) like any other.
+            match file.canonicalize() {
+                Ok(canonical) if seen.contains(&canonical) => continue,
+                Ok(canonical) => seen.push(canonical),
+                Err(_) => {}
+            }
+            files.push(file);
+        }
+    }
     load(root, &files, &[])
 }
 

@@ -37,6 +37,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub const BUGS_FILE: &str = "bugs.jsonl";
+/// The bugs a run started with and its `--manifests` paths, for `--resume`.
+const PLAN_FILE: &str = "plan.json";
+
+#[derive(Serialize, Deserialize)]
+struct RunPlan {
+    bugs: Vec<String>,
+    /// Absolute.
+    #[serde(default)]
+    manifests: Vec<PathBuf>,
+}
 const REPORT_FILE: &str = "report.md";
 const SUMMARY_FILE: &str = "summary.csv";
 
@@ -119,8 +129,13 @@ fn results_root() -> PathBuf {
     repo_root().join("results/bug-repro")
 }
 
-/// The bugs to run: `--bugs`, `--quick`'s, or the suite's.
-fn chosen_bugs<'m>(manifests: &'m Manifests, args: &EvalArgs) -> Result<Vec<&'m BugCase>> {
+/// The bugs to run: `--bugs`, `--quick`'s, or the suite's followed by
+/// those the `--manifests` files declare (`extra`).
+fn chosen_bugs<'m>(
+    manifests: &'m Manifests,
+    args: &EvalArgs,
+    extra: &[String],
+) -> Result<Vec<&'m BugCase>> {
     let suite = manifests
         .suites
         .iter()
@@ -132,7 +147,11 @@ fn chosen_bugs<'m>(manifests: &'m Manifests, args: &EvalArgs) -> Result<Vec<&'m 
             bail!("suite `{}` lists no `quick` bugs", suite.name)
         }
         (None, true) => suite.quick.clone(),
-        (None, false) => suite.bugs.clone(),
+        (None, false) => {
+            let mut ids = suite.bugs.clone();
+            ids.extend(extra.iter().filter(|id| !suite.bugs.contains(id)).cloned());
+            ids
+        }
     };
     ids.iter()
         .map(|id| {
@@ -152,12 +171,58 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         bail!("bug-repro takes --bugs, not --workloads, --schemes or --vcpus");
     }
     setup::ensure()?;
-    let manifests = manifests::load_repo()?;
-    let bugs = chosen_bugs(&manifests, args)?;
     let dir = match &args.resume {
         Some(arg) => resume_dir(arg, &results_root(), BUGS_FILE)?,
         None => output_dir(args.out.as_deref(), &results_root(), BUGS_FILE)?,
     };
+    // A resumed run takes the bugs and manifest files its start chose.
+    let plan_file = dir.join(PLAN_FILE);
+    let saved: Option<RunPlan> = match std::fs::read(&plan_file) {
+        Ok(bytes) if args.resume.is_some() => Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", plan_file.display()))?,
+        ),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", plan_file.display())),
+    };
+    if saved.is_some() && (args.bugs.is_some() || args.quick || !args.manifests.is_empty()) {
+        bail!("--resume continues the eval's own bug list: drop --bugs, --quick and --manifests");
+    }
+    let extra = match &saved {
+        Some(plan) => plan.manifests.clone(),
+        None => super::absolute_paths(&args.manifests)?,
+    };
+    let manifests = manifests::load_with(&extra)?;
+    let bugs: Vec<&BugCase> = match &saved {
+        Some(plan) => plan
+            .bugs
+            .iter()
+            .map(|id| {
+                manifests
+                    .bug(id)
+                    .with_context(|| format!("bug `{id}` is no longer in the manifests"))
+            })
+            .collect::<Result<_>>()?,
+        None => {
+            let repo = manifests::load_repo()?;
+            let extra_bugs: Vec<String> = manifests
+                .bugs
+                .iter()
+                .filter(|b| repo.bug(&b.id).is_none())
+                .map(|b| b.id.clone())
+                .collect();
+            chosen_bugs(&manifests, args, &extra_bugs)?
+        }
+    };
+    if saved.is_none() {
+        let plan = RunPlan {
+            bugs: bugs.iter().map(|b| b.id.clone()).collect(),
+            manifests: extra.clone(),
+        };
+        std::fs::write(&plan_file, serde_json::to_vec_pretty(&plan)?)
+            .with_context(|| format!("writing {}", plan_file.display()))?;
+    }
     let krr = krr_bin::build()?;
     let done: HashSet<String> = if dir.join(BUGS_FILE).exists() {
         journal::read_lines::<BugRecord>(&dir.join(BUGS_FILE))?
@@ -189,7 +254,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             project_commit: commit.clone(),
             ..BugRecord::default()
         };
-        let outcome = reproduce(&krr, &recordings, bug, &mut rec, &interrupt);
+        let outcome = reproduce(&krr, &recordings, &manifests, bug, &mut rec, &interrupt);
         if interrupt.load(Ordering::SeqCst) {
             eprintln!("bug-repro: {}: interrupted; not journaled", bug.id);
             break;
@@ -268,9 +333,13 @@ fn fail(verdict: Verdict, reason: impl Into<String>) -> Failure {
     }
 }
 
-fn images_of(bug: &BugCase, rec: &mut BugRecord) -> Result<GuestImages, Failure> {
-    let (built, names) =
-        images::build_bug_images(bug).map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))?;
+fn images_of(
+    manifests: &Manifests,
+    bug: &BugCase,
+    rec: &mut BugRecord,
+) -> Result<GuestImages, Failure> {
+    let (built, names) = images::build_bug_images(manifests, bug)
+        .map_err(|e| fail(Verdict::BuildFailed, format!("{e:#}")))?;
     rec.kernel_sha256 = built
         .iter()
         .find(|b| b.name == names.kernel)
@@ -322,12 +391,13 @@ fn trigger_command(bug: &BugCase) -> Result<String, Failure> {
 fn reproduce(
     krr: &Path,
     recordings: &Path,
+    manifests: &Manifests,
     bug: &BugCase,
     rec: &mut BugRecord,
     interrupt: &AtomicBool,
 ) -> Result<(), Failure> {
     let trigger = trigger_command(bug)?;
-    let images = images_of(bug, rec)?;
+    let images = images_of(manifests, bug, rec)?;
     let expect_console = match &bug.expect.console {
         Some(re) => Some(
             Regex::new(re)
@@ -370,6 +440,8 @@ fn reproduce(
             .arg(format!("--start=marker:{WINDOW_BEGIN}"));
         if let Some(marker) = &bug.expect.marker {
             cmd.arg(format!("--stop=marker:{marker}"));
+        } else if bug.expect.without_panic {
+            cmd.arg("--stop=report");
         }
         cmd.args(["--run", &run_cmd]);
         let f = process::run(cmd, Duration::from_secs(record_limit + 30), interrupt)
@@ -707,6 +779,10 @@ fn debug_commands(b: &BugRecord) -> Option<(String, String)> {
         (None, t) if t.starts_with("KASAN") => {
             " -ex 'break kasan_report' -ex reverse-continue".into()
         }
+        // Lockdep's report does not panic: back to where it prints the stack.
+        (None, t) if t.starts_with("possible deadlock") => {
+            " -ex 'break dump_stack_lvl' -ex reverse-continue".into()
+        }
         (None, t) if !t.is_empty() => " -ex 'break panic' -ex reverse-continue".into(),
         // A bug with no crash: its recording ends at the trigger's verdict.
         (None, _) => String::new(),
@@ -789,6 +865,11 @@ mod tests {
             .contains("break kasan_report"));
         let panic = reproduced(tmp.path(), "kernel panic: sysrq triggered crash", None);
         assert!(debug_commands(&panic).unwrap().1.contains("break panic"));
+        let lockdep = reproduced(tmp.path(), "possible deadlock in eventfd_signal_mask", None);
+        assert!(debug_commands(&lockdep)
+            .unwrap()
+            .1
+            .contains("break dump_stack_lvl"));
         let failed = BugRecord {
             verdict: Some(Verdict::ReplayDiverged),
             ..gp

@@ -80,6 +80,11 @@ pub struct EvalArgs {
     /// CPU backend of the engine's schemes.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub backend: BackendArg,
+    /// Extra manifest files or directories (repeatable): workloads or bug
+    /// cases of your own, run after the suite's; paths inside them are
+    /// relative to the file.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: Vec<PathBuf>,
 }
 
 impl EvalArgs {
@@ -97,6 +102,7 @@ impl EvalArgs {
             out: Some(out),
             resume: None,
             backend: BackendArg::Auto,
+            manifests: Vec::new(),
         }
     }
 }
@@ -244,7 +250,7 @@ fn workload_images(
             bail!("image `{n}` is not defined in the manifests");
         }
     }
-    let built = images::build(&names, false)?;
+    let built = images::build_from(manifests, &names, false)?;
     let mut out = BTreeMap::new();
     for w in workloads {
         let images = cell::GuestImages::from_built(
@@ -270,9 +276,37 @@ fn workload_images(
     Ok((out, shas))
 }
 
+/// `--manifests` paths made absolute, so a resumed eval finds them from
+/// anywhere.
+fn absolute_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    paths
+        .iter()
+        .map(|p| {
+            p.canonicalize()
+                .with_context(|| format!("--manifests {}", p.display()))
+        })
+        .collect()
+}
+
 fn record_perf(args: &EvalArgs) -> Result<()> {
     setup::ensure()?;
-    let manifests = manifests::load_repo()?;
+    let resumed_journal = match &args.resume {
+        Some(arg) => {
+            let dir = resume_dir(arg, &results_root(), journal::JOURNAL_FILE)?;
+            let entries = journal::read(&dir)?;
+            let matrix = journal::first_provenance(&entries)
+                .with_context(|| format!("{}: the journal has no provenance line", dir.display()))?
+                .matrix
+                .clone();
+            Some((dir, matrix))
+        }
+        None => None,
+    };
+    let extra = match &resumed_journal {
+        Some((_, matrix)) => matrix.manifests.clone(),
+        None => absolute_paths(&args.manifests)?,
+    };
+    let manifests = manifests::load_with(&extra)?;
     let suite = plan::suite(&manifests)?.clone();
     let krr = krr_bin::build()?;
     let probe = krr_bin::run_json(
@@ -282,26 +316,28 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
     let backend = probe["backend"].as_str().unwrap_or("unknown").to_string();
     let backend_reason = probe["reason"].as_str().unwrap_or("").to_string();
 
-    let (dir, matrix, resumed) = match &args.resume {
-        Some(arg) => {
+    let (dir, matrix, resumed) = match resumed_journal {
+        Some((dir, matrix)) => {
             if args.workloads.is_some()
                 || args.vcpus.is_some()
                 || args.schemes.is_some()
                 || args.repetitions.is_some()
                 || args.quick
                 || args.full
+                || !args.manifests.is_empty()
             {
-                bail!("--resume continues the eval's own matrix: drop --workloads, --vcpus, --schemes, --repetitions, --quick and --full");
+                bail!("--resume continues the eval's own matrix: drop --workloads, --vcpus, --schemes, --repetitions, --quick, --full and --manifests");
             }
-            let dir = resume_dir(arg, &results_root(), journal::JOURNAL_FILE)?;
-            let entries = journal::read(&dir)?;
-            let matrix = journal::first_provenance(&entries)
-                .with_context(|| format!("{}: the journal has no provenance line", dir.display()))?
-                .matrix
-                .clone();
             (dir, matrix, true)
         }
         None => {
+            let repo = manifests::load_repo()?;
+            let extra_workloads = manifests
+                .workloads
+                .iter()
+                .filter(|w| repo.workload(&w.name).is_none())
+                .map(|w| w.name.clone())
+                .collect();
             let req = plan::Request {
                 workloads: args.workloads.clone(),
                 vcpus: args.vcpus.clone(),
@@ -310,6 +346,8 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
                 quick: args.quick,
                 full: args.full,
                 hardware_kvm: backend == "kvm",
+                manifests: extra.clone(),
+                extra_workloads,
             };
             let matrix = plan::plan(&manifests, &req)?;
             let dir = output_dir(args.out.as_deref(), &results_root(), journal::JOURNAL_FILE)?;

@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 use krr_orchestrator::manifest::{Manifests, Scheme, Suite, SuiteKind};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// Every scheme the executor knows, in the order cells of one repetition
 /// run (interleaved, so host drift falls on all of them alike).
@@ -53,6 +54,11 @@ pub struct Request {
     /// Whether the host runs guests on hardware virtualization (the
     /// default vCPU axis is cut to 1 and 2 on the software CPU).
     pub hardware_kvm: bool,
+    /// `--manifests`: extra manifest files or directories (absolute).
+    pub manifests: Vec<PathBuf>,
+    /// The workloads those files declare: run by default after the
+    /// suite's (not with `--quick`).
+    pub extra_workloads: Vec<String>,
 }
 
 /// The planned matrix; kept in the journal so `--resume` runs the same one.
@@ -62,6 +68,10 @@ pub struct Matrix {
     /// Per workload, in run order: its vCPU counts and repetitions.
     pub workloads: Vec<WorkloadPlan>,
     pub schemes: Vec<Scheme>,
+    /// `--manifests` files or directories the workloads may come from,
+    /// loaded again by `--resume`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifests: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,7 +124,17 @@ pub fn plan(manifests: &Manifests, req: &Request) -> Result<Matrix> {
             bail!("suite `{}` lists no `quick` workloads", suite.name)
         }
         (None, true) => suite.quick.clone(),
-        (None, false) => suite.workloads.clone(),
+        (None, false) => {
+            let mut names = suite.workloads.clone();
+            names.extend(
+                req.extra_workloads
+                    .iter()
+                    .filter(|w| !names.contains(w))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+            names
+        }
     };
     if names.is_empty() {
         bail!("--workloads: no workload named");
@@ -198,6 +218,7 @@ pub fn plan(manifests: &Manifests, req: &Request) -> Result<Matrix> {
         suite: suite.name.clone(),
         workloads,
         schemes,
+        manifests: req.manifests.clone(),
     })
 }
 

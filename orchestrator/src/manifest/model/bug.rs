@@ -38,7 +38,7 @@ pub struct Trigger {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(
     deny_unknown_fields,
-    expecting = "an expected failure: a mapping with `title`, `console`, `marker` and/or `reaches`"
+    expecting = "an expected failure: a mapping with `title`, `console`, `marker`, `reaches` and/or `without_panic`"
 )]
 pub struct Expect {
     /// The crash title as syzkaller's pkg/report normalizes it.
@@ -55,6 +55,12 @@ pub struct Expect {
     /// blocks entered at its address; no debugger needed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reaches: Option<String>,
+    /// The report does not panic the kernel (a lockdep splat, a WARNING
+    /// without `panic_on_warn`): the recording and the run end at the end
+    /// of its call trace (`krr record --stop=report`), since such a kernel
+    /// may spin with interrupts off and never end by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_panic: bool,
 }
 
 /// Limits for each phase of a bug reproduction, in seconds.
