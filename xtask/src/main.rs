@@ -77,6 +77,12 @@ enum Command {
         /// Guest seconds each stressor runs (stress-ng --timeout).
         #[arg(long, default_value_t = 1)]
         seconds: u32,
+        /// Results directory (default: results/validate-replay/<UTC time>).
+        #[arg(long, conflicts_with = "resume")]
+        out: Option<std::path::PathBuf>,
+        /// Continue an interrupted run: its directory, or `latest`.
+        #[arg(long, value_name = "DIR|latest")]
+        resume: Option<String>,
     },
     /// Guest images: build, list, clean, ad-hoc initramfs.
     Images {
@@ -121,7 +127,12 @@ fn run(cli: Cli) -> Result<()> {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
         Command::Eval(args) => eval::run(args),
-        Command::ValidateReplay { stressors, seconds } => validate_replay::run(stressors, seconds),
+        Command::ValidateReplay {
+            stressors,
+            seconds,
+            out,
+            resume,
+        } => validate_replay::run(stressors, seconds, out, resume),
         Command::Bench {
             benchmark,
             repetitions,

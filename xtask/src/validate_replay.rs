@@ -3,18 +3,34 @@
 //! `rootfs-workloads` image), each recorded on the software CPU from the
 //! start of /init and replayed (the kernel alone); a table of passed /
 //! diverged / unsupported / failed per stressor, as KRR validated its replay
-//! with LTP. Results: `results/validate-replay.json` and a Markdown table on
-//! stdout.
+//! with LTP. Results, with the evals' conventions:
+//! `results/validate-replay/<UTC time>/` (or `--out DIR`; `latest` points at
+//! the newest): `stressors.jsonl` (one line per stressor as it finishes: the
+//! journal `--resume DIR|latest` continues after Ctrl-C or a crash),
+//! `plan.json`, `validate-replay.json` and `report.md` (the table, also on
+//! stdout).
 //!
 //! Each stressor is one `krr validate-replay-one` process (see
 //! [`crate::krr_bin`]): one that crashes or fails is reported as `failed`,
 //! with the reason, and the others go on.
 
+use crate::eval::journal::{self, Journal};
 use crate::{images, krr_bin, repo_root};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+const JOURNAL_FILE: &str = "stressors.jsonl";
+const PLAN_FILE: &str = "plan.json";
+
+/// What a run was started with, for `--resume`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Plan {
+    stressors: Vec<String>,
+    seconds: u32,
+}
 
 /// Stressor classes tried by default: processes, memory, files, IPC,
 /// signals, timers and pure CPU work. `--stressors a,b,c` picks others.
@@ -119,25 +135,51 @@ pub struct StressorResult {
     pub replay_seconds: f64,
 }
 
-pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
-    if seconds == 0 {
-        // stress-ng reads a timeout of 0 as "run forever".
-        bail!("--seconds 0: expected at least 1");
-    }
-    let list: Vec<String> = match stressors {
-        Some(s) => s
-            .split(',')
-            .map(|x| x.trim().to_string())
-            .filter(|x| !x.is_empty())
-            .collect(),
-        None => DEFAULT_STRESSORS.iter().map(|s| s.to_string()).collect(),
+/// `cargo xtask validate-replay [--stressors a,b] [--seconds N] [--out DIR
+/// | --resume DIR|latest]`.
+pub fn run(
+    stressors: Option<String>,
+    seconds: u32,
+    out: Option<PathBuf>,
+    resume: Option<String>,
+) -> Result<()> {
+    let root = repo_root().join("results/validate-replay");
+    let (dir, plan) = match &resume {
+        Some(arg) => {
+            if stressors.is_some() {
+                bail!("--resume continues the run's own stressors: drop --stressors");
+            }
+            let dir = crate::eval::resume_dir(arg, &root, JOURNAL_FILE)?;
+            let path = dir.join(PLAN_FILE);
+            let plan: Plan = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("reading {}", path.display()))?;
+            (dir, plan)
+        }
+        None => {
+            let plan = Plan {
+                stressors: stressor_list(stressors)?,
+                seconds,
+            };
+            if plan.seconds == 0 {
+                // stress-ng reads a timeout of 0 as "run forever".
+                bail!("--seconds 0: expected at least 1");
+            }
+            let dir = crate::eval::output_dir(out.as_deref(), &root, JOURNAL_FILE)?;
+            std::fs::write(dir.join(PLAN_FILE), serde_json::to_vec_pretty(&plan)?)
+                .with_context(|| format!("writing {}", dir.join(PLAN_FILE).display()))?;
+            (dir, plan)
+        }
     };
-    if let Some(bad) = list
-        .iter()
-        .find(|s| !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
-    {
-        bail!("--stressors: {bad:?} is not a stress-ng stressor name");
-    }
+    let journal_path = dir.join(JOURNAL_FILE);
+    let mut results: Vec<StressorResult> = if journal_path.exists() {
+        journal::read_lines(&journal_path)?
+    } else {
+        Vec::new()
+    };
+    let mut journal = Journal::open_file(&journal_path)?;
+    let interrupt = crate::eval::ctrl_c_flag()?;
     let krr_exe = krr_bin::build()?;
     let files = images::build_files(&[
         ("guest-6.1-krr", "bzImage"),
@@ -145,28 +187,58 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
     ])?;
     let (kernel, rootfs) = (files[0].clone(), files[1].clone());
     let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
-    let bar = ProgressBar::new(list.len() as u64);
+    let todo: Vec<&String> = plan
+        .stressors
+        .iter()
+        .filter(|name| !results.iter().any(|r| &r.stressor == *name))
+        .collect();
+    eprintln!(
+        "validate-replay: {} stressor(s), {} to run, results in {}",
+        plan.stressors.len(),
+        todo.len(),
+        dir.display()
+    );
+    let bar = ProgressBar::new(plan.stressors.len() as u64);
+    bar.set_position((plan.stressors.len() - todo.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template("validate-replay [{bar:30}] {pos}/{len} {msg}")
             .expect("valid template"),
     );
-    let mut results = Vec::new();
-    for name in &list {
+    for name in todo {
         bar.set_message(name.clone());
-        let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, seconds);
+        let r = one(
+            &krr_exe,
+            &kernel,
+            &rootfs,
+            scratch.path(),
+            name,
+            plan.seconds,
+        );
+        if interrupt.load(Ordering::SeqCst) {
+            // Ctrl-C reached the krr process too: its outcome says nothing.
+            bar.finish_and_clear();
+            eprintln!(
+                "validate-replay: interrupted during {name}; continue with --resume {}",
+                dir.display()
+            );
+            bail!("interrupted");
+        }
         // (println on a hidden bar, when stderr is not a terminal, prints
         // nothing: suspend it instead.)
         bar.suspend(|| eprintln!("  {:<12} {:<11} {}", r.stressor, r.outcome, r.detail));
+        journal.append(&r)?;
         results.push(r);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // The plan's order, whatever order a resumed run finished them in.
+    results.sort_by_key(|r| plan.stressors.iter().position(|s| *s == r.stressor));
     let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
-    println!("| stressor | outcome | events | kernel entries | record (s) | replay (s) | detail |");
-    println!("|---|---|---|---|---|---|---|");
+    let mut table =
+        String::from("| stressor | outcome | events | kernel entries | record (s) | replay (s) | detail |\n|---|---|---|---|---|---|---|\n");
     for r in &results {
-        println!(
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {} |",
+        table += &format!(
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
             r.stressor,
             r.outcome,
             r.events,
@@ -176,26 +248,59 @@ pub fn run(stressors: Option<String>, seconds: u32) -> Result<()> {
             r.detail.replace('|', "\\|")
         );
     }
-    println!(
-        "\npassed {}, diverged {}, unsupported {}, failed {} (of {})",
+    table += &format!(
+        "\npassed {}, diverged {}, unsupported {}, failed {} (of {})\n",
         count("passed"),
         count("diverged"),
         count("unsupported"),
         count("failed"),
         results.len()
     );
-    let out = repo_root().join("results/validate-replay.json");
-    std::fs::create_dir_all(out.parent().expect("results/"))?;
+    print!("{table}");
+    let report = format!(
+        "# validate-replay: stress-ng stressors recorded and replayed\n\nKernel `{}`, rootfs `{}`, {} s per stressor.\n\n{table}",
+        kernel.display(),
+        rootfs.display(),
+        plan.seconds
+    );
+    std::fs::write(dir.join("report.md"), report)
+        .with_context(|| format!("writing {}", dir.join("report.md").display()))?;
+    let json = dir.join("validate-replay.json");
     let doc = serde_json::json!({
         "kernel": kernel,
         "rootfs": rootfs,
-        "seconds_per_stressor": seconds,
+        "seconds_per_stressor": plan.seconds,
         "results": results,
     });
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("wrote {}", out.display());
+    std::fs::write(&json, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    eprintln!(
+        "validate-replay: report {}",
+        dir.join("report.md").display()
+    );
     Ok(())
+}
+
+/// `--stressors a,b` or the default list, names checked.
+fn stressor_list(stressors: Option<String>) -> Result<Vec<String>> {
+    let list: Vec<String> = match stressors {
+        Some(s) => s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
+        None => DEFAULT_STRESSORS.iter().map(|s| s.to_string()).collect(),
+    };
+    if list.is_empty() {
+        bail!("--stressors: no stressor named");
+    }
+    if let Some(bad) = list
+        .iter()
+        .find(|s| !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
+        bail!("--stressors: {bad:?} is not a stress-ng stressor name");
+    }
+    Ok(list)
 }
 
 /// Records and replays one stressor in its own `krr` process; a process

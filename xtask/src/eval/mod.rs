@@ -11,7 +11,7 @@
 mod bug_repro;
 mod cell;
 mod figures;
-mod journal;
+pub(crate) mod journal;
 mod plan;
 mod process;
 mod report;
@@ -128,7 +128,7 @@ fn backend_name(b: BackendArg) -> &'static str {
 
 /// `--resume DIR|latest` (`latest` under `root`) as a directory holding
 /// `journal_file`.
-fn resume_dir(arg: &str, root: &Path, journal_file: &str) -> Result<PathBuf> {
+pub(crate) fn resume_dir(arg: &str, root: &Path, journal_file: &str) -> Result<PathBuf> {
     let dir = if arg == "latest" {
         let link = root.join("latest");
         std::fs::canonicalize(&link)
@@ -145,7 +145,7 @@ fn resume_dir(arg: &str, root: &Path, journal_file: &str) -> Result<PathBuf> {
 /// The results directory of a new eval: `--out DIR` (which must not hold
 /// an eval already), or a new one under `root` named by the UTC time, with
 /// `root/latest` pointing at it.
-fn output_dir(out: Option<&Path>, root: &Path, journal_file: &str) -> Result<PathBuf> {
+pub(crate) fn output_dir(out: Option<&Path>, root: &Path, journal_file: &str) -> Result<PathBuf> {
     if let Some(out) = out {
         if out.join(journal_file).exists() {
             bail!(
@@ -172,7 +172,7 @@ fn output_dir(out: Option<&Path>, root: &Path, journal_file: &str) -> Result<Pat
 /// Set by Ctrl-C. The running guest process gets it forwarded to its
 /// process group (a recording is closed properly; anything still running a
 /// minute later is killed), and the eval stops with a resumable journal.
-fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
+pub(crate) fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
     let interrupt = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())
         .context("installing the SIGINT handler")?;
