@@ -218,10 +218,15 @@ pub struct MeasuredWindow {
     pub wall_seconds: f64,
 }
 
+/// The most vCPUs a machine has (the MP table's and the APICs' layout).
+pub const MAX_VCPUS: usize = 8;
+/// Guest RAM sizes a machine takes: one region below the 32-bit MMIO hole.
+pub const MEMORY_BYTES: std::ops::RangeInclusive<u64> = 64 << 20..=3 << 30;
+
 /// Creates guest RAM: one region from 0 (at most 3 GiB, below the 32-bit
 /// MMIO hole).
 pub fn create_memory(bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
-    if !(64 << 20..=3 << 30).contains(&bytes) {
+    if !MEMORY_BYTES.contains(&bytes) {
         return Err(MachineError::Config(format!(
             "memory size {bytes} bytes: expected 64 MiB to 3 GiB"
         )));
@@ -297,9 +302,9 @@ const APIC_BASE_BSP: u64 = LAPIC_BASE | (1 << 11) | (1 << 8);
 
 impl Machine {
     pub fn new(cfg: MachineConfig, backend: Backend) -> Result<Machine, MachineError> {
-        if cfg.vcpus == 0 || cfg.vcpus > 8 {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(MachineError::Config(format!(
-                "--vcpus {}: expected 1 to 8",
+                "--vcpus {}: expected 1 to {MAX_VCPUS}",
                 cfg.vcpus
             )));
         }

@@ -87,7 +87,7 @@ impl StreamScan {
 }
 
 /// Sequential chunk reader shared by [`scan`] and the typed readers.
-struct ChunkReader {
+pub(super) struct ChunkReader {
     path: PathBuf,
     kind: StreamKind,
     file: BufReader<File>,
@@ -95,13 +95,13 @@ struct ChunkReader {
     offset: u64,
     next_index: u32,
     next_first: u64,
-    payload: Vec<u8>,
+    pub(super) payload: Vec<u8>,
     decompressor: zstd::bulk::Decompressor<'static>,
-    end: Option<StreamEnd>,
+    pub(super) end: Option<StreamEnd>,
 }
 
 impl ChunkReader {
-    fn open(path: &Path, expect: Option<StreamKind>) -> Result<ChunkReader, LogError> {
+    pub(super) fn open(path: &Path, expect: Option<StreamKind>) -> Result<ChunkReader, LogError> {
         let file = File::open(path).map_err(io_err(path))?;
         let file_len = file.metadata().map_err(io_err(path))?.len();
         let mut file = BufReader::with_capacity(1 << 20, file);
@@ -159,7 +159,7 @@ impl ChunkReader {
     /// (then `self.end` says how the file ends). With `decompress` false
     /// the payload's crc is still checked but it is not decompressed (nor,
     /// for events, decoded).
-    fn next_chunk(&mut self, decompress: bool) -> Result<Option<ChunkInfo>, LogError> {
+    pub(super) fn next_chunk(&mut self, decompress: bool) -> Result<Option<ChunkInfo>, LogError> {
         if self.end.is_some() {
             return Ok(None);
         }
@@ -236,6 +236,29 @@ impl ChunkReader {
                 "dma chunk counts {} bytes but holds {} raw bytes",
                 info.count, info.raw_len
             )));
+            return Ok(None);
+        }
+        // Never allocate for more payload than the file holds: a damaged or
+        // hostile length would otherwise cost up to MAX_CHUNK_BYTES.
+        let payload_at = offset + CHUNK_HEADER_LEN as u64;
+        if payload_at + u64::from(info.compressed_len) > self.file_len {
+            // (The file may have grown since it was opened.)
+            self.file_len = self
+                .file
+                .get_ref()
+                .metadata()
+                .map_err(io_err(&self.path))?
+                .len();
+        }
+        let left = self.file_len.saturating_sub(payload_at);
+        if u64::from(info.compressed_len) > left {
+            self.end = Some(StreamEnd::Truncated {
+                offset,
+                reason: format!(
+                    "the file ends {left} bytes into the {}-byte payload of chunk {index}",
+                    info.compressed_len
+                ),
+            });
             return Ok(None);
         }
         self.payload.resize(info.compressed_len as usize, 0);
@@ -594,6 +617,20 @@ impl DmaLogReader {
     fn chunk_bytes(&mut self, info: ChunkInfo) -> Result<&[u8], LogError> {
         use std::io::{Seek, SeekFrom};
         if self.cached.as_ref().is_none_or(|(i, _)| *i != info.index) {
+            // The scan checked the chunk against the file; a file cut since
+            // then must not make this allocate for bytes it no longer has.
+            let file_len = self.file.metadata().map_err(io_err(&self.path))?.len();
+            if info.end() > file_len {
+                return Err(LogError::Damaged {
+                    path: self.path.clone(),
+                    chunk_index: info.index,
+                    offset: info.offset,
+                    what: format!(
+                        "the chunk ends at byte {} but the file is now {file_len} bytes (cut since the scan?)",
+                        info.end()
+                    ),
+                });
+            }
             let mut payload = vec![0u8; info.compressed_len as usize];
             self.file
                 .seek(SeekFrom::Start(info.offset + CHUNK_HEADER_LEN as u64))

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! Tests of the stream files: round trips, truncation and damage.
 
+use super::reader::ChunkReader;
 use super::*;
 use crate::event::{LogEvent, Position};
 
@@ -182,4 +183,64 @@ fn dma_stream_random_access() {
     }
     let e = r.read(all.len() as u64 - 2, 3).unwrap_err().to_string();
     assert!(e.contains("past the"), "{e}");
+}
+
+/// A chunk header (crc intact) that claims far more payload than the file
+/// holds ends the stream as truncated, and the reader never allocates for
+/// the claim.
+#[test]
+fn a_payload_length_past_the_end_of_the_file_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    let chunks = write_events(&path, 200, 1024);
+    let victim = *chunks.last().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = victim.offset as usize;
+    bytes[at + 24..at + 28].copy_from_slice(&MAX_CHUNK_BYTES.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[at..at + 32]);
+    bytes[at + 32..at + 36].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    let mut reader = ChunkReader::open(&path, None).unwrap();
+    while reader.next_chunk(true).unwrap().is_some() {}
+    match reader.end.as_ref().unwrap() {
+        StreamEnd::Truncated { offset, reason } => {
+            assert_eq!(*offset, victim.offset);
+            assert!(
+                reason.contains(&format!("{MAX_CHUNK_BYTES}-byte payload")),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        reader.payload.capacity() < 1 << 20,
+        "{} bytes allocated for the payload",
+        reader.payload.capacity()
+    );
+    assert_eq!(scan(&path).unwrap().items(), victim.first);
+}
+
+/// A DMA file cut after its scan: reading a chunk that is gone is an error
+/// that says so, not an allocation for bytes the file no longer has.
+#[test]
+fn a_dma_file_cut_after_its_scan_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dma.krrlog");
+    let mut w = DmaLogWriter::with_target(&path, 1000).unwrap();
+    for i in 0..20u32 {
+        w.append(&vec![i as u8; 1500]).unwrap();
+    }
+    w.flush().unwrap();
+    let mut r = DmaLogReader::open(&path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let e = r.read(r.len() - 10, 10).unwrap_err().to_string();
+    assert!(e.contains("cut since the scan"), "{e}");
+    assert_eq!(r.read(0, 10).unwrap(), vec![0u8; 10]);
 }

@@ -32,6 +32,29 @@ pub fn load_header(dir: &Path) -> Result<RecordingHeader, RecordingError> {
             ),
         ));
     }
+    // Replay sizes per-vCPU state and guest RAM from these: a hostile or
+    // damaged header must not make it allocate without bound.
+    if header.vcpus == 0 || header.vcpus > krr_machine::MAX_VCPUS {
+        return Err(invalid(
+            &path,
+            format!(
+                "vcpus {} is outside 1..={}",
+                header.vcpus,
+                krr_machine::MAX_VCPUS
+            ),
+        ));
+    }
+    // (Small test guests record less than a machine's least RAM.)
+    if header.mem_bytes == 0 || header.mem_bytes > *krr_machine::MEMORY_BYTES.end() {
+        return Err(invalid(
+            &path,
+            format!(
+                "mem_bytes {} is outside 1..={}",
+                header.mem_bytes,
+                krr_machine::MEMORY_BYTES.end()
+            ),
+        ));
+    }
     Ok(header)
 }
 
@@ -154,4 +177,40 @@ pub fn load_memory_into<M: GuestMemoryBackend>(dir: &Path, mem: &M) -> Result<()
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replay sizes per-vCPU state and guest RAM from the header: values no
+    /// machine has are refused, naming the field.
+    #[test]
+    fn a_header_with_impossible_sizes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |vcpus: usize, mem_bytes: u64| {
+            let header = RecordingHeader {
+                vcpus,
+                mem_bytes,
+                ..RecordingHeader::new("hostile")
+            };
+            std::fs::write(
+                dir.path().join(HEADER_FILE),
+                serde_json::to_vec(&header).unwrap(),
+            )
+            .unwrap();
+        };
+        write(2, 512 << 20);
+        assert_eq!(load_header(dir.path()).unwrap().vcpus, 2);
+        for (vcpus, mem, field) in [
+            (1 << 40, 512 << 20, "vcpus 1099511627776"),
+            (0, 512 << 20, "vcpus 0"),
+            (1, 1 << 50, "mem_bytes 1125899906842624"),
+            (1, 0, "mem_bytes 0"),
+        ] {
+            write(vcpus, mem);
+            let e = load_header(dir.path()).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("header.json"), "{e}");
+        }
+    }
 }

@@ -109,7 +109,7 @@ pub struct RecordingHeader {
     pub ring: Option<RingInfo>,
     /// "boot", "marker:TEXT", "guest".
     pub start_trigger: String,
-    /// "end", "marker:TEXT", "guest".
+    /// "end", "marker:TEXT", "guest", "report".
     pub stop_trigger: String,
     /// Further machine settings replay needs to match (quantum, ...).
     #[serde(default)]
