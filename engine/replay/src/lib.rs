@@ -53,7 +53,7 @@ mod source;
 
 use bus::{run_rebased, ReplayBus};
 pub use open::StartImage;
-use report::{CheckpointTally, STALL_RUNS};
+use report::{CheckpointTally, Watchdog};
 pub use report::{
     Divergence, Reached, ReplayEnd, ReplayError, ReplayOptions, ReplayReport, DEFAULT_STALL_SECONDS,
 };
@@ -190,7 +190,7 @@ impl Replayer {
         let checkpoints = CheckpointTally::default();
         let stall_after =
             std::time::Duration::from_secs(opts.stall_seconds.unwrap_or(DEFAULT_STALL_SECONDS));
-        let watchdog = (src.consumed, 0u64, 0u32, Instant::now());
+        let watchdog = Watchdog::new(src.consumed);
         Ok(ReplaySession {
             start,
             src,
@@ -298,37 +298,15 @@ impl Replayer {
                     found: format!("a machine of {} vCPUs", self.vcpus.len()),
                     rip: String::new(),
                     kernel_icount: 0,
-                    recent: src.recent.iter().cloned().collect(),
+                    recent: src.recent_lines(),
                 });
             }
             // The replay's kernel count on this vCPU, as the recording counts it.
             let kernel_now = self.kernel_now(progress, cpu);
             // Progress watchdog: every turn of this loop consumes an event
             // or runs kernel code; one that keeps doing neither is stuck.
-            let retired = kernel_total(&self.vcpus);
-            let (seen, seen_retired, idle_runs, since) = watchdog;
-            if src.consumed != *seen {
-                *seen = src.consumed;
-                *since = Instant::now();
-                *idle_runs = 0;
-            } else if retired == *seen_retired {
-                *idle_runs += 1;
-            } else {
-                *idle_runs = 0;
-            }
-            *seen_retired = retired;
-            let stalled = if *idle_runs >= STALL_RUNS {
-                Some(format!(
-                    "no progress: {STALL_RUNS} runs of vCPU {cpu} consumed no event and retired no kernel instruction"
-                ))
-            } else if since.elapsed() >= *stall_after {
-                Some(format!(
-                    "no progress: no event consumed for {} s",
-                    stall_after.as_secs()
-                ))
-            } else {
-                None
-            };
+            let stalled =
+                watchdog.stalled(src.consumed, kernel_total(&self.vcpus), cpu, *stall_after);
             if let Some(why) = stalled {
                 let rip = self.rip(cpu);
                 let mode = if progress[cpu].in_user {
@@ -345,7 +323,7 @@ impl Replayer {
                     ),
                     rip: symbolize(&self.symbols, rip),
                     kernel_icount: kernel_now,
-                    recent: src.recent.iter().cloned().collect(),
+                    recent: src.recent_lines(),
                 });
             }
             let diverged = |symbols: &Symbols,
@@ -359,7 +337,7 @@ impl Replayer {
                     found,
                     rip: symbolize(symbols, rip),
                     kernel_icount: kernel_now,
-                    recent: src.recent.iter().cloned().collect(),
+                    recent: src.recent_lines(),
                 })
             };
             if let LogEvent::Startup { vector, .. } = event {
@@ -635,7 +613,7 @@ impl Replayer {
                     found,
                     rip: self.symbolize(rip),
                     kernel_icount: kernel_after,
-                    recent: src.recent.iter().cloned().collect(),
+                    recent: src.recent_lines(),
                 });
             }
             if let (None, Some(symbol)) = (&reached, &opts.reaches) {
@@ -685,7 +663,7 @@ impl Replayer {
                         ),
                         rip: self.symbolize(self.rip(cpu)),
                         kernel_icount: kernel_after,
-                        recent: src.recent.iter().cloned().collect(),
+                        recent: src.recent_lines(),
                     });
                 }
                 Err(e) => return Err(ReplayError::Setup(format!("the software CPU failed: {e}"))),
@@ -767,7 +745,7 @@ impl Replayer {
                 found: format!("{} bytes of console output that differ", console.len()),
                 rip: String::new(),
                 kernel_icount: kernel_instructions,
-                recent: src.recent.iter().cloned().collect(),
+                recent: src.recent_lines(),
             }),
             other => other,
         };

@@ -43,6 +43,77 @@ pub const DEFAULT_STALL_SECONDS: u64 = 300;
 /// instruction before a replay is stalled.
 pub(super) const STALL_RUNS: u32 = 1000;
 
+/// Turns between two readings of the host clock by the [`Watchdog`]: a
+/// reading cost about 2% of a timer-heavy replay when taken every turn.
+const CLOCK_EVERY: u32 = 64;
+
+/// Replay's progress watchdog: every turn consumes an event or runs kernel
+/// code; one that keeps doing neither, or consumes nothing for a long
+/// time, is stuck.
+pub(crate) struct Watchdog {
+    /// Events consumed and kernel instructions retired when it last looked.
+    seen: u64,
+    seen_retired: u64,
+    idle_runs: u32,
+    /// Since when (read every [`CLOCK_EVERY`] turns) nothing was consumed.
+    since: std::time::Instant,
+    turns: u32,
+    progressed: bool,
+}
+
+impl Watchdog {
+    pub(crate) fn new(consumed: u64) -> Watchdog {
+        Watchdog {
+            seen: consumed,
+            seen_retired: 0,
+            idle_runs: 0,
+            since: std::time::Instant::now(),
+            turns: 0,
+            progressed: false,
+        }
+    }
+
+    /// After a turn of vCPU `cpu`: why the replay is stuck, if it is.
+    pub(crate) fn stalled(
+        &mut self,
+        consumed: u64,
+        retired: u64,
+        cpu: usize,
+        stall_after: std::time::Duration,
+    ) -> Option<String> {
+        if consumed != self.seen {
+            self.seen = consumed;
+            self.progressed = true;
+            self.idle_runs = 0;
+        } else if retired == self.seen_retired {
+            self.idle_runs += 1;
+        } else {
+            self.idle_runs = 0;
+        }
+        self.seen_retired = retired;
+        if self.idle_runs >= STALL_RUNS {
+            return Some(format!(
+                "no progress: {STALL_RUNS} runs of vCPU {cpu} consumed no event and retired no kernel instruction"
+            ));
+        }
+        self.turns = self.turns.wrapping_add(1);
+        if !self.turns.is_multiple_of(CLOCK_EVERY) {
+            return None;
+        }
+        if std::mem::take(&mut self.progressed) {
+            self.since = std::time::Instant::now();
+            None
+        } else if self.since.elapsed() >= stall_after {
+            Some(format!(
+                "no progress: no event consumed for {} s",
+                stall_after.as_secs()
+            ))
+        } else {
+            None
+        }
+    }
+}
+
 /// The first point where the replay did not do what the recording says.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Divergence {
@@ -187,5 +258,45 @@ impl CheckpointTally {
         self.registers += 1;
         self.memory += u64::from(memory);
         self.last = Some(total);
+    }
+}
+
+#[cfg(test)]
+mod watchdog_tests {
+    use super::{Watchdog, CLOCK_EVERY, STALL_RUNS};
+    use std::time::Duration;
+
+    #[test]
+    fn runs_that_do_nothing_stall_at_once() {
+        let mut w = Watchdog::new(5);
+        // (The first run retires instructions; the next ones nothing.)
+        for _ in 0..STALL_RUNS {
+            assert_eq!(w.stalled(5, 100, 0, Duration::from_secs(60)), None);
+        }
+        let why = w.stalled(5, 100, 1, Duration::from_secs(60)).unwrap();
+        assert!(why.contains("runs of vCPU 1"), "{why}");
+    }
+
+    /// Kernel code that runs without consuming an event stalls once the
+    /// time is up, seen within CLOCK_EVERY turns; consuming events never
+    /// stalls.
+    #[test]
+    fn a_replay_that_consumes_nothing_stalls_when_its_time_is_up() {
+        let mut w = Watchdog::new(0);
+        let mut retired = 0;
+        let mut stalled_at = None;
+        for turn in 1..=2 * CLOCK_EVERY {
+            retired += 10;
+            if let Some(why) = w.stalled(0, retired, 0, Duration::ZERO) {
+                assert!(why.contains("no event consumed"), "{why}");
+                stalled_at = Some(turn);
+                break;
+            }
+        }
+        assert_eq!(stalled_at, Some(CLOCK_EVERY));
+        let mut w = Watchdog::new(0);
+        for turn in 1..=4 * u64::from(CLOCK_EVERY) {
+            assert_eq!(w.stalled(turn, turn, 0, Duration::ZERO), None);
+        }
     }
 }

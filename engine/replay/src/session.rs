@@ -27,9 +27,7 @@ pub struct ReplaySession {
     pub(crate) segment_reads_due: bool,
     pub(crate) checkpoints: CheckpointTally,
     pub(crate) stall_after: Duration,
-    /// Events consumed, kernel instructions retired and idle runs when the
-    /// watchdog last looked, and since when nothing was consumed.
-    pub(crate) watchdog: (u64, u64, u32, Instant),
+    pub(crate) watchdog: crate::report::Watchdog,
     /// What a debugger asks of the coming turns.
     pub debug: DebugControl,
 }
@@ -48,7 +46,7 @@ impl ReplaySession {
 
     /// The recorded events just consumed, as the log prints them.
     pub fn recent_events(&self) -> Vec<String> {
-        self.src.recent.iter().cloned().collect()
+        self.src.recent_lines()
     }
 }
 

@@ -97,7 +97,7 @@ impl ReplaySession {
             segment_reads_due: self.segment_reads_due,
             checkpoints: self.checkpoints.clone(),
             stall_after: self.stall_after,
-            watchdog: (self.src.consumed, 0, 0, Instant::now()),
+            watchdog: crate::report::Watchdog::new(self.src.consumed),
             debug: self.debug.clone(),
         })
     }
