@@ -27,6 +27,9 @@ pub enum Benchmark {
     /// Debugging a replay in gdb: reverse-stepi, reverse-continue against
     /// continue, the stub's memory.
     Gdb,
+    /// criterion micro-benchmarks of the hot pieces alone: the agent ring's
+    /// decoding, the event log's append and read, chunk compression.
+    Micro,
 }
 
 /// Same command line for both sides: the project's kernel has no ACPI and
@@ -46,7 +49,26 @@ pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
         Benchmark::Record => record(repetitions, false),
         Benchmark::Replay => record(repetitions, true),
         Benchmark::Gdb => crate::bench_gdb::run(repetitions),
+        Benchmark::Micro => micro(),
     }
+}
+
+/// `cargo bench -p krr-record --bench hot_paths` (criterion keeps its
+/// history and reports under target/criterion).
+fn micro() -> Result<()> {
+    crate::setup::ensure()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let args = ["bench", "-p", "krr-record", "--bench", "hot_paths"];
+    eprintln!("== cargo {}", args.join(" "));
+    let status = std::process::Command::new(&cargo)
+        .args(args)
+        .current_dir(repo_root())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
 }
 
 fn boot(repetitions: usize) -> Result<()> {
