@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! `krr record` of the project's `-krr` kernel on the software CPU, checked
 //! with `krr log`: plausible event counts for a syscall-heavy program, a
-//! verifiable prefix after kill -9, a flipped byte reported with its offset,
+//! verifiable and replayable prefix after kill -9 (at 20 moments), a flipped byte reported with its offset,
 //! two recordings in one VM run, SIGINT finishing the recording, and an
 //! unpatched kernel refused with "agent not found".
 //!
@@ -256,6 +256,90 @@ fn flipped_byte_and_kill_9_are_reported() {
         text.contains(&format!("byte offset {chunk_offset} ")),
         "the damaged chunk's offset {chunk_offset} is not named: {text}"
     );
+}
+
+/// kill -9 of `krr record` at 20 moments drawn from a seed (printed; set
+/// `KRR_KILL_SEED` to draw the same moments again): every prefix left
+/// behind verifies as a cut log and replays with no divergence, up to the
+/// kernel stint it ends in, with the recorded console.
+#[test]
+fn kill_9_at_twenty_moments_leaves_replayable_prefixes() {
+    let Some((kernel, initrd)) = images() else {
+        return;
+    };
+    let seed: u64 = std::env::var("KRR_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("kill moments from KRR_KILL_SEED={seed}");
+    // xorshift64*: enough to spread the moments, and std only.
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for moment in 0..20 {
+        // A moment: the event log's size when the kill comes, up to 1 MiB
+        // (about half a second of syscall-loop), plus up to 50 ms more.
+        let at_bytes = 1 + next() % (1 << 20);
+        let extra = Duration::from_millis(next() % 50);
+        let name = format!("killed-{moment}");
+        let mut args = record_args(&kernel, &initrd, &name, "syscall-loop 100000");
+        args.push("--start=marker:Run /init as init process".into());
+        let mut child = krr_command(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let events = dir.path().join(&name).join("events.krrlog");
+        let t0 = Instant::now();
+        while std::fs::metadata(&events).map(|m| m.len()).unwrap_or(0) < at_bytes {
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "moment {moment}: the log did not reach {at_bytes} bytes in 5 minutes"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "moment {moment}: krr record ended early"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(extra);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let what = format!("moment {moment} (log at {at_bytes} bytes + {extra:?}, seed {seed})");
+        assert!(!dir.path().join(&name).join("end.json").exists(), "{what}");
+        let verify = log_cmd(dir.path(), &["verify", &name]);
+        let text = String::from_utf8_lossy(&verify.stdout).to_string();
+        assert_eq!(verify.status.code(), Some(1), "{what}: {text}");
+        assert!(text.contains("PREFIX VALID"), "{what}: {text}");
+        let replay = run_krr(
+            dir.path(),
+            &["replay".into(), name.clone(), "--json".into()],
+        );
+        let report: serde_json::Value = serde_json::from_slice(&replay.stdout)
+            .unwrap_or_else(|e| panic!("{what}: replay printed no JSON: {e}"));
+        // Up to the kernel stint the log ends in (its agent records may not
+        // have been drained), with no divergence.
+        assert_eq!(report["end"]["kind"], "log_ended", "{what}: {report:#}");
+        assert!(
+            report["end"]["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("did not finish")),
+            "{what}: {report:#}"
+        );
+        assert_eq!(report["console_matches"], true, "{what}: {report:#}");
+        std::fs::remove_dir_all(dir.path().join(&name)).unwrap();
+    }
 }
 
 #[test]

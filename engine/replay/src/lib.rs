@@ -149,6 +149,7 @@ impl Replayer {
             console: Vec::new(),
             exhausted: false,
             broken: None,
+            unfinished: !self.complete,
             recent: VecDeque::new(),
             consumed: 0,
             next_stop_seen: None,
@@ -380,12 +381,18 @@ impl Replayer {
                     position_of(&event).map_or(0, |p| p.kernel_icount)
                 );
                 let end_seq = src.next_boundary_seq();
+                if end_seq == u64::MAX && !self.complete {
+                    break 'turn cut_inside_a_stint(src, index);
+                }
                 let Some(reads) = src.agent_before(end_seq, cpu) else {
+                    let why = match &src.broken {
+                        Some(broken) => broken.clone(),
+                        None => "the recording did not finish (no end.json)".into(),
+                    };
                     break 'turn ReplayEnd::LogEnded {
                         events: src.consumed,
                         why: format!(
-                            "{}; the agent records the kernel stint after event #{index} needs (from seq {seq}) are not in the valid part of the log",
-                            src.broken.clone().unwrap_or_default()
+                            "{why}; the agent records the kernel stint after event #{index} needs (from seq {seq}) are not in the valid part of the log"
                         ),
                     };
                 };
@@ -500,6 +507,9 @@ impl Replayer {
             if *segment_reads_due {
                 *segment_reads_due = false;
                 let end_seq = src.next_boundary_seq();
+                if end_seq == u64::MAX && !self.complete {
+                    break 'turn cut_inside_a_stint(src, index);
+                }
                 if let Some(reads) = src.agent_before(end_seq, cpu) {
                     self.apply_user_reads(cpu, &reads, written, unmapped);
                 }
@@ -771,6 +781,20 @@ impl Replayer {
 }
 
 /// The injection of a recorded external interrupt or NMI.
+/// The end of a replay whose recording did not finish (killed) and whose
+/// log ends inside the kernel stint entered at event `index`: the agent
+/// drains its ring in batches, so the records of that stint's reads of
+/// user memory may never have reached the log, and replaying it could
+/// diverge for want of them.
+fn cut_inside_a_stint(src: &EventSource, index: u64) -> ReplayEnd {
+    ReplayEnd::LogEnded {
+        events: src.consumed,
+        why: format!(
+            "the recording did not finish (no end.json) and its log ends inside the kernel stint after event #{index}, whose agent records may not have been drained: replayed up to that stint"
+        ),
+    }
+}
+
 fn interrupt_injection(kind: InterruptKind, vector: u8) -> Injection {
     match kind {
         InterruptKind::Nmi => Injection::Nmi,

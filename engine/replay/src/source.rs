@@ -22,6 +22,9 @@ pub(super) struct EventSource {
     pub(super) exhausted: bool,
     /// Why the log ended, if not cleanly.
     pub(super) broken: Option<String>,
+    /// The recording did not finish (killed): the agent drains its ring in
+    /// batches, so the records before an engine event may be missing.
+    pub(super) unfinished: bool,
     /// The last events consumed, for divergence reports.
     pub(super) recent: VecDeque<(u64, LogEvent)>,
     pub(super) consumed: u64,
@@ -57,6 +60,7 @@ impl EventSource {
             console: self.console.clone(),
             exhausted: self.exhausted,
             broken: self.broken.clone(),
+            unfinished: self.unfinished,
             recent: self.recent.clone(),
             consumed: self.consumed,
             next_stop_seen: self.next_stop_seen,
@@ -145,7 +149,7 @@ impl EventSource {
     pub(super) fn agent_before(&mut self, end: u64, cpu: usize) -> Option<Vec<abi::Event>> {
         let ahead_end = self.cpu_next_entry_seq(cpu).unwrap_or(end).max(end);
         while self.agent.back().is_none_or(|e| e.seq < ahead_end) && self.read_one() {}
-        if self.broken.is_some()
+        if (self.broken.is_some() || self.unfinished)
             && self
                 .agent
                 .back()

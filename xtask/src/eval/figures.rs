@@ -219,13 +219,19 @@ fn vcpu_label(x: f64, x_max: f64) -> String {
     }
 }
 
-/// 1.5k, 2.3M: axis labels that fit beside the axis.
+/// 1.5k, 2.3M: axis labels that fit beside the axis, with a decimal only
+/// where it is needed (1.2k and 1k are different ticks).
 fn compact(v: f64) -> String {
-    match v.abs() {
-        a if a >= 1e9 => format!("{:.1}G", v / 1e9),
-        a if a >= 1e6 => format!("{:.1}M", v / 1e6),
-        a if a >= 1e3 => format!("{:.0}k", v / 1e3),
-        _ => format!("{v:.1}"),
+    let (scaled, unit) = match v.abs() {
+        a if a >= 1e9 => (v / 1e9, "G"),
+        a if a >= 1e6 => (v / 1e6, "M"),
+        a if a >= 1e3 => (v / 1e3, "k"),
+        _ => return format!("{v:.1}"),
+    };
+    if (scaled - scaled.round()).abs() < 0.05 {
+        format!("{scaled:.0}{unit}")
+    } else {
+        format!("{scaled:.1}{unit}")
     }
 }
 
@@ -272,6 +278,15 @@ where
 mod tests {
     use super::*;
     use crate::eval::journal::{CellRecord, Status};
+
+    #[test]
+    fn compact_labels_keep_ticks_apart() {
+        assert_eq!(compact(1000.0), "1k");
+        assert_eq!(compact(1200.0), "1.2k");
+        assert_eq!(compact(25_000.0), "25k");
+        assert_eq!(compact(2_300_000.0), "2.3M");
+        assert_eq!(compact(800.0), "800.0");
+    }
 
     #[test]
     fn figures_are_written_for_every_workload() {
