@@ -715,3 +715,24 @@ bugs:
         )]
     );
 }
+
+/// `--manifests` files start their paths from their own directory even
+/// inside the repository: the example under docs/ works where it is.
+#[test]
+fn extra_manifests_inside_the_repository_keep_paths_from_their_directory() {
+    let root = repo_root();
+    let example = root.join("docs/examples/user-manifests/mine.yaml");
+    let manifests = manifest::load_dir_with(
+        &root,
+        &root.join("manifests"),
+        std::slice::from_ref(&example),
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let dir = example.parent().unwrap().canonicalize().unwrap();
+    let bug = manifests.bug("my-sysrq-crash").unwrap();
+    assert_eq!(
+        bug.trigger.program,
+        Some(dir.join("programs/sysrq-crash.c"))
+    );
+    assert!(manifests.workload("prime-count").is_some());
+}

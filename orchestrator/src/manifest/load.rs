@@ -20,14 +20,16 @@ pub(crate) struct SourceFile {
     /// Problems are reported for this file (false for files only loaded so
     /// that references resolve).
     pub report: bool,
-    /// Where the relative paths in this file start: `None` for a file in the
-    /// repository (the repository root), the file's own directory for one
-    /// outside it (a user's workload or bug case, kept with its files).
+    /// Where the relative paths in this file start: `None` for the
+    /// repository's own files (the repository root), the file's own
+    /// directory for a user's (given as extra manifests, or lying outside
+    /// the repository), kept with its files.
     pub base: Option<PathBuf>,
 }
 
 /// The directory relative paths in the manifest at `path` start from when
-/// it lies outside the repository at `root` (see [`SourceFile::base`]).
+/// it lies outside the repository at `root` (see [`SourceFile::base`]);
+/// `--manifests` files start from their own directory wherever they are.
 pub(crate) fn outside_base(root: &Path, path: &Path) -> Option<PathBuf> {
     let file = path.canonicalize().ok()?;
     let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
@@ -138,7 +140,7 @@ fn syntax_message(error: &serde_norway::Error) -> String {
 pub(crate) fn load_file(
     collector: &mut Collector,
     loaded: &mut Loaded,
-    root: &Path,
+    base: Option<PathBuf>,
     path: &Path,
     report: bool,
 ) {
@@ -199,7 +201,7 @@ pub(crate) fn load_file(
         path: path.to_owned(),
         index,
         report,
-        base: outside_base(root, path),
+        base,
     });
     let mapping = match document {
         // An empty file declares nothing.

@@ -108,16 +108,31 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, Diagnostics> {
 /// Loads `files` (reported) and `context` (only there so references
 /// resolve), then validates.
 fn load(root: &Path, files: &[PathBuf], context: &[PathBuf]) -> Result<Manifests, Diagnostics> {
+    let files: Vec<(PathBuf, Option<PathBuf>)> = files
+        .iter()
+        .map(|f| (f.clone(), load::outside_base(root, f)))
+        .collect();
+    load_based(root, &files, context)
+}
+
+/// [`load`] with each reported file's base given (see
+/// [`load::SourceFile::base`]).
+fn load_based(
+    root: &Path,
+    files: &[(PathBuf, Option<PathBuf>)],
+    context: &[PathBuf],
+) -> Result<Manifests, Diagnostics> {
     let mut collector = load::Collector::default();
     let mut loaded = load::Loaded::default();
-    for file in files {
-        load::load_file(&mut collector, &mut loaded, root, file, true);
+    for (file, base) in files {
+        load::load_file(&mut collector, &mut loaded, base.clone(), file, true);
     }
     // Validated files come first so a duplicate name is reported in them
     // rather than in the context that is not reported on.
     let first_context_file = collector.files.len();
     for file in context {
-        load::load_file(&mut collector, &mut loaded, root, file, false);
+        let base = load::outside_base(root, file);
+        load::load_file(&mut collector, &mut loaded, base, file, false);
     }
     let mut manifests = check::check(root, &mut collector, &loaded);
     let mut diagnostics = collector.diagnostics;
@@ -159,12 +174,22 @@ pub fn load_dir(root: &Path, dir: &Path) -> Result<Manifests, Diagnostics> {
 }
 
 /// Loads and validates every manifest under `dir` together with `extra`
-/// manifest files or directories (a user's own, usually outside the
-/// repository; see [`load_dir`] for their paths). Everything is reported
-/// and returned.
+/// manifest files or directories (a user's own), whose paths are relative
+/// to their own file wherever it lies. Everything is reported and
+/// returned.
 pub fn load_dir_with(root: &Path, dir: &Path, extra: &[PathBuf]) -> Result<Manifests, Diagnostics> {
-    let mut files = list_dir(dir)?;
-    let mut seen: Vec<PathBuf> = files.iter().filter_map(|f| f.canonicalize().ok()).collect();
+    let repository = list_dir(dir)?;
+    let mut seen: Vec<PathBuf> = repository
+        .iter()
+        .filter_map(|f| f.canonicalize().ok())
+        .collect();
+    let mut files: Vec<(PathBuf, Option<PathBuf>)> = repository
+        .into_iter()
+        .map(|f| {
+            let base = load::outside_base(root, &f);
+            (f, base)
+        })
+        .collect();
     for path in extra {
         let listed = if path.is_dir() {
             list_dir(path)?
@@ -173,15 +198,20 @@ pub fn load_dir_with(root: &Path, dir: &Path, extra: &[PathBuf]) -> Result<Manif
         };
         for file in listed {
             // A missing file is read (and reported) like any other.
-            match file.canonicalize() {
+            // Its own directory, even inside the repository (the example
+            // under docs/ works where it is).
+            let base = match file.canonicalize() {
                 Ok(canonical) if seen.contains(&canonical) => continue,
-                Ok(canonical) => seen.push(canonical),
-                Err(_) => {}
-            }
-            files.push(file);
+                Ok(canonical) => {
+                    seen.push(canonical.clone());
+                    canonical.parent().map(Path::to_path_buf)
+                }
+                Err(_) => None,
+            };
+            files.push((file, base));
         }
     }
-    load(root, &files, &[])
+    load_based(root, &files, &[])
 }
 
 /// Loads and validates `files`. References may resolve against the
