@@ -57,18 +57,9 @@ pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
 /// history and reports under target/criterion).
 fn micro() -> Result<()> {
     crate::setup::ensure()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args = ["bench", "-p", "krr-record", "--bench", "hot_paths"];
     eprintln!("== cargo {}", args.join(" "));
-    let status = std::process::Command::new(&cargo)
-        .args(args)
-        .current_dir(repo_root())
-        .status()
-        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
-    }
-    Ok(())
+    crate::test::cargo(&args, &[])
 }
 
 fn boot(repetitions: usize) -> Result<()> {

@@ -41,6 +41,28 @@ pub fn load_with(extra: &[PathBuf]) -> Result<Manifests> {
     })
 }
 
+/// The workloads and bug cases `all` has beyond the repository's own: what
+/// `extra` manifest files declared (none, with no extra files).
+pub fn declared_by_extra(all: &Manifests, extra: &[PathBuf]) -> Result<(Vec<String>, Vec<String>)> {
+    if extra.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let repo = load_repo()?;
+    let workloads = all
+        .workloads
+        .iter()
+        .filter(|w| repo.workload(&w.name).is_none())
+        .map(|w| w.name.clone())
+        .collect();
+    let bugs = all
+        .bugs
+        .iter()
+        .filter(|b| repo.bug(&b.id).is_none())
+        .map(|b| b.id.clone())
+        .collect();
+    Ok((workloads, bugs))
+}
+
 /// `cargo xtask validate [PATH..]`.
 pub fn validate(paths: &[PathBuf]) -> Result<()> {
     let root = repo_root();

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// Runs a cargo subcommand in the repository root and fails with its name.
-fn cargo(args: &[&str], envs: &[(String, String)]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str], envs: &[(String, String)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)

@@ -381,20 +381,11 @@ impl Replayer {
                     position_of(&event).map_or(0, |p| p.kernel_icount)
                 );
                 let end_seq = src.next_boundary_seq();
-                if end_seq == u64::MAX && !self.complete {
-                    break 'turn cut_inside_a_stint(src, index);
-                }
                 let Some(reads) = src.agent_before(end_seq, cpu) else {
-                    let why = match &src.broken {
-                        Some(broken) => broken.clone(),
-                        None => "the recording did not finish (no end.json)".into(),
-                    };
-                    break 'turn ReplayEnd::LogEnded {
-                        events: src.consumed,
-                        why: format!(
-                            "{why}; the agent records the kernel stint after event #{index} needs (from seq {seq}) are not in the valid part of the log"
-                        ),
-                    };
+                    break 'turn agent_records_missing(
+                        src,
+                        format!("the kernel stint after event #{index} (from agent seq {seq})"),
+                    );
                 };
                 self.apply_user_reads(cpu, &reads, written, unmapped);
                 *segment_reads_due = false;
@@ -507,12 +498,13 @@ impl Replayer {
             if *segment_reads_due {
                 *segment_reads_due = false;
                 let end_seq = src.next_boundary_seq();
-                if end_seq == u64::MAX && !self.complete {
-                    break 'turn cut_inside_a_stint(src, index);
-                }
-                if let Some(reads) = src.agent_before(end_seq, cpu) {
-                    self.apply_user_reads(cpu, &reads, written, unmapped);
-                }
+                let Some(reads) = src.agent_before(end_seq, cpu) else {
+                    break 'turn agent_records_missing(
+                        src,
+                        format!("the kernel stint before event #{index}"),
+                    );
+                };
+                self.apply_user_reads(cpu, &reads, written, unmapped);
             }
             // The stand-in of a debugger's point in the last stretch: that
             // point bounds the run (it may lie a block past the recorded
@@ -781,16 +773,20 @@ impl Replayer {
 }
 
 /// The injection of a recorded external interrupt or NMI.
-/// The end of a replay whose recording did not finish (killed) and whose
-/// log ends inside the kernel stint entered at event `index`: the agent
-/// drains its ring in batches, so the records of that stint's reads of
-/// user memory may never have reached the log, and replaying it could
-/// diverge for want of them.
-fn cut_inside_a_stint(src: &EventSource, index: u64) -> ReplayEnd {
+/// The end of a replay that reached `stint` without the agent records it
+/// needs: the log is damaged, or the recording did not finish (killed; the
+/// agent drains its ring in batches, so records of user memory the kernel
+/// read can be missing before an entry or engine event that did reach the
+/// log). Replaying the stint without them could diverge for want of them.
+fn agent_records_missing(src: &EventSource, stint: String) -> ReplayEnd {
+    let why = match &src.broken {
+        Some(broken) => broken.clone(),
+        None => "the recording did not finish (no end.json)".into(),
+    };
     ReplayEnd::LogEnded {
         events: src.consumed,
         why: format!(
-            "the recording did not finish (no end.json) and its log ends inside the kernel stint after event #{index}, whose agent records may not have been drained: replayed up to that stint"
+            "{why}; the agent records {stint} needs are not in the valid part of the log: replayed up to it"
         ),
     }
 }

@@ -139,7 +139,9 @@ impl EventSource {
 
     /// Agent records with `seq` below `end`, reading ahead until one at or
     /// past `end` was read (or the log ends). `None` when the log is cut
-    /// (or damaged) before all of them: the stint cannot be replayed.
+    /// (or damaged) before all of them, or the recording did not finish and
+    /// nothing shows they are all there (`end` is `u64::MAX` when no
+    /// boundary is ahead): the stint cannot be replayed.
     ///
     /// Also (copied, left queued) the records of vCPU `cpu` from `end` up to
     /// its next kernel entry from user mode: a slice can end between a read

@@ -205,13 +205,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?,
         None => {
-            let repo = manifests::load_repo()?;
-            let extra_bugs: Vec<String> = manifests
-                .bugs
-                .iter()
-                .filter(|b| repo.bug(&b.id).is_none())
-                .map(|b| b.id.clone())
-                .collect();
+            let (_, extra_bugs) = manifests::declared_by_extra(&manifests, &extra)?;
             chosen_bugs(&manifests, args, &extra_bugs)?
         }
     };

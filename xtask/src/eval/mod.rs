@@ -331,13 +331,7 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
             (dir, matrix, true)
         }
         None => {
-            let repo = manifests::load_repo()?;
-            let extra_workloads = manifests
-                .workloads
-                .iter()
-                .filter(|w| repo.workload(&w.name).is_none())
-                .map(|w| w.name.clone())
-                .collect();
+            let (extra_workloads, _) = manifests::declared_by_extra(&manifests, &extra)?;
             let req = plan::Request {
                 workloads: args.workloads.clone(),
                 vcpus: args.vcpus.clone(),
