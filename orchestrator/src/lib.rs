@@ -7,4 +7,4 @@
 pub mod artifacts;
 pub mod images;
 pub mod manifest;
-pub mod store;
+pub use krr_store as store;

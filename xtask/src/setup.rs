@@ -25,7 +25,7 @@ pub const PACKAGES: &[HostPackage] = &[
     },
     HostPackage {
         name: "patch",
-        why: "kernel patches (guest agent, bug reintroduction)",
+        why: "kernel patches (guest agent, bug reintroduction) and unicorn's (engine/unicorn-source/patches)",
     },
     HostPackage {
         name: "make",
@@ -37,7 +37,7 @@ pub const PACKAGES: &[HostPackage] = &[
     },
     HostPackage {
         name: "pkg-config",
-        why: "unicorn-engine build",
+        why: "build scripts of -sys crates",
     },
     HostPackage {
         name: "libclang-dev",

@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use krr_orchestrator::store::{
-    safe_unpack_tar, sha256_file, FetchOptions, Store, StoreError, UnpackFormat,
-};
+use krr_store::{safe_unpack_tar, sha256_file, FetchOptions, Store, StoreError, UnpackFormat};
 use tar::{EntryType, Header};
 
 fn quiet() -> FetchOptions {

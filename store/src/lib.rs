@@ -247,7 +247,7 @@ impl Store {
 
     /// Takes the exclusive advisory lock `<root>/locks/<name>.lock`, waiting
     /// for another thread or process that holds it. Released on drop.
-    pub(crate) fn lock(&self, name: &str) -> Result<ArtifactLock, StoreError> {
+    pub fn lock(&self, name: &str) -> Result<ArtifactLock, StoreError> {
         let path = self.root.join("locks").join(format!("{name}.lock"));
         let file = fs::OpenOptions::new()
             .create(true)
@@ -315,7 +315,7 @@ pub(crate) fn remove_stale(dir: &Path, prefix: &str) {
 
 /// Holds an artifact's lock file locked; dropping closes the file, which
 /// releases the lock.
-pub(crate) struct ArtifactLock {
+pub struct ArtifactLock {
     _file: File,
 }
 

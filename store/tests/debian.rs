@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::sync::OnceLock;
 
-use krr_orchestrator::store::{sha256_file, Store, StoreError, UnpackFormat};
+use krr_store::{sha256_file, Store, StoreError, UnpackFormat};
 
 /// A small, long-lived package with a binary in /usr/bin.
 const PACKAGE: &str = "hello";

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use krr_orchestrator::store::{sha256_file, FetchOptions, Store, StoreError};
+use krr_store::{sha256_file, FetchOptions, Store, StoreError};
 use sha2::{Digest, Sha256};
 
 /// How long the test server lives at most, whatever the test does.
