@@ -759,3 +759,70 @@ fn a_panic_in_a_hook_ends_the_run_with_an_error() {
         "{err}"
     );
 }
+
+/// Translated code counts a block itself (the project's unicorn patch)
+/// unless the run needs the block hook at every block; both ways must give
+/// the same counts and stop at the same block boundaries. Budgets of every
+/// size from 1 walk a loop of several blocks at CPL 0 and at CPL 3: once
+/// counted inline, once with every block through the hook (a watched block
+/// that never runs forces that).
+#[test]
+fn inline_counting_and_the_block_hook_stop_at_the_same_counts() {
+    const LOOPS: u32 = 7;
+    let code = assemble(CODE, |a| {
+        let mut top = a.create_label();
+        let mut odd = a.create_label();
+        let mut join = a.create_label();
+        a.mov(ecx, LOOPS)?;
+        a.set_label(&mut top)?;
+        a.inc(rax)?;
+        a.test(ecx, 1)?;
+        a.jnz(odd)?;
+        a.add(rbx, 3)?;
+        a.add(rbx, 5)?;
+        a.jmp(join)?;
+        a.set_label(&mut odd)?;
+        a.xor(rsi, rax)?;
+        a.set_label(&mut join)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    for cpl in [0u8, 3] {
+        let walk = |force_hook: bool| {
+            let mut g = Guest::new(&code, cpl);
+            if force_hook {
+                g.vcpu().watch_block(Some(CODE + 0x800)).unwrap();
+            }
+            let mut steps = Vec::new();
+            for i in 0u64.. {
+                let exit = g.run(1 + i % 3);
+                let v = g.vcpu();
+                steps.push((
+                    exit,
+                    v.instructions_retired().unwrap(),
+                    v.kernel_instructions_retired().unwrap(),
+                    v.regs().unwrap().rip,
+                ));
+                if exit != VmExit::BudgetExhausted {
+                    break;
+                }
+                assert!(i < 1_000, "cpl {cpl}: the loop does not end");
+            }
+            steps
+        };
+        let inline = walk(false);
+        let hooked = walk(true);
+        assert_eq!(inline, hooked, "cpl {cpl}");
+        let last = inline.last().unwrap();
+        eprintln!("cpl {cpl}: {} runs, last {last:?}", inline.len());
+        // mov, 8 per pass with ECX even, 6 with ECX odd; then hlt.
+        let body = 1 + u64::from(LOOPS / 2) * 8 + u64::from(LOOPS.div_ceil(2)) * 6;
+        if cpl == 0 {
+            assert_eq!(last.0, VmExit::Hlt);
+            assert_eq!((last.1, last.2), (body + 1, body + 1));
+        } else {
+            assert!(last.1 > body && last.2 < last.1 - body, "{last:?}");
+        }
+    }
+}

@@ -370,10 +370,6 @@ pub trait Vm {
     fn invalidate_code(&mut self, _gpa: u64, _len: u64) -> Result<()> {
         Ok(())
     }
-    /// Drops cached per-block instruction counts (where the backend counts
-    /// by block), so counting restarts from the code as it is now: called
-    /// where a recording starts and where its replay starts.
-    fn forget_block_counts(&mut self) {}
 }
 
 /// One virtual CPU. A backend implements this for its vCPU type.

@@ -9,8 +9,10 @@
 //! ever given the guest (guest RAM is private anonymous memory: a page that
 //! `/proc/self/pagemap` shows neither present nor swapped reads as zeros);
 //! [`MemoryCopy::write_in_background`] then compresses, writes and syncs the
-//! image on another thread while the guest runs on. The file format is the
-//! one [`super::recording`] reads; a recording whose image is not written yet
+//! image on another thread while the guest runs on (the recording's events
+//! reach their file only once the image is published, so a recording killed
+//! with events on disk has its image). The file format is the one
+//! [`super::recording`] reads; a recording whose image is not written yet
 //! lacks `snapshot/memory.zst`, which `krr log verify` reports.
 
 use super::recording::{io_err, tmp_name, RecordingError, MEMORY_MAGIC, MEMORY_VERSION};
@@ -89,14 +91,17 @@ impl MemoryCopy {
 
     /// Writes the image to `path` (through `path.tmp`, synced, then
     /// renamed) on a new thread; the handle yields the seconds it took.
+    /// `done` is dropped when the thread ends (the image written, or not).
     pub fn write_in_background(
         self,
         path: PathBuf,
+        done: Option<std::sync::mpsc::Sender<()>>,
     ) -> Result<JoinHandle<Result<f64, RecordingError>>, RecordingError> {
         let thread_path = path.clone();
         std::thread::Builder::new()
             .name("krr-snapshot".into())
             .spawn(move || {
+                let _done = done;
                 let started = Instant::now();
                 self.write(&thread_path)?;
                 Ok(started.elapsed().as_secs_f64())
@@ -204,7 +209,7 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory.zst");
-        copy.write_in_background(path.clone())
+        copy.write_in_background(path.clone(), None)
             .unwrap()
             .join()
             .unwrap()

@@ -141,7 +141,6 @@ impl RecordingSession {
             .map_err(|e| format!("device state: {e}"))?;
         self.console_at_start = m.console().len();
         self.recorder.start(&cpus, devices, m.console().len())?;
-        m.vm.forget_block_counts();
         Ok(())
     }
 

@@ -62,15 +62,12 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
                 st.stop(Stop::UserMode);
                 return;
             }
-            if st.retired >= st.stop_at {
+            if st.counter.retired >= st.stop_at {
                 st.stop(Stop::Budget);
                 return;
             }
-            if st.yield_on_spin
-                && size <= SPIN_BLOCK_BYTES
-                && st.env.cpl() != 3
-                && st.has_pause(pc, size)
-            {
+            // A small kernel block that ends in PAUSE (translated code tells).
+            if st.yield_on_spin && st.counter.hook_wait_loop != 0 {
                 if pc == st.spin_pc {
                     st.spin_repeats += 1;
                     if st.spin_repeats >= SPIN_REPEATS {
@@ -88,43 +85,21 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
         if st.watch_pc == Some(pc) {
             st.watch_hits += 1;
         }
-        let n = st.icount(pc, size);
-        st.retired += n;
+        let n = u64::from(st.counter.hook_insns);
+        st.counter.retired += n;
         let kernel = st.env.cpl() != 3;
-        st.block = EnteredBlock {
+        st.set_block(EnteredBlock {
             pc,
             size,
             insns: n,
             kernel,
-        };
+        });
         if kernel {
             if let Some(t) = &mut st.block_trace {
-                t.block(st.kernel_retired, pc);
+                t.block(st.counter.kernel, pc);
             }
-            st.kernel_retired += n;
+            st.counter.kernel += n;
         }
-    })
-}
-
-/// Called when unicorn translates a block, before it first runs: guest
-/// code patched in place (alternatives, static keys, text_poke) is
-/// retranslated, and the block's count must follow, or a recording and its
-/// replay (whose caches see different blocks) could count it differently.
-pub(super) extern "C" fn on_block_translated(
-    _uc: *mut uc_engine,
-    cur: *const TranslationBlock,
-    _prev: *const TranslationBlock,
-    ud: *mut c_void,
-) {
-    guarded(ud as *mut HookState, (), || {
-        // SAFETY: `ud` is the engine's hook state, registered with this
-        // hook in `UnicornVm::new`; see `state` for why this is the only
-        // live reference to it.
-        let st = unsafe { state(ud) };
-        // SAFETY: unicorn passes a pointer to its copy of the new block's
-        // description, valid for the duration of the call.
-        let tb = unsafe { &*cur };
-        st.block_translated(tb.pc, u32::from(tb.size), u32::from(tb.icount));
     })
 }
 

@@ -579,8 +579,9 @@ extern "C" {
 /// port hooks (port_hooks.c) leave the translated block being executed
 /// through it and return to unicorn's CPU loop, which then honours a
 /// pending `uc_emu_stop`. Unicorn itself only checks for a stop request
-/// after a memory access or at the next block, so without this the
-/// instructions after an IN/OUT would run before the stop. Unicorn has
+/// at the next block (or right after an MMIO access that asked for it:
+/// the project's patch), so without this the instructions after an IN/OUT
+/// would run before the stop. Unicorn has
 /// synced RIP to the start of the I/O instruction before calling the hook,
 /// so the CPU stops there, with that instruction not retired.
 ///

@@ -71,10 +71,15 @@ use unicorn_engine::unicorn_const::{
     uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr,
     uc_x86_msr, Arch, ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
 };
+use unicorn_engine::unicorn_const::{uc_krr_counter, uc_krr_patch_level, uc_krr_set_counter};
 pub use vcpu::UnicornVcpu;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const BACKEND: &str = "tcg";
+
+/// The level of the project's unicorn patches (engine/unicorn-source) that
+/// this backend is written for: its `UC_KRR_PATCH_LEVEL`.
+const UNICORN_PATCH_LEVEL: u32 = 2;
 
 fn backend_err(op: &'static str, e: uc_error) -> HypervisorError {
     HypervisorError::Backend {
@@ -270,8 +275,8 @@ impl Engine {
             check("context_save", unsafe {
                 uc_context_save(self.uc, self.slots[prev].context)
             })?;
-            self.slots[prev].retired = self.st().retired;
-            self.slots[prev].kernel_retired = self.st().kernel_retired;
+            self.slots[prev].retired = self.st().counter.retired;
+            self.slots[prev].kernel_retired = self.st().counter.kernel;
             self.slots[prev].stop_at_user = self.st().stop_at_user;
         }
         // SAFETY: `self.uc` is the open, idle engine; the slot's context was
@@ -281,8 +286,8 @@ impl Engine {
             uc_context_restore(self.uc, self.slots[id].context)
         })?;
         let st = self.st();
-        st.retired = self.slots[id].retired;
-        st.kernel_retired = self.slots[id].kernel_retired;
+        st.counter.retired = self.slots[id].retired;
+        st.counter.kernel = self.slots[id].kernel_retired;
         st.stop_at_user = self.slots[id].stop_at_user;
         st.vcpu = id;
         self.active = Some(id);
@@ -307,6 +312,16 @@ impl UnicornVm {
     /// Opens a 64-bit x86 engine, runs the internals self-test and maps all
     /// regions of `mem` at their guest-physical addresses.
     pub fn new(mem: &GuestMemoryMmap) -> Result<UnicornVm> {
+        // SAFETY: takes nothing and returns a constant of the library.
+        let patch_level = unsafe { uc_krr_patch_level() };
+        if patch_level != UNICORN_PATCH_LEVEL {
+            return Err(HypervisorError::Unavailable {
+                backend: BACKEND,
+                reason: format!(
+                    "the linked unicorn carries the project's patches at level {patch_level}, this engine needs level {UNICORN_PATCH_LEVEL} (engine/unicorn-source/patches; a clean build rebuilds it)"
+                ),
+            });
+        }
         let mut uc: *mut uc_engine = std::ptr::null_mut();
         // SAFETY: `uc` is a live out-parameter that uc_open fills in; the
         // arch and mode are valid constants.
@@ -332,8 +347,19 @@ impl UnicornVm {
             env,
             bus: None,
             vcpu: 0,
-            retired: 0,
-            kernel_retired: 0,
+            counter: uc_krr_counter {
+                retired: 0,
+                kernel: 0,
+                limit: 0,
+                user_limit: 0,
+                block_pc: 0,
+                block_size: 0,
+                block_insns: 0,
+                block_kernel: 0,
+                spin_block_bytes: SPIN_BLOCK_BYTES,
+                hook_insns: 0,
+                hook_wait_loop: 0,
+            },
             stop_at_user: false,
             yield_on_spin: false,
             watch_pc: None,
@@ -345,19 +371,17 @@ impl UnicornVm {
             stop: None,
             window_requested: false,
             recent: Vec::new(),
+            recent_at: 0,
             replay: Vec::new(),
             replay_next: None,
             replay_error: None,
             stepping: None,
             breakpoints: Vec::new(),
             lifted_breakpoint: None,
-            block: EnteredBlock::default(),
             position_override: None,
             watch_ranges: Vec::new(),
             watch_hit: None,
             watch_pending: false,
-            icounts: vec![(u64::MAX, 0, 0); ICOUNT_CACHE],
-            pause_blocks: vec![(u64::MAX, 0, false); ICOUNT_CACHE],
             block_trace: BlockTrace::from_env(),
             exits_by_kind: ExitCounters::default(),
             hook_panic: None,
@@ -431,11 +455,12 @@ impl UnicornVm {
             check("hook_add", err)
         };
         add(HookType::BLOCK, on_block as *mut c_void, None)?;
-        add(
-            HookType::EDGE_GENERATED,
-            on_block_translated as *mut c_void,
-            None,
-        )?;
+        // SAFETY: `uc` is open; the counter lives in the hook state box,
+        // which the engine owns and frees only after uc_close, so
+        // translated code never writes it after it is gone.
+        check("krr_set_counter", unsafe {
+            uc_krr_set_counter(uc, &mut (*engine.state.get()).counter)
+        })?;
         add(HookType::INTR, on_intr as *mut c_void, None)?;
         add(HookType::INSN_INVALID, on_invalid as *mut c_void, None)?;
         add(HookType::INSN, krr_on_in as *mut c_void, Some(X86Insn::IN))?;
@@ -596,16 +621,5 @@ impl super::Vm for UnicornVm {
         // is one block at GPA 0 (checked above).
         unsafe { internals::invalidate_physical(e.uc, gpa, gpa + len) };
         Ok(())
-    }
-
-    fn forget_block_counts(&mut self) {
-        // The per-block instruction counts are cached by (pc, byte size);
-        // guest code patched in place with the same length but another
-        // instruction count (boot-time alternatives: `rdtsc; nop; nop; nop`
-        // becomes `lfence; rdtsc`) would keep its old count while it stays
-        // cached. Starting a recording, and its replay, from an empty cache
-        // makes both count the same code the same way.
-        let e = self.engine.borrow();
-        e.st().icounts.fill((u64::MAX, 0, 0));
     }
 }

@@ -120,15 +120,14 @@ pub(super) struct HookState {
     /// The bus of the run in progress; only valid during `run`.
     pub(super) bus: Option<*mut dyn RunContext>,
     pub(super) vcpu: usize,
-    /// Instructions retired by the active vCPU.
-    pub(super) retired: u64,
-    /// Of those, instructions retired at CPL 0-2 (kernel code, the
-    /// decompressor and early boot included): the position replay of the
-    /// kernel alone can reproduce.
-    pub(super) kernel_retired: u64,
-    /// The block entered last, as counted then: its address, size and
-    /// instructions, and whether they went to `kernel_retired` too.
-    pub(super) block: EnteredBlock,
+    /// The active vCPU's counts, kept by translated code itself (the
+    /// project's unicorn patch, `uc_krr_set_counter`) and by the block hook
+    /// when a block needs it: `retired`, the instructions of the blocks
+    /// entered (a block counts whole on entry); `kernel`, of those, the
+    /// ones at CPL 0-2 (kernel code, the decompressor and early boot
+    /// included: the position replay of the kernel alone can reproduce);
+    /// and the block entered last (`block_*`, see [`HookState::block`]).
+    pub(super) counter: uc_krr_counter,
     /// The counts (all, kernel) events are positioned at while an
     /// instruction is stepped ([`HookState::position_step_as_block`]).
     pub(super) position_override: Option<(u64, u64)>,
@@ -161,6 +160,9 @@ pub(super) struct HookState {
     /// stop interrupts an instruction, the accesses it already made are the
     /// last of these.
     pub(super) recent: Vec<Access>,
+    /// `counter.retired` when `recent` was started: blocks counted inline
+    /// do not clear it, a new count at an access does.
+    pub(super) recent_at: u64,
     /// While an interrupted instruction is completed: its accesses so far,
     /// handed back instead of being made again.
     pub(super) replay: Vec<Access>,
@@ -172,11 +174,6 @@ pub(super) struct HookState {
     pub(super) breakpoints: Vec<u64>,
     /// The breakpoint being stepped over, not hit.
     pub(super) lifted_breakpoint: Option<u64>,
-    /// Direct-mapped cache: (block pc, block size) -> instruction count.
-    pub(super) icounts: Vec<(u64, u32, u32)>,
-    /// Per small kernel block (same slots as `icounts`): whether its code
-    /// holds a PAUSE, i.e. it is a wait loop.
-    pub(super) pause_blocks: Vec<(u64, u32, bool)>,
     /// Debugging aid (`KRR_TRACE_KERNEL_BLOCKS=FROM-TO:FILE`): every kernel
     /// block entered while the kernel count is in [FROM, TO), as
     /// "count pc" lines, to compare a recording's run with its replay.
@@ -185,8 +182,6 @@ pub(super) struct HookState {
     /// A hook's panic, caught before it reached unicorn ([`guarded`]).
     pub(super) hook_panic: Option<String>,
 }
-
-pub(super) const ICOUNT_CACHE: usize = 1 << 14;
 
 /// A physical piece `[start, end)` of a watchpoint.
 #[derive(Debug, Clone, Copy)]
@@ -230,7 +225,7 @@ impl HookState {
     pub(super) fn position(&self) -> Position {
         let (icount, kernel_icount) = self
             .position_override
-            .unwrap_or((self.retired, self.kernel_retired));
+            .unwrap_or((self.counter.retired, self.counter.kernel));
         Position {
             icount,
             kernel_icount,
@@ -245,47 +240,54 @@ impl HookState {
     /// on entry (as recordings do), so the counts are those of its end.
     pub(super) fn exception_ends_block(&mut self) {
         if let Some((all, kernel)) = self.position_override {
-            self.retired = self.retired.max(all);
-            self.kernel_retired = self.kernel_retired.max(kernel);
+            self.counter.retired = self.counter.retired.max(all);
+            self.counter.kernel = self.counter.kernel.max(kernel);
         }
     }
 
-    pub(super) fn icount_slot(pc: u64, size: u32) -> usize {
-        ((pc ^ (pc >> 13) ^ ((size as u64) << 7)) as usize) & (ICOUNT_CACHE - 1)
-    }
-
-    /// A block was (re)translated: its cached count, if any, describes the
-    /// code it was translated from before and is replaced.
-    pub(super) fn block_translated(&mut self, pc: u64, size: u32, icount: u32) {
-        let slot = Self::icount_slot(pc, size);
-        self.icounts[slot] = (pc, size, icount);
-        self.pause_blocks[slot] = (u64::MAX, 0, false);
-    }
-
-    /// Whether the block at `pc` (`size` bytes, at most
-    /// [`SPIN_BLOCK_BYTES`]) holds a PAUSE (`f3 90`), read from guest
-    /// memory once per translation.
-    pub(super) fn has_pause(&mut self, pc: u64, size: u32) -> bool {
-        let slot = Self::icount_slot(pc, size);
-        let e = self.pause_blocks[slot];
-        if e.0 == pc && e.1 == size {
-            return e.2;
+    /// The block entered last, as counted then: its address, size and
+    /// instructions, and whether they went to the kernel count too.
+    pub(super) fn block(&self) -> EnteredBlock {
+        EnteredBlock {
+            pc: self.counter.block_pc,
+            size: self.counter.block_size,
+            insns: u64::from(self.counter.block_insns),
+            kernel: self.counter.block_kernel != 0,
         }
-        let mut code = [0u8; SPIN_BLOCK_BYTES as usize];
-        let len = (size as usize).min(code.len());
-        // SAFETY: `self.uc` is the open engine (see `HookState::uc`), called
-        // from a block hook on the emulating thread; `code` has room for
-        // `len` bytes.
-        let err = unsafe { uc_vmem_read(self.uc, pc, Prot::EXEC, code.as_mut_ptr().cast(), len) };
-        let pause = err == uc_error::OK && code[..len].windows(2).any(|w| w == [0xf3, 0x90]);
-        self.pause_blocks[slot] = (pc, size, pause);
-        pause
+    }
+
+    pub(super) fn set_block(&mut self, b: EnteredBlock) {
+        self.counter.block_pc = b.pc;
+        self.counter.block_size = b.size;
+        self.counter.block_insns = b.insns as u32;
+        self.counter.block_kernel = u32::from(b.kernel);
+    }
+
+    /// Sets the counter's limits from what the run needs at every block:
+    /// translated code counts a block itself (no hook) only while its
+    /// count is below the limit for its privilege, so the hook runs where
+    /// the budget ends, and at every block (limit 0) while a step, a
+    /// watched access, an interrupt window, a traced or watched block, or
+    /// (for user code) a stop at user mode needs it. Called before each
+    /// run and wherever one of these changes during a run.
+    pub(super) fn sync_inline_limit(&mut self) {
+        let every_block = self.stepping.is_some()
+            || self.watch_pending
+            || self.window_requested
+            || self.watch_pc.is_some()
+            || self.block_trace.is_some();
+        self.counter.limit = if every_block { 0 } else { self.stop_at };
+        self.counter.user_limit = if every_block || self.stop_at_user {
+            0
+        } else {
+            self.stop_at
+        };
     }
 
     /// How many instructions of the block entered last come before `rip`
     /// (decoded from the block's code).
     fn instructions_before(&self, rip: u64) -> std::result::Result<u64, String> {
-        let b = self.block;
+        let b = self.block();
         let before_len = rip.wrapping_sub(b.pc);
         if before_len >= u64::from(b.size) {
             return Err(format!(
@@ -334,21 +336,26 @@ impl HookState {
     /// breakpoint as at a block boundary.
     pub(super) fn uncount_rest_of_block(&mut self, rip: u64) -> std::result::Result<(), String> {
         let before = self.instructions_before(rip)?;
-        (self.retired, self.kernel_retired) = self.counts_with(before);
+        (self.counter.retired, self.counter.kernel) = self.counts_with(before);
         // Counted: a second breakpoint stop in the same block must not
         // take these back again.
-        self.block.insns = before;
-        self.block.size = rip.wrapping_sub(self.block.pc) as u32;
+        let mut b = self.block();
+        b.insns = before;
+        b.size = rip.wrapping_sub(b.pc) as u32;
+        self.set_block(b);
         Ok(())
     }
 
     /// The counts (all, kernel) had the block entered last stopped after
     /// its first `before` instructions (it was counted whole on entry).
     fn counts_with(&self, before: u64) -> (u64, u64) {
-        let b = self.block;
+        let b = self.block();
         let rest = b.insns - before.min(b.insns);
         let kernel_rest = if b.kernel { rest } else { 0 };
-        (self.retired - rest, self.kernel_retired - kernel_rest)
+        (
+            self.counter.retired - rest,
+            self.counter.kernel - kernel_rest,
+        )
     }
 
     /// A watched access of `size` bytes at physical `pa` by the instruction
@@ -384,24 +391,7 @@ impl HookState {
             kernel_icount,
         });
         self.watch_pending = true;
-    }
-
-    pub(super) fn icount(&mut self, pc: u64, size: u32) -> u64 {
-        let slot = Self::icount_slot(pc, size);
-        let e = self.icounts[slot];
-        if e.0 == pc && e.1 == size {
-            return e.2 as u64;
-        }
-        let n = match self.request_block(pc) {
-            Some(tb) if tb.size as u32 == size => tb.icount as u32,
-            _ => {
-                // Should not happen (the block is being executed); count by
-                // size so that counting stays deterministic.
-                size.max(1)
-            }
-        };
-        self.icounts[slot] = (pc, size, n);
-        n as u64
+        self.sync_inline_limit();
     }
 
     /// The block unicorn runs from `pc` with the CPU's current flags
@@ -431,7 +421,7 @@ impl HookState {
         self.position_override = self.request_block(rip).map(|tb| {
             let n = u64::from(tb.icount);
             let kernel = if self.env.cpl() != 3 { n } else { 0 };
-            (self.retired + n, self.kernel_retired + kernel)
+            (self.counter.retired + n, self.counter.kernel + kernel)
         });
     }
 
@@ -492,6 +482,10 @@ impl HookState {
                 write
             }
         };
+        if self.recent_at != self.counter.retired {
+            self.recent.clear();
+            self.recent_at = self.counter.retired;
+        }
         self.recent.push(Access {
             kind,
             addr,
@@ -502,6 +496,7 @@ impl HookState {
         if matches!(kind, AccessKind::PioOut | AccessKind::MmioWrite) {
             if let Some(end) = self.positioned_bus().run_end(vcpu) {
                 self.stop_at = self.stop_at.min(end);
+                self.sync_inline_limit();
             }
         }
         if stop {

@@ -151,7 +151,7 @@ impl UnicornVcpu {
         }
         let rip = st.env.eip();
         // The budget counts from here, a step over a breakpoint included.
-        let run_start = st.retired;
+        let run_start = st.counter.retired;
         // A step, like a run, executes no user code when asked to stop
         // before it (replay of the kernel alone).
         if single_step && st.stop_at_user && st.env.cpl() == 3 {
@@ -198,6 +198,7 @@ impl UnicornVcpu {
             Some(b) => run_start.saturating_add(b),
             None => u64::MAX,
         };
+        st.sync_inline_limit();
         let rip = st.env.eip();
         // SAFETY: `uc` is this engine's live handle; the hooks reach the
         // hook state through their own pointer while it runs, so no
@@ -283,6 +284,7 @@ impl UnicornVcpu {
         st.stop = None;
         let stop_at = st.stop_at;
         st.stop_at = u64::MAX;
+        st.sync_inline_limit();
         // SAFETY: as in `run_with_bus`: no reference to the hook state is
         // held across the call.
         let err = unsafe { uc_emu_start(uc, rip, 0, 0, 0) };
@@ -743,8 +745,8 @@ impl Vcpu for UnicornVcpu {
         let mut e = self.engine.borrow_mut();
         if e.active == Some(self.id) {
             let st = e.st();
-            st.retired = all;
-            st.kernel_retired = kernel;
+            st.counter.retired = all;
+            st.counter.kernel = kernel;
         } else {
             e.slots[self.id].retired = all;
             e.slots[self.id].kernel_retired = kernel;
@@ -769,7 +771,7 @@ impl Vcpu for UnicornVcpu {
     fn instructions_retired(&self) -> Option<u64> {
         let e = self.engine.borrow();
         if e.active == Some(self.id) {
-            Some(e.st().retired)
+            Some(e.st().counter.retired)
         } else {
             Some(e.slots[self.id].retired)
         }
@@ -778,7 +780,7 @@ impl Vcpu for UnicornVcpu {
     fn kernel_instructions_retired(&self) -> Option<u64> {
         let e = self.engine.borrow();
         if e.active == Some(self.id) {
-            Some(e.st().kernel_retired)
+            Some(e.st().counter.kernel)
         } else {
             Some(e.slots[self.id].kernel_retired)
         }

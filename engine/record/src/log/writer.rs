@@ -87,6 +87,17 @@ impl ChunkWriter {
         kind: StreamKind,
         target: usize,
     ) -> Result<ChunkWriter, LogError> {
+        Self::gated(path, kind, target, None)
+    }
+
+    /// As [`ChunkWriter::with_target`]; with a `gate`, no chunk reaches the
+    /// file before the gate opens (a message, or its sender dropped).
+    pub fn gated(
+        path: &Path,
+        kind: StreamKind,
+        target: usize,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> Result<ChunkWriter, LogError> {
         let mut file = File::options()
             .write(true)
             .create_new(true)
@@ -104,7 +115,9 @@ impl ChunkWriter {
         let thread_path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name(format!("krr-log-{kind}"))
-            .spawn(move || chunk_writer_thread(thread_path, file, compressor, job_rx, done_tx))
+            .spawn(move || {
+                chunk_writer_thread(thread_path, file, compressor, job_rx, done_tx, gate)
+            })
             .map_err(io_err(path))?;
         Ok(ChunkWriter {
             path: path.to_path_buf(),
@@ -314,9 +327,13 @@ fn chunk_writer_thread(
     mut compressor: zstd::bulk::Compressor<'static>,
     jobs: mpsc::Receiver<ChunkJob>,
     done: mpsc::Sender<Result<ChunkDone, LogError>>,
+    mut gate: Option<mpsc::Receiver<()>>,
 ) {
     let mut out = Vec::new();
     for job in jobs {
+        if let Some(gate) = gate.take() {
+            let _ = gate.recv();
+        }
         let bound = zstd::zstd_safe::compress_bound(job.raw.len());
         out.clear();
         out.resize(CHUNK_HEADER_LEN + bound, 0);
@@ -385,6 +402,15 @@ impl EventLogWriter {
     pub fn with_target(path: &Path, target: usize) -> Result<EventLogWriter, LogError> {
         Ok(EventLogWriter {
             chunks: ChunkWriter::with_target(path, StreamKind::Events, target)?,
+            scratch: Vec::with_capacity(256),
+        })
+    }
+
+    /// As [`EventLogWriter::create`]; no event reaches the file before
+    /// `gate` opens ([`ChunkWriter::gated`]).
+    pub fn gated(path: &Path, gate: mpsc::Receiver<()>) -> Result<EventLogWriter, LogError> {
+        Ok(EventLogWriter {
+            chunks: ChunkWriter::gated(path, StreamKind::Events, DEFAULT_CHUNK_TARGET, Some(gate))?,
             scratch: Vec::with_capacity(256),
         })
     }

@@ -20,6 +20,12 @@ pub struct RecordingWriter {
     dma: DmaLogWriter,
     /// The start snapshot's memory image being written (seconds it took).
     memory_writer: Option<std::thread::JoinHandle<Result<f64, RecordingError>>>,
+    /// Holds events back from the file until the snapshot's memory image is
+    /// published: a recording killed at any moment after its first event
+    /// reached the file has its whole start snapshot. The image's thread
+    /// takes it and drops it when done; dropped here where no image is
+    /// being written.
+    snapshot_gate: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl RecordingWriter {
@@ -38,11 +44,13 @@ impl RecordingWriter {
         let mut header = header.clone();
         header.format_version = log::FORMAT_VERSION;
         write_json(&dir.join(HEADER_FILE), &header)?;
+        let (gate, gate_rx) = std::sync::mpsc::channel();
         Ok(RecordingWriter {
             dir: dir.to_path_buf(),
-            events: EventLogWriter::create(&dir.join(EVENTS_FILE))?,
+            events: EventLogWriter::gated(&dir.join(EVENTS_FILE), gate_rx)?,
             dma: DmaLogWriter::create(&dir.join(DMA_FILE))?,
             memory_writer: None,
+            snapshot_gate: Some(gate),
         })
     }
 
@@ -63,8 +71,16 @@ impl RecordingWriter {
         let snap = self.dir.join(SNAPSHOT_DIR);
         write_json(&snap.join(CPUS_FILE), &cpus)?;
         write_json(&snap.join(DEVICES_FILE), &devices)?;
-        self.memory_writer = Some(memory.write_in_background(snap.join(MEMORY_FILE))?);
+        let gate = self.snapshot_gate.take();
+        self.memory_writer = Some(memory.write_in_background(snap.join(MEMORY_FILE), gate)?);
         Ok(())
+    }
+
+    /// Events wait for no image when none is being written.
+    fn open_gate_without_snapshot(&mut self) {
+        if self.memory_writer.is_none() {
+            self.snapshot_gate = None;
+        }
     }
 
     /// Waits for the start snapshot's memory image to be on disk; returns
@@ -86,6 +102,7 @@ impl RecordingWriter {
     /// file before its bytes do.
     pub fn event(&mut self, event: &LogEvent) -> Result<u64, RecordingError> {
         if self.events.is_full() {
+            self.open_gate_without_snapshot();
             // Events may name DMA bytes of the pending DMA chunk: those are
             // in the file before the events chunk is handed off.
             self.dma.flush()?;
@@ -103,6 +120,7 @@ impl RecordingWriter {
     /// Closes the current chunks (DMA first): everything so far survives
     /// the engine being killed.
     pub fn flush(&mut self) -> Result<(), RecordingError> {
+        self.open_gate_without_snapshot();
         self.dma.flush()?;
         self.events.flush()?;
         Ok(())
@@ -122,6 +140,7 @@ impl RecordingWriter {
     /// streams and writes `end.json`, its stream totals taken from the
     /// writer's own counts; returns what it wrote.
     pub fn finish(mut self, mut end: RecordingEnd) -> Result<RecordingEnd, RecordingError> {
+        self.open_gate_without_snapshot();
         end.snapshot_write_seconds = self.wait_for_snapshot()?;
         self.dma.sync()?;
         self.events.sync()?;
