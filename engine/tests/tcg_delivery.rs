@@ -826,3 +826,39 @@ fn inline_counting_and_the_block_hook_stop_at_the_same_counts() {
         }
     }
 }
+
+/// Code rewritten through another virtual address of its page (an alias,
+/// as the kernel's direct map is of user pages) runs as rewritten, every
+/// time: translated code is dropped whichever mapping the store goes
+/// through, also after the page got new translated code (unicorn protected
+/// a page only at the virtual address its new code was fetched from).
+#[test]
+fn code_rewritten_through_an_alias_runs_as_rewritten() {
+    const FUNC: u64 = 0x20000;
+    const ALIAS: u64 = 100 << 21; // a 2 MiB page mapping physical 0
+    const PASSES: u32 = 4;
+    let code = assemble(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, PASSES)?;
+        a.mov(rdi, ALIAS + FUNC + 1)?; // the immediate of FUNC's `mov eax`
+        a.set_label(&mut top)?;
+        a.call(FUNC)?;
+        a.add(rbx, rax)?;
+        a.inc(byte_ptr(rdi))?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let func = assemble(FUNC, |a| {
+        a.mov(eax, 1)?;
+        a.ret()
+    });
+    let mut g = Guest::new(&code, 0);
+    g.mem.write_slice(&func, GuestAddress(FUNC)).unwrap();
+    g.mem
+        .write_obj(0x87u64, GuestAddress(PD + (ALIAS >> 21) * 8))
+        .unwrap();
+    assert_eq!(g.run(10_000), VmExit::Hlt);
+    // FUNC returns 1, 2, 3, 4 as its immediate is incremented.
+    assert_eq!(g.vcpu().regs().unwrap().rbx, 1 + 2 + 3 + 4);
+}
