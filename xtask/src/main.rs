@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_gdb;
+mod doctor;
 mod eval;
 mod images;
 mod krr_bin;
@@ -32,6 +33,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// What this host offers (hardware KVM, PMU, SMT, cores, disk, packages)
+    /// and which backend each command uses, with advice per problem.
+    Doctor {
+        /// One JSON array of findings instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Install the Debian packages the project needs (idempotent).
     Setup {
         /// Only report what is missing; install nothing.
@@ -120,6 +128,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Doctor { json } => doctor::run(json),
         Command::Setup { check } => setup::run(check),
         Command::Validate { paths } => manifests::validate(&paths),
         Command::Schema { out } => manifests::schema(out.as_deref()),
