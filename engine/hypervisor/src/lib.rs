@@ -334,6 +334,11 @@ pub struct ExitCounters {
     pub rdtsc: u64,
     /// Runs that ended in [`VmExit::Spin`].
     pub spins: u64,
+    /// Translated blocks that ran the block hook (software CPU): where a
+    /// run's budget ends, and every block while a step, a watchpoint, an
+    /// interrupt window or a stop at user mode needs it; the others count
+    /// themselves.
+    pub hooked_blocks: u64,
 }
 
 /// A virtual machine of one backend: guest memory is registered with it, and

@@ -589,6 +589,7 @@ impl Machine {
             stats.syscalls = c.syscalls;
             stats.cpuid = c.cpuid;
             stats.rdtsc = c.rdtsc;
+            stats.hooked_blocks = c.hooked_blocks;
         }
         let per_vcpu: Vec<u64> = self
             .vcpus

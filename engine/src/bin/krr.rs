@@ -299,8 +299,8 @@ fn print_summary(r: &RunReport) {
     }
     let e = &r.exits;
     eprintln!(
-        "krr: exits: hlt {} budget {} io-stop {} irq-injected {} pio {} mmio {} exceptions {} syscalls {} cpuid {} rdtsc {}",
-        e.hlt, e.budget, e.io_stops, e.interrupts_injected, e.pio, e.mmio, e.exceptions, e.syscalls, e.cpuid, e.rdtsc
+        "krr: exits: hlt {} budget {} io-stop {} irq-injected {} pio {} mmio {} exceptions {} syscalls {} cpuid {} rdtsc {} hooked-blocks {}",
+        e.hlt, e.budget, e.io_stops, e.interrupts_injected, e.pio, e.mmio, e.exceptions, e.syscalls, e.cpuid, e.rdtsc, e.hooked_blocks
     );
 }
 

@@ -32,6 +32,7 @@ pub(super) extern "C" fn on_block(_uc: *mut uc_engine, pc: u64, size: u32, ud: *
         // hook in `UnicornVm::new`; see `state` for why this is the only
         // live reference to it.
         let st = unsafe { state(ud) };
+        st.exits_by_kind.hooked_blocks += 1;
         // A watched access in the last block: the run stops here, at a
         // block boundary (stopping inside the accessing instruction would
         // leave it half done, to be done again).
