@@ -415,3 +415,66 @@ fn unpatched_kernel_is_refused_with_agent_not_found() {
     // Refused at /init, long before the 100000-iteration loop would end.
     assert!(t0.elapsed() < Duration::from_secs(120));
 }
+
+/// The disk fills during a recording (a file size limit stands in for a
+/// full disk: writes past it fail with EFBIG, as on a full one with
+/// ENOSPC): the run ends with an error naming the file and the cause, and
+/// what was written verifies as a cut log and replays up to its end.
+#[test]
+fn a_full_disk_ends_the_recording_naming_the_file_and_leaves_a_replayable_prefix() {
+    let Some((kernel, initrd)) = images() else {
+        return;
+    };
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Above the start snapshot's memory image (about 8 MB for 512 MiB), well
+    // below the log of 100,000 loops (about 19 MB).
+    const LIMIT: u64 = 12_000_000;
+    let mut cmd = krr_command(dir.path());
+    cmd.args(record_args(&kernel, &initrd, "full", "syscall-loop 100000"));
+    // SAFETY: between fork and exec only async-signal-safe calls
+    // (setrlimit, signal) on the child's own state.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Writes past the limit fail with EFBIG instead of killing.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{stderr}");
+    assert!(
+        stderr.contains("recording failed: writing")
+            && stderr.contains("full/events.krrlog: File too large"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("ERROR").count(),
+        1,
+        "the failure is reported once: {stderr}"
+    );
+    let verify = log_cmd(dir.path(), &["verify", "full"]);
+    let text = String::from_utf8_lossy(&verify.stdout).to_string();
+    assert!(text.contains("PREFIX VALID"), "{text}");
+    let replay = run_krr(
+        dir.path(),
+        &["replay".into(), "full".into(), "--json".into()],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap_or_else(|e| {
+        panic!(
+            "replay printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&replay.stderr)
+        )
+    });
+    assert_eq!(report["end"]["kind"], "log_ended", "{report:#}");
+    assert!(report["events"].as_u64().unwrap() > 100_000, "{report:#}");
+    assert_eq!(report["console_matches"], true, "{report:#}");
+}

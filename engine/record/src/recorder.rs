@@ -306,10 +306,14 @@ impl Recorder {
         self.request.take()
     }
 
+    /// Notes the first error (the run stops at the end of its turn; the
+    /// events of that turn fail the same way and are not reported again).
     fn fail(&mut self, what: String) {
-        tracing::error!("recorder: {what}");
         if self.error.is_none() {
+            tracing::error!("recorder: {what}");
             self.error = Some(what);
+        } else {
+            tracing::debug!("recorder: {what}");
         }
     }
 

@@ -340,12 +340,18 @@ fn record(a: RecordArgs) -> anyhow::Result<i32> {
         if recordings.is_empty() {
             eprintln!("krr: no recording was made");
         }
+        let failed = matches!(report.end, RunEnd::RecordingFailed { .. });
         for r in &recordings {
             eprintln!(
                 "krr: recording {}: {} events, {} ({})",
                 r.dir.display(),
                 r.events,
-                if r.ok { "complete" } else { "NOT replayable" },
+                match (r.ok, failed) {
+                    (true, _) => "complete",
+                    // The log is a verifiable prefix up to the failure.
+                    (false, true) => "NOT complete: `krr log verify` shows the prefix that replays",
+                    (false, false) => "NOT replayable",
+                },
                 r.reason
             );
         }
