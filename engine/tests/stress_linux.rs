@@ -122,3 +122,51 @@ fn recording_two_vcpus_that_fork_costs_about_what_running_does() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("replay JSON");
     assert_eq!(report["end"]["kind"], "matched", "{report}");
 }
+
+/// A recording with a disk: the root filesystem is read by DMA
+/// (virtio-blk) from boot on, the bytes go to the recording's DMA stream,
+/// and the replay, which has no disk, writes them where the device did and
+/// matches to the end.
+#[test]
+fn a_recording_with_a_disk_replays_its_dma() {
+    let Some((kernel, rootfs)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (k, d) = (kernel.display().to_string(), rootfs.display().to_string());
+    let out = krr(
+        dir.path(),
+        &[
+            "record",
+            "--quiet",
+            "--backend",
+            "tcg",
+            "--kernel",
+            &k,
+            "--disk",
+            &d,
+            "--name",
+            "disk",
+            "--run",
+            "md5sum /usr/bin/stress-ng",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stats = krr(dir.path(), &["log", "stats", "disk", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    let dma_events = stats["classes"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["class"] == "dma"))
+        .and_then(|c| c["count"].as_u64())
+        .unwrap_or(0);
+    assert!(dma_events > 100, "{stats:#}");
+    // stress-ng alone is several MiB.
+    assert!(
+        stats["dma_bytes"].as_u64().unwrap() > 1 << 20,
+        "the binary was read from the disk: {stats:#}"
+    );
+    let out = krr(dir.path(), &["replay", "--json", "--quiet", "disk"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("replay JSON");
+    assert_eq!(report["end"]["kind"], "matched", "{report:#}");
+    assert_eq!(report["console_matches"], true, "{report:#}");
+}
