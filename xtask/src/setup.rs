@@ -96,6 +96,14 @@ pub const PACKAGES: &[HostPackage] = &[
         why: "smoke boots and the whole-VM RR peer",
     },
     HostPackage {
+        name: "shellcheck",
+        why: "checks the CloudLab setup scripts (cloudlab/tests/run.sh)",
+    },
+    HostPackage {
+        name: "python3-venv",
+        why: "the CloudLab profile's test (geni-lib in a throwaway virtual environment)",
+    },
+    HostPackage {
         name: "gdb",
         why: "debugging replays",
     },

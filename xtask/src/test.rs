@@ -62,6 +62,17 @@ pub fn run(extra: &[String]) -> Result<()> {
     for (k, v) in &envs {
         eprintln!("   {k}={v}");
     }
+    // Early: it needs no build, and a broken profile should not wait for
+    // the engine's tests.
+    eprintln!("== CloudLab profile and setup (cloudlab/tests/run.sh)");
+    let status = std::process::Command::new("bash")
+        .arg("cloudlab/tests/run.sh")
+        .current_dir(repo_root())
+        .status()
+        .context("running bash cloudlab/tests/run.sh")?;
+    if !status.success() {
+        bail!("cloudlab/tests/run.sh failed ({status}): see the FAIL lines above");
+    }
     eprintln!("== bug patches apply over their kernels (patch, no build)");
     let manifests = crate::manifests::load_repo()?;
     let checked = images::check_bug_patches(&manifests, &manifests.bugs)?;
