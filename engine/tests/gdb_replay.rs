@@ -251,6 +251,41 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
     );
 }
 
+/// 1,000 `stepi` then 1,000 `reverse-stepi` end on exactly the registers
+/// of the start (each reverse step a replay from the nearest snapshot).
+#[test]
+fn a_thousand_steps_forwards_and_back_end_where_they_started() {
+    if !gdb_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(vmlinux) = record_cat(tmp.path()) else {
+        return;
+    };
+    let regs = "info registers rip rsp rdi rax rbx rcx eflags";
+    let commands = [
+        "break __x64_sys_openat",
+        "continue",
+        "delete 1",
+        "echo ==START==\\n",
+        regs,
+        "stepi 1000",
+        "echo ==STEPPED==\\n",
+        regs,
+        "reverse-stepi 1000",
+        "echo ==BACK==\\n",
+        regs,
+    ];
+    let stub = Stub::start_with(tmp.path(), &["cat", "--snapshot-every", "100000"]);
+    let out = gdb(&vmlinux, &stub, &commands);
+    let (ok, err) = stub.finish();
+    assert!(ok, "the stub failed: {err}");
+    let start = registers(&out, "==START==");
+    assert_eq!(start.len(), 7, "{out}");
+    assert_ne!(registers(&out, "==STEPPED=="), start, "stepi moved");
+    assert_eq!(registers(&out, "==BACK=="), start, "{out}");
+}
+
 /// A watchpoint on kernel data (the syscall's return slot in its pt_regs):
 /// going forwards it stops after the write with the new value; going
 /// backwards, reverse-continue stops right at the instruction that wrote
