@@ -140,6 +140,27 @@ fn draw(
     result.with_context(|| format!("drawing {}", path.display()))
 }
 
+/// Ratios to label on a log axis from `lo` to `hi`: 1 and the usual steps
+/// around it that fall in the range.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    const STEPS: [f64; 19] = [
+        0.1, 0.2, 0.25, 0.33, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0, 3.0, 5.0,
+        10.0, 20.0,
+    ];
+    let inside: Vec<f64> = STEPS
+        .into_iter()
+        .filter(|t| (lo..=hi).contains(t))
+        .collect();
+    // At most about a dozen labels: every other step on a wide range.
+    let keep = inside.len().div_ceil(12).max(1);
+    inside
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| i % keep == 0 || **t == 1.0)
+        .map(|(_, t)| *t)
+        .collect()
+}
+
 fn draw_panels<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     panels: &[(String, Series)],
@@ -177,8 +198,11 @@ where
             .y_label_area_size(64);
         if log {
             let range = (y_min.min(1.0) * 0.8)..(y_max * 1.25);
+            // Labelled ratios on both sides of 1 (plotters' own log key
+            // points left everything below 1 unlabelled).
+            let ticks = log_ticks(range.start, range.end);
             let mut c = chart
-                .build_cartesian_2d(x_range, range.log_scale().base(2.0))
+                .build_cartesian_2d(x_range, range.log_scale().base(2.0).with_key_points(ticks))
                 .map_err(err)?;
             c.configure_mesh()
                 .x_desc("vCPUs")
@@ -277,6 +301,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_axes_label_ratios_below_and_above_one() {
+        let t = log_ticks(0.6, 1.7);
+        assert!(
+            t.contains(&0.7) && t.contains(&1.0) && t.contains(&1.6),
+            "{t:?}"
+        );
+        assert!(log_ticks(0.05, 25.0).len() <= 13);
+        assert!(log_ticks(0.05, 25.0).contains(&1.0));
+    }
     use crate::eval::journal::{CellRecord, Status};
 
     #[test]
