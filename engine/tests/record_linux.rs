@@ -13,7 +13,7 @@ mod guest_images;
 #[path = "common/krr_command.rs"]
 mod krr_command;
 
-use krr_command::{krr, krr_command};
+use krr_command::{count, krr, krr_command, stats_json};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -48,21 +48,6 @@ fn log_cmd(recordings: &Path, args: &[&str]) -> Output {
         .chain(args.iter().map(|s| s.to_string()))
         .collect();
     run_krr(recordings, &args)
-}
-
-fn stats_json(recordings: &Path, name: &str) -> serde_json::Value {
-    let out = log_cmd(recordings, &["stats", name, "--json"]);
-    assert!(out.status.success(), "krr log stats {name} failed");
-    serde_json::from_slice(&out.stdout).expect("stats --json is JSON")
-}
-
-/// Count of one event class in `krr log stats --json` output.
-fn count(stats: &serde_json::Value, class: &str) -> u64 {
-    stats["classes"]
-        .as_array()
-        .and_then(|classes| classes.iter().find(|c| c["class"] == class))
-        .and_then(|c| c["count"].as_u64())
-        .unwrap_or(0)
 }
 
 fn images() -> Option<(PathBuf, PathBuf)> {

@@ -14,7 +14,7 @@ mod guest_images;
 #[path = "common/krr_command.rs"]
 mod krr_command;
 
-use krr_command::krr;
+use krr_command::{count, krr, stats_json};
 use krr_engine::harness::validate_stressor;
 use std::path::PathBuf;
 
@@ -152,13 +152,8 @@ fn a_recording_with_a_disk_replays_its_dma() {
         ],
     );
     assert_eq!(out.status.code(), Some(0));
-    let stats = krr(dir.path(), &["log", "stats", "disk", "--json"]);
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
-    let dma_events = stats["classes"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["class"] == "dma"))
-        .and_then(|c| c["count"].as_u64())
-        .unwrap_or(0);
+    let stats = stats_json(dir.path(), "disk");
+    let dma_events = count(&stats, "dma");
     assert!(dma_events > 100, "{stats:#}");
     // stress-ng alone is several MiB.
     assert!(

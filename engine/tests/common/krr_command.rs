@@ -28,3 +28,21 @@ pub fn krr<S: AsRef<str>>(recordings: &Path, args: &[S]) -> Output {
     );
     out
 }
+
+/// `krr log stats NAME --json`.
+#[allow(dead_code)] // not every test binary reads stats
+pub fn stats_json(recordings: &Path, name: &str) -> serde_json::Value {
+    let out = krr(recordings, &["log", "stats", name, "--json"]);
+    assert!(out.status.success(), "krr log stats {name} failed");
+    serde_json::from_slice(&out.stdout).expect("stats --json is JSON")
+}
+
+/// Count of one event class in `krr log stats --json` output.
+#[allow(dead_code)]
+pub fn count(stats: &serde_json::Value, class: &str) -> u64 {
+    stats["classes"]
+        .as_array()
+        .and_then(|classes| classes.iter().find(|c| c["class"] == class))
+        .and_then(|c| c["count"].as_u64())
+        .unwrap_or(0)
+}

@@ -400,17 +400,22 @@ impl EventLogWriter {
 
     /// As [`EventLogWriter::create`] with another chunk target size.
     pub fn with_target(path: &Path, target: usize) -> Result<EventLogWriter, LogError> {
-        Ok(EventLogWriter {
-            chunks: ChunkWriter::with_target(path, StreamKind::Events, target)?,
-            scratch: Vec::with_capacity(256),
-        })
+        Self::new(path, target, None)
     }
 
     /// As [`EventLogWriter::create`]; no event reaches the file before
     /// `gate` opens ([`ChunkWriter::gated`]).
     pub fn gated(path: &Path, gate: mpsc::Receiver<()>) -> Result<EventLogWriter, LogError> {
+        Self::new(path, DEFAULT_CHUNK_TARGET, Some(gate))
+    }
+
+    fn new(
+        path: &Path,
+        target: usize,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> Result<EventLogWriter, LogError> {
         Ok(EventLogWriter {
-            chunks: ChunkWriter::gated(path, StreamKind::Events, DEFAULT_CHUNK_TARGET, Some(gate))?,
+            chunks: ChunkWriter::gated(path, StreamKind::Events, target, gate)?,
             scratch: Vec::with_capacity(256),
         })
     }
