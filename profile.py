@@ -55,9 +55,7 @@ pc.defineParameter(
     "nodeCount", "Number of nodes", portal.ParameterType.INTEGER, 1,
     longDescription="With N > 1 nodes, node i runs shard i/N of each chosen "
     "evaluation (cargo xtask eval ... --shard i/N); merge the results with "
-    "cargo xtask results merge. NOT YET: the evaluations have no --shard and "
-    "there is no results merge yet, so with more than one node the "
-    "evaluation phase fails; keep 1.")
+    "cargo xtask results merge (see the instructions).")
 
 params = pc.bindParameters()
 
@@ -129,6 +127,10 @@ output are there), fix the cause, then run the startup command again by hand:
     cd /mydata/krr
     cargo xtask eval record-perf
     cargo xtask eval bug-repro
+
+**Several nodes:** node i ran shard i/N. Copy every node's
+`/mydata/krr/results` to one place and merge each evaluation's shards:
+`cargo xtask results merge <each node's results>/record-perf/cloudlab-shard-* --out merged`.
 """ % {
     "cmd": shown_cmd,
     "started": started,

@@ -92,6 +92,11 @@ enum Command {
         #[arg(long, value_name = "DIR|latest")]
         resume: Option<String>,
     },
+    /// Results of evals: merge the shards of one eval run on several hosts.
+    Results {
+        #[command(subcommand)]
+        command: ResultsCommand,
+    },
     /// Guest images: build, list, clean, ad-hoc initramfs.
     Images {
         #[command(subcommand)]
@@ -103,6 +108,21 @@ enum Command {
         /// Arguments passed through to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResultsCommand {
+    /// One report from the results directories of every shard of one eval
+    /// (`cargo xtask eval ... --shard K/N` on N hosts).
+    Merge {
+        /// The shards' results directories (each holding runs.jsonl or
+        /// bugs.jsonl), in any order.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where the merged results go (a new directory).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -146,6 +166,9 @@ fn run(cli: Cli) -> Result<()> {
             benchmark,
             repetitions,
         } => bench::run(benchmark, repetitions),
+        Command::Results {
+            command: ResultsCommand::Merge { dirs, out },
+        } => eval::merge(&dirs, &out),
         Command::Images { command } => images::run(command),
         Command::Test { cargo_args } => test::run(&cargo_args),
     }

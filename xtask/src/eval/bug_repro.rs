@@ -23,6 +23,7 @@
 use super::cell::{size_of, GuestImages, ECHO_WINDOW_BEGIN, WINDOW_BEGIN};
 use super::journal::{self, Journal};
 use super::process;
+use super::shard::Shard;
 use super::{ctrl_c_flag, output_dir, project_commit, recordings_dir, resume_dir, EvalArgs};
 use crate::{images, krr_bin, manifests, repo_root, setup};
 use anyhow::{bail, Context, Result};
@@ -38,14 +39,28 @@ use std::time::Duration;
 
 pub const BUGS_FILE: &str = "bugs.jsonl";
 /// The bugs a run started with and its `--manifests` paths, for `--resume`.
-const PLAN_FILE: &str = "plan.json";
+pub(crate) const PLAN_FILE: &str = "plan.json";
 
 #[derive(Serialize, Deserialize)]
-struct RunPlan {
-    bugs: Vec<String>,
+pub(crate) struct RunPlan {
+    /// Every bug of the run, all shards' when it is one shard.
+    pub bugs: Vec<String>,
     /// Absolute.
     #[serde(default)]
-    manifests: Vec<PathBuf>,
+    pub manifests: Vec<PathBuf>,
+    /// `--shard K/N`: this run reproduces only its slice of `bugs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+}
+
+impl RunPlan {
+    /// The bugs this run reproduces.
+    pub fn own_bugs(&self) -> Vec<String> {
+        match self.shard {
+            Some(shard) => shard.slice(&self.bugs, String::clone),
+            None => self.bugs.clone(),
+        }
+    }
 }
 const REPORT_FILE: &str = "report.md";
 const SUMMARY_FILE: &str = "summary.csv";
@@ -194,29 +209,40 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         None => super::absolute_paths(&args.manifests)?,
     };
     let manifests = manifests::load_with(&extra)?;
-    let bugs: Vec<&BugCase> = match &saved {
-        Some(plan) => plan
-            .bugs
-            .iter()
-            .map(|id| {
-                manifests
-                    .bug(id)
-                    .with_context(|| format!("bug `{id}` is no longer in the manifests"))
-            })
-            .collect::<Result<_>>()?,
+    let plan = match saved {
+        Some(plan) => plan,
         None => {
             let (_, extra_bugs) = manifests::declared_by_extra(&manifests, &extra)?;
-            chosen_bugs(&manifests, args, &extra_bugs)?
+            let plan = RunPlan {
+                bugs: chosen_bugs(&manifests, args, &extra_bugs)?
+                    .iter()
+                    .map(|b| b.id.clone())
+                    .collect(),
+                manifests: extra.clone(),
+                shard: args.shard,
+            };
+            if let Some(shard) = plan.shard {
+                if plan.own_bugs().is_empty() {
+                    bail!(
+                        "--shard {shard}: this shard has no bugs (the run has {}, dealt one per shard in turn)",
+                        plan.bugs.len()
+                    );
+                }
+            }
+            std::fs::write(&plan_file, serde_json::to_vec_pretty(&plan)?)
+                .with_context(|| format!("writing {}", plan_file.display()))?;
+            plan
         }
     };
-    if saved.is_none() {
-        let plan = RunPlan {
-            bugs: bugs.iter().map(|b| b.id.clone()).collect(),
-            manifests: extra.clone(),
-        };
-        std::fs::write(&plan_file, serde_json::to_vec_pretty(&plan)?)
-            .with_context(|| format!("writing {}", plan_file.display()))?;
-    }
+    let bugs: Vec<&BugCase> = plan
+        .own_bugs()
+        .iter()
+        .map(|id| {
+            manifests
+                .bug(id)
+                .with_context(|| format!("bug `{id}` is no longer in the manifests"))
+        })
+        .collect::<Result<_>>()?;
     let krr = krr_bin::build()?;
     let done: HashSet<String> = if dir.join(BUGS_FILE).exists() {
         journal::read_lines::<BugRecord>(&dir.join(BUGS_FILE))?
@@ -304,7 +330,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn latest_per_bug(records: Vec<BugRecord>) -> Vec<BugRecord> {
+pub(super) fn latest_per_bug(records: Vec<BugRecord>) -> Vec<BugRecord> {
     let mut out: Vec<BugRecord> = Vec::new();
     for r in records {
         match out.iter_mut().find(|o| o.id == r.id) {
@@ -616,7 +642,7 @@ fn seeds(b: &BugRecord, sep: &str) -> String {
         .join(sep)
 }
 
-fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
+pub(super) fn write_results(dir: &Path, bugs: &[BugRecord]) -> Result<()> {
     let num = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_default();
     let mut csv = String::from(
         "bug,kind,vcpus,nondeterministic,attempts,chaos_seeds,record_s,replay_s,recording_bytes,events,verdict,title_expected,title_recorded,title_replayed\n",

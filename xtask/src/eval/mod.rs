@@ -12,9 +12,11 @@ mod bug_repro;
 mod cell;
 mod figures;
 pub(crate) mod journal;
+mod merge;
 mod plan;
 mod process;
 mod report;
+pub(crate) mod shard;
 mod summary;
 
 use crate::{images, krr_bin, manifests, repo_root, setup};
@@ -85,6 +87,12 @@ pub struct EvalArgs {
     /// relative to the file.
     #[arg(long, value_name = "PATH")]
     pub manifests: Vec<PathBuf>,
+    /// Run shard K of N (1 <= K <= N): a deterministic slice for one of N
+    /// hosts, every scheme of a (workload, vCPUs) pair (record-perf) or a
+    /// whole bug (bug-repro) on one host; `cargo xtask results merge`
+    /// joins the N results directories.
+    #[arg(long, value_name = "K/N", conflicts_with = "resume")]
+    pub shard: Option<shard::Shard>,
 }
 
 impl EvalArgs {
@@ -103,6 +111,7 @@ impl EvalArgs {
             resume: None,
             backend: BackendArg::Auto,
             manifests: Vec::new(),
+            shard: None,
         }
     }
 }
@@ -342,6 +351,7 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
                 hardware_kvm: backend == "kvm",
                 manifests: extra.clone(),
                 extra_workloads,
+                shard: args.shard,
             };
             let matrix = plan::plan(&manifests, &req)?;
             let dir = output_dir(args.out.as_deref(), &results_root(), journal::JOURNAL_FILE)?;
@@ -392,8 +402,12 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
         .collect();
     let todo: Vec<&plan::Cell> = cells.iter().filter(|c| !done.contains(&c.key())).collect();
     eprintln!(
-        "record-perf: {} cell(s) planned, {} to run, results in {}",
+        "record-perf: {} cell(s) planned{}, {} to run, results in {}",
         cells.len(),
+        matrix
+            .shard
+            .map(|s| format!(" (shard {s} of {} in all)", matrix.all_cells().len()))
+            .unwrap_or_default(),
         todo.len(),
         dir.display()
     );
@@ -468,7 +482,7 @@ fn record_perf(args: &EvalArgs) -> Result<()> {
 
     let all = journal::cells(&journal::read(&dir)?);
     let interrupted = interrupt.load(Ordering::SeqCst);
-    let figures = write_results(&dir, &provenance, &all, cells.len(), &suite)?;
+    let figures = write_results(&dir, &provenance, &[], &all, cells.len(), &suite)?;
     eprintln!(
         "record-perf: report {} (figures: {})",
         dir.join(report::REPORT_FILE).display(),
@@ -513,6 +527,7 @@ fn say(bar: &ProgressBar, line: String) {
 fn write_results(
     dir: &Path,
     provenance: &Provenance,
+    shards: &[Provenance],
     cells: &[CellRecord],
     planned: usize,
     suite: &krr_orchestrator::manifest::Suite,
@@ -534,11 +549,20 @@ fn write_results(
         .filter(|f| f.ends_with(".png"))
         .cloned()
         .collect();
-    report::write(dir, provenance, cells, planned, &suite.targets, &shown)?;
+    report::write(
+        dir,
+        provenance,
+        shards,
+        cells,
+        planned,
+        &suite.targets,
+        &shown,
+    )?;
     Ok(figures)
 }
 
 pub use bug_repro::check_results as check_bug_results;
+pub use merge::merge;
 
 /// Checks the files of a finished `record-perf` eval in `dir`: the journal
 /// parses and holds every planned cell, each succeeded (or its scheme

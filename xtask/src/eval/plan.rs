@@ -3,6 +3,7 @@
 //! counts and repetitions, checked against the manifests before anything
 //! runs, and the cells in the order they run.
 
+use super::shard::Shard;
 use anyhow::{bail, Result};
 use krr_orchestrator::manifest::{Manifests, Scheme, Suite, SuiteKind};
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,8 @@ pub struct Request {
     /// The workloads those files declare: run by default after the
     /// suite's (not with `--quick`).
     pub extra_workloads: Vec<String>,
+    /// `--shard K/N`: run only this host's slice.
+    pub shard: Option<Shard>,
 }
 
 /// The planned matrix; kept in the journal so `--resume` runs the same one.
@@ -72,6 +75,9 @@ pub struct Matrix {
     /// loaded again by `--resume`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifests: Vec<PathBuf>,
+    /// The slice of the matrix this run covers (`--shard K/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,18 +220,38 @@ pub fn plan(manifests: &Manifests, req: &Request) -> Result<Matrix> {
         .into_iter()
         .filter(|s| schemes.contains(s))
         .collect();
-    Ok(Matrix {
+    let matrix = Matrix {
         suite: suite.name.clone(),
         workloads,
         schemes,
         manifests: req.manifests.clone(),
-    })
+        shard: req.shard,
+    };
+    if let Some(shard) = req.shard {
+        if matrix.cells().is_empty() {
+            let pairs: usize = matrix.workloads.iter().map(|w| w.vcpus.len()).sum();
+            bail!(
+                "--shard {shard}: this shard has no cells (the matrix has {pairs} (workload, vCPUs) pair(s), dealt one per shard in turn)"
+            );
+        }
+    }
+    Ok(matrix)
 }
 
 impl Matrix {
-    /// The cells in run order: per workload and vCPU count, repetition by
-    /// repetition, every scheme within a repetition.
+    /// The cells this run covers, in run order: the whole matrix, or the
+    /// shard's (workload, vCPUs) pairs.
     pub fn cells(&self) -> Vec<Cell> {
+        let all = self.all_cells();
+        match self.shard {
+            Some(shard) => shard.slice(&all, |c| (c.workload.clone(), c.vcpus)),
+            None => all,
+        }
+    }
+
+    /// The whole matrix in run order: per workload and vCPU count,
+    /// repetition by repetition, every scheme within a repetition.
+    pub fn all_cells(&self) -> Vec<Cell> {
         let mut cells = Vec::new();
         for w in &self.workloads {
             for &vcpus in &w.vcpus {
@@ -317,6 +343,55 @@ mod tests {
                 "syscall-loop-krr-1vcpu-rep2"
             ]
         );
+    }
+
+    #[test]
+    fn shards_cover_the_matrix_once_with_each_pair_on_one_shard() {
+        let m = manifests();
+        let whole = plan(&m, &Request::default()).unwrap();
+        let pairs: usize = whole.workloads.iter().map(|w| w.vcpus.len()).sum();
+        for count in [1, 2, 3, pairs as u32] {
+            let mut union: Vec<String> = Vec::new();
+            let mut owner = std::collections::BTreeMap::new();
+            for index in 1..=count {
+                let shard = Shard { index, count };
+                let part = plan(
+                    &m,
+                    &Request {
+                        shard: Some(shard),
+                        ..Request::default()
+                    },
+                )
+                .unwrap();
+                for c in part.cells() {
+                    let previous = owner.insert((c.workload.clone(), c.vcpus), index);
+                    assert!(
+                        previous.is_none_or(|p| p == index),
+                        "{} on {} vCPUs split between shards {previous:?} and {index} of {count}",
+                        c.workload,
+                        c.vcpus
+                    );
+                    union.push(c.key());
+                }
+            }
+            let mut all: Vec<String> = whole.cells().iter().map(Cell::key).collect();
+            all.sort();
+            union.sort();
+            assert_eq!(union, all, "{count} shards");
+        }
+        let too_many = Shard {
+            index: pairs as u32 + 1,
+            count: pairs as u32 + 1,
+        };
+        let err = plan(
+            &m,
+            &Request {
+                shard: Some(too_many),
+                ..Request::default()
+            },
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("has no cells"), "{err:#}");
     }
 
     #[test]

@@ -30,21 +30,25 @@ fn verdict(measured: Option<f64>, target: Option<f64>) -> &'static str {
     }
 }
 
+/// `shards`: the provenance of each shard a merged report was built from
+/// (empty for one host's run).
 pub fn write(
     dir: &Path,
     provenance: &Provenance,
+    shards: &[Provenance],
     cells: &[CellRecord],
     planned: usize,
     targets: &Targets,
     figures: &[String],
 ) -> Result<()> {
-    let text = render(provenance, cells, planned, targets, figures);
+    let text = render(provenance, shards, cells, planned, targets, figures);
     let path = dir.join(REPORT_FILE);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn render(
     p: &Provenance,
+    shards: &[Provenance],
     cells: &[CellRecord],
     planned: usize,
     targets: &Targets,
@@ -79,6 +83,28 @@ pub fn render(
         p.backend, p.backend_reason
     );
     let _ = writeln!(out, "- peer: {}", p.qemu_version);
+    if !shards.is_empty() {
+        let _ =
+            writeln!(
+            out,
+            "- merged from {} shards (`cargo xtask results merge`); the host above is shard {}'s:",
+            shards.len(),
+            shards[0].matrix.shard.map(|s| s.to_string()).unwrap_or_default()
+        );
+        for s in shards {
+            let _ = writeln!(
+                out,
+                "  - shard {}: {} ({} CPUs), Linux {}, backend {}, commit {}, started {}",
+                s.matrix.shard.map(|s| s.to_string()).unwrap_or_default(),
+                s.cpu_model,
+                s.host_cpus,
+                s.host_kernel,
+                s.backend,
+                s.project_commit,
+                s.started_at
+            );
+        }
+    }
     for (image, files) in &p.images {
         for (file, sha) in files {
             let _ = writeln!(out, "- image {image}/{file}: sha256 {sha}");
