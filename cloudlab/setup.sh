@@ -581,6 +581,34 @@ phase_host_record() {
     as_user "$REPO" bash "$script" "$NODE" "$REPO/results/cloudlab/host-$NODE.txt"
 }
 
+# The KVM path's acceptance checks, first thing on real hardware. Checks
+# that fail are a result (what the KVM path still lacks here), noted under
+# DONE like an evaluation's failures; only a run that writes no report
+# fails the setup. A rerun starts the checks afresh.
+phase_hw_acceptance() {
+    local out=$REPO/results/hw-acceptance/cloudlab-$NODE started=$RUN_DIR/hw-acceptance.started
+    local note=$RUN_DIR/eval-hw-acceptance.note rc=0
+    rm -f "$note"
+    touch "$started"
+    try_as_user "$REPO" rm -rf "$out"
+    try_as_user "$REPO" cargo xtask hw-acceptance --out "$out" || rc=$?
+    note_failures hw-acceptance "$rc" "$out" "$started" "$note"
+}
+
+# $1: what ran, $2: its exit status, $3: its results directory, $4: a file
+# touched when it started, $5: the note for the status. A non-zero exit
+# after a new report is a result (noted); without one, the setup fails.
+note_failures() {
+    local what=$1 rc=$2 out=$3 started=$4 note=$5
+    if ((rc != 0)); then
+        [[ $out/report.md -nt $started ]] ||
+            die "exit $rc from cargo xtask $what, and no new report in $out"
+        echo "$what: finished with failures (exit $rc): $out/report.md" >"$note"
+        log "WARNING: $what finished with failures (exit $rc); $out/report.md says which"
+    fi
+    log "results: $out"
+}
+
 # $1: experiment, $2: its journal (an interrupted run is resumed from it).
 # An eval exits non-zero when a cell failed or a bug was not reproduced,
 # after writing its whole report: that is a result, not a failed setup, and
@@ -599,13 +627,7 @@ run_eval() {
     else
         try_as_user "$REPO" cargo xtask eval "$exp" --out "$out" "${shard_args[@]}" || rc=$?
     fi
-    if ((rc != 0)); then
-        [[ $out/report.md -nt $started ]] ||
-            die "exit $rc from cargo xtask eval $exp, and no new report in $out"
-        echo "$exp: finished with failures (exit $rc): $out/report.md" >"$note"
-        log "WARNING: $exp finished with failures (exit $rc); $out/report.md says which"
-    fi
-    log "results: $out"
+    note_failures "eval $exp" "$rc" "$out" "$started" "$note"
 }
 
 phase_eval_record_perf() {
@@ -640,7 +662,7 @@ NODE=$(geni_get client_id) || NODE=
 [[ $NODE =~ ^[A-Za-z0-9._-]+$ ]] || NODE=$(hostname -s)
 
 PHASES=(host-tuning base-packages debian-keyring debian-apt-source rust-toolchain
-    repository host-packages build images host-record)
+    repository host-packages build images host-record hw-acceptance)
 case $EVAL in
     record-perf) PHASES+=(eval-record-perf) ;;
     bug-repro) PHASES+=(eval-bug-repro) ;;

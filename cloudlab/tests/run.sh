@@ -114,7 +114,7 @@ for f in sys.argv[1:]:
 
 # ---- 3. setup.sh --dry-run ----------------------------------------------------
 
-readonly BASE_PHASES="host-tuning base-packages debian-keyring debian-apt-source rust-toolchain repository host-packages build images host-record"
+readonly BASE_PHASES="host-tuning base-packages debian-keyring debian-apt-source rust-toolchain repository host-packages build images host-record hw-acceptance"
 
 # Stub geni-get: the experiment user and the node's name.
 make_stub() {
@@ -261,7 +261,7 @@ test_dry_run() {
         tail_of "$out"
     fi
     if dry_run "$state" "$out.2" --eval record-perf &&
-        [[ $(phases_started "$out.2") == "build images host-record eval-record-perf" ]] &&
+        [[ $(phases_started "$out.2") == "build images host-record hw-acceptance eval-record-perf" ]] &&
         [[ $(cat "$state/dry-run/status") == DONE ]]; then
         pass "dry run: the run after the failure starts at build and ends DONE"
     else

@@ -9,23 +9,18 @@
 //! 0 emulated at about 1 M instructions/s) it takes many minutes.
 //!
 //! Without a usable `/dev/kvm` each test prints `SKIPPED: /dev/kvm absent`
-//! and returns.
+//! and returns (fails under `KRR_TEST_REQUIRE_KVM`).
 
-use krr_engine::hypervisor::kvm;
 #[path = "common/guest_images.rs"]
 mod guest_images;
+#[path = "common/kvm_required.rs"]
+mod kvm_required;
+
+use kvm_required::kvm_usable;
 
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn kvm_usable() -> bool {
-    let a = kvm::detect();
-    if !a.usable() {
-        println!("SKIPPED: /dev/kvm absent ({})", a.reason());
-    }
-    a.usable()
-}
 
 /// A bzImage whose protected-mode part is `code`, placed so that the 64-bit
 /// entry (0x200 past the load address) is its first byte.

@@ -3,8 +3,10 @@
 //! emulated, ring 3 native, no PMU) and the software CPU. Each scenario runs
 //! the same guest image on each backend and records what the machine model
 //! saw (port and MMIO accesses) and the exits; the KVM and software
-//! observations must be identical. Where `/dev/kvm` is absent the KVM half
-//! prints `SKIPPED: /dev/kvm absent` and only the software half is checked.
+//! observations must be identical. Where `/dev/kvm` is absent, or cannot do
+//! what a scenario needs (PVM, no PMU), the KVM half prints `SKIPPED:
+//! <reason>` and only the software half is checked; under
+//! `KRR_TEST_REQUIRE_KVM` (`cargo xtask hw-acceptance`) such a skip fails.
 
 #[path = "common/selftest_guests.rs"]
 mod selftest_guests;
@@ -328,11 +330,11 @@ fn ring3_code_runs_and_returns_with_syscall() {
                 && frame[2] == u64::from(USER_CS)
                 && frame[4] == USER_STACK;
             assert!(pvm_keeps_ring3, "{kind:?}: the guest faulted: {evidence}");
-            println!(
-                "SKIPPED (KVM half): this host's PVM does not switch to ring 0 on SYSCALL \
+            skip_kvm(&format!(
+                "(KVM half) this host's PVM does not switch to ring 0 on SYSCALL \
                  from ring 3: {evidence}; {}",
                 kvm::detect().reason()
-            );
+            ));
             return None;
         }
         Some(bus.writes_to(PORT_VALUE))
@@ -537,8 +539,7 @@ fn two_vcpus_start_through_init_sipi() {
         let ap_events = Arc::new(Mutex::new(Vec::new()));
         match kind {
             BackendKind::Kvm => {
-                if !kvm::detect().usable() {
-                    println!("SKIPPED: /dev/kvm absent ({})", kvm::detect().reason());
+                if !kvm_usable() {
                     return None;
                 }
                 // One host thread per vCPU.
@@ -647,6 +648,18 @@ fn two_vcpus_start_through_init_sipi() {
     assert_eq!((bsp_exit, ap_exit), (VmExit::Hlt, VmExit::Hlt));
 }
 
+/// A KVM VM of `mem` and its vCPU 0 in long mode at `PROGRAM` (the VM is
+/// kept alive beside it), or `None` where `/dev/kvm` is not usable.
+fn kvm_vcpu_in_long_mode(mem: &vm_memory::GuestMemoryMmap) -> Option<(KvmVm, kvm::KvmVcpu)> {
+    if !kvm_usable() {
+        return None;
+    }
+    let vm = KvmVm::new(mem).unwrap();
+    let mut vcpu = vm.create_kvm_vcpu(0).unwrap();
+    enter_long_mode(&mut vcpu, PROGRAM, None);
+    Some((vm, vcpu))
+}
+
 fn user_busy_loop_program() -> Program {
     assemble(64, PROGRAM, |a, _| {
         let mut user = a.create_label();
@@ -670,13 +683,7 @@ fn timer_interrupt_reaches_a_ring3_busy_loop() {
         let mut bus = TestBus::default();
         match kind {
             BackendKind::Kvm => {
-                if !kvm::detect().usable() {
-                    println!("SKIPPED: /dev/kvm absent ({})", kvm::detect().reason());
-                    return None;
-                }
-                let vm = KvmVm::new(&mem).unwrap();
-                let mut vcpu = vm.create_kvm_vcpu(0).unwrap();
-                enter_long_mode(&mut vcpu, PROGRAM, None);
+                let (_vm, mut vcpu) = kvm_vcpu_in_long_mode(&mem)?;
                 let kicker = vcpu.kicker();
                 let flag = bus.stop_flag.clone();
                 let timer = std::thread::spawn(move || {
@@ -751,19 +758,20 @@ fn kernel_mode_kick_waits_for_the_next_io_exit() {
         l.new_label(a, "after_out")?;
         a.jmp(spin)
     });
-    if !kvm::detect().usable() {
-        println!("SKIPPED: /dev/kvm absent ({})", kvm::detect().reason());
+    if !kvm_usable() {
         return;
     }
     let mem = guest_memory();
     prog.load(&mem);
-    let vm = KvmVm::new(&mem).unwrap();
+    let mut vm = KvmVm::new(&mem).unwrap();
+    // The policy a host without a PMU uses, checked on every host.
+    vm.use_deterministic_points();
     let mut vcpu = vm.create_kvm_vcpu(0).unwrap();
     enter_long_mode(&mut vcpu, PROGRAM, None);
-    if let kvm::AsyncEventMode::PmuCounted(_) = vcpu.async_event_mode() {
-        println!("SKIPPED: host has a PMU; the deterministic-point policy is not in use");
-        return;
-    }
+    assert_eq!(
+        vcpu.async_event_mode(),
+        kvm::AsyncEventMode::DeterministicPoints
+    );
     let mut bus = TestBus::default();
     let rounds = 5;
     for _ in 0..rounds {
@@ -812,6 +820,83 @@ fn kernel_mode_kick_waits_for_the_next_io_exit() {
     );
 }
 
+/// Loops of known lengths, an OUT after each: one conditional branch per
+/// iteration, nothing else that branches conditionally.
+fn counted_loops_program(loops: &[u32]) -> Program {
+    let loops = loops.to_vec();
+    assemble(64, PROGRAM, move |a, _| {
+        for (i, &n) in loops.iter().enumerate() {
+            let mut again = a.create_label();
+            a.mov(ecx, n)?;
+            a.set_label(&mut again)?;
+            a.dec(ecx)?;
+            a.jnz(again)?;
+            a.mov(eax, i as u32)?;
+            a.out(i32::from(PORT_TICK), eax)?;
+        }
+        a.hlt()
+    })
+}
+
+/// The guest PMU counter KVM positions events with, against the software
+/// CPU's exact count on the same tiny guest: between two OUTs the software
+/// CPU retires `2n + 3` instructions (so the loop ran `n` times) and the
+/// counter must count exactly `n` retired conditional branches. A host
+/// without a PMU skips (and fails under `KRR_TEST_REQUIRE_KVM`).
+#[test]
+fn the_guest_branch_counter_agrees_with_the_software_cpu() {
+    let loops = [1u32, 7, 1000, 123_457];
+    let prog = counted_loops_program(&loops);
+    let per_out = |kind: BackendKind| -> Option<Vec<u64>> {
+        let mem = guest_memory();
+        prog.load(&mem);
+        let mut bus = TestBus::default();
+        let mut counts = Vec::new();
+        match kind {
+            BackendKind::Software => {
+                let mut vm = make_vm(kind, &mem)?;
+                let mut vcpu = vm.create_vcpu(0).unwrap();
+                enter_long_mode(vcpu.as_mut(), PROGRAM, None);
+                for i in 0..loops.len() {
+                    bus.stop_after_write = Some((PORT_TICK, i as u64));
+                    assert_eq!(run_to_exit(vcpu.as_mut(), &mut bus), VmExit::IoStop);
+                    counts.push(vcpu.instructions_retired().expect("exact counts"));
+                }
+            }
+            BackendKind::Kvm => {
+                let (_vm, mut vcpu) = kvm_vcpu_in_long_mode(&mem)?;
+                let kvm::AsyncEventMode::PmuCounted(event) = vcpu.async_event_mode() else {
+                    skip_kvm(&format!(
+                        "(KVM half) no guest PMU counter on this host: {}",
+                        vcpu.async_event_mode().describe()
+                    ));
+                    return None;
+                };
+                eprintln!("counting {event:?}");
+                for i in 0..loops.len() {
+                    bus.stop_after_write = Some((PORT_TICK, i as u64));
+                    assert_eq!(run_to_exit(&mut vcpu, &mut bus), VmExit::IoStop);
+                    counts.push(vcpu.guest_event_count().expect("the counter is open"));
+                }
+            }
+        }
+        Some(counts.windows(2).map(|w| w[1] - w[0]).collect())
+    };
+    let instructions = per_out(BackendKind::Software).unwrap();
+    let iterations: Vec<u64> = instructions.iter().map(|i| (i - 3) / 2).collect();
+    assert_eq!(
+        iterations,
+        loops[1..].iter().map(|&n| u64::from(n)).collect::<Vec<_>>(),
+        "the software CPU ran the loops as written ({instructions:?} instructions between OUTs)"
+    );
+    if let Some(branches) = per_out(BackendKind::Kvm) {
+        assert_eq!(
+            branches, iterations,
+            "retired conditional branches counted by the guest PMU vs the loops the software CPU ran"
+        );
+    }
+}
+
 #[test]
 fn auto_backend_choice_has_a_reason() {
     let choice = kvm::select_backend("auto").unwrap();
@@ -841,7 +926,7 @@ fn software_breakpoints_on(kinds: &[BackendKind]) {
         if kind == BackendKind::Kvm && on_pvm() {
             let err = vcpu.set_breakpoints(&bps).unwrap_err().to_string();
             assert!(err.contains("not hardware-backed"), "{err}");
-            println!("SKIPPED (KVM half): {err}");
+            skip_kvm(&format!("(KVM half) {err}"));
             return None;
         }
         vcpu.set_breakpoints(&bps).unwrap();

@@ -9,6 +9,7 @@ mod bench;
 mod bench_gdb;
 mod doctor;
 mod eval;
+mod hw_acceptance;
 mod images;
 mod krr_bin;
 mod manifests;
@@ -39,6 +40,21 @@ enum Command {
         /// One JSON array of findings instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// The ordered checks of the KVM path on a VT-x/AMD-V host (CloudLab),
+    /// each with a verdict: hardware KVM, PMU, the KVM selftests with
+    /// nothing skipped, PMU counts against the software CPU, Linux on KVM,
+    /// recordings on KVM replayed on the software CPU (1 and 2 vCPUs).
+    HwAcceptance {
+        /// Run the checks even where /dev/kvm is not hardware-backed.
+        #[arg(long)]
+        force: bool,
+        /// Only these checks (comma-separated names, as the report lists them).
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+        /// Results directory (default: results/hw-acceptance/<UTC time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Install the Debian packages the project needs (idempotent).
     Setup {
@@ -149,6 +165,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Doctor { json } => doctor::run(json),
+        Command::HwAcceptance { force, only, out } => hw_acceptance::run(force, only, out),
         Command::Setup { check } => setup::run(check),
         Command::Validate { paths } => manifests::validate(&paths),
         Command::Schema { out } => manifests::schema(out.as_deref()),

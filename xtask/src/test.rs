@@ -82,6 +82,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     cargo(&args, &envs)?;
     if extra.is_empty() {
+        host_verdicts()?;
         // The main job, end to end on its smallest matrix: every scheme.
         eprintln!("== cargo xtask eval record-perf --quick");
         let out = repo_root().join("target/eval-quick");
@@ -116,6 +117,36 @@ pub fn run(extra: &[String]) -> Result<()> {
             ],
             &envs,
         )?;
+    }
+    Ok(())
+}
+
+/// `doctor` and `hw-acceptance` on this host, with the engine's own
+/// verdict: a host without hardware KVM (this project's PVM machine) is
+/// reported as such, and hw-acceptance says plainly that it cannot run.
+fn host_verdicts() -> Result<()> {
+    eprintln!("== cargo xtask doctor, hw-acceptance: this host's verdicts");
+    let findings = crate::doctor::findings();
+    let kvm = findings
+        .iter()
+        .find(|f| f.topic == "kvm")
+        .context("doctor reported nothing about KVM")?;
+    eprintln!("   doctor: {}", kvm.what);
+    let engine = crate::doctor::EngineView::ask()?;
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if pvm && !(kvm.what.contains("PVM") && engine.kvm_verdict == "software-hypervisor") {
+        bail!("doctor on this PVM host says: {} ({:?})", kvm.what, engine);
+    }
+    if !Path::new("/sys/bus/event_source/devices/cpu").exists() {
+        let pmu = findings.iter().find(|f| f.topic == "pmu");
+        if !pmu.is_some_and(|f| f.what.contains("no CPU PMU")) {
+            bail!("doctor on a host without a CPU PMU says: {pmu:?}");
+        }
+    }
+    match crate::hw_acceptance::can_run_here(&engine) {
+        Ok(()) => eprintln!("   hw-acceptance would run here (hardware KVM): run it by hand"),
+        Err(reason) if engine.kvm_verdict != "hardware" => eprintln!("   {reason}"),
+        Err(reason) => bail!("hw-acceptance refuses a hardware KVM host: {reason}"),
     }
     Ok(())
 }

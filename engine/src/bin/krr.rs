@@ -63,8 +63,10 @@ enum Command {
     /// Record one stress-ng stressor from /init on (software CPU) and replay
     /// the kernel alone: passed, diverged, unsupported or failed.
     ValidateReplayOne(krr_engine::harness::ValidateReplayOneArgs),
-    /// Which CPU backend `--backend` picks on this host, and why; prints
-    /// `{"backend": ..., "reason": ...}` with --json.
+    /// Which CPU backend `--backend` picks on this host, and why; with
+    /// --json also what /dev/kvm is (`kvm.verdict`: hardware,
+    /// software-hypervisor, absent) and how KVM would position asynchronous
+    /// events (`kvm_async_events.mode`: pmu-counted, deterministic-points).
     Backend {
         #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
         backend: BackendArg,
@@ -631,9 +633,18 @@ fn main() -> anyhow::Result<()> {
             let reason = reason.unwrap_or_else(|| "requested with --backend tcg".into());
             let name = chosen.name();
             if json {
+                // The facts behind the choice, so that `cargo xtask doctor`
+                // and `hw-acceptance` judge the host exactly as the engine does.
+                let kvm = krr_engine::hypervisor::kvm::detect();
+                let events = krr_engine::hypervisor::kvm::AsyncEventMode::detect();
                 println!(
                     "{}",
-                    serde_json::json!({ "backend": name, "reason": reason })
+                    serde_json::json!({
+                        "backend": name,
+                        "reason": reason,
+                        "kvm": { "verdict": kvm.verdict(), "reason": kvm.reason() },
+                        "kvm_async_events": { "mode": events.name(), "detail": events.describe() },
+                    })
                 );
             } else {
                 println!("{name}: {reason}");

@@ -18,6 +18,11 @@
 
 #![allow(dead_code)]
 
+#[path = "kvm_required.rs"]
+mod kvm_required;
+#[allow(unused_imports)] // not every test binary skips by hand
+pub use kvm_required::{kvm_usable, skip_kvm};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -499,14 +504,12 @@ pub enum BackendKind {
     Software,
 }
 
-/// The VM for `kind`, or `None` (with the SKIPPED line) where `/dev/kvm`
-/// is absent. PVM is used: it is a real KVM API, only slow in ring 0.
+/// The VM for `kind`, or `None` (with the SKIPPED line, or a failure
+/// under `KRR_TEST_REQUIRE_KVM`) where `/dev/kvm` is absent. PVM is used: it is a real KVM API, only slow in ring 0.
 pub fn make_vm(kind: BackendKind, mem: &GuestMemoryMmap) -> Option<Box<dyn Vm>> {
     let mut vm: Box<dyn Vm> = match kind {
         BackendKind::Kvm => {
-            let availability = krr_engine::hypervisor::kvm::detect();
-            if !availability.usable() {
-                println!("SKIPPED: /dev/kvm absent ({})", availability.reason());
+            if !kvm_usable() {
                 return None;
             }
             Box::new(krr_engine::hypervisor::kvm::KvmVm::new(mem).expect("KVM VM"))

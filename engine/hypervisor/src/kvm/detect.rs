@@ -52,6 +52,15 @@ impl KvmAvailability {
     pub fn usable(&self) -> bool {
         !matches!(self, Self::Absent { .. })
     }
+
+    /// The verdict's stable name, for tools that read `krr backend --json`.
+    pub fn verdict(&self) -> &'static str {
+        match self {
+            Self::HardwareBacked { .. } => "hardware",
+            Self::SoftwareHypervisor { .. } => "software-hypervisor",
+            Self::Absent { .. } => "absent",
+        }
+    }
 }
 
 impl fmt::Display for KvmAvailability {
@@ -167,6 +176,14 @@ impl AsyncEventMode {
             Self::PmuCounted(CountedEvent::for_host())
         } else {
             Self::DeterministicPoints
+        }
+    }
+
+    /// The mode's stable name, for tools that read `krr backend --json`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::PmuCounted(_) => "pmu-counted",
+            Self::DeterministicPoints => "deterministic-points",
         }
     }
 

@@ -110,6 +110,13 @@ impl KvmVm {
         self.mode
     }
 
+    /// Positions asynchronous events of vCPUs created from now on by
+    /// deterministic points even where a PMU exists, so the no-PMU policy
+    /// can be checked on any host.
+    pub fn use_deterministic_points(&mut self) {
+        self.mode = AsyncEventMode::DeterministicPoints;
+    }
+
     /// The CPU features this host's KVM can give a guest. On a software
     /// hypervisor (PVM) that is less than KVM_GET_SUPPORTED_CPUID says:
     /// PVM reports CMPXCHG16B, but its ring-0 emulator cannot execute it

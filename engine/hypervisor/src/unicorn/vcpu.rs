@@ -228,6 +228,14 @@ impl UnicornVcpu {
             Some(Stop::Io) => {
                 // RIP is at the start of the instruction whose access asked
                 // for the stop; finish it, replaying what it already did.
+                // Its block was counted whole on entry: take back the
+                // instructions from RIP on (the step counts this one).
+                st.uncount_rest_of_block(new_rip)
+                    .map_err(|reason| HypervisorError::Backend {
+                        backend: BACKEND,
+                        op: "I/O stop",
+                        reason,
+                    })?;
                 let made = std::mem::take(&mut st.recent);
                 st.exits_by_kind.io_stops += 1;
                 return match self.step(e, made)? {
