@@ -4,7 +4,7 @@
 //! string it points to; stepi then reverse-stepi back to identical
 //! registers; reverse-continue from a later breakpoint hit to the earlier
 //! one; malformed packets and a disconnect leave the stub working and the
-//! recording unchanged.
+//! recording unchanged; the kernel's own helpers (`lx-dmesg`) work.
 //!
 //! Needs `KRR_AGENT_KERNEL` (the `-krr` bzImage, with its vmlinux beside
 //! it) and `KRR_TEST_INITRD` (set by `cargo xtask test`), and gdb.
@@ -248,6 +248,59 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
         std::fs::read(&events).unwrap(),
         recorded,
         "the recording is never modified"
+    );
+}
+
+/// The kernel's own gdb helpers, auto-loaded as the stub's printed command
+/// line says: `lx-dmesg` prints the boot log the recorded kernel holds, and
+/// `lx-ps` its tasks (the recording's `cat` among them).
+#[test]
+fn the_kernels_gdb_helpers_read_the_recorded_kernel() {
+    if !gdb_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(vmlinux) = record_cat(tmp.path()) else {
+        return;
+    };
+    let scripts = vmlinux.with_file_name("vmlinux-gdb.py");
+    assert!(
+        scripts.is_file(),
+        "{} missing: the kernel images keep the kernel's gdb scripts",
+        scripts.display()
+    );
+    let stub = Stub::start(tmp.path());
+    let safe_path = format!(
+        "add-auto-load-safe-path {}",
+        vmlinux.parent().unwrap().display()
+    );
+    let target = format!("target remote {}", stub.socket.display());
+    let out = Command::new("gdb")
+        .args(["-batch", "-nx", "-iex", &safe_path])
+        .args(["-ex", "set pagination off", "-ex", &target])
+        .args(["-ex", "lx-dmesg", "-ex", "echo ==PS==\n", "-ex", "lx-ps"])
+        .arg(&vmlinux)
+        .output()
+        .expect("running gdb");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, err) = stub.finish();
+    assert!(ok, "the stub failed: {err}");
+    assert!(
+        err.contains(&format!("-iex '{safe_path}'")),
+        "the printed command line lets gdb load the helpers: {err}"
+    );
+    let (dmesg, ps) = text.split_once("==PS==").expect("both commands ran");
+    assert!(
+        dmesg.contains("Linux version 6.1") && dmesg.contains("Command line:"),
+        "lx-dmesg prints the boot log: {text}"
+    );
+    assert!(
+        ps.contains("swapper/0") && ps.contains("init"),
+        "lx-ps lists the kernel's tasks: {text}"
     );
 }
 

@@ -18,7 +18,7 @@ use gdbstub::target::Target;
 use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the stub waits for gdb.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,52 @@ impl Listen {
             Listen::Unix(path) => path.display().to_string(),
         }
     }
+}
+
+/// The kernel's gdb helpers (`lx-dmesg`, `lx-ps`, ...), which the
+/// project's kernel images keep beside `vmlinux`.
+const KERNEL_GDB_SCRIPT: &str = "vmlinux-gdb.py";
+
+/// `s` quoted for a POSIX shell.
+fn shell_quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The gdb command line that debugs through the stub at `target` with the
+/// symbols of `vmlinux`; where the kernel's gdb helpers lie beside it,
+/// gdb is first told that it may auto-load them from there.
+pub fn gdb_command_line(target: &str, vmlinux: &Path) -> String {
+    let mut cmd = String::from("gdb");
+    let dir = vmlinux
+        .parent()
+        .filter(|d| d.join(KERNEL_GDB_SCRIPT).is_file());
+    if let Some(dir) = dir {
+        let safe = format!("add-auto-load-safe-path {}", dir.display());
+        cmd += &format!(" -iex {}", shell_quoted(&safe));
+    }
+    let remote = format!("target remote {target}");
+    cmd += &format!(
+        " -ex {} {}",
+        shell_quoted(&remote),
+        shell_quoted(&vmlinux.display().to_string())
+    );
+    cmd
+}
+
+/// Why the `lx-*` commands will be missing with this `vmlinux`, if they
+/// will.
+pub fn missing_kernel_scripts(vmlinux: &Path) -> Option<String> {
+    let dir = vmlinux.parent()?;
+    if dir.join(KERNEL_GDB_SCRIPT).is_file() {
+        return None;
+    }
+    Some(format!(
+        "no {KERNEL_GDB_SCRIPT} beside {}: the kernel's gdb helpers (lx-dmesg, lx-ps, ...) are not loaded. \
+         The project's kernel images keep them (an image cached without them is completed or rebuilt by \
+         `cargo xtask images build`); for another kernel, build it with CONFIG_GDB_SCRIPTS=y and \
+         `source` its build tree's {KERNEL_GDB_SCRIPT} in gdb",
+        vmlinux.display()
+    ))
 }
 
 type Conn = PacketFilter<Box<dyn ConnectionExt<Error = std::io::Error>>>;
@@ -251,6 +297,31 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_printed_gdb_command_auto_loads_the_kernels_helpers_where_they_are() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("it's here");
+        std::fs::create_dir(&dir).unwrap();
+        let vmlinux = dir.join("vmlinux");
+        std::fs::write(&vmlinux, "ELF").unwrap();
+        let plain = gdb_command_line(":1234", &vmlinux);
+        assert!(!plain.contains("auto-load"), "{plain}");
+        assert!(missing_kernel_scripts(&vmlinux)
+            .unwrap()
+            .contains("lx-dmesg"));
+        std::fs::write(dir.join(KERNEL_GDB_SCRIPT), "import linux").unwrap();
+        let cmd = gdb_command_line(":1234", &vmlinux);
+        let quoted_dir = dir.display().to_string().replace('\'', "'\\''");
+        assert_eq!(
+            cmd,
+            format!(
+                "gdb -iex 'add-auto-load-safe-path {quoted_dir}' -ex 'target remote :1234' '{}'",
+                vmlinux.display().to_string().replace('\'', "'\\''")
+            )
+        );
+        assert!(missing_kernel_scripts(&vmlinux).is_none());
+    }
 
     /// A connection fed from a byte string, keeping what is written.
     struct Bytes(VecDeque<u8>, Vec<u8>);

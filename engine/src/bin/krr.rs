@@ -8,7 +8,7 @@ use krr_engine::harness::parse_size;
 use krr_engine::machine::{Backend, Machine, MachineConfig, RunEnd, RunReport};
 use krr_engine::record::recorder::{RecordConfig, StartTrigger, StopTrigger};
 use krr_engine::record::session::RecordingSession;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -467,10 +467,16 @@ fn debug_replay(
     let outcome = krr_gdb::serve(&mut target, &listen, |addr| {
         eprintln!("krr: waiting for gdb on {addr}; connect with:");
         match &vmlinux {
-            Some(v) => eprintln!("  gdb -ex 'target remote {addr}' {v}"),
+            Some(v) => eprintln!("  {}", krr_gdb::gdb_command_line(addr, Path::new(v))),
             None => eprintln!(
                 "  gdb -ex 'target remote {addr}' VMLINUX\n(the recording names no vmlinux that exists here: use the kernel build's vmlinux for symbols)"
             ),
+        }
+        if let Some(note) = vmlinux
+            .as_ref()
+            .and_then(|v| krr_gdb::missing_kernel_scripts(Path::new(v)))
+        {
+            eprintln!("krr: {note}");
         }
         eprintln!("krr: vCPUs are gdb threads; breakpoints, stepi, continue, reverse-stepi, reverse-continue and 'monitor help' work; writes to memory and registers are refused");
     })?;

@@ -75,6 +75,13 @@ impl KernelBuild {
 /// The files a kernel image consists of, by name inside the image directory.
 pub const KERNEL_FILES: [&str; 4] = ["bzImage", "vmlinux", "System.map", "config"];
 
+/// The kernel's gdb helpers (`lx-dmesg`, `lx-ps`, ...): `vmlinux-gdb.py`
+/// beside `vmlinux`, which gdb auto-loads (from a safe path) and which
+/// imports `scripts/gdb/linux/*.py` relative to itself.
+pub const GDB_SCRIPT: &str = "vmlinux-gdb.py";
+/// The directory entry of the image that holds the helpers' modules.
+pub const GDB_SCRIPTS_DIR: &str = "scripts";
+
 /// Builds the kernel into `out` (a fresh directory that becomes the image).
 /// On failure the source and object trees are removed (they are large and
 /// useless half-built); `build.log` stays for inspection.
@@ -201,6 +208,28 @@ fn copy_outputs(obj: &Path, out: &Path) -> Result<()> {
         (obj.join(".config"), "config"),
     ] {
         std::fs::copy(&from, out.join(to)).map_err(io_err(&from, "copy kernel output"))?;
+    }
+    copy_gdb_scripts(obj, out)
+}
+
+/// Copies the gdb helpers out of the object tree `obj` (CONFIG_GDB_SCRIPTS
+/// links them to the source tree there, beside the generated
+/// `constants.py`) into `out` as plain files.
+pub(crate) fn copy_gdb_scripts(obj: &Path, out: &Path) -> Result<()> {
+    let from = obj.join(GDB_SCRIPT);
+    std::fs::copy(&from, out.join(GDB_SCRIPT)).map_err(io_err(
+        &from,
+        "copy the kernel's gdb scripts (is CONFIG_GDB_SCRIPTS set?)",
+    ))?;
+    let modules = obj.join("scripts/gdb/linux");
+    let to = out.join(GDB_SCRIPTS_DIR).join("gdb/linux");
+    std::fs::create_dir_all(&to).map_err(io_err(&to, "create directory"))?;
+    for entry in std::fs::read_dir(&modules).map_err(io_err(&modules, "list"))? {
+        let path = entry.map_err(io_err(&modules, "list"))?.path();
+        if path.extension().is_some_and(|e| e == "py") {
+            let name = path.file_name().expect("a listed file has a name");
+            std::fs::copy(&path, to.join(name)).map_err(io_err(&path, "copy gdb script"))?;
+        }
     }
     Ok(())
 }

@@ -204,7 +204,8 @@ pub struct BuiltImage {
     pub kind: ImageKind,
     pub recipe_hash: String,
     pub dir: PathBuf,
-    /// By file name: `bzImage`, `vmlinux`, `System.map`, `config` (kernel);
+    /// By file name: `bzImage`, `vmlinux`, `System.map`, `config`,
+    /// `vmlinux-gdb.py` and the `scripts` directory (kernel);
     /// `initramfs.cpio.gz`; `rootfs.ext4`.
     pub files: BTreeMap<String, ImageFile>,
     /// Seconds the build took (0 when it came from the cache).
@@ -438,11 +439,40 @@ fn load_built(dir: &Path) -> Result<Option<BuiltImage>> {
     // The manifest records how long the build took; served from the cache,
     // this call built nothing.
     image.build_seconds = 0.0;
-    if image.files.values().all(|f| f.path.is_file()) {
+    if image.files.values().all(|f| f.path.exists()) {
         Ok(Some(image))
     } else {
         Ok(None)
     }
+}
+
+/// A kernel image cached before images kept the kernel's gdb scripts gets
+/// them from its build tree when that tree still holds exactly this image's
+/// vmlinux (no compile); otherwise `None`, and the image is built again.
+fn with_gdb_scripts(image: BuiltImage, build_dir: &Path) -> Result<Option<BuiltImage>> {
+    if image.files.contains_key(kernel::GDB_SCRIPT) {
+        return Ok(Some(image));
+    }
+    let obj = build_dir.join("out");
+    let (Some(vmlinux), true) = (
+        image.files.get("vmlinux"),
+        obj.join(kernel::GDB_SCRIPT).exists(),
+    ) else {
+        return Ok(None);
+    };
+    let tree_vmlinux = obj.join("vmlinux");
+    if !tree_vmlinux.is_file() || crate::store::sha256_file(&tree_vmlinux)? != vmlinux.sha256 {
+        return Ok(None);
+    }
+    kernel::copy_gdb_scripts(&obj, &image.dir)?;
+    let image = BuiltImage {
+        files: hash_entries(&image.dir, &image.dir)?,
+        ..image
+    };
+    let manifest = image.dir.join(MANIFEST);
+    let json = serde_json::to_string_pretty(&image).expect("image serializes");
+    std::fs::write(&manifest, json).map_err(io_err(&manifest, "write"))?;
+    Ok(Some(image))
 }
 
 /// Builds `spec` unless an image with the same recipe hash is cached, and
@@ -450,8 +480,28 @@ fn load_built(dir: &Path) -> Result<Option<BuiltImage>> {
 pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
     let hash = recipe_hash(ctx.root, spec)?;
     let final_dir = image_dir(&ctx.dirs, &spec.name, &hash);
+    // `upgrade` (under the recipe's lock only) may add the gdb scripts to a
+    // kernel image cached without them.
+    let cached = |upgrade: bool| -> Result<Option<BuiltImage>> {
+        match (load_built(&final_dir)?, &spec.recipe) {
+            (Some(image), ImageRecipe::Kernel(k)) => {
+                let own_tree = ctx.dirs.build.join(format!("kernel-{}", &hash[..16]));
+                match k.base {
+                    None if upgrade => with_gdb_scripts(image, &own_tree),
+                    // A derived kernel is built in the base's tree, which
+                    // may hold another kernel now: without the scripts, it
+                    // is built again.
+                    _ => Ok(image
+                        .files
+                        .contains_key(kernel::GDB_SCRIPT)
+                        .then_some(image)),
+                }
+            }
+            (image, _) => Ok(image),
+        }
+    };
     if !ctx.force {
-        if let Some(image) = load_built(&final_dir)? {
+        if let Some(image) = cached(false)? {
             return Ok(image);
         }
     }
@@ -459,7 +509,7 @@ pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
     // `cargo xtask` processes): the loser waits, then finds it cached.
     let _lock = ctx.store.lock(&format!("image-{}", &hash[..16]))?;
     if !ctx.force {
-        if let Some(image) = load_built(&final_dir)? {
+        if let Some(image) = cached(true)? {
             return Ok(image);
         }
     }
@@ -542,6 +592,56 @@ pub fn build(ctx: &BuildContext<'_>, spec: &ImageSpec) -> Result<BuiltImage> {
     finished
 }
 
+/// The entries of the image directory `dir` (to be found at `final_dir`):
+/// a file by its sha256, a directory (the kernel's gdb scripts) by the
+/// sha256 of its files' relative paths and sha256s, in order.
+fn hash_entries(dir: &Path, final_dir: &Path) -> Result<BTreeMap<String, ImageFile>> {
+    let mut files = BTreeMap::new();
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io_err(dir, "list"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != MANIFEST)
+        .collect();
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let (sha256, size) = hash_tree(&path, Path::new(""))?;
+        files.insert(
+            name.clone(),
+            ImageFile {
+                path: final_dir.join(&name),
+                sha256,
+                size,
+            },
+        );
+    }
+    Ok(files)
+}
+
+/// (sha256, bytes) of a file, or of a directory's files as described at
+/// [`hash_entries`]; `rel` is `path`'s place inside the tree.
+fn hash_tree(path: &Path, rel: &Path) -> Result<(String, u64)> {
+    let meta = std::fs::metadata(path).map_err(io_err(path, "stat"))?;
+    if !meta.is_dir() {
+        return Ok((crate::store::sha256_file(path)?, meta.len()));
+    }
+    let mut names: Vec<_> = std::fs::read_dir(path)
+        .map_err(io_err(path, "list"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    let mut hasher = Sha256::new();
+    let mut total = 0;
+    for name in names {
+        let (sha, size) = hash_tree(&path.join(&name), &rel.join(&name))?;
+        hasher.update(format!("{} {sha}\n", rel.join(&name).display()));
+        total += size;
+    }
+    Ok((hex::encode(hasher.finalize()), total))
+}
+
 /// Hashes the files in `partial`, writes `manifest.json` and renames the
 /// directory to its final name.
 fn finish_image(
@@ -551,27 +651,7 @@ fn finish_image(
     final_dir: &Path,
     build_seconds: f64,
 ) -> Result<BuiltImage> {
-    let mut files = BTreeMap::new();
-    let mut names: Vec<_> = std::fs::read_dir(partial)
-        .map_err(io_err(partial, "list"))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for name in names {
-        let path = partial.join(&name);
-        let size = std::fs::metadata(&path)
-            .map_err(io_err(&path, "stat"))?
-            .len();
-        files.insert(
-            name.clone(),
-            ImageFile {
-                path: final_dir.join(&name),
-                sha256: crate::store::sha256_file(&path)?,
-                size,
-            },
-        );
-    }
+    let files = hash_entries(partial, final_dir)?;
     let image = BuiltImage {
         name: spec.name.clone(),
         kind: spec.recipe.kind(),
@@ -772,4 +852,75 @@ pub fn default_busybox(specs: &[ImageSpec]) -> Result<DebianPackageRef> {
             value: "none".into(),
             expected: "an initramfs image in manifests/ that pins busybox-static".into(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A kernel image cached before the gdb scripts, and its build tree.
+    fn old_image(root: &Path, tree_vmlinux: &str) -> (BuiltImage, PathBuf) {
+        let dir = root.join("images/guest-0123456789abcdef");
+        write(&dir.join("vmlinux"), "ELF vmlinux");
+        write(&dir.join("bzImage"), "bzImage");
+        let image = BuiltImage {
+            name: "guest".into(),
+            kind: ImageKind::Kernel,
+            recipe_hash: "0123456789abcdef".repeat(4),
+            dir: dir.clone(),
+            files: hash_entries(&dir, &dir).unwrap(),
+            build_seconds: 1.0,
+        };
+        let tree = root.join("build/kernel-0123456789abcdef");
+        let obj = tree.join("out");
+        write(&obj.join("vmlinux"), tree_vmlinux);
+        write(&obj.join(kernel::GDB_SCRIPT), "import linux.dmesg");
+        write(&obj.join("scripts/gdb/linux/dmesg.py"), "lx-dmesg");
+        write(&obj.join("scripts/gdb/linux/constants.py"), "LX_X = 1");
+        write(&obj.join("scripts/gdb/linux/.dmesg.py.cmd"), "not copied");
+        (image, tree)
+    }
+
+    #[test]
+    fn a_cached_kernel_gets_its_gdb_scripts_from_its_own_build_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (image, tree) = old_image(tmp.path(), "ELF vmlinux");
+        let upgraded = with_gdb_scripts(image, &tree).unwrap().expect("upgraded");
+        let dir = upgraded.dir.clone();
+        assert!(upgraded.files.contains_key(kernel::GDB_SCRIPT));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("scripts/gdb/linux/dmesg.py")).unwrap(),
+            "lx-dmesg"
+        );
+        assert!(!dir.join("scripts/gdb/linux/.dmesg.py.cmd").exists());
+        // The scripts directory is one entry, hashed over its files.
+        let scripts = &upgraded.files[kernel::GDB_SCRIPTS_DIR];
+        assert_eq!(
+            scripts.size,
+            "lx-dmesg".len() as u64 + "LX_X = 1".len() as u64
+        );
+        let again = load_built(&dir)
+            .unwrap()
+            .expect("the manifest was rewritten");
+        assert_eq!(again.files[kernel::GDB_SCRIPTS_DIR].sha256, scripts.sha256);
+        write(&dir.join("scripts/gdb/linux/dmesg.py"), "changed");
+        assert_ne!(
+            hash_entries(&dir, &dir).unwrap()[kernel::GDB_SCRIPTS_DIR].sha256,
+            scripts.sha256
+        );
+    }
+
+    #[test]
+    fn a_build_tree_holding_another_kernel_does_not_lend_its_scripts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (image, tree) = old_image(tmp.path(), "ELF of a derived kernel");
+        assert!(with_gdb_scripts(image.clone(), &tree).unwrap().is_none());
+        std::fs::remove_dir_all(&tree).unwrap();
+        assert!(with_gdb_scripts(image, &tree).unwrap().is_none());
+    }
 }
