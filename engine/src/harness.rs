@@ -39,9 +39,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512M, 1G or a byte count)"))
+    let n = num
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?} is not a size (expected e.g. 512M, 1G or a byte count)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is more bytes than 64 bits count"))
 }
 
 /// `krr bench-record`: one plain and one recorded run of a workload on the
@@ -320,4 +322,19 @@ pub fn validate_stressor(
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_and_an_overflowing_one_is_an_error() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("3g"), Ok(3 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        let e = parse_size("99999999999G").unwrap_err();
+        assert_eq!(e, "\"99999999999G\" is more bytes than 64 bits count");
+        assert!(parse_size("12X").unwrap_err().contains("not a size"));
+    }
 }

@@ -5,14 +5,18 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PRESENT: u64 = 1;
+#[cfg(test)]
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
-/// The guest-physical address of virtual address `va` under page tables
-/// rooted at `cr3`, or `None` where a level is not present (or the tables
-/// lie outside guest memory).
-pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
+/// Walks the tables rooted at `cr3` to `va`: its guest-physical address
+/// and whether user mode may access it (x86 grants that only where every
+/// level has the user bit).
+fn walk(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<(u64, bool)> {
     let mut table = cr3 & ADDR_MASK;
+    let mut rights = USER;
     for level in (0..4).rev() {
         let shift = 12 + 9 * level;
         let index = (va >> shift) & 0x1ff;
@@ -20,19 +24,31 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
         if entry & PRESENT == 0 {
             return None;
         }
+        rights &= entry;
         // 1 GiB and 2 MiB pages end the walk at levels 2 and 1.
         if (level == 2 || level == 1) && entry & PAGE_SIZE_BIT != 0 {
             let page_mask = (1u64 << shift) - 1;
-            return Some((entry & ADDR_MASK & !page_mask) | (va & page_mask));
+            return Some((
+                (entry & ADDR_MASK & !page_mask) | (va & page_mask),
+                rights != 0,
+            ));
         }
         table = entry & ADDR_MASK;
     }
-    Some(table | (va & 0xfff))
+    Some((table | (va & 0xfff), rights != 0))
+}
+
+/// The guest-physical address of virtual address `va` under page tables
+/// rooted at `cr3`, or `None` where a level is not present (or the tables
+/// lie outside guest memory).
+pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
+    walk(mem, cr3, va).map(|(gpa, _)| gpa)
 }
 
 /// The guest-physical address of the 4 KiB page-table entry that maps
-/// `va` (the entry itself may be not present), or `None` where an upper
-/// level is not present or maps a large page.
+/// user address `va` (the entry itself may be not present), or `None`
+/// where an upper level is not present, maps a large page or is not
+/// open to user mode (the entry would belong to the kernel's half).
 pub fn pte_location(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
     let mut table = cr3 & ADDR_MASK;
     for level in (1..4).rev() {
@@ -40,7 +56,9 @@ pub fn pte_location(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
         let entry: u64 = mem
             .read_obj(GuestAddress(table + ((va >> shift) & 0x1ff) * 8))
             .ok()?;
-        if entry & PRESENT == 0 || ((level == 2 || level == 1) && entry & PAGE_SIZE_BIT != 0) {
+        if entry & (PRESENT | USER) != PRESENT | USER
+            || ((level == 2 || level == 1) && entry & PAGE_SIZE_BIT != 0)
+        {
             return None;
         }
         table = entry & ADDR_MASK;
@@ -48,73 +66,154 @@ pub fn pte_location(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Option<u64> {
     Some(table + ((va >> 12) & 0x1ff) * 8)
 }
 
-/// Writes `data` at virtual address `va`, page by page. Returns the bytes
-/// that could not be written (pages not present).
-pub fn write_virtual(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> usize {
-    let mut missed = 0;
+/// What [`write_user`] did with each byte (or a sum of such writes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserWrite {
+    pub written: u64,
+    /// On pages not present (or outside guest memory).
+    pub not_present: u64,
+    /// On pages user mode may not access (the kernel's), or past the top
+    /// of the address space.
+    pub refused: u64,
+}
+
+impl std::ops::AddAssign for UserWrite {
+    fn add_assign(&mut self, other: UserWrite) {
+        self.written += other.written;
+        self.not_present += other.not_present;
+        self.refused += other.refused;
+    }
+}
+
+/// Writes `data` at user virtual address `va`, page by page, on user
+/// pages only (the user bit of every level honoured), so that a recording
+/// cannot make replay write the kernel's memory. Read-only user pages are
+/// written: the kernel reads them too (after fork every private page is
+/// read-only until written, and execve's strings come from such pages),
+/// and user stores made before they became read-only were not replayed.
+pub fn write_user(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> UserWrite {
+    let mut out = UserWrite::default();
+    if va.checked_add(data.len() as u64).is_none() {
+        out.refused = data.len() as u64;
+        return out;
+    }
     let mut done = 0usize;
     while done < data.len() {
-        let at = va.wrapping_add(done as u64);
+        let at = va + done as u64;
         let in_page = (0x1000 - (at & 0xfff)) as usize;
         let n = in_page.min(data.len() - done);
-        match translate(mem, cr3, at) {
-            Some(gpa)
+        let bytes = n as u64;
+        match walk(mem, cr3, at) {
+            Some((_, false)) => out.refused += bytes,
+            Some((gpa, _))
                 if mem
                     .write_slice(&data[done..done + n], GuestAddress(gpa))
-                    .is_ok() => {}
-            _ => missed += n,
+                    .is_ok() =>
+            {
+                out.written += bytes
+            }
+            _ => out.not_present += bytes,
         }
         done += n;
     }
-    missed
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Page tables at 0x1000.. mapping va 0x40_0000 (4 KiB page) to 0x9000
-    /// and va 0x7f_ffe0_0000.. (a 2 MiB page) to 0x20_0000.
+    /// Page tables at 0x1000.. mapping user va 0x40_0000 (4 KiB page) to
+    /// 0x9000, va 0x40_1000 read-only to 0xa000, va 0x7f_ffe0_0000.. (a
+    /// 2 MiB page) to 0x20_0000, and kernel va 0xffff_8880_0000_0000 (a
+    /// supervisor 2 MiB page) to 0x40_0000.
     fn memory() -> (GuestMemoryMmap, u64) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let w = |addr: u64, v: u64| mem.write_obj(v, GuestAddress(addr)).unwrap();
         let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
-        w(pml4, pdpt | 3);
-        w(pdpt, pd | 3);
-        w(pd + 2 * 8, pt | 3); // 0x40_0000 >> 21 == 2
-        w(pt, 0x9000 | 3);
+        let user_rw = PRESENT | WRITABLE | USER;
+        w(pml4, pdpt | user_rw);
+        w(pdpt, pd | user_rw);
+        w(pd + 2 * 8, pt | user_rw); // 0x40_0000 >> 21 == 2
+        w(pt, 0x9000 | user_rw);
+        w(pt + 8, 0xa000 | PRESENT | USER);
         // va 0x7f_ffe0_0000: pml4 0 (as above), pdpt 0x1ff, pd 0x1ff
-        w(pdpt + 0x1ff * 8, 0x5000 | 3);
-        w(0x5000 + 0x1ff * 8, 0x20_0000 | 3 | PAGE_SIZE_BIT);
+        w(pdpt + 0x1ff * 8, 0x5000 | user_rw);
+        w(0x5000 + 0x1ff * 8, 0x20_0000 | user_rw | PAGE_SIZE_BIT);
+        // The kernel's direct map: pml4 0x111, pdpt 0, pd 0.
+        w(pml4 + 0x111 * 8, 0x6000 | PRESENT | WRITABLE);
+        w(0x6000, 0x7000 | PRESENT | WRITABLE);
+        w(0x7000, 0x40_0000 | PRESENT | WRITABLE | PAGE_SIZE_BIT);
         (mem, pml4)
     }
+
+    const KERNEL_VA: u64 = 0xffff_8880_0000_0000;
 
     #[test]
     fn walks_4k_and_2m_pages() {
         let (mem, cr3) = memory();
         assert_eq!(translate(&mem, cr3, 0x40_0123), Some(0x9123));
         assert_eq!(translate(&mem, cr3, 0x7f_ffe1_2345), Some(0x21_2345));
-        assert_eq!(translate(&mem, cr3, 0x40_1000), None);
+        assert_eq!(translate(&mem, cr3, KERNEL_VA + 0x10), Some(0x40_0010));
+        assert_eq!(translate(&mem, cr3, 0x40_2000), None);
         assert_eq!(translate(&mem, cr3, 0x8000_0000), None);
     }
 
     #[test]
-    fn finds_the_entry_of_a_4k_page_only() {
+    fn finds_the_entry_of_a_user_4k_page_only() {
         let (mem, cr3) = memory();
         assert_eq!(pte_location(&mem, cr3, 0x40_0123), Some(0x4000));
-        assert_eq!(pte_location(&mem, cr3, 0x40_1000), Some(0x4008));
+        assert_eq!(pte_location(&mem, cr3, 0x40_2000), Some(0x4010));
         // Mapped by a 2 MiB page: no 4 KiB entry.
         assert_eq!(pte_location(&mem, cr3, 0x7f_ffe1_2345), None);
+        // The kernel's half is not user mode's to touch.
+        assert_eq!(pte_location(&mem, cr3, KERNEL_VA + 0x1000), None);
     }
 
     #[test]
     fn writes_across_a_missing_page() {
         let (mem, cr3) = memory();
         let data = vec![0xabu8; 0x20];
-        // The last 0x10 bytes fall on the unmapped page after 0x40_0000.
-        assert_eq!(write_virtual(&mem, cr3, 0x40_0ff0, &data), 0x10);
+        // The last 0x10 bytes fall past the 2 MiB page, where nothing is
+        // mapped.
+        let done = write_user(&mem, cr3, 0x7f_ffff_fff0, &data);
+        assert_eq!((done.written, done.not_present), (0x10, 0x10));
         let mut back = [0u8; 0x10];
-        mem.read_slice(&mut back, GuestAddress(0x9ff0)).unwrap();
+        mem.read_slice(&mut back, GuestAddress(0x3f_fff0)).unwrap();
         assert_eq!(back, [0xab; 0x10]);
+    }
+
+    /// A recording's user data aimed at kernel memory (a supervisor page,
+    /// or an address that wraps past the top) is refused, and the memory
+    /// behind it keeps its bytes; a read-only user page is written (see
+    /// [`write_user`]).
+    #[test]
+    fn user_writes_honour_the_user_bit() {
+        let (mem, cr3) = memory();
+        let data = [0xcdu8; 8];
+        let refused = UserWrite {
+            refused: 8,
+            ..UserWrite::default()
+        };
+        let written = UserWrite {
+            written: 8,
+            ..UserWrite::default()
+        };
+        assert_eq!(write_user(&mem, cr3, KERNEL_VA + 0x100, &data), refused);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x40_0100)).unwrap(), 0);
+        assert_eq!(write_user(&mem, cr3, u64::MAX - 3, &data), refused);
+        // A user page whose upper level is the kernel's.
+        mem.write_obj(0x2000 | PRESENT | WRITABLE, GuestAddress(cr3))
+            .unwrap();
+        assert_eq!(write_user(&mem, cr3, 0x40_0100, &data), refused);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x9100)).unwrap(), 0);
+        mem.write_obj(0x2000 | PRESENT | WRITABLE | USER, GuestAddress(cr3))
+            .unwrap();
+        assert_eq!(write_user(&mem, cr3, 0x40_0100, &data), written);
+        assert_eq!(write_user(&mem, cr3, 0x40_1100, &data), written);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0xa100)).unwrap(),
+            0xcdcd_cdcd_cdcd_cdcd
+        );
     }
 }

@@ -670,6 +670,11 @@ struct ConsoleWatch {
     /// the kernel started /init.
     to_init: Option<(u64, Duration)>,
     first_init_line: Option<Duration>,
+    /// After /init's start: where the search for the end of its first
+    /// line goes on (output before it was searched), and the newlines
+    /// seen since the marker (its own line's, then the first line's).
+    init_search: usize,
+    init_newlines: u8,
     end_status: Option<i32>,
     /// Virtual time (ns) when `/init` printed its start and end markers.
     command_started_ns: Option<u64>,
@@ -712,14 +717,23 @@ impl ConsoleWatch {
         let from = self.scanned.saturating_sub(200);
         let text = String::from_utf8_lossy(&out[from..]);
         self.scanned = out.len();
-        if self.to_init.is_none() && text.contains(INIT_MARKER) {
-            self.to_init = Some((instructions, elapsed));
+        if self.to_init.is_none() {
+            if let Some(at) = find(&out[from..], INIT_MARKER.as_bytes()) {
+                self.to_init = Some((instructions, elapsed));
+                self.init_search = from + at;
+            }
         }
-        if self.to_init.is_some()
-            && self.first_init_line.is_none()
-            && first_line_after(out, INIT_MARKER)
-        {
-            self.first_init_line = Some(elapsed);
+        // Only the new output is searched: a chatty guest that prints no
+        // line after the marker must not make every scan read it all.
+        if self.to_init.is_some() && self.first_init_line.is_none() {
+            for &b in &out[self.init_search..] {
+                self.init_newlines += u8::from(b == b'\n');
+                if self.init_newlines == 2 {
+                    self.first_init_line = Some(elapsed);
+                    break;
+                }
+            }
+            self.init_search = out.len();
         }
         if self.command_started_ns.is_none() && parse_marker(&text, START_MARKER).is_some() {
             self.command_started_ns = Some(virtual_ns);
@@ -746,10 +760,14 @@ impl ConsoleWatch {
     }
 }
 
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 /// Whether `out` holds a complete line after the line containing `marker`.
 pub fn first_line_after(out: &[u8], marker: &str) -> bool {
-    let m = marker.as_bytes();
-    let Some(i) = out.windows(m.len()).position(|w| w == m) else {
+    let Some(i) = find(out, marker.as_bytes()) else {
         return false;
     };
     let rest = &out[i..];
@@ -808,6 +826,37 @@ mod tests {
                 wall_seconds: 5.0
             })
         );
+    }
+
+    /// /init's first line is found whichever scans its bytes arrive in,
+    /// and a chatty guest's output is searched once, not again at every
+    /// scan (that was quadratic in the output).
+    #[test]
+    fn the_first_init_line_is_searched_in_new_output_only() {
+        let t = |s| Duration::from_secs(s);
+        let mut watch = ConsoleWatch::default();
+        let mut out = b"boot\n[ 0.13] Run /init as".to_vec();
+        watch.scan(&out, 1, 0, t(1));
+        out.extend_from_slice(b" init process\nKRR-START");
+        watch.scan(&out, 2, 0, t(2));
+        assert_eq!(watch.to_init, Some((2, t(2))));
+        assert_eq!(watch.first_init_line, None, "its line is not complete");
+        // Megabytes without a newline, a scan after every kilobyte.
+        let start = std::time::Instant::now();
+        for _ in 0..5_000 {
+            out.extend_from_slice(&[b'x'; 1024]);
+            watch.scan(&out, 3, 0, t(3));
+        }
+        assert!(
+            start.elapsed() < t(2),
+            "5,000 scans of 1 KiB each took {:?}",
+            start.elapsed()
+        );
+        assert_eq!(watch.first_init_line, None);
+        out.extend_from_slice(b"\n");
+        watch.scan(&out, 4, 0, t(4));
+        assert_eq!(watch.first_init_line, Some(t(4)));
+        assert!(first_line_after(&out, INIT_MARKER));
     }
 
     #[test]

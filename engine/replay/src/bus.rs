@@ -9,7 +9,7 @@ use krr_machine::cpuid::{cpuid, CpuidConfig};
 use krr_record::abi;
 use krr_record::event::LogEvent;
 use krr_record::log::DmaLogReader;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// The bus of a replay: no devices, the log answers.
 pub(super) struct ReplayBus<'a> {
@@ -184,6 +184,17 @@ impl IoBus for ReplayBus<'_> {
             else {
                 break;
             };
+            // A recording's DMA lands in guest RAM or nowhere; checked before
+            // the DMA log is read for it.
+            if !in_ram(&self.mem, gpa, len) {
+                let ram = self.mem.last_addr().0.saturating_add(1);
+                self.diverge(
+                    i,
+                    format!("DMA of {len} bytes to guest-physical {gpa:#x}, inside guest RAM"),
+                    format!("guest RAM ends at {ram:#x}: the recording's DMA lies outside it"),
+                );
+                break;
+            }
             let bytes = self.dma.as_mut().map(|d| d.read(dma_offset, len as usize));
             match bytes {
                 Some(Ok(bytes)) => {
@@ -271,6 +282,12 @@ impl RunEvents for ReplayBus<'_> {
     }
 }
 
+/// Whether guest-physical `[gpa, gpa + len)` is all guest RAM.
+fn in_ram(mem: &GuestMemoryMmap, gpa: u64, len: u32) -> bool {
+    gpa.checked_add(u64::from(len)).is_some()
+        && GuestMemoryBackend::check_range(mem, GuestAddress(gpa), len as usize)
+}
+
 /// Runs the vCPU with positions rebased to the recording's counts: the
 /// bus sees `kernel_icount` as the recording counted it.
 pub(super) fn run_rebased(
@@ -285,7 +302,7 @@ pub(super) fn run_rebased(
     }
     impl Rebased<'_, '_> {
         fn rebase(&self, mut at: Position) -> Position {
-            at.kernel_icount += self.base;
+            at.kernel_icount = at.kernel_icount.saturating_add(self.base);
             at
         }
     }
@@ -332,4 +349,96 @@ pub(super) fn run_rebased(
         base: base_kernel,
     };
     vcpu.run(&mut rebased, budget)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use krr_record::log::{DmaLogWriter, EventLogWriter};
+
+    /// The bus of a replay of a log holding `events`, and one DMA log of 64
+    /// bytes, over 1 MiB of guest RAM.
+    fn replay_of(
+        dir: &std::path::Path,
+        events: &[LogEvent],
+    ) -> (EventSource, GuestMemoryMmap, DmaLogReader) {
+        let events_path = dir.join("events.krrlog");
+        let mut w = EventLogWriter::with_target(&events_path, 4096).unwrap();
+        for e in events {
+            w.append(e).unwrap();
+        }
+        w.flush().unwrap();
+        let dma_path = dir.join("dma.krrlog");
+        let mut d = DmaLogWriter::with_target(&dma_path, 4096).unwrap();
+        d.append(&[0x5a; 64]).unwrap();
+        d.flush().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        (
+            EventSource::open(&events_path, false).unwrap(),
+            mem,
+            DmaLogReader::open(&dma_path).unwrap(),
+        )
+    }
+
+    fn dma(gpa: u64, len: u32) -> LogEvent {
+        LogEvent::Dma {
+            cpu: 0,
+            at: Position::default(),
+            gpa,
+            len,
+            dma_offset: 0,
+        }
+    }
+
+    /// Replays an MMIO write that meets `event`; the divergence, if any.
+    fn replay_dma(event: LogEvent) -> (Option<(u64, String, String)>, GuestMemoryMmap) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut src, mem, dma) = replay_of(dir.path(), &[event]);
+        let mut bus = ReplayBus {
+            src: &mut src,
+            mem: mem.clone(),
+            dma: Some(dma),
+            cpuid: CpuidConfig {
+                apic: false,
+                vcpus: 1,
+            },
+            ring_phys: None,
+            cpu: 0,
+            at: Position::default(),
+            divergence: None,
+            log_end: false,
+            dma_ranges: Vec::new(),
+            console: Vec::new(),
+            serial_lcr: 0,
+            echo: false,
+            stepping: false,
+        };
+        bus.mmio_write(0, 0xd000_0050, &[0; 4]);
+        (bus.divergence.take(), mem)
+    }
+
+    /// A recording's DMA outside guest RAM (past its end, or wrapping
+    /// past the top of the address space) ends the replay with a report
+    /// that says so, and writes nothing; DMA inside RAM is written.
+    #[test]
+    fn dma_outside_guest_ram_is_refused() {
+        let (none, mem) = replay_dma(dma(0x1000, 64));
+        assert_eq!(none, None);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
+            0x5a5a_5a5a_5a5a_5a5a
+        );
+        for gpa in [(1 << 20) - 32, 1 << 40, u64::MAX - 16] {
+            let (divergence, mem) = replay_dma(dma(gpa, 64));
+            let (index, expected, found) = divergence.expect("a divergence");
+            assert_eq!(index, 0);
+            assert!(
+                expected.contains(&format!("to guest-physical {gpa:#x}")),
+                "{expected}"
+            );
+            assert!(found.contains("guest RAM ends at 0x100000"), "{found}");
+            let tail = mem.read_obj::<u64>(GuestAddress((1 << 20) - 8)).unwrap();
+            assert_eq!(tail, 0, "nothing written");
+        }
+    }
 }

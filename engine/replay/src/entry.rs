@@ -106,8 +106,7 @@ impl Replayer {
         &mut self,
         cpu: usize,
         events: &[abi::Event],
-        written: &mut u64,
-        unmapped: &mut u64,
+        user: &mut paging::UserWrite,
     ) {
         let entry_cr3 = match self.vcpus[cpu].sregs() {
             Ok(s) => s.cr3,
@@ -131,7 +130,11 @@ impl Replayer {
                 let found = [space(p.cr3), entry_cr3].into_iter().find_map(|cr3| {
                     let at = paging::pte_location(&self.mem, cr3, p.user_addr)?;
                     let cur = self.mem.read_obj::<u64>(GuestAddress(at)).ok()?;
-                    (cur & PFN_PRESENT == p.pte & PFN_PRESENT && cur & 1 != 0).then_some((at, cur))
+                    // Present and a user page: a recording restores bits
+                    // of user mappings only.
+                    const USER_PRESENT: u64 = 0x5;
+                    (cur & PFN_PRESENT == p.pte & PFN_PRESENT && cur & USER_PRESENT == USER_PRESENT)
+                        .then_some((at, cur))
                 });
                 let Some((at, cur)) = found else {
                     continue;
@@ -146,9 +149,11 @@ impl Replayer {
         }
         for e in events {
             let (cr3, addr, bytes): (u64, u64, Vec<u8>) = match &e.body {
-                EventBody::CopyFromUser { info, data } => {
-                    (space(info.cr3), info.user_addr + info.offset, data.clone())
-                }
+                EventBody::CopyFromUser { info, data } => (
+                    space(info.cr3),
+                    info.user_addr.wrapping_add(info.offset),
+                    data.clone(),
+                ),
                 EventBody::StrncpyFromUser { info, data } => {
                     let mut d = data.clone();
                     // The string ended inside the limit: its NUL was read
@@ -178,16 +183,17 @@ impl Replayer {
                 ),
                 _ => continue,
             };
-            let missed = paging::write_virtual(&self.mem, cr3, addr, &bytes);
-            if missed > 0 {
+            let done = paging::write_user(&self.mem, cr3, addr, &bytes);
+            if done.written < bytes.len() as u64 {
                 tracing::debug!(
-                    "replay: {missed} of {} bytes at {addr:#x} not written (page not present): agent #{}",
+                    "replay: of {} bytes at {addr:#x}, {} not written (page not present) and {} refused (not a writable user page): agent #{}",
                     bytes.len(),
+                    done.not_present,
+                    done.refused,
                     e.seq
                 );
             }
-            *written += (bytes.len() - missed) as u64;
-            *unmapped += missed as u64;
+            *user += done;
         }
     }
 }

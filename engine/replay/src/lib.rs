@@ -74,9 +74,8 @@ use krr_machine::platform::VIRTIO_BASE;
 use krr_record::abi::{self, EventBody};
 use krr_record::checkpoint::KernelImage;
 use krr_record::event::{GprSnapshot, InterruptKind, LogEvent};
-use krr_record::log::{DmaLogReader, EventLogReader};
+use krr_record::log::DmaLogReader;
 use krr_record::recording::{self, CpuSnapshot, RecordingHeader};
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -142,20 +141,7 @@ impl Replayer {
         let start = Instant::now();
         let events_path = self.dir.join(recording::EVENTS_FILE);
         let dma_path = self.dir.join(recording::DMA_FILE);
-        let src = EventSource {
-            reader: EventLogReader::open(&events_path)?,
-            engine: VecDeque::new(),
-            agent: VecDeque::new(),
-            console: Vec::new(),
-            exhausted: false,
-            broken: None,
-            unfinished: !self.complete,
-            recent: VecDeque::new(),
-            consumed: 0,
-            next_stop_seen: None,
-            entry_seen: Vec::new(),
-            read_next: 0,
-        };
+        let src = EventSource::open(&events_path, !self.complete)?;
         let progress: Vec<CpuProgress> = self
             .cpus
             .iter()
@@ -166,7 +152,7 @@ impl Replayer {
             })
             .collect();
         let entries = 0u64;
-        let (written, unmapped) = (0u64, 0u64);
+        let user = paging::UserWrite::default();
         let dma_reader = DmaLogReader::open(&dma_path).ok();
         let console = Vec::new();
         let serial_lcr = 0u8;
@@ -197,8 +183,7 @@ impl Replayer {
             src,
             progress,
             entries,
-            written,
-            unmapped,
+            user,
             dma_reader,
             console,
             serial_lcr,
@@ -230,8 +215,7 @@ impl Replayer {
             src,
             progress,
             entries,
-            written,
-            unmapped,
+            user,
             dma_reader,
             console,
             serial_lcr,
@@ -268,15 +252,17 @@ impl Replayer {
                 let open = self.complete && src.broken.is_none() && !progress[at.cpu].in_user;
                 // A run ends at a block boundary, up to a block past the
                 // recorded end.
-                (open && now < at.count && at.count <= end + MAX_BLOCK_INSNS).then(|| {
-                    let placeholder = LogEvent::Rdtsc {
-                        cpu: at.cpu as u16,
-                        at: Position::default(),
-                        value: 0,
-                    };
-                    stand_in = true;
-                    (src.consumed, placeholder)
-                })
+                (open && now < at.count && at.count <= end.saturating_add(MAX_BLOCK_INSNS)).then(
+                    || {
+                        let placeholder = LogEvent::Rdtsc {
+                            cpu: at.cpu as u16,
+                            at: Position::default(),
+                            value: 0,
+                        };
+                        stand_in = true;
+                        (src.consumed, placeholder)
+                    },
+                )
             });
             let Some((index, event)) = next else {
                 break 'turn match (&src.broken, self.complete) {
@@ -387,7 +373,7 @@ impl Replayer {
                         format!("the kernel stint after event #{index} (from agent seq {seq})"),
                     );
                 };
-                self.apply_user_reads(cpu, &reads, written, unmapped);
+                self.apply_user_reads(cpu, &reads, user);
                 *segment_reads_due = false;
                 if let Err(e) = self.enter_kernel(cpu, &event) {
                     break 'turn diverged(
@@ -504,7 +490,7 @@ impl Replayer {
                         format!("the kernel stint before event #{index}"),
                     );
                 };
-                self.apply_user_reads(cpu, &reads, written, unmapped);
+                self.apply_user_reads(cpu, &reads, user);
             }
             // The stand-in of a debugger's point in the last stretch: that
             // point bounds the run (it may lie a block past the recorded
@@ -528,7 +514,7 @@ impl Replayer {
             }
             let mut budget = match (target, end_icount) {
                 (Some(t), _) => Some(t - kernel_now),
-                (None, Some(limit)) => Some(limit - kernel_now + 1),
+                (None, Some(limit)) => Some((limit - kernel_now).saturating_add(1)),
                 (None, None) => None,
             };
             // A debugger's limits on this run. A run stops at the first
@@ -700,7 +686,7 @@ impl Replayer {
                         hit,
                         before: StopAt {
                             cpu,
-                            count: base + hit.kernel_icount,
+                            count: base.saturating_add(hit.kernel_icount),
                             rip: Some(hit.rip),
                         },
                     }));
@@ -727,8 +713,7 @@ impl Replayer {
             start,
             src,
             entries,
-            written,
-            unmapped,
+            user,
             console,
             reached,
             checkpoints,
@@ -763,8 +748,9 @@ impl Replayer {
             checkpoints_skipped: checkpoints.skipped,
             wall_seconds: start.elapsed().as_secs_f64(),
             recorded_wall_seconds: self.recorded_wall,
-            user_bytes_written: written,
-            user_bytes_unmapped: unmapped,
+            user_bytes_written: user.written,
+            user_bytes_unmapped: user.not_present,
+            user_bytes_refused: user.refused,
             console_matches,
             reached,
             console,
@@ -806,7 +792,11 @@ impl Replayer {
     /// vCPU `cpu`'s kernel instruction count as the recording counts it
     /// (from the recording's start: the replay's vCPUs count from 0).
     fn kernel_now(&self, progress: &[CpuProgress], cpu: usize) -> u64 {
-        progress[cpu].base_kernel + self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0)
+        // (The base comes from the recording: saturating, a hostile one
+        // makes the replay diverge rather than overflow.)
+        progress[cpu]
+            .base_kernel
+            .saturating_add(self.vcpus[cpu].kernel_instructions_retired().unwrap_or(0))
     }
 }
 

@@ -201,6 +201,9 @@ pub struct ReplayReport {
     /// could not be (page not present then).
     pub user_bytes_written: u64,
     pub user_bytes_unmapped: u64,
+    /// Bytes not written because user mode may not write there (a kernel
+    /// or read-only page): a damaged or hostile recording's.
+    pub user_bytes_refused: u64,
     pub console_matches: bool,
     /// With [`ReplayOptions::reaches`]: where the symbol was executed
     /// (`None`: never).

@@ -15,8 +15,8 @@ pub struct ReplaySession {
     pub(crate) src: EventSource,
     pub(crate) progress: Vec<CpuProgress>,
     pub(crate) entries: u64,
-    pub(crate) written: u64,
-    pub(crate) unmapped: u64,
+    /// The recorded user memory written so far, and what was not.
+    pub(crate) user: krr_guest::paging::UserWrite,
     pub(crate) dma_reader: Option<DmaLogReader>,
     pub(crate) console: Vec<u8>,
     pub(crate) serial_lcr: u8,

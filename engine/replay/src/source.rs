@@ -49,6 +49,25 @@ pub(super) struct EventSource {
 pub(super) const ENTRY_LOOKAHEAD_EVENTS: usize = 4096;
 
 impl EventSource {
+    /// The events of the log at `path`, from its start; `unfinished`: the
+    /// recording did not finish.
+    pub(super) fn open(path: &Path, unfinished: bool) -> Result<EventSource, LogError> {
+        Ok(EventSource {
+            reader: EventLogReader::open(path)?,
+            engine: VecDeque::new(),
+            agent: VecDeque::new(),
+            console: Vec::new(),
+            exhausted: false,
+            broken: None,
+            unfinished,
+            recent: VecDeque::new(),
+            consumed: 0,
+            next_stop_seen: None,
+            entry_seen: Vec::new(),
+            read_next: 0,
+        })
+    }
+
     /// A copy standing where this one stands, with its own reader of the
     /// log at `path` (a snapshot of a replay keeps one, and each restore
     /// takes another).

@@ -412,11 +412,12 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         ReplayEnd::Unsupported { why } => eprintln!("krr: cannot replay this recording: {why}"),
     }
     eprintln!(
-        "krr: replay {:.2} s wall for {} kernel instructions; user memory written {} bytes ({} on pages not present)",
+        "krr: replay {:.2} s wall for {} kernel instructions; user memory written {} bytes ({} on pages not present, {} refused: not writable user pages)",
         report.wall_seconds,
         report.kernel_instructions,
         report.user_bytes_written,
-        report.user_bytes_unmapped
+        report.user_bytes_unmapped,
+        report.user_bytes_refused
     );
     if report.checkpoints_verified + report.checkpoints_skipped > 0 {
         eprintln!(

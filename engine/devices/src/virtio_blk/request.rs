@@ -40,8 +40,14 @@ impl Segments {
         self.0.iter().map(|&(_, len)| u64::from(len)).sum()
     }
 
-    /// Splits `[offset, offset + len)` of the stream into guest ranges.
-    fn ranges(&self, mut offset: u64, mut len: u64) -> Vec<(GuestAddress, usize)> {
+    /// Splits `[offset, offset + len)` of the stream into guest ranges;
+    /// an error where a buffer's address plus the offset into it passes
+    /// the top of the address space (the guest chose both).
+    fn ranges(
+        &self,
+        mut offset: u64,
+        mut len: u64,
+    ) -> Result<Vec<(GuestAddress, usize)>, GuestMemoryError> {
         let mut out = Vec::new();
         for &(addr, seg_len) in &self.0 {
             let seg_len = u64::from(seg_len);
@@ -53,11 +59,15 @@ impl Segments {
                 continue;
             }
             let n = (seg_len - offset).min(len);
-            out.push((GuestAddress(addr.0 + offset), n as usize));
+            let at = addr
+                .0
+                .checked_add(offset)
+                .ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+            out.push((GuestAddress(at), n as usize));
             len -= n;
             offset = 0;
         }
-        out
+        Ok(out)
     }
 
     fn read<M: GuestMemory>(
@@ -67,7 +77,7 @@ impl Segments {
         buf: &mut [u8],
     ) -> Result<(), GuestMemoryError> {
         let mut done = 0;
-        for (addr, n) in self.ranges(offset, buf.len() as u64) {
+        for (addr, n) in self.ranges(offset, buf.len() as u64)? {
             mem.read_slice(&mut buf[done..done + n], addr)?;
             done += n;
         }
@@ -82,7 +92,7 @@ impl Segments {
         written: &mut Vec<GuestRange>,
     ) -> Result<(), GuestMemoryError> {
         let mut done = 0;
-        for (addr, n) in self.ranges(offset, buf.len() as u64) {
+        for (addr, n) in self.ranges(offset, buf.len() as u64)? {
             mem.write_slice(&buf[done..done + n], addr)?;
             push_range(written, addr.0, n as u64);
             done += n;

@@ -627,3 +627,29 @@ fn bad_images_are_errors() {
         Err(BlockError::SerialTooLong { .. })
     ));
 }
+
+/// A writable buffer at the top of the address space whose status byte
+/// lies past it: the device must not wrap around and write guest memory
+/// at the bottom (nor panic); the request completes with nothing written.
+#[test]
+fn a_buffer_wrapping_past_the_top_of_memory_writes_nothing() {
+    let mut h = Harness::new(false);
+    let top = u64::MAX - 0xff;
+    // Where the status byte lands if the address wraps.
+    let wrapped = top.wrapping_add(512);
+    assert_eq!(wrapped, 0x100);
+    h.mem.write_obj(0xaau8, GuestAddress(wrapped)).unwrap();
+    h.header(VIRTIO_BLK_T_IN, 0);
+    let completion = h.submit(&[(HEADER_ADDR, 16, false), (top, 513, true)]);
+    assert_eq!(h.mem.read_obj::<u8>(GuestAddress(wrapped)).unwrap(), 0xaa);
+    // Only the used ring is written.
+    assert!(
+        completion
+            .dma_writes
+            .iter()
+            .all(|r| r.addr >= USED_RING && r.addr + r.len <= USED_RING + 0x1000),
+        "{:?}",
+        completion.dma_writes
+    );
+    assert_eq!(h.used(0), (0, 0));
+}

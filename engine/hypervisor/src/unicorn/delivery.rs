@@ -202,9 +202,9 @@ fn deliver_at_cpl(
         error_code: (tss.selector & 0xfffc) as u32,
     };
     let mut rsp = if ist != 0 {
-        read_u64(uc, tss.base + 0x24 + 8 * (ist as u64 - 1)).ok_or(tss_fault)?
+        read_u64(uc, tss.base.wrapping_add(0x24 + 8 * (ist as u64 - 1))).ok_or(tss_fault)?
     } else if new_cpl < cpl {
-        read_u64(uc, tss.base + 4 + 8 * new_cpl as u64).ok_or(tss_fault)?
+        read_u64(uc, tss.base.wrapping_add(4 + 8 * new_cpl as u64)).ok_or(tss_fault)?
     } else {
         old_rsp
     };
@@ -226,7 +226,9 @@ fn deliver_at_cpl(
         old_ss.selector as u64,
     ]);
     let bytes: Vec<u8> = frame.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let new_rsp = rsp - bytes.len() as u64;
+    // The guest's stack pointer: it wraps as on hardware, and the write
+    // below faults where that leaves mapped memory.
+    let new_rsp = rsp.wrapping_sub(bytes.len() as u64);
 
     // Switch the privilege level first: the stack is a supervisor page and
     // the write below translates with the current CPL.

@@ -121,6 +121,8 @@ struct Engine {
     /// Guest RAM is one region at GPA 0, so QEMU's RAM offsets equal
     /// guest-physical addresses.
     ram_at_zero: bool,
+    /// Guest-physical address just past the last byte of RAM.
+    ram_end: u64,
     /// Everything a fresh vCPU starts from (a reset x86-64 CPU).
     reset_context: *mut uc_context,
     /// One code hook per breakpoint address of any vCPU.
@@ -399,6 +401,7 @@ impl UnicornVm {
             mmio: Vec::new(),
             ram_at_zero: mem.num_regions() == 1
                 && mem.iter().next().map(|r| r.start_addr().0) == Some(0),
+            ram_end: mem.last_addr().0.saturating_add(1),
             reset_context,
             breakpoint_hooks: Vec::new(),
             watch_hooks: Vec::new(),
@@ -616,10 +619,54 @@ impl super::Vm for UnicornVm {
                 "code invalidation with guest RAM not in one region at 0",
             ));
         }
+        // The range comes from DMA, a guest's or a recording's: QEMU walks
+        // it page by page, so one past RAM (or wrapping) must not reach it.
+        let end = gpa.checked_add(len).filter(|&end| end <= e.ram_end);
+        let Some(end) = end else {
+            return Err(HypervisorError::Backend {
+                backend: BACKEND,
+                op: "invalidate_code",
+                reason: format!(
+                    "guest-physical {gpa:#x}..+{len:#x} is not inside guest RAM (0..{:#x})",
+                    e.ram_end
+                ),
+            });
+        };
         // SAFETY: `e.uc` is the open engine and idle: this runs under the
         // engine's `RefCell` borrow, which `run` holds while emulating. RAM
         // is one block at GPA 0 (checked above).
-        unsafe { internals::invalidate_physical(e.uc, gpa, gpa + len) };
+        unsafe { internals::invalidate_physical(e.uc, gpa, end) };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Vm;
+    use vm_memory::GuestAddress;
+
+    /// Code invalidation takes ranges of guest RAM only: one past its end
+    /// or wrapping past the top of the address space is an error naming
+    /// it (QEMU would walk it page by page).
+    #[test]
+    fn code_invalidation_stays_inside_guest_ram() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut vm = UnicornVm::new(&mem).unwrap();
+        vm.invalidate_code(0x1000, 0x2000).unwrap();
+        vm.invalidate_code(0, 1 << 20).unwrap();
+        for (gpa, len) in [
+            (0xf_f000, 0x2000),
+            (1 << 40, 1 << 60),
+            (u64::MAX - 0xf, 0x100),
+        ] {
+            let e = vm.invalidate_code(gpa, len).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "{gpa:#x}..+{len:#x} is not inside guest RAM (0..0x100000)"
+                )),
+                "{e}"
+            );
+        }
     }
 }

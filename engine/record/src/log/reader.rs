@@ -231,6 +231,16 @@ impl ChunkReader {
             )));
             return Ok(None);
         }
+        // Decompression allocates the raw length up front: a length the
+        // payload cannot expand to must not cost that allocation.
+        let most_raw = most_raw_bytes(info.compressed_len);
+        if u64::from(info.raw_len) > most_raw {
+            self.end = Some(damaged(format!(
+                "raw length {} is more than a {}-byte zstd payload can hold (at most {most_raw})",
+                info.raw_len, info.compressed_len
+            )));
+            return Ok(None);
+        }
         if self.kind == StreamKind::Dma && info.count != info.raw_len {
             self.end = Some(damaged(format!(
                 "dma chunk counts {} bytes but holds {} raw bytes",
@@ -311,6 +321,13 @@ impl ChunkReader {
         self.next_first += u64::from(info.count);
         Ok(Some(info))
     }
+}
+
+/// The most bytes a zstd payload of `compressed_len` bytes decompresses
+/// to: every block of at most 128 KiB costs at least 4 bytes (an RLE
+/// block: a 3-byte header and the repeated byte).
+pub(super) fn most_raw_bytes(compressed_len: u32) -> u64 {
+    u64::from(compressed_len).div_ceil(4) * (128 << 10)
 }
 
 /// Checks that `raw` is exactly `count` postcard events.

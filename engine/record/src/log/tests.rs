@@ -195,10 +195,7 @@ fn a_payload_length_past_the_end_of_the_file_allocates_nothing() {
     let chunks = write_events(&path, 200, 1024);
     let victim = *chunks.last().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
-    let at = victim.offset as usize;
-    bytes[at + 24..at + 28].copy_from_slice(&MAX_CHUNK_BYTES.to_le_bytes());
-    let crc = crc32fast::hash(&bytes[at..at + 32]);
-    bytes[at + 32..at + 36].copy_from_slice(&crc.to_le_bytes());
+    set_chunk_u32(&mut bytes, &victim, 24, MAX_CHUNK_BYTES);
     std::fs::write(&path, &bytes).unwrap();
 
     let mut reader = ChunkReader::open(&path, None).unwrap();
@@ -243,4 +240,84 @@ fn a_dma_file_cut_after_its_scan_is_named() {
     let e = r.read(r.len() - 10, 10).unwrap_err().to_string();
     assert!(e.contains("cut since the scan"), "{e}");
     assert_eq!(r.read(0, 10).unwrap(), vec![0u8; 10]);
+}
+
+/// Rewrites field `at` (a u32) of the chunk header at `chunk` and its
+/// header crc, as a hostile file would.
+fn set_chunk_u32(bytes: &mut [u8], chunk: &ChunkInfo, at: usize, value: u32) {
+    let start = chunk.offset as usize;
+    bytes[start + at..start + at + 4].copy_from_slice(&value.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[start..start + 32]);
+    bytes[start + 32..start + 36].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A chunk that claims a raw length its few compressed bytes cannot
+/// expand to is damaged before anything is decompressed (decompression
+/// allocates the claimed length first), in both readers.
+#[test]
+fn a_raw_length_the_payload_cannot_hold_is_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    let chunks = write_events(&path, 200, 1024);
+    let victim = chunks[1];
+    let mut bytes = std::fs::read(&path).unwrap();
+    set_chunk_u32(&mut bytes, &victim, 20, MAX_CHUNK_BYTES);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let s = scan(&path).unwrap();
+    match &s.end {
+        StreamEnd::Damaged {
+            chunk_index, what, ..
+        } => {
+            assert_eq!(*chunk_index, 1);
+            assert!(
+                what.contains(&format!("raw length {MAX_CHUNK_BYTES} is more than")),
+                "{what}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = EventLogReader::open(&path)
+        .unwrap()
+        .find_map(Result::err)
+        .unwrap()
+        .to_string();
+    assert!(e.contains("chunk 1 ") && e.contains("raw length"), "{e}");
+
+    // The same in the DMA stream: its random-access reader keeps only the
+    // chunks before.
+    let path = dir.path().join("dma.krrlog");
+    let mut w = DmaLogWriter::with_target(&path, 1000).unwrap();
+    for i in 0..4u8 {
+        w.append(&[i; 1500]).unwrap();
+    }
+    w.flush().unwrap();
+    let chunks = scan(&path).unwrap().chunks;
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Raw length and byte count together, so only the ratio is wrong.
+    set_chunk_u32(&mut bytes, &chunks[1], 16, MAX_CHUNK_BYTES);
+    set_chunk_u32(&mut bytes, &chunks[1], 20, MAX_CHUNK_BYTES);
+    std::fs::write(&path, &bytes).unwrap();
+    let r = DmaLogReader::open(&path).unwrap();
+    assert_eq!(r.len(), u64::from(chunks[0].count));
+    assert!(
+        matches!(r.end(), StreamEnd::Damaged { what, .. } if what.contains("raw length")),
+        "{:?}",
+        r.end()
+    );
+}
+
+/// The bound on raw lengths holds for what zstd makes of the most
+/// compressible data (a reader must never refuse a writer's chunk).
+#[test]
+fn the_raw_length_bound_admits_the_most_compressible_payloads() {
+    for len in [1usize, 4096, 128 << 10, (128 << 10) + 1, 8 << 20] {
+        let compressed = zstd::bulk::compress(&vec![0u8; len], ZSTD_LEVEL).unwrap();
+        let bound = super::reader::most_raw_bytes(compressed.len() as u32);
+        assert!(
+            len as u64 <= bound,
+            "{len} zero bytes compress to {} bytes: bound {bound}",
+            compressed.len()
+        );
+    }
 }

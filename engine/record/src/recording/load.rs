@@ -204,6 +204,7 @@ mod tests {
         assert_eq!(load_header(dir.path()).unwrap().vcpus, 2);
         for (vcpus, mem, field) in [
             (1 << 40, 512 << 20, "vcpus 1099511627776"),
+            (1_000_000, 512 << 20, "vcpus 1000000 is outside 1..=8"),
             (0, 512 << 20, "vcpus 0"),
             (1, 1 << 50, "mem_bytes 1125899906842624"),
             (1, 0, "mem_bytes 0"),
