@@ -161,17 +161,45 @@ fn gdb_available() -> bool {
     found
 }
 
-#[test]
-fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
+/// gdb, and a `cat` recording (see [`record_cat`]) in a directory of its
+/// own; `None` (the test skipped) without them.
+fn gdb_and_cat_recording() -> Option<(tempfile::TempDir, PathBuf)> {
     if !gdb_available() {
-        return;
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let Some(vmlinux) = record_cat(tmp.path()) else {
+    let vmlinux = record_cat(tmp.path())?;
+    Some((tmp, vmlinux))
+}
+
+/// The `cat` recording's event log as it was, to check that debugging
+/// never modifies it.
+struct Untouched {
+    events: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl Untouched {
+    fn of(dir: &Path) -> Untouched {
+        let events = dir.join("cat/events.krrlog");
+        let bytes = std::fs::read(&events).unwrap();
+        Untouched { events, bytes }
+    }
+
+    fn check(&self) {
+        assert!(
+            std::fs::read(&self.events).unwrap() == self.bytes,
+            "the recording is never modified"
+        );
+    }
+}
+
+#[test]
+fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
+    let Some((tmp, vmlinux)) = gdb_and_cat_recording() else {
         return;
     };
-    let events = tmp.path().join("cat/events.krrlog");
-    let recorded = std::fs::read(&events).unwrap();
+    let untouched = Untouched::of(tmp.path());
 
     let regs = "info registers rip rsp rdi rax rbx rcx eflags";
     let commands = [
@@ -244,11 +272,88 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
         "monitor goto-event: {out}"
     );
 
-    assert_eq!(
-        std::fs::read(&events).unwrap(),
-        recorded,
-        "the recording is never modified"
+    untouched.check();
+}
+
+/// Writes are refused until `monitor allow-writes`; then a register and a
+/// kernel variable take gdb's values, and going back (reverse-stepi)
+/// restores the recorded past without them. The recording is untouched.
+#[test]
+fn writes_are_refused_until_allowed_and_going_back_undoes_them() {
+    let Some((tmp, vmlinux)) = gdb_and_cat_recording() else {
+        return;
+    };
+    let untouched = Untouched::of(tmp.path());
+    let stub = Stub::start(tmp.path());
+    let out = gdb(
+        &vmlinux,
+        &stub,
+        &[
+            "break __x64_sys_openat",
+            "continue",
+            "stepi",
+            "print panic_timeout",
+            "set var panic_timeout = 4242",
+            "set var $rbx = 0x1234",
+            "echo ==REFUSED==\n",
+            "print panic_timeout",
+            "print/x $rbx",
+            "monitor allow-writes",
+            "set var panic_timeout = 4242",
+            "set var $rbx = 0x1234",
+            "echo ==WRITTEN==\n",
+            "print panic_timeout",
+            "print/x $rbx",
+            "monitor where",
+            "reverse-stepi",
+            "stepi",
+            "echo ==BACK==\n",
+            "print panic_timeout",
+            "print/x $rbx",
+        ],
     );
+    let (ok, err) = stub.finish();
+    assert!(ok, "the stub failed: {err}");
+    assert!(
+        err.contains("refused (a replay must stay as recorded; 'monitor allow-writes'"),
+        "{err}"
+    );
+    let value = |section: &str, n: usize| -> String {
+        let after = &out[out.find(section).expect(section)..];
+        after
+            .lines()
+            .filter(|l| l.starts_with('$'))
+            .nth(n)
+            .and_then(|l| l.split(" = ").nth(1))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let original = out
+        .lines()
+        .find(|l| l.starts_with("$1 = "))
+        .and_then(|l| l.split(" = ").nth(1))
+        .expect("panic_timeout printed")
+        .to_string();
+    assert_ne!(original, "4242");
+    assert_eq!(
+        value("==REFUSED==", 0),
+        original,
+        "a refused write changed nothing: {out}"
+    );
+    assert_ne!(value("==REFUSED==", 1), "0x1234", "{out}");
+    assert_eq!(value("==WRITTEN==", 0), "4242", "{out}");
+    assert_eq!(value("==WRITTEN==", 1), "0x1234", "{out}");
+    assert!(
+        out.contains("gdb wrote to this replay"),
+        "monitor where says so: {out}"
+    );
+    assert_eq!(
+        value("==BACK==", 0),
+        original,
+        "going back undid the write: {out}"
+    );
+    assert_ne!(value("==BACK==", 1), "0x1234", "{out}");
+    untouched.check();
 }
 
 /// The kernel's own gdb helpers, auto-loaded as the stub's printed command
@@ -256,11 +361,7 @@ fn gdb_breaks_reads_steps_and_goes_backwards_in_a_replay() {
 /// `lx-ps` its tasks (the recording's `cat` among them).
 #[test]
 fn the_kernels_gdb_helpers_read_the_recorded_kernel() {
-    if !gdb_available() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(vmlinux) = record_cat(tmp.path()) else {
+    let Some((tmp, vmlinux)) = gdb_and_cat_recording() else {
         return;
     };
     let scripts = vmlinux.with_file_name("vmlinux-gdb.py");
@@ -308,11 +409,7 @@ fn the_kernels_gdb_helpers_read_the_recorded_kernel() {
 /// of the start (each reverse step a replay from the nearest snapshot).
 #[test]
 fn a_thousand_steps_forwards_and_back_end_where_they_started() {
-    if !gdb_available() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(vmlinux) = record_cat(tmp.path()) else {
+    let Some((tmp, vmlinux)) = gdb_and_cat_recording() else {
         return;
     };
     let regs = "info registers rip rsp rdi rax rbx rcx eflags";
@@ -345,11 +442,7 @@ fn a_thousand_steps_forwards_and_back_end_where_they_started() {
 /// it, then at the one that wrote it before.
 #[test]
 fn a_watchpoint_finds_the_writes_forwards_and_backwards() {
-    if !gdb_available() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let Some(vmlinux) = record_cat(tmp.path()) else {
+    let Some((tmp, vmlinux)) = gdb_and_cat_recording() else {
         return;
     };
     let stub = Stub::start(tmp.path());

@@ -58,6 +58,51 @@ pub fn to_gdb(regs: &Regs, sregs: &Sregs, fpu: &FpuState) -> X86_64CoreRegs {
     out
 }
 
+/// The backend's registers with gdb's general registers, RIP and RFLAGS
+/// applied to `current`; gdb's other registers (segments, x87, SSE) must
+/// be as they are (the stub writes only these).
+pub fn from_gdb(
+    gdb: &X86_64CoreRegs,
+    current: &Regs,
+    sregs: &Sregs,
+    fpu: &FpuState,
+) -> Result<Regs, String> {
+    let now = to_gdb(current, sregs, fpu);
+    if gdb.segments != now.segments
+        || gdb.fpu != now.fpu
+        || gdb.st != now.st
+        || gdb.xmm != now.xmm
+        || gdb.mxcsr != now.mxcsr
+    {
+        return Err(
+            "only the general registers, RIP and EFLAGS can be written, not segments, x87 or SSE"
+                .into(),
+        );
+    }
+    let [rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15] = gdb.regs;
+    Ok(Regs {
+        rax,
+        rbx,
+        rcx,
+        rdx,
+        rsi,
+        rdi,
+        rbp,
+        rsp,
+        r8,
+        r9,
+        r10,
+        r11,
+        r12,
+        r13,
+        r14,
+        r15,
+        rip: gdb.rip,
+        // gdb's eflags is 32 bits; the upper half of RFLAGS is reserved.
+        rflags: (current.rflags & !0xffff_ffff) | u64::from(gdb.eflags),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,12 +132,27 @@ mod tests {
         xsave[4] = 0b0000_0001;
         xsave[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
         xsave[160 + 16..160 + 32].copy_from_slice(&7u128.to_le_bytes());
-        let g = to_gdb(&regs, &sregs, &FpuState { xsave });
+        let fpu = FpuState { xsave };
+        let g = to_gdb(&regs, &sregs, &fpu);
         assert_eq!(&g.regs[..8], &[1, 2, 3, 4, 5, 6, 8, 7]);
         assert_eq!((g.regs[8], g.regs[15]), (9, 16));
         assert_eq!((g.rip, g.eflags), (0xffff_ffff_8100_0000, 0x246));
         assert_eq!((g.segments.cs, g.segments.ss), (0x10, 0x18));
         assert_eq!((g.fpu.fctrl, g.mxcsr, g.xmm[1]), (0x37f, 0x1f80, 7));
         assert_eq!(g.fpu.ftag, 0xfffc, "ST0 valid, the rest empty");
+
+        let mut edited = g.clone();
+        edited.regs[1] = 0x1234;
+        edited.rip = 0xffff_ffff_8100_0010;
+        let back = from_gdb(&edited, &regs, &sregs, &fpu).unwrap();
+        assert_eq!(
+            (back.rbx, back.rip, back.rax),
+            (0x1234, 0xffff_ffff_8100_0010, 1)
+        );
+        assert_eq!(back.rflags, 0x246);
+        edited.segments.cs = 0x33;
+        assert!(from_gdb(&edited, &regs, &sregs, &fpu)
+            .unwrap_err()
+            .contains("only the general registers"));
     }
 }

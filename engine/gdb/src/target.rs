@@ -112,6 +112,12 @@ pub struct ReplayTarget {
     ended: Option<ReplayEnd>,
     /// The vCPU of the last stop.
     current: usize,
+    /// `monitor allow-writes`: gdb may write registers and memory.
+    writes_allowed: bool,
+    /// gdb wrote since the replay last (re)started: its state is no longer
+    /// the recording's, so no snapshot is taken and checkpoints are not
+    /// compared until going back restores the recorded past.
+    written: bool,
 }
 
 pub(crate) fn tid(cpu: usize) -> Tid {
@@ -148,6 +154,8 @@ impl ReplayTarget {
             pending: None,
             ended: None,
             current: 0,
+            writes_allowed: false,
+            written: false,
         })
     }
 
@@ -174,7 +182,9 @@ impl ReplayTarget {
     /// the replay is at a point one can be restored exactly; drops the
     /// oldest ones beyond the memory budget.
     fn maybe_snapshot(&mut self) -> Result<(), GdbError> {
-        if self.snapshot_every == 0 {
+        // A state gdb wrote is not the recording's: never a point to come
+        // back to.
+        if self.snapshot_every == 0 || self.written {
             return Ok(());
         }
         let total = self.total();
@@ -344,6 +354,9 @@ impl ReplayTarget {
                 Turn::Ended(end) => {
                     self.session.debug.step = None;
                     eprintln!("krr: {}", describe_end(&end));
+                    if self.written && matches!(end, ReplayEnd::Diverged(_)) {
+                        eprintln!("krr: this follows gdb's writes to the replay: forward execution cannot follow the recording from here; reverse-stepi, reverse-continue or monitor goto-* go back to the recorded past (without the writes)");
+                    }
                     self.ended = Some(end);
                     return Ok(Some(self.end_reason()));
                 }
@@ -373,7 +386,24 @@ impl ReplayTarget {
         self.replayer = replayer;
         self.session = session;
         self.ended = None;
+        self.written = false;
+        self.opts.skip_checkpoints = false;
         Ok(())
+    }
+
+    /// Refuses gdb's write unless `monitor allow-writes` was given; marks
+    /// the replay as written otherwise.
+    fn may_write(&mut self, what: &str) -> bool {
+        if !self.writes_allowed {
+            eprintln!("krr: gdb asked to write {what}: refused (a replay must stay as recorded; 'monitor allow-writes' permits writes)");
+            return false;
+        }
+        if !self.written {
+            eprintln!("krr: writing {what}: the replay's state is no longer the recording's; checkpoints are not compared and no snapshot is taken until going back");
+        }
+        self.written = true;
+        self.opts.skip_checkpoints = true;
+        true
     }
 
     /// The last snapshot before `at`, going back from `before` (a key) if
@@ -583,6 +613,9 @@ impl ReplayTarget {
                 self.replayer.symbolize(rip)
             ));
         }
+        if self.written {
+            lines.push("gdb wrote to this replay: its state is not the recording's (going back restores it)".into());
+        }
         if let Some(end) = &self.ended {
             lines.push(format!("the replay has ended: {}", describe_end(end)));
         }
@@ -642,11 +675,35 @@ impl MultiThreadBase for ReplayTarget {
 
     fn write_registers(
         &mut self,
-        _regs: &gdbstub_arch::x86::reg::X86_64CoreRegs,
-        _tid: Tid,
+        regs: &gdbstub_arch::x86::reg::X86_64CoreRegs,
+        tid: Tid,
     ) -> TargetResult<(), Self> {
-        eprintln!("krr: gdb asked to write registers: refused (a replay must stay as recorded)");
-        Err(TargetError::NonFatal)
+        let cpu = cpu_of(tid);
+        let vcpu = self
+            .replayer
+            .vcpus()
+            .get(cpu)
+            .ok_or(TargetError::NonFatal)?;
+        let (r, s, f) = match (vcpu.regs(), vcpu.sregs(), vcpu.fpu()) {
+            (Ok(r), Ok(s), Ok(f)) => (r, s, f),
+            _ => return Err(TargetError::NonFatal),
+        };
+        let new = match regs::from_gdb(regs, &r, &s, &f) {
+            Ok(new) => new,
+            Err(why) => {
+                eprintln!("krr: gdb asked to write registers of vCPU {cpu}: refused: {why}");
+                return Err(TargetError::NonFatal);
+            }
+        };
+        if new == r {
+            return Ok(());
+        }
+        if !self.may_write(&format!("registers of vCPU {cpu}")) {
+            return Err(TargetError::NonFatal);
+        }
+        self.replayer
+            .set_regs(cpu, &new)
+            .map_err(|e| TargetError::Fatal(e.into()))
     }
 
     fn read_addrs(&mut self, start: u64, data: &mut [u8], tid: Tid) -> TargetResult<usize, Self> {
@@ -678,11 +735,34 @@ impl MultiThreadBase for ReplayTarget {
         Ok(done)
     }
 
-    fn write_addrs(&mut self, start: u64, _data: &[u8], _tid: Tid) -> TargetResult<(), Self> {
-        eprintln!(
-            "krr: gdb asked to write memory at {start:#x}: refused (a replay must stay as recorded)"
-        );
-        Err(TargetError::NonFatal)
+    fn write_addrs(&mut self, start: u64, data: &[u8], tid: Tid) -> TargetResult<(), Self> {
+        if !self.may_write(&format!("memory at {start:#x}")) {
+            return Err(TargetError::NonFatal);
+        }
+        let cpu = cpu_of(tid).min(self.replayer.vcpus().len() - 1);
+        let cr3 = self.replayer.vcpus()[cpu]
+            .sregs()
+            .map_err(|_| TargetError::NonFatal)?
+            .cr3;
+        // Every page first, so that a write is done whole or not at all.
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < data.len() {
+            let va = start.wrapping_add(done as u64);
+            let Some(gpa) = krr_guest::paging::translate(self.replayer.memory(), cr3, va) else {
+                eprintln!("krr: memory write at {va:#x}: not mapped; nothing written");
+                return Err(TargetError::Errno(14));
+            };
+            let n = (data.len() - done).min(0x1000 - (va & 0xfff) as usize);
+            pieces.push((gpa, done..done + n));
+            done += n;
+        }
+        for (gpa, range) in pieces {
+            self.replayer
+                .write_memory(gpa, &data[range])
+                .map_err(|e| TargetError::Fatal(e.into()))?;
+        }
+        Ok(())
     }
 
     fn list_active_threads(
@@ -874,7 +954,10 @@ const MONITOR_HELP: &str = "krr monitor commands:
   where                      where the replay stands: events consumed, each vCPU's kernel instruction count and RIP
   events                     the last events of the log consumed
   goto-instruction N [CPU]   replay from the start to where vCPU CPU (default: the current one) has retired N kernel instructions (then 'flushregs')
-  goto-event N               replay from the start until N events of the log are consumed (then 'flushregs')";
+  goto-event N               replay from the start until N events of the log are consumed (then 'flushregs')
+  allow-writes               let gdb write registers and memory: the replay's state is then no longer the
+                             recording's (checkpoints are not compared; a divergence stops forward execution);
+                             going back restores the recorded past, without the writes";
 
 impl MonitorCmd for ReplayTarget {
     fn handle_monitor_cmd(
@@ -889,6 +972,10 @@ impl MonitorCmd for ReplayTarget {
                 for line in self.describe_position() {
                     outputln!(out, "{line}");
                 }
+            }
+            ["allow-writes"] => {
+                self.writes_allowed = true;
+                outputln!(out, "krr: WARNING: writes to registers and memory are now permitted. The replay's state will no longer be the recording's: checkpoints are not compared, no snapshot is taken, and a divergence stops forward execution. reverse-stepi, reverse-continue and goto-* restore the recorded past, without the writes.");
             }
             ["events"] => {
                 let recent = self.session.recent_events();

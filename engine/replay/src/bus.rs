@@ -283,7 +283,7 @@ impl RunEvents for ReplayBus<'_> {
 }
 
 /// Whether guest-physical `[gpa, gpa + len)` is all guest RAM.
-fn in_ram(mem: &GuestMemoryMmap, gpa: u64, len: u32) -> bool {
+pub(super) fn in_ram(mem: &GuestMemoryMmap, gpa: u64, len: u32) -> bool {
     gpa.checked_add(u64::from(len)).is_some()
         && GuestMemoryBackend::check_range(mem, GuestAddress(gpa), len as usize)
 }

@@ -3,6 +3,7 @@
 //! vCPUs, memory and counts; breakpoints and watchpoints.
 
 use super::*;
+use krr_hypervisor::Regs;
 
 impl Replayer {
     /// Symbolizes `rip`.
@@ -23,6 +24,35 @@ impl Replayer {
     /// The guest's memory as the replay has it.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Writes `data` at guest-physical `gpa`: a debugger's write, after
+    /// which the replay is no longer the recording's. Code translated from
+    /// those bytes is dropped.
+    pub fn write_memory(&mut self, gpa: u64, data: &[u8]) -> Result<(), ReplayError> {
+        let len = data.len() as u64;
+        let inside = u32::try_from(len).is_ok_and(|n| bus::in_ram(&self.mem, gpa, n));
+        if !inside {
+            return Err(ReplayError::Setup(format!(
+                "write of {len} bytes at guest-physical {gpa:#x}: outside guest RAM"
+            )));
+        }
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| ReplayError::Setup(format!("write at {gpa:#x}: {e}")))?;
+        self.vm
+            .invalidate_code(gpa, len)
+            .map_err(|e| ReplayError::Setup(format!("write at {gpa:#x}: {e}")))
+    }
+
+    /// Sets vCPU `cpu`'s general registers, RIP and RFLAGS: a debugger's
+    /// write, after which the replay is no longer the recording's.
+    pub fn set_regs(&mut self, cpu: usize, regs: &Regs) -> Result<(), ReplayError> {
+        self.vcpus
+            .get_mut(cpu)
+            .ok_or_else(|| ReplayError::Setup(format!("no vCPU {cpu}")))?
+            .set_regs(regs)
+            .map_err(|e| ReplayError::Setup(format!("setting vCPU {cpu}'s registers: {e}")))
     }
 
     /// Kernel instructions vCPU `cpu` has retired, as the recording counts

@@ -22,6 +22,10 @@ pub struct ReplayOptions {
     /// (`expect.reaches` of a bug with no crash); the first vCPU to get
     /// there is reported in [`ReplayReport::reached`].
     pub reaches: Option<String>,
+    /// Recorded checkpoints are not compared (a debugger wrote to the
+    /// replay's registers or memory, so they no longer hold); the events
+    /// are still matched, since replay cannot place them otherwise.
+    pub skip_checkpoints: bool,
 }
 
 /// Where the replay first executed the symbol of [`ReplayOptions::reaches`].

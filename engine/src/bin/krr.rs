@@ -379,6 +379,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         verify_every: a.verify_every,
         stall_seconds: a.stall_seconds,
         reaches: a.reaches.clone(),
+        skip_checkpoints: false,
     };
     if let Some(listen) = &a.gdb {
         drop(replayer);
@@ -479,7 +480,7 @@ fn debug_replay(
         {
             eprintln!("krr: {note}");
         }
-        eprintln!("krr: vCPUs are gdb threads; breakpoints, stepi, continue, reverse-stepi, reverse-continue and 'monitor help' work; writes to memory and registers are refused");
+        eprintln!("krr: vCPUs are gdb threads; breakpoints, stepi, continue, reverse-stepi, reverse-continue and 'monitor help' work; writes to memory and registers are refused unless 'monitor allow-writes'");
     })?;
     let (snapshots, bytes) = target.snapshot_usage();
     eprintln!(
