@@ -356,6 +356,108 @@ fn writes_are_refused_until_allowed_and_going_back_undoes_them() {
     untouched.check();
 }
 
+/// Ctrl-C in gdb (SIGINT to gdb while `continue` runs) stops a long replay
+/// where it is; the session goes on from there: `monitor where`, a step,
+/// and a `continue` to the recording's end.
+#[test]
+fn ctrl_c_stops_a_running_replay_and_the_session_goes_on() {
+    use std::io::BufRead;
+    if !gdb_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Several seconds of replay, so that Ctrl-C finds it running.
+    let Some((vmlinux, ok)) = record(tmp.path(), "cat", "syscall-loop 30000") else {
+        return;
+    };
+    assert!(ok, "krr record failed");
+    let stub = Stub::start(tmp.path());
+    let target = format!("target remote {}", stub.socket.display());
+    let mut child = Command::new("gdb")
+        .args(["-batch", "-nx", "-ex", "set pagination off", "-ex", &target])
+        .args([
+            "-ex",
+            "echo ==CONTINUING==\n",
+            "-ex",
+            "continue",
+            "-ex",
+            "echo ==STOPPED==\n",
+            "-ex",
+            "monitor where",
+        ])
+        .args([
+            "-ex",
+            "stepi",
+            "-ex",
+            "echo ==STEPPED==\n",
+            "-ex",
+            "continue",
+        ])
+        .arg(&vmlinux)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running gdb");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line.starts_with("==CONTINUING==") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("gdb continued");
+    // gdb flushes its output after each command: `continue` is under way.
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on the gdb child this test started and still holds.
+    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(sent, 0, "SIGINT sent to gdb");
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    eprintln!("gdb ({status}):\n{out}{err}");
+    let (stub_ok, stub_err) = stub.finish();
+    assert!(stub_ok, "the stub failed: {stub_err}");
+    let stopped = &out[..out
+        .find("==STOPPED==")
+        .expect("the first continue returned")];
+    assert!(stopped.contains("received signal SIGINT"), "{out}");
+    // Stopped mid-way: some of the log consumed, the rest replayed by the
+    // last `continue`.
+    let consumed: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.split(": ")
+                .nth(1)?
+                .strip_suffix(" events of the log consumed")
+        })
+        .and_then(|n| n.parse().ok())
+        .expect("monitor where names the events consumed");
+    assert!(consumed > 0, "{err}");
+    assert!(
+        out.contains("==STEPPED=="),
+        "a step after the interrupt: {out}"
+    );
+    assert!(
+        stub_err.contains("replay MATCHED to the recording's end"),
+        "the last continue got to the end: {stub_err}"
+    );
+}
+
 /// The kernel's own gdb helpers, auto-loaded as the stub's printed command
 /// line says: `lx-dmesg` prints the boot log the recorded kernel holds, and
 /// `lx-ps` its tasks (the recording's `cat` among them).
