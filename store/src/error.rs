@@ -88,7 +88,8 @@ pub enum StoreError {
         last: Box<StoreError>,
     },
 
-    /// `apt-get download` failed or produced no .deb.
+    /// A package name or version that is not Debian's and so is never
+    /// passed to apt-get or put into a URL.
     #[error("apt-get download {package}={version} failed: {message}")]
     Apt {
         package: String,
@@ -96,13 +97,30 @@ pub enum StoreError {
         message: String,
     },
 
-    /// The .deb obtained through apt does not have the manifest's digest.
-    #[error("sha256 mismatch for Debian package {package}={version}: expected {expected}, got {got}; the .deb was discarded")]
+    /// The .deb obtained (through apt, or from the URL in `from`) does not
+    /// have the manifest's digest. A place that has the package at that
+    /// version but other bytes means the pin is wrong, so no further place is
+    /// tried.
+    #[error("sha256 mismatch for Debian package {package}={version} from {from}: expected {expected}, got {got}; the .deb was discarded")]
     DebianHashMismatch {
         package: String,
         version: String,
+        from: String,
         expected: String,
         got: String,
+    },
+
+    /// No place had the pinned package; `looked` says where the store looked,
+    /// in order, and why each place failed.
+    #[error(
+        "Debian package {package}={version} (sha256 {sha256}) was found nowhere; looked in {}",
+        looked_list(looked)
+    )]
+    DebianNotFound {
+        package: String,
+        version: String,
+        sha256: String,
+        looked: Vec<Looked>,
     },
 
     /// `unpack` was asked for a blob that has not been fetched and verified.
@@ -122,6 +140,29 @@ pub enum StoreError {
     /// missing member).
     #[error("malformed archive {archive}: {message}")]
     BadArchive { archive: String, message: String },
+}
+
+/// One place `Store::fetch_debian` looked for a package, and why it did not
+/// get it there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Looked {
+    pub place: String,
+    pub why: String,
+}
+
+impl std::fmt::Display for Looked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.place, self.why)
+    }
+}
+
+fn looked_list(looked: &[Looked]) -> String {
+    let items: Vec<String> = looked
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("({}) {l}", i + 1))
+        .collect();
+    items.join("; ")
 }
 
 impl StoreError {

@@ -139,18 +139,14 @@ enum AttemptError {
     Fatal(StoreError),
 }
 
-fn download_http(
-    store: &Store,
-    url: &str,
-    parsed: Url,
-    sha256: &str,
-    opts: &FetchOptions,
-) -> Result<PathBuf, StoreError> {
+/// The HTTP client every store request uses; `url` only names the request
+/// in the error.
+pub(super) fn http_client(url: &str, opts: &FetchOptions) -> Result<Client, StoreError> {
     // In reqwest's blocking client `timeout` bounds the wait for the
     // response headers and, separately, every read of the body, so it acts
     // as a stall timeout and never cuts off a large download that is making
     // progress.
-    let client = Client::builder()
+    Client::builder()
         .connect_timeout(opts.connect_timeout)
         .timeout(opts.stall_timeout)
         .user_agent(concat!("krr-orchestrator/", env!("CARGO_PKG_VERSION")))
@@ -158,7 +154,18 @@ fn download_http(
         .map_err(|e| StoreError::Network {
             url: url.to_string(),
             message: format!("cannot create HTTP client: {}", error_chain(&e)),
-        })?;
+        })
+}
+
+/// Downloads `url` into the blob for `sha256`; the caller holds its lock.
+pub(super) fn download_http(
+    store: &Store,
+    url: &str,
+    parsed: Url,
+    sha256: &str,
+    opts: &FetchOptions,
+) -> Result<PathBuf, StoreError> {
+    let client = http_client(url, opts)?;
     let part = store.tmp_dir().join(format!("{sha256}.part"));
     let attempts = opts.retries.saturating_add(1);
     let mut last_error = None;
@@ -190,7 +197,7 @@ fn download_http(
 }
 
 /// Exponential backoff: 0.5 s, 1 s, 2 s, ... capped at 10 s.
-fn backoff(retry: u32) -> Duration {
+pub(super) fn backoff(retry: u32) -> Duration {
     let millis = 500u64.saturating_mul(1u64 << retry.saturating_sub(1).min(16));
     Duration::from_millis(millis.min(10_000))
 }
@@ -426,7 +433,7 @@ fn network_error(url: &str, e: &reqwest::Error) -> StoreError {
 
 /// An error and its causes, joined with ": " (reqwest's top-level message
 /// alone hides the cause, e.g. "connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -19,6 +19,7 @@
 mod debian;
 mod error;
 mod fetch;
+mod snapshot;
 mod unpack;
 
 use std::fs::{self, File};
@@ -30,7 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use error::StoreError;
+pub use error::{Looked, StoreError};
 pub use unpack::safe_unpack_tar;
 
 /// Names of the store's own top-level directories; `Store::dir` refuses them.
@@ -40,6 +41,72 @@ const RESERVED_DIRS: [&str; 4] = ["blobs", "tmp", "locks", "unpacked"];
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    debian: DebianSources,
+}
+
+/// The environment variable naming the base URL of Debian's snapshot
+/// archive (or of a mirror that serves its `/mr/` API and `/file/`).
+pub const DEBIAN_SNAPSHOT_URL_VAR: &str = "KRR_DEBIAN_SNAPSHOT_URL";
+
+/// Where Debian's snapshot archive is unless `KRR_DEBIAN_SNAPSHOT_URL` says
+/// otherwise.
+pub const DEFAULT_DEBIAN_SNAPSHOT_URL: &str = "https://snapshot.debian.org";
+
+/// Where `Store::fetch_debian` looks for a pinned package that is not in the
+/// store yet, in this order.
+#[derive(Debug, Clone)]
+pub struct DebianSources {
+    /// The `apt-get` program: `apt-get download` through the host's
+    /// configured apt sources.
+    pub apt_get: PathBuf,
+    /// Base URL of Debian's snapshot archive, asked when apt cannot supply
+    /// the package (a mirror dropped the version). `None` skips it.
+    pub snapshot_url: Option<String>,
+    /// The Debian architecture whose `.deb` is taken from the snapshot
+    /// archive (besides `all`); apt takes the host's own.
+    pub architecture: String,
+    /// How snapshot archive requests and downloads behave.
+    pub fetch: FetchOptions,
+}
+
+impl DebianSources {
+    /// apt-get from `PATH`, then the snapshot archive at
+    /// `$KRR_DEBIAN_SNAPSHOT_URL` (unset or empty: snapshot.debian.org).
+    pub fn from_env() -> DebianSources {
+        let snapshot_url = match std::env::var(DEBIAN_SNAPSHOT_URL_VAR) {
+            Ok(url) if !url.trim().is_empty() => url.trim().to_string(),
+            _ => DEFAULT_DEBIAN_SNAPSHOT_URL.to_string(),
+        };
+        DebianSources {
+            apt_get: PathBuf::from("apt-get"),
+            snapshot_url: Some(snapshot_url),
+            architecture: host_debian_architecture().to_string(),
+            fetch: FetchOptions {
+                // The image builder draws its own bar for each package, and
+                // apt's download shows none either.
+                progress: false,
+                ..FetchOptions::default()
+            },
+        }
+    }
+}
+
+/// The Debian name of the architecture this program runs on, which is what
+/// `apt-get download` would fetch.
+pub fn host_debian_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "x86" => "i386",
+        "aarch64" => "arm64",
+        "arm" => "armhf",
+        "powerpc64" if cfg!(target_endian = "little") => "ppc64el",
+        "powerpc64" => "ppc64",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        "mips64" if cfg!(target_endian = "little") => "mips64el",
+        "loongarch64" => "loong64",
+        other => other,
+    }
 }
 
 /// How `Store::fetch_url` talks to HTTP servers.
@@ -164,7 +231,21 @@ impl Store {
             fs::create_dir_all(&dir)
                 .map_err(|e| StoreError::io("cannot create store directory", &dir, e))?;
         }
-        Ok(Store { root })
+        Ok(Store {
+            root,
+            debian: DebianSources::from_env(),
+        })
+    }
+
+    /// The same store, looking for Debian packages in `sources` instead of
+    /// the ones `DebianSources::from_env` gives.
+    pub fn with_debian_sources(mut self, sources: DebianSources) -> Store {
+        self.debian = sources;
+        self
+    }
+
+    pub fn debian_sources(&self) -> &DebianSources {
+        &self.debian
     }
 
     pub fn root(&self) -> &Path {
@@ -200,9 +281,11 @@ impl Store {
         fetch::fetch_url(self, url, &sha256, opts)
     }
 
-    /// Downloads Debian package `package` at exactly `version` through the
-    /// system's apt (`apt-get download`), verifies it against `sha256` and
-    /// returns the blob path of the .deb.
+    /// Finds Debian package `package` at exactly `version`, verifies it
+    /// against `sha256` and returns the blob path of the .deb. Looks in the
+    /// store, then the system's apt (`apt-get download`), then Debian's
+    /// snapshot archive (see [`DebianSources`]); the error of a package
+    /// found nowhere names every place and why it failed there.
     pub fn fetch_debian(
         &self,
         package: &str,

@@ -4,10 +4,13 @@
 //! records. Needs a Debian-based host that reaches its Debian mirror; run as
 //! root so that `apt-get update` can refresh empty package lists.
 
+mod common;
+
 use std::process::Command;
 use std::sync::OnceLock;
 
-use krr_store::{sha256_file, Store, StoreError, UnpackFormat};
+use common::new_store;
+use krr_store::{sha256_file, DebianSources, StoreError, UnpackFormat};
 
 /// A small, long-lived package with a binary in /usr/bin.
 const PACKAGE: &str = "hello";
@@ -45,12 +48,6 @@ fn apt_cache_show() -> Option<(String, String)> {
             .map(|value| value.trim().to_string())
     };
     Some((field("Version:")?, field("SHA256:")?))
-}
-
-fn new_store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("cache")).unwrap();
-    (dir, store)
 }
 
 #[test]
@@ -104,10 +101,15 @@ fn apt_package_with_wrong_sha256_is_discarded() {
 #[test]
 fn unknown_version_is_a_clear_error() {
     let (_dir, store) = new_store();
+    // apt alone: the snapshot archive has its own tests (tests/snapshot.rs).
+    let store = store.with_debian_sources(DebianSources {
+        snapshot_url: None,
+        ..DebianSources::from_env()
+    });
     let err = store
         .fetch_debian(PACKAGE, "0.0.0-krr-no-such-version", &"1".repeat(64))
         .unwrap_err();
-    assert!(matches!(err, StoreError::Apt { .. }), "{err:?}");
+    assert!(matches!(err, StoreError::DebianNotFound { .. }), "{err:?}");
     let message = err.to_string();
     assert!(
         message.contains("hello=0.0.0-krr-no-such-version") && message.contains("not found"),
