@@ -689,7 +689,13 @@ pub fn list(root: &Path, dirs: &ImageDirs, specs: &[ImageSpec]) -> Vec<ImageStat
                     status.dir = image_dir(dirs, &spec.name, &hash);
                     match load_built(&status.dir) {
                         Ok(Some(image)) => {
-                            status.built = true;
+                            if spec.recipe.kind() == ImageKind::Kernel
+                                && !image.files.contains_key(kernel::GDB_SCRIPT)
+                            {
+                                status.problem = Some("cached without the kernel's gdb scripts: the next `images build` adds them (from its build tree) or builds it again".into());
+                            } else {
+                                status.built = true;
+                            }
                             status.files = image.files;
                         }
                         Ok(None) => {}
