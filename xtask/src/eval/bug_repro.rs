@@ -807,9 +807,15 @@ fn debug_commands(b: &BugRecord) -> Option<(String, String)> {
         // A bug with no crash: its recording ends at the trigger's verdict.
         (None, _) => String::new(),
     };
+    // The kernel's gdb helpers (lx-dmesg: the crash report) beside vmlinux.
+    let helpers = Path::new(vmlinux)
+        .parent()
+        .filter(|d| d.join("vmlinux-gdb.py").is_file())
+        .map(|d| format!(" -iex 'add-auto-load-safe-path {}'", d.display()))
+        .unwrap_or_default();
     Some((
         stub,
-        format!("gdb -ex 'target remote :1234'{back} {vmlinux}"),
+        format!("gdb{helpers} -ex 'target remote :1234'{back} {vmlinux}"),
     ))
 }
 
@@ -862,6 +868,27 @@ mod tests {
     #[test]
     fn debug_commands_go_back_to_the_faulting_instruction_or_report() {
         let tmp = tempfile::tempdir().unwrap();
+        let kernel = tmp.path().join("kernel");
+        std::fs::create_dir(&kernel).unwrap();
+        std::fs::write(kernel.join("vmlinux-gdb.py"), "import linux").unwrap();
+        std::fs::write(
+            tmp.path().join("header.json"),
+            format!(
+                r#"{{"vmlinux": {{"path": "{}/vmlinux"}}}}"#,
+                kernel.display()
+            ),
+        )
+        .unwrap();
+        let kasan = reproduced(tmp.path(), "KASAN: use-after-free Read in filp_close", None);
+        let (_, gdb) = debug_commands(&kasan).unwrap();
+        assert_eq!(
+            gdb,
+            format!(
+                "gdb -iex 'add-auto-load-safe-path {k}' -ex 'target remote :1234' -ex 'break kasan_report' -ex reverse-continue {k}/vmlinux",
+                k = kernel.display()
+            ),
+            "the kernel's gdb helpers are loaded where they are"
+        );
         std::fs::write(
             tmp.path().join("header.json"),
             r#"{"vmlinux": {"path": "/k/vmlinux", "sha256": "00"}}"#,
