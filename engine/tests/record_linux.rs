@@ -436,8 +436,11 @@ fn a_full_disk_ends_the_recording_naming_the_file_and_leaves_a_replayable_prefix
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(9), "{stderr}");
+    // The chunk writer or the periodic flush, whichever reaches the limit
+    // first (it depends on the host's speed).
     assert!(
-        stderr.contains("recording failed: writing")
+        (stderr.contains("recording failed: writing")
+            || stderr.contains("recording failed: flushing"))
             && stderr.contains("full/events.krrlog: File too large"),
         "{stderr}"
     );
