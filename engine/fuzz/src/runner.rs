@@ -110,27 +110,38 @@ pub fn check(target: Target, input: &Input, work: &Path) -> Outcome {
     }
 }
 
-/// `e` with the work folder's path, quoted bytes and every number
-/// blanked, to count kinds of refusal rather than values.
+/// `e` with the work folder's path, quoted strings, byte lists and every
+/// number blanked, to count kinds of refusal rather than values.
 fn shape(e: &str, work: &Path) -> String {
     let e = e.replace(&*work.to_string_lossy(), "<input>");
     let mut out = String::new();
-    let (mut in_number, mut in_quote, mut escaped) = (false, false, false);
+    // `closing`: the character that ends the quoted string or list we are in.
+    let (mut in_number, mut closing, mut escaped) = (false, None, false);
     for c in e.chars() {
         let was_escaped = escaped;
         escaped = c == '\\' && !was_escaped;
-        if c == '"' && !was_escaped {
-            in_quote = !in_quote;
-            out.push_str(if in_quote { "\"…" } else { "\"" });
-            continue;
+        match closing {
+            Some(end) if c == end && !was_escaped => {
+                closing = None;
+                out.push('…');
+                out.push(c);
+            }
+            Some(_) => {}
+            None if c == '"' || c == '[' => {
+                closing = Some(if c == '"' { '"' } else { ']' });
+                out.push(c);
+            }
+            None => {
+                let digit = c.is_ascii_hexdigit() && (in_number || c.is_ascii_digit());
+                let hex_prefix = in_number && c == 'x';
+                if !digit && !hex_prefix {
+                    out.push(c);
+                } else if digit && !in_number {
+                    out.push('#');
+                }
+                in_number = digit || hex_prefix;
+            }
         }
-        let digit = c.is_ascii_hexdigit() && (in_number || c.is_ascii_digit());
-        if digit && !in_number && !in_quote {
-            out.push('#');
-        } else if !digit && !in_quote {
-            out.push(c);
-        }
-        in_number = digit || (in_number && c == 'x');
     }
     out.chars().take(160).collect()
 }
@@ -300,4 +311,19 @@ pub fn run(cfg: &Config) -> Result<Summary> {
     s.seconds = epoch.elapsed().as_secs_f64();
     s.distinct_errors = shapes.len();
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shapes_blank_values() {
+        let work = std::path::Path::new("/w");
+        assert_eq!(
+            super::shape(
+                "/w/x: chunk 3 at 0x1f: bad magic [ff, a1], expected \"K\\\"R\"",
+                work
+            ),
+            "<input>/x: chunk # at #: bad magic […], expected \"…\""
+        );
+    }
 }
