@@ -9,6 +9,7 @@ mod bench;
 mod bench_gdb;
 mod doctor;
 mod eval;
+mod fuzz;
 mod hw_acceptance;
 mod images;
 mod krr_bin;
@@ -118,6 +119,23 @@ enum Command {
         #[command(subcommand)]
         command: images::ImagesCommand,
     },
+    /// Fuzz what krr reads from a recording (agent ring records, the event
+    /// and DMA logs, `krr log verify`, `Replayer::open`) with mutants of
+    /// engine/fuzz/corpus; crashes under results/fuzz/<UTC time>/.
+    Fuzz {
+        /// Only this target (ring, events, dma, verify, open); repeatable.
+        #[arg(long)]
+        target: Vec<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Seed of the mutations (a crash's repro.txt names it).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Results directory (default: results/fuzz/<UTC time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run every test: formatting, lints, unit and integration tests, with
     /// the guest images they need built (or taken from the cache) first.
     Test {
@@ -187,6 +205,12 @@ fn run(cli: Cli) -> Result<()> {
             command: ResultsCommand::Merge { dirs, out },
         } => eval::merge(&dirs, &out),
         Command::Images { command } => images::run(command),
+        Command::Fuzz {
+            target,
+            seconds,
+            seed,
+            out,
+        } => fuzz::run(&target, seconds, seed, out).map(drop),
         Command::Test { cargo_args } => test::run(&cargo_args),
     }
 }

@@ -82,6 +82,12 @@ pub fn run(extra: &[String]) -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     cargo(&args, &envs)?;
     if extra.is_empty() {
+        // Hostile recordings: a fixed-seed fuzz run of every reader.
+        eprintln!(
+            "== cargo xtask fuzz (short: {} s per target)",
+            crate::fuzz::QUICK_SECONDS
+        );
+        crate::fuzz::quick(&repo_root().join("target/fuzz-quick"))?;
         host_verdicts()?;
         // The main job, end to end on its smallest matrix: every scheme.
         eprintln!("== cargo xtask eval record-perf --quick");
