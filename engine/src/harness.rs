@@ -141,6 +141,11 @@ pub struct ValidateReplayOneArgs {
     /// per vCPU.
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
+    /// A checkpoint (registers and memory hash) every N guest instructions
+    /// of the recording, all compared in replay, so a divergence is caught
+    /// near where it starts (0: none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub checkpoint_every: u64,
     /// Where the recording goes (it is deleted after the replay); default
     /// $KRR_RECORDINGS.
     #[arg(long)]
@@ -196,8 +201,11 @@ pub fn validate_replay_one(a: ValidateReplayOneArgs) -> anyhow::Result<()> {
         &a.rootfs,
         &recordings,
         &a.stressor,
-        a.seconds,
-        a.vcpus,
+        StressorRun {
+            seconds: a.seconds,
+            vcpus: a.vcpus,
+            checkpoint_every: a.checkpoint_every,
+        },
     );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -218,16 +226,29 @@ pub fn validate_replay_one(a: ValidateReplayOneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How one stressor is run: guest seconds, vCPUs, and the recording's
+/// checkpoint interval in guest instructions (0: none).
+#[derive(Debug, Clone, Copy)]
+pub struct StressorRun {
+    pub seconds: u32,
+    pub vcpus: usize,
+    pub checkpoint_every: u64,
+}
+
 /// Records and replays one stressor; the recording (under `recordings`) is
-/// deleted afterwards.
+/// deleted afterwards. Every checkpoint the recording holds is compared.
 pub fn validate_stressor(
     kernel: &Path,
     rootfs: &Path,
     recordings: &Path,
     name: &str,
-    seconds: u32,
-    vcpus: usize,
+    run: StressorRun,
 ) -> StressorResult {
+    let StressorRun {
+        seconds,
+        vcpus,
+        checkpoint_every,
+    } = run;
     let mut r = StressorResult {
         stressor: name.to_string(),
         outcome: "failed".into(),
@@ -260,6 +281,7 @@ pub fn validate_stressor(
     cfg.max_instructions = (u64::from(seconds) + 10) * 1_000_000_000 * vcpus as u64;
     let mut rc = RecordConfig::new(name.to_string(), recordings.to_path_buf());
     rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
+    rc.checkpoint_every = checkpoint_every;
     let mut machine = match RecordingSession::machine(cfg, rc, Backend::Tcg) {
         Ok(m) => m,
         Err(e) => {
@@ -307,7 +329,10 @@ pub fn validate_stressor(
             match rep.end {
                 ReplayEnd::Matched => {
                     r.outcome = "passed".into();
-                    r.detail = format!("{} kernel instructions", rep.kernel_instructions);
+                    r.detail = format!(
+                        "{} kernel instructions, {} checkpoint(s) compared",
+                        rep.kernel_instructions, rep.checkpoints_verified
+                    );
                 }
                 ReplayEnd::Diverged(d) | ReplayEnd::Stalled(d) => {
                     r.outcome = "diverged".into();

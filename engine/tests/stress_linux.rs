@@ -15,7 +15,7 @@ mod guest_images;
 mod krr_command;
 
 use krr_command::{count, krr, stats_json};
-use krr_engine::harness::validate_stressor;
+use krr_engine::harness::{validate_stressor, StressorRun};
 use std::path::PathBuf;
 
 /// The `-krr` kernel and the workloads rootfs.
@@ -29,7 +29,12 @@ fn stops_in_time_and_replays(stressor: &str, vcpus: usize) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let r = validate_stressor(&kernel, &rootfs, dir.path(), stressor, 1, vcpus);
+    let run = StressorRun {
+        seconds: 1,
+        vcpus,
+        checkpoint_every: 0,
+    };
+    let r = validate_stressor(&kernel, &rootfs, dir.path(), stressor, run);
     println!("{r:?}");
     assert_eq!(r.outcome, "passed", "{stressor} on {vcpus} vCPU(s): {r:?}");
     let seconds = r.virtual_seconds.expect("the command's virtual time");

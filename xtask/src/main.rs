@@ -95,20 +95,7 @@ enum Command {
     },
     /// Record and replay stress-ng stressors (rootfs-workloads image) on the
     /// software CPU: a table of passed / diverged / unsupported per stressor.
-    ValidateReplay {
-        /// Comma-separated stressor names (default: a list of ~85 classes).
-        #[arg(long)]
-        stressors: Option<String>,
-        /// Guest seconds each stressor runs (stress-ng --timeout).
-        #[arg(long, default_value_t = 1)]
-        seconds: u32,
-        /// Results directory (default: results/validate-replay/<UTC time>).
-        #[arg(long, conflicts_with = "resume")]
-        out: Option<std::path::PathBuf>,
-        /// Continue an interrupted run: its directory, or `latest`.
-        #[arg(long, value_name = "DIR|latest")]
-        resume: Option<String>,
-    },
+    ValidateReplay(validate_replay::Options),
     /// Results of evals: merge the shards of one eval run on several hosts.
     Results {
         #[command(subcommand)]
@@ -191,12 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             manifests::fetch(name.as_deref(), url.as_deref(), sha256.as_deref())
         }
         Command::Eval(args) => eval::run(args),
-        Command::ValidateReplay {
-            stressors,
-            seconds,
-            out,
-            resume,
-        } => validate_replay::run(stressors, seconds, out, resume),
+        Command::ValidateReplay(opts) => validate_replay::run(opts),
         Command::Bench {
             benchmark,
             repetitions,

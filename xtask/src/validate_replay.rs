@@ -30,6 +30,41 @@ const PLAN_FILE: &str = "plan.json";
 struct Plan {
     stressors: Vec<String>,
     seconds: u32,
+    #[serde(default = "one_vcpu")]
+    vcpus: u32,
+    /// Guest instructions between two checkpoints of each recording (0:
+    /// none).
+    #[serde(default)]
+    checkpoint_every: u64,
+}
+
+fn one_vcpu() -> u32 {
+    1
+}
+
+/// `cargo xtask validate-replay`'s options.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Comma-separated stressor names (default: a list of ~85 classes).
+    #[arg(long)]
+    pub stressors: Option<String>,
+    /// Guest seconds each stressor runs (stress-ng --timeout).
+    #[arg(long, default_value_t = 1)]
+    pub seconds: u32,
+    /// vCPUs of the guest (stress-ng runs one instance per vCPU; default 1).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// A checkpoint every N guest instructions of each recording, all
+    /// compared in replay, so a divergence is caught near its start
+    /// (default 0: none).
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// Results directory (default: results/validate-replay/<UTC time>).
+    #[arg(long, conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue an interrupted run: its directory, or `latest`.
+    #[arg(long, value_name = "DIR|latest")]
+    pub resume: Option<String>,
 }
 
 /// Stressor classes tried by default: processes, memory, files, IPC,
@@ -135,19 +170,14 @@ pub struct StressorResult {
     pub replay_seconds: f64,
 }
 
-/// `cargo xtask validate-replay [--stressors a,b] [--seconds N] [--out DIR
-/// | --resume DIR|latest]`.
-pub fn run(
-    stressors: Option<String>,
-    seconds: u32,
-    out: Option<PathBuf>,
-    resume: Option<String>,
-) -> Result<()> {
+/// `cargo xtask validate-replay [--stressors a,b] [--seconds N] [--vcpus N]
+/// [--checkpoint-every N] [--out DIR | --resume DIR|latest]`.
+pub fn run(opts: Options) -> Result<()> {
     let root = repo_root().join("results/validate-replay");
-    let (dir, plan) = match &resume {
+    let (dir, plan) = match &opts.resume {
         Some(arg) => {
-            if stressors.is_some() {
-                bail!("--resume continues the run's own stressors: drop --stressors");
+            if opts.stressors.is_some() || opts.vcpus.is_some() || opts.checkpoint_every.is_some() {
+                bail!("--resume continues the run's own plan: drop --stressors, --vcpus and --checkpoint-every");
             }
             let dir = crate::eval::resume_dir(arg, &root, JOURNAL_FILE)?;
             let path = dir.join(PLAN_FILE);
@@ -159,14 +189,19 @@ pub fn run(
         }
         None => {
             let plan = Plan {
-                stressors: stressor_list(stressors)?,
-                seconds,
+                stressors: stressor_list(opts.stressors)?,
+                seconds: opts.seconds,
+                vcpus: opts.vcpus.unwrap_or(1),
+                checkpoint_every: opts.checkpoint_every.unwrap_or(0),
             };
             if plan.seconds == 0 {
                 // stress-ng reads a timeout of 0 as "run forever".
                 bail!("--seconds 0: expected at least 1");
             }
-            let dir = crate::eval::output_dir(out.as_deref(), &root, JOURNAL_FILE)?;
+            if !(1..=8).contains(&plan.vcpus) {
+                bail!("--vcpus {}: expected 1 to 8", plan.vcpus);
+            }
+            let dir = crate::eval::output_dir(opts.out.as_deref(), &root, JOURNAL_FILE)?;
             std::fs::write(dir.join(PLAN_FILE), serde_json::to_vec_pretty(&plan)?)
                 .with_context(|| format!("writing {}", dir.join(PLAN_FILE).display()))?;
             (dir, plan)
@@ -193,9 +228,11 @@ pub fn run(
         .filter(|name| !results.iter().any(|r| &r.stressor == *name))
         .collect();
     eprintln!(
-        "validate-replay: {} stressor(s), {} to run, results in {}",
+        "validate-replay: {} stressor(s), {} to run, {} vCPU(s), {}, results in {}",
         plan.stressors.len(),
         todo.len(),
+        plan.vcpus,
+        checkpoints(plan.checkpoint_every),
         dir.display()
     );
     let bar = ProgressBar::new(plan.stressors.len() as u64);
@@ -206,14 +243,7 @@ pub fn run(
     );
     for name in todo {
         bar.set_message(name.clone());
-        let r = one(
-            &krr_exe,
-            &kernel,
-            &rootfs,
-            scratch.path(),
-            name,
-            plan.seconds,
-        );
+        let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, &plan);
         if interrupt.load(Ordering::SeqCst) {
             // Ctrl-C reached the krr process too: its outcome says nothing.
             bar.finish_and_clear();
@@ -258,10 +288,12 @@ pub fn run(
     );
     print!("{table}");
     let report = format!(
-        "# validate-replay: stress-ng stressors recorded and replayed\n\nKernel `{}`, rootfs `{}`, {} s per stressor.\n\n{table}",
+        "# validate-replay: stress-ng stressors recorded and replayed\n\nKernel `{}`, rootfs `{}`, {} s per stressor, {} vCPU(s), {}.\n\n{table}",
         kernel.display(),
         rootfs.display(),
-        plan.seconds
+        plan.seconds,
+        plan.vcpus,
+        checkpoints(plan.checkpoint_every)
     );
     std::fs::write(dir.join("report.md"), report)
         .with_context(|| format!("writing {}", dir.join("report.md").display()))?;
@@ -270,6 +302,8 @@ pub fn run(
         "kernel": kernel,
         "rootfs": rootfs,
         "seconds_per_stressor": plan.seconds,
+        "vcpus": plan.vcpus,
+        "checkpoint_every": plan.checkpoint_every,
         "results": results,
     });
     std::fs::write(&json, serde_json::to_string_pretty(&doc)? + "\n")
@@ -279,6 +313,14 @@ pub fn run(
         dir.join("report.md").display()
     );
     Ok(())
+}
+
+/// How a run's checkpoints are described in its output.
+fn checkpoints(every: u64) -> String {
+    match every {
+        0 => "no checkpoints".into(),
+        n => format!("a checkpoint every {n} instructions, each compared in replay"),
+    }
 }
 
 /// `--stressors a,b` or the default list, names checked.
@@ -311,9 +353,11 @@ fn one(
     rootfs: &Path,
     scratch: &Path,
     name: &str,
-    seconds: u32,
+    plan: &Plan,
 ) -> StressorResult {
-    let seconds_arg = seconds.to_string();
+    let seconds_arg = plan.seconds.to_string();
+    let vcpus_arg = plan.vcpus.to_string();
+    let checkpoint_arg = plan.checkpoint_every.to_string();
     let args: &[&OsStr] = &[
         "validate-replay-one".as_ref(),
         "--kernel".as_ref(),
@@ -324,6 +368,10 @@ fn one(
         name.as_ref(),
         "--seconds".as_ref(),
         seconds_arg.as_ref(),
+        "--vcpus".as_ref(),
+        vcpus_arg.as_ref(),
+        "--checkpoint-every".as_ref(),
+        checkpoint_arg.as_ref(),
         "--recordings".as_ref(),
         scratch.as_os_str(),
         "--json".as_ref(),
