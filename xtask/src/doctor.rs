@@ -445,12 +445,12 @@ fn backends(engine: &EngineView) -> Vec<Finding> {
     ]
 }
 
-/// Every finding about this host, in the order doctor prints them.
-pub fn findings() -> Vec<Finding> {
+/// Every finding about this host, in the order doctor prints them, with
+/// `engine`'s answer (or why there is none) for KVM and the backends.
+pub fn findings(engine: &Result<EngineView>) -> Vec<Finding> {
     let host = Host::at("/");
     let mut all = host.cpu();
-    let engine = EngineView::ask();
-    match &engine {
+    match engine {
         Ok(engine) => all.push(host.kvm(engine)),
         Err(e) => all.push(finding(
             "kvm",
@@ -476,14 +476,14 @@ pub fn findings() -> Vec<Finding> {
     all.push(host_packages());
     all.push(pinned_packages());
     all.push(qemu());
-    if let Ok(engine) = &engine {
+    if let Ok(engine) = engine {
         all.extend(backends(engine));
     }
     all
 }
 
 pub fn run(json: bool) -> Result<()> {
-    let all = findings();
+    let all = findings(&EngineView::ask());
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {

@@ -111,7 +111,8 @@ pub fn run(force: bool, only: Option<Vec<String>>, out: Option<PathBuf>) -> Resu
     }
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
     let engine = EngineView::ask()?;
-    if let Err(reason) = can_run_here(&engine) {
+    let hardware = can_run_here(&engine);
+    if let Err(reason) = &hardware {
         if !force {
             bail!("{reason}");
         }
@@ -143,7 +144,6 @@ pub fn run(force: bool, only: Option<Vec<String>>, out: Option<PathBuf>) -> Resu
         write_results(&dir, &engine, results)
     };
 
-    let hardware = can_run_here(&engine);
     record(
         simple(
             "hardware-kvm",

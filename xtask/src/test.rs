@@ -132,13 +132,14 @@ pub fn run(extra: &[String]) -> Result<()> {
 /// reported as such, and hw-acceptance says plainly that it cannot run.
 fn host_verdicts() -> Result<()> {
     eprintln!("== cargo xtask doctor, hw-acceptance: this host's verdicts");
-    let findings = crate::doctor::findings();
+    let engine = crate::doctor::EngineView::ask();
+    let findings = crate::doctor::findings(&engine);
+    let engine = engine?;
     let kvm = findings
         .iter()
         .find(|f| f.topic == "kvm")
         .context("doctor reported nothing about KVM")?;
     eprintln!("   doctor: {}", kvm.what);
-    let engine = crate::doctor::EngineView::ask()?;
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     if pvm && !(kvm.what.contains("PVM") && engine.kvm_verdict == "software-hypervisor") {
         bail!("doctor on this PVM host says: {} ({:?})", kvm.what, engine);

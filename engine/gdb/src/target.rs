@@ -23,7 +23,7 @@ use gdbstub::target::ext::breakpoints::{
 use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::X86_64_SSE;
-use krr_hypervisor::{WatchKind, Watchpoint};
+use krr_hypervisor::{FpuState, Regs, Sregs, WatchKind, Watchpoint};
 use krr_replay::{
     DebugStop, ReplayEnd, ReplayError, ReplayOptions, ReplaySession, ReplaySnapshot, Replayer,
     StartImage, StopAt, Turn,
@@ -391,6 +391,20 @@ impl ReplayTarget {
         Ok(())
     }
 
+    /// vCPU `cpu`'s registers, segment registers and FPU state, as gdb's
+    /// register accesses need them.
+    fn vcpu_state(&self, cpu: usize) -> Result<(Regs, Sregs, FpuState), TargetError<GdbError>> {
+        let vcpu = self
+            .replayer
+            .vcpus()
+            .get(cpu)
+            .ok_or(TargetError::NonFatal)?;
+        match (vcpu.regs(), vcpu.sregs(), vcpu.fpu()) {
+            (Ok(r), Ok(s), Ok(f)) => Ok((r, s, f)),
+            _ => Err(TargetError::NonFatal),
+        }
+    }
+
     /// Refuses gdb's write unless `monitor allow-writes` was given; marks
     /// the replay as written otherwise.
     fn may_write(&mut self, what: &str) -> bool {
@@ -660,15 +674,7 @@ impl MultiThreadBase for ReplayTarget {
         out: &mut gdbstub_arch::x86::reg::X86_64CoreRegs,
         tid: Tid,
     ) -> TargetResult<(), Self> {
-        let vcpu = self
-            .replayer
-            .vcpus()
-            .get(cpu_of(tid))
-            .ok_or(TargetError::NonFatal)?;
-        let (r, s, f) = match (vcpu.regs(), vcpu.sregs(), vcpu.fpu()) {
-            (Ok(r), Ok(s), Ok(f)) => (r, s, f),
-            _ => return Err(TargetError::NonFatal),
-        };
+        let (r, s, f) = self.vcpu_state(cpu_of(tid))?;
         *out = regs::to_gdb(&r, &s, &f);
         Ok(())
     }
@@ -679,15 +685,7 @@ impl MultiThreadBase for ReplayTarget {
         tid: Tid,
     ) -> TargetResult<(), Self> {
         let cpu = cpu_of(tid);
-        let vcpu = self
-            .replayer
-            .vcpus()
-            .get(cpu)
-            .ok_or(TargetError::NonFatal)?;
-        let (r, s, f) = match (vcpu.regs(), vcpu.sregs(), vcpu.fpu()) {
-            (Ok(r), Ok(s), Ok(f)) => (r, s, f),
-            _ => return Err(TargetError::NonFatal),
-        };
+        let (r, s, f) = self.vcpu_state(cpu)?;
         let new = match regs::from_gdb(regs, &r, &s, &f) {
             Ok(new) => new,
             Err(why) => {

@@ -469,9 +469,7 @@ fn with_gdb_scripts(image: BuiltImage, build_dir: &Path) -> Result<Option<BuiltI
         files: hash_entries(&image.dir, &image.dir)?,
         ..image
     };
-    let manifest = image.dir.join(MANIFEST);
-    let json = serde_json::to_string_pretty(&image).expect("image serializes");
-    std::fs::write(&manifest, json).map_err(io_err(&manifest, "write"))?;
+    write_manifest(&image.dir, &image)?;
     Ok(Some(image))
 }
 
@@ -642,6 +640,13 @@ fn hash_tree(path: &Path, rel: &Path) -> Result<(String, u64)> {
     Ok((hex::encode(hasher.finalize()), total))
 }
 
+/// Writes `image`'s `manifest.json` into `dir`.
+fn write_manifest(dir: &Path, image: &BuiltImage) -> Result<()> {
+    let manifest = dir.join(MANIFEST);
+    let json = serde_json::to_string_pretty(image).expect("image serializes");
+    std::fs::write(&manifest, json).map_err(io_err(&manifest, "write"))
+}
+
 /// Hashes the files in `partial`, writes `manifest.json` and renames the
 /// directory to its final name.
 fn finish_image(
@@ -660,9 +665,7 @@ fn finish_image(
         files,
         build_seconds,
     };
-    let manifest = partial.join(MANIFEST);
-    let json = serde_json::to_string_pretty(&image).expect("image serializes");
-    std::fs::write(&manifest, json).map_err(io_err(&manifest, "write"))?;
+    write_manifest(partial, &image)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(final_dir).map_err(io_err(final_dir, "replace old image"))?;
     }
