@@ -9,7 +9,7 @@
 //! medians, tables and results files stay in xtask.
 
 use crate::bench::{record_vs_plain, RecordBenchConfig};
-use crate::machine::{Backend, MachineConfig, RunEnd, INIT_MARKER};
+use crate::machine::{Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
 use crate::record::recorder::{RecordConfig, StartTrigger};
 use crate::record::session::RecordingSession;
 use crate::replay::{ReplayEnd, ReplayOptions, Replayer};
@@ -226,6 +226,190 @@ pub fn validate_replay_one(a: ValidateReplayOneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Printed before stress-ng starts, so that its own messages can be told
+/// from the boot's.
+const STRESS_NG_BEGIN: &str = "krr-stress-ng-begin";
+/// stress-ng's exit status when a stressor cannot get what it needs here
+/// (memory, a device, a privilege)...
+const EXIT_NO_RESOURCE: i32 = 3;
+/// ...and when the kernel or the build lacks what it exercises.
+const EXIT_NOT_IMPLEMENTED: i32 = 4;
+
+/// What stress-ng said about its run, for a table cell: its skip, error
+/// and failure lines (the `stress-ng: info: [pid]` prefixes dropped), or
+/// its last lines when none of them is such a line.
+pub fn stress_ng_says(console: &str) -> String {
+    let own = console
+        .rsplit_once(STRESS_NG_BEGIN)
+        .map_or(console, |(_, after)| after);
+    let lines: Vec<&str> = own
+        .lines()
+        .map(|l| l.trim_end_matches('\r').trim())
+        .filter(|l| l.starts_with("stress-ng:"))
+        .collect();
+    const TELLING: [&str; 8] = [
+        "skipping",
+        "skipped",
+        "not implemented",
+        "not supported",
+        "no resource",
+        "fail",
+        "error",
+        "cannot",
+    ];
+    let telling: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            TELLING.iter().any(|w| l.contains(w))
+        })
+        .collect();
+    let chosen = if telling.is_empty() {
+        &lines[lines.len().saturating_sub(2)..]
+    } else {
+        &telling[..]
+    };
+    let mut text = chosen
+        .iter()
+        .map(|l| strip_stress_ng_prefix(l))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    if text.is_empty() {
+        text = "stress-ng printed nothing".into();
+    }
+    if text.len() > 300 {
+        let mut cut = 300;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
+/// `stress-ng: info:  [123] text` -> `text`; `stress-ng: fail: [123] text`
+/// -> `fail: text` (a level other than info is kept).
+fn strip_stress_ng_prefix(line: &str) -> String {
+    let rest = line.trim_start_matches("stress-ng:").trim_start();
+    let (level, rest) = match rest.split_once(':') {
+        Some((l, r)) if ["info", "debug", "warn", "fail", "error"].contains(&l) => {
+            (Some(l), r.trim_start())
+        }
+        _ => (None, rest),
+    };
+    let text = match rest.strip_prefix('[') {
+        Some(r) => r.split_once(']').map_or(rest, |(_, t)| t.trim_start()),
+        None => rest,
+    };
+    match level {
+        Some("info") | None => text.to_string(),
+        Some(l) => format!("{l}: {text}"),
+    }
+}
+
+/// `krr stress-ng-stressors`: the stressors the root filesystem's stress-ng
+/// offers, asked of it in a guest (software CPU, not recorded).
+#[derive(Debug, Parser)]
+pub struct StressNgStressorsArgs {
+    /// A kernel that boots the root filesystem (bzImage).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Root filesystem with stress-ng (the `rootfs-workloads` image).
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// Print one JSON object on stdout: `{"version", "stressors"}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the guest's stress-ng offers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestStressors {
+    /// `stress-ng --version`'s line.
+    pub version: String,
+    pub stressors: Vec<String>,
+}
+
+const LIST_BEGIN: &str = "krr-stressors-begin";
+const LIST_END: &str = "krr-stressors-end";
+
+/// Boots `kernel` on `rootfs` and asks its stress-ng for its stressors.
+pub fn guest_stressors(kernel: &Path, rootfs: &Path) -> anyhow::Result<GuestStressors> {
+    let cmd =
+        format!("stress-ng --version; echo {LIST_BEGIN}; stress-ng --stressors; echo {LIST_END}");
+    let mut cfg = MachineConfig::new(
+        kernel.to_path_buf(),
+        None,
+        format!("{ROOTFS_CMDLINE} krr.run=\"{cmd}\""),
+    );
+    cfg.disk = Some(rootfs.to_path_buf());
+    cfg.mem_bytes = 1 << 30;
+    cfg.max_instructions = 20_000_000_000;
+    let report = Machine::new(cfg, Backend::Tcg)
+        .with_context(|| format!("cannot start a guest with kernel {}", kernel.display()))?
+        .run();
+    let console = String::from_utf8_lossy(&report.console).to_string();
+    if report.end != (RunEnd::EndMarker { status: 0 }) {
+        bail!(
+            "asking {}'s stress-ng for its stressors: the guest ended with {:?}",
+            rootfs.display(),
+            report.end
+        );
+    }
+    parse_stressor_list(&console).with_context(|| {
+        format!(
+            "asking {}'s stress-ng for its stressors (console ends: {:?})",
+            rootfs.display(),
+            &console[console.len().saturating_sub(300)..]
+        )
+    })
+}
+
+/// The version line and the names between the list's markers.
+fn parse_stressor_list(console: &str) -> anyhow::Result<GuestStressors> {
+    let version = console
+        .lines()
+        .map(|l| l.trim_end_matches('\r').trim())
+        .find(|l| l.starts_with("stress-ng, version") || l.starts_with("stress-ng version"))
+        .context("stress-ng printed no version line")?
+        .to_string();
+    // The markers as whole lines: the kernel's command line, echoed at
+    // boot, holds them too.
+    let mut inside = false;
+    let mut stressors = Vec::new();
+    for line in console.lines().map(|l| l.trim_end_matches('\r').trim()) {
+        match line {
+            LIST_BEGIN => inside = true,
+            LIST_END if inside => {
+                if stressors.is_empty() {
+                    bail!("stress-ng --stressors listed none");
+                }
+                if let Some(bad) = stressors.iter().find(|s| !is_stressor_name(s)) {
+                    bail!("stress-ng --stressors listed {bad:?}, not a stressor name");
+                }
+                return Ok(GuestStressors { version, stressors });
+            }
+            _ if inside => stressors.extend(line.split_whitespace().map(str::to_string)),
+            _ => {}
+        }
+    }
+    bail!("the list's end marker never came")
+}
+
+/// Runs `krr stress-ng-stressors`.
+pub fn stress_ng_stressors(a: StressNgStressorsArgs) -> anyhow::Result<()> {
+    let g = guest_stressors(&a.kernel, &a.rootfs)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&g)?);
+    } else {
+        println!("{} ({} stressors)", g.version, g.stressors.len());
+        println!("{}", g.stressors.join(" "));
+    }
+    Ok(())
+}
+
 /// How one stressor is run: guest seconds, vCPUs, and the recording's
 /// checkpoint interval in guest instructions (0: none).
 #[derive(Debug, Clone, Copy)]
@@ -260,11 +444,11 @@ pub fn validate_stressor(
         virtual_seconds: None,
     };
     // --oom-avoid keeps stress-ng from sizing memory stressors to all of
-    // the guest's RAM; exit status 3 is stress-ng's "not supported here".
-    // The budget stops a stressor that ignores its timeout (guest time:
-    // 1 ns per instruction).
+    // the guest's RAM. stress-ng's own messages (not --quiet) say why a
+    // stressor is skipped. The budget stops a stressor that ignores its
+    // timeout (guest time: 1 ns per instruction).
     let cmd = format!(
-        "stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid --quiet; echo stress-ng-status=$?"
+        "echo {STRESS_NG_BEGIN}; stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid; echo stress-ng-status=$?"
     );
     let mut cfg = MachineConfig::new(
         kernel.to_path_buf(),
@@ -304,13 +488,25 @@ pub fn validate_stressor(
         .and_then(|s| s.trim().parse::<i32>().ok());
     match status {
         Some(0) => {}
-        Some(3) => {
+        Some(code @ (EXIT_NO_RESOURCE | EXIT_NOT_IMPLEMENTED)) => {
             r.outcome = "unsupported".into();
-            r.detail = "stress-ng: not supported by this kernel/system (status 3)".into();
+            r.detail = format!(
+                "stress-ng status {code} ({}): {}",
+                if code == EXIT_NO_RESOURCE {
+                    "no resource"
+                } else {
+                    "not implemented"
+                },
+                stress_ng_says(&console)
+            );
             return r;
         }
         other => {
-            r.detail = format!("stress-ng exit status {other:?} while recording");
+            r.detail = format!(
+                "stress-ng exit status {} while recording: {}",
+                other.map_or("unknown".to_string(), |c| c.to_string()),
+                stress_ng_says(&console)
+            );
             return r;
         }
     }
@@ -351,7 +547,45 @@ pub fn validate_stressor(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, parse_stressor_list, stress_ng_says};
+
+    #[test]
+    fn the_guest_stressor_list_is_read_between_its_markers() {
+        let console =
+            "Command line: ... krr.run=\"stress-ng --version; echo krr-stressors-begin; ...\"\r\n\
+            stress-ng, version 0.15.06 (gcc 12.2, x86_64 Linux 6.1.0) \u{1f4bb}\r\n\
+            krr-stressors-begin\r\n\
+            access af-alg affinity aio\r\nzlib zombie\r\n\
+            krr-stressors-end\r\n";
+        let g = parse_stressor_list(console).unwrap();
+        assert!(g.version.starts_with("stress-ng, version 0.15.06"));
+        assert_eq!(
+            g.stressors,
+            ["access", "af-alg", "affinity", "aio", "zlib", "zombie"]
+        );
+        let cut = console.replace("krr-stressors-end", "");
+        assert!(parse_stressor_list(&cut).is_err());
+        let hostile = console.replace("zlib", "zlib;reboot");
+        assert!(format!("{:#}", parse_stressor_list(&hostile).unwrap_err()).contains("zlib;reboot"));
+    }
+
+    #[test]
+    fn stress_ng_says_why_it_skipped_and_not_what_the_boot_said() {
+        let console = "[    0.1] Run /init as init process\r\nkrr-stress-ng-begin\r\n\
+            stress-ng: info:  [93] setting to a 1 second run per stressor\r\n\
+            stress-ng: info:  [93] dispatching hogs: 1 fanotify\r\n\
+            stress-ng: info:  [94] fanotify: stressor will be skipped, fanotify_init not supported\r\n\
+            stress-ng: info:  [93] skipped: 1: fanotify (1)\r\nstress-ng-status=4\r\n";
+        assert_eq!(
+            stress_ng_says(console),
+            "fanotify: stressor will be skipped, fanotify_init not supported / skipped: 1: fanotify (1)"
+        );
+        let failing = "krr-stress-ng-begin\nstress-ng: info:  [9] dispatching hogs: 1 x\n\
+            stress-ng: fail:  [10] x: read failed, errno=5\nstress-ng-status=2\n";
+        assert_eq!(stress_ng_says(failing), "fail: x: read failed, errno=5");
+        let quiet = "boot\nkrr-stress-ng-begin\nstress-ng-status=1\n";
+        assert_eq!(stress_ng_says(quiet), "stress-ng printed nothing");
+    }
 
     #[test]
     fn sizes_parse_and_an_overflowing_one_is_an_error() {

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 
 const JOURNAL_FILE: &str = "stressors.jsonl";
 const PLAN_FILE: &str = "plan.json";
+const CSV_FILE: &str = "stressors.csv";
 
 /// What a run was started with, for `--resume`.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -36,6 +37,9 @@ struct Plan {
     /// none).
     #[serde(default)]
     checkpoint_every: u64,
+    /// The guest's `stress-ng --version` when the list was asked of it.
+    #[serde(default)]
+    stress_ng: Option<String>,
 }
 
 fn one_vcpu() -> u32 {
@@ -45,9 +49,14 @@ fn one_vcpu() -> u32 {
 /// `cargo xtask validate-replay`'s options.
 #[derive(clap::Args)]
 pub struct Options {
-    /// Comma-separated stressor names (default: a list of ~85 classes).
+    /// Comma-separated stressor names (default: every stressor the guest's
+    /// stress-ng offers, asked of it in a guest first).
     #[arg(long)]
     pub stressors: Option<String>,
+    /// Stressors recorded and replayed at once, each in its own `krr`
+    /// process (outcomes do not depend on it; wall times do).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
     /// Guest seconds each stressor runs (stress-ng --timeout).
     #[arg(long, default_value_t = 1)]
     pub seconds: u32,
@@ -67,95 +76,6 @@ pub struct Options {
     pub resume: Option<String>,
 }
 
-/// Stressor classes tried by default: processes, memory, files, IPC,
-/// signals, timers and pure CPU work. `--stressors a,b,c` picks others.
-pub const DEFAULT_STRESSORS: &[&str] = &[
-    "cpu",
-    "fork",
-    "vfork",
-    "exec",
-    "clone",
-    "pthread",
-    "pipe",
-    "pipeherd",
-    "fifo",
-    "mmap",
-    "mremap",
-    "madvise",
-    "mlock",
-    "msync",
-    "brk",
-    "stack",
-    "malloc",
-    "vm",
-    "vm-rw",
-    "memcpy",
-    "futex",
-    "sem",
-    "sem-sysv",
-    "msg",
-    "mq",
-    "shm",
-    "shm-sysv",
-    // (No "select": Debian 12's stress-ng 0.15 has no such stressor; its
-    // `poll` stressor exercises select(2) too.)
-    "poll",
-    "epoll",
-    "eventfd",
-    "open",
-    "dir",
-    "dentry",
-    "link",
-    "symlink",
-    "rename",
-    "chmod",
-    "chown",
-    "fstat",
-    "getdent",
-    "seek",
-    "fallocate",
-    "io",
-    "lockf",
-    "flock",
-    "fcntl",
-    "dup",
-    "sendfile",
-    "splice",
-    "tee",
-    "switch",
-    "yield",
-    "nice",
-    "sigq",
-    "kill",
-    "sigpipe",
-    "clock",
-    "timer",
-    "itimer",
-    "nanosleep",
-    "get",
-    "getrandom",
-    "sysinfo",
-    "personality",
-    "prctl",
-    "rlimit",
-    "null",
-    "zero",
-    "full",
-    "urandom",
-    "matrix",
-    "qsort",
-    "str",
-    "hash",
-    "crypt",
-    "zlib",
-    "bsearch",
-    "hsearch",
-    "tsearch",
-    "lsearch",
-    "sock",
-    "udp",
-];
-
 /// The outcome of one stressor.
 /// (What `krr validate-replay-one --json` prints.)
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -173,12 +93,23 @@ pub struct StressorResult {
 /// `cargo xtask validate-replay [--stressors a,b] [--seconds N] [--vcpus N]
 /// [--checkpoint-every N] [--out DIR | --resume DIR|latest]`.
 pub fn run(opts: Options) -> Result<()> {
+    if opts.jobs == 0 {
+        bail!("--jobs 0: expected at least 1");
+    }
     let root = repo_root().join("results/validate-replay");
+    if opts.resume.is_some()
+        && (opts.stressors.is_some() || opts.vcpus.is_some() || opts.checkpoint_every.is_some())
+    {
+        bail!("--resume continues the run's own plan: drop --stressors, --vcpus and --checkpoint-every");
+    }
+    let krr_exe = krr_bin::build()?;
+    let files = images::build_files(&[
+        ("guest-6.1-krr", "bzImage"),
+        ("rootfs-workloads", "rootfs.ext4"),
+    ])?;
+    let (kernel, rootfs) = (files[0].clone(), files[1].clone());
     let (dir, plan) = match &opts.resume {
         Some(arg) => {
-            if opts.stressors.is_some() || opts.vcpus.is_some() || opts.checkpoint_every.is_some() {
-                bail!("--resume continues the run's own plan: drop --stressors, --vcpus and --checkpoint-every");
-            }
             let dir = crate::eval::resume_dir(arg, &root, JOURNAL_FILE)?;
             let path = dir.join(PLAN_FILE);
             let plan: Plan = serde_json::from_slice(
@@ -188,11 +119,19 @@ pub fn run(opts: Options) -> Result<()> {
             (dir, plan)
         }
         None => {
+            let (stressors, stress_ng) = match opts.stressors {
+                Some(list) => (stressor_list(&list)?, None),
+                None => {
+                    let g = guest_stressors(&krr_exe, &kernel, &rootfs)?;
+                    (g.stressors, Some(g.version))
+                }
+            };
             let plan = Plan {
-                stressors: stressor_list(opts.stressors)?,
+                stressors,
                 seconds: opts.seconds,
                 vcpus: opts.vcpus.unwrap_or(1),
                 checkpoint_every: opts.checkpoint_every.unwrap_or(0),
+                stress_ng,
             };
             if plan.seconds == 0 {
                 // stress-ng reads a timeout of 0 as "run forever".
@@ -208,29 +147,27 @@ pub fn run(opts: Options) -> Result<()> {
         }
     };
     let journal_path = dir.join(JOURNAL_FILE);
-    let mut results: Vec<StressorResult> = if journal_path.exists() {
+    let done: Vec<StressorResult> = if journal_path.exists() {
         journal::read_lines(&journal_path)?
     } else {
         Vec::new()
     };
-    let mut journal = Journal::open_file(&journal_path)?;
+    let journal = Journal::open_file(&journal_path)?;
     let interrupt = crate::eval::ctrl_c_flag()?;
-    let krr_exe = krr_bin::build()?;
-    let files = images::build_files(&[
-        ("guest-6.1-krr", "bzImage"),
-        ("rootfs-workloads", "rootfs.ext4"),
-    ])?;
-    let (kernel, rootfs) = (files[0].clone(), files[1].clone());
     let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
     let todo: Vec<&String> = plan
         .stressors
         .iter()
-        .filter(|name| !results.iter().any(|r| &r.stressor == *name))
+        .filter(|name| !done.iter().any(|r| &r.stressor == *name))
         .collect();
     eprintln!(
-        "validate-replay: {} stressor(s), {} to run, {} vCPU(s), {}, results in {}",
+        "validate-replay: {} stressor(s){}, {} to run ({} at a time), {} vCPU(s), {}, results in {}",
         plan.stressors.len(),
+        plan.stress_ng
+            .as_ref()
+            .map_or(String::new(), |v| format!(" ({v})")),
         todo.len(),
+        opts.jobs,
         plan.vcpus,
         checkpoints(plan.checkpoint_every),
         dir.display()
@@ -238,65 +175,87 @@ pub fn run(opts: Options) -> Result<()> {
     let bar = ProgressBar::new(plan.stressors.len() as u64);
     bar.set_position((plan.stressors.len() - todo.len()) as u64);
     bar.set_style(
-        ProgressStyle::with_template("validate-replay [{bar:30}] {pos}/{len} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "validate-replay [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .expect("valid template"),
     );
-    for name in todo {
-        bar.set_message(name.clone());
-        let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, &plan);
-        if interrupt.load(Ordering::SeqCst) {
-            // Ctrl-C reached the krr process too: its outcome says nothing.
-            bar.finish_and_clear();
-            eprintln!(
-                "validate-replay: interrupted during {name}; continue with --resume {}",
-                dir.display()
-            );
-            bail!("interrupted");
+    let shared = std::sync::Mutex::new((journal, done, Vec::<String>::new()));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            let Some(name) = todo.get(i) else {
+                return Ok(());
+            };
+            if interrupt.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            {
+                let mut g = shared.lock().expect("validate-replay state");
+                g.2.push(name.to_string());
+                bar.set_message(g.2.join(" "));
+            }
+            let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, &plan);
+            let mut g = shared.lock().expect("validate-replay state");
+            g.2.retain(|n| n != *name);
+            bar.set_message(g.2.join(" "));
+            if interrupt.load(Ordering::SeqCst) {
+                // Ctrl-C reached the krr process too: its outcome says nothing.
+                return Ok(());
+            }
+            // (println on a hidden bar, when stderr is not a terminal, prints
+            // nothing: suspend it instead.)
+            bar.suspend(|| eprintln!("  {:<16} {:<11} {}", r.stressor, r.outcome, r.detail));
+            g.0.append(&r)?;
+            g.1.push(r);
+            bar.inc(1);
         }
-        // (println on a hidden bar, when stderr is not a terminal, prints
-        // nothing: suspend it instead.)
-        bar.suspend(|| eprintln!("  {:<12} {:<11} {}", r.stressor, r.outcome, r.detail));
-        journal.append(&r)?;
-        results.push(r);
-        bar.inc(1);
+    };
+    let outcomes: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..opts.jobs.min(todo.len().max(1)))
+            .map(|_| scope.spawn(worker))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a validate-replay worker panicked"))
+            })
+            .collect()
+    });
+    for o in outcomes {
+        o?;
     }
+    if interrupt.load(Ordering::SeqCst) {
+        bar.finish_and_clear();
+        eprintln!(
+            "validate-replay: interrupted; continue with --resume {}",
+            dir.display()
+        );
+        bail!("interrupted");
+    }
+    let mut results = shared.into_inner().expect("validate-replay state").1;
     bar.finish_and_clear();
     // The plan's order, whatever order a resumed run finished them in.
     results.sort_by_key(|r| plan.stressors.iter().position(|s| *s == r.stressor));
-    let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
-    let mut table =
-        String::from("| stressor | outcome | events | kernel entries | record (s) | replay (s) | detail |\n|---|---|---|---|---|---|---|\n");
-    for r in &results {
-        table += &format!(
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
-            r.stressor,
-            r.outcome,
-            r.events,
-            r.kernel_entries,
-            r.record_seconds,
-            r.replay_seconds,
-            r.detail.replace('|', "\\|")
-        );
-    }
-    table += &format!(
-        "\npassed {}, diverged {}, unsupported {}, failed {} (of {})\n",
-        count("passed"),
-        count("diverged"),
-        count("unsupported"),
-        count("failed"),
-        results.len()
-    );
+    let table = table(&results);
     print!("{table}");
     let report = format!(
-        "# validate-replay: stress-ng stressors recorded and replayed\n\nKernel `{}`, rootfs `{}`, {} s per stressor, {} vCPU(s), {}.\n\n{table}",
+        "# validate-replay: stress-ng stressors recorded and replayed\n\nKernel `{}`, rootfs `{}`{}, {} s per stressor, {} vCPU(s), {}.\n\n{table}",
         kernel.display(),
         rootfs.display(),
+        plan.stress_ng
+            .as_ref()
+            .map_or(String::new(), |v| format!(" ({v})")),
         plan.seconds,
         plan.vcpus,
         checkpoints(plan.checkpoint_every)
     );
     std::fs::write(dir.join("report.md"), report)
         .with_context(|| format!("writing {}", dir.join("report.md").display()))?;
+    std::fs::write(dir.join(CSV_FILE), csv(&results))
+        .with_context(|| format!("writing {}", dir.join(CSV_FILE).display()))?;
     let json = dir.join("validate-replay.json");
     let doc = serde_json::json!({
         "kernel": kernel,
@@ -304,6 +263,7 @@ pub fn run(opts: Options) -> Result<()> {
         "seconds_per_stressor": plan.seconds,
         "vcpus": plan.vcpus,
         "checkpoint_every": plan.checkpoint_every,
+        "stress_ng": plan.stress_ng,
         "results": results,
     });
     std::fs::write(&json, serde_json::to_string_pretty(&doc)? + "\n")
@@ -315,6 +275,91 @@ pub fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// The summary line (the share passed is of the runnable stressors: all
+/// but the unsupported ones), what did not pass, then every stressor.
+fn table(results: &[StressorResult]) -> String {
+    let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
+    let runnable = results.len() - count("unsupported");
+    let mut out = format!(
+        "passed {}, diverged {}, failed {}, unsupported {} (of {}): {} of {} runnable stressors replay with zero divergence ({:.1}%)\n",
+        count("passed"),
+        count("diverged"),
+        count("failed"),
+        count("unsupported"),
+        results.len(),
+        count("passed"),
+        runnable,
+        if runnable == 0 {
+            0.0
+        } else {
+            100.0 * count("passed") as f64 / runnable as f64
+        }
+    );
+    let row = |r: &StressorResult| {
+        format!(
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {} |\n",
+            r.stressor,
+            r.outcome,
+            r.events,
+            r.kernel_entries,
+            r.record_seconds,
+            r.replay_seconds,
+            r.detail.replace('|', "\\|")
+        )
+    };
+    const HEAD: &str = "| stressor | outcome | events | kernel entries | record (s) | replay (s) | detail |\n|---|---|---|---|---|---|---|\n";
+    for (outcome, title) in [
+        (
+            "diverged",
+            "Diverged (first divergent event, where, what was expected)",
+        ),
+        (
+            "failed",
+            "Failed (while recording, or the replay could not run)",
+        ),
+        ("unsupported", "Unsupported here (stress-ng's reason)"),
+    ] {
+        if count(outcome) > 0 {
+            out += &format!("\n## {title}\n\n{HEAD}");
+            for r in results.iter().filter(|r| r.outcome == outcome) {
+                out += &row(r);
+            }
+        }
+    }
+    out += &format!("\n## Every stressor\n\n{HEAD}");
+    for r in results {
+        out += &row(r);
+    }
+    out
+}
+
+/// `stressors.csv`: one row per stressor, in the plan's order.
+fn csv(results: &[StressorResult]) -> String {
+    let quote = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let mut out = String::from(
+        "stressor,outcome,events,kernel_entries,record_seconds,replay_seconds,detail\n",
+    );
+    for r in results {
+        out += &format!(
+            "{},{},{},{},{:.3},{:.3},{}\n",
+            quote(&r.stressor),
+            quote(&r.outcome),
+            r.events,
+            r.kernel_entries,
+            r.record_seconds,
+            r.replay_seconds,
+            quote(&r.detail)
+        );
+    }
+    out
+}
+
 /// How a run's checkpoints are described in its output.
 fn checkpoints(every: u64) -> String {
     match every {
@@ -324,15 +369,12 @@ fn checkpoints(every: u64) -> String {
 }
 
 /// `--stressors a,b` or the default list, names checked.
-fn stressor_list(stressors: Option<String>) -> Result<Vec<String>> {
-    let list: Vec<String> = match stressors {
-        Some(s) => s
-            .split(',')
-            .map(|x| x.trim().to_string())
-            .filter(|x| !x.is_empty())
-            .collect(),
-        None => DEFAULT_STRESSORS.iter().map(|s| s.to_string()).collect(),
-    };
+fn stressor_list(stressors: &str) -> Result<Vec<String>> {
+    let list: Vec<String> = stressors
+        .split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect();
     if list.is_empty() {
         bail!("--stressors: no stressor named");
     }
@@ -343,6 +385,32 @@ fn stressor_list(stressors: Option<String>) -> Result<Vec<String>> {
         bail!("--stressors: {bad:?} is not a stress-ng stressor name");
     }
     Ok(list)
+}
+
+/// What `krr stress-ng-stressors --json` prints.
+#[derive(serde::Deserialize)]
+struct GuestStressors {
+    version: String,
+    stressors: Vec<String>,
+}
+
+/// Every stressor the rootfs's stress-ng offers, asked of it in a guest.
+fn guest_stressors(krr: &Path, kernel: &Path, rootfs: &Path) -> Result<GuestStressors> {
+    eprintln!("validate-replay: asking the guest's stress-ng for its stressors");
+    let args: &[&OsStr] = &[
+        "stress-ng-stressors".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--rootfs".as_ref(),
+        rootfs.as_os_str(),
+        "--json".as_ref(),
+    ];
+    let v = krr_bin::run_json(krr, args)?;
+    let g: GuestStressors = serde_json::from_value(v.clone())
+        .with_context(|| format!("`krr stress-ng-stressors` printed no stressor list: {v}"))?;
+    // The names go into guest command lines.
+    stressor_list(&g.stressors.join(","))?;
+    Ok(g)
 }
 
 /// Records and replays one stressor in its own `krr` process; a process
@@ -411,4 +479,67 @@ fn failure_detail(e: &anyhow::Error) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" / ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{csv, stressor_list, table, StressorResult};
+
+    fn result(stressor: &str, outcome: &str, detail: &str) -> StressorResult {
+        StressorResult {
+            stressor: stressor.into(),
+            outcome: outcome.into(),
+            detail: detail.into(),
+            events: 10,
+            kernel_entries: 5,
+            record_seconds: 1.5,
+            replay_seconds: 0.5,
+        }
+    }
+
+    #[test]
+    fn the_table_counts_the_share_passed_of_the_runnable_ones() {
+        let results = [
+            result("fork", "passed", "1 kernel instructions"),
+            result("clone", "diverged", "event #3 at 0x1: expected a | b"),
+            result(
+                "fanotify",
+                "unsupported",
+                "stress-ng status 4: not supported",
+            ),
+            result("pipe", "passed", "x"),
+            result("kcmp", "failed", "stress-ng exit status 2"),
+        ];
+        let t = table(&results);
+        let first = t.lines().next().unwrap();
+        assert_eq!(
+            first,
+            "passed 2, diverged 1, failed 1, unsupported 1 (of 5): 2 of 4 runnable stressors replay with zero divergence (50.0%)"
+        );
+        let diverged = t.find("## Diverged").unwrap();
+        let failed = t.find("## Failed").unwrap();
+        let every = t.find("## Every stressor").unwrap();
+        assert!(diverged < failed && failed < every);
+        assert!(t[diverged..failed].contains("| clone | diverged |"));
+        assert!(!t[diverged..failed].contains("| fork |"));
+        assert!(t.contains("expected a \\| b"), "{t}");
+        assert_eq!(t.matches("| fork | passed |").count(), 1);
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_quoting() {
+        let c = csv(&[result("clone", "diverged", "event #3, \"rip\"")]);
+        assert_eq!(
+            c,
+            "stressor,outcome,events,kernel_entries,record_seconds,replay_seconds,detail\n\
+             clone,diverged,10,5,1.500,0.500,\"event #3, \"\"rip\"\"\"\n"
+        );
+    }
+
+    #[test]
+    fn stressor_names_are_checked_before_they_reach_a_guest_command_line() {
+        assert_eq!(stressor_list("fork, pipe,").unwrap(), ["fork", "pipe"]);
+        assert!(stressor_list("fork;reboot").is_err());
+        assert!(stressor_list(" , ").is_err());
+    }
 }

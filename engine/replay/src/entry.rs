@@ -124,18 +124,21 @@ impl Replayer {
                 // an entry (later ones see the kernel's own writes).
                 const AD: u64 = 0x60;
                 const PFN_PRESENT: u64 = 0x000f_ffff_ffff_f001;
-                // The agent's CR3 is the running address space, which is not
-                // always the one whose table is read (execve tears down the
-                // old one after switching): try it, then the entry's.
-                let found = [space(p.cr3), entry_cr3].into_iter().find_map(|cr3| {
-                    let at = paging::pte_location(&self.mem, cr3, p.user_addr)?;
+                // The table of the address space the agent names (its mm's,
+                // not the loaded CR3: an exiting task tears its mm down on a
+                // borrowed one that can map the same page at the same
+                // address, and so can any other address space after fork).
+                // An entry that does not exist yet is made by the kernel in
+                // this stint, with the bits the kernel gives it.
+                let found = (|| {
+                    let at = paging::pte_location(&self.mem, space(p.cr3), p.user_addr)?;
                     let cur = self.mem.read_obj::<u64>(GuestAddress(at)).ok()?;
                     // Present and a user page: a recording restores bits
                     // of user mappings only.
                     const USER_PRESENT: u64 = 0x5;
                     (cur & PFN_PRESENT == p.pte & PFN_PRESENT && cur & USER_PRESENT == USER_PRESENT)
                         .then_some((at, cur))
-                });
+                })();
                 let Some((at, cur)) = found else {
                     continue;
                 };
@@ -186,7 +189,7 @@ impl Replayer {
             let done = paging::write_user(&self.mem, cr3, addr, &bytes);
             if done.written < bytes.len() as u64 {
                 tracing::debug!(
-                    "replay: of {} bytes at {addr:#x}, {} not written (page not present) and {} refused (not a writable user page): agent #{}",
+                    "replay: of {} bytes at {addr:#x}, {} not written (page not present) and {} refused (not a user page): agent #{}",
                     bytes.len(),
                     done.not_present,
                     done.refused,

@@ -63,6 +63,9 @@ enum Command {
     /// Record one stress-ng stressor from /init on (software CPU) and replay
     /// the kernel alone: passed, diverged, unsupported or failed.
     ValidateReplayOne(krr_engine::harness::ValidateReplayOneArgs),
+    /// The stressors a root filesystem's stress-ng offers, asked of it in
+    /// a guest (software CPU, not recorded).
+    StressNgStressors(krr_engine::harness::StressNgStressorsArgs),
     /// Which CPU backend `--backend` picks on this host, and why; with
     /// --json also what /dev/kvm is (`kvm.verdict`: hardware,
     /// software-hypervisor, absent) and how KVM would position asynchronous
@@ -636,6 +639,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchBoot(a) => bench(a),
         Command::BenchRecord(a) => krr_engine::harness::bench_record(a),
         Command::ValidateReplayOne(a) => krr_engine::harness::validate_replay_one(a),
+        Command::StressNgStressors(a) => krr_engine::harness::stress_ng_stressors(a),
         Command::Backend { backend, json } => {
             let (chosen, reason) = choose_backend(backend)?;
             let reason = reason.unwrap_or_else(|| "requested with --backend tcg".into());
