@@ -2,7 +2,8 @@
 //! Record with `krr record`, then replay the kernel alone with `krr replay`
 //! on the software CPU: boot to the end of /init, a syscall-heavy program
 //! and a multi-process shell workload replay to the end with zero
-//! divergence and the recorded console output; a corrupted event is caught
+//! divergence and the recorded console output; a changed console byte is
+//! caught at its offset; a corrupted event is caught
 //! at its index; a truncated log is reported as such; a 2-vCPU run from boot
 //! (the second vCPU's startup included) with user-space threads on both
 //! vCPUs replays in its recorded order; checkpoints are verified, and a
@@ -117,6 +118,38 @@ fn replays_boot_to_the_end_of_init() {
     let report = assert_matched(dir.path(), "boot");
     // The whole boot ran in the kernel: hundreds of millions of instructions.
     assert!(report["kernel_instructions"].as_u64().unwrap() > 100_000_000);
+    assert!(
+        report["console_bytes"].as_u64().unwrap() > 1_000,
+        "{report:#}"
+    );
+    assert_eq!(report["console_dropped_bytes"], 0);
+
+    // One recorded console byte changed, in the middle of the boot: the
+    // replay diverges at that byte, naming its offset.
+    let mut offset = 0u64;
+    let mut events = 0;
+    rewrite(&dir.path().join("boot"), |_, e| match e {
+        LogEvent::Console { bytes, .. } => {
+            events += 1;
+            if events < 20 {
+                offset += bytes.len() as u64;
+                return false;
+            }
+            bytes[0] ^= 0x20;
+            true
+        }
+        _ => false,
+    });
+    let (code, report) = replay(dir.path(), "boot");
+    assert_eq!(code, 2, "{report:#}");
+    assert_eq!(report["end"]["kind"], "diverged", "{report:#}");
+    assert_eq!(report["console_matches"], false);
+    let expected = report["end"]["expected"].as_str().unwrap();
+    assert!(
+        expected.contains(&format!("byte {offset} is")),
+        "{report:#}"
+    );
+    assert!(report["console_bytes"].as_u64().unwrap() > offset);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! is passed in by the run loop.
 
 pub mod cmos;
+pub mod console;
 pub mod ioapic;
 pub mod lapic;
 pub mod pic;

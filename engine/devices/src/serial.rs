@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! The 8250/16550 console UART at 0x3f8 (vm-superio's model), with its output
-//! captured for the run summary and optionally streamed to the terminal.
+//! captured for the run summary (a [`ConsoleBuffer`]: counted and hashed
+//! whole, its most recent bytes held) and optionally streamed to the
+//! terminal.
 
+use crate::console::ConsoleBuffer;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::io::Write;
@@ -19,13 +22,13 @@ pub enum ConsoleSink {
 /// Captures every byte the guest writes to the console.
 #[derive(Debug)]
 pub struct ConsoleCapture {
-    pub bytes: Vec<u8>,
+    pub buffer: ConsoleBuffer,
     sink: ConsoleSink,
 }
 
 impl Write for ConsoleCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.bytes.extend_from_slice(buf);
+        self.buffer.push(buf);
         // The terminal is a convenience: a closed pipe must not stop the guest.
         let _ = match self.sink {
             ConsoleSink::None => Ok(()),
@@ -121,7 +124,7 @@ impl SerialConsole {
             uart: Serial::new(
                 irq.clone(),
                 ConsoleCapture {
-                    bytes: Vec::new(),
+                    buffer: ConsoleBuffer::new(),
                     sink,
                 },
             ),
@@ -157,8 +160,9 @@ impl SerialConsole {
             && ((iir & 0x02 != 0 && ier & 0x02 != 0) || (iir & 0x04 != 0 && ier & 0x01 != 0))
     }
 
-    pub fn output(&self) -> &[u8] {
-        &self.uart.writer().bytes
+    /// The console output so far.
+    pub fn output(&self) -> &ConsoleBuffer {
+        &self.uart.writer().buffer
     }
 
     pub fn state(&self) -> SerialConsoleState {
@@ -188,7 +192,7 @@ impl SerialConsole {
             self.irq.clone(),
             vm_superio::serial::NoEvents,
             ConsoleCapture {
-                bytes: Vec::new(),
+                buffer: ConsoleBuffer::new(),
                 sink,
             },
         )
@@ -217,7 +221,7 @@ mod tests {
         s.pio_write(0x3f8, b'h');
         assert!(s.irq_level(), "a transmitted byte raises THRE again");
         s.pio_write(0x3f8, b'i');
-        assert_eq!(s.output(), b"hi");
+        assert_eq!(s.output().held(), b"hi");
         s.pio_write(0x3f9, 0x00);
         assert!(!s.irq_level(), "masked in IER");
     }
@@ -251,7 +255,11 @@ mod tests {
         fresh.restore(&back).unwrap();
         assert_eq!(fresh.state(), state);
         assert_eq!(fresh.irq_level(), s.irq_level());
-        assert_eq!(fresh.output(), b"o", "restore keeps this run's output");
+        assert_eq!(
+            fresh.output().held(),
+            b"o",
+            "restore keeps this run's output"
+        );
         assert_eq!(fresh.pio_read(0x3ff), 0xa5);
     }
 

@@ -20,6 +20,7 @@ pub mod platform;
 mod run_loop;
 
 use clock::HostClock;
+use krr_devices::console::ConsoleBuffer;
 use krr_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
 use krr_devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use krr_devices::serial::ConsoleSink;
@@ -195,9 +196,16 @@ pub struct RunReport {
     /// Wall time until the first complete console line after that one
     /// (the first line `/init` prints): the boot benchmark's end point.
     pub wall_seconds_to_first_init_line: Option<f64>,
-    pub console_bytes: usize,
+    /// Bytes of console output, all of it.
+    pub console_bytes: u64,
     /// SHA-256 of the whole console output (determinism checks).
     pub console_sha256: String,
+    /// The first bytes of the console output that [`Self::console`] does
+    /// not hold (0 unless the guest printed more than its window).
+    pub console_dropped_bytes: u64,
+    /// The console output, or its last
+    /// [`CONSOLE_WINDOW_BYTES`](krr_devices::console::CONSOLE_WINDOW_BYTES)
+    /// bytes at most (see [`Self::console_dropped_bytes`]).
     #[serde(skip)]
     pub console: Vec<u8>,
     pub last_console_lines: Vec<String>,
@@ -597,7 +605,8 @@ impl Machine {
             .map(|v| v.instructions_retired().unwrap_or(0))
             .collect();
         let instructions: u64 = per_vcpu.iter().sum();
-        let console = self.platform.serial.output().to_vec();
+        let output = self.platform.serial.output();
+        let console = output.held().to_vec();
         let text = String::from_utf8_lossy(&console);
         let lines: Vec<&str> = text.lines().collect();
         let last = lines[lines.len().saturating_sub(10)..]
@@ -623,14 +632,9 @@ impl Machine {
             instructions_to_init: to_init.map(|t| t.0),
             wall_seconds_to_init: to_init.map(|t| t.1.as_secs_f64()),
             wall_seconds_to_first_init_line: None,
-            console_bytes: console.len(),
-            console_sha256: {
-                use sha2::Digest;
-                sha2::Sha256::digest(&console)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
-            },
+            console_bytes: output.end(),
+            console_sha256: output.sha256_hex(),
+            console_dropped_bytes: output.start(),
             console,
             last_console_lines: last,
             device_errors: self.platform.device_errors.clone(),
@@ -664,16 +668,17 @@ impl Machine {
 /// ends the same way whichever CPU executes it.
 #[derive(Default)]
 struct ConsoleWatch {
-    /// Bytes of console output already scanned.
-    scanned: usize,
+    /// Console position up to which the output was scanned.
+    scanned: u64,
     /// Instructions (0 where the backend does not count) and wall time when
     /// the kernel started /init.
     to_init: Option<(u64, Duration)>,
     first_init_line: Option<Duration>,
-    /// After /init's start: where the search for the end of its first
-    /// line goes on (output before it was searched), and the newlines
-    /// seen since the marker (its own line's, then the first line's).
-    init_search: usize,
+    /// After /init's start: the console position where the search for the
+    /// end of its first line goes on (output before it was searched), and
+    /// the newlines seen since the marker (its own line's, then the first
+    /// line's).
+    init_search: u64,
     init_newlines: u8,
     end_status: Option<i32>,
     /// Virtual time (ns) when `/init` printed its start and end markers.
@@ -703,37 +708,39 @@ impl ConsoleWatch {
 
     /// Scans the output added since the last call (with some overlap, so a
     /// marker split across two calls is found); returns the run's end when
-    /// the kernel panicked.
+    /// the kernel panicked. Positions are absolute: output the buffer has
+    /// dropped since was never scanned only if more than half its window
+    /// was printed since the last call (a vCPU's run prints far less).
     fn scan(
         &mut self,
-        out: &[u8],
+        out: &ConsoleBuffer,
         instructions: u64,
         virtual_ns: u64,
         elapsed: Duration,
     ) -> Option<RunEnd> {
-        if out.len() <= self.scanned {
+        if out.end() <= self.scanned {
             return None;
         }
-        let from = self.scanned.saturating_sub(200);
-        let text = String::from_utf8_lossy(&out[from..]);
-        self.scanned = out.len();
+        let (from, new) = out.held_since(self.scanned.saturating_sub(200));
+        let text = String::from_utf8_lossy(new);
+        self.scanned = out.end();
         if self.to_init.is_none() {
-            if let Some(at) = find(&out[from..], INIT_MARKER.as_bytes()) {
+            if let Some(at) = find(new, INIT_MARKER.as_bytes()) {
                 self.to_init = Some((instructions, elapsed));
-                self.init_search = from + at;
+                self.init_search = from + at as u64;
             }
         }
         // Only the new output is searched: a chatty guest that prints no
         // line after the marker must not make every scan read it all.
         if self.to_init.is_some() && self.first_init_line.is_none() {
-            for &b in &out[self.init_search..] {
+            for &b in out.held_since(self.init_search).1 {
                 self.init_newlines += u8::from(b == b'\n');
                 if self.init_newlines == 2 {
                     self.first_init_line = Some(elapsed);
                     break;
                 }
             }
-            self.init_search = out.len();
+            self.init_search = out.end();
         }
         if self.command_started_ns.is_none() && parse_marker(&text, START_MARKER).is_some() {
             self.command_started_ns = Some(virtual_ns);
@@ -805,18 +812,19 @@ mod tests {
     #[test]
     fn the_window_is_taken_between_its_two_lines() {
         let mut watch = ConsoleWatch::default();
-        let mut out = b"Command line: krr.run=\"echo KRR-WINDOW''-BEGIN; w\"\n".to_vec();
+        let mut out = ConsoleBuffer::new();
+        out.push(b"Command line: krr.run=\"echo KRR-WINDOW''-BEGIN; w\"\n");
         watch.scan(&out, 10, 1_000, Duration::from_secs(1));
         assert_eq!(
             watch.window_begin, None,
             "the command line's echo is not the line"
         );
-        out.extend_from_slice(b"KRR-WINDOW-BEGIN\n");
+        out.push(b"KRR-WINDOW-BEGIN\n");
         watch.scan(&out, 100, 2_000_000_000, Duration::from_secs(2));
-        out.extend_from_slice(b"work\nKRR-WINDOW-");
+        out.push(b"work\nKRR-WINDOW-");
         watch.scan(&out, 500, 2_500_000_000, Duration::from_secs(3));
         assert_eq!(watch.window(), None, "no end before its line is complete");
-        out.extend_from_slice(b"END\n");
+        out.push(b"END\n");
         watch.scan(&out, 1_100, 3_500_000_000, Duration::from_secs(7));
         assert_eq!(
             watch.window(),
@@ -830,21 +838,23 @@ mod tests {
 
     /// /init's first line is found whichever scans its bytes arrive in,
     /// and a chatty guest's output is searched once, not again at every
-    /// scan (that was quadratic in the output).
+    /// scan (that was quadratic in the output), while the buffer drops
+    /// what it no longer holds.
     #[test]
     fn the_first_init_line_is_searched_in_new_output_only() {
         let t = |s| Duration::from_secs(s);
         let mut watch = ConsoleWatch::default();
-        let mut out = b"boot\n[ 0.13] Run /init as".to_vec();
+        let mut out = ConsoleBuffer::with_window(64 << 10);
+        out.push(b"boot\n[ 0.13] Run /init as");
         watch.scan(&out, 1, 0, t(1));
-        out.extend_from_slice(b" init process\nKRR-START");
+        out.push(b" init process\nKRR-START");
         watch.scan(&out, 2, 0, t(2));
         assert_eq!(watch.to_init, Some((2, t(2))));
         assert_eq!(watch.first_init_line, None, "its line is not complete");
         // Megabytes without a newline, a scan after every kilobyte.
         let start = std::time::Instant::now();
         for _ in 0..5_000 {
-            out.extend_from_slice(&[b'x'; 1024]);
+            out.push(&[b'x'; 1024]);
             watch.scan(&out, 3, 0, t(3));
         }
         assert!(
@@ -852,11 +862,53 @@ mod tests {
             "5,000 scans of 1 KiB each took {:?}",
             start.elapsed()
         );
+        assert!(out.start() > 0, "the marker's line was dropped");
         assert_eq!(watch.first_init_line, None);
-        out.extend_from_slice(b"\n");
+        out.push(b"\n");
         watch.scan(&out, 4, 0, t(4));
         assert_eq!(watch.first_init_line, Some(t(4)));
-        assert!(first_line_after(&out, INIT_MARKER));
+    }
+
+    /// Markers printed after the buffer dropped output are found, once,
+    /// and the report counts and hashes everything while holding the
+    /// window.
+    #[test]
+    fn markers_are_found_after_output_was_dropped() {
+        let mut watch = ConsoleWatch::default();
+        let mut out = ConsoleBuffer::with_window(4096);
+        let mut whole = Vec::new();
+        fn print(out: &mut ConsoleBuffer, whole: &mut Vec<u8>, bytes: &[u8]) {
+            out.push(bytes);
+            whole.extend_from_slice(bytes);
+        }
+        for i in 0..1_000 {
+            print(
+                &mut out,
+                &mut whole,
+                format!("line {i} of a chatty guest\n").as_bytes(),
+            );
+            watch.scan(&out, i, 0, Duration::ZERO);
+        }
+        print(&mut out, &mut whole, b"KRR-START\nKRR-END stat");
+        watch.scan(&out, 1_000, 5, Duration::ZERO);
+        assert_eq!(watch.end_status, None);
+        print(&mut out, &mut whole, b"us=7\n");
+        watch.scan(&out, 1_001, 9, Duration::ZERO);
+        assert_eq!(watch.end_status, Some(7));
+        assert_eq!(watch.command_seconds(), Some(4e-9));
+        assert!(out.start() > 0);
+        assert_eq!(out.end(), whole.len() as u64);
+        let mut unbounded = ConsoleBuffer::new();
+        unbounded.push(&whole);
+        assert_eq!(unbounded.start(), 0);
+        assert_eq!(out.sha256_hex(), unbounded.sha256_hex());
+        let panic = b"[ 9.9] Kernel panic - not syncing: Attempted to kill init!\n";
+        print(&mut out, &mut whole, panic);
+        let end = watch.scan(&out, 1_002, 10, Duration::ZERO);
+        assert!(
+            matches!(&end, Some(RunEnd::Panic { line }) if line.contains("kill init")),
+            "{end:?}"
+        );
     }
 
     #[test]

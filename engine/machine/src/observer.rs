@@ -118,8 +118,8 @@ impl MachineView<'_> {
         }
     }
 
-    /// Everything the guest wrote to its console so far.
-    pub fn console(&self) -> &[u8] {
+    /// The guest's console output so far (its most recent bytes held).
+    pub fn console(&self) -> &krr_devices::console::ConsoleBuffer {
         self.platform.serial.output()
     }
 }

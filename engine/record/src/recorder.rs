@@ -26,6 +26,7 @@ use super::memory_image::MemoryCopy;
 use super::recording::{
     CpuSnapshot, FileDigest, RecordingEnd, RecordingHeader, RecordingWriter, RingInfo,
 };
+use krr_devices::console::ConsoleBuffer;
 use krr_hypervisor::{DeliveredException, UserEntry};
 use krr_machine::MachineConfig;
 use std::path::{Path, PathBuf};
@@ -188,7 +189,8 @@ struct Active {
     dir: PathBuf,
     started: Instant,
     events: u64,
-    console_from: usize,
+    /// Console position up to which the output was logged.
+    console_from: u64,
     agent_written_at_start: u64,
     snapshot_seconds: f64,
 }
@@ -454,7 +456,7 @@ impl Recorder {
         &mut self,
         cpus: &[CpuSnapshot],
         devices: serde_json::Value,
-        console_len: usize,
+        console_at: u64,
     ) -> Result<PathBuf, String> {
         if self.active.is_some() {
             return Err("a recording is already running".into());
@@ -490,7 +492,7 @@ impl Recorder {
             dir: dir.clone(),
             started: Instant::now(),
             events: 0,
-            console_from: console_len,
+            console_from: console_at,
             agent_written_at_start: agent_written,
             snapshot_seconds: snapshot_started.elapsed().as_secs_f64(),
         });
@@ -556,18 +558,30 @@ impl Recorder {
 
     /// Called between vCPU runs: logs the console output since the last
     /// call and, every `flush_every`, reads the ring and makes everything so
-    /// far durable (a kill -9 keeps it).
-    pub fn between_runs(&mut self, cpu: usize, console: &[u8]) {
+    /// far durable (a kill -9 keeps it). Output the console buffer dropped
+    /// before it was logged (more than half its window in one vCPU run)
+    /// fails the recording: replay compares the console byte for byte.
+    pub fn between_runs(&mut self, cpu: usize, console: &ConsoleBuffer) {
         let Some(active) = &mut self.active else {
             return;
         };
-        if console.len() > active.console_from {
-            let bytes = console[active.console_from..].to_vec();
-            active.console_from = console.len();
-            self.log(LogEvent::Console {
-                cpu: cpu as u16,
-                bytes,
-            });
+        match console.since(active.console_from) {
+            Ok([]) => {}
+            Ok(new) => {
+                let bytes = new.to_vec();
+                active.console_from = console.end();
+                self.log(LogEvent::Console {
+                    cpu: cpu as u16,
+                    bytes,
+                });
+            }
+            Err(dropped) => {
+                active.console_from = console.end();
+                self.fail(format!(
+                    "the guest printed more console output between two vCPU runs than is kept: {dropped}"
+                ));
+                return;
+            }
         }
         if self.last_flush.elapsed() >= self.cfg.flush_every {
             self.flush();
@@ -779,4 +793,65 @@ pub fn header_for_machine(
         "ring_control": rc.recording_control(),
     });
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::EventLogReader;
+
+    /// A recorder of a 1 MiB guest whose ring is its top 128 KiB, with a
+    /// recording started at console position `console_at`.
+    fn recording(parent: &Path, console_at: u64) -> Recorder {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut rc = RecordConfig::new("console".into(), parent.to_path_buf());
+        rc.ring_size = 128 << 10;
+        let ring_phys = (1 << 20) - rc.ring_size;
+        let mut recorder =
+            Recorder::new(rc, mem, ring_phys, RecordingHeader::new("console")).unwrap();
+        recorder
+            .start(&[], serde_json::json!({}), console_at)
+            .unwrap();
+        recorder
+    }
+
+    fn console_logged(dir: &Path) -> Vec<u8> {
+        let mut reader = EventLogReader::open(&dir.join(crate::recording::EVENTS_FILE)).unwrap();
+        let mut logged = Vec::new();
+        while let Some(read) = reader.next_event().unwrap() {
+            if let LogEvent::Console { bytes, .. } = read.event {
+                logged.extend_from_slice(&bytes);
+            }
+        }
+        logged
+    }
+
+    /// The console output since the recording's start is logged whole
+    /// while the buffer drops older output; output dropped before it was
+    /// logged fails the recording instead of leaving a hole in it.
+    #[test]
+    fn console_output_is_logged_by_absolute_position() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut console = ConsoleBuffer::with_window(4096);
+        console.push(&[b'b'; 3000]);
+        let mut recorder = recording(parent.path(), console.end());
+        let mut printed = Vec::new();
+        for i in 0..500 {
+            let line = format!("line {i}\n");
+            console.push(line.as_bytes());
+            printed.extend_from_slice(line.as_bytes());
+            recorder.between_runs(0, &console);
+        }
+        assert!(console.start() > 3000, "the buffer dropped output");
+        assert_eq!(recorder.error(), None);
+        recorder.stop("test", true, StopPoint::default());
+        assert_eq!(console_logged(&parent.path().join("console")), printed);
+
+        let parent = tempfile::tempdir().unwrap();
+        let mut recorder = recording(parent.path(), console.end());
+        console.push(&[b'x'; 5000]);
+        recorder.between_runs(0, &console);
+        let error = recorder.error().expect("a failed recording");
+        assert!(error.contains("no longer held"), "{error}");
+    }
 }

@@ -14,6 +14,7 @@ use super::recorder::{
     StopPoint, StopTrigger,
 };
 use super::recording::CpuSnapshot;
+use krr_devices::console::ConsoleBuffer;
 use krr_hypervisor::{DeliveredException, HypervisorError, Injection, Position, UserEntry};
 use krr_machine::observer::{position, MachineView, RunObserver};
 use krr_machine::{Backend, Machine, MachineConfig, MachineError, RunEnd};
@@ -31,13 +32,14 @@ struct Checkpoints {
 pub struct RecordingSession {
     recorder: Recorder,
     checkpoints: Option<Checkpoints>,
-    /// Console bytes already searched for a trigger marker.
-    trigger_scan: usize,
+    /// Console position up to which the output was searched for a
+    /// trigger marker.
+    trigger_scan: u64,
     /// Recorded from boot: whether the agent was checked at /init.
     agent_checked: bool,
-    /// Console bytes before the recording started: a crash report before
-    /// that (a soft lockup while booting) is not the recording's.
-    console_at_start: usize,
+    /// Console position where the recording started: a crash report
+    /// before that (a soft lockup while booting) is not the recording's.
+    console_at_start: u64,
 }
 
 /// A configuration prepared for recording: where the ring is.
@@ -139,8 +141,8 @@ impl RecordingSession {
         let cpus = cpu_snapshots(m).map_err(|e| e.to_string())?;
         let devices = serde_json::to_value(m.platform.device_state())
             .map_err(|e| format!("device state: {e}"))?;
-        self.console_at_start = m.console().len();
-        self.recorder.start(&cpus, devices, m.console().len())?;
+        self.console_at_start = m.console().end();
+        self.recorder.start(&cpus, devices, self.console_at_start)?;
         Ok(())
     }
 
@@ -175,24 +177,52 @@ impl RecordingSession {
     }
 }
 
-/// The kernel report in `console[since..]` once its call trace has ended
-/// (`</TASK>`, or a WARNING's `---[ end trace`) in the output after `scan`,
-/// which moves past what was searched.
-fn whole_report(console: &[u8], scan: &mut usize, since: usize) -> Option<krr_crash::CrashReport> {
+/// The kernel report in the console output from position `since` once its
+/// call trace has ended (`</TASK>`, or a WARNING's `---[ end trace`) in the
+/// output after position `scan`, which moves past what was searched. A
+/// report is parsed from what the console buffer still holds: one whose
+/// beginning it dropped (the guest printed more than half its window since)
+/// is parsed from its end part, if at all.
+fn whole_report(
+    console: &ConsoleBuffer,
+    scan: &mut u64,
+    since: u64,
+) -> Option<krr_crash::CrashReport> {
     const TRACE_ENDS: [&[u8]; 2] = [b"</TASK>", b"---[ end trace"];
-    let from = (*scan).min(console.len());
+    let (from, new) = console.held_since(*scan);
     let longest = TRACE_ENDS.iter().map(|m| m.len()).max().unwrap_or(0);
     let ended = TRACE_ENDS
         .iter()
-        .any(|m| console[from..].windows(m.len()).any(|w| w == *m));
+        .any(|m| new.windows(m.len()).any(|w| w == *m));
     // A marker cut by the end of the output is found on the next call.
-    *scan = console.len().saturating_sub(longest - 1).max(from);
+    *scan = console
+        .end()
+        .saturating_sub(longest as u64 - 1)
+        .max(from.min(console.end()));
     if !ended {
         return None;
     }
-    krr_crash::parse(&String::from_utf8_lossy(
-        &console[since.min(console.len())..],
-    ))
+    krr_crash::parse(&String::from_utf8_lossy(console.held_since(since).1))
+}
+
+/// Whether `marker` is in the console output after position `scan`, which
+/// moves past the marker, or past what was searched (less the marker's
+/// length, so one cut by the end of the output is found on the next call).
+fn marker_printed(console: &ConsoleBuffer, scan: &mut u64, marker: &str) -> bool {
+    let (from, new) = console.held_since(*scan);
+    match new
+        .windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+    {
+        Some(i) => {
+            *scan = from + (i + marker.len()) as u64;
+            true
+        }
+        None => {
+            *scan = console.end().saturating_sub(marker.len() as u64).max(*scan);
+            false
+        }
+    }
 }
 
 /// Every vCPU's state for a recording's start snapshot.
@@ -361,22 +391,6 @@ impl RunObserver for RecordingSession {
             }
         }
         let out = m.console();
-        let new_output = |scan: &mut usize, marker: &str| -> bool {
-            let from = (*scan).min(out.len());
-            let hit = out[from..]
-                .windows(marker.len())
-                .position(|w| w == marker.as_bytes());
-            match hit {
-                Some(i) => {
-                    *scan = from + i + marker.len();
-                    true
-                }
-                None => {
-                    *scan = out.len().saturating_sub(marker.len());
-                    false
-                }
-            }
-        };
         let mut do_start = false;
         let mut do_stop = None;
         let mut report = None;
@@ -385,7 +399,9 @@ impl RunObserver for RecordingSession {
                 (StopTrigger::Guest, Some(GuestRequest::Stop)) => {
                     do_stop = Some("stopped by the guest (/proc/krr_agent)".to_string())
                 }
-                (StopTrigger::Marker(marker), _) if new_output(&mut self.trigger_scan, marker) => {
+                (StopTrigger::Marker(marker), _)
+                    if marker_printed(out, &mut self.trigger_scan, marker) =>
+                {
                     do_stop = Some(format!("console marker {marker:?}"))
                 }
                 (StopTrigger::Report, _) => {
@@ -399,7 +415,9 @@ impl RunObserver for RecordingSession {
         } else {
             match (&start, request) {
                 (StartTrigger::Guest, Some(GuestRequest::Start)) => do_start = true,
-                (StartTrigger::Marker(marker), _) if new_output(&mut self.trigger_scan, marker) => {
+                (StartTrigger::Marker(marker), _)
+                    if marker_printed(out, &mut self.trigger_scan, marker) =>
+                {
                     do_start = true
                 }
                 _ => {}
@@ -439,8 +457,7 @@ impl RunObserver for RecordingSession {
         // that a replay can be checked against the failure it recorded.
         let crash = match end {
             RunEnd::Panic { .. } => {
-                let console = m.console();
-                let since_start = &console[self.console_at_start.min(console.len())..];
+                let since_start = m.console().held_since(self.console_at_start).1;
                 krr_crash::parse(&String::from_utf8_lossy(since_start))
             }
             _ => None,
@@ -455,11 +472,18 @@ impl RunObserver for RecordingSession {
 
 #[cfg(test)]
 mod tests {
-    use super::whole_report;
+    use super::{marker_printed, whole_report};
+    use krr_devices::console::ConsoleBuffer;
 
     fn testdata(name: &str) -> Vec<u8> {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crash/testdata/");
         std::fs::read(format!("{path}{name}")).unwrap()
+    }
+
+    fn console_of(bytes: &[u8]) -> ConsoleBuffer {
+        let mut console = ConsoleBuffer::new();
+        console.push(bytes);
+        console
     }
 
     /// Fed as a console grows, in pieces cut anywhere: no report before its
@@ -470,12 +494,15 @@ mod tests {
         let log = testdata("09-recursive-locking.txt");
         let trace_end = log.windows(7).position(|w| w == b"</TASK>").unwrap() + 7;
         for piece in [1, 5, 64, 4096] {
+            let mut console = ConsoleBuffer::new();
             let mut scan = 0;
             let mut found = None;
             let mut at = 0;
             while at < log.len() && found.is_none() {
-                at = (at + piece).min(log.len());
-                found = whole_report(&log[..at], &mut scan, 0).map(|r| (at, r));
+                let next = (at + piece).min(log.len());
+                console.push(&log[at..next]);
+                at = next;
+                found = whole_report(&console, &mut scan, 0).map(|r| (at, r));
             }
             let (at, report) = found.expect("the report");
             assert_eq!(report.title, "possible deadlock in rfkill_send_events");
@@ -485,15 +512,57 @@ mod tests {
             );
         }
         let mut scan = 0;
-        assert!(whole_report(&log, &mut scan, log.len()).is_none());
-        assert_eq!(scan, log.len() - 13);
+        let console = console_of(&log);
+        assert!(whole_report(&console, &mut scan, log.len() as u64).is_none());
+        assert_eq!(scan, log.len() as u64 - 13);
     }
 
     #[test]
     fn a_warning_that_does_not_panic_is_a_report_too() {
         let log = testdata("07-warning.txt");
         let mut scan = 0;
-        let report = whole_report(&log, &mut scan, 0).expect("the warning");
+        let report = whole_report(&console_of(&log), &mut scan, 0).expect("the warning");
         assert_eq!(report.title, "WARNING in packet_release");
+    }
+
+    /// After chatter the buffer dropped, positions are still
+    /// right: the report that follows is found once its trace ends, and a
+    /// report before the recording's start is still not the recording's.
+    #[test]
+    fn a_report_after_dropped_output_is_found() {
+        let log = testdata("09-recursive-locking.txt");
+        let mut console = ConsoleBuffer::with_window(64 << 10);
+        let mut scan = 0;
+        for i in 0..20_000 {
+            console.push(format!("[ {i}.0] chatter that ends no trace\n").as_bytes());
+            assert!(whole_report(&console, &mut scan, 0).is_none());
+        }
+        assert!(console.start() > 0);
+        let since = console.end();
+        console.push(&log);
+        let report = whole_report(&console, &mut scan, since).expect("the report");
+        assert_eq!(report.title, "possible deadlock in rfkill_send_events");
+        let mut scan = 0;
+        assert!(whole_report(&console, &mut scan, console.end()).is_none());
+    }
+
+    /// A trigger marker is found once, wherever the output is cut, also
+    /// after the buffer dropped output (positions are absolute).
+    #[test]
+    fn a_marker_is_found_once_across_cuts_and_trims() {
+        let mut console = ConsoleBuffer::with_window(1024);
+        let mut scan = 0;
+        for i in 0..1_000 {
+            console.push(format!("line {i}\n").as_bytes());
+            assert!(!marker_printed(&console, &mut scan, "KRR-GO"));
+        }
+        console.push(b"xx KRR-");
+        assert!(!marker_printed(&console, &mut scan, "KRR-GO"));
+        console.push(b"GO yy");
+        assert!(marker_printed(&console, &mut scan, "KRR-GO"));
+        assert_eq!(scan, console.end() - 3);
+        assert!(!marker_printed(&console, &mut scan, "KRR-GO"), "once");
+        console.push(b"KRR-GO\n");
+        assert!(marker_printed(&console, &mut scan, "KRR-GO"));
     }
 }

@@ -3,6 +3,7 @@
 //! positions are rebased to the recording's kernel counts.
 
 use super::source::{position_of, EventSource};
+use krr_devices::console::ConsoleBuffer;
 use krr_devices::serial::COM1_BASE;
 use krr_hypervisor::{DeliveredException, IoBus, Position, RunEvents, UserEntry, Vcpu, VmExit};
 use krr_machine::cpuid::{cpuid, CpuidConfig};
@@ -29,8 +30,8 @@ pub(super) struct ReplayBus<'a> {
     pub(super) log_end: bool,
     /// Guest-physical ranges DMA wrote (translated code to drop).
     pub(super) dma_ranges: Vec<(u64, u64)>,
-    /// Console bytes the replayed kernel wrote.
-    pub(super) console: Vec<u8>,
+    /// Console output of the replayed kernel (its most recent bytes).
+    pub(super) console: ConsoleBuffer,
     pub(super) serial_lcr: u8,
     pub(super) echo: bool,
     /// The vCPU executes one instruction (a debugger's step): an access it
@@ -117,7 +118,9 @@ impl IoBus for ReplayBus<'_> {
         if port == COM1_BASE + 3 {
             self.serial_lcr = data[0];
         } else if port == COM1_BASE && self.serial_lcr & 0x80 == 0 {
-            self.console.push(data[0]);
+            self.console.push(&data[..1]);
+            // A mismatch stops the vCPU here; the turn reports it.
+            self.src.console.replayed(data[0]);
             if self.echo {
                 use std::io::Write;
                 let _ = std::io::stdout().write_all(&data[..1]);
@@ -224,7 +227,7 @@ impl IoBus for ReplayBus<'_> {
 
 impl RunEvents for ReplayBus<'_> {
     fn stop_requested(&self) -> bool {
-        self.divergence.is_some() || self.log_end
+        self.divergence.is_some() || self.log_end || self.src.console.mismatch().is_some()
     }
 
     fn position(&mut self, vcpu: usize, at: Position) {
@@ -408,7 +411,7 @@ mod tests {
             divergence: None,
             log_end: false,
             dma_ranges: Vec::new(),
-            console: Vec::new(),
+            console: ConsoleBuffer::new(),
             serial_lcr: 0,
             echo: false,
             stepping: false,

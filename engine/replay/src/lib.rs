@@ -24,7 +24,12 @@
 //!   read when recorded.
 //!
 //! Engine events made in user mode (RDTSC in the vDSO) are skipped. Console
-//! output is collected and compared with the recorded output.
+//! output is compared with the recorded output as both grow, keeping only
+//! what one side has printed and the other not yet: the first differing
+//! byte ends the replay as a divergence that names its offset, and a
+//! replay of the whole log must print all of it. The report keeps the
+//! last [`CONSOLE_WINDOW_BYTES`](krr_devices::console::CONSOLE_WINDOW_BYTES)
+//! of the replayed output.
 //!
 //! The first mismatch stops the replay with a [`Divergence`]: the event's
 //! index, what was expected and found, the RIP symbolized from `System.map`,
@@ -43,6 +48,7 @@
 //! and bss are compared ([`krr_record::checkpoint`]).
 
 mod bus;
+mod console;
 mod entry;
 mod inspect;
 mod open;
@@ -61,6 +67,8 @@ pub use session::{DebugControl, DebugStop, ReplaySession, StopAt, Turn};
 pub use snapshot::ReplaySnapshot;
 use source::{entry_seq, position_of, EventSource};
 
+use console::ConsoleProblem;
+use krr_devices::console::ConsoleBuffer;
 use krr_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
 use krr_devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use krr_devices::virtio_mmio::VIRTIO_MMIO_WINDOW_SIZE;
@@ -154,7 +162,7 @@ impl Replayer {
         let entries = 0u64;
         let user = paging::UserWrite::default();
         let dma_reader = DmaLogReader::open(&dma_path).ok();
-        let console = Vec::new();
+        let console = ConsoleBuffer::new();
         let serial_lcr = 0u8;
         // `reaches`: blocks entered at the symbol are counted (a breakpoint
         // would split the blocks replay counts by); the first run after
@@ -238,6 +246,19 @@ impl Replayer {
                 break 'turn ReplayEnd::StoppedAt {
                     event: src.consumed,
                 };
+            }
+            // Console bytes the log gave since the last run, compared.
+            if src.console.mismatch().is_some() {
+                let cpu = src
+                    .peek()
+                    .map(|(_, e)| usize::from(e.cpu()))
+                    .filter(|&c| c < self.vcpus.len())
+                    .unwrap_or(0);
+                let kernel_now = self.kernel_now(progress, cpu);
+                let rip = self.symbolize(self.rip(cpu));
+                if let Some(end) = console_end(src, console, false, kernel_now, rip) {
+                    break 'turn end;
+                }
             }
             let mut stand_in = false;
             let next = src.peek().cloned().or_else(|| {
@@ -604,6 +625,12 @@ impl Replayer {
                     recent: src.recent_lines(),
                 });
             }
+            if src.console.mismatch().is_some() {
+                let rip = self.symbolize(self.rip(cpu));
+                if let Some(end) = console_end(src, console, false, kernel_after, rip) {
+                    break 'turn end;
+                }
+            }
             if let (None, Some(symbol)) = (&reached, &opts.reaches) {
                 if self.vcpus[cpu].watch_hits().unwrap_or(0) > 0 {
                     *reached = Some(Reached {
@@ -719,21 +746,19 @@ impl Replayer {
             checkpoints,
             ..
         } = session;
-        // The replay's console must reproduce the recorded one (up to where
-        // the replay got).
-        let console_matches = console.len() <= src.console.len()
-            && src.console[..console.len()] == console[..]
-            && (!matches!(end, ReplayEnd::Matched) || console.len() == src.console.len());
+        // The replay's console must reproduce the recorded one: all of it
+        // when the whole log was replayed, else up to where the replay got.
+        let at_end = matches!(end, ReplayEnd::Matched);
+        let console_matches = match at_end {
+            true => src.console.is_equal(),
+            false => src.console.is_prefix(),
+        };
         let kernel_instructions = kernel_total(&self.vcpus);
         let end = match end {
-            ReplayEnd::Matched if !console_matches => ReplayEnd::Diverged(Divergence {
-                event: src.consumed,
-                expected: format!("the recorded console output ({} bytes)", src.console.len()),
-                found: format!("{} bytes of console output that differ", console.len()),
-                rip: String::new(),
-                kernel_icount: kernel_instructions,
-                recent: src.recent_lines(),
-            }),
+            ReplayEnd::Matched => {
+                console_end(&src, &console, true, kernel_instructions, String::new())
+                    .unwrap_or(ReplayEnd::Matched)
+            }
             other => other,
         };
         ReplayReport {
@@ -753,9 +778,34 @@ impl Replayer {
             user_bytes_refused: user.refused,
             console_matches,
             reached,
-            console,
+            console_bytes: console.end(),
+            console_dropped_bytes: console.start(),
+            console: console.held().to_vec(),
         }
     }
+}
+
+/// The end of a replay whose console output does not match the recorded
+/// one where it stands (`at_end`: the whole log was replayed, so it must
+/// equal it); `None` when it matches.
+fn console_end(
+    src: &EventSource,
+    console: &ConsoleBuffer,
+    at_end: bool,
+    kernel_icount: u64,
+    rip: String,
+) -> Option<ReplayEnd> {
+    Some(match src.console.problem(at_end, console)? {
+        ConsoleProblem::Diverged { expected, found } => ReplayEnd::Diverged(Divergence {
+            event: src.consumed,
+            expected,
+            found,
+            rip,
+            kernel_icount,
+            recent: src.recent_lines(),
+        }),
+        ConsoleProblem::Unsupported { why } => ReplayEnd::Unsupported { why },
+    })
 }
 
 /// The injection of a recorded external interrupt or NMI.

@@ -213,6 +213,14 @@ pub struct ReplayReport {
     /// (`None`: never).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reached: Option<Reached>,
+    /// Bytes of console output the replayed kernel printed, all of it.
+    pub console_bytes: u64,
+    /// The first bytes of that output [`Self::console`] does not hold (0
+    /// unless the kernel printed more than its window).
+    pub console_dropped_bytes: u64,
+    /// The replayed console output, or its last
+    /// [`CONSOLE_WINDOW_BYTES`](krr_devices::console::CONSOLE_WINDOW_BYTES)
+    /// bytes at most.
     #[serde(skip)]
     pub console: Vec<u8>,
 }

@@ -18,7 +18,8 @@ pub struct ReplaySession {
     /// The recorded user memory written so far, and what was not.
     pub(crate) user: krr_guest::paging::UserWrite,
     pub(crate) dma_reader: Option<DmaLogReader>,
-    pub(crate) console: Vec<u8>,
+    /// The replayed kernel's console output (its most recent bytes).
+    pub(crate) console: krr_devices::console::ConsoleBuffer,
     pub(crate) serial_lcr: u8,
     pub(crate) reached: Option<Reached>,
     /// The user memory read in a stretch of kernel execution that did not

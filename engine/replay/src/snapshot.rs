@@ -73,6 +73,8 @@ impl ReplaySnapshot {
     pub fn bytes(&self) -> usize {
         self.pages.len() * PAGE as usize
             + self.cpus.iter().map(|c| c.fpu.xsave.len()).sum::<usize>()
+            + self.session.console.held().len()
+            + self.session.src.console.pending_bytes()
     }
 }
 

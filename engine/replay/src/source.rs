@@ -2,6 +2,7 @@
 //! The recording's events as replay consumes them: engine events in order,
 //! read ahead, with the agent's records kept apart by sequence number.
 
+use super::console::ConsoleComparison;
 use krr_hypervisor::Position;
 use krr_record::abi;
 use krr_record::event::LogEvent;
@@ -17,8 +18,9 @@ pub(super) struct EventSource {
     pub(super) engine: VecDeque<(u64, LogEvent)>,
     /// Agent records read ahead, in seq order.
     pub(super) agent: VecDeque<abi::Event>,
-    /// Console bytes recorded, in order.
-    pub(super) console: Vec<u8>,
+    /// The recorded console (its bytes come from here) compared with the
+    /// replayed one (the bus adds those).
+    pub(super) console: ConsoleComparison,
     pub(super) exhausted: bool,
     /// Why the log ended, if not cleanly.
     pub(super) broken: Option<String>,
@@ -56,7 +58,7 @@ impl EventSource {
             reader: EventLogReader::open(path)?,
             engine: VecDeque::new(),
             agent: VecDeque::new(),
-            console: Vec::new(),
+            console: ConsoleComparison::default(),
             exhausted: false,
             broken: None,
             unfinished,
@@ -105,7 +107,7 @@ impl EventSource {
                         }
                         None => {}
                     },
-                    LogEvent::Console { bytes, .. } => self.console.extend_from_slice(&bytes),
+                    LogEvent::Console { bytes, .. } => self.console.recorded(&bytes),
                     // User-mode RDTSC (the vDSO): user code does not run.
                     LogEvent::Rdtsc { at, .. } if at.cpl == 3 => {}
                     other => self.engine.push_back((read.index, other)),

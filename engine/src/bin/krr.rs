@@ -185,7 +185,8 @@ struct ReplayArgs {
     #[arg(long)]
     quiet: bool,
     /// Write the replayed kernel's console output to FILE (with --json
-    /// too), e.g. to parse its crash report.
+    /// too), e.g. to parse its crash report: its last 8 MiB where it
+    /// printed more (`console_dropped_bytes` in the report).
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
     /// Debug the replay in gdb: wait for gdb's `target remote` on ADDR
@@ -302,6 +303,15 @@ fn print_summary(r: &RunReport) {
             w.instructions, w.virtual_seconds, w.wall_seconds
         );
     }
+    if r.console_dropped_bytes > 0 {
+        eprintln!(
+            "krr: console: {} bytes (SHA-256 {}); the run's report keeps the last {}, the first {} were dropped",
+            r.console_bytes,
+            r.console_sha256,
+            r.console.len(),
+            r.console_dropped_bytes
+        );
+    }
     let e = &r.exits;
     eprintln!(
         "krr: exits: hlt {} budget {} io-stop {} irq-injected {} pio {} mmio {} exceptions {} syscalls {} cpuid {} rdtsc {} hooked-blocks {}",
@@ -392,6 +402,14 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
     if let Some(path) = &a.console {
         std::fs::write(path, &report.console)
             .with_context(|| format!("writing the replayed console to {}", path.display()))?;
+        if report.console_dropped_bytes > 0 {
+            eprintln!(
+                "krr: {} holds the last {} bytes of the replayed console; the first {} were dropped",
+                path.display(),
+                report.console.len(),
+                report.console_dropped_bytes
+            );
+        }
     }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -403,7 +421,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
             "krr: replay MATCHED: {} events, {} kernel entries, console identical ({} bytes)",
             report.events,
             report.kernel_entries,
-            report.console.len()
+            report.console_bytes
         ),
         ReplayEnd::StoppedAt { event } => {
             eprintln!("krr: replay stopped at event {event} as asked; everything matched so far")
