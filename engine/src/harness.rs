@@ -378,7 +378,7 @@ fn parse_stressor_list(console: &str) -> anyhow::Result<GuestStressors> {
     // The markers as whole lines: the kernel's command line, echoed at
     // boot, holds them too.
     let mut inside = false;
-    let mut stressors = Vec::new();
+    let mut stressors: Vec<String> = Vec::new();
     for line in console.lines().map(|l| l.trim_end_matches('\r').trim()) {
         match line {
             LIST_BEGIN => inside = true,
@@ -386,7 +386,7 @@ fn parse_stressor_list(console: &str) -> anyhow::Result<GuestStressors> {
                 if stressors.is_empty() {
                     bail!("stress-ng --stressors listed none");
                 }
-                if let Some(bad) = stressors.iter().find(|s| !is_stressor_name(s)) {
+                if let Some(bad) = stressors.iter().find(|s| !is_stressor_name(s.as_str())) {
                     bail!("stress-ng --stressors listed {bad:?}, not a stressor name");
                 }
                 return Ok(GuestStressors { version, stressors });
