@@ -99,9 +99,12 @@
 //! - user page-table entries the kernel reads where their accessed/dirty bits
 //!   (set by the CPU while user code runs) steer it ([`EVENT_PTE_READ`]):
 //!   unmapping (`zap_pte_range`), fork (`copy_present_pte`), page faults on
-//!   an existing entry (`handle_pte_fault`) and mprotect
-//!   (`change_pte_range`). Other readers (smaps, reclaim's
-//!   `ptep_test_and_clear_young`, GUP's `follow_page_pte`) are not hooked.
+//!   an existing entry (`handle_pte_fault`), mprotect (`change_pte_range`),
+//!   /proc's smaps and numa_maps, `MADV_COLD`/`PAGEOUT`/`FREE`, every
+//!   `ptep_test_and_clear_young` (reclaim, clear_refs) and GUP's
+//!   `follow_page_pte`. Not hooked: khugepaged's scans (the guest kernels
+//!   have no transparent huge pages) and lockless GUP (it checks presence
+//!   and permissions, not these bits).
 //!
 //! Defined here but not emitted by the agent yet:
 //! - [`EVENT_EXEC_LOCK`]: a kernel-wide execution lock (one vCPU in the kernel
