@@ -289,6 +289,21 @@ pub fn stress_ng_says(console: &str) -> String {
     text
 }
 
+/// Whether stress-ng said it skipped the stressor (it may still exit 0).
+pub fn stress_ng_skipped(console: &str) -> bool {
+    let own = console
+        .rsplit_once(STRESS_NG_BEGIN)
+        .map_or(console, |(_, after)| after);
+    own.lines().any(|l| {
+        l.starts_with("stress-ng:")
+            && (l.contains("will be skipped")
+                || l.contains("No stress workers invoked")
+                || l.split_once("skipped:")
+                    .and_then(|(_, n)| n.trim().split(':').next()?.trim().parse::<u32>().ok())
+                    .is_some_and(|n| n > 0))
+    })
+}
+
 /// `stress-ng: info:  [123] text` -> `text`; `stress-ng: fail: [123] text`
 /// -> `fail: text` (a level other than info is kept).
 fn strip_stress_ng_prefix(line: &str) -> String {
@@ -487,6 +502,13 @@ pub fn validate_stressor(
         .next_back()
         .and_then(|s| s.trim().parse::<i32>().ok());
     match status {
+        // stress-ng exits 0 when it skipped every stressor it was given
+        // ("No stress workers invoked"): nothing of the stressor ran.
+        Some(0) if stress_ng_skipped(&console) => {
+            r.outcome = "unsupported".into();
+            r.detail = format!("stress-ng skipped it: {}", stress_ng_says(&console));
+            return r;
+        }
         Some(0) => {}
         Some(code @ (EXIT_NO_RESOURCE | EXIT_NOT_IMPLEMENTED)) => {
             r.outcome = "unsupported".into();
@@ -547,7 +569,7 @@ pub fn validate_stressor(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_size, parse_stressor_list, stress_ng_says};
+    use super::{parse_size, parse_stressor_list, stress_ng_says, stress_ng_skipped};
 
     #[test]
     fn the_guest_stressor_list_is_read_between_its_markers() {
@@ -583,6 +605,23 @@ mod tests {
         let failing = "krr-stress-ng-begin\nstress-ng: info:  [9] dispatching hogs: 1 x\n\
             stress-ng: fail:  [10] x: read failed, errno=5\nstress-ng-status=2\n";
         assert_eq!(stress_ng_says(failing), "fail: x: read failed, errno=5");
+        assert!(stress_ng_skipped(console));
+        let apparmor =
+            "krr.run=\"echo krr-stress-ng-begin; stress-ng --apparmor 1\"\nkrr-stress-ng-begin\n\
+            stress-ng: info:  [53] apparmor stressor will be skipped, AppArmor is not enabled\n\
+            stress-ng: info:  [53] setting to a 1 second run per stressor\n\
+            stress-ng: error: [53] No stress workers invoked (one or more were unsupported)\n\
+            stress-ng-status=0\n";
+        assert!(stress_ng_skipped(apparmor));
+        assert_eq!(
+            stress_ng_says(apparmor),
+            "apparmor stressor will be skipped, AppArmor is not enabled / error: No stress workers invoked (one or more were unsupported)"
+        );
+        let ran = "krr-stress-ng-begin\nstress-ng: info:  [51] dispatching hogs: 1 af-alg\n\
+            stress-ng: info:  [52] af-alg: 1 cryptographic algorithms found in /proc/crypto\n\
+            stress-ng: info:  [51] skipped: 0\n\
+            stress-ng: info:  [51] successful run completed in 1.00s\nstress-ng-status=0\n";
+        assert!(!stress_ng_skipped(ran));
         let quiet = "boot\nkrr-stress-ng-begin\nstress-ng-status=1\n";
         assert_eq!(stress_ng_says(quiet), "stress-ng printed nothing");
     }
