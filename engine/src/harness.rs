@@ -502,9 +502,9 @@ pub fn validate_stressor(
         .next_back()
         .and_then(|s| s.trim().parse::<i32>().ok());
     match status {
-        // stress-ng exits 0 when it skipped every stressor it was given
-        // ("No stress workers invoked"): nothing of the stressor ran.
-        Some(0) if stress_ng_skipped(&console) => {
+        // stress-ng may exit 0 (or 1) when it skipped every stressor it was
+        // given ("No stress workers invoked"): nothing of the stressor ran.
+        Some(_) if stress_ng_skipped(&console) => {
             r.outcome = "unsupported".into();
             r.detail = format!("stress-ng skipped it: {}", stress_ng_says(&console));
             return r;
