@@ -808,7 +808,6 @@ fn console_end(
     })
 }
 
-/// The injection of a recorded external interrupt or NMI.
 /// The end of a replay that reached `stint` without the agent records it
 /// needs: the log is damaged, or the recording did not finish (killed; the
 /// agent drains its ring in batches, so records of user memory the kernel
@@ -827,6 +826,7 @@ fn agent_records_missing(src: &EventSource, stint: String) -> ReplayEnd {
     }
 }
 
+/// The injection of a recorded external interrupt or NMI.
 fn interrupt_injection(kind: InterruptKind, vector: u8) -> Injection {
     match kind {
         InterruptKind::Nmi => Injection::Nmi,
