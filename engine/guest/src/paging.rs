@@ -119,6 +119,41 @@ pub fn write_user(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> User
     out
 }
 
+/// Replaces the NUL bytes of `[va, va + len)` on user pages with `filler`
+/// (other bytes stay as they are): what replay knows of a string the
+/// kernel only measured (strnlen_user) is that it held no NUL there.
+pub fn fill_user_nuls(mem: &GuestMemoryMmap, cr3: u64, va: u64, len: u64, filler: u8) -> UserWrite {
+    let mut out = UserWrite::default();
+    let Some(end) = va.checked_add(len) else {
+        out.refused = len;
+        return out;
+    };
+    let mut at = va;
+    while at < end {
+        let n = (0x1000 - (at & 0xfff)).min(end - at);
+        match walk(mem, cr3, at) {
+            Some((_, false)) => out.refused += n,
+            Some((gpa, _)) => {
+                let mut page = vec![0u8; n as usize];
+                if mem.read_slice(&mut page, GuestAddress(gpa)).is_err() {
+                    out.not_present += n;
+                } else {
+                    page.iter_mut()
+                        .filter(|b| **b == 0)
+                        .for_each(|b| *b = filler);
+                    match mem.write_slice(&page, GuestAddress(gpa)) {
+                        Ok(()) => out.written += n,
+                        Err(_) => out.not_present += n,
+                    }
+                }
+            }
+            None => out.not_present += n,
+        }
+        at += n;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +222,20 @@ mod tests {
     /// or an address that wraps past the top) is refused, and the memory
     /// behind it keeps its bytes; a read-only user page is written (see
     /// [`write_user`]).
+    #[test]
+    fn nuls_of_a_measured_string_are_filled_and_its_bytes_kept() {
+        let (mem, cr3) = memory();
+        // User va 0x40_0000 maps guest page 0x9000.
+        mem.write_slice(b"ab\0d\0", GuestAddress(0x9100)).unwrap();
+        let done = fill_user_nuls(&mem, cr3, 0x40_0100, 6, 1);
+        assert_eq!(done.written, 6);
+        let mut now = [0u8; 7];
+        mem.read_slice(&mut now, GuestAddress(0x9100)).unwrap();
+        assert_eq!(&now, b"ab\x01d\x01\x01\0");
+        assert_eq!(fill_user_nuls(&mem, cr3, KERNEL_VA, 4, 1).refused, 4);
+        assert_eq!(fill_user_nuls(&mem, cr3, u64::MAX - 1, 4, 1).refused, 4);
+    }
+
     #[test]
     fn user_writes_honour_the_user_bit() {
         let (mem, cr3) = memory();

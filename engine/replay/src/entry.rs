@@ -151,6 +151,22 @@ impl Replayer {
             }
         }
         for e in events {
+            if let EventBody::StrnlenUser { info, .. } = &e.body {
+                // The kernel only measured the string: where no copy of it
+                // follows (a name too long, an error before the copy), the
+                // bytes it scanned are nowhere in the log, and replay's
+                // memory there must hold no NUL before the recorded one
+                // either. A copy later in the stint writes the real bytes.
+                if let Some(len) = strnlen_scanned_without_nul(info) {
+                    *user += paging::fill_user_nuls(
+                        &self.mem,
+                        space(info.cr3),
+                        info.user_addr,
+                        len,
+                        0x01,
+                    );
+                }
+            }
             let (cr3, addr, bytes): (u64, u64, Vec<u8>) = match &e.body {
                 EventBody::CopyFromUser { info, data } => (
                     space(info.cr3),
@@ -198,5 +214,72 @@ impl Replayer {
             }
             *user += done;
         }
+    }
+}
+
+/// How many bytes from its start a recorded `strnlen_user` scanned without
+/// finding a NUL: up to the NUL, or (a string longer than the limit: the
+/// result is the limit plus one) the aligned words it read. `None` when it
+/// found nothing (a fault, an empty string).
+fn strnlen_scanned_without_nul(info: &abi::UserStringEvent) -> Option<u64> {
+    let (result, limit) = (
+        u64::try_from(info.result).ok()?,
+        u64::try_from(info.limit).ok()?,
+    );
+    if result == 0 {
+        return None;
+    }
+    if result == limit.checked_add(1)? {
+        // do_strnlen_user reads whole aligned words, to the one holding
+        // the limit's last byte.
+        let end = info
+            .user_addr
+            .checked_add(limit)?
+            .checked_next_multiple_of(8)?;
+        return Some(end - info.user_addr);
+    }
+    Some(result - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strnlen_scanned_without_nul;
+    use krr_record::abi::UserStringEvent;
+
+    fn strnlen(user_addr: u64, limit: i64, result: i64) -> UserStringEvent {
+        UserStringEvent {
+            user_addr,
+            limit,
+            result,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_measured_string_held_no_nul_before_its_end() {
+        // "abc\0": 3 bytes before the NUL.
+        assert_eq!(
+            strnlen_scanned_without_nul(&strnlen(0x1000, 250, 4)),
+            Some(3)
+        );
+        // Longer than the limit: every word read, to the aligned end.
+        assert_eq!(
+            strnlen_scanned_without_nul(&strnlen(0x1003, 250, 251)),
+            Some(253)
+        );
+        assert_eq!(
+            strnlen_scanned_without_nul(&strnlen(0x1000, 256, 257)),
+            Some(256)
+        );
+        // A fault (0) or an error says nothing.
+        assert_eq!(strnlen_scanned_without_nul(&strnlen(0x1000, 250, 0)), None);
+        assert_eq!(
+            strnlen_scanned_without_nul(&strnlen(0x1000, 250, -14)),
+            None
+        );
+        assert_eq!(
+            strnlen_scanned_without_nul(&strnlen(u64::MAX - 2, 250, 251)),
+            None
+        );
     }
 }
