@@ -64,6 +64,17 @@ fn stress_ng_pipe_on_two_vcpus_stops_at_its_timeout() {
     stops_in_time_and_replays("pipe", 2);
 }
 
+/// Stressors whose replays diverged until their causes were fixed: clone
+/// (a PTE read logged with the loaded, borrowed address space), madvise
+/// (smaps reads accessed/dirty bits), memfd (a name too long for
+/// memfd_create, measured by strnlen_user and never copied).
+#[test]
+fn stress_ng_clone_madvise_and_memfd_replay() {
+    for stressor in ["clone", "madvise", "memfd"] {
+        stops_in_time_and_replays(stressor, 1);
+    }
+}
+
 /// Recording two vCPUs that fork and pipe costs about what running them
 /// does: a vCPU that spins on a lock (the guest agent's ring lock, taken
 /// on every recorded kernel entry) held by a vCPU whose turn has ended
