@@ -239,9 +239,7 @@ const EXIT_NOT_IMPLEMENTED: i32 = 4;
 /// and failure lines (the `stress-ng: info: [pid]` prefixes dropped), or
 /// its last lines when none of them is such a line.
 pub fn stress_ng_says(console: &str) -> String {
-    let own = console
-        .rsplit_once(STRESS_NG_BEGIN)
-        .map_or(console, |(_, after)| after);
+    let own = stress_ng_output(console);
     let lines: Vec<&str> = own
         .lines()
         .map(|l| l.trim_end_matches('\r').trim())
@@ -289,11 +287,18 @@ pub fn stress_ng_says(console: &str) -> String {
     text
 }
 
+/// The console after the line printed before stress-ng started (the
+/// kernel's command line, echoed at boot, holds the marker too: the last
+/// one is the guest's).
+fn stress_ng_output(console: &str) -> &str {
+    console
+        .rsplit_once(STRESS_NG_BEGIN)
+        .map_or(console, |(_, after)| after)
+}
+
 /// Whether stress-ng said it skipped the stressor (it may still exit 0).
 pub fn stress_ng_skipped(console: &str) -> bool {
-    let own = console
-        .rsplit_once(STRESS_NG_BEGIN)
-        .map_or(console, |(_, after)| after);
+    let own = stress_ng_output(console);
     own.lines().any(|l| {
         l.starts_with("stress-ng:")
             && (l.contains("will be skipped")

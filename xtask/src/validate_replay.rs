@@ -180,7 +180,11 @@ pub fn run(opts: Options) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let shared = std::sync::Mutex::new((journal, done, Vec::<String>::new()));
+    let shared = std::sync::Mutex::new(Progress {
+        journal,
+        results: done,
+        running: Vec::new(),
+    });
     let next = std::sync::atomic::AtomicUsize::new(0);
     let worker = || -> Result<()> {
         loop {
@@ -193,13 +197,13 @@ pub fn run(opts: Options) -> Result<()> {
             }
             {
                 let mut g = shared.lock().expect("validate-replay state");
-                g.2.push(name.to_string());
-                bar.set_message(g.2.join(" "));
+                g.running.push(name.to_string());
+                bar.set_message(g.running.join(" "));
             }
             let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, &plan);
             let mut g = shared.lock().expect("validate-replay state");
-            g.2.retain(|n| n != *name);
-            bar.set_message(g.2.join(" "));
+            g.running.retain(|n| n != *name);
+            bar.set_message(g.running.join(" "));
             if interrupt.load(Ordering::SeqCst) {
                 // Ctrl-C reached the krr process too: its outcome says nothing.
                 return Ok(());
@@ -207,8 +211,8 @@ pub fn run(opts: Options) -> Result<()> {
             // (println on a hidden bar, when stderr is not a terminal, prints
             // nothing: suspend it instead.)
             bar.suspend(|| eprintln!("  {:<16} {:<11} {}", r.stressor, r.outcome, r.detail));
-            g.0.append(&r)?;
-            g.1.push(r);
+            g.journal.append(&r)?;
+            g.results.push(r);
             bar.inc(1);
         }
     };
@@ -235,7 +239,7 @@ pub fn run(opts: Options) -> Result<()> {
         );
         bail!("interrupted");
     }
-    let mut results = shared.into_inner().expect("validate-replay state").1;
+    let mut results = shared.into_inner().expect("validate-replay state").results;
     bar.finish_and_clear();
     // The plan's order, whatever order a resumed run finished them in.
     results.sort_by_key(|r| plan.stressors.iter().position(|s| *s == r.stressor));
@@ -273,6 +277,14 @@ pub fn run(opts: Options) -> Result<()> {
         dir.join("report.md").display()
     );
     Ok(())
+}
+
+/// What the workers share: the journal, the results so far and the
+/// stressors being run (for the progress bar).
+struct Progress {
+    journal: Journal,
+    results: Vec<StressorResult>,
+    running: Vec<String>,
 }
 
 /// The summary line (the share passed is of the runnable stressors: all

@@ -219,8 +219,9 @@ impl Replayer {
 
 /// How many bytes from its start a recorded `strnlen_user` scanned without
 /// finding a NUL: up to the NUL, or (a string longer than the limit: the
-/// result is the limit plus one) the aligned words it read. `None` when it
-/// found nothing (a fault, an empty string).
+/// result is the limit plus one) the aligned words it read. `None` when the
+/// result says nothing of the bytes (0: a fault or the end of the address
+/// space; negative: an error).
 fn strnlen_scanned_without_nul(info: &abi::UserStringEvent) -> Option<u64> {
     let (result, limit) = (
         u64::try_from(info.result).ok()?,
