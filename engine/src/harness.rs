@@ -329,6 +329,21 @@ fn strip_stress_ng_prefix(line: &str) -> String {
     }
 }
 
+/// Stressors that stress-ng skips when run as root ("must not run as
+/// root", "need to be running without root privilege").
+const NON_ROOT_STRESSORS: &[&str] = &["exec", "bad-ioctl"];
+
+/// What runs `stress-ng` for stressor `name` in the guest: for the ones
+/// that refuse root, `setpriv` as user and group nobody, from the
+/// world-writable /tmp (stress-ng works in its current directory).
+fn stress_ng_user(name: &str) -> &'static str {
+    if NON_ROOT_STRESSORS.contains(&name) {
+        "cd /tmp && setpriv --reuid=65534 --regid=65534 --clear-groups "
+    } else {
+        ""
+    }
+}
+
 /// `krr stress-ng-stressors`: the stressors the root filesystem's stress-ng
 /// offers, asked of it in a guest (software CPU, not recorded).
 #[derive(Debug, Parser)]
@@ -468,7 +483,8 @@ pub fn validate_stressor(
     // stressor is skipped. The budget stops a stressor that ignores its
     // timeout (guest time: 1 ns per instruction).
     let cmd = format!(
-        "echo {STRESS_NG_BEGIN}; stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid; echo stress-ng-status=$?"
+        "echo {STRESS_NG_BEGIN}; {}stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid; echo stress-ng-status=$?",
+        stress_ng_user(name)
     );
     let mut cfg = MachineConfig::new(
         kernel.to_path_buf(),
@@ -574,7 +590,23 @@ pub fn validate_stressor(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_size, parse_stressor_list, stress_ng_says, stress_ng_skipped};
+    use super::{
+        parse_size, parse_stressor_list, stress_ng_says, stress_ng_skipped, stress_ng_user,
+    };
+
+    #[test]
+    fn stressors_that_refuse_root_run_as_nobody_and_the_rest_as_root() {
+        for name in ["exec", "bad-ioctl"] {
+            let user = stress_ng_user(name);
+            assert!(
+                user.contains("setpriv --reuid=65534 --regid=65534"),
+                "{name}: {user}"
+            );
+            assert!(user.starts_with("cd /tmp && "), "{name}: {user}");
+        }
+        assert_eq!(stress_ng_user("fork"), "");
+        assert_eq!(stress_ng_user("execve"), "");
+    }
 
     #[test]
     fn the_guest_stressor_list_is_read_between_its_markers() {

@@ -862,3 +862,64 @@ fn code_rewritten_through_an_alias_runs_as_rewritten() {
     // FUNC returns 1, 2, 3, 4 as its immediate is incremented.
     assert_eq!(g.vcpu().regs().unwrap().rbx, 1 + 2 + 3 + 4);
 }
+
+#[test]
+fn user_mode_port_io_without_permission_takes_gp() {
+    // Unicorn skipped the I/O permission check (patch 0004 restores it): a
+    // user process's IN read the port.
+    let code = assemble(CODE, |a| {
+        a.mov(edx, 0x80)?;
+        a.mov(eax, 0x1234_5678)?;
+        a.in_(al, dx)?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 3);
+    assert_eq!(g.run_to_handler(), 13);
+    assert_eq!(g.stack(2), vec![0, CODE + 10], "#GP(0) at the IN");
+    assert_eq!(g.vcpu().regs().unwrap().rax, 0x1234_5678, "no port read");
+
+    // With IOPL 3 the same IN reads the port (the bus answers 0xff).
+    let mut g = Guest::new(&code, 3);
+    let mut r = g.vcpu().regs().unwrap();
+    r.rflags |= 3 << 12;
+    g.vcpu().set_regs(&r).unwrap();
+    assert_eq!(g.run(100), VmExit::Hlt);
+    assert_eq!(g.vcpu().regs().unwrap().rax, 0x1234_56ff);
+
+    // And at CPL 0 whatever IOPL is.
+    let mut g = Guest::new(&code, 0);
+    assert_eq!(g.run(100), VmExit::Hlt);
+    assert_eq!(g.vcpu().regs().unwrap().rax, 0x1234_56ff);
+}
+
+#[test]
+fn mxcsr_keeps_sse_exception_flags() {
+    // Unicorn's QEMU 5.0 never set them (patch 0005): fetestexcept saw none.
+    const SAVED: u64 = 0x3000;
+    let code = assemble(CODE, |a| {
+        a.mov(rax, 0x3ff0_0000_0000_0000u64)?; // 1.0
+        a.movq(xmm0, rax)?;
+        a.xor(eax, eax)?;
+        a.movq(xmm1, rax)?;
+        a.divsd(xmm0, xmm1)?; // 1.0 / 0.0: divide-by-zero, exact
+        a.stmxcsr(dword_ptr(SAVED))?;
+        a.ldmxcsr(dword_ptr(SAVED + 4))?;
+        a.stmxcsr(dword_ptr(SAVED + 8))?;
+        a.sqrtsd(xmm2, xmm1)?; // sqrt(0.0): no exception
+        a.mov(rax, 0xbff0_0000_0000_0000u64)?; // -1.0
+        a.movq(xmm3, rax)?;
+        a.sqrtsd(xmm2, xmm3)?; // sqrt(-1.0): invalid
+        a.stmxcsr(dword_ptr(SAVED + 12))?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 0);
+    g.mem.write_obj(0x1f80u32, GuestAddress(SAVED + 4)).unwrap();
+    let mut s = g.vcpu().sregs().unwrap();
+    s.cr4 |= 0x600; // OSFXSR, OSXMMEXCPT
+    g.vcpu().set_sregs(&s).unwrap();
+    assert_eq!(g.run(100), VmExit::Hlt);
+    let saved = |off: u64| g.mem.read_obj::<u32>(GuestAddress(SAVED + off)).unwrap();
+    assert_eq!(saved(0), 0x1f80 | 0x4, "ZE after 1/0");
+    assert_eq!(saved(8), 0x1f80, "LDMXCSR cleared the flags");
+    assert_eq!(saved(12), 0x1f80 | 0x1, "IE after sqrt(-1), nothing else");
+}
