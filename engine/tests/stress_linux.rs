@@ -75,6 +75,45 @@ fn stress_ng_clone_madvise_and_memfd_replay() {
     }
 }
 
+/// io_uring: the kernel reads the SQEs, the SQ index array and the rings'
+/// heads and tails with plain loads from pages user space maps and writes;
+/// replay runs no user code, so it has those bytes only from the agent's
+/// shared-read records. Without them the stressor's replay diverged.
+#[test]
+fn stress_ng_io_uring_replays_its_shared_ring_reads() {
+    stops_in_time_and_replays("io-uring", 1);
+    let Some((kernel, rootfs)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (k, d) = (kernel.display().to_string(), rootfs.display().to_string());
+    let out = krr(
+        dir.path(),
+        &[
+            "record",
+            "--quiet",
+            "--backend",
+            "tcg",
+            "--kernel",
+            &k,
+            "--disk",
+            &d,
+            "--name",
+            "uring",
+            "--start=marker:KRR-WINDOW-BEGIN",
+            "--run",
+            "echo KRR-WINDOW''-BEGIN; stress-ng --io-uring 1 --io-uring-ops 200",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let stats = stats_json(dir.path(), "uring");
+    // An SQE and the SQ tail at least per operation.
+    assert!(count(&stats, "shared_read") > 400, "{stats:#}");
+    let out = krr(dir.path(), &["replay", "--json", "--quiet", "uring"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("replay JSON");
+    assert_eq!(report["end"]["kind"], "matched", "{report:#}");
+}
+
 /// Recording two vCPUs that fork and pipe costs about what running them
 /// does: a vCPU that spins on a lock (the guest agent's ring lock, taken
 /// on every recorded kernel entry) held by a vCPU whose turn has ended

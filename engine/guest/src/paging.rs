@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //! x86-64 4-level page walks over guest memory: replay writes recorded user
-//! data at user virtual addresses of the recorded address space.
+//! data at user virtual addresses of the recorded address space, and shared
+//! memory the kernel read (io_uring's rings) at the kernel's addresses.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -106,6 +107,40 @@ pub fn write_user(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> User
         match walk(mem, cr3, at) {
             Some((_, false)) => out.refused += bytes,
             Some((gpa, _))
+                if mem
+                    .write_slice(&data[done..done + n], GuestAddress(gpa))
+                    .is_ok() =>
+            {
+                out.written += bytes
+            }
+            _ => out.not_present += bytes,
+        }
+        done += n;
+    }
+    out
+}
+
+/// Writes `data` at kernel virtual address `va` (memory the kernel read
+/// through its own mapping of pages user space shares, such as io_uring's
+/// rings), page by page: only in the kernel's half and on pages user mode
+/// may not access, so a recording cannot aim it at user memory; a page not
+/// present or outside guest memory is skipped. The caller trusts the
+/// recording as far as it trusts its other kernel inputs.
+pub fn write_kernel(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> UserWrite {
+    let mut out = UserWrite::default();
+    const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+    if va < KERNEL_HALF || va.checked_add(data.len() as u64).is_none() {
+        out.refused = data.len() as u64;
+        return out;
+    }
+    let mut done = 0usize;
+    while done < data.len() {
+        let at = va + done as u64;
+        let n = ((0x1000 - (at & 0xfff)) as usize).min(data.len() - done);
+        let bytes = n as u64;
+        match walk(mem, cr3, at) {
+            Some((_, true)) => out.refused += bytes,
+            Some((gpa, false))
                 if mem
                     .write_slice(&data[done..done + n], GuestAddress(gpa))
                     .is_ok() =>
@@ -234,6 +269,57 @@ mod tests {
         assert_eq!(&now, b"ab\x01d\x01\x01\0");
         assert_eq!(fill_user_nuls(&mem, cr3, KERNEL_VA, 4, 1).refused, 4);
         assert_eq!(fill_user_nuls(&mem, cr3, u64::MAX - 1, 4, 1).refused, 4);
+    }
+
+    /// Shared memory the kernel read is written through the kernel's
+    /// mapping only: never at a user address, on a user page, past the top
+    /// of the address space, or outside guest memory.
+    #[test]
+    fn kernel_writes_stay_on_the_kernels_pages() {
+        let (mem, cr3) = memory();
+        let data = [0x5au8; 16];
+        let done = write_kernel(&mem, cr3, KERNEL_VA + 0x1f8, &data);
+        assert_eq!(done.written, 16);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x40_0200)).unwrap(),
+            0x5a5a_5a5a_5a5a_5a5a
+        );
+        // A user address (mapped), and an address that wraps.
+        assert_eq!(write_kernel(&mem, cr3, 0x40_0100, &data).refused, 16);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x9100)).unwrap(), 0);
+        assert_eq!(write_kernel(&mem, cr3, u64::MAX - 7, &data).refused, 16);
+        // Not mapped in the kernel's half.
+        assert_eq!(
+            write_kernel(&mem, cr3, KERNEL_VA + (1 << 30), &data).not_present,
+            16
+        );
+        // A kernel-half entry open to user mode is not the kernel's.
+        let pml4_user = 0x1000 + 0x111 * 8;
+        mem.write_obj(0x6000 | PRESENT | WRITABLE | USER, GuestAddress(pml4_user))
+            .unwrap();
+        mem.write_obj(0x7000 | PRESENT | WRITABLE | USER, GuestAddress(0x6000))
+            .unwrap();
+        mem.write_obj(
+            0x40_0000 | PRESENT | WRITABLE | USER | PAGE_SIZE_BIT,
+            GuestAddress(0x7000),
+        )
+        .unwrap();
+        assert_eq!(
+            write_kernel(&mem, cr3, KERNEL_VA + 0x300, &data).refused,
+            16
+        );
+        // A mapping past the end of guest memory (8 MiB here).
+        mem.write_obj(0x6000 | PRESENT | WRITABLE, GuestAddress(pml4_user))
+            .unwrap();
+        mem.write_obj(0x7000 | PRESENT | WRITABLE, GuestAddress(0x6000))
+            .unwrap();
+        mem.write_obj(
+            (64 << 20) | PRESENT | WRITABLE | PAGE_SIZE_BIT,
+            GuestAddress(0x7000),
+        )
+        .unwrap();
+        let done = write_kernel(&mem, cr3, KERNEL_VA + 0x10, &data);
+        assert_eq!((done.written, done.not_present), (0, 16));
     }
 
     #[test]

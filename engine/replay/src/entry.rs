@@ -101,7 +101,8 @@ impl Replayer {
     /// Writes the user memory the kernel read during the coming kernel
     /// stint (agent records), at its user addresses, in the address space
     /// each was read from (a stint can switch tasks: a parent's wait lets
-    /// its child run and exit, reading the child's memory).
+    /// its child run and exit, reading the child's memory), and the shared
+    /// memory it read through its own mapping at its kernel addresses.
     pub(crate) fn apply_user_reads(
         &mut self,
         cpu: usize,
@@ -214,7 +215,39 @@ impl Replayer {
             }
             *user += done;
         }
+        // Memory user space shares with the kernel (io_uring's rings and
+        // SQEs): user stores there are not replayed, so the bytes go where
+        // the kernel read them, through its own mapping.
+        for (seq, info, data) in first_shared_reads(events) {
+            let done = paging::write_kernel(&self.mem, space(info.cr3), info.kernel_addr, data);
+            if done.written < data.len() as u64 {
+                tracing::debug!(
+                    "replay: of {} shared bytes at kernel {:#x}, {} not written (page not present) and {} refused (not a kernel page): agent #{seq}",
+                    data.len(),
+                    info.kernel_addr,
+                    done.not_present,
+                    done.refused,
+                );
+            }
+            *user += done;
+        }
     }
+}
+
+/// The shared-memory reads of a stint to write before it, as the kernel
+/// first read each address: a later read may see the kernel's own store
+/// (a CQ tail it advanced), which must not overwrite what the first read
+/// finds.
+fn first_shared_reads(
+    events: &[abi::Event],
+) -> impl Iterator<Item = (u64, &abi::SharedReadEvent, &[u8])> {
+    let mut seen = std::collections::HashSet::new();
+    events.iter().filter_map(move |e| match &e.body {
+        EventBody::SharedRead { info, data } if seen.insert(info.kernel_addr) => {
+            Some((e.seq, info, data.as_slice()))
+        }
+        _ => None,
+    })
 }
 
 /// How many bytes from its start a recorded `strnlen_user` scanned without
@@ -244,8 +277,51 @@ fn strnlen_scanned_without_nul(info: &abi::UserStringEvent) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::strnlen_scanned_without_nul;
-    use krr_record::abi::UserStringEvent;
+    use super::{first_shared_reads, strnlen_scanned_without_nul};
+    use krr_record::abi::{self, EventBody, SharedReadEvent, UserStringEvent};
+
+    fn shared(seq: u64, kernel_addr: u64, value: u32) -> abi::Event {
+        abi::Event {
+            cpu: 0,
+            seq,
+            body: EventBody::SharedRead {
+                info: SharedReadEvent {
+                    kernel_addr,
+                    data_len: 4,
+                    source: abi::SHARED_IO_URING_RING,
+                    cr3: 0x1000,
+                },
+                data: value.to_le_bytes().to_vec(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_shared_word_gets_the_value_first_read() {
+        let cq_tail = 0xffff_8880_0123_4040;
+        let sq_tail = 0xffff_8880_0123_4004;
+        let events = [
+            shared(1, cq_tail, 7),
+            shared(2, sq_tail, 3),
+            // After the kernel advanced the CQ tail itself.
+            shared(3, cq_tail, 9),
+            abi::Event {
+                cpu: 0,
+                seq: 4,
+                body: EventBody::Rdtsc(abi::RdtscEvent::default()),
+            },
+        ];
+        let got: Vec<(u64, u64, Vec<u8>)> = first_shared_reads(&events)
+            .map(|(seq, info, data)| (seq, info.kernel_addr, data.to_vec()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, cq_tail, 7u32.to_le_bytes().to_vec()),
+                (2, sq_tail, 3u32.to_le_bytes().to_vec())
+            ]
+        );
+    }
 
     fn strnlen(user_addr: u64, limit: i64, result: i64) -> UserStringEvent {
         UserStringEvent {

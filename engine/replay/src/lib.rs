@@ -20,8 +20,9 @@
 //!   are set and the entry is performed; user code never runs. Before the
 //!   entry, the user memory the kernel is about to read (the agent's
 //!   copy_from_user / strncpy_from_user / get_user records of this kernel
-//!   stint) is written at its user addresses, so the kernel reads what it
-//!   read when recorded.
+//!   stint) is written at its user addresses, and the shared memory it is
+//!   about to read through its own mapping (io_uring's rings and SQEs) at
+//!   its kernel addresses, so the kernel reads what it read when recorded.
 //!
 //! Engine events made in user mode (RDTSC in the vDSO) are skipped. Console
 //! output is compared with the recorded output as both grow, keeping only

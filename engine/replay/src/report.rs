@@ -201,12 +201,14 @@ pub struct ReplayReport {
     pub wall_seconds: f64,
     /// The recording's own wall time (end.json), for the ratio.
     pub recorded_wall_seconds: Option<f64>,
-    /// Bytes of user memory written before kernel entries, and bytes that
-    /// could not be (page not present then).
+    /// Bytes of user memory (and of memory shared with user space, such as
+    /// io_uring's rings, at kernel addresses) written before kernel entries,
+    /// and bytes that could not be (page not present then).
     pub user_bytes_written: u64,
     pub user_bytes_unmapped: u64,
     /// Bytes not written because user mode may not write there (a kernel
-    /// or read-only page): a damaged or hostile recording's.
+    /// or read-only page), or shared bytes aimed outside the kernel's own
+    /// pages: a damaged or hostile recording's.
     pub user_bytes_refused: u64,
     pub console_matches: bool,
     /// With [`ReplayOptions::reaches`]: where the symbol was executed

@@ -434,7 +434,7 @@ fn replay(a: ReplayArgs) -> anyhow::Result<i32> {
         ReplayEnd::Unsupported { why } => eprintln!("krr: cannot replay this recording: {why}"),
     }
     eprintln!(
-        "krr: replay {:.2} s wall for {} kernel instructions; user memory written {} bytes ({} on pages not present, {} refused: not writable user pages)",
+        "krr: replay {:.2} s wall for {} kernel instructions; user and shared memory written {} bytes ({} on pages not present, {} refused: user data off user pages, shared data off kernel pages)",
         report.wall_seconds,
         report.kernel_instructions,
         report.user_bytes_written,

@@ -30,6 +30,10 @@ pub enum EventBody {
     },
     Rdrand(RdrandEvent),
     PteRead(PteReadEvent),
+    SharedRead {
+        info: SharedReadEvent,
+        data: Vec<u8>,
+    },
     ExecLock(ExecLockEvent),
     Lost(LostEvent),
 }
@@ -47,6 +51,7 @@ impl EventBody {
             EventBody::Random { .. } => EVENT_RANDOM,
             EventBody::Rdrand(_) => EVENT_RDRAND,
             EventBody::PteRead(_) => EVENT_PTE_READ,
+            EventBody::SharedRead { .. } => EVENT_SHARED_READ,
             EventBody::ExecLock(_) => EVENT_EXEC_LOCK,
             EventBody::Lost(_) => EVENT_LOST,
         }
@@ -66,6 +71,7 @@ pub fn event_type_name(event_type: u16) -> &'static str {
         EVENT_RANDOM => "random",
         EVENT_RDRAND => "rdrand",
         EVENT_PTE_READ => "pte_read",
+        EVENT_SHARED_READ => "shared_read",
         EVENT_EXEC_LOCK => "exec_lock",
         EVENT_LOST => "lost",
         _ => "unknown",
@@ -136,6 +142,13 @@ impl fmt::Display for Event {
                     p.user_addr, p.level, p.pte
                 )
             }
+            EventBody::SharedRead { info, data } => write!(
+                f,
+                "shared_read {:#x} source={} bytes={}",
+                info.kernel_addr,
+                info.source,
+                data.len()
+            ),
             EventBody::ExecLock(l) => write!(
                 f,
                 "exec_lock #{} reason={} previous_cpu={}",
@@ -245,6 +258,16 @@ fn decode_body(event_type: u16, bytes: &[u8]) -> Result<EventBody, String> {
         }
         EVENT_RDRAND => EventBody::Rdrand(payload(bytes, RdrandEvent::read_from, "rdrand")?),
         EVENT_PTE_READ => EventBody::PteRead(payload(bytes, PteReadEvent::read_from, "pte_read")?),
+        EVENT_SHARED_READ => {
+            let info = payload(bytes, SharedReadEvent::read_from, "shared_read")?;
+            let data = trailing(
+                bytes,
+                size_of::<SharedReadEvent>(),
+                info.data_len,
+                "shared_read",
+            )?;
+            EventBody::SharedRead { info, data }
+        }
         EVENT_EXEC_LOCK => {
             EventBody::ExecLock(payload(bytes, ExecLockEvent::read_from, "exec_lock")?)
         }
@@ -267,6 +290,7 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
         EventBody::Random { info, data } => (info.to_bytes(), data),
         EventBody::Rdrand(p) => (p.to_bytes(), &[]),
         EventBody::PteRead(p) => (p.to_bytes(), &[]),
+        EventBody::SharedRead { info, data } => (info.to_bytes(), data),
         EventBody::ExecLock(p) => (p.to_bytes(), &[]),
         EventBody::Lost(p) => (p.to_bytes(), &[]),
     };

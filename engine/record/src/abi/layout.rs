@@ -61,6 +61,7 @@ pub fn layouts() -> Vec<StructLayout> {
         RandomEvent::layout(),
         RdrandEvent::layout(),
         PteReadEvent::layout(),
+        SharedReadEvent::layout(),
         ExecLockEvent::layout(),
         LostEvent::layout(),
     ]
@@ -114,6 +115,7 @@ pub fn constants() -> Vec<(&'static str, u64, &'static str)> {
         c("KRR_EVENT_PTE_READ", EVENT_PTE_READ.into(), "U"),
         c("KRR_EVENT_EXEC_LOCK", EVENT_EXEC_LOCK.into(), "U"),
         c("KRR_EVENT_LOST", EVENT_LOST.into(), "U"),
+        c("KRR_EVENT_SHARED_READ", EVENT_SHARED_READ.into(), "U"),
         c("KRR_DATA_FLAG_MORE", DATA_FLAG_MORE.into(), "U"),
         c("KRR_TSC_RDTSC", TSC_RDTSC.into(), "U"),
         c("KRR_TSC_RDTSC_ORDERED", TSC_RDTSC_ORDERED.into(), "U"),
@@ -126,6 +128,14 @@ pub fn constants() -> Vec<(&'static str, u64, &'static str)> {
         c("KRR_RANDOM_U16", RANDOM_U16.into(), "U"),
         c("KRR_RANDOM_U32", RANDOM_U32.into(), "U"),
         c("KRR_RANDOM_U64", RANDOM_U64.into(), "U"),
+        c("KRR_SHARED_IO_URING_RING", SHARED_IO_URING_RING.into(), "U"),
+        c("KRR_SHARED_IO_URING_SQE", SHARED_IO_URING_SQE.into(), "U"),
+        c("KRR_SHARED_IO_URING_CQE", SHARED_IO_URING_CQE.into(), "U"),
+        c(
+            "KRR_SHARED_IO_URING_BUF_RING",
+            SHARED_IO_URING_BUF_RING.into(),
+            "U",
+        ),
         c("KRR_RDRAND_INSN_RDRAND", RDRAND_INSN_RDRAND.into(), "U"),
         c("KRR_RDRAND_INSN_RDSEED", RDRAND_INSN_RDSEED.into(), "U"),
     ]

@@ -106,12 +106,24 @@
 //!   have no transparent huge pages) and lockless GUP (it checks presence
 //!   and permissions, not these bits).
 //!
+//! - io_uring's shared memory (ABI 4, [`EVENT_SHARED_READ`]): user space maps
+//!   the rings and the SQE array and may write them at any time, and the
+//!   kernel reads them with plain loads through its own mapping. Logged at
+//!   their kernel addresses: every load of a ring word (SQ and CQ heads and
+//!   tails, `cq_flags`, `cq_overflow`, `sq_dropped`, an SQ index array slot),
+//!   with the value loaded ([`SHARED_IO_URING_RING`]); each SQE as
+//!   `io_get_sqe` hands it out, 64 or 128 bytes, before any field of it is
+//!   read ([`SHARED_IO_URING_SQE`]; prep and issue read it in the same
+//!   kernel stint); fdinfo's CQEs ([`SHARED_IO_URING_CQE`]); a provided
+//!   buffer ring's tail and the entry taken ([`SHARED_IO_URING_BUF_RING`]).
+//!   Not covered: fixed (registered) buffers and other pinned user pages the
+//!   kernel reads through kmap, like DMA.
+//!
 //! Defined here but not emitted by the agent yet:
 //! - [`EVENT_EXEC_LOCK`]: a kernel-wide execution lock (one vCPU in the kernel
 //!   at a time, as KRR does) is not implemented; recordings of SMP guests give a
 //!   global order of agent events only, not of kernel shared-memory races.
-//! - io_uring shared ring reads (`READ_ONCE` on kernel-mapped user pages), faulting
-//!   `unsafe_get_user`, reads in NMI context.
+//! - faulting `unsafe_get_user`, reads in NMI context.
 
 mod event;
 mod header;
@@ -131,7 +143,7 @@ use std::mem::{offset_of, size_of};
 /// `magic` of a formatted ring: the bytes `"KRRRING\0"`.
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"KRRRING\0");
 /// ABI version; bumped on any incompatible change of this module.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 /// Bytes from the start of the region to the data area (one page).
 pub const RING_HEADER_SIZE: u32 = 4096;
 /// The I/O port the agent writes a doorbell reason to (`outl`).
@@ -202,6 +214,8 @@ pub const EVENT_PTE_READ: u16 = 10;
 pub const EVENT_EXEC_LOCK: u16 = 11;
 /// [`LostEvent`]: events were dropped before this one.
 pub const EVENT_LOST: u16 = 12;
+/// [`SharedReadEvent`] + data (ABI 4).
+pub const EVENT_SHARED_READ: u16 = 13;
 
 /// Data-record flag: more chunks of the same copy follow.
 pub const DATA_FLAG_MORE: u32 = 1;
@@ -221,6 +235,16 @@ pub const RANDOM_U16: u32 = 2;
 pub const RANDOM_U32: u32 = 3;
 /// [`RandomEvent::source`]: `get_random_u64()`.
 pub const RANDOM_U64: u32 = 4;
+
+/// [`SharedReadEvent::source`]: a word of io_uring's rings (a head, a tail,
+/// a flags or counter word, an SQ index array slot), as loaded.
+pub const SHARED_IO_URING_RING: u32 = 0;
+/// [`SharedReadEvent::source`]: an SQE (64 bytes, 128 with SQE128).
+pub const SHARED_IO_URING_SQE: u32 = 1;
+/// [`SharedReadEvent::source`]: a CQE (fdinfo shows them).
+pub const SHARED_IO_URING_CQE: u32 = 2;
+/// [`SharedReadEvent::source`]: a provided buffer ring's tail or entry.
+pub const SHARED_IO_URING_BUF_RING: u32 = 3;
 
 /// [`RdrandEvent::insn`]: RDRAND.
 pub const RDRAND_INSN_RDRAND: u32 = 0;
@@ -488,6 +512,23 @@ abi_struct! {
         level: u32,
         reserved: u32,
         /// CR3 of the address space whose table was read.
+        cr3: u64,
+    }
+}
+
+abi_struct! {
+    /// EVENT_SHARED_READ payload, followed by `data_len` bytes (padded to 8):
+    /// memory user space shares with the kernel (it maps the same pages and
+    /// may write them at any time) that the kernel read through its own
+    /// mapping, at `kernel_addr`: the bytes as they were read.
+    SharedReadEvent => "krr_shared_read_event" {
+        /// Kernel virtual address read (direct map or vmalloc).
+        kernel_addr: u64,
+        /// Bytes following this payload (at most MAX_DATA_PER_EVENT).
+        data_len: u32,
+        /// SHARED_*: what was read.
+        source: u32,
+        /// CR3 the kernel ran on (its half maps kernel_addr).
         cr3: u64,
     }
 }

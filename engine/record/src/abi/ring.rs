@@ -388,6 +388,19 @@ mod tests {
                     cr3: 0x100_0000,
                 }),
             },
+            Event {
+                cpu: 0,
+                seq: 4,
+                body: EventBody::SharedRead {
+                    info: SharedReadEvent {
+                        kernel_addr: 0xffff_8880_0123_4000,
+                        data_len: 64,
+                        source: SHARED_IO_URING_SQE,
+                        cr3: 0x100_0000,
+                    },
+                    data: (0..64).collect(),
+                },
+            },
         ]
     }
 
@@ -478,6 +491,30 @@ mod tests {
         region[RING_HEADER_SIZE as usize] = 0x77;
         let err = parse_ring(&region).unwrap_err().to_string();
         assert!(err.contains("unknown event type 119"), "{err}");
+    }
+
+    /// A shared read whose data runs past its record, or claims more than
+    /// one record may hold, is an error that says so, not a short write.
+    #[test]
+    fn a_truncated_shared_read_is_named() {
+        let event = sample_events().pop().unwrap();
+        let mut record = encode_event(&event);
+        assert_eq!(decode_record(&record), Ok(event));
+        let header = size_of::<EventHeader>();
+        let data_len = header + offset_of!(SharedReadEvent, data_len);
+        record[data_len..data_len + 4].copy_from_slice(&72u32.to_le_bytes());
+        let err = decode_record(&record).unwrap_err().to_string();
+        assert!(err.contains("shared_read data_len 72 runs past"), "{err}");
+        record[data_len..data_len + 4].copy_from_slice(&(MAX_DATA_PER_EVENT + 8).to_le_bytes());
+        let err = decode_record(&record).unwrap_err().to_string();
+        assert!(err.contains("exceeds MAX_DATA_PER_EVENT"), "{err}");
+        // Shorter than its fixed payload: the header's size says so first,
+        // then the payload check.
+        let short = header + size_of::<SharedReadEvent>() - 8;
+        let mut cut = record[..short].to_vec();
+        cut[4..8].copy_from_slice(&(short as u32).to_le_bytes());
+        let err = decode_record(&cut).unwrap_err().to_string();
+        assert!(err.contains("shared_read record has"), "{err}");
     }
 
     #[test]

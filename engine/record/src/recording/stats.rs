@@ -55,6 +55,7 @@ const AGENT_CLASSES: &[&str] = &[
     "random",
     "rdrand",
     "pte_read",
+    "shared_read",
     "exec_lock",
     "lost",
 ];
