@@ -479,11 +479,12 @@ pub fn validate_stressor(
         virtual_seconds: None,
     };
     // --oom-avoid keeps stress-ng from sizing memory stressors to all of
-    // the guest's RAM. stress-ng's own messages (not --quiet) say why a
-    // stressor is skipped. The budget stops a stressor that ignores its
+    // the guest's RAM. --pathological lets the stressors that "may hang or
+    // reboot the machine" run: the machine is a recorded VM. stress-ng's
+    // own messages (not --quiet) say why a stressor is skipped. The budget stops a stressor that ignores its
     // timeout (guest time: 1 ns per instruction).
     let cmd = format!(
-        "echo {STRESS_NG_BEGIN}; {}stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid; echo stress-ng-status=$?",
+        "echo {STRESS_NG_BEGIN}; {}stress-ng --{name} {vcpus} --timeout {seconds}s --oom-avoid --pathological; echo stress-ng-status=$?",
         stress_ng_user(name)
     );
     let mut cfg = MachineConfig::new(

@@ -897,6 +897,7 @@ fn mxcsr_keeps_sse_exception_flags() {
     // Unicorn's QEMU 5.0 never set them (patch 0005): fetestexcept saw none.
     const SAVED: u64 = 0x3000;
     let code = assemble(CODE, |a| {
+        a.ldmxcsr(dword_ptr(SAVED + 4))?; // the power-on value
         a.mov(rax, 0x3ff0_0000_0000_0000u64)?; // 1.0
         a.movq(xmm0, rax)?;
         a.xor(eax, eax)?;

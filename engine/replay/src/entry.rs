@@ -123,7 +123,6 @@ impl Replayer {
                 // kernel read (the read may concern another address space,
                 // e.g. the new one of an execve) and only the first read of
                 // an entry (later ones see the kernel's own writes).
-                const AD: u64 = 0x60;
                 const PFN_PRESENT: u64 = 0x000f_ffff_ffff_f001;
                 // The table of the address space the agent names (its mm's,
                 // not the loaded CR3: an exiting task tears its mm down on a
@@ -144,9 +143,9 @@ impl Replayer {
                     continue;
                 };
                 if ptes_seen.insert(at) {
-                    let _ = self
-                        .mem
-                        .write_obj((cur & !AD) | (p.pte & AD), GuestAddress(at));
+                    if let Some(pte) = with_recorded_access_bits(cur, p.pte) {
+                        let _ = self.mem.write_obj(pte, GuestAddress(at));
+                    }
                 }
                 continue;
             }
@@ -275,6 +274,18 @@ fn strnlen_scanned_without_nul(info: &abi::UserStringEvent) -> Option<u64> {
     Some(result - 1)
 }
 
+/// The user page-table entry `cur` with the accessed/dirty bits of the
+/// kernel's first recorded read of it in a stint, or `None` when that read
+/// differs from `cur` in more than those bits: the kernel rewrote the entry
+/// earlier in the stint (a write fault made it writable and dirty), so the
+/// read's bits are the kernel's own, and setting them now would show an
+/// earlier, unhooked reader (rmap's `page_vma_mkclean_one`) a dirty bit it
+/// never saw.
+fn with_recorded_access_bits(cur: u64, recorded: u64) -> Option<u64> {
+    const AD: u64 = 0x60;
+    ((cur ^ recorded) & !AD == 0).then_some((cur & !AD) | (recorded & AD))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{first_shared_reads, strnlen_scanned_without_nul};
@@ -330,6 +341,26 @@ mod tests {
             result,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn access_bits_come_from_a_read_of_the_same_entry_only() {
+        use super::with_recorded_access_bits as bits;
+        // User A/D bits set by the CPU before the stint: taken, set or clear.
+        assert_eq!(
+            bits(0x8000_0000_0351_b005, 0x8000_0000_0351_b065),
+            Some(0x8000_0000_0351_b065)
+        );
+        assert_eq!(
+            bits(0x8000_0000_0351_b067, 0x8000_0000_0351_b027),
+            Some(0x8000_0000_0351_b027)
+        );
+        // The rmap divergence: a read-only entry (…025) that a write fault
+        // made writable and dirty (…067) before the first recorded read.
+        assert_eq!(bits(0x8000_0000_0351_b025, 0x8000_0000_0351_b067), None);
+        // Any other bit the kernel changed (NX, a software bit).
+        assert_eq!(bits(0x8000_0000_0351_b025, 0x0000_0000_0351_b025), None);
+        assert_eq!(bits(0x0351_b025, 0x0351_b825), None);
     }
 
     #[test]
