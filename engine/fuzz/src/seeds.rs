@@ -43,6 +43,11 @@ fn trim_zeros(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
+/// How many records [`agent_events`] writes: one of each kind.
+fn agent_kinds() -> u64 {
+    agent_events(0).len() as u64
+}
+
 /// One agent record of every kind, sequence numbers from `seq`.
 fn agent_events(seq: u64) -> Vec<Event> {
     let regs = abi::UserRegs {
@@ -98,6 +103,15 @@ fn agent_events(seq: u64) -> Vec<Event> {
         },
         EventBody::Rdrand(abi::RdrandEvent::default()),
         EventBody::PteRead(abi::PteReadEvent::default()),
+        EventBody::SharedRead {
+            info: abi::SharedReadEvent {
+                kernel_addr: 0xffff_8880_0123_4000,
+                data_len: 4,
+                source: abi::SHARED_IO_URING_RING,
+                cr3: 0x123_4000,
+            },
+            data: 7u32.to_le_bytes().to_vec(),
+        },
         EventBody::Lost(abi::LostEvent::default()),
     ];
     bodies
@@ -222,7 +236,7 @@ fn recording(dir: &Path, vcpus: usize, finish: bool) -> Result<()> {
                 kind: InterruptKind::External,
                 vector: 0xec,
                 regs,
-                agent_seq: round * 9,
+                agent_seq: round * agent_kinds(),
             },
             LogEvent::Exception {
                 cpu,
@@ -233,7 +247,7 @@ fn recording(dir: &Path, vcpus: usize, finish: bool) -> Result<()> {
                 software: false,
                 from_user: true,
                 regs: Some(regs),
-                agent_seq: round * 9,
+                agent_seq: round * agent_kinds(),
             },
             LogEvent::Syscall {
                 cpu,
@@ -241,7 +255,7 @@ fn recording(dir: &Path, vcpus: usize, finish: bool) -> Result<()> {
                 regs,
                 fs_base: 0x4c_0000,
                 gs_base: 0,
-                agent_seq: round * 9,
+                agent_seq: round * agent_kinds(),
             },
             LogEvent::PioRead {
                 cpu,
@@ -288,15 +302,19 @@ fn recording(dir: &Path, vcpus: usize, finish: bool) -> Result<()> {
             LogEvent::Slice {
                 cpu,
                 at: position(n + 9),
-                agent_seq: round * 9 + 9,
+                agent_seq: (round + 1) * agent_kinds(),
             },
         ];
         if round == 0 && vcpus > 1 {
             events.push(LogEvent::Startup { cpu: 1, vector: 9 });
         }
-        events.extend(agent_events(round * 9).iter().map(|e| LogEvent::Agent {
-            record: abi::encode_event(e),
-        }));
+        events.extend(
+            agent_events(round * agent_kinds())
+                .iter()
+                .map(|e| LogEvent::Agent {
+                    record: abi::encode_event(e),
+                }),
+        );
         for event in &events {
             w.event(event)?;
         }
