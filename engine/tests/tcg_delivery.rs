@@ -625,6 +625,51 @@ fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
     assert_eq!(exception_at(Stop::Steps), plain, "single steps");
 }
 
+/// A REP string instruction is stepped as a run executes it: an iteration
+/// a step, and after the last one a step that finds RCX zero and leaves
+/// (with TF, QEMU would leave right after the last iteration), so steps
+/// count what a run counts and land where its blocks begin.
+#[test]
+fn a_rep_string_instruction_steps_as_a_run_counts_it() {
+    const BUF: u64 = 0x30000;
+    let code = assemble(CODE, |a| {
+        a.mov(rdi, BUF)?;
+        a.mov(rcx, 3u64)?;
+        a.mov(al, 0x5au32)?;
+        a.rep().stosb()?;
+        a.inc(rdx)?;
+        a.hlt()
+    });
+    // mov rdi (10 bytes), mov rcx (10), mov al (2): the REP STOSB.
+    let rep = CODE + 22;
+    let mut plain = Guest::new(&code, 0);
+    assert_eq!(plain.run(1_000), VmExit::Hlt);
+    let total = plain.vcpu().instructions_retired().unwrap();
+
+    let mut g = Guest::new(&code, 0);
+    let mut bus = NullBus::default();
+    g.vcpu().set_single_step(true).unwrap();
+    let mut at_rep = Vec::new();
+    loop {
+        let rip = g.vcpu().regs().unwrap().rip;
+        if rip == rep {
+            at_rep.push(g.vcpu().regs().unwrap().rcx);
+        }
+        match g.vcpu().run(&mut bus, Some(1_000)).unwrap() {
+            VmExit::Debug { .. } => {}
+            VmExit::Hlt => break,
+            other => panic!("{other:?}"),
+        }
+        assert!(at_rep.len() < 10, "stepping does not leave the REP STOSB");
+    }
+    // Three iterations, then RCX found zero.
+    assert_eq!(at_rep, [3, 2, 1, 0]);
+    assert_eq!(g.vcpu().instructions_retired().unwrap(), total);
+    let mut stored = [0u8; 4];
+    g.mem.read_slice(&mut stored, GuestAddress(BUF)).unwrap();
+    assert_eq!(stored, [0x5a, 0x5a, 0x5a, 0]);
+}
+
 /// A write to a watched range stops the run at the end of its block, with
 /// the writing instruction and the exact count before it (a read does
 /// not), and the run resumed from there ends as a plain run does.

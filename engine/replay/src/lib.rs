@@ -521,14 +521,17 @@ impl Replayer {
                 false => self.recorded_end_icounts.get(cpu).copied(),
                 true => None,
             };
+            // The run toward the event stops at the first block boundary at
+            // or past the recording's end: already there, no run can meet
+            // the event within the recording.
             if let (None, Some(limit)) = (target, end_icount) {
-                if kernel_now > limit {
+                if kernel_now >= limit {
                     break 'turn diverged(
                         &self.symbols,
                         src,
                         format!("#{index} {event}"),
                         format!(
-                            "vCPU {cpu} ran past the recording's end ({limit} instructions) without meeting the event"
+                            "vCPU {cpu} got to the recording's end ({limit} instructions) without meeting the event"
                         ),
                         self.rip(cpu),
                     );
@@ -536,9 +539,27 @@ impl Replayer {
             }
             let mut budget = match (target, end_icount) {
                 (Some(t), _) => Some(t - kernel_now),
-                (None, Some(limit)) => Some((limit - kernel_now).saturating_add(1)),
+                // Where the recording ended, if the log ends first (the
+                // replay's end is then the recorded one, in every mode).
+                (None, Some(limit)) => Some(limit - kernel_now),
                 (None, None) => None,
             };
+            // A debugger's goto-event: the run ends with the block of the
+            // last event to consume (events inside a block are positioned
+            // at its end), before it can consume the next one.
+            if let Some(n) = debug.stop_at_event {
+                let last = src
+                    .engine
+                    .iter()
+                    .take_while(|(i, _)| *i < n)
+                    .last()
+                    .filter(|(_, e)| usize::from(e.cpu()) == cpu)
+                    .and_then(|(_, e)| position_of(e));
+                if let Some(at) = last.filter(|at| at.cpl != 3 && at.kernel_icount > kernel_now) {
+                    let run = at.kernel_icount - kernel_now;
+                    budget = Some(budget.map_or(run, |b| b.min(run)));
+                }
+            }
             // A debugger's limits on this run. A run stops at the first
             // block boundary at or past its budget, so a count is reached
             // exactly by running to within a block of it and stepping.

@@ -161,7 +161,7 @@ pub(super) extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void
         // live reference to it.
         let st = unsafe { state(ud) };
         if let Some(step) = st.stepping {
-            if intno == 1 && !st.env.exception_is_int() && !step.trapped {
+            if intno == 1 && !step.no_trap && !st.env.exception_is_int() && !step.trapped {
                 // The single-step trap: the instruction retired.
                 st.env.reset_old_exception();
                 if let Some(s) = &mut st.stepping {

@@ -88,11 +88,14 @@ impl Access {
 
 /// One instruction executed with TF set by the backend (a single-step, a
 /// step over a breakpoint, or the completion of an instruction that an I/O
-/// stop interrupted).
+/// stop interrupted), or, for a REP string instruction, one block of it.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct StepState {
     /// The guest had TF set itself: its #DB is real and is delivered.
     pub(super) guest_tf: bool,
+    /// Stepped without TF (a REP string instruction, see `step`): no
+    /// single-step trap comes, the next block ends the step.
+    pub(super) no_trap: bool,
     /// The single-step trap arrived: the instruction retired.
     pub(super) trapped: bool,
     /// Blocks entered during the step; a second one means the instruction

@@ -131,6 +131,66 @@ pub(super) fn halted_after(uc: *mut uc_engine, env: &EnvLayout, rip: u64) -> boo
     ok && b[0] == 0xf4
 }
 
+/// Whether the instruction at `rip` is a string instruction with a REP,
+/// REPE or REPNE prefix (QEMU translates all of these with its `gen_repz`).
+pub(super) fn rep_string_at(uc: *mut uc_engine, env: &EnvLayout, rip: u64) -> bool {
+    // Prefixes and opcode of the longest such instruction fit in 15 bytes.
+    let mut code = [0u8; 15];
+    let at = linear_rip(env, rip);
+    // Read what is there, up to the end of the page (the next one may not
+    // be mapped).
+    let len = (0x1000 - (at & 0xfff) as usize).min(code.len());
+    // SAFETY: `uc` is the engine's open handle (`Engine::uc`); `code` is a
+    // live buffer of at least `len` bytes.
+    let ok =
+        unsafe { uc_vmem_read(uc, at, Prot::EXEC, code.as_mut_ptr().cast(), len) } == uc_error::OK;
+    if !ok {
+        return false;
+    }
+    let hflags = env.hflags();
+    let bitness = if hflags & internals::HF_CS64_MASK != 0 {
+        64
+    } else if hflags & internals::HF_CS32_MASK != 0 {
+        32
+    } else {
+        16
+    };
+    let mut decoder =
+        iced_x86::Decoder::with_ip(bitness, &code[..len], rip, iced_x86::DecoderOptions::NONE);
+    let insn = decoder.decode();
+    use iced_x86::Code::*;
+    let string = matches!(
+        insn.code(),
+        Insb_m8_DX
+            | Insw_m16_DX
+            | Insd_m32_DX
+            | Outsb_DX_m8
+            | Outsw_DX_m16
+            | Outsd_DX_m32
+            | Movsb_m8_m8
+            | Movsw_m16_m16
+            | Movsd_m32_m32
+            | Movsq_m64_m64
+            | Cmpsb_m8_m8
+            | Cmpsw_m16_m16
+            | Cmpsd_m32_m32
+            | Cmpsq_m64_m64
+            | Stosb_m8_AL
+            | Stosw_m16_AX
+            | Stosd_m32_EAX
+            | Stosq_m64_RAX
+            | Lodsb_AL_m8
+            | Lodsw_AX_m16
+            | Lodsd_EAX_m32
+            | Lodsq_RAX_m64
+            | Scasb_AL_m8
+            | Scasw_AX_m16
+            | Scasd_EAX_m32
+            | Scasq_RAX_m64
+    );
+    string && (insn.has_rep_prefix() || insn.has_repne_prefix())
+}
+
 impl UnicornVcpu {
     /// Runs `f` with this vCPU's registers loaded in the engine.
     fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
@@ -273,6 +333,16 @@ impl UnicornVcpu {
     /// it, which the interrupt hook takes as the end of the step. Accesses
     /// in `replay` are handed back instead of reaching the bus again.
     /// A breakpoint at RIP is not hit.
+    ///
+    /// A REP string instruction is stepped without TF (unless the guest set
+    /// it): one block, as a run executes it. A run executes each iteration
+    /// as a block of its own and, after the last, enters the instruction's
+    /// block once more to find (E/R)CX zero and leave; with TF, QEMU leaves
+    /// right after the last iteration instead (its `repz_opt`). Counted by
+    /// blocks, a step would then count one instruction less than a run for
+    /// each such loop, and steps and runs would disagree about where a
+    /// count is: a debugger's point, or a replay's end, reached by stepping
+    /// would not be the one a run reaches.
     fn step(&self, e: &mut Engine, replay: Vec<Access>) -> Result<StepEnd> {
         let uc = e.uc;
         let rip = e.st().env.eip();
@@ -280,13 +350,17 @@ impl UnicornVcpu {
         let guest_tf = rflags & RFLAGS_TF != 0;
         let dr6 = read_reg(uc, RegisterX86::DR6);
         e.st().lifted_breakpoint = Some(linear_rip(&e.st().env, rip));
-        write_reg(uc, RegisterX86::RFLAGS, rflags | RFLAGS_TF);
+        let as_run = !guest_tf && rep_string_at(uc, &e.st().env, rip);
+        if !as_run {
+            write_reg(uc, RegisterX86::RFLAGS, rflags | RFLAGS_TF);
+        }
         let st = e.st();
         st.replay = replay;
         st.replay_next = None;
         st.replay_error = None;
         st.stepping = Some(StepState {
             guest_tf,
+            no_trap: as_run,
             ..StepState::default()
         });
         st.stop = None;
