@@ -93,6 +93,12 @@ impl std::ops::AddAssign for UserWrite {
 /// read-only until written, and execve's strings come from such pages),
 /// and user stores made before they became read-only were not replayed.
 pub fn write_user(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> UserWrite {
+    write_pages(mem, cr3, va, data, true)
+}
+
+/// Writes `data` at `va` page by page where the page's user bit is `user`;
+/// a page with the other bit is refused, one not present skipped.
+fn write_pages(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8], user: bool) -> UserWrite {
     let mut out = UserWrite::default();
     if va.checked_add(data.len() as u64).is_none() {
         out.refused = data.len() as u64;
@@ -101,11 +107,10 @@ pub fn write_user(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> User
     let mut done = 0usize;
     while done < data.len() {
         let at = va + done as u64;
-        let in_page = (0x1000 - (at & 0xfff)) as usize;
-        let n = in_page.min(data.len() - done);
+        let n = ((0x1000 - (at & 0xfff)) as usize).min(data.len() - done);
         let bytes = n as u64;
         match walk(mem, cr3, at) {
-            Some((_, false)) => out.refused += bytes,
+            Some((_, page_user)) if page_user != user => out.refused += bytes,
             Some((gpa, _))
                 if mem
                     .write_slice(&data[done..done + n], GuestAddress(gpa))
@@ -127,31 +132,14 @@ pub fn write_user(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> User
 /// present or outside guest memory is skipped. The caller trusts the
 /// recording as far as it trusts its other kernel inputs.
 pub fn write_kernel(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> UserWrite {
-    let mut out = UserWrite::default();
     const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
-    if va < KERNEL_HALF || va.checked_add(data.len() as u64).is_none() {
-        out.refused = data.len() as u64;
-        return out;
+    if va < KERNEL_HALF {
+        return UserWrite {
+            refused: data.len() as u64,
+            ..UserWrite::default()
+        };
     }
-    let mut done = 0usize;
-    while done < data.len() {
-        let at = va + done as u64;
-        let n = ((0x1000 - (at & 0xfff)) as usize).min(data.len() - done);
-        let bytes = n as u64;
-        match walk(mem, cr3, at) {
-            Some((_, true)) => out.refused += bytes,
-            Some((gpa, false))
-                if mem
-                    .write_slice(&data[done..done + n], GuestAddress(gpa))
-                    .is_ok() =>
-            {
-                out.written += bytes
-            }
-            _ => out.not_present += bytes,
-        }
-        done += n;
-    }
-    out
+    write_pages(mem, cr3, va, data, false)
 }
 
 /// Replaces the NUL bytes of `[va, va + len)` on user pages with `filler`
