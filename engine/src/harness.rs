@@ -331,7 +331,7 @@ fn strip_stress_ng_prefix(line: &str) -> String {
 
 /// Stressors that stress-ng skips when run as root ("must not run as
 /// root", "need to be running without root privilege").
-const NON_ROOT_STRESSORS: &[&str] = &["exec", "bad-ioctl"];
+const NON_ROOT_STRESSORS: &[&str] = &["exec", "bad-ioctl", "spawn"];
 
 /// What runs `stress-ng` for stressor `name` in the guest: for the ones
 /// that refuse root, `setpriv` as user and group nobody, from the
@@ -597,7 +597,7 @@ mod tests {
 
     #[test]
     fn stressors_that_refuse_root_run_as_nobody_and_the_rest_as_root() {
-        for name in ["exec", "bad-ioctl"] {
+        for name in ["exec", "bad-ioctl", "spawn"] {
             let user = stress_ng_user(name);
             assert!(
                 user.contains("setpriv --reuid=65534 --regid=65534"),
