@@ -414,12 +414,8 @@ fn a_finished_recording_verifies_and_its_stats_match() {
     }
 
     // The snapshot reads back as written.
-    let mem = recording::load_memory(&dir).unwrap();
-    assert_eq!(mem.len(), 1);
-    assert_eq!(mem[0].0, 0);
     let mut expected = vec![0u8; MEM_BYTES as usize];
     memory().read_slice(&mut expected, GuestAddress(0)).unwrap();
-    assert!(mem[0].1 == expected, "memory image differs");
     let into =
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES as usize)]).unwrap();
     recording::load_memory_into(&dir, &into).unwrap();

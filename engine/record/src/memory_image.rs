@@ -110,6 +110,9 @@ impl MemoryCopy {
     }
 
     /// Writes the image to `path` through a temporary file and a rename.
+    /// Version 2 is sparse: per region the runs of pages holding data, then
+    /// their bytes; pages of zeros are left out (they cost neither the
+    /// compressor here nor the decompressor in replay).
     fn write(&self, path: &Path) -> Result<(), RecordingError> {
         let tmp = tmp_name(path);
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -117,42 +120,79 @@ impl MemoryCopy {
         let mut enc =
             zstd::stream::write::Encoder::new(BufWriter::new(file), 1).map_err(io_err(&tmp))?;
         enc.include_checksum(true).map_err(io_err(&tmp))?;
-        let mut head = Vec::with_capacity(16 + 16 * self.regions.len());
+        let runs: Vec<Vec<DataRun>> = self.regions.iter().map(RegionCopy::data_runs).collect();
+        let mut head = Vec::with_capacity(16 + 24 * self.regions.len());
         head.extend_from_slice(&MEMORY_MAGIC);
         head.extend_from_slice(&MEMORY_VERSION.to_le_bytes());
         head.extend_from_slice(&(self.regions.len() as u32).to_le_bytes());
-        for r in &self.regions {
+        for (r, runs) in self.regions.iter().zip(&runs) {
             head.extend_from_slice(&r.guest_start.to_le_bytes());
             head.extend_from_slice(&r.len.to_le_bytes());
+            head.extend_from_slice(&(runs.len() as u64).to_le_bytes());
         }
         enc.write_all(&head).map_err(io_err(&tmp))?;
-        let zeros = vec![0u8; 1 << 20];
-        let write_zeros = |enc: &mut zstd::stream::write::Encoder<_>, mut n: u64| {
-            while n > 0 {
-                let k = n.min(zeros.len() as u64) as usize;
-                enc.write_all(&zeros[..k])?;
-                n -= k as u64;
+        for (r, runs) in self.regions.iter().zip(&runs) {
+            let mut list = Vec::with_capacity(16 * runs.len());
+            for run in runs {
+                list.extend_from_slice(&run.first_page.to_le_bytes());
+                list.extend_from_slice(&run.pages.to_le_bytes());
             }
-            Ok::<(), io::Error>(())
-        };
-        for r in &self.regions {
-            let (mut at, mut data_at) = (0u64, 0usize);
-            for &(first, count) in &r.runs {
-                let from = first * PAGE;
-                let n = (count * PAGE).min(r.len - from) as usize;
-                write_zeros(&mut enc, from - at).map_err(io_err(&tmp))?;
-                enc.write_all(&r.data[data_at..data_at + n])
+            enc.write_all(&list).map_err(io_err(&tmp))?;
+            for run in runs {
+                enc.write_all(&r.data[run.data..run.data + run.bytes])
                     .map_err(io_err(&tmp))?;
-                data_at += n;
-                at = from + n as u64;
             }
-            write_zeros(&mut enc, r.len - at).map_err(io_err(&tmp))?;
         }
         let mut out = enc.finish().map_err(io_err(&tmp))?;
         out.flush().map_err(io_err(&tmp))?;
         out.get_ref().sync_data().map_err(io_err(&tmp))?;
         drop(out);
         fs::rename(&tmp, path).map_err(io_err(path))
+    }
+}
+
+/// Pages of a region that hold data, and where their bytes are in the copy.
+struct DataRun {
+    first_page: u64,
+    pages: u64,
+    /// Offset in [`RegionCopy::data`].
+    data: usize,
+    /// Bytes (less than `pages` pages where the region ends inside one).
+    bytes: usize,
+}
+
+impl RegionCopy {
+    /// The copied runs split where pages read as zeros.
+    fn data_runs(&self) -> Vec<DataRun> {
+        static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
+        let mut out: Vec<DataRun> = Vec::new();
+        let mut data_at = 0usize;
+        for &(first, count) in &self.runs {
+            for page in first..first + count {
+                let from = page * PAGE;
+                if from >= self.len {
+                    break;
+                }
+                let n = PAGE.min(self.len - from) as usize;
+                let bytes = &self.data[data_at..data_at + n];
+                if bytes != &ZEROS[..n] {
+                    match out.last_mut() {
+                        Some(run) if run.first_page + run.pages == page => {
+                            run.pages += 1;
+                            run.bytes += n;
+                        }
+                        _ => out.push(DataRun {
+                            first_page: page,
+                            pages: 1,
+                            data: data_at,
+                            bytes: n,
+                        }),
+                    }
+                }
+                data_at += n;
+            }
+        }
+        out
     }
 }
 
@@ -214,17 +254,23 @@ mod tests {
             .join()
             .unwrap()
             .unwrap();
-        let bytes = zstd::decode_all(File::open(&path).unwrap()).unwrap();
-        let body = &bytes[16 + 32..];
-        assert_eq!(body.len() as u64, (64 << 20) + (1 << 20));
-        let mut want = vec![0u8; body.len()];
+        let mut want = vec![0u8; (64 << 20) + (1 << 20)];
         want[3 * PAGE as usize + 10..3 * PAGE as usize + 5010].fill(0xab);
         let end = want.len();
         want[end - 8..].fill(0xcd);
-        assert!(
-            body == want.as_slice(),
-            "image differs from guest RAM at the copy"
-        );
+        let mut back = vec![0u8; want.len()];
+        let mut pieces = 0;
+        let regions = crate::recording::read_memory_image_at(&path, |i, at, bytes| {
+            let base = if i == 0 { 0 } else { 64 << 20 };
+            back[base + at as usize..][..bytes.len()].copy_from_slice(bytes);
+            pieces += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(regions, [(0, 64 << 20), (1 << 32, 1 << 20)]);
+        assert!(back == want, "image differs from guest RAM at the copy");
+        // Only the pages holding data are in the image: one run per region.
+        assert_eq!(pieces, 2);
         assert!(!dir.path().join("memory.zst.tmp").exists());
     }
 }

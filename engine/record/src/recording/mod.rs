@@ -31,7 +31,9 @@ mod stats;
 mod verify;
 mod writer;
 
-pub use load::{load_cpus, load_devices, load_end, load_header, load_memory, load_memory_into};
+#[cfg(test)]
+pub(crate) use load::read_memory_image_at;
+pub use load::{load_cpus, load_devices, load_end, load_header, load_memory_into};
 pub use manifest::{CpuSnapshot, FileDigest, HostInfo, RecordingEnd, RecordingHeader, RingInfo};
 pub use stats::{dump, stats, ClassStats, Stats};
 pub use verify::{verify, VerifyReport, VerifyStatus};
@@ -58,7 +60,7 @@ pub const CPUS_FILE: &str = "cpus.json";
 pub const DEVICES_FILE: &str = "devices.json";
 /// Magic and version of the memory image inside `memory.zst`.
 pub(super) const MEMORY_MAGIC: [u8; 8] = *b"KRRMEM\0\0";
-pub(super) const MEMORY_VERSION: u32 = 1;
+pub(super) const MEMORY_VERSION: u32 = 2;
 
 /// Errors of the recording directory.
 #[derive(Debug, thiserror::Error)]

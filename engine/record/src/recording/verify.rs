@@ -177,12 +177,9 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, RecordingError> {
             truncated = true;
         }
     } else {
-        let mut total = 0u64;
-        match read_memory_image(dir, |_, _, bytes| {
-            total += bytes.len() as u64;
-            Ok(())
-        }) {
+        match read_memory_image(dir, |_, _, _| Ok(())) {
             Ok(regions) => {
+                let total: u64 = regions.iter().map(|r| r.1).sum();
                 if let Some(h) = &r.header {
                     if total != h.mem_bytes {
                         r.problems.push(format!(
