@@ -109,11 +109,20 @@ impl Replayer {
         events: &[abi::Event],
         user: &mut paging::UserWrite,
     ) {
-        let entry_cr3 = match self.vcpus[cpu].sregs() {
-            Ok(s) => s.cr3,
-            Err(_) => return,
+        if events.is_empty() {
+            return;
+        }
+        // Read only where a record names no address space: reading the
+        // special registers costs more than a syscall storm's stint.
+        let entry_cr3 = std::cell::OnceCell::new();
+        let vcpu = &self.vcpus[cpu];
+        let space = |cr3: u64| {
+            if cr3 == 0 {
+                *entry_cr3.get_or_init(|| vcpu.sregs().map_or(0, |s| s.cr3))
+            } else {
+                cr3
+            }
         };
-        let space = |cr3: u64| if cr3 == 0 { entry_cr3 } else { cr3 };
         // Accessed/dirty bits of user page-table entries, as the kernel
         // first found them in this stint (later reads see its own writes).
         let mut ptes_seen = std::collections::HashSet::new();
