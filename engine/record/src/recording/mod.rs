@@ -34,7 +34,9 @@ mod writer;
 #[cfg(test)]
 pub(crate) use load::read_memory_image_at;
 pub use load::{load_cpus, load_devices, load_end, load_header, load_memory_into};
-pub use manifest::{CpuSnapshot, FileDigest, HostInfo, RecordingEnd, RecordingHeader, RingInfo};
+pub use manifest::{
+    CpuSnapshot, DigestCache, FileDigest, HostInfo, RecordingEnd, RecordingHeader, RingInfo,
+};
 pub use stats::{dump, stats, ClassStats, Stats};
 pub use verify::{verify, VerifyReport, VerifyStatus};
 pub use writer::RecordingWriter;
