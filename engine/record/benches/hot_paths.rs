@@ -9,7 +9,7 @@ use krr_record::abi::{
     encode_event, parse_records, Event, EventBody, GetUserEvent, RdtscEvent, SyscallEvent,
     UserCopyEvent, UserRegs,
 };
-use krr_record::event::{LogEvent, Position};
+use krr_record::event::{GprSnapshot, LogEvent, Position};
 use krr_record::log::{EventLogReader, EventLogWriter, DEFAULT_CHUNK_TARGET, ZSTD_LEVEL};
 
 /// The agent's records of a syscall-heavy guest: each syscall's entry, a
@@ -124,6 +124,58 @@ fn event_log(c: &mut Criterion) {
             },
             |mut w| {
                 for e in &events {
+                    w.append(e).unwrap();
+                }
+                w.flush().unwrap();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // A syscall storm's log: an entry with the user's registers per syscall.
+    let syscalls: Vec<LogEvent> = (0..N)
+        .map(|i| LogEvent::Syscall {
+            cpu: 0,
+            at: Position {
+                icount: i * 1200,
+                kernel_icount: i * 1000,
+                rip: 0x7f12_3456_7000 + (i & 0xff),
+                rcx: 0,
+                cpl: 3,
+            },
+            regs: GprSnapshot {
+                rax: 39,
+                rbx: 0x5555_5555_9000,
+                rcx: 0x7f12_3456_7000,
+                rdx: i,
+                rsi: 0x7ffd_1234_5678,
+                rdi: 1,
+                rsp: 0x7ffd_1234_5600 - (i & 0xf) * 8,
+                rbp: 0x7ffd_1234_5700,
+                r8: 0,
+                r9: 0,
+                r10: 8,
+                r11: 0x246,
+                r12: 0x5555_5555_a000,
+                r13: 0,
+                r14: 0,
+                r15: 0,
+                rip: 0x7f12_3456_7000 + (i & 0xff),
+                rflags: 0x246,
+            },
+            fs_base: 0x7f12_3400_0740,
+            gs_base: 0,
+            agent_seq: i * 3,
+        })
+        .collect();
+    let path_syscalls = dir.path().join("syscalls.krrlog");
+    g.bench_function("append_syscalls", |b| {
+        b.iter_batched(
+            || {
+                let _ = std::fs::remove_file(&path_syscalls);
+                EventLogWriter::create(&path_syscalls).unwrap()
+            },
+            |mut w| {
+                for e in &syscalls {
                     w.append(e).unwrap();
                 }
                 w.flush().unwrap();
