@@ -222,9 +222,17 @@ pub struct RecordBench {
     pub log_bytes_per_second: f64,
     /// Events per class, as `krr log stats` counts them.
     pub classes: Vec<(String, u64)>,
+    /// Log bytes per second of the workload command's guest (virtual)
+    /// time, the measure KRR quotes (about 160 KB/s); `None` when the
+    /// command's time is unknown or zero.
+    pub log_bytes_per_guest_second: Option<f64>,
     /// Wall seconds to replay the recording's kernel alone (from its
     /// snapshot to its end).
     pub replay_seconds: f64,
+    /// The replay's peak resident memory (the process's, from opening the
+    /// recording to the replay's end), and the guest's RAM for comparison.
+    pub replay_peak_rss_bytes: Option<u64>,
+    pub guest_mem_bytes: u64,
     /// How the replay ended (`matched` unless something is wrong).
     pub replay_end: String,
 }
@@ -291,9 +299,12 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
         .sum();
     let stats = crate::record::recording::stats(&rec.dir)
         .map_err(|e| BenchError::Workload(format!("statistics of {}: {e}", rec.dir.display())))?;
+    // The plain and recorded machines are gone; the peak starts again here.
+    let peak_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let replay = crate::replay::Replayer::open(&rec.dir)
         .and_then(|mut r| r.run(&crate::replay::ReplayOptions::default()))
         .map_err(|e| BenchError::Workload(format!("replay of {}: {e}", rec.dir.display())))?;
+    let replay_peak_rss_bytes = peak_reset.then(peak_rss_bytes).flatten();
     let replay_end = match &replay.end {
         crate::replay::ReplayEnd::Matched => "matched".to_string(),
         other => serde_json::to_string(other).unwrap_or_default(),
@@ -322,7 +333,28 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
             .filter(|c| c.count > 0)
             .map(|c| (c.class.clone(), c.count))
             .collect(),
+        log_bytes_per_guest_second: recorded
+            .virtual_seconds_of_command
+            .filter(|&s| s > 0.0)
+            .map(|s| stats.file_bytes as f64 / s),
         replay_seconds: replay.wall_seconds,
+        replay_peak_rss_bytes,
+        guest_mem_bytes: cfg.mem_bytes,
         replay_end,
     })
+}
+
+/// This process's peak resident memory since it started or since the
+/// peak was last reset (`VmHWM` of /proc/self/status).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }

@@ -186,6 +186,9 @@ struct RecordRun {
     events: u64,
     log_bytes: u64,
     log_bytes_per_second: f64,
+    log_bytes_per_guest_second: Option<f64>,
+    replay_peak_rss_bytes: Option<u64>,
+    guest_mem_bytes: u64,
     replay_end: String,
     json: Value,
 }
@@ -211,6 +214,9 @@ impl RecordRun {
             events: u("events")?,
             log_bytes: u("log_bytes")?,
             log_bytes_per_second: n("log_bytes_per_second")?,
+            log_bytes_per_guest_second: json["log_bytes_per_guest_second"].as_f64(),
+            replay_peak_rss_bytes: json["replay_peak_rss_bytes"].as_u64(),
+            guest_mem_bytes: u("guest_mem_bytes")?,
             replay_end: json["replay_end"]
                 .as_str()
                 .with_context(|| format!("`{WHAT}` output has no `replay_end`: {json}"))?
@@ -228,6 +234,18 @@ const RECORD_WORKLOADS: &[(&str, f64, f64)] = &[
     ("syscall-loop 20000", 1.05, 1.0),
     ("cpu-loop 40", 1.02, 0.2),
 ];
+
+/// The log's growth per second of guest time at most KRR's (its paper
+/// quotes about 160 KB/s), and replay's resident memory at most the
+/// guest's RAM plus 10% (issue 17).
+const LOG_TARGET_BYTES_PER_GUEST_SECOND: f64 = 160e3;
+const REPLAY_RSS_TARGET: f64 = 1.10;
+
+/// The median of the values present; `None` when none is.
+fn median_of_some(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| median(v))
+}
 
 /// The project's test command line (no `krr.run=`).
 const RECORD_CMDLINE: &str = "console=ttyS0 nokaslr noapic nolapic acpi=off tsc=reliable no_timer_check mitigations=off pci=off panic=-1 rdinit=/init";
@@ -296,6 +314,13 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             last.bytes_per_event,
             last.log_bytes_per_second,
         );
+        let log_per_guest_second =
+            median_of_some(runs.iter().map(|r| r.log_bytes_per_guest_second));
+        let replay_rss = median_of_some(
+            runs.iter()
+                .map(|r| r.replay_peak_rss_bytes.map(|b| b as f64)),
+        );
+        let guest_mem = last.guest_mem_bytes as f64;
         let replays_matched = runs.iter().filter(|r| r.replay_end == "matched").count();
         let runs: Vec<Value> = runs.into_iter().map(|r| r.json).collect();
         rows.push(serde_json::json!({
@@ -314,6 +339,12 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             "log_bytes": log_bytes,
             "bytes_per_event": bytes_per_event,
             "log_bytes_per_second": log_bytes_per_second,
+            "log_bytes_per_guest_second_median": log_per_guest_second,
+            "log_target_bytes_per_guest_second": LOG_TARGET_BYTES_PER_GUEST_SECOND,
+            "replay_peak_rss_bytes_median": replay_rss,
+            "guest_mem_bytes": guest_mem,
+            "replay_rss_over_guest_mem": replay_rss.map(|r| r / guest_mem),
+            "replay_rss_target": REPLAY_RSS_TARGET,
             "replay_seconds_median": replay_s,
             "replay_over_recorded": replay_s / recorded,
             "replay_over_plain": replay_s / plain,
@@ -322,12 +353,12 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
         }));
     }
     if replay {
-        println!("| workload | plain (s) | recorded (s) | replay (s) | replay/record | target | replay/plain | replays matched |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| workload | plain (s) | recorded (s) | replay (s) | replay/record | target | replay/plain | replay peak RSS (MiB) | RSS / guest RAM | target | replays matched |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for row in &rows {
             let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | <= {} | {:.2} | {}/{} |",
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | <= {} | {:.2} | {:.0} | {:.2} | <= {} | {}/{} |",
                 row["workload"].as_str().unwrap_or("?"),
                 f("plain_seconds_median"),
                 f("recorded_seconds_median"),
@@ -335,18 +366,21 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
                 f("replay_over_recorded"),
                 f("replay_target"),
                 f("replay_over_plain"),
+                f("replay_peak_rss_bytes_median") / (1u64 << 20) as f64,
+                f("replay_rss_over_guest_mem"),
+                REPLAY_RSS_TARGET,
                 row["replays_matched"],
                 repetitions,
             );
         }
     } else {
-        println!("| workload | plain (s) | recorded (s) | ratio | target | ratio range | snapshot, guest stopped (s) | ratio without snapshot | guest instructions, recorded/plain | events | log bytes | bytes/event | log MB/s |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| workload | plain (s) | recorded (s) | ratio | target | ratio range | snapshot, guest stopped (s) | ratio without snapshot | guest instructions, recorded/plain | events | log bytes | bytes/event | log MB/s | log KB per guest s | target |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for row in rows.iter().filter(|_| !replay) {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {:.2} | {:.2} | {:.3} | <= {} | {:.3}-{:.3} | {:.2} | {:.3} | {:.3} | {} | {} | {:.1} | {:.2} |",
+            "| {} | {:.2} | {:.2} | {:.3} | <= {} | {:.3}-{:.3} | {:.2} | {:.3} | {:.3} | {} | {} | {:.1} | {:.2} | {:.0} | <= {:.0} |",
             row["workload"].as_str().unwrap_or("?"),
             f("plain_seconds_median"),
             f("recorded_seconds_median"),
@@ -361,6 +395,8 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             row["log_bytes"],
             f("bytes_per_event"),
             f("log_bytes_per_second") / 1e6,
+            f("log_bytes_per_guest_second_median") / 1e3,
+            LOG_TARGET_BYTES_PER_GUEST_SECOND / 1e3,
         );
     }
     let dir = repo_root().join("results/bench");
