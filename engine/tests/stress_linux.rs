@@ -33,6 +33,7 @@ fn stops_in_time_and_replays(stressor: &str, vcpus: usize) {
         seconds: 1,
         vcpus,
         checkpoint_every: 0,
+        max_record_seconds: 0,
     };
     let r = validate_stressor(&kernel, &rootfs, dir.path(), stressor, run);
     println!("{r:?}");
@@ -75,6 +76,30 @@ fn stress_ng_clone_madvise_memfd_and_rmap_replay() {
     for stressor in ["clone", "madvise", "memfd", "rmap"] {
         stops_in_time_and_replays(stressor, 1);
     }
+}
+
+/// A stressor still running at the recording's wall-time limit: the
+/// recording stops there and what it holds replays (outcome `cut`), so a
+/// stressor too slow for the validation table cannot stall it.
+#[test]
+fn a_stressor_past_the_wall_time_limit_is_cut_and_its_recording_replays() {
+    let Some((kernel, rootfs)) = images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 60 guest seconds of cpu take far more than 15 host seconds here; the
+    // recording starts at /init, a few seconds in even on a loaded host.
+    let run = StressorRun {
+        seconds: 60,
+        vcpus: 1,
+        checkpoint_every: 0,
+        max_record_seconds: 15,
+    };
+    let r = validate_stressor(&kernel, &rootfs, dir.path(), "cpu", run);
+    println!("{r:?}");
+    assert_eq!(r.outcome, "cut", "{r:?}");
+    assert!(r.detail.contains("15-s wall-time limit"), "{r:?}");
+    assert!(r.events > 0 && r.kernel_entries > 0, "{r:?}");
 }
 
 /// io_uring: the kernel reads the SQEs, the SQ index array and the rings'

@@ -37,6 +37,11 @@ struct Plan {
     /// none).
     #[serde(default)]
     checkpoint_every: u64,
+    /// Host seconds each recording may take before it is cut and what it
+    /// holds replayed (0: no limit; plans written before the limit had
+    /// none).
+    #[serde(default)]
+    max_record_seconds: u64,
     /// The guest's `stress-ng --version` when the list was asked of it.
     #[serde(default)]
     stress_ng: Option<String>,
@@ -68,6 +73,11 @@ pub struct Options {
     /// (default 0: none).
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<u64>,
+    /// Host seconds a stressor's recording may take: past them it stops and
+    /// what it holds is replayed (outcome `cut`), so that one stressor too
+    /// slow here cannot hold up the table (0: no limit).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub max_record_seconds: u64,
     /// Results directory (default: results/validate-replay/<UTC time>).
     #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
@@ -131,6 +141,7 @@ pub fn run(opts: Options) -> Result<()> {
                 seconds: opts.seconds,
                 vcpus: opts.vcpus.unwrap_or(1),
                 checkpoint_every: opts.checkpoint_every.unwrap_or(0),
+                max_record_seconds: opts.max_record_seconds,
                 stress_ng,
             };
             if plan.seconds == 0 {
@@ -267,6 +278,7 @@ pub fn run(opts: Options) -> Result<()> {
         "seconds_per_stressor": plan.seconds,
         "vcpus": plan.vcpus,
         "checkpoint_every": plan.checkpoint_every,
+        "max_record_seconds": plan.max_record_seconds,
         "stress_ng": plan.stress_ng,
         "results": results,
     });
@@ -292,19 +304,27 @@ struct Progress {
 fn table(results: &[StressorResult]) -> String {
     let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
     let runnable = results.len() - count("unsupported");
+    // A cut stressor's recording (stopped at the wall-time limit) replayed
+    // with zero divergence: it counts, and the line says how many were cut.
+    let zero_divergence = count("passed") + count("cut");
     let mut out = format!(
-        "passed {}, diverged {}, failed {}, unsupported {} (of {}): {} of {} runnable stressors replay with zero divergence ({:.1}%)\n",
+        "passed {}, cut {}, diverged {}, failed {}, unsupported {} (of {}): {} of {} runnable stressors replay with zero divergence ({:.1}%){}\n",
         count("passed"),
+        count("cut"),
         count("diverged"),
         count("failed"),
         count("unsupported"),
         results.len(),
-        count("passed"),
+        zero_divergence,
         runnable,
         if runnable == 0 {
             0.0
         } else {
-            100.0 * count("passed") as f64 / runnable as f64
+            100.0 * zero_divergence as f64 / runnable as f64
+        },
+        match count("cut") {
+            0 => String::new(),
+            n => format!(", {n} of them recorded only up to the wall-time limit"),
         }
     );
     let row = |r: &StressorResult| {
@@ -328,6 +348,10 @@ fn table(results: &[StressorResult]) -> String {
         (
             "failed",
             "Failed (while recording, or the replay could not run)",
+        ),
+        (
+            "cut",
+            "Cut at the wall-time limit (stress-ng unfinished; what was recorded replayed with zero divergence)",
         ),
         ("unsupported", "Unsupported here (stress-ng's reason)"),
     ] {
@@ -438,6 +462,7 @@ fn one(
     let seconds_arg = plan.seconds.to_string();
     let vcpus_arg = plan.vcpus.to_string();
     let checkpoint_arg = plan.checkpoint_every.to_string();
+    let max_record_arg = plan.max_record_seconds.to_string();
     let args: &[&OsStr] = &[
         "validate-replay-one".as_ref(),
         "--kernel".as_ref(),
@@ -452,6 +477,8 @@ fn one(
         vcpus_arg.as_ref(),
         "--checkpoint-every".as_ref(),
         checkpoint_arg.as_ref(),
+        "--max-record-seconds".as_ref(),
+        max_record_arg.as_ref(),
         "--recordings".as_ref(),
         scratch.as_os_str(),
         "--json".as_ref(),
@@ -526,7 +553,7 @@ mod tests {
         let first = t.lines().next().unwrap();
         assert_eq!(
             first,
-            "passed 2, diverged 1, failed 1, unsupported 1 (of 5): 2 of 4 runnable stressors replay with zero divergence (50.0%)"
+            "passed 2, cut 0, diverged 1, failed 1, unsupported 1 (of 5): 2 of 4 runnable stressors replay with zero divergence (50.0%)"
         );
         let diverged = t.find("## Diverged").unwrap();
         let failed = t.find("## Failed").unwrap();
@@ -536,6 +563,28 @@ mod tests {
         assert!(!t[diverged..failed].contains("| fork |"));
         assert!(t.contains("expected a \\| b"), "{t}");
         assert_eq!(t.matches("| fork | passed |").count(), 1);
+    }
+
+    /// A cut stressor replayed what it recorded with zero divergence: it
+    /// counts toward the share, and the line says so.
+    #[test]
+    fn cut_stressors_count_and_are_named_as_cut() {
+        let results = [
+            result("fork", "passed", "x"),
+            result(
+                "far-branch",
+                "cut",
+                "recording stopped at its 600-s wall-time limit",
+            ),
+            result("clone", "diverged", "y"),
+        ];
+        let t = table(&results);
+        assert_eq!(
+            t.lines().next().unwrap(),
+            "passed 1, cut 1, diverged 1, failed 0, unsupported 0 (of 3): 2 of 3 runnable stressors replay with zero divergence (66.7%), 1 of them recorded only up to the wall-time limit"
+        );
+        let cut = t.find("## Cut at the wall-time limit").unwrap();
+        assert!(t[cut..].contains("| far-branch | cut |"));
     }
 
     #[test]
