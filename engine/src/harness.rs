@@ -600,7 +600,10 @@ pub fn validate_stressor(
                 }
                 ReplayEnd::Diverged(d) | ReplayEnd::Stalled(d) => {
                     r.outcome = "diverged".into();
-                    r.detail = format!("event #{} at {}: expected {}", d.event, d.rip, d.expected);
+                    r.detail = format!(
+                        "event #{} at {}: expected {}; found {}",
+                        d.event, d.rip, d.expected, d.found
+                    );
                 }
                 ReplayEnd::Unsupported { why } => {
                     r.outcome = "unsupported".into();

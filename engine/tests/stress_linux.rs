@@ -106,9 +106,15 @@ fn a_stressor_past_the_wall_time_limit_is_cut_and_its_recording_replays() {
 /// heads and tails with plain loads from pages user space maps and writes;
 /// replay runs no user code, so it has those bytes only from the agent's
 /// shared-read records. Without them the stressor's replay diverged.
+///
+/// On 2 vCPUs user code on one vCPU refills the buffers the kernel copies
+/// on the other between its slices: a later read of the same bytes, read
+/// ahead for a slice that ended inside the agent's hook, replaced what
+/// the slice had read (replay diverged in krr_agent_get_user).
 #[test]
 fn stress_ng_io_uring_replays_its_shared_ring_reads() {
     stops_in_time_and_replays("io-uring", 1);
+    stops_in_time_and_replays("io-uring", 2);
     let Some((kernel, rootfs)) = images() else {
         return;
     };

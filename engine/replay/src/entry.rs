@@ -103,10 +103,17 @@ impl Replayer {
     /// each was read from (a stint can switch tasks: a parent's wait lets
     /// its child run and exit, reading the child's memory), and the shared
     /// memory it read through its own mapping at its kernel addresses.
+    /// Records from `end` on were read ahead (see
+    /// [`super::source::EventSource::agent_before`]): they write only bytes
+    /// that no record of this stretch and no earlier one read ahead wrote.
+    /// On several vCPUs user code on another vCPU rewrites memory between
+    /// this vCPU's stretches (an io_uring buffer refilled), so a later read
+    /// of the same bytes must not replace what this stretch reads.
     pub(crate) fn apply_user_reads(
         &mut self,
         cpu: usize,
         events: &[abi::Event],
+        end: u64,
         user: &mut paging::UserWrite,
     ) {
         if events.is_empty() {
@@ -159,6 +166,7 @@ impl Replayer {
                 continue;
             }
         }
+        let mut written = CoveredBytes::default();
         for e in events {
             if let EventBody::StrnlenUser { info, .. } = &e.body {
                 // The kernel only measured the string: where no copy of it
@@ -211,17 +219,26 @@ impl Replayer {
                 ),
                 _ => continue,
             };
-            let done = paging::write_user(&self.mem, cr3, addr, &bytes);
-            if done.written < bytes.len() as u64 {
-                tracing::debug!(
-                    "replay: of {} bytes at {addr:#x}, {} not written (page not present) and {} refused (not a user page): agent #{}",
-                    bytes.len(),
-                    done.not_present,
-                    done.refused,
-                    e.seq
-                );
+            let pieces = if e.seq < end {
+                vec![(0, bytes.len())]
+            } else {
+                written.uncovered(cr3, addr, bytes.len())
+            };
+            written.cover(cr3, addr, addr.saturating_add(bytes.len() as u64));
+            for (from, to) in pieces {
+                let at = addr.wrapping_add(from as u64);
+                let done = paging::write_user(&self.mem, cr3, at, &bytes[from..to]);
+                if done.written < (to - from) as u64 {
+                    tracing::debug!(
+                        "replay: of {} bytes at {at:#x}, {} not written (page not present) and {} refused (not a user page): agent #{}",
+                        to - from,
+                        done.not_present,
+                        done.refused,
+                        e.seq
+                    );
+                }
+                *user += done;
             }
-            *user += done;
         }
         // Memory user space shares with the kernel (io_uring's rings and
         // SQEs): user stores there are not replayed, so the bytes go where
@@ -239,6 +256,66 @@ impl Replayer {
             }
             *user += done;
         }
+    }
+}
+
+/// Byte ranges written so far, per address space: disjoint, merged,
+/// ordered by start.
+#[derive(Default)]
+struct CoveredBytes(std::collections::HashMap<u64, std::collections::BTreeMap<u64, u64>>);
+
+impl CoveredBytes {
+    /// The pieces of the `len` bytes at `addr` in address space `cr3` that
+    /// nothing covers, as (from, to) offsets into those bytes.
+    fn uncovered(&self, cr3: u64, addr: u64, len: usize) -> Vec<(usize, usize)> {
+        let end = addr.saturating_add(len as u64);
+        let mut pieces = Vec::new();
+        let mut at = addr;
+        if let Some(ranges) = self.0.get(&cr3) {
+            // The range starting at or before `addr` may reach into it.
+            let first = ranges.range(..=addr).next_back().map_or(addr, |(&s, _)| s);
+            for (&s, &e) in ranges.range(first..end) {
+                if e <= at {
+                    continue;
+                }
+                if s > at {
+                    pieces.push(((at - addr) as usize, (s - addr) as usize));
+                }
+                at = at.max(e);
+                if at >= end {
+                    break;
+                }
+            }
+        }
+        if at < end {
+            pieces.push(((at - addr) as usize, len));
+        }
+        pieces
+    }
+
+    /// Marks `[start, end)` of address space `cr3` covered.
+    fn cover(&mut self, cr3: u64, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let ranges = self.0.entry(cr3).or_default();
+        let (mut lo, mut hi) = (start, end);
+        // Every range touching [start, end) merges into it.
+        let first = ranges
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        let touching: Vec<(u64, u64)> = ranges
+            .range(first..=end)
+            .filter(|&(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            ranges.remove(&s);
+            lo = lo.min(s);
+            hi = hi.max(e);
+        }
+        ranges.insert(lo, hi);
     }
 }
 
@@ -297,7 +374,7 @@ fn with_recorded_access_bits(cur: u64, recorded: u64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{first_shared_reads, strnlen_scanned_without_nul};
+    use super::{first_shared_reads, strnlen_scanned_without_nul, CoveredBytes};
     use krr_record::abi::{self, EventBody, SharedReadEvent, UserStringEvent};
 
     fn shared(seq: u64, kernel_addr: u64, value: u32) -> abi::Event {
@@ -350,6 +427,34 @@ mod tests {
             result,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn bytes_read_ahead_are_written_only_where_nothing_was() {
+        let mut written = CoveredBytes::default();
+        written.cover(1, 0x1000, 0x1008);
+        written.cover(1, 0x1008, 0x1010); // merges with the first
+        written.cover(1, 0x1020, 0x1030);
+        assert_eq!(written.0[&1].len(), 2);
+        assert_eq!(written.uncovered(1, 0x1000, 16), []);
+        assert_eq!(written.uncovered(1, 0x0ff8, 16), [(0, 8)]);
+        assert_eq!(written.uncovered(1, 0x1008, 16), [(8, 16)]);
+        assert_eq!(
+            written.uncovered(1, 0x0ff0, 0x48),
+            [(0, 0x10), (0x20, 0x30), (0x40, 0x48)]
+        );
+        // Another address space, or bytes nothing wrote.
+        assert_eq!(written.uncovered(2, 0x1000, 16), [(0, 16)]);
+        assert_eq!(written.uncovered(1, 0x2000, 4), [(0, 4)]);
+        assert_eq!(written.uncovered(1, 0x0ff0, 16), [(0, 16)]);
+        assert_eq!(written.uncovered(1, u64::MAX - 3, 4), [(0, 4)]);
+        // A range spanning both merges them.
+        written.cover(1, 0x100c, 0x1024);
+        assert_eq!(
+            written.0[&1].iter().collect::<Vec<_>>(),
+            [(&0x1000, &0x1030)]
+        );
+        assert_eq!(written.uncovered(1, 0x0ffc, 0x38), [(0, 4), (0x34, 0x38)]);
     }
 
     #[test]

@@ -395,7 +395,7 @@ impl Replayer {
                         format!("the kernel stint after event #{index} (from agent seq {seq})"),
                     );
                 };
-                self.apply_user_reads(cpu, &reads, user);
+                self.apply_user_reads(cpu, &reads, end_seq, user);
                 *segment_reads_due = false;
                 if let Err(e) = self.enter_kernel(cpu, &event) {
                     break 'turn diverged(
@@ -512,7 +512,7 @@ impl Replayer {
                         format!("the kernel stint before event #{index}"),
                     );
                 };
-                self.apply_user_reads(cpu, &reads, user);
+                self.apply_user_reads(cpu, &reads, end_seq, user);
             }
             // The stand-in of a debugger's point in the last stretch: that
             // point bounds the run (it may lie a block past the recorded
