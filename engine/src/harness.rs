@@ -532,44 +532,43 @@ pub fn validate_stressor(
         r.detail = format!("recorded run ended with {:?}", report.end);
         return r;
     }
-    let status = if cut {
-        Some(0)
-    } else {
-        console
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("stress-ng-status="))
-            .next_back()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-    };
-    match status {
-        // stress-ng may exit 0 (or 1) when it skipped every stressor it was
-        // given ("No stress workers invoked"): nothing of the stressor ran.
-        Some(_) if stress_ng_skipped(&console) => {
-            r.outcome = "unsupported".into();
-            r.detail = format!("stress-ng skipped it: {}", stress_ng_says(&console));
-            return r;
-        }
-        Some(0) => {}
-        Some(code @ (EXIT_NO_RESOURCE | EXIT_NOT_IMPLEMENTED)) => {
-            r.outcome = "unsupported".into();
-            r.detail = format!(
-                "stress-ng status {code} ({}): {}",
-                if code == EXIT_NO_RESOURCE {
-                    "no resource"
-                } else {
-                    "not implemented"
-                },
-                stress_ng_says(&console)
-            );
-            return r;
-        }
-        other => {
-            r.detail = format!(
-                "stress-ng exit status {} while recording: {}",
-                other.map_or("unknown".to_string(), |c| c.to_string()),
-                stress_ng_says(&console)
-            );
-            return r;
+    let status = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("stress-ng-status="))
+        .next_back()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    // A cut run has no status: stress-ng was still running.
+    if !cut {
+        match status {
+            // stress-ng may exit 0 (or 1) when it skipped every stressor it was
+            // given ("No stress workers invoked"): nothing of the stressor ran.
+            Some(_) if stress_ng_skipped(&console) => {
+                r.outcome = "unsupported".into();
+                r.detail = format!("stress-ng skipped it: {}", stress_ng_says(&console));
+                return r;
+            }
+            Some(0) => {}
+            Some(code @ (EXIT_NO_RESOURCE | EXIT_NOT_IMPLEMENTED)) => {
+                r.outcome = "unsupported".into();
+                r.detail = format!(
+                    "stress-ng status {code} ({}): {}",
+                    if code == EXIT_NO_RESOURCE {
+                        "no resource"
+                    } else {
+                        "not implemented"
+                    },
+                    stress_ng_says(&console)
+                );
+                return r;
+            }
+            other => {
+                r.detail = format!(
+                    "stress-ng exit status {} while recording: {}",
+                    other.map_or("unknown".to_string(), |c| c.to_string()),
+                    stress_ng_says(&console)
+                );
+                return r;
+            }
         }
     }
     let Some(rec) = RecordingSession::take(&mut machine).first().cloned() else {

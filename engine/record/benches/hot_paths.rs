@@ -107,23 +107,22 @@ fn agent_ring(c: &mut Criterion) {
     g.finish();
 }
 
-fn event_log(c: &mut Criterion) {
-    const N: u64 = 30_000;
-    let events = log_events(N);
-    let dir = tempfile::tempdir().unwrap();
-    let mut g = c.benchmark_group("event_log");
-    g.throughput(Throughput::Elements(N));
-    g.sample_size(20);
-    let path = dir.path().join("append.krrlog");
-    g.bench_function("append", |b| {
+/// Appending `events` to a new log at `path` and flushing it.
+fn bench_append(
+    g: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    name: &str,
+    path: &std::path::Path,
+    events: &[LogEvent],
+) {
+    g.bench_function(name, |b| {
         b.iter_batched(
             || {
                 // (The writer creates its file: it must not exist.)
-                let _ = std::fs::remove_file(&path);
-                EventLogWriter::create(&path).unwrap()
+                let _ = std::fs::remove_file(path);
+                EventLogWriter::create(path).unwrap()
             },
             |mut w| {
-                for e in &events {
+                for e in events {
                     w.append(e).unwrap();
                 }
                 w.flush().unwrap();
@@ -131,6 +130,16 @@ fn event_log(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+}
+
+fn event_log(c: &mut Criterion) {
+    const N: u64 = 30_000;
+    let events = log_events(N);
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = c.benchmark_group("event_log");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(20);
+    bench_append(&mut g, "append", &dir.path().join("append.krrlog"), &events);
     // A syscall storm's log: an entry with the user's registers per syscall.
     let syscalls: Vec<LogEvent> = (0..N)
         .map(|i| LogEvent::Syscall {
@@ -167,22 +176,12 @@ fn event_log(c: &mut Criterion) {
             agent_seq: i * 3,
         })
         .collect();
-    let path_syscalls = dir.path().join("syscalls.krrlog");
-    g.bench_function("append_syscalls", |b| {
-        b.iter_batched(
-            || {
-                let _ = std::fs::remove_file(&path_syscalls);
-                EventLogWriter::create(&path_syscalls).unwrap()
-            },
-            |mut w| {
-                for e in &syscalls {
-                    w.append(e).unwrap();
-                }
-                w.flush().unwrap();
-            },
-            BatchSize::PerIteration,
-        )
-    });
+    bench_append(
+        &mut g,
+        "append_syscalls",
+        &dir.path().join("syscalls.krrlog"),
+        &syscalls,
+    );
     let path = dir.path().join("read.krrlog");
     let mut w = EventLogWriter::create(&path).unwrap();
     for e in &events {

@@ -151,6 +151,14 @@ impl MemoryCopy {
     }
 }
 
+/// Whether `bytes` (a page, or the part of one a region holds) are all
+/// zeros: such pages are neither written to a memory image nor loaded
+/// from one.
+pub(crate) fn is_zero_page(bytes: &[u8]) -> bool {
+    static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
+    bytes.len() <= ZEROS.len() && bytes == &ZEROS[..bytes.len()]
+}
+
 /// Pages of a region that hold data, and where their bytes are in the copy.
 struct DataRun {
     first_page: u64,
@@ -164,7 +172,6 @@ struct DataRun {
 impl RegionCopy {
     /// The copied runs split where pages read as zeros.
     fn data_runs(&self) -> Vec<DataRun> {
-        static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
         let mut out: Vec<DataRun> = Vec::new();
         let mut data_at = 0usize;
         for &(first, count) in &self.runs {
@@ -175,7 +182,7 @@ impl RegionCopy {
                 }
                 let n = PAGE.min(self.len - from) as usize;
                 let bytes = &self.data[data_at..data_at + n];
-                if bytes != &ZEROS[..n] {
+                if !is_zero_page(bytes) {
                     match out.last_mut() {
                         Some(run) if run.first_page + run.pages == page => {
                             run.pages += 1;

@@ -166,6 +166,9 @@ impl Replayer {
                 continue;
             }
         }
+        // Only records read ahead need to know what was written: with one
+        // vCPU none are, and the bookkeeping stays off the stint's path.
+        let ahead = events.iter().any(|e| e.seq >= end);
         let mut written = CoveredBytes::default();
         for e in events {
             if let EventBody::StrnlenUser { info, .. } = &e.body {
@@ -219,13 +222,18 @@ impl Replayer {
                 ),
                 _ => continue,
             };
-            let pieces = if e.seq < end {
-                vec![(0, bytes.len())]
+            let whole = [(0, bytes.len())];
+            let uncovered;
+            let pieces: &[(usize, usize)] = if e.seq < end {
+                &whole
             } else {
-                written.uncovered(cr3, addr, bytes.len())
+                uncovered = written.uncovered(cr3, addr, bytes.len());
+                &uncovered
             };
-            written.cover(cr3, addr, addr.saturating_add(bytes.len() as u64));
-            for (from, to) in pieces {
+            if ahead {
+                written.cover(cr3, addr, addr.saturating_add(bytes.len() as u64));
+            }
+            for &(from, to) in pieces {
                 let at = addr.wrapping_add(from as u64);
                 let done = paging::write_user(&self.mem, cr3, at, &bytes[from..to]);
                 if done.written < (to - from) as u64 {

@@ -8,6 +8,7 @@ use super::{
     SNAPSHOT_DIR,
 };
 use crate::log;
+use crate::memory_image::is_zero_page;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -239,12 +240,9 @@ pub fn load_memory_into<M: GuestMemoryBackend>(dir: &Path, mem: &M) -> Result<()
 /// offsets.
 fn nonzero_runs(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
     const PAGE: usize = 4096;
-    static ZEROS: [u8; PAGE] = [0; PAGE];
     let pages = bytes.len().div_ceil(PAGE);
-    let is_data = move |p: usize| {
-        let page = &bytes[p * PAGE..((p + 1) * PAGE).min(bytes.len())];
-        page != &ZEROS[..page.len()]
-    };
+    let is_data =
+        move |p: usize| !is_zero_page(&bytes[p * PAGE..((p + 1) * PAGE).min(bytes.len())]);
     let mut p = 0;
     std::iter::from_fn(move || {
         while p < pages && !is_data(p) {

@@ -48,18 +48,9 @@ impl FileDigest {
                 // and its last change is older than the file system's clock
                 // resolution: a write in the same tick would not show.
                 if let (Some(c), Some(k)) = (cache, key) {
-                    let settled = fs::metadata(path)
-                        .ok()
-                        .and_then(|m| {
-                            use std::os::unix::fs::MetadataExt;
-                            let changed = std::time::UNIX_EPOCH
-                                + std::time::Duration::new(
-                                    u64::try_from(m.ctime()).ok()?,
-                                    u32::try_from(m.ctime_nsec()).ok()?,
-                                );
-                            started.duration_since(changed).ok()
-                        })
-                        .is_some_and(|age| age >= c.settle);
+                    let settled = started
+                        .duration_since(k.changed)
+                        .is_ok_and(|age| age >= c.settle);
                     if settled && FileIdentity::of(path).as_ref() == Some(&k) {
                         c.put(&k, &sha256);
                     }
@@ -78,31 +69,43 @@ impl FileDigest {
 /// inode, size, modification and status-change times (any write changes
 /// the last, and no call sets it back).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileIdentity(String);
+struct FileIdentity {
+    /// All of it, as the cache entry holds it.
+    text: String,
+    /// The status-change time alone.
+    changed: std::time::SystemTime,
+}
 
 impl FileIdentity {
     fn of(path: &Path) -> Option<FileIdentity> {
         use std::os::unix::fs::MetadataExt;
         let canonical = fs::canonicalize(path).ok()?;
         let m = fs::metadata(&canonical).ok()?;
-        m.is_file().then(|| {
-            FileIdentity(format!(
-                "{}\0{}:{}\0{}\0{}.{}\0{}.{}",
-                canonical.display(),
-                m.dev(),
-                m.ino(),
-                m.len(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec()
-            ))
-        })
+        if !m.is_file() {
+            return None;
+        }
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(m.ctime()).ok()?,
+                u32::try_from(m.ctime_nsec()).ok()?,
+            );
+        let text = format!(
+            "{}\0{}:{}\0{}\0{}.{}\0{}.{}",
+            canonical.display(),
+            m.dev(),
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        );
+        Some(FileIdentity { text, changed })
     }
 
     /// The cache file's name: the identity's sha256.
     fn name(&self) -> String {
-        format!("{:x}", Sha256::digest(self.0.as_bytes()))
+        format!("{:x}", Sha256::digest(self.text.as_bytes()))
     }
 }
 
@@ -139,14 +142,14 @@ impl DigestCache {
         let text = fs::read_to_string(self.dir.join(key.name())).ok()?;
         let (identity, sha256) = text.rsplit_once('\n')?;
         let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
-        (identity == key.0 && valid).then(|| sha256.to_ascii_lowercase())
+        (identity == key.text && valid).then(|| sha256.to_ascii_lowercase())
     }
 
     fn put(&self, key: &FileIdentity, sha256: &str) {
         let name = key.name();
         let tmp = self.dir.join(format!("{name}.{}.tmp", std::process::id()));
         let written = fs::create_dir_all(&self.dir)
-            .and_then(|_| fs::write(&tmp, format!("{}\n{sha256}", key.0)))
+            .and_then(|_| fs::write(&tmp, format!("{}\n{sha256}", key.text)))
             .and_then(|_| fs::rename(&tmp, self.dir.join(&name)));
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
