@@ -142,6 +142,22 @@ pub fn write_kernel(mem: &GuestMemoryMmap, cr3: u64, va: u64, data: &[u8]) -> Us
     write_pages(mem, cr3, va, data, false)
 }
 
+/// The `len` bytes at kernel virtual address `va`, or `None` where a page
+/// of them is not mapped (or not in guest memory).
+pub fn read_kernel(mem: &GuestMemoryMmap, cr3: u64, va: u64, len: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let mut done = 0usize;
+    while done < len {
+        let at = va.checked_add(done as u64)?;
+        let n = ((0x1000 - (at & 0xfff)) as usize).min(len - done);
+        let gpa = translate(mem, cr3, at)?;
+        mem.read_slice(&mut out[done..done + n], GuestAddress(gpa))
+            .ok()?;
+        done += n;
+    }
+    Some(out)
+}
+
 /// Replaces the NUL bytes of `[va, va + len)` on user pages with `filler`
 /// (other bytes stay as they are): what replay knows of a string the
 /// kernel only measured (strnlen_user) is that it held no NUL there.

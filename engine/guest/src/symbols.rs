@@ -60,6 +60,14 @@ impl Symbols {
             .map(|e| e.0)
     }
 
+    /// The text symbol `addr` lies in (the nearest one at or below it,
+    /// within 1 MiB), if any.
+    pub fn function_at(&self, addr: u64) -> Option<&str> {
+        let i = self.entries.partition_point(|e| e.0 <= addr);
+        let (base, name) = &self.entries[i.checked_sub(1)?];
+        (addr - base < 1 << 20).then_some(name.as_str())
+    }
+
     /// `function+0xoffset` for `addr`, or the bare address.
     pub fn name(&self, addr: u64) -> String {
         let i = self.entries.partition_point(|e| e.0 <= addr);
@@ -95,5 +103,8 @@ mod tests {
         assert!(s.name(0xffff_ffff_8100_0250).starts_with("do_one+0x150"));
         assert_eq!(s.name(0x1000), "0x1000");
         assert_eq!(s.address("do_two"), Some(0xffff_ffff_8100_0300));
+        assert_eq!(s.function_at(0xffff_ffff_8100_0250), Some("do_one"));
+        assert_eq!(s.function_at(0xffff_ffff_8100_0300), Some("do_two"));
+        assert_eq!(s.function_at(0x1000), None);
     }
 }

@@ -246,7 +246,12 @@ impl RunEvents for ReplayBus<'_> {
             e.error_code
                 .map(|c| format!(" error={c:#x}"))
                 .unwrap_or_default(),
-            e.cr2.map(|c| format!(" cr2={c:#x}")).unwrap_or_default(),
+            e.cr2
+                .map(|c| {
+                    let name = if e.vector == 1 { "dr6" } else { "cr2" };
+                    format!(" {name}={c:#x}")
+                })
+                .unwrap_or_default(),
             at.kernel_icount,
             at.rip
         );
@@ -267,7 +272,8 @@ impl RunEvents for ReplayBus<'_> {
                 },
             )) if vector == e.vector
                 && from_user == (e.cpl == 3)
-                && cr2 == e.cr2
+                // Recordings before December 2026 log no DR6 for #DB.
+                && (cr2 == e.cr2 || (vector == 1 && cr2.is_none()))
                 && (stepping || rec.kernel_icount == at.kernel_icount)
                 && rec.rip == at.rip => {}
             Some((i, other)) => self.diverge(i, format!("{other}"), found),

@@ -113,9 +113,10 @@ impl Replayer {
         &mut self,
         cpu: usize,
         events: &[abi::Event],
-        end: u64,
+        stint: StintBounds,
         user: &mut paging::UserWrite,
     ) {
+        let end = stint.end;
         if events.is_empty() {
             return;
         }
@@ -251,7 +252,7 @@ impl Replayer {
         // Memory user space shares with the kernel (io_uring's rings and
         // SQEs): user stores there are not replayed, so the bytes go where
         // the kernel read them, through its own mapping.
-        for (seq, info, data) in first_shared_reads(events) {
+        for (seq, info, data) in first_shared_reads(events, &stint) {
             let done = paging::write_kernel(&self.mem, space(info.cr3), info.kernel_addr, data);
             if done.written < data.len() as u64 {
                 tracing::debug!(
@@ -265,6 +266,94 @@ impl Replayer {
             *user += done;
         }
     }
+}
+
+impl Replayer {
+    /// Whether vCPU `cpu`'s coming stint, which ends (a slice end in the
+    /// kernel) at `rip`, made a shared-memory load whose record the agent
+    /// has not numbered yet. The agent makes the load and logs it under its
+    /// ring's lock (`krr_agent_shared_load_word`): such a slice ends in the
+    /// reservation of the record's slot, or on a straight path (conditional
+    /// branches not taken) to the call of it. Kernels before that change
+    /// made the load in the caller, which then calls `krr_agent_shared_read`
+    /// out of line: a slice end on a straight path to that call counts too
+    /// (one in the hook's lock wait is not found). False without the
+    /// kernel's symbols.
+    pub(crate) fn shared_read_unlogged_at(&self, cpu: usize, rip: Option<u64>) -> bool {
+        let Some(rip) = rip else { return false };
+        if self.symbols.function_at(rip) == Some("krr_reserve_locked") {
+            return true;
+        }
+        // In the agent, the call to look for is the reservation's; in its
+        // caller, the hook's.
+        let target = match self.symbols.function_at(rip) {
+            Some("krr_agent_shared_load_word" | "krr_agent_shared_read") => "krr_reserve_locked",
+            _ => "krr_agent_shared_read",
+        };
+        let (Some(target), Ok(sregs)) = (self.symbols.address(target), self.vcpus[cpu].sregs())
+        else {
+            return false;
+        };
+        self.calls_next(sregs.cr3, rip, &[target])
+    }
+
+    /// Whether the kernel text at `from` (under `cr3`) calls one of
+    /// `targets` straight away ([`calls_straight_away`]).
+    fn calls_next(&self, cr3: u64, from: u64, targets: &[u64]) -> bool {
+        paging::read_kernel(&self.mem, cr3, from, STRAIGHT_PATH_INSNS * 15)
+            .is_some_and(|code| calls_straight_away(&code, from, targets))
+    }
+
+    /// At the end of vCPU `cpu`'s slice in the kernel (agent seq `boundary`):
+    /// the seq of its next record when that is a shared-memory read whose
+    /// load this slice already made. The agent logs such a load right after
+    /// it, and a slice can end in between; meanwhile another vCPU's kernel
+    /// may store there (a CQ tail it advances), which the next stint must
+    /// not undo by writing the older value back. The load was made here when
+    /// memory holds the recorded value now; a load made later that still
+    /// found this value after another store changed it would need user
+    /// space to have stored it back.
+    pub(crate) fn shared_load_in_flight(
+        &self,
+        src: &mut EventSource,
+        cpu: usize,
+        boundary: u64,
+    ) -> Option<u64> {
+        let e = src.first_record_of(cpu, boundary)?;
+        let EventBody::SharedRead { info, data } = &e.body else {
+            return None;
+        };
+        let cr3 = if info.cr3 != 0 {
+            info.cr3
+        } else {
+            self.vcpus[cpu].sregs().ok()?.cr3
+        };
+        let now = paging::read_kernel(&self.mem, cr3, info.kernel_addr, data.len())?;
+        (now == *data).then_some(e.seq)
+    }
+}
+
+/// How far [`calls_straight_away`] looks, in instructions.
+const STRAIGHT_PATH_INSNS: usize = 16;
+
+/// Whether the x86-64 `code` at `from` calls one of `targets` before any
+/// jump, return or other call (within [`STRAIGHT_PATH_INSNS`]), conditional
+/// branches taken as not taken.
+fn calls_straight_away(code: &[u8], from: u64, targets: &[u64]) -> bool {
+    let mut decoder = iced_x86::Decoder::with_ip(64, code, from, iced_x86::DecoderOptions::NONE);
+    for insn in decoder.iter().take(STRAIGHT_PATH_INSNS) {
+        use iced_x86::Mnemonic::{Call, Iretq, Jmp, Ret, Retf, Sysretq};
+        if insn.is_invalid() {
+            return false;
+        }
+        match insn.mnemonic() {
+            // A direct call has its target; an indirect one has 0.
+            Call => return targets.contains(&insn.near_branch_target()),
+            Jmp | Ret | Retf | Iretq | Sysretq => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Byte ranges written so far, per address space: disjoint, merged,
@@ -327,15 +416,58 @@ impl CoveredBytes {
     }
 }
 
+/// What replay knows of a coming kernel stint when it writes the memory
+/// the stint reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StintBounds {
+    /// The agent seq at its end: records from here on were read ahead.
+    pub(crate) end: u64,
+    /// A record whose load the vCPU's previous stint made
+    /// ([`Replayer::shared_load_in_flight`]).
+    pub(crate) loaded_before: Option<u64>,
+    /// The stint ends (a slice end) between a shared-memory load and the
+    /// agent's numbering of its record
+    /// ([`Replayer::shared_read_unlogged_at`]): that record is the vCPU's
+    /// first one read ahead.
+    pub(crate) ends_in_hook: bool,
+}
+
 /// The shared-memory reads of a stint to write before it, as the kernel
 /// first read each address: a later read may see the kernel's own store
 /// (a CQ tail it advanced), which must not overwrite what the first read
-/// finds.
-fn first_shared_reads(
-    events: &[abi::Event],
-) -> impl Iterator<Item = (u64, &abi::SharedReadEvent, &[u8])> {
+/// finds. The record whose load the previous stint made is left out.
+///
+/// Of the records read ahead, only the first can be a load of this stint
+/// (a slice ends between one load and its record). It is written where
+/// user space alone stores (an SQE, a provided buffer ring), and otherwise
+/// only when the stint ends between that load and its record: a ring word
+/// or CQE may be stored by another vCPU's kernel before a later load, and
+/// that store must not be undone.
+fn first_shared_reads<'e>(
+    events: &'e [abi::Event],
+    stint: &StintBounds,
+) -> impl Iterator<Item = (u64, &'e abi::SharedReadEvent, &'e [u8])> {
+    let StintBounds {
+        end,
+        loaded_before,
+        ends_in_hook,
+    } = *stint;
     let mut seen = std::collections::HashSet::new();
+    let first_ahead = events.iter().find(|e| e.seq >= end).map(|e| e.seq);
+    let in_flight = move |source: u32| {
+        ends_in_hook
+            || matches!(
+                source,
+                abi::SHARED_IO_URING_SQE | abi::SHARED_IO_URING_BUF_RING
+            )
+    };
     events.iter().filter_map(move |e| match &e.body {
+        EventBody::SharedRead { .. } if Some(e.seq) == loaded_before => None,
+        EventBody::SharedRead { info, .. }
+            if e.seq >= end && (Some(e.seq) != first_ahead || !in_flight(info.source)) =>
+        {
+            None
+        }
         EventBody::SharedRead { info, data } if seen.insert(info.kernel_addr) => {
             Some((e.seq, info, data.as_slice()))
         }
@@ -382,7 +514,10 @@ fn with_recorded_access_bits(cur: u64, recorded: u64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{first_shared_reads, strnlen_scanned_without_nul, CoveredBytes};
+    use super::{
+        calls_straight_away, first_shared_reads, strnlen_scanned_without_nul, CoveredBytes,
+        StintBounds,
+    };
     use krr_record::abi::{self, EventBody, SharedReadEvent, UserStringEvent};
 
     fn shared(seq: u64, kernel_addr: u64, value: u32) -> abi::Event {
@@ -416,16 +551,95 @@ mod tests {
                 body: EventBody::Rdtsc(abi::RdtscEvent::default()),
             },
         ];
-        let got: Vec<(u64, u64, Vec<u8>)> = first_shared_reads(&events)
-            .map(|(seq, info, data)| (seq, info.kernel_addr, data.to_vec()))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                (1, cq_tail, 7u32.to_le_bytes().to_vec()),
-                (2, sq_tail, 3u32.to_le_bytes().to_vec())
-            ]
-        );
+        let stint = StintBounds {
+            end: 5,
+            loaded_before: None,
+            ends_in_hook: false,
+        };
+        assert_eq!(written(&events, &stint), [(1, cq_tail, 7), (2, sq_tail, 3)]);
+    }
+
+    fn written(events: &[abi::Event], stint: &StintBounds) -> Vec<(u64, u64, u32)> {
+        first_shared_reads(events, stint)
+            .map(|(seq, info, data)| {
+                let word = u32::from_le_bytes(data.try_into().unwrap());
+                (seq, info.kernel_addr, word)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shared_word_read_ahead_is_written_only_when_the_stint_ends_before_its_record() {
+        let (cq_tail, cq_head) = (0xffff_8880_0123_40c0, 0xffff_8880_0123_4080);
+        // Seq 1 is the stint's own; 2 and 3 were read ahead (the vCPU's
+        // records up to its next kernel entry from user mode).
+        let events = [
+            shared(1, cq_tail, 7),
+            shared(2, cq_head, 6),
+            shared(3, cq_tail, 8),
+        ];
+        let mut stint = StintBounds {
+            end: 2,
+            loaded_before: None,
+            ends_in_hook: false,
+        };
+        // The stint ends elsewhere: a later store (another vCPU's kernel
+        // advancing the head) must not be undone by an early write.
+        assert_eq!(written(&events, &stint), [(1, cq_tail, 7)]);
+        // It ends between the load of seq 2 and its record: only that one.
+        stint.ends_in_hook = true;
+        assert_eq!(written(&events, &stint), [(1, cq_tail, 7), (2, cq_head, 6)]);
+        // The next stint leaves out the record whose load this one made:
+        // its first read of the head is a later one.
+        let next = [
+            shared(2, cq_head, 6),
+            shared(3, cq_tail, 8),
+            shared(4, cq_head, 9),
+        ];
+        let stint = StintBounds {
+            end: 5,
+            loaded_before: Some(2),
+            ends_in_hook: false,
+        };
+        assert_eq!(written(&next, &stint), [(3, cq_tail, 8), (4, cq_head, 9)]);
+    }
+
+    #[test]
+    fn a_straight_path_to_the_hook_is_found_in_real_kernel_code() {
+        let hook = 0xffff_ffff_810a_c560;
+        // io_submit_sqes+1477 (the agent kernel of December 2026): the
+        // agent's control bit test, then the hook's arguments and call.
+        let at_call_block = [
+            0x8b, 0x09, 0x83, 0xe1, 0x01, 0x0f, 0x84, 0x5e, 0xfa, 0xff, 0xff, 0x48, 0x8d, 0x7a,
+            0x40, 0x31, 0xc9, 0x48, 0x8d, 0x74, 0x24, 0x1c, 0xba, 0x04, 0x00, 0x00, 0x00, 0xe8,
+            0x7b, 0xf7, 0xe7, 0xff, 0x8b, 0x44, 0x24, 0x1c,
+        ];
+        let from = 0xffff_ffff_8122_cdc5;
+        assert!(calls_straight_away(&at_call_block, from, &[hook]));
+        assert!(!calls_straight_away(&at_call_block, from, &[hook + 1]));
+        // io_cqring_wait+823, before the load: the hook is called only on
+        // a taken branch.
+        let before_load = [
+            0x4c, 0x8b, 0x4c, 0x24, 0x60, 0x49, 0x8b, 0x51, 0x10, 0x8b, 0x82, 0xc0, 0x00, 0x00,
+            0x00, 0x48, 0x8b, 0x0d, 0xd3, 0x01, 0x88, 0x00, 0x89, 0x44, 0x24, 0x28, 0x48, 0x85,
+            0xc9, 0x0f, 0x85, 0x53, 0x01, 0x00, 0x00, 0xeb, 0x10,
+        ];
+        assert!(!calls_straight_away(
+            &before_load,
+            0xffff_ffff_8122_d227,
+            &[hook]
+        ));
+        // A return first.
+        assert!(!calls_straight_away(
+            &[0xc3, 0xe8, 0, 0, 0, 0],
+            0x1000,
+            &[0x1006]
+        ));
+        assert!(calls_straight_away(
+            &[0x90, 0xe8, 0, 0, 0, 0],
+            0x1000,
+            &[0x1006]
+        ));
     }
 
     fn strnlen(user_addr: u64, limit: i64, result: i64) -> UserStringEvent {

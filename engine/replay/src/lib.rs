@@ -59,6 +59,7 @@ mod snapshot;
 mod source;
 
 use bus::{run_rebased, ReplayBus};
+use entry::StintBounds;
 pub use open::StartImage;
 use report::{CheckpointTally, Watchdog};
 pub use report::{
@@ -126,6 +127,11 @@ pub(crate) struct CpuProgress {
     /// delivered by the vCPU's next run: until then it stands at the user
     /// instruction, not at the kernel's entry point.
     delivery_pending: bool,
+    /// The agent seq of a shared-memory read whose load the vCPU made before
+    /// its last slice ended in the kernel, between the load and the record
+    /// (see [`Replayer::shared_load_in_flight`]): its next stint must not
+    /// write it back.
+    loaded_before_slice_end: Option<u64>,
 }
 
 impl Replayer {
@@ -158,6 +164,7 @@ impl Replayer {
                 in_user: c.sregs.cs.dpl == 3,
                 base_kernel: c.kernel_icount,
                 delivery_pending: false,
+                loaded_before_slice_end: None,
             })
             .collect();
         let entries = 0u64;
@@ -395,7 +402,12 @@ impl Replayer {
                         format!("the kernel stint after event #{index} (from agent seq {seq})"),
                     );
                 };
-                self.apply_user_reads(cpu, &reads, end_seq, user);
+                let stint = StintBounds {
+                    end: end_seq,
+                    loaded_before: progress[cpu].loaded_before_slice_end.take(),
+                    ends_in_hook: self.shared_read_unlogged_at(cpu, src.next_boundary_kernel_rip()),
+                };
+                self.apply_user_reads(cpu, &reads, stint, user);
                 *segment_reads_due = false;
                 if let Err(e) = self.enter_kernel(cpu, &event) {
                     break 'turn diverged(
@@ -455,7 +467,7 @@ impl Replayer {
                             return Err(ReplayError::Setup(e.to_string()));
                         }
                     }
-                    LogEvent::Slice { at, .. } => {
+                    LogEvent::Slice { at, agent_seq, .. } => {
                         if now.rip != at.rip {
                             break 'turn diverged(
                                 &self.symbols,
@@ -466,6 +478,8 @@ impl Replayer {
                             );
                         }
                         src.pop();
+                        progress[cpu].loaded_before_slice_end =
+                            self.shared_load_in_flight(src, cpu, *agent_seq);
                         *segment_reads_due = true;
                     }
                     LogEvent::Checkpoint { regs, sha256, .. } => {
@@ -512,7 +526,12 @@ impl Replayer {
                         format!("the kernel stint before event #{index}"),
                     );
                 };
-                self.apply_user_reads(cpu, &reads, end_seq, user);
+                let stint = StintBounds {
+                    end: end_seq,
+                    loaded_before: progress[cpu].loaded_before_slice_end.take(),
+                    ends_in_hook: self.shared_read_unlogged_at(cpu, src.next_boundary_kernel_rip()),
+                };
+                self.apply_user_reads(cpu, &reads, stint, user);
             }
             // The stand-in of a debugger's point in the last stretch: that
             // point bounds the run (it may lie a block past the recorded

@@ -194,6 +194,22 @@ impl EventSource {
         Some(out)
     }
 
+    /// The first agent record of vCPU `cpu` with `seq` at or past `from`,
+    /// reading ahead at most [`ENTRY_LOOKAHEAD_EVENTS`] more events for it
+    /// (the agent's ring is drained in batches); `None` when none is that
+    /// close.
+    pub(super) fn first_record_of(&mut self, cpu: usize, from: u64) -> Option<&abi::Event> {
+        let mine = |e: &abi::Event| e.seq >= from && usize::from(e.cpu) == cpu;
+        let mut budget = ENTRY_LOOKAHEAD_EVENTS;
+        while !self.agent.iter().any(mine) {
+            if budget == 0 || !self.read_one() {
+                return None;
+            }
+            budget -= 1;
+        }
+        self.agent.iter().find(|e| mine(e))
+    }
+
     /// The `agent_seq` of vCPU `cpu`'s next kernel entry from user mode
     /// (reading ahead at most [`ENTRY_LOOKAHEAD_EVENTS`]); `None` when
     /// there is none that close.
@@ -266,6 +282,19 @@ impl EventSource {
     /// on one vCPU (reading ahead): at the next kernel entry from user
     /// mode or the end of the vCPU's slice; `u64::MAX` at the end of the
     /// log.
+    /// Where the coming stint ends when it ends in the kernel: the RIP of
+    /// the next boundary when that is a slice end in kernel mode.
+    pub(super) fn next_boundary_kernel_rip(&mut self) -> Option<u64> {
+        let mut i = 0;
+        loop {
+            match self.ahead(i)? {
+                LogEvent::Slice { at, .. } => return (at.cpl != 3).then_some(at.rip),
+                e if entry_seq(e).is_some() => return None,
+                _ => i += 1,
+            }
+        }
+    }
+
     pub(super) fn next_boundary_seq(&mut self) -> u64 {
         let mut i = 0;
         loop {

@@ -101,10 +101,13 @@
 //!   unmapping (`zap_pte_range`), fork (`copy_present_pte`), page faults on
 //!   an existing entry (`handle_pte_fault`), mprotect (`change_pte_range`),
 //!   /proc's smaps and numa_maps, `MADV_COLD`/`PAGEOUT`/`FREE`, every
-//!   `ptep_test_and_clear_young` (reclaim, clear_refs) and GUP's
-//!   `follow_page_pte`. Not hooked: khugepaged's scans (the guest kernels
-//!   have no transparent huge pages) and lockless GUP (it checks presence
-//!   and permissions, not these bits).
+//!   `ptep_test_and_clear_young` (reclaim, clear_refs), GUP's
+//!   `follow_page_pte` and lockless `gup_pte_range`, rmap's
+//!   `page_vma_mkclean_one`, `try_to_unmap_one` and `try_to_migrate_one`,
+//!   and mincore (`mincore_pte_range`). Those that only test presence still
+//!   hold the whole entry in a register, where an interrupt's registers or a
+//!   checkpoint see the bits. Not hooked: khugepaged's scans (the guest
+//!   kernels have no transparent huge pages).
 //!
 //! - io_uring's shared memory (ABI 4, [`EVENT_SHARED_READ`]): user space maps
 //!   the rings and the SQE array and may write them at any time, and the
@@ -116,7 +119,13 @@
 //!   read ([`SHARED_IO_URING_SQE`]; prep and issue read it in the same
 //!   kernel stint); fdinfo's CQEs ([`SHARED_IO_URING_CQE`]); a provided
 //!   buffer ring's tail and the entry taken ([`SHARED_IO_URING_BUF_RING`]).
-//!   Not covered: fixed (registered) buffers and other pinned user pages the
+//!   The agent makes each ring-word load itself, under its ring's lock with
+//!   interrupts off, and logs it there (`krr_agent_shared_load_word`): a
+//!   vCPU's slice can end between a load and its record only inside the
+//!   agent, where replay recognises it (the record is then written before
+//!   the stint that made the load, and not again after; other records read
+//!   ahead are not written early, since another vCPU's kernel may store to
+//!   the word first). Not covered: fixed (registered) buffers and other pinned user pages the
 //!   kernel reads through kmap, like DMA.
 //!
 //! Defined here but not emitted by the agent yet:
