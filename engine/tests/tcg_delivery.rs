@@ -24,10 +24,11 @@ const CODE: u64 = 0x10000;
 const HANDLERS: u64 = 0x11000;
 const UNMAPPED: u64 = 0x1_0000_0000;
 
-/// No devices; the exceptions delivered, with their positions.
+/// No devices; the exceptions delivered, with their positions and
+/// payloads (CR2 or DR6).
 #[derive(Default)]
 struct NullBus {
-    exceptions: Vec<(u8, u64)>,
+    exceptions: Vec<(u8, u64, Option<u64>)>,
 }
 
 impl IoBus for NullBus {
@@ -54,7 +55,7 @@ impl RunEvents for NullBus {
         at: krr_engine::hypervisor::Position,
         e: &krr_engine::hypervisor::DeliveredException,
     ) {
-        self.exceptions.push((e.vector, at.icount));
+        self.exceptions.push((e.vector, at.icount, e.cr2));
     }
 }
 
@@ -237,6 +238,51 @@ fn page_fault_pushes_error_code_and_sets_cr2() {
     assert_eq!(g.run_to_handler(), 14);
     assert_eq!(g.stack(1)[0], 2, "error code: write");
     assert_eq!(g.vcpu().sregs().unwrap().cr2, UNMAPPED + 8);
+}
+
+#[test]
+fn a_debug_exception_carries_dr6_and_its_injection_sets_it() {
+    // User code sets TF: the instruction after POPF traps with DR6.BS. The
+    // kernel's #DB handler branches on DR6, so a recording logs it and
+    // replay's injection restores it.
+    let code = assemble(CODE, |a| {
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.nop()?;
+        a.hlt()
+    });
+    let mut g = Guest::new(&code, 3);
+    let mut bus = NullBus::default();
+    let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
+    assert_eq!(exit, VmExit::Hlt);
+    let debug: Vec<_> = bus.exceptions.iter().filter(|e| e.0 == 1).collect();
+    assert_eq!(debug.len(), 1, "{:?}", bus.exceptions);
+    let recorded = debug[0].2.expect("a #DB's DR6");
+    assert_ne!(
+        recorded & 0x4000,
+        0,
+        "DR6.BS after a single step: {recorded:#x}"
+    );
+    assert_eq!(recorded, g.vcpu().debug_regs().unwrap().dr6);
+
+    let spin = assemble(CODE, |a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.jmp(spin)
+    });
+    let mut g = Guest::new(&spin, 0);
+    assert_eq!(g.run(100), VmExit::BudgetExhausted);
+    g.vcpu()
+        .inject(Injection::Exception {
+            vector: 1,
+            error_code: None,
+            cr2: Some(0xffff_4ff1),
+        })
+        .unwrap();
+    assert_eq!(g.run_to_handler(), 1);
+    assert_eq!(g.vcpu().debug_regs().unwrap().dr6, 0xffff_4ff1);
+    assert_ne!(g.vcpu().sregs().unwrap().cr2, 0xffff_4ff1);
 }
 
 #[test]
@@ -594,7 +640,7 @@ fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
         Breakpoint,
         Steps,
     }
-    let exception_at = |stop: Stop| -> Vec<(u8, u64)> {
+    let exception_at = |stop: Stop| -> Vec<(u8, u64, Option<u64>)> {
         let mut g = Guest::new(&code, 0);
         let mut bus = NullBus::default();
         if stop == Stop::Breakpoint {
@@ -615,7 +661,7 @@ fn an_exception_after_a_breakpoint_or_steps_has_the_position_of_a_plain_run() {
         let exit = g.vcpu().run(&mut bus, Some(1_000)).unwrap();
         assert_eq!(exit, VmExit::Hlt);
         bus.exceptions
-            .push((0, g.vcpu().instructions_retired().unwrap()));
+            .push((0, g.vcpu().instructions_retired().unwrap(), None));
         bus.exceptions
     };
     // The exception's position, then the count at the handler's HLT.

@@ -176,7 +176,8 @@ impl std::fmt::Display for Position {
 pub struct DeliveredException {
     pub vector: u8,
     pub error_code: Option<u32>,
-    /// CR2 for page faults.
+    /// The exception's payload, as KVM calls it: CR2 for page faults, DR6
+    /// for debug exceptions.
     pub cr2: Option<u64>,
     /// `INT n`/`INT3`/`INTO` rather than a fault or trap.
     pub software: bool,
@@ -278,7 +279,8 @@ pub enum Injection {
     Interrupt(u8),
     /// Non-maskable interrupt.
     Nmi,
-    /// Exception with optional error code (and CR2 for page faults).
+    /// Exception with optional error code (and the payload: CR2 for page
+    /// faults, DR6 for debug exceptions, set before delivery).
     Exception {
         vector: u8,
         error_code: Option<u32>,

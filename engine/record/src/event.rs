@@ -62,7 +62,8 @@ pub enum LogEvent {
         at: Position,
         vector: u8,
         error_code: Option<u32>,
-        /// CR2 for page faults.
+        /// The exception's payload: CR2 for page faults, DR6 for debug
+        /// exceptions (recordings before December 2026 have none for #DB).
         cr2: Option<u64>,
         software: bool,
         from_user: bool,
@@ -258,7 +259,11 @@ impl fmt::Display for LogEvent {
                     error_code
                         .map(|e| format!(" error={e:#x}"))
                         .unwrap_or_default(),
-                    cr2.map(|c| format!(" cr2={c:#x}")).unwrap_or_default(),
+                    cr2.map(|c| {
+                        let name = if *vector == 1 { "dr6" } else { "cr2" };
+                        format!(" {name}={c:#x}")
+                    })
+                    .unwrap_or_default(),
                     if *software { " software" } else { "" },
                     if *from_user { " from-user" } else { "" }
                 )

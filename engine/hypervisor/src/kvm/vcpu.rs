@@ -304,10 +304,23 @@ impl Vcpu for KvmVcpu {
                         format!("exception vector {vector} is not an exception (expected 0..=31)"),
                     ));
                 }
-                if let Some(cr2) = cr2 {
-                    let mut s = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                    s.cr2 = cr2;
-                    self.fd.set_sregs(&s).map_err(kvm_err("KVM_SET_SREGS"))?;
+                match (vector, cr2) {
+                    (1, Some(dr6)) => {
+                        let mut d = self
+                            .fd
+                            .get_debug_regs()
+                            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+                        d.dr6 = dr6;
+                        self.fd
+                            .set_debug_regs(&d)
+                            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+                    }
+                    (_, Some(cr2)) => {
+                        let mut s = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                        s.cr2 = cr2;
+                        self.fd.set_sregs(&s).map_err(kvm_err("KVM_SET_SREGS"))?;
+                    }
+                    (_, None) => {}
                 }
                 let mut ev = self
                     .fd

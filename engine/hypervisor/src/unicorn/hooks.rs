@@ -209,7 +209,14 @@ pub(super) extern "C" fn on_intr(uc: *mut uc_engine, intno: u32, ud: *mut c_void
         let delivered = DeliveredException {
             vector,
             error_code,
-            cr2: (vector == 14 && !software).then(|| read_reg(uc, RegisterX86::CR2)),
+            cr2: match vector {
+                _ if software => None,
+                14 => Some(read_reg(uc, RegisterX86::CR2)),
+                // The kernel's #DB handler branches on DR6 (single step,
+                // ICEBP, breakpoints): replay must find the same value.
+                1 => Some(read_reg(uc, RegisterX86::DR6)),
+                _ => None,
+            },
             software,
             cpl,
             user_regs: (cpl == 3)

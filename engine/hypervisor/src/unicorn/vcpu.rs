@@ -450,8 +450,10 @@ impl UnicornVcpu {
                 error_code,
                 cr2,
             } => {
-                if let Some(cr2) = cr2 {
-                    write_reg(e.uc, RegisterX86::CR2, cr2);
+                match (vector, cr2) {
+                    (1, Some(dr6)) => write_reg(e.uc, RegisterX86::DR6, dr6),
+                    (_, Some(cr2)) => write_reg(e.uc, RegisterX86::CR2, cr2),
+                    (_, None) => {}
                 }
                 (vector, EventKind::Exception { error_code })
             }
