@@ -522,6 +522,12 @@ pub fn validate_stressor(
         }
     };
     let report = machine.run();
+    let mut recordings = ScratchRecordings(
+        RecordingSession::take(&mut machine)
+            .into_iter()
+            .map(|rec| rec.dir)
+            .collect(),
+    );
     r.record_seconds = report.wall_seconds;
     r.virtual_seconds = report.virtual_seconds_of_command;
     let console = String::from_utf8_lossy(&report.console).to_string();
@@ -571,14 +577,19 @@ pub fn validate_stressor(
             }
         }
     }
-    let Some(rec) = RecordingSession::take(&mut machine).first().cloned() else {
+    let Some(dir) = recordings.0.first().cloned() else {
         r.detail = "no recording was made".into();
         return r;
     };
-    let replay = Replayer::open(&rec.dir).and_then(|mut p| p.run(&ReplayOptions::default()));
-    let _ = std::fs::remove_dir_all(&rec.dir);
+    let replay = Replayer::open(&dir).and_then(|mut p| p.run(&ReplayOptions::default()));
+    // A recording that does not replay is what a developer debugs
+    // (`krr replay DIR --gdb`): it stays.
+    if !matches!(&replay, Ok(rep) if matches!(rep.end, ReplayEnd::Matched)) {
+        recordings.0.retain(|d| d != &dir);
+    }
+    let kept = format!("; recording kept at {}", dir.display());
     match replay {
-        Err(e) => r.detail = format!("replay could not run: {e}"),
+        Err(e) => r.detail = format!("replay could not run: {e}{kept}"),
         Ok(rep) => {
             r.events = rep.events;
             r.kernel_entries = rep.kernel_entries;
@@ -600,19 +611,31 @@ pub fn validate_stressor(
                 ReplayEnd::Diverged(d) | ReplayEnd::Stalled(d) => {
                     r.outcome = "diverged".into();
                     r.detail = format!(
-                        "event #{} at {}: expected {}; found {}",
+                        "event #{} at {}: expected {}; found {}{kept}",
                         d.event, d.rip, d.expected, d.found
                     );
                 }
                 ReplayEnd::Unsupported { why } => {
                     r.outcome = "unsupported".into();
-                    r.detail = format!("replay: {why}");
+                    r.detail = format!("replay: {why}{kept}");
                 }
-                other => r.detail = format!("{other:?}"),
+                other => r.detail = format!("{other:?}{kept}"),
             }
         }
     }
     r
+}
+
+/// The recordings of one validation run, deleted when it ends (whatever
+/// way it ends) unless taken out of the list.
+struct ScratchRecordings(Vec<PathBuf>);
+
+impl Drop for ScratchRecordings {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -165,7 +165,10 @@ pub fn run(opts: Options) -> Result<()> {
     };
     let journal = Journal::open_file(&journal_path)?;
     let interrupt = crate::eval::ctrl_c_flag()?;
-    let scratch = tempfile::tempdir().context("creating a scratch directory for recordings")?;
+    // `krr validate-replay-one` deletes the recordings that replay; those
+    // that do not stay here, beside the report, for debugging.
+    let scratch = dir.join("recordings");
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let todo: Vec<&String> = plan
         .stressors
         .iter()
@@ -211,7 +214,7 @@ pub fn run(opts: Options) -> Result<()> {
                 g.running.push(name.to_string());
                 bar.set_message(g.running.join(" "));
             }
-            let r = one(&krr_exe, &kernel, &rootfs, scratch.path(), name, &plan);
+            let r = one(&krr_exe, &kernel, &rootfs, &scratch, name, &plan);
             let mut g = shared.lock().expect("validate-replay state");
             g.running.retain(|n| n != *name);
             bar.set_message(g.running.join(" "));

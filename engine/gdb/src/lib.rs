@@ -58,6 +58,11 @@ fn shell_quoted(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// gdb's setting for how long it waits for a reply: `monitor goto-*`
+/// replays from the start (minutes on a long recording), and past gdb's
+/// default of 2 s gdb retransmits and the session breaks.
+pub const REMOTE_TIMEOUT: &str = "set remotetimeout 600";
+
 /// The gdb command line that debugs through the stub at `target` with the
 /// symbols of `vmlinux`; where the kernel's gdb helpers lie beside it,
 /// gdb is first told that it may auto-load them from there.
@@ -72,7 +77,8 @@ pub fn gdb_command_line(target: &str, vmlinux: &Path) -> String {
     }
     let remote = format!("target remote {target}");
     cmd += &format!(
-        " -ex {} {}",
+        " -ex {} -ex {} {}",
+        shell_quoted(REMOTE_TIMEOUT),
         shell_quoted(&remote),
         shell_quoted(&vmlinux.display().to_string())
     );
@@ -316,7 +322,7 @@ mod tests {
         assert_eq!(
             cmd,
             format!(
-                "gdb -iex 'add-auto-load-safe-path {quoted_dir}' -ex 'target remote :1234' '{}'",
+                "gdb -iex 'add-auto-load-safe-path {quoted_dir}' -ex 'set remotetimeout 600' -ex 'target remote :1234' '{}'",
                 vmlinux.display().to_string().replace('\'', "'\\''")
             )
         );

@@ -492,7 +492,8 @@ fn debug_replay(
         match &vmlinux {
             Some(v) => eprintln!("  {}", krr_gdb::gdb_command_line(addr, Path::new(v))),
             None => eprintln!(
-                "  gdb -ex 'target remote {addr}' VMLINUX\n(the recording names no vmlinux that exists here: use the kernel build's vmlinux for symbols)"
+                "  gdb -ex '{}' -ex 'target remote {addr}' VMLINUX\n(the recording names no vmlinux that exists here: use the kernel build's vmlinux for symbols)",
+                krr_gdb::REMOTE_TIMEOUT
             ),
         }
         if let Some(note) = vmlinux

@@ -142,13 +142,20 @@ impl fmt::Display for Event {
                     p.user_addr, p.level, p.pte
                 )
             }
-            EventBody::SharedRead { info, data } => write!(
-                f,
-                "shared_read {:#x} source={} bytes={}",
-                info.kernel_addr,
-                info.source,
-                data.len()
-            ),
+            EventBody::SharedRead { info, data } => {
+                write!(
+                    f,
+                    "shared_read {:#x} source={} bytes={}",
+                    info.kernel_addr,
+                    info.source,
+                    data.len()
+                )?;
+                // A ring word (the common case) is shown with its value.
+                match <[u8; 4]>::try_from(data.as_slice()) {
+                    Ok(word) => write!(f, " value={:#x}", u32::from_le_bytes(word)),
+                    Err(_) => Ok(()),
+                }
+            }
             EventBody::ExecLock(l) => write!(
                 f,
                 "exec_lock #{} reason={} previous_cpu={}",
