@@ -200,14 +200,19 @@ impl EventSource {
     /// close.
     pub(super) fn first_record_of(&mut self, cpu: usize, from: u64) -> Option<&abi::Event> {
         let mine = |e: &abi::Event| e.seq >= from && usize::from(e.cpu) == cpu;
+        // Only the records a read adds are looked at again.
+        let mut seen = 0;
         let mut budget = ENTRY_LOOKAHEAD_EVENTS;
-        while !self.agent.iter().any(mine) {
+        loop {
+            if let Some(i) = self.agent.iter().skip(seen).position(mine) {
+                return self.agent.get(seen + i);
+            }
+            seen = self.agent.len();
             if budget == 0 || !self.read_one() {
                 return None;
             }
             budget -= 1;
         }
-        self.agent.iter().find(|e| mine(e))
     }
 
     /// The `agent_seq` of vCPU `cpu`'s next kernel entry from user mode
@@ -278,10 +283,6 @@ impl EventSource {
         }
     }
 
-    /// The `agent_seq` at the end of the coming stretch of kernel execution
-    /// on one vCPU (reading ahead): at the next kernel entry from user
-    /// mode or the end of the vCPU's slice; `u64::MAX` at the end of the
-    /// log.
     /// Where the coming stint ends when it ends in the kernel: the RIP of
     /// the next boundary when that is a slice end in kernel mode.
     pub(super) fn next_boundary_kernel_rip(&mut self) -> Option<u64> {
@@ -295,6 +296,10 @@ impl EventSource {
         }
     }
 
+    /// The `agent_seq` at the end of the coming stretch of kernel execution
+    /// on one vCPU (reading ahead): at the next kernel entry from user
+    /// mode or the end of the vCPU's slice; `u64::MAX` at the end of the
+    /// log.
     pub(super) fn next_boundary_seq(&mut self) -> u64 {
         let mut i = 0;
         loop {
