@@ -296,9 +296,13 @@ impl Replayer {
             let Some((index, event)) = next else {
                 break 'turn match (&src.broken, self.complete) {
                     (None, true) => ReplayEnd::Matched,
-                    (Some(why), _) => ReplayEnd::LogEnded {
+                    (Some(why), true) => ReplayEnd::LogEnded {
                         events: src.consumed,
                         why: why.clone(),
+                    },
+                    (Some(why), false) => ReplayEnd::LogEnded {
+                        events: src.consumed,
+                        why: format!("the recording did not finish (no end.json) and its log is cut: {why}"),
                     },
                     (None, false) => ReplayEnd::LogEnded {
                         events: src.consumed,
@@ -855,9 +859,12 @@ fn console_end(
 /// read can be missing before an entry or engine event that did reach the
 /// log). Replaying the stint without them could diverge for want of them.
 fn agent_records_missing(src: &EventSource, stint: String) -> ReplayEnd {
-    let why = match &src.broken {
-        Some(broken) => broken.clone(),
-        None => "the recording did not finish (no end.json)".into(),
+    let why = match (&src.broken, src.unfinished) {
+        (Some(broken), true) => {
+            format!("the recording did not finish (no end.json) and its log is cut: {broken}")
+        }
+        (Some(broken), false) => broken.clone(),
+        (None, _) => "the recording did not finish (no end.json)".into(),
     };
     ReplayEnd::LogEnded {
         events: src.consumed,
