@@ -150,10 +150,13 @@ pub struct ValidateReplayOneArgs {
     /// was recorded (outcome `cut` when that replay matches); 0: no limit.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub max_record_seconds: u64,
-    /// Where the recording goes (it is deleted after the replay); default
-    /// $KRR_RECORDINGS.
+    /// Where the recording goes (it is deleted after a replay that
+    /// matches); default $KRR_RECORDINGS.
     #[arg(long)]
     pub recordings: Option<PathBuf>,
+    /// Keep the recording whatever its replay's end (its path is printed).
+    #[arg(long)]
+    pub keep: bool,
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -211,6 +214,7 @@ pub fn validate_replay_one(a: ValidateReplayOneArgs) -> anyhow::Result<()> {
             vcpus: a.vcpus,
             checkpoint_every: a.checkpoint_every,
             max_record_seconds: a.max_record_seconds,
+            keep: a.keep,
         },
     );
     if a.json {
@@ -460,10 +464,12 @@ pub struct StressorRun {
     pub vcpus: usize,
     pub checkpoint_every: u64,
     pub max_record_seconds: u64,
+    /// Keep the recording even when it replays (to profile its replay).
+    pub keep: bool,
 }
 
 /// Records and replays one stressor; the recording (under `recordings`) is
-/// deleted afterwards. Every checkpoint the recording holds is compared.
+/// deleted afterwards unless it does not replay or `keep` is set. Every checkpoint the recording holds is compared.
 pub fn validate_stressor(
     kernel: &Path,
     rootfs: &Path,
@@ -476,6 +482,7 @@ pub fn validate_stressor(
         vcpus,
         checkpoint_every,
         max_record_seconds,
+        keep,
     } = run;
     let mut r = StressorResult {
         stressor: name.to_string(),
@@ -584,7 +591,8 @@ pub fn validate_stressor(
     let replay = Replayer::open(&dir).and_then(|mut p| p.run(&ReplayOptions::default()));
     // A recording that does not replay is what a developer debugs
     // (`krr replay DIR --gdb`): it stays.
-    if !matches!(&replay, Ok(rep) if matches!(rep.end, ReplayEnd::Matched)) {
+    let replayed = matches!(&replay, Ok(rep) if matches!(rep.end, ReplayEnd::Matched));
+    if keep || !replayed {
         recordings.0.retain(|d| d != &dir);
     }
     let kept = format!("; recording kept at {}", dir.display());
@@ -598,14 +606,15 @@ pub fn validate_stressor(
                 ReplayEnd::Matched => {
                     r.outcome = if cut { "cut" } else { "passed" }.into();
                     r.detail = format!(
-                        "{}{} kernel instructions, {} checkpoint(s) compared",
+                        "{}{} kernel instructions, {} checkpoint(s) compared{}",
                         if cut {
                             format!("recording stopped at its {max_record_seconds}-s wall-time limit, stress-ng unfinished; ")
                         } else {
                             String::new()
                         },
                         rep.kernel_instructions,
-                        rep.checkpoints_verified
+                        rep.checkpoints_verified,
+                        if keep { kept.as_str() } else { "" }
                     );
                 }
                 ReplayEnd::Diverged(d) | ReplayEnd::Stalled(d) => {

@@ -34,6 +34,7 @@ fn stops_in_time_and_replays(stressor: &str, vcpus: usize) {
         vcpus,
         checkpoint_every: 0,
         max_record_seconds: 0,
+        keep: false,
     };
     let r = validate_stressor(&kernel, &rootfs, dir.path(), stressor, run);
     println!("{r:?}");
@@ -94,6 +95,7 @@ fn a_stressor_past_the_wall_time_limit_is_cut_and_its_recording_replays() {
         vcpus: 1,
         checkpoint_every: 0,
         max_record_seconds: 15,
+        keep: false,
     };
     let r = validate_stressor(&kernel, &rootfs, dir.path(), "cpu", run);
     println!("{r:?}");

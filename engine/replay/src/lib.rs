@@ -400,7 +400,8 @@ impl Replayer {
                     position_of(&event).map_or(0, |p| p.kernel_icount)
                 );
                 let end_seq = src.next_boundary_seq();
-                let Some(reads) = src.agent_before(end_seq, cpu) else {
+                let end_rip = src.next_boundary_kernel_rip();
+                let Some(reads) = src.agent_before(end_seq, cpu, end_rip.is_some()) else {
                     break 'turn agent_records_missing(
                         src,
                         format!("the kernel stint after event #{index} (from agent seq {seq})"),
@@ -409,7 +410,7 @@ impl Replayer {
                 let stint = StintBounds {
                     end: end_seq,
                     loaded_before: progress[cpu].loaded_before_slice_end.take(),
-                    ends_in_hook: self.shared_read_unlogged_at(cpu, src.next_boundary_kernel_rip()),
+                    ends_in_hook: self.shared_read_unlogged_at(cpu, end_rip),
                 };
                 self.apply_user_reads(cpu, &reads, stint, user);
                 *segment_reads_due = false;
@@ -524,7 +525,8 @@ impl Replayer {
             if *segment_reads_due {
                 *segment_reads_due = false;
                 let end_seq = src.next_boundary_seq();
-                let Some(reads) = src.agent_before(end_seq, cpu) else {
+                let end_rip = src.next_boundary_kernel_rip();
+                let Some(reads) = src.agent_before(end_seq, cpu, end_rip.is_some()) else {
                     break 'turn agent_records_missing(
                         src,
                         format!("the kernel stint before event #{index}"),
@@ -533,7 +535,7 @@ impl Replayer {
                 let stint = StintBounds {
                     end: end_seq,
                     loaded_before: progress[cpu].loaded_before_slice_end.take(),
-                    ends_in_hook: self.shared_read_unlogged_at(cpu, src.next_boundary_kernel_rip()),
+                    ends_in_hook: self.shared_read_unlogged_at(cpu, end_rip),
                 };
                 self.apply_user_reads(cpu, &reads, stint, user);
             }

@@ -4,7 +4,7 @@
 
 use super::console::ConsoleComparison;
 use krr_hypervisor::Position;
-use krr_record::abi;
+use krr_record::abi::{self, EventBody};
 use krr_record::event::LogEvent;
 use krr_record::log::{EventLogReader, LogError};
 use std::collections::VecDeque;
@@ -35,20 +35,21 @@ pub(super) struct EventSource {
     /// syscall storm has tens of thousands of events between two
     /// interrupts, and each entry asks again).
     pub(super) next_stop_seen: Option<(u64, Option<u64>)>,
-    /// Per vCPU, the log index and agent seq of its next kernel entry from
-    /// user mode as last found by [`Self::cpu_next_entry_seq`]: still the
-    /// answer while that event is queued.
-    pub(super) entry_seen: Vec<Option<(u64, u64)>>,
+    /// Per vCPU, `(from, to)`: no agent record of it has a seq in
+    /// `from..to` (how far [`Self::first_record_of`] got).
+    pub(super) record_scan: Vec<(u64, u64)>,
     /// The log index of the next event the reader returns.
     pub(super) read_next: u64,
 }
 
-/// How many engine events [`EventSource::cpu_next_entry_seq`] reads ahead
-/// for a vCPU's next kernel entry before giving up. A vCPU that was cut in
-/// the middle of a user read resumes within the other vCPUs' next slices;
-/// one that is idle (halted in the kernel) may not enter for the rest of the
-/// log, and reading the whole log into memory for it would be absurd.
-pub(super) const ENTRY_LOOKAHEAD_EVENTS: usize = 4096;
+/// How many events (engine and agent) replay holds queued, at most, while
+/// it looks for a vCPU's next agent record. The agent's ring is drained in
+/// batches: a record reaches the log when the ring fills or the recorder
+/// flushes, which behind another vCPU's burst of records (page-table
+/// reads while it unmaps a process) was 24,000 events after its stint. A
+/// vCPU with no records for the rest of the log (idle) keeps the queue at
+/// this size and no more.
+pub(super) const RECORD_LOOKAHEAD_EVENTS: usize = 1 << 17;
 
 impl EventSource {
     /// The events of the log at `path`, from its start; `unfinished`: the
@@ -65,7 +66,7 @@ impl EventSource {
             recent: VecDeque::new(),
             consumed: 0,
             next_stop_seen: None,
-            entry_seen: Vec::new(),
+            record_scan: Vec::new(),
             read_next: 0,
         })
     }
@@ -85,7 +86,7 @@ impl EventSource {
             recent: self.recent.clone(),
             consumed: self.consumed,
             next_stop_seen: self.next_stop_seen,
-            entry_seen: self.entry_seen.clone(),
+            record_scan: self.record_scan.clone(),
             read_next: self.read_next,
         })
     }
@@ -164,13 +165,26 @@ impl EventSource {
     /// nothing shows they are all there (`end` is `u64::MAX` when no
     /// boundary is ahead): the stint cannot be replayed.
     ///
-    /// Also (copied, left queued) the records of vCPU `cpu` from `end` up to
-    /// its next kernel entry from user mode: a slice can end between a read
-    /// of user memory and the agent's record of it, and the read must find
-    /// the bytes. Writing them early is harmless (user code does not run in
-    /// replay); the next stretch writes them again, after any other vCPU's.
-    pub(super) fn agent_before(&mut self, end: u64, cpu: usize) -> Option<Vec<abi::Event>> {
-        let ahead_end = self.cpu_next_entry_seq(cpu).unwrap_or(end).max(end);
+    /// Also (copied, left queued), when the stint ends in the kernel
+    /// (`ends_in_kernel`): the records of vCPU `cpu`'s first read at or past
+    /// `end`. A slice can end between a read of user memory (or of a
+    /// page-table entry) and the agent's record of it, and the read must
+    /// find the bytes; the vCPU may even spin on the agent's ring lock,
+    /// held by a vCPU the recorder preempted, for hundreds of slices in
+    /// between. Reads are sequential, so only the first can be in flight.
+    /// Writing it early is harmless otherwise (user code does not run in
+    /// replay); the stint it belongs to writes it again, after any other
+    /// vCPU's.
+    pub(super) fn agent_before(
+        &mut self,
+        end: u64,
+        cpu: usize,
+        ends_in_kernel: bool,
+    ) -> Option<Vec<abi::Event>> {
+        let ahead_end = match ends_in_kernel {
+            true => self.first_read_end(cpu, end),
+            false => end,
+        };
         while self.agent.back().is_none_or(|e| e.seq < ahead_end) && self.read_one() {}
         if (self.broken.is_some() || self.unfinished)
             && self
@@ -194,50 +208,74 @@ impl EventSource {
         Some(out)
     }
 
-    /// The first agent record of vCPU `cpu` with `seq` at or past `from`,
-    /// reading ahead at most [`ENTRY_LOOKAHEAD_EVENTS`] more events for it
-    /// (the agent's ring is drained in batches); `None` when none is that
-    /// close.
-    pub(super) fn first_record_of(&mut self, cpu: usize, from: u64) -> Option<&abi::Event> {
-        let mine = |e: &abi::Event| e.seq >= from && usize::from(e.cpu) == cpu;
-        // Only the records a read adds are looked at again.
-        let mut seen = 0;
-        let mut budget = ENTRY_LOOKAHEAD_EVENTS;
-        loop {
-            if let Some(i) = self.agent.iter().skip(seen).position(mine) {
-                return self.agent.get(seen + i);
+    /// One past the seq of the last record of vCPU `cpu`'s first read of
+    /// memory user space writes (user memory, a page-table entry, a ring
+    /// shared with user space) numbered at or past `from`: a copy's chunks
+    /// are records of one read, each but the last saying more follow.
+    /// Other records on the way (an interrupt's random bytes) are passed
+    /// over. `from` when no read is found within
+    /// [`RECORD_LOOKAHEAD_EVENTS`].
+    fn first_read_end(&mut self, cpu: usize, from: u64) -> u64 {
+        let mut end = from;
+        let mut at = from;
+        while let Some(e) = self.first_record_of(cpu, at) {
+            at = e.seq + 1;
+            let more = match &e.body {
+                EventBody::CopyFromUser { info, .. } => info.flags & abi::DATA_FLAG_MORE != 0,
+                EventBody::StrncpyFromUser { info, .. } | EventBody::StrnlenUser { info, .. } => {
+                    info.flags & abi::DATA_FLAG_MORE != 0
+                }
+                EventBody::GetUser(_) | EventBody::PteRead(_) | EventBody::SharedRead { .. } => {
+                    false
+                }
+                _ => continue,
+            };
+            end = at;
+            if !more {
+                break;
             }
-            seen = self.agent.len();
-            if budget == 0 || !self.read_one() {
-                return None;
-            }
-            budget -= 1;
         }
+        end
     }
 
-    /// The `agent_seq` of vCPU `cpu`'s next kernel entry from user mode
-    /// (reading ahead at most [`ENTRY_LOOKAHEAD_EVENTS`]); `None` when
-    /// there is none that close.
-    pub(super) fn cpu_next_entry_seq(&mut self, cpu: usize) -> Option<u64> {
-        if self.entry_seen.len() <= cpu {
-            self.entry_seen.resize(cpu + 1, None);
+    /// The first agent record of vCPU `cpu` with `seq` at or past `from`,
+    /// reading ahead while fewer than [`RECORD_LOOKAHEAD_EVENTS`] events
+    /// are queued; `None` when none is that close. A search goes on where
+    /// the last one for the same `from` stopped: this is asked at every
+    /// slice end, and an idle vCPU may have no record for a long time.
+    pub(super) fn first_record_of(&mut self, cpu: usize, from: u64) -> Option<&abi::Event> {
+        if self.record_scan.len() <= cpu {
+            self.record_scan.resize(cpu + 1, (0, 0));
         }
-        if let (Some((index, seq)), Some((front, _))) = (self.entry_seen[cpu], self.engine.front())
-        {
-            if *front <= index {
-                return Some(seq);
+        let (scan_from, scan_to) = self.record_scan[cpu];
+        let mut start = if scan_from <= from && from < scan_to {
+            scan_to
+        } else {
+            from
+        };
+        loop {
+            let first = self.agent.partition_point(|e| e.seq < start);
+            if let Some(i) = self
+                .agent
+                .range(first..)
+                .position(|e| usize::from(e.cpu) == cpu)
+            {
+                let seq = self.agent[first + i].seq;
+                self.record_scan[cpu] = (from, seq);
+                return self.agent.get(first + i);
             }
-        }
-        for i in 0..ENTRY_LOOKAHEAD_EVENTS {
-            let e = self.ahead(i)?;
-            if usize::from(e.cpu()) == cpu {
-                if let Some(seq) = entry_seq(e) {
-                    self.entry_seen[cpu] = Some((self.engine[i].0, seq));
-                    return Some(seq);
+            start = self.agent.back().map_or(start, |e| e.seq + 1).max(start);
+            self.record_scan[cpu] = (from, start);
+            // Read up to the next agent record.
+            let queued = self.agent.len();
+            while self.agent.len() == queued {
+                if self.engine.len() + self.agent.len() >= RECORD_LOOKAHEAD_EVENTS
+                    || !self.read_one()
+                {
+                    return None;
                 }
             }
         }
-        None
     }
 
     /// The `i`-th queued engine event, reading ahead as needed.
@@ -345,5 +383,98 @@ pub(super) fn position_of(e: &LogEvent) -> Option<Position> {
         | LogEvent::Slice { at, .. }
         | LogEvent::Syscall { at, .. } => Some(*at),
         LogEvent::Agent { .. } | LogEvent::Console { .. } | LogEvent::Startup { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EventSource;
+    use krr_hypervisor::Position;
+    use krr_record::abi::{self, EventBody, GetUserEvent, UserCopyEvent};
+    use krr_record::event::LogEvent;
+    use krr_record::log::EventLogWriter;
+
+    fn record(cpu: u16, seq: u64, body: EventBody) -> LogEvent {
+        LogEvent::Agent {
+            record: abi::encode_event(&abi::Event { cpu, seq, body }),
+        }
+    }
+
+    fn copy_chunk(more: bool) -> EventBody {
+        EventBody::CopyFromUser {
+            info: UserCopyEvent {
+                user_addr: 0x7000,
+                data_len: 8,
+                flags: if more { abi::DATA_FLAG_MORE } else { 0 },
+                ..Default::default()
+            },
+            data: vec![1; 8],
+        }
+    }
+
+    /// vCPU 1 read user memory and its slice ended before the agent
+    /// numbered the record: it then spins on the ring lock for 5,000
+    /// slices (beyond any look-ahead by engine events alone), and the
+    /// records reach the log after that, behind vCPU 0's.
+    #[test]
+    fn the_first_read_in_flight_is_read_ahead_however_far_its_records_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.krrlog");
+        let mut w = EventLogWriter::create(&path).unwrap();
+        let kernel_slice = |n: u64| LogEvent::Slice {
+            cpu: 1,
+            at: Position {
+                kernel_icount: n,
+                rip: 0xffff_ffff_8100_0000,
+                ..Default::default()
+            },
+            agent_seq: 10,
+        };
+        for n in 0..5000 {
+            w.append(&kernel_slice(n)).unwrap();
+        }
+        let get_user = EventBody::GetUser(GetUserEvent {
+            user_addr: 0x7008,
+            size: 8,
+            ..Default::default()
+        });
+        let random = EventBody::Random {
+            info: abi::RandomEvent {
+                source: 3,
+                data_len: 4,
+            },
+            data: vec![0; 4],
+        };
+        for e in [
+            record(0, 9, get_user.clone()),
+            // An interrupt's on the way: not a read.
+            record(1, 10, random),
+            record(1, 11, copy_chunk(true)),
+            record(0, 12, get_user.clone()),
+            record(1, 13, copy_chunk(false)),
+            // The vCPU's next read, after the one in flight.
+            record(1, 14, get_user),
+        ] {
+            w.append(&e).unwrap();
+        }
+        w.flush().unwrap();
+
+        let mut src = EventSource::open(&path, false).unwrap();
+        let seqs = |v: Vec<abi::Event>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        // A stint that ends in the kernel: seq 9 is its own, then the
+        // copy in flight (its two chunks).
+        assert_eq!(
+            seqs(src.agent_before(10, 1, true).unwrap()),
+            [9, 10, 11, 13]
+        );
+        // Asked again (the next spin slice): the same, from the queue.
+        assert_eq!(seqs(src.agent_before(10, 1, true).unwrap()), [10, 11, 13]);
+        // A stint that ends in user mode has no read in flight.
+        assert_eq!(
+            seqs(src.agent_before(10, 1, false).unwrap()),
+            Vec::<u64>::new()
+        );
+        // vCPU 0 has no record from 13 on: nothing to read ahead.
+        assert_eq!(seqs(src.agent_before(13, 0, true).unwrap()), [10, 11, 12]);
     }
 }
