@@ -227,6 +227,18 @@ fn a_corrupted_event_is_caught_at_its_index_and_a_truncated_log_is_reported() {
     assert_eq!(code, 2, "{report:#}");
     assert_eq!(report["end"]["kind"], "diverged");
     assert_eq!(report["end"]["event"], index, "{report:#}");
+    // The last events consumed, read again from the log for the report:
+    // the last is the corrupted one (consumed when the kernel met it).
+    let recent = report["end"]["recent"].as_array().unwrap();
+    assert_eq!(recent.len(), 8, "{report:#}");
+    let expected = report["end"]["expected"].as_str().unwrap();
+    assert!(
+        recent
+            .last()
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.starts_with('#') && e.ends_with(&format!(" {expected}"))),
+        "{report:#}"
+    );
 
     // Cut the log in the middle of its last chunk: no end, no success.
     let trunc = tempfile::tempdir().unwrap();

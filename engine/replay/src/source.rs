@@ -6,14 +6,14 @@ use super::console::ConsoleComparison;
 use krr_hypervisor::Position;
 use krr_record::abi::{self, EventBody};
 use krr_record::event::LogEvent;
-use krr_record::log::{EventLogReader, LogError};
+use krr_record::log::{EventLogReader, LogError, PrefetchingEventReader};
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The engine events, read in order, with the agent's records kept apart
 /// (indexed by their sequence number).
 pub(super) struct EventSource {
-    pub(super) reader: EventLogReader,
+    pub(super) reader: PrefetchingEventReader,
     /// Engine events read ahead, with their log index.
     pub(super) engine: VecDeque<(u64, LogEvent)>,
     /// Agent records read ahead, in seq order.
@@ -27,8 +27,11 @@ pub(super) struct EventSource {
     /// The recording did not finish (killed): the agent drains its ring in
     /// batches, so the records before an engine event may be missing.
     pub(super) unfinished: bool,
-    /// The last events consumed, for divergence reports.
-    pub(super) recent: VecDeque<(u64, LogEvent)>,
+    /// The log read.
+    pub(super) path: PathBuf,
+    /// The log indices of the last events consumed, for divergence
+    /// reports.
+    pub(super) recent: VecDeque<u64>,
     pub(super) consumed: u64,
     /// The last [`Self::next_stop`] answer and the log index of the event
     /// that decided it: still the answer while that event is queued (a
@@ -41,6 +44,9 @@ pub(super) struct EventSource {
     /// The log index of the next event the reader returns.
     pub(super) read_next: u64,
 }
+
+/// How many of the last events consumed a divergence report shows.
+const RECENT_EVENTS: usize = 8;
 
 /// How many events (engine and agent) replay holds queued, at most, while
 /// it looks for a vCPU's next agent record. The agent's ring is drained in
@@ -56,7 +62,8 @@ impl EventSource {
     /// recording did not finish.
     pub(super) fn open(path: &Path, unfinished: bool) -> Result<EventSource, LogError> {
         Ok(EventSource {
-            reader: EventLogReader::open(path)?,
+            reader: PrefetchingEventReader::new(EventLogReader::open(path)?),
+            path: path.to_path_buf(),
             engine: VecDeque::new(),
             agent: VecDeque::new(),
             console: ConsoleComparison::default(),
@@ -76,7 +83,8 @@ impl EventSource {
     /// takes another).
     pub(super) fn duplicate(&self, path: &Path) -> Result<EventSource, LogError> {
         Ok(EventSource {
-            reader: EventLogReader::open(path)?.seek(self.read_next),
+            reader: PrefetchingEventReader::new(EventLogReader::open(path)?.seek(self.read_next)),
+            path: path.to_path_buf(),
             engine: self.engine.clone(),
             agent: self.agent.clone(),
             console: self.console.clone(),
@@ -142,21 +150,43 @@ impl EventSource {
         self.peek()?;
         let (i, e) = self.engine.pop_front()?;
         self.consumed = i + 1;
-        if self.recent.len() == 8 {
+        if self.recent.len() == RECENT_EVENTS {
             self.recent.pop_front();
         }
-        // Formatted only when a report needs them: formatting every event
-        // took about 7% of a timer-heavy replay.
-        self.recent.push_back((i, e.clone()));
+        // Only their indices: a report reads them again from the log
+        // (formatting every event took about 7% of a timer-heavy replay,
+        // and a copy of each a few per cent more).
+        self.recent.push_back(i);
         Some((i, e))
     }
 
-    /// The last events taken, as a divergence report shows them.
+    /// The last events taken, as a divergence report shows them (read
+    /// again from the log).
     pub(super) fn recent_lines(&self) -> Vec<String> {
-        self.recent
-            .iter()
-            .map(|(i, e)| format!("#{i} {e}"))
-            .collect()
+        let (Some(&first), Some(&last)) = (self.recent.front(), self.recent.back()) else {
+            return Vec::new();
+        };
+        let mut lines = Vec::with_capacity(self.recent.len());
+        let mut reader = match EventLogReader::open(&self.path) {
+            Ok(r) => r.seek(first),
+            Err(e) => return vec![format!("(the last events cannot be read again: {e})")],
+        };
+        loop {
+            match reader.next_event() {
+                Ok(Some(read)) if read.index > last => break,
+                Ok(Some(read)) => {
+                    if self.recent.contains(&read.index) {
+                        lines.push(format!("#{} {}", read.index, read.event));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    lines.push(format!("(the log cannot be read again here: {e})"));
+                    break;
+                }
+            }
+        }
+        lines
     }
 
     /// Agent records with `seq` below `end`, reading ahead until one at or

@@ -29,11 +29,13 @@
 //! [`StreamEnd::Truncated`]; a checksum, magic, length or continuity error
 //! is [`StreamEnd::Damaged`] with the chunk's byte offset.
 
+mod prefetch;
 mod reader;
 #[cfg(test)]
 mod tests;
 mod writer;
 
+pub use prefetch::PrefetchingEventReader;
 pub use reader::{scan, ChunkInfo, DmaLogReader, EventLogReader, ReadEvent, StreamEnd, StreamScan};
 use std::fmt;
 use std::io;

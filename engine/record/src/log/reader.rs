@@ -440,6 +440,11 @@ impl EventLogReader {
         self.chunks.end.as_ref()
     }
 
+    /// The file read.
+    pub fn path(&self) -> &Path {
+        &self.chunks.path
+    }
+
     /// Marks the reader failed and names the current chunk.
     fn damaged(&mut self, what: String) -> LogError {
         self.failed = true;

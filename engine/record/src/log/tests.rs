@@ -321,3 +321,70 @@ fn the_raw_length_bound_admits_the_most_compressible_payloads() {
         );
     }
 }
+
+/// Everything `reader` gives: the events' indices, then how it ended.
+fn drain_prefetching(reader: &mut PrefetchingEventReader) -> (Vec<u64>, Option<String>) {
+    let mut indices = Vec::new();
+    loop {
+        match reader.next_event() {
+            Ok(Some(e)) => {
+                assert_eq!(e.event, event(e.index), "event #{}", e.index);
+                indices.push(e.index);
+            }
+            Ok(None) => return (indices, None),
+            Err(e) => return (indices, Some(e.to_string())),
+        }
+    }
+}
+
+#[test]
+fn the_prefetching_reader_reads_what_the_reader_reads_and_ends_as_it_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.krrlog");
+    // Several batches of the reader thread, and a last one part full.
+    let chunks = write_events(&path, 1300, 2048);
+    let mut all = PrefetchingEventReader::new(EventLogReader::open(&path).unwrap());
+    let (read, failed) = drain_prefetching(&mut all);
+    assert_eq!(read, (0..1300).collect::<Vec<_>>());
+    assert_eq!(failed, None);
+    assert_eq!(all.end(), Some(&StreamEnd::Complete));
+    // Again at the end: nothing more, no error.
+    assert!(all.next_event().unwrap().is_none());
+
+    // From an index, as a replay's snapshot reads.
+    let mut from = PrefetchingEventReader::new(EventLogReader::open(&path).unwrap().seek(777));
+    assert_eq!(
+        drain_prefetching(&mut from).0,
+        (777..1300).collect::<Vec<_>>()
+    );
+
+    // A cut log: the valid prefix, then the same end as the reader's.
+    let full = std::fs::read(&path).unwrap();
+    let last = *chunks.last().unwrap();
+    std::fs::write(&path, &full[..last.offset as usize + 10]).unwrap();
+    let mut cut = PrefetchingEventReader::new(EventLogReader::open(&path).unwrap());
+    let (read, failed) = drain_prefetching(&mut cut);
+    assert_eq!(read.len() as u64, last.first);
+    assert_eq!(failed, None);
+    assert!(
+        matches!(cut.end(), Some(StreamEnd::Truncated { offset, .. }) if *offset == last.offset),
+        "{:?}",
+        cut.end()
+    );
+
+    // A damaged chunk: the events before it, then the reader's error.
+    let victim = chunks[2];
+    let mut bytes = full.clone();
+    bytes[victim.offset as usize + CHUNK_HEADER_LEN + 3] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut plain = EventLogReader::open(&path).unwrap();
+    let plain_ok = plain.by_ref().take_while(|r| r.is_ok()).count();
+    let mut damaged = PrefetchingEventReader::new(EventLogReader::open(&path).unwrap());
+    let (read, _) = drain_prefetching(&mut damaged);
+    assert_eq!(read.len(), plain_ok);
+    assert_eq!(read.len() as u64, victim.first);
+    // Dropped part-way: its thread stops without anyone reading.
+    let mut early = PrefetchingEventReader::new(EventLogReader::open(&path).unwrap());
+    assert!(early.next_event().unwrap().is_some());
+    drop(early);
+}
