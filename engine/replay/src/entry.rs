@@ -178,14 +178,28 @@ impl Replayer {
                 // bytes it scanned are nowhere in the log, and replay's
                 // memory there must hold no NUL before the recorded one
                 // either. A copy later in the stint writes the real bytes.
+                // One read ahead (a later syscall's) only where nothing
+                // this stretch read is: its NULs replaced there would move
+                // the end of a string this stretch measures.
                 if let Some(len) = strnlen_scanned_without_nul(info) {
-                    *user += paging::fill_user_nuls(
-                        &self.mem,
-                        space(info.cr3),
-                        info.user_addr,
-                        len,
-                        0x01,
-                    );
+                    let cr3 = space(info.cr3);
+                    let whole = [(0, len as usize)];
+                    let uncovered;
+                    let pieces: &[(usize, usize)] = if e.seq < end {
+                        &whole
+                    } else {
+                        uncovered = written.uncovered(cr3, info.user_addr, len as usize);
+                        &uncovered
+                    };
+                    for &(from, to) in pieces {
+                        *user += paging::fill_user_nuls(
+                            &self.mem,
+                            cr3,
+                            info.user_addr.wrapping_add(from as u64),
+                            (to - from) as u64,
+                            0x01,
+                        );
+                    }
                 }
             }
             let (cr3, addr, bytes): (u64, u64, Vec<u8>) = match &e.body {

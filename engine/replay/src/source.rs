@@ -38,11 +38,39 @@ pub(super) struct EventSource {
     /// syscall storm has tens of thousands of events between two
     /// interrupts, and each entry asks again).
     pub(super) next_stop_seen: Option<(u64, Option<u64>)>,
+    /// Per vCPU, what [`Self::cpu_next_entry_seq`] last found: still the
+    /// answer while that event is queued, or where a search goes on.
+    pub(super) entry_seen: Vec<EntryScan>,
     /// Per vCPU, `(from, to)`: no agent record of it has a seq in
     /// `from..to` (how far [`Self::first_record_of`] got).
     pub(super) record_scan: Vec<(u64, u64)>,
+    /// Per vCPU, `(from, to)`: no read of user memory among its records
+    /// with a seq in `from..to` (how far [`Self::first_user_read_of`] got).
+    pub(super) user_read_scan: Vec<(u64, u64)>,
     /// The log index of the next event the reader returns.
     pub(super) read_next: u64,
+}
+
+/// How many engine events [`EventSource::cpu_next_entry_seq`] reads ahead
+/// for a vCPU's next kernel entry before giving up: a vCPU halted in the
+/// kernel may not enter for the rest of the log.
+pub(super) const ENTRY_LOOKAHEAD_EVENTS: usize = 4096;
+
+/// How many of a vCPU's records before its next kernel entry a stint that
+/// ends in the kernel writes ahead, besides its reads in flight: a fork's
+/// storm of page-table reads would otherwise be written again at every
+/// slice end (a 6-s recording of clone took 250 s to replay).
+const NEARBY_RECORDS: usize = 64;
+
+/// How far a search for a vCPU's next kernel entry from user mode got.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) enum EntryScan {
+    #[default]
+    NotLooked,
+    /// The engine event at this log index, with this agent seq.
+    Found { index: u64, seq: u64 },
+    /// None among the engine events up to this log index.
+    NoneThrough(u64),
 }
 
 /// How many of the last events consumed a divergence report shows.
@@ -74,6 +102,8 @@ impl EventSource {
             consumed: 0,
             next_stop_seen: None,
             record_scan: Vec::new(),
+            entry_seen: Vec::new(),
+            user_read_scan: Vec::new(),
             read_next: 0,
         })
     }
@@ -95,6 +125,8 @@ impl EventSource {
             consumed: self.consumed,
             next_stop_seen: self.next_stop_seen,
             record_scan: self.record_scan.clone(),
+            entry_seen: self.entry_seen.clone(),
+            user_read_scan: self.user_read_scan.clone(),
             read_next: self.read_next,
         })
     }
@@ -196,13 +228,10 @@ impl EventSource {
     /// boundary is ahead): the stint cannot be replayed.
     ///
     /// Also (copied, left queued), when the stint ends in the kernel
-    /// (`ends_in_kernel`): the records of vCPU `cpu`'s first read at or past
-    /// `end`. A slice can end between a read of user memory (or of a
-    /// page-table entry) and the agent's record of it, and the read must
-    /// find the bytes; the vCPU may even spin on the agent's ring lock,
-    /// held by a vCPU the recorder preempted, for hundreds of slices in
-    /// between. Reads are sequential, so only the first can be in flight.
-    /// Writing it early is harmless otherwise (user code does not run in
+    /// (`ends_in_kernel`), the records of vCPU `cpu` whose reads may have
+    /// been made before the stint's end but numbered after it (see
+    /// [`Self::reads_in_flight`]): the reads must find the bytes. Writing
+    /// a record early is harmless otherwise (user code does not run in
     /// replay); the stint it belongs to writes it again, after any other
     /// vCPU's.
     pub(super) fn agent_before(
@@ -211,10 +240,16 @@ impl EventSource {
         cpu: usize,
         ends_in_kernel: bool,
     ) -> Option<Vec<abi::Event>> {
-        let ahead_end = match ends_in_kernel {
-            true => self.first_read_end(cpu, end),
-            false => end,
+        let (ahead, entry) = match ends_in_kernel {
+            true => (self.reads_in_flight(cpu, end), self.cpu_next_entry_seq(cpu)),
+            false => (Vec::new(), None),
         };
+        let ahead_end = ahead
+            .iter()
+            .max()
+            .map_or(end, |s| s + 1)
+            .max(end)
+            .max(entry.unwrap_or(0));
         while self.agent.back().is_none_or(|e| e.seq < ahead_end) && self.read_one() {}
         if (self.broken.is_some() || self.unfinished)
             && self
@@ -228,44 +263,134 @@ impl EventSource {
         while self.agent.front().is_some_and(|e| e.seq < end) {
             out.extend(self.agent.pop_front());
         }
-        out.extend(
-            self.agent
-                .iter()
-                .take_while(|e| e.seq < ahead_end)
-                .filter(|e| usize::from(e.cpu) == cpu)
-                .cloned(),
-        );
+        // The first records up to the vCPU's next kernel entry too, where
+        // that is close: the reads of the syscall it is in.
+        let nearby: Vec<u64> = self
+            .agent
+            .iter()
+            .take_while(|e| entry.is_some_and(|entry| e.seq < entry))
+            .filter(|e| usize::from(e.cpu) == cpu)
+            .take(NEARBY_RECORDS)
+            .map(|e| e.seq)
+            .collect();
+        let mut seqs: Vec<u64> = ahead.into_iter().chain(nearby).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        for seq in seqs {
+            out.extend(self.queued_record(seq).cloned());
+        }
         Some(out)
     }
 
-    /// One past the seq of the last record of vCPU `cpu`'s first read of
-    /// memory user space writes (user memory, a page-table entry, a ring
-    /// shared with user space) numbered at or past `from`: a copy's chunks
-    /// are records of one read, each but the last saying more follow.
-    /// Other records on the way (an interrupt's random bytes) are passed
-    /// over. `from` when no read is found within
-    /// [`RECORD_LOOKAHEAD_EVENTS`].
-    fn first_read_end(&mut self, cpu: usize, from: u64) -> u64 {
-        let mut end = from;
-        let mut at = from;
-        while let Some(e) = self.first_record_of(cpu, at) {
-            at = e.seq + 1;
-            let more = match &e.body {
-                EventBody::CopyFromUser { info, .. } => info.flags & abi::DATA_FLAG_MORE != 0,
-                EventBody::StrncpyFromUser { info, .. } | EventBody::StrnlenUser { info, .. } => {
-                    info.flags & abi::DATA_FLAG_MORE != 0
+    /// The seqs of vCPU `cpu`'s records, numbered at or past `from`, whose
+    /// reads may have been made before `from`: a slice can end between a
+    /// read and the agent's record of it (the vCPU may even spin on the
+    /// agent's ring lock, held by a vCPU the recorder preempted, for
+    /// hundreds of slices in between). Reads are sequential, so that is
+    /// the vCPU's first read (a page-table entry or user memory), and,
+    /// when that is a page-table entry, its first read of user memory
+    /// after it: a copy that faulted part-way has loaded bytes before the
+    /// fault, whose handler's records come first. A copy's chunks count
+    /// as one read, each but the last saying more follow; a measured
+    /// string, with the copy of it that follows. Other records
+    /// on the way (an interrupt's random bytes) are passed over. Searched
+    /// within [`RECORD_LOOKAHEAD_EVENTS`].
+    fn reads_in_flight(&mut self, cpu: usize, from: u64) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        let Some((first, kind)) = self.next_read_of(cpu, from) else {
+            return seqs;
+        };
+        seqs.push(first);
+        let (user_read, more) = match kind {
+            Some(more) => (first, more),
+            None => match self.first_user_read_of(cpu, first + 1) {
+                Some((seq, more)) => {
+                    seqs.push(seq);
+                    (seq, more)
                 }
-                EventBody::GetUser(_) | EventBody::PteRead(_) | EventBody::SharedRead { .. } => {
-                    false
-                }
-                _ => continue,
-            };
-            end = at;
-            if !more {
-                break;
+                None => return seqs,
+            },
+        };
+        let last = self.chunks_after(cpu, user_read, more, &mut seqs);
+        // A string measured (strnlen_user) is logged by its NUL's word
+        // alone: its other bytes come with the copy that follows it
+        // (strndup_user), and the measuring loads them too.
+        let measured = self
+            .queued_record(user_read)
+            .is_some_and(|e| matches!(e.body, EventBody::StrnlenUser { .. }));
+        if measured {
+            if let Some((copy, more)) = self.first_user_read_of(cpu, last + 1) {
+                seqs.push(copy);
+                self.chunks_after(cpu, copy, more, &mut seqs);
             }
         }
-        end
+        seqs
+    }
+
+    /// Adds to `seqs` the further chunks of vCPU `cpu`'s read whose record
+    /// `seq` says whether `more` follow; the last chunk's seq.
+    fn chunks_after(&mut self, cpu: usize, seq: u64, more: bool, seqs: &mut Vec<u64>) -> u64 {
+        let (mut at, mut more) = (seq, more);
+        while more {
+            match self.next_read_of(cpu, at + 1) {
+                Some((next, kind)) => {
+                    seqs.push(next);
+                    (at, more) = (next, kind.unwrap_or(false));
+                }
+                None => break,
+            }
+        }
+        at
+    }
+
+    /// The queued agent record `seq`.
+    fn queued_record(&self, seq: u64) -> Option<&abi::Event> {
+        let i = self.agent.partition_point(|e| e.seq < seq);
+        self.agent.get(i).filter(|e| e.seq == seq)
+    }
+
+    /// vCPU `cpu`'s first read record at or past `from`: its seq, and for
+    /// a read of user memory whether more chunks of it follow (`None` for
+    /// a page-table entry).
+    fn next_read_of(&mut self, cpu: usize, from: u64) -> Option<(u64, Option<bool>)> {
+        let mut at = from;
+        loop {
+            let e = self.first_record_of(cpu, at)?;
+            match read_kind(&e.body) {
+                Some(kind) => return Some((e.seq, kind)),
+                None => at = e.seq + 1,
+            }
+        }
+    }
+
+    /// vCPU `cpu`'s first read of user memory at or past `from` (as
+    /// [`Self::next_read_of`]), passing over page-table reads. A search
+    /// goes on where the last one stopped: a stint that ends in a storm of
+    /// page-table reads (a fork copying them) asks at each slice end.
+    fn first_user_read_of(&mut self, cpu: usize, from: u64) -> Option<(u64, bool)> {
+        if self.user_read_scan.len() <= cpu {
+            self.user_read_scan.resize(cpu + 1, (0, 0));
+        }
+        let (scan_from, scan_to) = self.user_read_scan[cpu];
+        let mut at = if scan_from <= from && from < scan_to {
+            scan_to
+        } else {
+            from
+        };
+        loop {
+            let Some((seq, kind)) = self.next_read_of(cpu, at) else {
+                // None up to what is queued (the window is full, or the
+                // log ended).
+                let queued = self.agent.back().map_or(at, |e| e.seq + 1).max(at);
+                self.user_read_scan[cpu] = (from, queued);
+                return None;
+            };
+            if let Some(more) = kind {
+                self.user_read_scan[cpu] = (from, seq);
+                return Some((seq, more));
+            }
+            at = seq + 1;
+        }
     }
 
     /// The first agent record of vCPU `cpu` with `seq` at or past `from`,
@@ -306,6 +431,41 @@ impl EventSource {
                 }
             }
         }
+    }
+
+    /// The `agent_seq` of vCPU `cpu`'s next kernel entry from user mode
+    /// (reading ahead at most [`ENTRY_LOOKAHEAD_EVENTS`]); `None` when
+    /// there is none that close.
+    pub(super) fn cpu_next_entry_seq(&mut self, cpu: usize) -> Option<u64> {
+        if self.entry_seen.len() <= cpu {
+            self.entry_seen.resize(cpu + 1, EntryScan::NotLooked);
+        }
+        let front = self.engine.front().map(|(i, _)| *i);
+        // Where the last search left off, while its events are queued.
+        let mut i = match (self.entry_seen[cpu], front) {
+            (EntryScan::Found { index, seq }, Some(front)) if front <= index => return Some(seq),
+            (EntryScan::NoneThrough(index), Some(front)) if front <= index => {
+                self.engine.partition_point(|(i, _)| *i <= index)
+            }
+            _ => 0,
+        };
+        while i < ENTRY_LOOKAHEAD_EVENTS {
+            let Some(e) = self.ahead(i) else { break };
+            if usize::from(e.cpu()) == cpu {
+                if let Some(seq) = entry_seq(e) {
+                    self.entry_seen[cpu] = EntryScan::Found {
+                        index: self.engine[i].0,
+                        seq,
+                    };
+                    return Some(seq);
+                }
+            }
+            i += 1;
+        }
+        if let Some(last) = i.checked_sub(1).and_then(|i| self.engine.get(i)) {
+            self.entry_seen[cpu] = EntryScan::NoneThrough(last.0);
+        }
+        None
     }
 
     /// The `i`-th queued engine event, reading ahead as needed.
@@ -382,6 +542,23 @@ impl EventSource {
             }
             i += 1;
         }
+    }
+}
+
+/// Whether an agent record is a read of memory user space writes: `None`
+/// when not; `Some(None)` for a page-table entry; `Some(Some(more))` for
+/// user memory (or a ring shared with user space), `more` when further
+/// chunks of the same read follow.
+fn read_kind(body: &EventBody) -> Option<Option<bool>> {
+    let more = |flags: u32| Some(Some(flags & abi::DATA_FLAG_MORE != 0));
+    match body {
+        EventBody::PteRead(_) => Some(None),
+        EventBody::CopyFromUser { info, .. } => more(info.flags),
+        EventBody::StrncpyFromUser { info, .. } | EventBody::StrnlenUser { info, .. } => {
+            more(info.flags)
+        }
+        EventBody::GetUser(_) | EventBody::SharedRead { .. } => Some(Some(false)),
+        _ => None,
     }
 }
 
@@ -492,13 +669,10 @@ mod tests {
         let mut src = EventSource::open(&path, false).unwrap();
         let seqs = |v: Vec<abi::Event>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
         // A stint that ends in the kernel: seq 9 is its own, then the
-        // copy in flight (its two chunks).
-        assert_eq!(
-            seqs(src.agent_before(10, 1, true).unwrap()),
-            [9, 10, 11, 13]
-        );
+        // copy in flight (its two chunks), not the interrupt's record.
+        assert_eq!(seqs(src.agent_before(10, 1, true).unwrap()), [9, 11, 13]);
         // Asked again (the next spin slice): the same, from the queue.
-        assert_eq!(seqs(src.agent_before(10, 1, true).unwrap()), [10, 11, 13]);
+        assert_eq!(seqs(src.agent_before(10, 1, true).unwrap()), [11, 13]);
         // A stint that ends in user mode has no read in flight.
         assert_eq!(
             seqs(src.agent_before(10, 1, false).unwrap()),
@@ -506,5 +680,60 @@ mod tests {
         );
         // vCPU 0 has no record from 13 on: nothing to read ahead.
         assert_eq!(seqs(src.agent_before(13, 0, true).unwrap()), [10, 11, 12]);
+    }
+
+    fn pte(seq: u64) -> LogEvent {
+        record(
+            0,
+            seq,
+            EventBody::PteRead(abi::PteReadEvent {
+                user_addr: 0x7000,
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// A copy that faulted part-way (the fault handler's page-table reads
+    /// come first) and a measured string (its bytes come with the copy
+    /// that follows): both are in flight, not only the first record.
+    #[test]
+    fn a_copy_that_faulted_and_a_measured_string_are_read_ahead_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.krrlog");
+        let mut w = EventLogWriter::create(&path).unwrap();
+        let strnlen = EventBody::StrnlenUser {
+            info: abi::UserStringEvent {
+                user_addr: 0x7000,
+                limit: 250,
+                result: 11,
+                ..Default::default()
+            },
+            data: vec![0; 6],
+        };
+        // No kernel entry of vCPU 0 in the log: no records "nearby".
+        let events = [
+            pte(1),
+            pte(2),
+            record(0, 3, copy_chunk(false)),
+            pte(4),
+            record(0, 5, strnlen),
+            pte(6),
+            record(0, 7, copy_chunk(false)),
+            record(0, 8, copy_chunk(false)),
+        ];
+        for e in &events {
+            w.append(e).unwrap();
+        }
+        w.flush().unwrap();
+        let mut src = EventSource::open(&path, false).unwrap();
+        let seqs = |v: Vec<abi::Event>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        // The first read (a page-table entry) and the first read of user
+        // memory after it.
+        assert_eq!(seqs(src.agent_before(1, 0, true).unwrap()), [1, 3]);
+        // The string measured, then copied; not the copy after that.
+        assert_eq!(
+            seqs(src.agent_before(5, 0, true).unwrap()),
+            [1, 2, 3, 4, 5, 7]
+        );
     }
 }
