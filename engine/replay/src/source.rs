@@ -368,15 +368,7 @@ impl EventSource {
     /// goes on where the last one stopped: a stint that ends in a storm of
     /// page-table reads (a fork copying them) asks at each slice end.
     fn first_user_read_of(&mut self, cpu: usize, from: u64) -> Option<(u64, bool)> {
-        if self.user_read_scan.len() <= cpu {
-            self.user_read_scan.resize(cpu + 1, (0, 0));
-        }
-        let (scan_from, scan_to) = self.user_read_scan[cpu];
-        let mut at = if scan_from <= from && from < scan_to {
-            scan_to
-        } else {
-            from
-        };
+        let mut at = resume_at(&mut self.user_read_scan, cpu, from);
         loop {
             let Some((seq, kind)) = self.next_read_of(cpu, at) else {
                 // None up to what is queued (the window is full, or the
@@ -399,15 +391,7 @@ impl EventSource {
     /// the last one for the same `from` stopped: this is asked at every
     /// slice end, and an idle vCPU may have no record for a long time.
     pub(super) fn first_record_of(&mut self, cpu: usize, from: u64) -> Option<&abi::Event> {
-        if self.record_scan.len() <= cpu {
-            self.record_scan.resize(cpu + 1, (0, 0));
-        }
-        let (scan_from, scan_to) = self.record_scan[cpu];
-        let mut start = if scan_from <= from && from < scan_to {
-            scan_to
-        } else {
-            from
-        };
+        let mut start = resume_at(&mut self.record_scan, cpu, from);
         loop {
             let first = self.agent.partition_point(|e| e.seq < start);
             if let Some(i) = self
@@ -542,6 +526,19 @@ impl EventSource {
             }
             i += 1;
         }
+    }
+}
+
+/// Where a search of vCPU `cpu`'s records from seq `from` starts, given
+/// `scans` (per vCPU, `(from, to)`: nothing sought in `from..to`): past
+/// what the last search found empty.
+fn resume_at(scans: &mut Vec<(u64, u64)>, cpu: usize, from: u64) -> u64 {
+    if scans.len() <= cpu {
+        scans.resize(cpu + 1, (0, 0));
+    }
+    match scans[cpu] {
+        (scan_from, scan_to) if scan_from <= from && from < scan_to => scan_to,
+        _ => from,
     }
 }
 
