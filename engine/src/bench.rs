@@ -12,7 +12,7 @@
 
 use crate::machine::{first_line_after, Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -84,11 +84,66 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
     let krr_mips = r.mips;
     drop(m);
 
-    let args: Vec<String> = vec![
+    let args = qemu_args(
+        &cfg.qemu_machine,
+        &cfg.kernel,
+        &cfg.initrd,
+        &cfg.cmdline,
+        cfg.vcpus,
+        cfg.mem_bytes,
+        QemuClock::Host,
+    );
+    let qemu_command = format!("{} {}", cfg.qemu.display(), args.join(" "));
+    let mut qemu_wall = None;
+    let out = run_qemu(&cfg.qemu, &args, cfg.timeout, |out, t| {
+        if first_line_after(out, INIT_MARKER) {
+            qemu_wall = Some(t);
+        }
+        qemu_wall.is_some()
+    })?;
+    let qemu_wall = qemu_wall.ok_or_else(|| BenchError::QemuNoInitLine(cfg.timeout, tail(&out)))?;
+    Ok(BootBench {
+        vcpus: cfg.vcpus,
+        krr_wall_seconds: krr_wall,
+        krr_instructions_to_init: krr_instr,
+        krr_mips,
+        krr_end: r.end,
+        qemu_wall_seconds: qemu_wall,
+        ratio: krr_wall / qemu_wall,
+        qemu_command,
+    })
+}
+
+/// How QEMU keeps its guest's time in a comparison run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QemuClock {
+    /// Plain TCG: the guest's clock is the host's, so a guest that waits
+    /// on time (timers, time slices, benchmarks that sample the clock)
+    /// does other work than on the engine.
+    Host,
+    /// `-icount shift=0,sleep=off`: one nanosecond of guest time per
+    /// instruction, as on the engine's software CPU, so both guests see the
+    /// same clock and do the same work.
+    Instructions,
+}
+
+/// QEMU's arguments for the project's kernel and initramfs (console on
+/// stdout, no reboot, no display).
+fn qemu_args(
+    machine: &str,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    vcpus: usize,
+    mem_bytes: u64,
+    clock: QemuClock,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
         "-accel".into(),
         "tcg".into(),
         "-M".into(),
-        cfg.qemu_machine.clone(),
+        machine.into(),
         "-nodefaults".into(),
         "-no-reboot".into(),
         "-display".into(),
@@ -96,31 +151,45 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
         "-serial".into(),
         "stdio".into(),
         "-smp".into(),
-        cfg.vcpus.to_string(),
+        vcpus.to_string(),
         "-m".into(),
-        format!("{}M", cfg.mem_bytes >> 20),
+        format!("{}M", mem_bytes >> 20),
         "-kernel".into(),
-        cfg.kernel.display().to_string(),
+        kernel.display().to_string(),
         "-initrd".into(),
-        cfg.initrd.display().to_string(),
+        initrd.display().to_string(),
         "-append".into(),
-        cfg.cmdline.clone(),
+        cmdline.into(),
     ];
-    let qemu_command = format!("{} {}", cfg.qemu.display(), args.join(" "));
+    if clock == QemuClock::Instructions {
+        args.extend(["-icount".into(), "shift=0,sleep=off".into()]);
+    }
+    args
+}
+
+/// Runs QEMU and hands its console output so far, with the seconds since
+/// its start, to `watch` at every read, until `watch` says done, QEMU
+/// ends or `timeout` passes; QEMU is killed then either way. Returns the
+/// console output.
+fn run_qemu(
+    qemu: &Path,
+    args: &[String],
+    timeout: Duration,
+    mut watch: impl FnMut(&[u8], f64) -> bool,
+) -> Result<Vec<u8>, BenchError> {
     let start = Instant::now();
-    let mut child = Command::new(&cfg.qemu)
-        .args(&args)
+    let mut child = Command::new(qemu)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|source| BenchError::QemuSpawn {
-            qemu: cfg.qemu.clone(),
+            qemu: qemu.to_path_buf(),
             source,
         })?;
     // A reader thread forwards QEMU's console output, so that a guest that
-    // prints nothing cannot block the timeout; the clock stops at the first
-    // /init line and QEMU is killed either way.
+    // prints nothing cannot block the timeout.
     let mut stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = std::thread::spawn(move || {
@@ -132,13 +201,11 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
         }
     });
     let mut out = Vec::new();
-    let mut qemu_wall = None;
-    while let Some(left) = cfg.timeout.checked_sub(start.elapsed()) {
+    while let Some(left) = timeout.checked_sub(start.elapsed()) {
         match rx.recv_timeout(left) {
             Ok(chunk) => {
                 out.extend_from_slice(&chunk);
-                if first_line_after(&out, INIT_MARKER) {
-                    qemu_wall = Some(start.elapsed().as_secs_f64());
+                if watch(&out, start.elapsed().as_secs_f64()) {
                     break;
                 }
             }
@@ -149,20 +216,180 @@ pub fn boot_vs_qemu(cfg: &BootBenchConfig) -> Result<BootBench, BenchError> {
     let _ = child.wait();
     drop(rx);
     let _ = reader.join();
-    let qemu_wall = qemu_wall.ok_or_else(|| {
-        let text = String::from_utf8_lossy(&out);
-        let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-        BenchError::QemuNoInitLine(cfg.timeout, tail)
+    Ok(out)
+}
+
+/// The last three lines of a console output, for messages.
+fn tail(out: &[u8]) -> String {
+    let text = String::from_utf8_lossy(out);
+    text.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+}
+
+/// The workload benchmark: a guest command run to its end on the software
+/// CPU and on QEMU TCG (both clocks), same kernel, initramfs and command
+/// line.
+#[derive(Debug, Clone)]
+pub struct WorkloadBenchConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line without `krr.run=`.
+    pub cmdline: String,
+    /// The guest command (`krr.run=`), e.g. "syscall-loop 20000".
+    pub workload: String,
+    pub vcpus: usize,
+    pub mem_bytes: u64,
+    pub qemu: PathBuf,
+    pub qemu_machine: String,
+    /// Give up on any one run after this long.
+    pub timeout: Duration,
+}
+
+/// Wall seconds of one run: from its start to the `KRR-END` line, and
+/// from the kernel starting /init to that line (the command and /init's
+/// own work, without the boot).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct WorkloadTimes {
+    pub whole_seconds: f64,
+    pub from_init_seconds: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkloadBench {
+    pub workload: String,
+    pub vcpus: usize,
+    pub krr: WorkloadTimes,
+    /// Guest instructions of the krr run (all vCPUs), and its guest
+    /// seconds of the command (`KRR-START` to `KRR-END`).
+    pub krr_instructions: u64,
+    pub krr_virtual_seconds_of_command: Option<f64>,
+    /// QEMU TCG on the host's clock.
+    pub qemu: WorkloadTimes,
+    /// QEMU TCG on the engine's clock (`-icount shift=0,sleep=off`); one
+    /// vCPU only: with `-smp 2` QEMU's guest did not reach /init in ten
+    /// minutes.
+    pub qemu_same_clock: Option<WorkloadTimes>,
+    /// krr / QEMU, whole runs (target: at most 1.2).
+    pub ratio: f64,
+    /// krr / QEMU from /init on.
+    pub ratio_from_init: f64,
+    /// krr / QEMU on the same clock from /init on (QEMU's boot on that
+    /// clock is slow for reasons of its own: about 10 s here).
+    pub ratio_same_clock_from_init: Option<f64>,
+    pub qemu_command: String,
+    pub qemu_same_clock_command: Option<String>,
+}
+
+/// The seconds at which QEMU's console completed the "Run /init" line and
+/// the `KRR-END status=0` line; an error naming what went wrong otherwise.
+fn qemu_workload_times(
+    cfg: &WorkloadBenchConfig,
+    args: &[String],
+) -> Result<WorkloadTimes, BenchError> {
+    let (mut init, mut end) = (None, None);
+    let out = run_qemu(&cfg.qemu, args, cfg.timeout, |out, t| {
+        if init.is_none() && complete_line_with(out, INIT_MARKER) {
+            init = Some(t);
+        }
+        if end.is_none() && complete_line_with(out, END_MARKER) {
+            end = Some(t);
+        }
+        end.is_some()
     })?;
-    Ok(BootBench {
+    let status = end_status(&out);
+    match (init, end, status) {
+        (Some(init), Some(end), Some(0)) => Ok(WorkloadTimes {
+            whole_seconds: end,
+            from_init_seconds: end - init,
+        }),
+        (_, Some(_), status) => Err(BenchError::Workload(format!(
+            "`{}` on QEMU ended with status {}; last output: {}",
+            cfg.workload,
+            status.map_or("?".to_string(), |s| s.to_string()),
+            tail(&out)
+        ))),
+        _ => Err(BenchError::Workload(format!(
+            "`{}` on QEMU printed no `{END_MARKER}` line within {:?}; last output: {}",
+            cfg.workload,
+            cfg.timeout,
+            tail(&out)
+        ))),
+    }
+}
+
+/// The end line the project's /init prints after the `krr.run` command.
+const END_MARKER: &str = "KRR-END status=";
+
+/// Whether `out` holds a complete line containing `marker`.
+fn complete_line_with(out: &[u8], marker: &str) -> bool {
+    out.windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+        .is_some_and(|i| out[i..].contains(&b'\n'))
+}
+
+/// The status of the first complete `KRR-END status=N` line.
+fn end_status(out: &[u8]) -> Option<i32> {
+    let text = String::from_utf8_lossy(out);
+    let i = text.find(END_MARKER)?;
+    let rest = &text[i + END_MARKER.len()..];
+    rest[..rest.find('\n')?].trim().parse().ok()
+}
+
+/// Runs the workload on the software CPU, then on QEMU TCG with the
+/// host's clock, then (one vCPU) with the engine's clock, and compares.
+pub fn workload_vs_qemu(cfg: &WorkloadBenchConfig) -> Result<WorkloadBench, BenchError> {
+    let cmdline = format!("{} krr.run=\"{}\"", cfg.cmdline, cfg.workload);
+    let mut mc = MachineConfig::new(
+        cfg.kernel.clone(),
+        Some(cfg.initrd.clone()),
+        cmdline.clone(),
+    );
+    mc.vcpus = cfg.vcpus;
+    mc.mem_bytes = cfg.mem_bytes;
+    let r = Machine::new(mc, Backend::Tcg)?.run();
+    workload_window(&r, "krr")?;
+    let (Some(init), Some(end)) = (r.wall_seconds_to_init, r.wall_seconds_to_end_marker) else {
+        return Err(BenchError::Workload(format!(
+            "the krr run of `{}` lacks the /init or the `{END_MARKER}` line",
+            cfg.workload
+        )));
+    };
+    let krr = WorkloadTimes {
+        whole_seconds: end,
+        from_init_seconds: end - init,
+    };
+    let args_of = |clock| {
+        qemu_args(
+            &cfg.qemu_machine,
+            &cfg.kernel,
+            &cfg.initrd,
+            &cmdline,
+            cfg.vcpus,
+            cfg.mem_bytes,
+            clock,
+        )
+    };
+    let (host_args, same_args) = (args_of(QemuClock::Host), args_of(QemuClock::Instructions));
+    let qemu = qemu_workload_times(cfg, &host_args)?;
+    let qemu_same_clock = if cfg.vcpus == 1 {
+        Some(qemu_workload_times(cfg, &same_args)?)
+    } else {
+        None
+    };
+    let command = |args: &[String]| format!("{} {}", cfg.qemu.display(), args.join(" "));
+    Ok(WorkloadBench {
+        workload: cfg.workload.clone(),
         vcpus: cfg.vcpus,
-        krr_wall_seconds: krr_wall,
-        krr_instructions_to_init: krr_instr,
-        krr_mips,
-        krr_end: r.end,
-        qemu_wall_seconds: qemu_wall,
-        ratio: krr_wall / qemu_wall,
-        qemu_command,
+        krr,
+        krr_instructions: r.instructions,
+        krr_virtual_seconds_of_command: r.virtual_seconds_of_command,
+        qemu,
+        qemu_same_clock,
+        ratio: krr.whole_seconds / qemu.whole_seconds,
+        ratio_from_init: krr.from_init_seconds / qemu.from_init_seconds,
+        ratio_same_clock_from_init: qemu_same_clock
+            .map(|q| krr.from_init_seconds / q.from_init_seconds),
+        qemu_command: command(&host_args),
+        qemu_same_clock_command: qemu_same_clock.map(|_| command(&same_args)),
     })
 }
 
@@ -182,12 +409,15 @@ pub struct RecordBenchConfig {
     /// Where the recording goes (a scratch directory; it is deleted after
     /// its statistics are read).
     pub recordings: PathBuf,
+    /// Run the recorded run before the plain one.
+    pub recorded_first: bool,
 }
 
 /// One plain run and one recorded run of a workload.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RecordBench {
     pub workload: String,
+    pub recorded_first: bool,
     /// Wall seconds from the kernel starting /init to the end of the run,
     /// without recording.
     pub plain_seconds: f64,
@@ -222,9 +452,9 @@ pub struct RecordBench {
     pub log_bytes_per_second: f64,
     /// Events per class, as `krr log stats` counts them.
     pub classes: Vec<(String, u64)>,
-    /// Log bytes per second of the workload command's guest (virtual)
-    /// time, the measure KRR quotes (about 160 KB/s); `None` when the
-    /// command's time is unknown or zero.
+    /// Log bytes per second of the recording's guest (virtual) time, the
+    /// measure KRR quotes (about 160 KB/s); `None` when that time is
+    /// unknown or zero.
     pub log_bytes_per_guest_second: Option<f64>,
     /// Wall seconds to replay the recording's kernel alone (from its
     /// snapshot to its end).
@@ -267,24 +497,39 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
         m.mem_bytes = cfg.mem_bytes;
         m
     };
-    let plain = Machine::new(machine_cfg(), Backend::Tcg)?.run();
-    let plain_seconds = workload_window(&plain, "plain")?;
-
-    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = format!(
-        "bench-{}-{}",
-        std::process::id(),
-        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let mut rc = RecordConfig::new(name, cfg.recordings.clone());
-    rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
-    let mut machine = RecordingSession::machine(machine_cfg(), rc, Backend::Tcg)?;
-    let recorded = machine.run();
-    let recorded_seconds = workload_window(&recorded, "recorded")?;
-    let rec = RecordingSession::take(&mut machine)
-        .first()
-        .cloned()
-        .ok_or_else(|| BenchError::Workload("the recorded run made no recording".into()))?;
+    let run_plain = || -> Result<_, BenchError> {
+        let plain = Machine::new(machine_cfg(), Backend::Tcg)?.run();
+        let seconds = workload_window(&plain, "plain")?;
+        Ok((plain, seconds))
+    };
+    let run_recorded = || -> Result<_, BenchError> {
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!(
+            "bench-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut rc = RecordConfig::new(name, cfg.recordings.clone());
+        rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
+        let mut machine = RecordingSession::machine(machine_cfg(), rc, Backend::Tcg)?;
+        let recorded = machine.run();
+        let seconds = workload_window(&recorded, "recorded")?;
+        let rec = RecordingSession::take(&mut machine)
+            .first()
+            .cloned()
+            .ok_or_else(|| BenchError::Workload("the recorded run made no recording".into()))?;
+        Ok((recorded, seconds, rec))
+    };
+    // Which run goes first alternates between calls (`recorded_first`), so
+    // that what the second run of a process meets (a warm allocator, the
+    // first machine's freed memory) does not always fall on one side.
+    let ((plain, plain_seconds), (recorded, recorded_seconds, rec)) = if cfg.recorded_first {
+        let r = run_recorded()?;
+        (run_plain()?, r)
+    } else {
+        let p = run_plain()?;
+        (p, run_recorded()?)
+    };
     if !rec.ok {
         return Err(BenchError::Workload(format!(
             "the recording {} is not complete: {}",
@@ -312,6 +557,7 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
     let _ = std::fs::remove_dir_all(&rec.dir);
     Ok(RecordBench {
         workload: cfg.workload.clone(),
+        recorded_first: cfg.recorded_first,
         plain_seconds,
         recorded_seconds,
         ratio: recorded_seconds / plain_seconds.max(1e-9),
@@ -333,10 +579,12 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
             .filter(|c| c.count > 0)
             .map(|c| (c.class.clone(), c.count))
             .collect(),
-        log_bytes_per_guest_second: recorded
-            .virtual_seconds_of_command
-            .filter(|&s| s > 0.0)
-            .map(|s| stats.file_bytes as f64 / s),
+        // Over the recording's own guest time: the log also holds /init's
+        // work before and after the command.
+        log_bytes_per_guest_second: stats
+            .virtual_ns
+            .filter(|&ns| ns > 0)
+            .map(|ns| stats.file_bytes as f64 / (ns as f64 / 1e9)),
         replay_seconds: replay.wall_seconds,
         replay_peak_rss_bytes,
         guest_mem_bytes: cfg.mem_bytes,
@@ -357,4 +605,45 @@ fn peak_rss_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_line_counts_only_once_complete_and_gives_its_status() {
+        assert!(!complete_line_with(
+            b"KRR-START\r\nKRR-END status=0",
+            END_MARKER
+        ));
+        assert_eq!(end_status(b"KRR-END status=0"), None);
+        let out = b"KRR-START\r\nKRR-END status=3\r\n[ 1.0] reboot\r\n";
+        assert!(complete_line_with(out, END_MARKER));
+        assert_eq!(end_status(out), Some(3));
+        assert_eq!(end_status(b"KRR-END status=x\r\n"), None);
+    }
+
+    #[test]
+    fn qemu_runs_on_the_engines_clock_only_when_asked() {
+        let args = |clock| {
+            qemu_args(
+                "microvm,acpi=off",
+                Path::new("bzImage"),
+                Path::new("initrd"),
+                "console=ttyS0",
+                2,
+                512 << 20,
+                clock,
+            )
+        };
+        let host = args(QemuClock::Host);
+        assert!(!host.iter().any(|a| a == "-icount"));
+        assert!(host.windows(2).any(|w| w == ["-smp", "2"]));
+        assert!(host.windows(2).any(|w| w == ["-m", "512M"]));
+        let same = args(QemuClock::Instructions);
+        assert!(same
+            .windows(2)
+            .any(|w| w == ["-icount", "shift=0,sleep=off"]));
+    }
 }

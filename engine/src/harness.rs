@@ -71,6 +71,9 @@ pub struct BenchRecordArgs {
     /// $KRR_RECORDINGS.
     #[arg(long)]
     pub recordings: Option<PathBuf>,
+    /// Run the recorded run first, then the plain one.
+    #[arg(long)]
+    pub recorded_first: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +94,7 @@ pub fn bench_record(a: BenchRecordArgs) -> anyhow::Result<()> {
         recordings: a
             .recordings
             .unwrap_or_else(crate::record::recording::recordings_dir),
+        recorded_first: a.recorded_first,
     };
     let r = record_vs_plain(&cfg).with_context(|| format!("workload `{}`", cfg.workload))?;
     if a.json {

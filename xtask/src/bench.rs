@@ -7,17 +7,23 @@
 //! Each run is one `krr bench-boot` or `krr bench-record` process (see
 //! [`crate::krr_bin`]); its JSON object is kept as it is under `runs`.
 
+use crate::bench_figure::{self, Bar};
 use crate::krr_bin::{self, number};
 use crate::{images, repo_root};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use serde_json::Value;
 use std::ffi::OsStr;
+use std::path::PathBuf;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Benchmark {
     /// Boot to the first line of /init: krr (tcg) vs qemu-system-x86_64 -accel tcg.
     Boot,
+    /// Boot-only, CPU-bound and syscall-heavy guest commands run to their
+    /// end: krr (tcg) vs QEMU TCG on the host's clock and on the engine's
+    /// (`-icount shift=0,sleep=off`).
+    Workloads,
     /// Recording slowdown on the software CPU: a syscall-heavy and a
     /// CPU-bound workload, plain vs recorded, plus log growth.
     Record,
@@ -49,6 +55,7 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
 pub fn run(which: Benchmark, repetitions: usize) -> Result<()> {
     match which {
         Benchmark::Boot => boot(repetitions),
+        Benchmark::Workloads => workloads(repetitions),
         Benchmark::Record => record(repetitions, false),
         Benchmark::Replay => record(repetitions, true),
         Benchmark::Gdb => crate::bench_gdb::run(repetitions),
@@ -65,7 +72,9 @@ fn micro() -> Result<()> {
     crate::test::cargo(&args, &[])
 }
 
-fn boot(repetitions: usize) -> Result<()> {
+/// Checks `repetitions`, builds `krr` and the guest images both QEMU and
+/// krr boot (the kernel without the agent, the base initramfs).
+fn krr_and_plain_guest(repetitions: usize) -> Result<(PathBuf, PathBuf, PathBuf)> {
     if repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
@@ -74,7 +83,11 @@ fn boot(repetitions: usize) -> Result<()> {
         ("guest-6.1", "bzImage"),
         ("initramfs-base", "initramfs.cpio.gz"),
     ])?;
-    let (kernel, initrd) = (files[0].clone(), files[1].clone());
+    Ok((krr_exe, files[0].clone(), files[1].clone()))
+}
+
+fn boot(repetitions: usize) -> Result<()> {
+    let (krr_exe, kernel, initrd) = krr_and_plain_guest(repetitions)?;
     let mut rows = Vec::new();
     for vcpus in [1usize, 2] {
         let mut runs: Vec<BootRun> = Vec::new();
@@ -132,9 +145,16 @@ fn boot(repetitions: usize) -> Result<()> {
             row["krr_mips_median"].as_f64().unwrap_or(f64::NAN),
         );
     }
-    let dir = repo_root().join("results/bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let out = dir.join("boot.json");
+    let bars: Vec<Bar> = rows
+        .iter()
+        .map(|row| {
+            Bar::new(
+                format!("boot to /init's first line, {} vCPU", row["vcpus"]),
+                row["ratio_of_medians"].as_f64().unwrap_or(f64::NAN),
+                Some(BOOT_TARGET),
+            )
+        })
+        .collect();
     let doc = serde_json::json!({
         "benchmark": "boot",
         "kernel": kernel,
@@ -143,9 +163,171 @@ fn boot(repetitions: usize) -> Result<()> {
         "repetitions": repetitions,
         "results": rows,
     });
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
+    write_results(
+        "boot",
+        &doc,
+        &format!("krr boot / QEMU TCG boot, wall time, medians of {repetitions}"),
+        &bars,
+    )
+}
+
+/// The workload benchmark's guest commands: boot only, CPU-bound,
+/// syscall-heavy (the table).
+const WORKLOADS: &[&str] = &["true", "cpu-loop 40", "syscall-loop 20000"];
+
+/// Kernel command line of the workload benchmark (`krr.run=` is added).
+const WORKLOAD_CMDLINE: &str = "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1";
+
+/// Each workload on 1 and 2 vCPUs, `repetitions` times: one `krr
+/// bench-workload` process per run, which runs krr, QEMU TCG and QEMU TCG
+/// on the engine's clock one after the other.
+fn workloads(repetitions: usize) -> Result<()> {
+    let (krr_exe, kernel, initrd) = krr_and_plain_guest(repetitions)?;
+    let mut rows = Vec::new();
+    for &workload in WORKLOADS {
+        for vcpus in [1usize, 2] {
+            let mut runs: Vec<Value> = Vec::new();
+            for rep in 1..=repetitions {
+                let vcpus_arg = vcpus.to_string();
+                let args: &[&OsStr] = &[
+                    "bench-workload".as_ref(),
+                    "--kernel".as_ref(),
+                    kernel.as_os_str(),
+                    "--initrd".as_ref(),
+                    initrd.as_os_str(),
+                    "--append".as_ref(),
+                    WORKLOAD_CMDLINE.as_ref(),
+                    "--workload".as_ref(),
+                    workload.as_ref(),
+                    "--vcpus".as_ref(),
+                    vcpus_arg.as_ref(),
+                    "--json".as_ref(),
+                ];
+                let what = format!("workload benchmark, `{workload}`, {vcpus} vCPU(s), run {rep}");
+                let r = krr_bin::run_json(&krr_exe, args).with_context(|| what.clone())?;
+                let t = |side: &str, key: &str| number(&r[side], key, "krr bench-workload");
+                let same_clock = r["qemu_same_clock"]["from_init_seconds"]
+                    .as_f64()
+                    .map_or(String::new(), |s| {
+                        format!(", qemu on the engine's clock {s:.2} s from /init")
+                    });
+                eprintln!(
+                    "  `{workload}` {vcpus} vCPU(s) run {rep}: krr {:.2} s ({:.2} from /init), qemu {:.2} s ({:.2}){same_clock}",
+                    t("krr", "whole_seconds").with_context(|| what.clone())?,
+                    t("krr", "from_init_seconds")?,
+                    t("qemu", "whole_seconds")?,
+                    t("qemu", "from_init_seconds")?,
+                );
+                runs.push(r);
+            }
+            let med = |side: &str, key: &str| -> Result<f64> {
+                Ok(median(
+                    runs.iter()
+                        .map(|r| number(&r[side], key, "krr bench-workload"))
+                        .collect::<Result<_>>()?,
+                ))
+            };
+            let krr = med("krr", "whole_seconds")?;
+            let krr_init = med("krr", "from_init_seconds")?;
+            let qemu = med("qemu", "whole_seconds")?;
+            let qemu_init = med("qemu", "from_init_seconds")?;
+            // QEMU on the engine's clock runs with one vCPU only.
+            let same_init = if vcpus == 1 {
+                Some(med("qemu_same_clock", "from_init_seconds")?)
+            } else {
+                None
+            };
+            rows.push(serde_json::json!({
+                "workload": workload,
+                "vcpus": vcpus,
+                "krr_seconds_median": krr,
+                "krr_from_init_seconds_median": krr_init,
+                "qemu_seconds_median": qemu,
+                "qemu_from_init_seconds_median": qemu_init,
+                "qemu_same_clock_from_init_seconds_median": same_init,
+                "ratio_of_medians": krr / qemu,
+                "ratio_from_init_of_medians": krr_init / qemu_init,
+                "ratio_same_clock_from_init_of_medians": same_init.map(|s| krr_init / s),
+                "target": BOOT_TARGET,
+                "runs": runs,
+            }));
+        }
+    }
+    println!("| workload | vCPUs | krr (s) | QEMU TCG (s) | krr / QEMU (target <= {BOOT_TARGET}) | from /init: krr (s) | QEMU TCG (s) | krr / QEMU | QEMU on the engine's clock (s) | krr / that |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut bars = Vec::new();
+    for row in &rows {
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        let name = format!(
+            "{}, {} vCPU",
+            row["workload"].as_str().unwrap_or("?"),
+            row["vcpus"]
+        );
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            row["workload"].as_str().unwrap_or("?"),
+            row["vcpus"],
+            f("krr_seconds_median"),
+            f("qemu_seconds_median"),
+            f("ratio_of_medians"),
+            f("krr_from_init_seconds_median"),
+            f("qemu_from_init_seconds_median"),
+            f("ratio_from_init_of_medians"),
+            dash(f("qemu_same_clock_from_init_seconds_median")),
+            dash(f("ratio_same_clock_from_init_of_medians")),
+        );
+        bars.push(Bar::new(
+            format!("{name}: whole run"),
+            f("ratio_of_medians"),
+            Some(BOOT_TARGET),
+        ));
+        bars.push(Bar::new(
+            format!("{name}: from /init"),
+            f("ratio_from_init_of_medians"),
+            Some(BOOT_TARGET),
+        ));
+        bars.push(Bar::new(
+            format!("{name}: from /init, same clock"),
+            f("ratio_same_clock_from_init_of_medians"),
+            None,
+        ));
+    }
+    let doc = serde_json::json!({
+        "benchmark": "workloads",
+        "kernel": kernel,
+        "initrd": initrd,
+        "cmdline": WORKLOAD_CMDLINE,
+        "repetitions": repetitions,
+        "results": rows,
+    });
+    write_results(
+        "workloads",
+        &doc,
+        &format!("krr run / QEMU TCG, wall time, medians of {repetitions}"),
+        &bars,
+    )
+}
+
+/// A value with two decimals, or `-` for one not measured.
+fn dash(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "-".into()
+    }
+}
+
+/// Writes `results/bench/NAME.json` and its figure `NAME.png` (and `.svg`).
+fn write_results(name: &str, doc: &Value, title: &str, bars: &[Bar]) -> Result<()> {
+    let dir = repo_root().join("results/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join(format!("{name}.json"));
+    std::fs::write(&out, serde_json::to_string_pretty(doc)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
+    for f in bench_figure::write(&dir.join(name), title, bars)? {
+        eprintln!("wrote {}", f.display());
+    }
     Ok(())
 }
 
@@ -285,7 +467,12 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
                 scratch.path().as_os_str(),
                 "--json".as_ref(),
             ];
-            let r = krr_bin::run_json(&krr_exe, args)
+            // Every other run records first (see `krr bench-record --recorded-first`).
+            let mut args = args.to_vec();
+            if rep % 2 == 0 {
+                args.push("--recorded-first".as_ref());
+            }
+            let r = krr_bin::run_json(&krr_exe, &args)
                 .and_then(RecordRun::from_json)
                 .with_context(|| format!("record benchmark, `{workload}`, run {rep}"))?;
             eprintln!(
@@ -399,11 +586,42 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
             LOG_TARGET_BYTES_PER_GUEST_SECOND / 1e3,
         );
     }
-    let dir = repo_root().join("results/bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let out = dir.join(if replay { "replay.json" } else { "record.json" });
+    let mut bars = Vec::new();
+    for row in &rows {
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        let w = row["workload"].as_str().unwrap_or("?");
+        if replay {
+            bars.push(Bar::new(
+                format!("{w}: replay / recorded"),
+                f("replay_over_recorded"),
+                Some(f("replay_target")),
+            ));
+            bars.push(Bar::new(
+                format!("{w}: replay RSS / guest RAM"),
+                f("replay_rss_over_guest_mem"),
+                Some(REPLAY_RSS_TARGET),
+            ));
+        } else {
+            bars.push(Bar::new(
+                format!("{w}: recorded / plain"),
+                f("ratio_median"),
+                Some(f("record_target")),
+            ));
+            bars.push(Bar::new(
+                format!("{w}: guest instructions"),
+                f("instruction_ratio"),
+                None,
+            ));
+            bars.push(Bar::new(
+                format!("{w}: log / KRR's 160 KB per guest s"),
+                f("log_bytes_per_guest_second_median") / LOG_TARGET_BYTES_PER_GUEST_SECOND,
+                Some(1.0),
+            ));
+        }
+    }
+    let name = if replay { "replay" } else { "record" };
     let doc = serde_json::json!({
-        "benchmark": if replay { "replay" } else { "record" },
+        "benchmark": name,
         "backend": "tcg",
         "kernel": kernel,
         "initrd": initrd,
@@ -412,8 +630,10 @@ fn record(repetitions: usize, replay: bool) -> Result<()> {
         "repetitions": repetitions,
         "results": rows,
     });
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("wrote {}", out.display());
-    Ok(())
+    write_results(
+        name,
+        &doc,
+        &format!("{name} benchmark (software CPU), medians of {repetitions}"),
+        &bars,
+    )
 }

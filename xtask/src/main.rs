@@ -6,6 +6,7 @@
 //! needs nothing but Rust.
 
 mod bench;
+mod bench_figure;
 mod bench_gdb;
 mod doctor;
 mod eval;

@@ -196,6 +196,9 @@ pub struct RunReport {
     /// Wall time until the first complete console line after that one
     /// (the first line `/init` prints): the boot benchmark's end point.
     pub wall_seconds_to_first_init_line: Option<f64>,
+    /// Wall time until the console scan found the `KRR-END` line (the
+    /// guest's shutdown after it is not counted).
+    pub wall_seconds_to_end_marker: Option<f64>,
     /// Bytes of console output, all of it.
     pub console_bytes: u64,
     /// SHA-256 of the whole console output (determinism checks).
@@ -632,6 +635,7 @@ impl Machine {
             instructions_to_init: to_init.map(|t| t.0),
             wall_seconds_to_init: to_init.map(|t| t.1.as_secs_f64()),
             wall_seconds_to_first_init_line: None,
+            wall_seconds_to_end_marker: None,
             console_bytes: output.end(),
             console_sha256: output.sha256_hex(),
             console_dropped_bytes: output.start(),
@@ -684,6 +688,7 @@ struct ConsoleWatch {
     /// Virtual time (ns) when `/init` printed its start and end markers.
     command_started_ns: Option<u64>,
     command_ended_ns: Option<u64>,
+    command_ended_wall: Option<Duration>,
     /// Instructions, virtual time (ns) and wall time at the window's
     /// begin and end lines.
     window_begin: Option<(u64, u64, Duration)>,
@@ -759,6 +764,7 @@ impl ConsoleWatch {
             if let Some(s) = parse_marker(&text, END_MARKER) {
                 self.end_status = s.trim().parse().ok();
                 self.command_ended_ns = Some(virtual_ns);
+                self.command_ended_wall = Some(elapsed);
             }
         }
         parse_marker(&text, PANIC_MARKER).map(|line| RunEnd::Panic {

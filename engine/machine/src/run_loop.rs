@@ -538,6 +538,7 @@ impl Machine {
         let mut report = self.report(end, stats, start.elapsed(), console.to_init);
         report.wall_seconds_to_first_init_line = console.first_init_line.map(|d| d.as_secs_f64());
         report.virtual_seconds_of_command = console.command_seconds();
+        report.wall_seconds_to_end_marker = console.command_ended_wall.map(|d| d.as_secs_f64());
         report.window = console.window();
         pacer.finish_report(&mut report);
         report

@@ -215,7 +215,9 @@ pub struct StopPoint {
     /// Each vCPU's instructions retired, in all and in the kernel.
     pub instructions_per_vcpu: Vec<u64>,
     pub kernel_instructions_per_vcpu: Vec<u64>,
+    /// The virtual clock then, and when the recording started.
     pub virtual_ns: u64,
+    pub start_virtual_ns: u64,
     pub triple_fault_vcpu: Option<usize>,
     /// The kernel's crash report, when the run ended in a panic.
     pub crash: Option<krr_crash::CrashReport>,
@@ -526,6 +528,7 @@ impl Recorder {
             kernel_instructions_per_vcpu: at.kernel_instructions_per_vcpu,
             triple_fault_vcpu: at.triple_fault_vcpu,
             virtual_ns: at.virtual_ns,
+            start_virtual_ns: Some(at.start_virtual_ns),
             wall_seconds: active.started.elapsed().as_secs_f64(),
             agent_events_written: ring
                 .events_written

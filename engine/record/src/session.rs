@@ -40,6 +40,8 @@ pub struct RecordingSession {
     /// Console position where the recording started: a crash report
     /// before that (a soft lockup while booting) is not the recording's.
     console_at_start: u64,
+    /// The machine's virtual clock when the running recording started.
+    virtual_at_start: u64,
 }
 
 /// A configuration prepared for recording: where the ring is.
@@ -109,6 +111,7 @@ impl RecordingSession {
             trigger_scan: 0,
             agent_checked: false,
             console_at_start: 0,
+            virtual_at_start: 0,
         }));
         Ok(())
     }
@@ -142,6 +145,7 @@ impl RecordingSession {
         let devices = serde_json::to_value(m.platform.device_state())
             .map_err(|e| format!("device state: {e}"))?;
         self.console_at_start = m.console().end();
+        self.virtual_at_start = m.virtual_now();
         self.recorder.start(&cpus, devices, self.console_at_start)?;
         Ok(())
     }
@@ -169,6 +173,7 @@ impl RecordingSession {
                 .map(|v| v.kernel_instructions_retired().unwrap_or(0))
                 .collect(),
             virtual_ns: m.virtual_now(),
+            start_virtual_ns: self.virtual_at_start,
             triple_fault_vcpu: m.triple_fault_vcpu,
             crash,
         };

@@ -57,6 +57,11 @@ enum Command {
     /// Boot benchmark: wall time to the first line of /init on the software
     /// CPU and on `qemu-system-x86_64 -accel tcg`, same kernel and initramfs.
     BenchBoot(BenchArgs),
+    /// Workload benchmark: a guest command run to its end on the software
+    /// CPU, on `qemu-system-x86_64 -accel tcg`, and on QEMU TCG with the
+    /// engine's clock (`-icount shift=0,sleep=off`); same kernel, initramfs
+    /// and command line.
+    BenchWorkload(BenchWorkloadArgs),
     /// Recording benchmark, one run (software CPU): a workload plain, then
     /// recorded from /init on, then the recording replayed.
     BenchRecord(krr_engine::harness::BenchRecordArgs),
@@ -102,6 +107,38 @@ struct BenchArgs {
     /// QEMU machine type (`pc` suits distribution kernels).
     #[arg(long, default_value = "microvm,acpi=off")]
     qemu_machine: String,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
+struct BenchWorkloadArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Kernel command line, without `krr.run=`.
+    #[arg(
+        long,
+        default_value = "console=ttyS0 acpi=off tsc=reliable mitigations=off panic=-1"
+    )]
+    append: String,
+    /// The guest command (`krr.run=`), e.g. "syscall-loop 20000".
+    #[arg(long)]
+    workload: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    mem: u64,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// QEMU machine type (`pc` suits distribution kernels).
+    #[arg(long, default_value = "microvm,acpi=off")]
+    qemu_machine: String,
+    /// Give up on any one run after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -627,6 +664,63 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_workload(a: BenchWorkloadArgs) -> anyhow::Result<()> {
+    if !(1..=krr_engine::machine::MAX_VCPUS).contains(&a.vcpus) {
+        bail!(
+            "--vcpus {}: expected 1 to {}",
+            a.vcpus,
+            krr_engine::machine::MAX_VCPUS
+        );
+    }
+    if a.workload.contains('"') {
+        bail!(
+            "--workload {:?}: no double quotes (it goes into the kernel command line inside them)",
+            a.workload
+        );
+    }
+    let cfg = krr_engine::bench::WorkloadBenchConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.append,
+        workload: a.workload,
+        vcpus: a.vcpus,
+        mem_bytes: a.mem,
+        qemu: a.qemu,
+        qemu_machine: a.qemu_machine,
+        timeout: std::time::Duration::from_secs(a.timeout),
+    };
+    let b = krr_engine::bench::workload_vs_qemu(&cfg)
+        .with_context(|| format!("workload `{}`", cfg.workload))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&b)?);
+    } else {
+        println!(
+            "`{}`, {} vCPU(s), wall seconds to its end (from /init in brackets):",
+            b.workload, b.vcpus
+        );
+        let line = |name: &str, t: &krr_engine::bench::WorkloadTimes| {
+            println!(
+                "  {name:<26} {:8.3} s  ({:.3} s)",
+                t.whole_seconds, t.from_init_seconds
+            )
+        };
+        line("krr tcg", &b.krr);
+        line("qemu tcg", &b.qemu);
+        if let Some(q) = &b.qemu_same_clock {
+            line("qemu tcg, engine's clock", q);
+        }
+        println!(
+            "  krr / QEMU TCG {:.2} x ({:.2} x from /init; target: at most 1.2)",
+            b.ratio, b.ratio_from_init
+        );
+        match b.ratio_same_clock_from_init {
+            Some(r) => println!("  krr / QEMU TCG on the engine's clock, from /init: {r:.2} x"),
+            None => println!("  QEMU on the engine's clock: not run (one vCPU only)"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     // Like other command-line tools, die quietly when the reader of stdout
     // goes away (`krr log dump NAME | head`) instead of panicking in print!.
@@ -656,6 +750,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::BenchBoot(a) => bench(a),
+        Command::BenchWorkload(a) => bench_workload(a),
         Command::BenchRecord(a) => krr_engine::harness::bench_record(a),
         Command::ValidateReplayOne(a) => krr_engine::harness::validate_replay_one(a),
         Command::StressNgStressors(a) => krr_engine::harness::stress_ng_stressors(a),

@@ -10,7 +10,7 @@
 
 mod bug_repro;
 mod cell;
-mod figures;
+pub(crate) mod figures;
 pub(crate) mod journal;
 mod merge;
 mod plan;

@@ -323,8 +323,12 @@ pub struct RecordingEnd {
     /// exception that could not be delivered): replay ends there too.
     #[serde(default)]
     pub triple_fault_vcpu: Option<usize>,
-    /// Guest (virtual clock) time the recording covers.
+    /// The guest's virtual clock at the end (nanoseconds since boot).
     pub virtual_ns: u64,
+    /// The virtual clock when the recording started (recordings before
+    /// December 2026 lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_virtual_ns: Option<u64>,
     pub wall_seconds: f64,
     pub agent_events_written: u64,
     pub agent_dropped_events: u64,
@@ -344,9 +348,40 @@ pub struct RecordingEnd {
     pub crash: Option<krr_crash::CrashReport>,
 }
 
+impl RecordingEnd {
+    /// Guest (virtual clock) time the recording covers; from boot for a
+    /// recording that lacks its start time.
+    pub fn covered_virtual_ns(&self) -> u64 {
+        self.virtual_ns
+            .saturating_sub(self.start_virtual_ns.unwrap_or(0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recording_covers_the_guest_time_since_its_start() {
+        let mut end = RecordingEnd {
+            virtual_ns: 1_045_959_122,
+            start_virtual_ns: Some(299_794_517),
+            ..RecordingEnd::default()
+        };
+        assert_eq!(end.covered_virtual_ns(), 746_164_605);
+        let json = serde_json::to_string(&end).unwrap();
+        assert_eq!(serde_json::from_str::<RecordingEnd>(&json).unwrap(), end);
+        // An older end.json has no start: from boot, as it was read then.
+        end.start_virtual_ns = None;
+        let json = serde_json::to_string(&end).unwrap();
+        assert!(!json.contains("start_virtual_ns"));
+        assert_eq!(
+            serde_json::from_str::<RecordingEnd>(&json)
+                .unwrap()
+                .covered_virtual_ns(),
+            1_045_959_122
+        );
+    }
 
     fn sha256_of(bytes: &[u8]) -> String {
         format!("{:x}", Sha256::digest(bytes))

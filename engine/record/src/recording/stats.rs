@@ -36,6 +36,7 @@ pub struct Stats {
     pub file_bytes: u64,
     pub bytes_per_event: f64,
     pub dma_bytes: u64,
+    /// Guest (virtual) time the recording covers.
     pub virtual_ns: Option<u64>,
     pub wall_seconds: Option<f64>,
     /// Events per second of recording wall time.
@@ -143,7 +144,7 @@ pub fn stats(dir: &Path) -> Result<Stats, RecordingError> {
             0.0
         },
         dma_bytes,
-        virtual_ns: end.as_ref().map(|e| e.virtual_ns),
+        virtual_ns: end.as_ref().map(|e| e.covered_virtual_ns()),
         wall_seconds: wall,
         events_per_second: wall.filter(|w| *w > 0.0).map(|w| events as f64 / w),
         incomplete,
