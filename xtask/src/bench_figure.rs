@@ -68,19 +68,30 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let x_max = bars
-        .iter()
-        .flat_map(|b| [Some(b.value), b.target])
-        .flatten()
-        .fold(1.0f64, f64::max)
-        * 1.15;
+    let values = || {
+        bars.iter()
+            .flat_map(|b| [Some(b.value), b.target])
+            .flatten()
+            .filter(|v| *v > 0.0)
+    };
+    let hi = values().fold(1.0f64, f64::max);
+    let lo = values().fold(1.0f64, f64::min);
+    // Ratios far apart (a log 50x its target beside ratios near 1) go on a
+    // log axis, so that the small ones stay readable.
+    let log = hi / lo > 8.0;
+    let (x_lo, x_max) = if log {
+        ((lo / 2.0).log10().floor(), (hi * 2.0).log10())
+    } else {
+        (0.0, hi * 1.15)
+    };
+    let x = |v: f64| if log { v.max(1e-9).log10() } else { v };
     let n = bars.len().max(1);
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(330)
-        .build_cartesian_2d(0f64..x_max, 0f64..n as f64)?;
+        .build_cartesian_2d(x_lo..x_max, 0f64..n as f64)?;
     let label_of = |y: &f64| {
         // Row i (from the top) spans [n-1-i, n-i); its label sits at the middle.
         let i = n as f64 - 0.5 - y;
@@ -96,7 +107,23 @@ where
         .disable_y_mesh()
         .y_labels(2 * n + 1)
         .y_label_formatter(&label_of)
-        .x_desc("ratio (bar: measured; black mark: target, at most)")
+        .x_label_formatter(&|v: &f64| {
+            if log {
+                let r = 10f64.powf(*v);
+                match r {
+                    r if r >= 10.0 => format!("{r:.0}"),
+                    r if r >= 1.0 => format!("{r:.1}"),
+                    r => format!("{r:.2}"),
+                }
+            } else {
+                format!("{v:.1}")
+            }
+        })
+        .x_desc(if log {
+            "ratio, log scale (bar: measured; black mark: target, at most)"
+        } else {
+            "ratio (bar: measured; black mark: target, at most)"
+        })
         .label_style(("sans-serif", 14))
         .draw()?;
     for (i, bar) in bars.iter().enumerate() {
@@ -108,17 +135,20 @@ where
             None => NO_TARGET,
         };
         chart.draw_series(std::iter::once(Rectangle::new(
-            [(0.0, bottom), (bar.value, top)],
+            [(x_lo, bottom), (x(bar.value), top)],
             colour.filled(),
         )))?;
         chart.draw_series(std::iter::once(Text::new(
             format!("{:.2}", bar.value),
-            (bar.value + x_max * 0.005, (bottom + top) / 2.0 + 0.2),
+            (
+                x(bar.value) + (x_max - x_lo) * 0.005,
+                (bottom + top) / 2.0 + 0.2,
+            ),
             ("sans-serif", 14).into_font(),
         )))?;
         if let Some(t) = bar.target {
             chart.draw_series(std::iter::once(PathElement::new(
-                vec![(t, bottom - 0.1), (t, top + 0.1)],
+                vec![(x(t), bottom - 0.1), (x(t), top + 0.1)],
                 BLACK.stroke_width(3),
             )))?;
         }
