@@ -10,7 +10,10 @@
 //! Recording: a workload run plainly and recorded on the same backend
 //! ([`record_vs_plain`]); the window is /init to the end of the run.
 
-use crate::machine::{first_line_after, Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
+use crate::machine::{
+    first_line_after, parse_marker, Backend, Machine, MachineConfig, RunEnd, END_MARKER,
+    INIT_MARKER,
+};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -225,11 +228,10 @@ fn tail(out: &[u8]) -> String {
     text.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
 }
 
-/// The workload benchmark: a guest command run to its end on the software
-/// CPU and on QEMU TCG (both clocks), same kernel, initramfs and command
-/// line.
+/// A guest command on the project's kernel and initramfs: what the
+/// workload and record benchmarks run.
 #[derive(Debug, Clone)]
-pub struct WorkloadBenchConfig {
+pub struct GuestCommand {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// Kernel command line without `krr.run=`.
@@ -238,6 +240,31 @@ pub struct WorkloadBenchConfig {
     pub workload: String,
     pub vcpus: usize,
     pub mem_bytes: u64,
+}
+
+impl GuestCommand {
+    /// The kernel command line with the command as `krr.run=`.
+    fn full_cmdline(&self) -> String {
+        format!("{} krr.run=\"{}\"", self.cmdline, self.workload)
+    }
+
+    fn machine_config(&self) -> MachineConfig {
+        let mut m = MachineConfig::new(
+            self.kernel.clone(),
+            Some(self.initrd.clone()),
+            self.full_cmdline(),
+        );
+        m.vcpus = self.vcpus;
+        m.mem_bytes = self.mem_bytes;
+        m
+    }
+}
+
+/// The workload benchmark: a guest command run to its end on the software
+/// CPU and on QEMU TCG (both clocks).
+#[derive(Debug, Clone)]
+pub struct WorkloadBenchConfig {
+    pub guest: GuestCommand,
     pub qemu: PathBuf,
     pub qemu_machine: String,
     /// Give up on any one run after this long.
@@ -287,70 +314,53 @@ fn qemu_workload_times(
 ) -> Result<WorkloadTimes, BenchError> {
     let (mut init, mut end) = (None, None);
     let out = run_qemu(&cfg.qemu, args, cfg.timeout, |out, t| {
-        if init.is_none() && complete_line_with(out, INIT_MARKER) {
+        let text = String::from_utf8_lossy(out);
+        if init.is_none() && parse_marker(&text, INIT_MARKER).is_some() {
             init = Some(t);
         }
-        if end.is_none() && complete_line_with(out, END_MARKER) {
+        if parse_marker(&text, END_MARKER).is_some() {
             end = Some(t);
         }
         end.is_some()
     })?;
-    let status = end_status(&out);
-    match (init, end, status) {
+    let workload = &cfg.guest.workload;
+    match (init, end, end_status(&out)) {
         (Some(init), Some(end), Some(0)) => Ok(WorkloadTimes {
             whole_seconds: end,
             from_init_seconds: end - init,
         }),
         (_, Some(_), status) => Err(BenchError::Workload(format!(
-            "`{}` on QEMU ended with status {}; last output: {}",
-            cfg.workload,
+            "`{workload}` on QEMU ended with status {}; last output: {}",
             status.map_or("?".to_string(), |s| s.to_string()),
             tail(&out)
         ))),
         _ => Err(BenchError::Workload(format!(
-            "`{}` on QEMU printed no `{END_MARKER}` line within {:?}; last output: {}",
-            cfg.workload,
+            "`{workload}` on QEMU printed no `{END_MARKER}` line within {:?}; last output: {}",
             cfg.timeout,
             tail(&out)
         ))),
     }
 }
 
-/// The end line the project's /init prints after the `krr.run` command.
-const END_MARKER: &str = "KRR-END status=";
-
-/// Whether `out` holds a complete line containing `marker`.
-fn complete_line_with(out: &[u8], marker: &str) -> bool {
-    out.windows(marker.len())
-        .position(|w| w == marker.as_bytes())
-        .is_some_and(|i| out[i..].contains(&b'\n'))
-}
-
 /// The status of the first complete `KRR-END status=N` line.
 fn end_status(out: &[u8]) -> Option<i32> {
-    let text = String::from_utf8_lossy(out);
-    let i = text.find(END_MARKER)?;
-    let rest = &text[i + END_MARKER.len()..];
-    rest[..rest.find('\n')?].trim().parse().ok()
+    parse_marker(&String::from_utf8_lossy(out), END_MARKER)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs the workload on the software CPU, then on QEMU TCG with the
 /// host's clock, then (one vCPU) with the engine's clock, and compares.
 pub fn workload_vs_qemu(cfg: &WorkloadBenchConfig) -> Result<WorkloadBench, BenchError> {
-    let cmdline = format!("{} krr.run=\"{}\"", cfg.cmdline, cfg.workload);
-    let mut mc = MachineConfig::new(
-        cfg.kernel.clone(),
-        Some(cfg.initrd.clone()),
-        cmdline.clone(),
-    );
-    mc.vcpus = cfg.vcpus;
-    mc.mem_bytes = cfg.mem_bytes;
-    let r = Machine::new(mc, Backend::Tcg)?.run();
+    let g = &cfg.guest;
+    let r = Machine::new(g.machine_config(), Backend::Tcg)?.run();
+    // Ended by the command with status 0 (the error says how otherwise).
     workload_window(&r, "krr")?;
     let (Some(init), Some(end)) = (r.wall_seconds_to_init, r.wall_seconds_to_end_marker) else {
         return Err(BenchError::Workload(format!(
             "the krr run of `{}` lacks the /init or the `{END_MARKER}` line",
-            cfg.workload
+            g.workload
         )));
     };
     let krr = WorkloadTimes {
@@ -360,25 +370,25 @@ pub fn workload_vs_qemu(cfg: &WorkloadBenchConfig) -> Result<WorkloadBench, Benc
     let args_of = |clock| {
         qemu_args(
             &cfg.qemu_machine,
-            &cfg.kernel,
-            &cfg.initrd,
-            &cmdline,
-            cfg.vcpus,
-            cfg.mem_bytes,
+            &g.kernel,
+            &g.initrd,
+            &g.full_cmdline(),
+            g.vcpus,
+            g.mem_bytes,
             clock,
         )
     };
     let (host_args, same_args) = (args_of(QemuClock::Host), args_of(QemuClock::Instructions));
     let qemu = qemu_workload_times(cfg, &host_args)?;
-    let qemu_same_clock = if cfg.vcpus == 1 {
+    let qemu_same_clock = if g.vcpus == 1 {
         Some(qemu_workload_times(cfg, &same_args)?)
     } else {
         None
     };
     let command = |args: &[String]| format!("{} {}", cfg.qemu.display(), args.join(" "));
     Ok(WorkloadBench {
-        workload: cfg.workload.clone(),
-        vcpus: cfg.vcpus,
+        workload: g.workload.clone(),
+        vcpus: g.vcpus,
         krr,
         krr_instructions: r.instructions,
         krr_virtual_seconds_of_command: r.virtual_seconds_of_command,
@@ -397,15 +407,9 @@ pub fn workload_vs_qemu(cfg: &WorkloadBenchConfig) -> Result<WorkloadBench, Benc
 /// run plainly and recorded, side by side.
 #[derive(Debug, Clone)]
 pub struct RecordBenchConfig {
-    /// A `-krr` kernel (the agent records only when the ring is announced).
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    /// Kernel command line without `krr.run=`.
-    pub cmdline: String,
-    /// The guest command (`krr.run=`).
-    pub workload: String,
-    pub vcpus: usize,
-    pub mem_bytes: u64,
+    /// Its kernel is a `-krr` one (the agent records only when the ring
+    /// is announced).
+    pub guest: GuestCommand,
     /// Where the recording goes (a scratch directory; it is deleted after
     /// its statistics are read).
     pub recordings: PathBuf,
@@ -482,23 +486,12 @@ fn workload_window(report: &crate::machine::RunReport, what: &str) -> Result<f64
     Ok(report.wall_seconds - to_init)
 }
 
-/// Runs `cfg.workload` plainly and then recorded (from /init on).
+/// Runs `cfg.guest`'s workload plainly and then recorded (from /init on).
 pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchError> {
     use crate::record::recorder::{RecordConfig, StartTrigger};
     use crate::record::session::RecordingSession;
-    let cmdline = format!("{} krr.run=\"{}\"", cfg.cmdline, cfg.workload);
-    let machine_cfg = || {
-        let mut m = MachineConfig::new(
-            cfg.kernel.clone(),
-            Some(cfg.initrd.clone()),
-            cmdline.clone(),
-        );
-        m.vcpus = cfg.vcpus;
-        m.mem_bytes = cfg.mem_bytes;
-        m
-    };
     let run_plain = || -> Result<_, BenchError> {
-        let plain = Machine::new(machine_cfg(), Backend::Tcg)?.run();
+        let plain = Machine::new(cfg.guest.machine_config(), Backend::Tcg)?.run();
         let seconds = workload_window(&plain, "plain")?;
         Ok((plain, seconds))
     };
@@ -511,7 +504,7 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
         );
         let mut rc = RecordConfig::new(name, cfg.recordings.clone());
         rc.start = StartTrigger::Marker(INIT_MARKER.to_string());
-        let mut machine = RecordingSession::machine(machine_cfg(), rc, Backend::Tcg)?;
+        let mut machine = RecordingSession::machine(cfg.guest.machine_config(), rc, Backend::Tcg)?;
         let recorded = machine.run();
         let seconds = workload_window(&recorded, "recorded")?;
         let rec = RecordingSession::take(&mut machine)
@@ -556,7 +549,7 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
     };
     let _ = std::fs::remove_dir_all(&rec.dir);
     Ok(RecordBench {
-        workload: cfg.workload.clone(),
+        workload: cfg.guest.workload.clone(),
         recorded_first: cfg.recorded_first,
         plain_seconds,
         recorded_seconds,
@@ -587,7 +580,7 @@ pub fn record_vs_plain(cfg: &RecordBenchConfig) -> Result<RecordBench, BenchErro
             .map(|ns| stats.file_bytes as f64 / (ns as f64 / 1e9)),
         replay_seconds: replay.wall_seconds,
         replay_peak_rss_bytes,
-        guest_mem_bytes: cfg.mem_bytes,
+        guest_mem_bytes: cfg.guest.mem_bytes,
         replay_end,
     })
 }
@@ -613,13 +606,8 @@ mod tests {
 
     #[test]
     fn the_end_line_counts_only_once_complete_and_gives_its_status() {
-        assert!(!complete_line_with(
-            b"KRR-START\r\nKRR-END status=0",
-            END_MARKER
-        ));
-        assert_eq!(end_status(b"KRR-END status=0"), None);
+        assert_eq!(end_status(b"KRR-START\r\nKRR-END status=0"), None);
         let out = b"KRR-START\r\nKRR-END status=3\r\n[ 1.0] reboot\r\n";
-        assert!(complete_line_with(out, END_MARKER));
         assert_eq!(end_status(out), Some(3));
         assert_eq!(end_status(b"KRR-END status=x\r\n"), None);
     }

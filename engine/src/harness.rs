@@ -8,7 +8,7 @@
 //! once per step and read the JSON object each prints on stdout. Loops,
 //! medians, tables and results files stay in xtask.
 
-use crate::bench::{record_vs_plain, RecordBenchConfig};
+use crate::bench::{record_vs_plain, GuestCommand, RecordBenchConfig};
 use crate::machine::{Backend, Machine, MachineConfig, RunEnd, INIT_MARKER};
 use crate::record::recorder::{RecordConfig, StartTrigger};
 use crate::record::session::RecordingSession;
@@ -85,18 +85,20 @@ pub fn bench_record(a: BenchRecordArgs) -> anyhow::Result<()> {
         bail!("--vcpus must be at least 1");
     }
     let cfg = RecordBenchConfig {
-        kernel: a.kernel,
-        initrd: a.initrd,
-        cmdline: a.append,
-        workload: a.workload,
-        vcpus: a.vcpus,
-        mem_bytes: a.mem,
+        guest: GuestCommand {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.append,
+            workload: a.workload,
+            vcpus: a.vcpus,
+            mem_bytes: a.mem,
+        },
         recordings: a
             .recordings
             .unwrap_or_else(crate::record::recording::recordings_dir),
         recorded_first: a.recorded_first,
     };
-    let r = record_vs_plain(&cfg).with_context(|| format!("workload `{}`", cfg.workload))?;
+    let r = record_vs_plain(&cfg).with_context(|| format!("workload `{}`", cfg.guest.workload))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-//! `cargo xtask bench boot`: the software CPU against QEMU TCG, side by side
-//! in one run, on the project's own guest kernel and initramfs. Results go to
-//! `results/bench/boot.json` and a Markdown table on stdout.
-
+//! `cargo xtask bench boot|workloads|record|replay|gdb|micro`: measurements
+//! side by side in one run, on the project's own guest kernel and
+//! initramfs. Results go to `results/bench/NAME.json` with a figure
+//! (`NAME.png`, `.svg`) and a Markdown table on stdout.
 //!
-//! Each run is one `krr bench-boot` or `krr bench-record` process (see
-//! [`crate::krr_bin`]); its JSON object is kept as it is under `runs`.
+//! Each run is one `krr bench-boot`, `bench-workload` or `bench-record`
+//! process (see [`crate::krr_bin`]); its JSON object is kept as it is under
+//! `runs`.
 
 use crate::bench_figure::{self, Bar};
 use crate::krr_bin::{self, number};

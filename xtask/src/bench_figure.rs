@@ -3,7 +3,7 @@
 //! target (where it has one) drawn across the bar, so a bar that crosses
 //! its mark misses it.
 
-use crate::eval::figures::register_font;
+use crate::eval::figures::{log_ticks, register_font};
 use anyhow::{Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -74,24 +74,20 @@ where
             .flatten()
             .filter(|v| *v > 0.0)
     };
-    let hi = values().fold(1.0f64, f64::max);
-    let lo = values().fold(1.0f64, f64::min);
-    // Ratios far apart (a log 50x its target beside ratios near 1) go on a
-    // log axis, so that the small ones stay readable.
-    let log = hi / lo > 8.0;
-    let (x_lo, x_max) = if log {
-        ((lo / 2.0).log10().floor(), (hi * 2.0).log10())
-    } else {
-        (0.0, hi * 1.15)
-    };
-    let x = |v: f64| if log { v.max(1e-9).log10() } else { v };
+    // Ratios on a log axis, as the eval's figures: a log 50x its target
+    // stays beside ratios near 1 without flattening them.
+    let lo = values().fold(1.0f64, f64::min) * 0.8;
+    let hi = values().fold(1.0f64, f64::max) * 1.25;
     let n = bars.len().max(1);
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(330)
-        .build_cartesian_2d(x_lo..x_max, 0f64..n as f64)?;
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+            0f64..n as f64,
+        )?;
     let label_of = |y: &f64| {
         // Row i (from the top) spans [n-1-i, n-i); its label sits at the middle.
         let i = n as f64 - 0.5 - y;
@@ -107,23 +103,8 @@ where
         .disable_y_mesh()
         .y_labels(2 * n + 1)
         .y_label_formatter(&label_of)
-        .x_label_formatter(&|v: &f64| {
-            if log {
-                let r = 10f64.powf(*v);
-                match r {
-                    r if r >= 10.0 => format!("{r:.0}"),
-                    r if r >= 1.0 => format!("{r:.1}"),
-                    r => format!("{r:.2}"),
-                }
-            } else {
-                format!("{v:.1}")
-            }
-        })
-        .x_desc(if log {
-            "ratio, log scale (bar: measured; black mark: target, at most)"
-        } else {
-            "ratio (bar: measured; black mark: target, at most)"
-        })
+        .x_label_formatter(&|v: &f64| format!("{v}"))
+        .x_desc("ratio, log scale (bar: measured; black mark: target, at most)")
         .label_style(("sans-serif", 14))
         .draw()?;
     for (i, bar) in bars.iter().enumerate() {
@@ -135,20 +116,17 @@ where
             None => NO_TARGET,
         };
         chart.draw_series(std::iter::once(Rectangle::new(
-            [(x_lo, bottom), (x(bar.value), top)],
+            [(lo, bottom), (bar.value.max(lo), top)],
             colour.filled(),
         )))?;
         chart.draw_series(std::iter::once(Text::new(
             format!("{:.2}", bar.value),
-            (
-                x(bar.value) + (x_max - x_lo) * 0.005,
-                (bottom + top) / 2.0 + 0.2,
-            ),
+            (bar.value.max(lo) * 1.01, (bottom + top) / 2.0 + 0.2),
             ("sans-serif", 14).into_font(),
         )))?;
         if let Some(t) = bar.target {
             chart.draw_series(std::iter::once(PathElement::new(
-                vec![(x(t), bottom - 0.1), (x(t), top + 0.1)],
+                vec![(t, bottom - 0.1), (t, top + 0.1)],
                 BLACK.stroke_width(3),
             )))?;
         }

@@ -251,7 +251,7 @@ pub fn create_memory(bytes: u64) -> Result<GuestMemoryMmap, MachineError> {
 }
 
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
-const END_MARKER: &str = "KRR-END status=";
+pub const END_MARKER: &str = "KRR-END status=";
 /// What `/init` prints right before it runs `krr.run`.
 const START_MARKER: &str = "KRR-START";
 /// The lines a harness prints around the command it measures (a guest
@@ -791,7 +791,7 @@ pub fn first_line_after(out: &[u8], marker: &str) -> bool {
 }
 
 /// The rest of the first complete line containing `marker`, after it.
-fn parse_marker(text: &str, marker: &str) -> Option<String> {
+pub fn parse_marker(text: &str, marker: &str) -> Option<String> {
     let i = text.find(marker)?;
     let rest = &text[i + marker.len()..];
     let end = rest.find('\n')?;

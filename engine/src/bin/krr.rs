@@ -679,18 +679,20 @@ fn bench_workload(a: BenchWorkloadArgs) -> anyhow::Result<()> {
         );
     }
     let cfg = krr_engine::bench::WorkloadBenchConfig {
-        kernel: a.kernel,
-        initrd: a.initrd,
-        cmdline: a.append,
-        workload: a.workload,
-        vcpus: a.vcpus,
-        mem_bytes: a.mem,
+        guest: krr_engine::bench::GuestCommand {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.append,
+            workload: a.workload,
+            vcpus: a.vcpus,
+            mem_bytes: a.mem,
+        },
         qemu: a.qemu,
         qemu_machine: a.qemu_machine,
         timeout: std::time::Duration::from_secs(a.timeout),
     };
     let b = krr_engine::bench::workload_vs_qemu(&cfg)
-        .with_context(|| format!("workload `{}`", cfg.workload))?;
+        .with_context(|| format!("workload `{}`", cfg.guest.workload))?;
     if a.json {
         println!("{}", serde_json::to_string(&b)?);
     } else {

@@ -142,10 +142,10 @@ fn draw(
 
 /// Ratios to label on a log axis from `lo` to `hi`: 1 and the usual steps
 /// around it that fall in the range.
-fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
-    const STEPS: [f64; 19] = [
-        0.1, 0.2, 0.25, 0.33, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0, 3.0, 5.0,
-        10.0, 20.0,
+pub(crate) fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    const STEPS: [f64; 22] = [
+        0.05, 0.1, 0.2, 0.25, 0.33, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.6, 2.0, 3.0,
+        5.0, 10.0, 20.0, 50.0, 100.0,
     ];
     let inside: Vec<f64> = STEPS
         .into_iter()
