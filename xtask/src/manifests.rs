@@ -107,23 +107,27 @@ pub fn schema(out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// The main file of the repository's fetched (not built) image `name`,
+/// downloaded and verified through the store when not there yet.
+pub fn fetch_image(store: &Store, name: &str) -> Result<PathBuf> {
+    let manifests = load_repo()?;
+    let image = manifests.image(name).ok_or_else(|| {
+        let names: Vec<&str> = manifests.images.iter().map(|i| i.name.as_str()).collect();
+        anyhow!(
+            "no image named `{name}` in {} (known: {})",
+            manifests_dir().display(),
+            names.join(", ")
+        )
+    })?;
+    artifacts::fetch_image(store, image, &FetchOptions::default())
+}
+
 /// `cargo xtask fetch NAME` or `cargo xtask fetch --url URL --sha256 HEX`.
 pub fn fetch(name: Option<&str>, url: Option<&str>, sha256: Option<&str>) -> Result<()> {
     let store = Store::open_default()?;
     let opts = FetchOptions::default();
     let path = match (name, url, sha256) {
-        (Some(name), None, None) => {
-            let manifests = load_repo()?;
-            let image = manifests.image(name).ok_or_else(|| {
-                let names: Vec<&str> = manifests.images.iter().map(|i| i.name.as_str()).collect();
-                anyhow!(
-                    "no image named `{name}` in {} (known: {})",
-                    manifests_dir().display(),
-                    names.join(", ")
-                )
-            })?;
-            artifacts::fetch_image(&store, image, &opts)?
-        }
+        (Some(name), None, None) => fetch_image(&store, name)?,
         (None, Some(url), Some(sha256)) => store.fetch_url(url, sha256, &opts)?,
         (None, Some(_), None) => {
             bail!("--url needs --sha256 HEX (the expected SHA-256 of the file)")

@@ -4,6 +4,7 @@
 
 pub mod cmos;
 pub mod console;
+pub mod i8042;
 pub mod ioapic;
 pub mod lapic;
 pub mod pic;

@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use super::platform::Platform;
 use krr_devices::cmos::{Cmos, CmosState};
+use krr_devices::i8042::I8042;
 use krr_devices::ioapic::{IoApic, IOAPIC_NUM_PINS};
 use krr_devices::lapic::LocalApic;
 use krr_devices::pic::Pic;
@@ -44,6 +45,10 @@ pub struct DeviceState {
     /// The 8254 and the port 0x61 gate.
     pub pit: Pit,
     pub cmos: CmosState,
+    /// The keyboard controller (absent from recordings made before it was
+    /// modelled: a fresh one, as those machines' port 0x64 read 0).
+    #[serde(default)]
+    pub i8042: I8042,
     /// COM1's UART registers (not the console output).
     pub serial: SerialConsoleState,
     /// One local APIC per vCPU, in vCPU order.
@@ -89,6 +94,7 @@ impl Platform {
             pic: self.pic.clone(),
             pit: self.pit.clone(),
             cmos: self.cmos.state(),
+            i8042: self.i8042.clone(),
             serial: self.serial.state(),
             apics: self.apics.clone(),
             ioapic: self.ioapic.clone(),
@@ -188,6 +194,7 @@ impl Platform {
         self.pic = state.pic.clone();
         self.pit = state.pit.clone();
         self.cmos = cmos;
+        self.i8042 = state.i8042.clone();
         self.apics = state.apics.clone();
         self.ioapic = state.ioapic.clone();
         self.idle_ns = state.idle_ns.clone();

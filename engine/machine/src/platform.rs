@@ -12,6 +12,7 @@ use super::cpuid::{cpuid, CpuidConfig};
 use super::observer::RunObserver;
 use super::MachineConfig;
 use krr_devices::cmos::{Cmos, DEFAULT_EPOCH};
+use krr_devices::i8042::{self, I8042Effect, I8042};
 use krr_devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use krr_devices::lapic::{
     deliver, ApicOutput, InterruptMessage, LocalApic, LAPIC_BASE, LAPIC_SIZE,
@@ -42,6 +43,7 @@ pub struct Platform {
     pub pic: Pic,
     pub pit: Pit,
     pub cmos: Cmos,
+    pub i8042: I8042,
     pub serial: SerialConsole,
     pub cpuid: CpuidConfig,
     pub apics: Vec<LocalApic>,
@@ -103,6 +105,7 @@ impl Platform {
             pic: Pic::new(),
             pit: Pit::new(),
             cmos: Cmos::new(DEFAULT_EPOCH, cfg.mem_bytes),
+            i8042: I8042::new(),
             serial: SerialConsole::new(cfg.console),
             cpuid: CpuidConfig {
                 apic: true,
@@ -276,12 +279,7 @@ impl IoBus for Platform {
                 self.update_serial_irq();
                 v
             }
-            // i8042 status: input buffer empty, no data. Linux's keyboard
-            // reset (`reboot -f`) polls for bit 1 clear 65536 times with a
-            // udelay(2) between polls before it writes 0xfe; a floating 0xff
-            // would make every run end with ~130 M instructions of delay
-            // loop (and a recording with a million RDTSC events).
-            0x64 => 0x00,
+            i8042::DATA_PORT | i8042::COMMAND_PORT => self.i8042.pio_read(port),
             // No device: the bus floats high.
             _ => 0xff,
         };
@@ -307,8 +305,14 @@ impl IoBus for Platform {
                 self.serial.pio_write(p, v);
                 self.update_serial_irq();
             }
-            // Keyboard controller "pulse reset line".
-            0x64 if v == 0xfe => self.power = Some(PowerEvent::Reset),
+            i8042::DATA_PORT | i8042::COMMAND_PORT => {
+                if self.i8042.pio_write(port, v) == I8042Effect::Reset {
+                    self.power = Some(PowerEvent::Reset);
+                }
+                for irq in self.i8042.take_irqs() {
+                    self.pulse_isa(irq, irq as usize);
+                }
+            }
             // PCI reset control register.
             0xcf9 if v & 0x04 != 0 => self.power = Some(PowerEvent::Reset),
             // QEMU's isa-debug-exit style port, for test guests.
