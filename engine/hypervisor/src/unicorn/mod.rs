@@ -79,7 +79,7 @@ const BACKEND: &str = "tcg";
 
 /// The level of the project's unicorn patches (engine/unicorn-source) that
 /// this backend is written for: its `UC_KRR_PATCH_LEVEL`.
-const UNICORN_PATCH_LEVEL: u32 = 6;
+const UNICORN_PATCH_LEVEL: u32 = 7;
 
 fn backend_err(op: &'static str, e: uc_error) -> HypervisorError {
     HypervisorError::Backend {
