@@ -71,7 +71,9 @@ use unicorn_engine::unicorn_const::{
     uc_mem_map_ptr, uc_mmio_map, uc_open, uc_reg_read, uc_reg_write, uc_vmem_read, uc_x86_mmr,
     uc_x86_msr, Arch, ControlType, HookType, Mode, Prot, RegisterX86, TranslationBlock, X86Insn,
 };
-use unicorn_engine::unicorn_const::{uc_krr_counter, uc_krr_patch_level, uc_krr_set_counter};
+use unicorn_engine::unicorn_const::{
+    uc_krr_counter, uc_krr_patch_level, uc_krr_set_counter, uc_krr_switch_begin, uc_krr_switch_end,
+};
 pub use vcpu::UnicornVcpu;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -79,7 +81,7 @@ const BACKEND: &str = "tcg";
 
 /// The level of the project's unicorn patches (engine/unicorn-source) that
 /// this backend is written for: its `UC_KRR_PATCH_LEVEL`.
-const UNICORN_PATCH_LEVEL: u32 = 7;
+const UNICORN_PATCH_LEVEL: u32 = 8;
 
 fn backend_err(op: &'static str, e: uc_error) -> HypervisorError {
     HypervisorError::Backend {
@@ -271,6 +273,9 @@ impl Engine {
             return Ok(());
         }
         if let Some(prev) = self.active {
+            // SAFETY: `self.uc` is the open, idle engine, the outgoing
+            // vCPU's registers still in its CPU.
+            check("krr_switch_begin", unsafe { uc_krr_switch_begin(self.uc) })?;
             // SAFETY: `self.uc` is the open, idle engine; the slot's context
             // was allocated by uc_context_alloc on it (`create_vcpu`), so it
             // has room for what uc_context_save writes.
@@ -293,11 +298,12 @@ impl Engine {
         st.stop_at_user = self.slots[id].stop_at_user;
         st.vcpu = id;
         self.active = Some(id);
-        // Translations are shared; cached address translations are not.
-        let ctl = ControlType(ControlType::TLB_FLUSH.0 | ControlType::IO_WRITE.0);
-        // SAFETY: `self.uc` is the open, idle engine; a write of TLB_FLUSH
-        // takes no variadic arguments.
-        check("tlb_flush", unsafe { uc_ctl(self.uc, ctl) })?;
+        // Translations are shared; cached address translations are not,
+        // except those of global pages when both vCPUs page alike (the
+        // guest kernel's, the same on every CPU; patch 0009).
+        // SAFETY: `self.uc` is the open, idle engine, the next vCPU's
+        // registers restored.
+        check("krr_switch_end", unsafe { uc_krr_switch_end(self.uc) })?;
         Ok(())
     }
 }
