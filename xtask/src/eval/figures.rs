@@ -45,8 +45,8 @@ fn colour(scheme: &str) -> RGBColor {
 /// One panel's series: scheme name and (vCPUs, value) points.
 type Series = Vec<(String, Vec<(f64, f64)>)>;
 
-/// Writes `slowdown` and `throughput` figures (`.svg` and `.png`) into
-/// `dir`; returns the files written.
+/// Writes `slowdown` (when there are `native` runs) and `throughput`
+/// figures (`.svg` and `.png`) into `dir`; returns the files written.
 pub fn write(dir: &Path, summary: &Summary, krr_target: Option<f64>) -> Result<Vec<PathBuf>> {
     register_font()?;
     let workloads = summary.workloads();
@@ -97,16 +97,23 @@ pub fn write(dir: &Path, summary: &Summary, krr_target: Option<f64>) -> Result<V
             (format!("{w}: {}", metric.unwrap_or_default()), series)
         })
         .collect();
+    // Without `native` runs there is no slowdown to draw (an empty figure
+    // would say nothing).
+    let has_slowdown = slowdown
+        .iter()
+        .any(|(_, series)| series.iter().any(|(_, points)| !points.is_empty()));
     for ext in ["svg", "png"] {
-        let path = dir.join(format!("slowdown.{ext}"));
-        draw(
-            &path,
-            &slowdown,
-            "wall time / native (log)",
-            true,
-            krr_target,
-        )?;
-        written.push(path);
+        if has_slowdown {
+            let path = dir.join(format!("slowdown.{ext}"));
+            draw(
+                &path,
+                &slowdown,
+                "wall time / native (log)",
+                true,
+                krr_target,
+            )?;
+            written.push(path);
+        }
         let path = dir.join(format!("throughput.{ext}"));
         draw(
             &path,
@@ -352,5 +359,12 @@ mod tests {
         }
         let svg = std::fs::read_to_string(dir.path().join("slowdown.svg")).unwrap();
         assert!(svg.contains("whole-vm-rr") && svg.contains("krr target 1.05x"));
+
+        // Without native runs: the throughput figures only.
+        cells.retain(|c| c.scheme != "native");
+        let dir = tempfile::tempdir().unwrap();
+        let files = write(dir.path(), &Summary::of(&cells), Some(1.05)).unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap()).collect();
+        assert_eq!(names, ["throughput.svg", "throughput.png"]);
     }
 }
