@@ -63,13 +63,17 @@ struct OutputByte {
     timeout: bool,
 }
 
-/// What a write asks of the machine.
+/// What a write asks of the machine (a write puts at most one byte in the
+/// output buffer, so raises at most one interrupt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum I8042Effect {
     None,
     /// The CPU reset line was pulsed (command 0xfe, or output port bit 0
     /// cleared).
     Reset,
+    /// An answer is in the output buffer with its port's interrupt enabled:
+    /// this ISA IRQ is raised.
+    Irq(u8),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,9 +86,6 @@ pub struct I8042 {
     last_was_command: bool,
     /// The last byte read from the data port (what it reads when empty).
     last_read: u8,
-    /// Interrupts raised by the last access, not yet taken by the machine.
-    #[serde(default)]
-    raised: Vec<u8>,
 }
 
 impl Default for I8042 {
@@ -102,7 +103,6 @@ impl I8042 {
             pending: None,
             last_was_command: true,
             last_read: 0,
-            raised: Vec::new(),
         }
     }
 
@@ -154,14 +154,9 @@ impl I8042 {
         }
     }
 
-    /// The interrupts (ISA IRQ numbers) raised since the last call.
-    pub fn take_irqs(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.raised)
-    }
-
-    fn push(&mut self, value: u8, aux: bool, timeout: bool) {
+    fn push(&mut self, value: u8, aux: bool, timeout: bool) -> I8042Effect {
         if self.output.len() >= OUTPUT_CAPACITY {
-            return;
+            return I8042Effect::None;
         }
         self.output.push_back(OutputByte {
             value,
@@ -174,27 +169,29 @@ impl I8042 {
             (self.ctr & CTR_KBD_INT != 0, KBD_IRQ)
         };
         if enabled {
-            self.raised.push(irq);
+            I8042Effect::Irq(irq)
+        } else {
+            I8042Effect::None
         }
     }
 
     fn command(&mut self, command: u8) -> I8042Effect {
         match command {
-            0x20 => self.push(self.ctr, false, false),
+            0x20 => return self.push(self.ctr, false, false),
             // Parameter follows: write CTR, write output port, write the
             // keyboard's or the AUX port's output buffer, send to the mouse.
             0x60 | 0xd1 | 0xd2 | 0xd3 | 0xd4 => self.pending = Some(command),
             0xa7 => self.ctr |= CTR_AUX_DISABLE,
             0xa8 => self.ctr &= !CTR_AUX_DISABLE,
             // AUX and keyboard interface tests: no error.
-            0xa9 | 0xab => self.push(0x00, false, false),
+            0xa9 | 0xab => return self.push(0x00, false, false),
             0xaa => {
                 self.ctr |= CTR_SYSTEM;
-                self.push(0x55, false, false);
+                return self.push(0x55, false, false);
             }
             0xad => self.ctr |= CTR_KBD_DISABLE,
             0xae => self.ctr &= !CTR_KBD_DISABLE,
-            0xd0 => self.push(self.output_port, false, false),
+            0xd0 => return self.push(self.output_port, false, false),
             // Pulse output lines 0-3 low; bit 0 is the CPU reset line.
             0xf0..=0xff if command & 0x01 == 0 => return I8042Effect::Reset,
             _ => {}
@@ -211,11 +208,11 @@ impl I8042 {
                     return I8042Effect::Reset;
                 }
             }
-            Some(0xd2) => self.push(value, false, false),
-            Some(0xd3) => self.push(value, true, false),
-            Some(0xd4) => self.push(NO_DEVICE, true, true),
+            Some(0xd2) => return self.push(value, false, false),
+            Some(0xd3) => return self.push(value, true, false),
+            Some(0xd4) => return self.push(NO_DEVICE, true, true),
             // A byte for the keyboard.
-            _ => self.push(NO_DEVICE, false, true),
+            _ => return self.push(NO_DEVICE, false, true),
         }
         I8042Effect::None
     }
@@ -227,10 +224,24 @@ mod tests {
 
     /// Linux's `__i8042_command`: the command, its parameters, then its
     /// answers, each answer only once the status says the buffer is full.
-    fn command(kbc: &mut I8042, command: u8, params: &[u8], answers: usize) -> Vec<u8> {
-        assert_eq!(kbc.pio_write(COMMAND_PORT, command), I8042Effect::None);
+    /// The interrupts the writes raised go to `irqs`.
+    fn command_irqs(
+        kbc: &mut I8042,
+        command: u8,
+        params: &[u8],
+        answers: usize,
+        irqs: &mut Vec<u8>,
+    ) -> Vec<u8> {
+        let mut effects = vec![kbc.pio_write(COMMAND_PORT, command)];
         for &p in params {
-            kbc.pio_write(DATA_PORT, p);
+            effects.push(kbc.pio_write(DATA_PORT, p));
+        }
+        for e in effects {
+            match e {
+                I8042Effect::Irq(irq) => irqs.push(irq),
+                I8042Effect::None => {}
+                I8042Effect::Reset => panic!("command {command:#x} reset the machine"),
+            }
         }
         (0..answers)
             .map(|_| {
@@ -240,17 +251,29 @@ mod tests {
             .collect()
     }
 
+    /// As [`command_irqs`], checking that no interrupt was raised.
+    fn command(kbc: &mut I8042, command: u8, params: &[u8], answers: usize) -> Vec<u8> {
+        let mut irqs = Vec::new();
+        let answers = command_irqs(kbc, command, params, answers, &mut irqs);
+        assert!(irqs.is_empty(), "command {command:#x} raised {irqs:?}");
+        answers
+    }
+
     #[test]
     fn linux_probe_reads_and_writes_the_command_byte_and_finds_the_aux_port() {
         let mut kbc = I8042::new();
         // Nothing to flush, keyboard not locked, never busy.
         assert_eq!(kbc.pio_read(COMMAND_PORT) & (STATUS_OUTPUT_FULL | 0x02), 0);
         assert_ne!(kbc.pio_read(COMMAND_PORT) & STATUS_UNLOCKED, 0);
-        assert_eq!(command(&mut kbc, 0xaa, &[], 1), [0x55]);
-        assert_eq!(command(&mut kbc, 0x20, &[], 1), [INITIAL_CTR]);
-        let ctr = (INITIAL_CTR | CTR_KBD_DISABLE) & !CTR_KBD_INT;
         // Answers raise IRQ 1 while firmware's command byte enables it.
-        assert_eq!(kbc.take_irqs(), [KBD_IRQ, KBD_IRQ]);
+        let mut irqs = Vec::new();
+        assert_eq!(command_irqs(&mut kbc, 0xaa, &[], 1, &mut irqs), [0x55]);
+        assert_eq!(
+            command_irqs(&mut kbc, 0x20, &[], 1, &mut irqs),
+            [INITIAL_CTR]
+        );
+        assert_eq!(irqs, [KBD_IRQ, KBD_IRQ]);
+        let ctr = (INITIAL_CTR | CTR_KBD_DISABLE) & !CTR_KBD_INT;
         command(&mut kbc, 0x60, &[ctr], 0);
         assert_eq!(command(&mut kbc, 0x20, &[], 1), [ctr]);
         // AUX loopback comes back marked as AUX data.
@@ -265,16 +288,15 @@ mod tests {
         assert_ne!(command(&mut kbc, 0x20, &[], 1)[0] & CTR_AUX_DISABLE, 0);
         command(&mut kbc, 0xa8, &[], 0);
         assert_eq!(command(&mut kbc, 0x20, &[], 1)[0] & CTR_AUX_DISABLE, 0);
-        assert!(kbc.take_irqs().is_empty(), "both interrupts are off");
     }
 
     #[test]
     fn the_aux_irq_test_gets_its_interrupt() {
         let mut kbc = I8042::new();
         command(&mut kbc, 0x60, &[CTR_AUX_INT], 0);
-        command(&mut kbc, 0xd3, &[0xa5], 0);
-        assert_eq!(kbc.take_irqs(), [AUX_IRQ]);
-        assert_eq!(kbc.take_irqs(), Vec::<u8>::new());
+        let mut irqs = Vec::new();
+        command_irqs(&mut kbc, 0xd3, &[0xa5], 0, &mut irqs);
+        assert_eq!(irqs, [AUX_IRQ]);
         assert_eq!(kbc.pio_read(DATA_PORT), 0xa5);
     }
 
@@ -283,14 +305,14 @@ mod tests {
         let mut kbc = I8042::new();
         command(&mut kbc, 0x60, &[CTR_KBD_INT | CTR_AUX_INT], 0);
         // atkbd's GET ID, straight to the data port.
-        kbc.pio_write(DATA_PORT, 0xf2);
-        assert_eq!(kbc.take_irqs(), [KBD_IRQ]);
+        assert_eq!(kbc.pio_write(DATA_PORT, 0xf2), I8042Effect::Irq(KBD_IRQ));
         let status = kbc.pio_read(COMMAND_PORT);
         assert_eq!(status & (STATUS_TIMEOUT | STATUS_AUX_DATA), STATUS_TIMEOUT);
         assert_eq!(kbc.pio_read(DATA_PORT), NO_DEVICE);
         // psmouse's reset, through "write to the AUX device".
-        command(&mut kbc, 0xd4, &[0xff], 0);
-        assert_eq!(kbc.take_irqs(), [AUX_IRQ]);
+        let mut irqs = Vec::new();
+        command_irqs(&mut kbc, 0xd4, &[0xff], 0, &mut irqs);
+        assert_eq!(irqs, [AUX_IRQ]);
         let status = kbc.pio_read(COMMAND_PORT);
         assert_eq!(
             status & (STATUS_TIMEOUT | STATUS_AUX_DATA),
@@ -307,13 +329,19 @@ mod tests {
         let mut kbc = I8042::new();
         assert_eq!(kbc.pio_write(COMMAND_PORT, 0xfe), I8042Effect::Reset);
         assert_eq!(kbc.pio_write(COMMAND_PORT, 0xff), I8042Effect::None);
-        assert_eq!(command(&mut kbc, 0xd0, &[], 1), [INITIAL_OUTPUT_PORT]);
+        let mut irqs = Vec::new();
+        assert_eq!(
+            command_irqs(&mut kbc, 0xd0, &[], 1, &mut irqs),
+            [INITIAL_OUTPUT_PORT]
+        );
+        assert_eq!(irqs, [KBD_IRQ]);
         kbc.pio_write(COMMAND_PORT, 0xd1);
         assert_eq!(kbc.pio_write(DATA_PORT, 0x02), I8042Effect::Reset);
-        // A command in between cancels a pending parameter.
+        // A command in between cancels a pending parameter: the byte goes
+        // to the (absent) keyboard instead of resetting.
         kbc.pio_write(COMMAND_PORT, 0xd1);
         kbc.pio_write(COMMAND_PORT, 0xad);
-        assert_eq!(kbc.pio_write(DATA_PORT, 0x00), I8042Effect::None);
+        assert_eq!(kbc.pio_write(DATA_PORT, 0x00), I8042Effect::Irq(KBD_IRQ));
     }
 
     #[test]

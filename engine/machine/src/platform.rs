@@ -305,14 +305,11 @@ impl IoBus for Platform {
                 self.serial.pio_write(p, v);
                 self.update_serial_irq();
             }
-            i8042::DATA_PORT | i8042::COMMAND_PORT => {
-                if self.i8042.pio_write(port, v) == I8042Effect::Reset {
-                    self.power = Some(PowerEvent::Reset);
-                }
-                for irq in self.i8042.take_irqs() {
-                    self.pulse_isa(irq, irq as usize);
-                }
-            }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => match self.i8042.pio_write(port, v) {
+                I8042Effect::Reset => self.power = Some(PowerEvent::Reset),
+                I8042Effect::Irq(irq) => self.pulse_isa(irq, irq as usize),
+                I8042Effect::None => {}
+            },
             // PCI reset control register.
             0xcf9 if v & 0x04 != 0 => self.power = Some(PowerEvent::Reset),
             // QEMU's isa-debug-exit style port, for test guests.
