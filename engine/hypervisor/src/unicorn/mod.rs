@@ -105,6 +105,11 @@ struct VcpuSlot {
     retired: u64,
     kernel_retired: u64,
     stop_at_user: bool,
+    /// Whether the vCPU takes interrupts (IF set, no STI/MOV SS shadow),
+    /// as of its last turn: its registers change only while it owns the
+    /// engine, so asking an idle vCPU needs no context swap (each swap
+    /// drops the TLB's non-global entries).
+    window_open: bool,
     pending: Vec<Injection>,
     window_requested: bool,
     single_step: bool,
@@ -285,6 +290,7 @@ impl Engine {
             self.slots[prev].retired = self.st().counter.retired;
             self.slots[prev].kernel_retired = self.st().counter.kernel;
             self.slots[prev].stop_at_user = self.st().stop_at_user;
+            self.slots[prev].window_open = self.st().window_open();
         }
         // SAFETY: `self.uc` is the open, idle engine; the slot's context was
         // allocated by uc_context_alloc on it and filled by uc_context_save
@@ -557,6 +563,8 @@ impl super::Vm for UnicornVm {
             retired: 0,
             kernel_retired: 0,
             stop_at_user: false,
+            // A reset CPU has IF clear.
+            window_open: false,
             pending: Vec::new(),
             window_requested: false,
             single_step: false,

@@ -802,10 +802,12 @@ impl Vcpu for UnicornVcpu {
     }
 
     fn interrupt_window_open(&self) -> Result<bool> {
-        self.with(|e| {
-            let rflags = read_reg(e.uc, RegisterX86::RFLAGS);
-            Ok(rflags & (1 << 9) != 0 && !e.st().env.interrupt_shadow())
-        })
+        let e = self.engine.borrow();
+        if e.active == Some(self.id) {
+            Ok(e.st().window_open())
+        } else {
+            Ok(e.slots[self.id].window_open)
+        }
     }
 
     fn request_interrupt_window(&mut self, enable: bool) -> Result<()> {
