@@ -517,6 +517,31 @@ fn a_pause_loop_runs_its_budget_without_yield_or_in_user_mode() {
     assert_eq!(g.run(100_000), VmExit::BudgetExhausted);
 }
 
+/// Without the spin stop (one vCPU) a kernel wait loop's block counts its
+/// instructions inline like any other; with it, every turn of the loop
+/// runs the block hook, which counts the repeats.
+#[test]
+fn a_kernel_pause_loop_runs_the_block_hook_only_when_spins_stop_the_turn() {
+    let hooked = |yield_on_spin: bool| {
+        let mut g = Guest::new(&pause_loop(), 0);
+        if yield_on_spin {
+            g.vcpu().set_yield_on_spin(true).unwrap();
+        }
+        let exit = g.run(100_000);
+        let n = g.vm.as_ref().unwrap().exit_counters().hooked_blocks;
+        (exit, n)
+    };
+    let (exit, n) = hooked(false);
+    assert_eq!(exit, VmExit::BudgetExhausted);
+    assert!(
+        n < 100,
+        "{n} hooked blocks in 100,000 instructions of a wait loop"
+    );
+    let (exit, n) = hooked(true);
+    assert_eq!(exit, VmExit::Spin);
+    assert!(n >= 60, "{n} hooked blocks before the spin stop");
+}
+
 /// A watched block address counts each entry of a block there, and the
 /// run is the same as without the watch (replay's `--reaches`).
 #[test]

@@ -216,10 +216,29 @@ impl Engine {
             })?;
             self.breakpoint_hooks.push((addr, h));
         }
+        self.flush_translations()
+    }
+
+    fn flush_translations(&mut self) -> Result<()> {
         let ctl = ControlType(ControlType::TB_FLUSH.0 | ControlType::IO_WRITE.0);
         // SAFETY: `self.uc` is the open, idle engine; a write of TB_FLUSH
         // takes no variadic arguments.
         check("tb_flush", unsafe { uc_ctl(self.uc, ctl) })
+    }
+
+    /// Turns the spin stop on or off. Small kernel blocks that end in PAUSE
+    /// run the block hook only while it is on (translation decides, so a
+    /// change flushes translated code): with one vCPU nothing can release a
+    /// spinner sooner, and a boot's TSC wait loops would hook each turn.
+    fn set_yield_on_spin(&mut self, enable: bool) -> Result<()> {
+        let bytes = if enable { SPIN_BLOCK_BYTES } else { 0 };
+        let st = self.st();
+        st.yield_on_spin = enable;
+        if st.counter.spin_block_bytes != bytes {
+            st.counter.spin_block_bytes = bytes;
+            self.flush_translations()?;
+        }
+        Ok(())
     }
 
     /// Replaces the watchpoints with memory hooks on their physical pieces
@@ -370,7 +389,8 @@ impl UnicornVm {
                 block_size: 0,
                 block_insns: 0,
                 block_kernel: 0,
-                spin_block_bytes: SPIN_BLOCK_BYTES,
+                // Until the spin stop is asked for (`set_yield_on_spin`).
+                spin_block_bytes: 0,
                 hook_insns: 0,
                 hook_wait_loop: 0,
             },

@@ -909,10 +909,7 @@ impl Vcpu for UnicornVcpu {
 
     fn set_yield_on_spin(&mut self, enable: bool) -> Result<()> {
         // One setting for the engine: every vCPU of a machine yields, or none.
-        self.with(|e| {
-            e.st().yield_on_spin = enable;
-            Ok(())
-        })
+        self.with(|e| e.set_yield_on_spin(enable))
     }
 
     fn set_stop_at_user_mode(&mut self, enable: bool) -> Result<()> {
